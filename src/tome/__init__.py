@@ -1,0 +1,69 @@
+"""Token Merging (ToMe): make pretrained Vision Transformers faster without retraining.
+
+Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv 2210.09461).
+
+    import timm, tome
+    model = timm.create_model("vit_base_patch16_224", pretrained=True)
+    tome.apply_patch(model, r=16)      # or: tome.patch.timm(model); model.r = 16
+    ...
+    tome.remove_patch(model)           # back to the exact original model
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from . import merge, patch, utils
+from ._schedule import RSchedule, parse_r
+from .patch import remove_patch
+
+__version__ = "0.1.0"
+
+__all__ = ["apply_patch", "remove_patch", "parse_r", "merge", "patch", "utils", "__version__"]
+
+
+def apply_patch(
+    model: nn.Module,
+    r: RSchedule = 0,
+    *,
+    family: Optional[str] = None,
+    trace_source: bool = False,
+    prop_attn: Optional[bool] = None,
+) -> nn.Module:
+    """Patch ``model`` in place for token merging, detecting its family.
+
+    Patching twice is harmless: the second call only updates the settings.
+
+    Args:
+        model: A supported Vision Transformer (see ``tome.patch.FAMILIES``).
+        r: Merge schedule: tokens removed per layer (int), a per-layer list, or
+            ``(r, inflection)``; see :func:`tome.parse_r`. Each layer's r is capped
+            at half of its non-protected tokens.
+        family: Force a family (``"timm"``, ``"mae"``, ...) instead of detecting it.
+        trace_source: Track which original patches each token contains
+            (``model._tome_info["source"]`` after a forward).
+        prop_attn: Proportional attention; ``None`` uses the family's default
+            (on for supervised models, off for MAE).
+
+    Returns:
+        The same model, patched, with ``model.r = r``.
+
+    Raises:
+        TypeError: if the model is not supported (its class and the supported families are named).
+        ValueError: if ``r`` or ``family`` is invalid.
+    """
+    if family is None:
+        family = patch.family_of(model)
+    elif family not in patch.FAMILIES:
+        raise ValueError(f"family={family!r} is unknown; expected one of {list(patch.FAMILIES)}")
+    patch_fn = patch.FAMILIES[family][1]
+    options: dict[str, Any] = {"trace_source": trace_source}
+    if prop_attn is not None:
+        options["prop_attn"] = prop_attn
+    # Validate r before touching the model, so a bad value leaves it unpatched.
+    parse_r(len(r), r) if isinstance(r, list) else parse_r(1, r)
+    patch_fn(model, **options)
+    model.r = r  # type: ignore[attr-defined]  (checked against the depth)
+    return model

@@ -1,0 +1,327 @@
+"""Token matching and merging: the algorithm of Token Merging (ToMe).
+
+Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv 2210.09461).
+
+Pure tensor functions, no module state and no model knowledge. Every matching
+here is described by one integer map, ``dest``: for each token before the merge,
+the position of the token it ends up in after the merge. Merging is then one
+scatter, unmerging one gather, and tracing where original patches went is one
+gather per layer (no dense ``(batch, tokens, original tokens)`` matrix).
+
+The public functions keep the signatures of the original release
+(``bipartite_soft_matching(metric, r, class_token, distill_token)`` returning
+``(merge, unmerge)``), so code written against it keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "TokenAssignment",
+    "bipartite_soft_matching",
+    "kth_bipartite_soft_matching",
+    "random_bipartite_soft_matching",
+    "merge_wavg",
+    "merge_source",
+    "do_nothing",
+]
+
+_REDUCTIONS = ("sum", "mean", "amax", "amin", "prod")
+
+
+def do_nothing(x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+    """The identity, used as ``merge``/``unmerge`` when nothing is merged."""
+    return x
+
+
+class TokenAssignment:
+    """Where every token goes in one merge step.
+
+    Args:
+        dest: ``(batch, tokens)`` long tensor; ``dest[b, i]`` is the index, in the
+            merged sequence, of the token that token ``i`` becomes part of.
+        num_out: Length of the merged sequence.
+
+    Calling the object merges: ``assignment(x, mode="mean")`` maps
+    ``(batch, tokens, channels)`` to ``(batch, num_out, channels)``. It is the
+    ``merge`` function returned by the matching functions of this module.
+    """
+
+    __slots__ = ("dest", "num_out")
+
+    def __init__(self, dest: torch.Tensor, num_out: int) -> None:
+        self.dest = dest
+        self.num_out = num_out
+
+    def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        return self.merge(x, mode)
+
+    def merge(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """Combine the tokens of ``x`` (batch, tokens, channels) that share a destination.
+
+        Args:
+            x: Tensor of shape ``(batch, tokens, channels)``.
+            mode: Reduction over the tokens that become one: ``"sum"``, ``"mean"``,
+                ``"amax"``, ``"amin"`` or ``"prod"`` (as ``torch.scatter_reduce`` names them).
+
+        Returns:
+            Tensor of shape ``(batch, num_out, channels)``.
+        """
+        if mode not in _REDUCTIONS:
+            raise ValueError(f"mode={mode!r} is not a reduction; expected one of {_REDUCTIONS}")
+        batch, _, channels = x.shape
+        index = self.dest.unsqueeze(-1).expand(-1, -1, channels)
+        out = x.new_zeros(batch, self.num_out, channels)
+        if mode == "sum":
+            return out.scatter_add_(1, index, x)
+        return out.scatter_reduce_(1, index, x, reduce=mode, include_self=False)
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """Map merged tokens back: every pre-merge token gets its group's value.
+
+        Args:
+            x: Tensor of shape ``(batch, num_out, channels)``.
+
+        Returns:
+            Tensor of shape ``(batch, tokens, channels)``.
+        """
+        index = self.dest.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return x.gather(1, index)
+
+
+def _cap_r(r: int, num_tokens: int, protected_tokens: int) -> int:
+    return max(0, min(int(r), (num_tokens - protected_tokens) // 2))
+
+
+def _check_metric(metric: torch.Tensor, protected_tokens: int) -> None:
+    if metric.dim() != 3:
+        raise ValueError(
+            f"metric must have shape (batch, tokens, channels), got shape {tuple(metric.shape)}"
+        )
+    if protected_tokens < 0 or protected_tokens > metric.shape[1]:
+        raise ValueError(
+            f"protected_tokens={protected_tokens} must lie in [0, {metric.shape[1]}] "
+            f"for a sequence of {metric.shape[1]} tokens"
+        )
+
+
+def _normalize(metric: torch.Tensor) -> torch.Tensor:
+    return metric / metric.norm(dim=-1, keepdim=True)
+
+
+def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> Optional[TokenAssignment]:
+    """Bipartite soft matching that removes ``r`` tokens, as a :class:`TokenAssignment`.
+
+    Tokens at even positions form set A, odd positions set B. The ``r`` A tokens
+    most similar (cosine) to some B token are merged into it. The first
+    ``protected_tokens`` tokens (class, distillation, register tokens) never
+    merge and stay at the front, in order; then come the unmerged A tokens and
+    then the B tokens, each group in original order.
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features (keys averaged over heads).
+        r: Tokens to remove; capped at ``(tokens - protected_tokens) // 2``.
+        protected_tokens: Number of leading tokens that must not merge.
+
+    Returns:
+        The assignment, or ``None`` when nothing is merged (r capped to 0).
+    """
+    _check_metric(metric, protected_tokens)
+    batch, num_tokens, _ = metric.shape
+    r = _cap_r(r, num_tokens, protected_tokens)
+    if r <= 0:
+        return None
+
+    with torch.no_grad():
+        metric = _normalize(metric)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = a @ b.transpose(-1, -2)
+        num_a, num_b = a.shape[1], b.shape[1]
+        protected_a = (protected_tokens + 1) // 2  # prefix tokens at even positions
+        protected_b = protected_tokens // 2  # prefix tokens at odd positions
+        if protected_a:
+            scores[:, :protected_a, :] = -math.inf
+        if protected_b:
+            scores[:, :, :protected_b] = -math.inf
+
+        node_max, node_idx = scores.max(dim=-1)
+        src_idx = node_max.topk(r, dim=-1).indices  # (batch, r) A tokens that merge away
+
+        device = metric.device
+        is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device)
+        is_src.scatter_(1, src_idx, True)
+
+        # Output layout: [prefix | kept non-prefix A | non-prefix B], in original order.
+        kept_a = ~is_src
+        kept_a[:, :protected_a] = False
+        rank_a = kept_a.cumsum(dim=1) - 1
+        num_kept_a = num_a - protected_a - r
+        b_pos = torch.arange(num_b, device=device)
+        slot_b = (protected_tokens + num_kept_a + b_pos - protected_b).expand(batch, -1).clone()
+        slot_b[:, :protected_b] = 2 * b_pos[:protected_b] + 1
+        slot_a = protected_tokens + rank_a
+        slot_a[:, :protected_a] = 2 * torch.arange(protected_a, device=device)
+        slot_a = torch.where(is_src, slot_b.gather(1, node_idx), slot_a)
+
+        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+        dest[:, ::2] = slot_a
+        dest[:, 1::2] = slot_b
+    return TokenAssignment(dest, num_tokens - r)
+
+
+def _protected_count(class_token: bool, distill_token: bool, protected_tokens: Optional[int]) -> int:
+    if protected_tokens is not None:
+        if isinstance(protected_tokens, bool) or not isinstance(protected_tokens, int) or protected_tokens < 0:
+            raise ValueError(f"protected_tokens must be a non-negative int, got {protected_tokens!r}")
+        return protected_tokens
+    return int(bool(class_token)) + int(bool(distill_token))
+
+
+def _as_functions(assignment: Optional[TokenAssignment]) -> Tuple[Callable, Callable]:
+    if assignment is None:
+        return do_nothing, do_nothing
+    return assignment, assignment.unmerge
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    class_token: bool = False,
+    distill_token: bool = False,
+    *,
+    protected_tokens: Optional[int] = None,
+) -> Tuple[Callable, Callable]:
+    """ToMe's bipartite soft matching, removing ``r`` tokens.
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features.
+        r: Number of tokens to remove, capped at ``(tokens - protected) // 2``.
+        class_token: Protect the token at index 0.
+        distill_token: Also protect the token at index 1 (DeiT distillation token).
+        protected_tokens: Number of leading tokens to protect (class, distillation
+            and register tokens together); overrides ``class_token``/``distill_token``.
+
+    Returns:
+        ``(merge, unmerge)``: ``merge(x, mode="mean")`` maps ``(batch, tokens, c)``
+        to ``(batch, tokens - r, c)``; ``unmerge(y)`` maps it back, every original
+        token taking the value of the token it was merged into.
+    """
+    protected = _protected_count(class_token, distill_token, protected_tokens)
+    return _as_functions(match_bipartite(metric, r, protected))
+
+
+def kth_bipartite_soft_matching(metric: torch.Tensor, k: int) -> Tuple[Callable, Callable]:
+    """Ablation: in every group of ``k`` consecutive tokens, the last is a destination.
+
+    The other ``k - 1`` tokens of each group (and the ``tokens % k`` left over at
+    the end) merge into their most similar destination; the output holds the
+    ``tokens // k`` destinations only.
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features.
+        k: Group size; ``k <= 1`` (or fewer than ``k`` tokens) merges nothing.
+
+    Returns:
+        ``(merge, unmerge)`` as :func:`bipartite_soft_matching`.
+    """
+    _check_metric(metric, 0)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {k!r}")
+    batch, num_tokens, _ = metric.shape
+    num_dst = num_tokens // k if k > 1 else 0
+    if num_dst == 0:
+        return do_nothing, do_nothing
+    with torch.no_grad():
+        metric = _normalize(metric)
+        positions = torch.arange(num_tokens, device=metric.device)
+        is_dst = (positions % k == k - 1) & (positions < num_dst * k)
+        dst_pos = positions[is_dst]
+        scores = metric @ metric[:, dst_pos].transpose(-1, -2)  # (batch, tokens, num_dst)
+        dest = scores.argmax(dim=-1)
+        dest[:, dst_pos] = torch.arange(num_dst, device=metric.device)
+    return _as_functions(TokenAssignment(dest, num_dst))
+
+
+def random_bipartite_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    generator: Optional[torch.Generator] = None,
+    *,
+    protected_tokens: int = 0,
+) -> Tuple[Callable, Callable]:
+    """Ablation: ``r`` random tokens merge into their most similar remaining token.
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features.
+        r: Number of tokens to remove, capped at ``(tokens - protected_tokens) // 2``.
+        generator: Optional ``torch.Generator`` (on ``metric``'s device) for the draw.
+        protected_tokens: Leading tokens that neither move nor receive merges.
+
+    Returns:
+        ``(merge, unmerge)``; destinations keep their original order.
+    """
+    _check_metric(metric, protected_tokens)
+    batch, num_tokens, _ = metric.shape
+    r = _cap_r(r, num_tokens, protected_tokens)
+    if r <= 0:
+        return do_nothing, do_nothing
+    with torch.no_grad():
+        device = metric.device
+        free = num_tokens - protected_tokens
+        order = torch.rand(batch, free, device=device, generator=generator).argsort(dim=1)
+        src = order[:, :r] + protected_tokens
+        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+        is_src.scatter_(1, src, True)
+        slot = (~is_src).cumsum(dim=1) - 1  # position among kept tokens, in order
+
+        metric = _normalize(metric)
+        scores = metric @ metric.transpose(-1, -2)
+        # Sources match only kept, non-protected tokens.
+        blocked = is_src.clone()
+        blocked[:, :protected_tokens] = True
+        scores = scores.masked_fill(blocked.unsqueeze(1), -math.inf)
+        best = scores.argmax(dim=-1)
+        dest = torch.where(is_src, slot.gather(1, best), slot)
+    return _as_functions(TokenAssignment(dest, num_tokens - r))
+
+
+def merge_wavg(
+    merge: Callable, x: torch.Tensor, size: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x`` as a size-weighted average and return the new sizes.
+
+    Args:
+        merge: A ``merge`` function from one of the matching functions.
+        x: ``(batch, tokens, channels)``.
+        size: ``(batch, tokens, 1)``, how many original patches each token stands
+            for; ``None`` means all ones.
+
+    Returns:
+        ``(x, size)`` of shapes ``(batch, tokens - r, channels)`` and ``(batch, tokens - r, 1)``.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    x = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")
+    return x / size, size
+
+
+def merge_source(merge: Callable, x: torch.Tensor, source: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Update the dense source map: which original tokens each token contains.
+
+    Args:
+        merge: A ``merge`` function from one of the matching functions.
+        x: ``(batch, tokens, channels)``, used for its shape when ``source`` is None.
+        source: ``(batch, tokens, original tokens)`` 0/1 map; ``None`` is the identity.
+
+    Returns:
+        ``(batch, tokens - r, original tokens)`` 0/1 map.
+    """
+    if source is None:
+        batch, num_tokens, _ = x.shape
+        source = torch.eye(num_tokens, device=x.device, dtype=x.dtype).expand(batch, -1, -1)
+    return merge(source, mode="amax")

@@ -1,0 +1,75 @@
+"""ToMe for MAE fine-tuned Vision Transformers (He et al., "Masked Autoencoders Are
+Scalable Vision Learners", CVPR 2022).
+
+Two forms exist: timm ViTs with ``global_pool="avg"`` (how timm ships MAE
+fine-tuned weights), and the MAE code base's own ``models_vit.VisionTransformer``,
+a timm subclass with a boolean ``global_pool``, an ``fc_norm`` and its own
+``forward_features`` that returns the pooled feature. Both pool by a
+size-weighted mean over patch tokens after merging. Proportional attention is
+off by default: MAE models are fine-tuned with average pooling, and the paper
+found them better without it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._shared import weighted_mean
+from ._timm import ToMeVisionTransformer, apply_to_timm, check_blocks, check_supported, is_timm_vit
+
+__all__ = ["mae", "is_mae_codebase"]
+
+
+def is_mae_codebase(model: nn.Module) -> bool:
+    """Whether ``model`` is the MAE code base's ViT (a timm subclass with a bool ``global_pool``)."""
+    return is_timm_vit(model) and isinstance(getattr(model, "global_pool", None), bool)
+
+
+class ToMeMAEVisionTransformer(ToMeVisionTransformer):
+    """The MAE code base's ViT: ``forward_features`` returns the pooled feature."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x, state, _ = self._tome_run(self._tome_embed(x))
+        return self._tome_mae_pool(x, state.size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.head(self.forward_features(x))
+
+    def _tome_mae_pool(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.global_pool:
+            patches = x[:, self.num_prefix_tokens :]
+            sizes = None if size is None else size[:, self.num_prefix_tokens :]
+            return self.fc_norm(weighted_mean(patches, sizes))
+        return self.norm(x)[:, 0]
+
+
+def _check_mae_codebase(model: nn.Module) -> None:
+    check_blocks(model)
+    name = type(model).__dict__.get("_tome_parent", type(model)).__name__
+    if model.global_pool and not hasattr(model, "fc_norm"):
+        raise TypeError(f"{name} has global_pool=True but no fc_norm; not the MAE code base's layout")
+
+
+def mae(model: nn.Module, trace_source: bool = False, prop_attn: bool = False) -> nn.Module:
+    """Patch an MAE fine-tuned ViT in place to merge tokens; set ``model.r`` after.
+
+    Args:
+        model: A timm ViT (usually ``global_pool="avg"``) or the MAE code base's
+            ``models_vit.VisionTransformer``.
+        trace_source: Track which original patches each token contains.
+        prop_attn: Proportional attention; off by default for MAE models.
+
+    Returns:
+        The same model, patched.
+
+    Raises:
+        TypeError: if the model is not a ViT ToMe can run exactly.
+    """
+    if is_mae_codebase(model):
+        _check_mae_codebase(model)
+        return apply_to_timm(model, trace_source, prop_attn, ToMeMAEVisionTransformer)
+    check_supported(model)
+    return apply_to_timm(model, trace_source, prop_attn, ToMeVisionTransformer)
