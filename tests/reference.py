@@ -22,6 +22,8 @@ def reference_match(metric: torch.Tensor, r: int, protected: int) -> Tuple[List[
     """
     batch, n, _ = metric.shape
     r = max(0, min(r, (n - protected) // 2))
+    if r == 0:  # "If r <= 0, nothing happens": no reordering either.
+        return [[[t] for t in range(n)] for _ in range(batch)], 0
     result = []
     for b in range(batch):
         m = metric[b].double()
