@@ -15,8 +15,9 @@ from torch import nn
 from ._lifecycle import is_patched, remove_patch
 from ._mae import is_mae_codebase, mae
 from ._timm import is_timm_vit, timm
+from ._torchvision import is_torchvision_vit, torchvision
 
-__all__ = ["timm", "mae", "FAMILIES", "family_of", "is_patched", "remove_patch"]
+__all__ = ["timm", "mae", "torchvision", "FAMILIES", "family_of", "is_patched", "remove_patch"]
 
 # name -> (detector, patch function). Detectors look at class names and modules
 # only, so no optional library is imported to answer "is this one of yours?".
@@ -24,6 +25,7 @@ __all__ = ["timm", "mae", "FAMILIES", "family_of", "is_patched", "remove_patch"]
 FAMILIES: Dict[str, Tuple[Callable[[nn.Module], bool], Callable[..., nn.Module]]] = {
     "mae": (is_mae_codebase, mae),
     "timm": (is_timm_vit, timm),
+    "torchvision": (is_torchvision_vit, torchvision),
 }
 
 

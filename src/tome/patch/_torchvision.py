@@ -1,0 +1,223 @@
+"""ToMe for torchvision Vision Transformers (``torchvision.models.vision_transformer``).
+
+Covers ``vit_b_16``, ``vit_b_32``, ``vit_l_16``, ``vit_l_32`` and ``vit_h_14``
+(including torchvision's SWAG weights), with or without a conv stem or a
+``representation_size`` pre-logits layer. The blocks are batch-first
+``EncoderBlock``s around an ``nn.MultiheadAttention`` whose packed
+``in_proj_weight`` is reused here, so attention runs through
+``scaled_dot_product_attention`` with the ``log(size)`` bias of proportional
+attention. The model reads the class token, which never merges, so the
+classifier head needs no change.
+
+The attention branch and block below are shared with the SWAG family, whose
+blocks have the same layout but run sequence-first.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, patch_model
+from ._shared import ToMeState, attention, merge_block, run_blocks
+
+__all__ = ["torchvision", "is_torchvision_vit", "mha_attention_branch", "check_mha", "ToMeEncoderBlock"]
+
+_TV_MODULE = "torchvision.models.vision_transformer"
+
+
+def _own_class(module: nn.Module) -> type:
+    """The module's class before any ToMe swap."""
+    cls = type(module)
+    return cls.__dict__.get("_tome_parent", cls)
+
+
+def _families() -> str:
+    from . import FAMILIES
+
+    return ", ".join(FAMILIES)
+
+
+def is_torchvision_vit(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision ``VisionTransformer`` (checked by class, torchvision not imported)."""
+    return any(cls.__name__ == "VisionTransformer" and cls.__module__ == _TV_MODULE for cls in type(model).__mro__)
+
+
+def check_mha(attn: nn.Module, where: str, batch_first: bool) -> None:
+    """Raise ``TypeError`` unless ``attn`` is a plain self-attention ``nn.MultiheadAttention`` ToMe can rerun.
+
+    Args:
+        attn: The block's attention module.
+        where: Its path in the model, for the message.
+        batch_first: The layout the surrounding block feeds it.
+    """
+    supported = (
+        "supported: nn.MultiheadAttention with packed in_proj_weight (kdim == vdim == embed_dim), "
+        f"batch_first={batch_first}, no add_bias_kv, no add_zero_attn"
+    )
+    if not isinstance(attn, nn.MultiheadAttention) or type(attn).forward is not nn.MultiheadAttention.forward:
+        raise TypeError(f"{where} is a {type(attn).__name__}; {supported}")
+    if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
+        raise TypeError(
+            f"{where} is an nn.MultiheadAttention with separate q/k/v projections "
+            f"(kdim={attn.kdim}, vdim={attn.vdim}, embed_dim={attn.embed_dim}); {supported}"
+        )
+    if attn.bias_k is not None or attn.bias_v is not None:
+        raise TypeError(f"{where} is an nn.MultiheadAttention with add_bias_kv=True; {supported}")
+    if attn.add_zero_attn:
+        raise TypeError(f"{where} is an nn.MultiheadAttention with add_zero_attn=True; {supported}")
+    if bool(attn.batch_first) != batch_first:
+        raise TypeError(
+            f"{where} is an nn.MultiheadAttention with batch_first={attn.batch_first}, but its block "
+            f"feeds it {'batch' if batch_first else 'sequence'}-first tokens; {supported}"
+        )
+
+
+def mha_attention_branch(
+    attn: nn.MultiheadAttention, x: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention of an ``nn.MultiheadAttention`` with an additive bias, also returning the mean key.
+
+    Uses the module's own packed projection weights, so the result is what the
+    module computes (``need_weights=False``) plus the bias.
+
+    Args:
+        attn: A module accepted by :func:`check_mha`.
+        x: ``(batch, tokens, channels)``, batch-first whatever ``attn.batch_first`` says.
+        bias: ``(batch, 1, 1, tokens)`` logits bias (``log(size)``) or None.
+
+    Returns:
+        The attention output ``(batch, tokens, channels)`` and the keys averaged
+        over heads ``(batch, tokens, head_dim)``.
+    """
+    batch, tokens, channels = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    # nn.MultiheadAttention applies its dropout to the attention weights, only in training.
+    dropout_p = attn.dropout if attn.training else 0.0
+    out = attention(q, k, v, bias, dropout_p=dropout_p)
+    out = out.transpose(1, 2).reshape(batch, tokens, channels)
+    # The module applies out_proj functionally (its hooks never run), so do the same.
+    out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    return out, k.mean(dim=1)
+
+
+class ToMeEncoderBlock(ToMeBlockMixin):
+    """``EncoderBlock`` (``ln_1``, ``self_attention``, ``dropout``, ``ln_2``, ``mlp``) merging tokens.
+
+    Shared by torchvision (batch-first) and SWAG (sequence-first, see its subclass):
+    :meth:`tome_forward` always takes batch-first tokens.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._tome_block_r == 0:
+            return super().forward(input)  # type: ignore[misc]
+        return self.tome_forward(input, self._tome_start(input), self._tome_block_r)[0]
+
+    def tome_forward(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
+        """Run the block on ``(batch, tokens, channels)``, removing ``r`` tokens."""
+
+        def attn_branch(x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+            out, metric = mha_attention_branch(self.self_attention, self.ln_1(x), bias)
+            return self.dropout(out), metric
+
+        def mlp_branch(x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(self.ln_2(x))
+
+        return merge_block(x, state, r, attn_branch, mlp_branch)
+
+
+class ToMeEncoderModel(ToMeModelMixin):
+    """Model-level part shared by torchvision and SWAG: blocks live in ``encoder.layers``."""
+
+    def _tome_blocks(self) -> Sequence[nn.Module]:
+        return list(self.encoder.layers)
+
+    def _tome_run(self, x: torch.Tensor) -> Tuple[torch.Tensor, ToMeState, List[int]]:
+        """Batch-first embedded tokens through all blocks; returns tokens, final state, schedule."""
+        schedule = self._tome_schedule()
+        state = self._tome_begin(x)
+        x, state = run_blocks([block.tome_forward for block in self.encoder.layers], x, state, schedule)
+        self._tome_info.record(state, x, schedule)
+        return x, state, schedule
+
+
+class ToMeVisionTransformer(ToMeEncoderModel):
+    """torchvision ``VisionTransformer`` whose encoder blocks merge tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._process_input(x)
+        class_token = self.class_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([class_token, x], dim=1)
+        encoder = self.encoder
+        x = encoder.dropout(x + encoder.pos_embedding)
+        x, _, _ = self._tome_run(x)
+        x = encoder.ln(x)
+        # The class token is protected and stays at index 0.
+        return self.heads(x[:, 0])
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``TypeError`` unless ``model`` is a torchvision ViT that ToMe can run exactly."""
+    if not is_torchvision_vit(model):
+        raise TypeError(
+            f"tome.patch.torchvision expects a torchvision.models.VisionTransformer (vit_b_16 ... vit_h_14), "
+            f"got {type(model).__name__} ({type(model).__module__}). Supported families: {_families()}"
+        )
+    from torchvision.models import vision_transformer as tv
+
+    own = _own_class(model)
+    for method in ("forward", "_process_input"):
+        if getattr(own, method) is not getattr(tv.VisionTransformer, method):
+            raise TypeError(
+                f"{own.__name__} overrides VisionTransformer.{method}; ToMe cannot patch it exactly "
+                "(supported: torchvision's VisionTransformer and subclasses that only change __init__)"
+            )
+    encoder = model.encoder
+    if not isinstance(encoder, tv.Encoder) or type(encoder).forward is not tv.Encoder.forward:
+        raise TypeError(
+            f"{own.__name__}.encoder is a {type(encoder).__name__}; ToMe supports torchvision's Encoder"
+        )
+    for index, block in enumerate(encoder.layers):
+        block_cls = _own_class(block)
+        if block_cls is not tv.EncoderBlock:
+            raise TypeError(
+                f"{own.__name__}.encoder.layers[{index}] is a {block_cls.__name__}; ToMe supports "
+                "torchvision's EncoderBlock"
+            )
+        check_mha(block.self_attention, f"{own.__name__}.encoder.layers[{index}].self_attention", batch_first=True)
+
+
+def torchvision(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+    """Patch a torchvision Vision Transformer in place to merge tokens; set ``model.r`` after.
+
+    Args:
+        model: A ``torchvision.models.VisionTransformer`` (``vit_b_16``, ``vit_b_32``,
+            ``vit_l_16``, ``vit_l_32``, ``vit_h_14``, any weights).
+        trace_source: Track which original patches each token contains; read
+            ``model._tome_info["source"]`` after a forward.
+        prop_attn: Proportional attention (``log(size)`` added to attention logits);
+            keep it on for models trained without ToMe.
+
+    Returns:
+        The same model, patched. ``model.r`` starts at 0 (no merging).
+
+    Raises:
+        TypeError: if the model, its encoder, a block or an attention layer is not
+            something ToMe can run exactly (e.g. separate q/k/v projections).
+    """
+    check_supported(model)
+    return patch_model(
+        model,
+        ToMeVisionTransformer,
+        list(model.encoder.layers),
+        lambda block: ToMeEncoderBlock,
+        protected_tokens=1,
+        trace_source=trace_source,
+        prop_attn=prop_attn,
+        class_token=True,
+    )
