@@ -1,0 +1,180 @@
+"""ToMe for SWAG Vision Transformers loaded through torch.hub.
+
+Singh et al., "Revisiting Weakly Supervised Pre-Training of Visual Perception
+Models", CVPR 2022 (facebookresearch/SWAG: ``vit_b16_in1k``, ``vit_l16_in1k``,
+``vit_h14_in1k`` and the trunks without a head).
+
+SWAG's code is not an installable package, so its modules are recognised by
+class name and layout: a ``VisionTransformer`` (or a subclass such as
+``ViTB16``) with ``conv_proj``, ``classifier`` (``"token"`` or ``"gap"``),
+``encoder`` (``pos_embedding`` of shape ``(seq, 1, dim)``, ``dropout``,
+``layers`` of ``EncoderBlock``, ``ln``), ``trunk_output`` and ``head``. Its
+blocks run sequence-first ``(tokens, batch, channels)``; the patched model
+transposes once after embedding and runs every block batch-first, while a
+block called on its own keeps the sequence-first interface. "token" models read
+the protected class token; "gap" models average all tokens weighted by size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._lifecycle import patch_model
+from ._shared import ToMeState, weighted_mean
+from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, _families, _own_class, check_mha
+
+__all__ = ["swag", "is_swag_vit"]
+
+_CLASSIFIERS = ("token", "gap")
+# Modules whose VisionTransformer classes belong to other families.
+_OTHER_FAMILIES = ("timm.", "torchvision.")
+
+
+def _swag_base(cls: type) -> Optional[type]:
+    """The ``VisionTransformer`` class in ``cls``'s MRO that is not timm's or torchvision's."""
+    for base in cls.__mro__:
+        if base.__name__ == "VisionTransformer":
+            return None if base.__module__.startswith(_OTHER_FAMILIES) else base
+    return None
+
+
+def is_swag_vit(model: nn.Module) -> bool:
+    """Whether ``model`` looks like a SWAG ViT (by class name and attributes; nothing is imported)."""
+    if _swag_base(type(model)) is None:
+        return False
+    encoder = getattr(model, "encoder", None)
+    return isinstance(getattr(model, "classifier", None), str) and hasattr(encoder, "layers")
+
+
+def _defined_by(cls: type, method: str) -> str:
+    """Name of the class in ``cls``'s MRO that defines ``method``."""
+    for base in cls.__mro__:
+        if method in base.__dict__:
+            return base.__name__
+    return ""
+
+
+class ToMeSwagEncoderBlock(ToMeEncoderBlock):
+    """SWAG ``EncoderBlock``: same layout as torchvision's, sequence-first interface."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._tome_block_r == 0:
+            return super().forward(input)
+        # Called on its own: (tokens, batch, channels) in and out, batch-first inside.
+        x = input.transpose(0, 1)
+        x, _ = self.tome_forward(x, self._tome_start(x), self._tome_block_r)
+        return x.transpose(0, 1)
+
+
+class ToMeSwagVisionTransformer(ToMeEncoderModel):
+    """SWAG ``VisionTransformer`` whose blocks merge tokens; "gap" pooling weighted by size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, state = self._tome_features(x)
+        if self.classifier == "token":
+            x = x[:, 0]  # the class token is protected and stays at index 0
+        else:
+            x = weighted_mean(x, state.size)  # "gap": no prefix tokens, every patch counts once
+        x = self.trunk_output(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x
+
+    def _tome_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, ToMeState]:
+        """Images ``(batch, 3, H, W)`` to normalised batch-first tokens and the final state."""
+        if x.dim() != 4 or x.shape[2] != self.image_size or x.shape[3] != self.image_size:
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (batch, channels, {self.image_size}, "
+                f"{self.image_size}), got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        x = self.conv_proj(x)
+        # (batch, dim, h, w) -> (batch, h * w, dim): batch-first, unlike SWAG's own forward.
+        x = x.reshape(batch, self.hidden_dim, -1).transpose(1, 2)
+        if self.classifier == "token":
+            x = torch.cat([self.class_token.expand(batch, -1, -1), x], dim=1)
+        encoder = self.encoder
+        # pos_embedding is (tokens, 1, dim), sequence-first.
+        x = encoder.dropout(x + encoder.pos_embedding.transpose(0, 1))
+        x, state, _ = self._tome_run(x)
+        return encoder.ln(x), state
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``TypeError`` unless ``model`` has SWAG's ViT layout that ToMe can run exactly."""
+    name = type(model).__name__
+    if not is_swag_vit(model):
+        raise TypeError(
+            f"tome.patch.swag expects a SWAG VisionTransformer from torch.hub (facebookresearch/swag), "
+            f"got {name} ({type(model).__module__}). Supported families: {_families()}"
+        )
+    own = _own_class(model)
+    name = own.__name__
+    if _defined_by(own, "forward") != "VisionTransformer":
+        raise TypeError(
+            f"{name}.forward is overridden (by {_defined_by(own, 'forward')}); ToMe supports SWAG's "
+            "VisionTransformer.forward and subclasses that only change __init__ (ViTB16, ViTL16, ViTH14)"
+        )
+    if model.classifier not in _CLASSIFIERS:
+        raise TypeError(f"{name} uses classifier={model.classifier!r}; supported: {_CLASSIFIERS}")
+    missing = [
+        attr
+        for attr in ("conv_proj", "hidden_dim", "image_size", "trunk_output", "head")
+        + (("class_token",) if model.classifier == "token" else ())
+        if not hasattr(model, attr)
+    ]
+    encoder = model.encoder
+    missing += [f"encoder.{attr}" for attr in ("pos_embedding", "dropout", "ln") if not hasattr(encoder, attr)]
+    if missing:
+        raise TypeError(f"{name} lacks {missing}; not SWAG's VisionTransformer layout")
+    if _defined_by(_own_class(encoder), "forward") != "Encoder":
+        raise TypeError(f"{name}.encoder is a {type(encoder).__name__}; ToMe supports SWAG's Encoder")
+    pos = encoder.pos_embedding
+    if pos.dim() != 3 or pos.shape[1] != 1:
+        raise TypeError(
+            f"{name}.encoder.pos_embedding has shape {tuple(pos.shape)}; SWAG's layout is (tokens, 1, dim)"
+        )
+    for index, block in enumerate(encoder.layers):
+        where = f"{name}.encoder.layers[{index}]"
+        block_cls = _own_class(block)
+        if block_cls.__name__ != "EncoderBlock" or _defined_by(block_cls, "forward") != "EncoderBlock":
+            raise TypeError(f"{where} is a {block_cls.__name__}; ToMe supports SWAG's EncoderBlock")
+        absent = [attr for attr in ("ln_1", "self_attention", "dropout", "ln_2", "mlp") if not hasattr(block, attr)]
+        if absent:
+            raise TypeError(f"{where} lacks {absent}; not SWAG's EncoderBlock layout")
+        check_mha(block.self_attention, f"{where}.self_attention", batch_first=False)
+
+
+def swag(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+    """Patch a SWAG Vision Transformer in place to merge tokens; set ``model.r`` after.
+
+    Args:
+        model: A SWAG ``VisionTransformer``, e.g.
+            ``torch.hub.load("facebookresearch/swag", model="vit_b16_in1k")``.
+        trace_source: Track which original patches each token contains; read
+            ``model._tome_info["source"]`` after a forward.
+        prop_attn: Proportional attention (``log(size)`` added to attention logits);
+            keep it on for models trained without ToMe.
+
+    Returns:
+        The same model, patched. ``model.r`` starts at 0 (no merging).
+
+    Raises:
+        TypeError: if the model does not have SWAG's layout, uses an unknown
+            classifier, or an attention layer ToMe cannot rerun exactly.
+    """
+    check_supported(model)
+    class_token = model.classifier == "token"
+    return patch_model(
+        model,
+        ToMeSwagVisionTransformer,
+        list(model.encoder.layers),
+        lambda block: ToMeSwagEncoderBlock,
+        protected_tokens=int(class_token),
+        trace_source=trace_source,
+        prop_attn=prop_attn,
+        class_token=class_token,
+    )
