@@ -110,7 +110,8 @@ class ToMeState:
         size = self.sizes(x)
         # Weighted sums of up to hundreds of tokens can overflow fp16: accumulate in fp32.
         work = x.float() if x.dtype in _LOW_PRECISION else x
-        merged = assignment.merge(work * size, mode="sum")
+        # Before the first merge every size is 1: skip multiplying by ones.
+        merged = assignment.merge(work if self.size is None else work * size, mode="sum")
         new_size = assignment.merge(size, mode="sum")
         merged = (merged / new_size).to(x.dtype)
         groups = self.groups
