@@ -35,6 +35,10 @@ def trained_like_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+# Tiny models run faster on one thread than on two contending ones.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

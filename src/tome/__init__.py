@@ -62,8 +62,12 @@ def apply_patch(
     options: dict[str, Any] = {"trace_source": trace_source}
     if prop_attn is not None:
         options["prop_attn"] = prop_attn
-    # Validate r before touching the model, so a bad value leaves it unpatched.
-    parse_r(len(r), r) if isinstance(r, list) else parse_r(1, r)
+    was_patched = patch.is_patched(model)
     patch_fn(model, **options)
-    model.r = r  # type: ignore[attr-defined]  (checked against the depth)
+    try:
+        model.r = r  # type: ignore[attr-defined]  (checked against the depth)
+    except ValueError:
+        if not was_patched:  # a bad r leaves the model as it was
+            remove_patch(model)
+        raise
     return model

@@ -335,8 +335,10 @@ def test_bad_r(bad, message):
     with pytest.raises(ValueError, match=message):
         model.r = bad
     assert model.r == 1  # unchanged
+    fresh = make("token")
     with pytest.raises(ValueError, match=message):
-        tome.apply_patch(make("token"), r=bad)
+        tome.apply_patch(fresh, r=bad)
+    assert type(fresh).__name__ == "VisionTransformer"  # left unpatched
 
 
 def test_unsupported_models_raise_type_error():
