@@ -16,12 +16,13 @@ from typing import Any, Optional
 from torch import nn
 
 from . import merge, patch, utils
+from ._dense import unmerge_tokens
 from ._schedule import RSchedule, parse_r
 from .patch import remove_patch
 
 __version__ = "0.1.0"
 
-__all__ = ["apply_patch", "remove_patch", "parse_r", "merge", "patch", "utils", "__version__"]
+__all__ = ["apply_patch", "remove_patch", "parse_r", "unmerge_tokens", "merge", "patch", "utils", "__version__"]
 
 
 def apply_patch(
