@@ -12,13 +12,14 @@ from typing import Callable, Dict, Tuple
 
 from torch import nn
 
+from ._hf import hf, is_hf_vision
 from ._lifecycle import is_patched, remove_patch
 from ._mae import is_mae_codebase, mae
 from ._swag import is_swag_vit, swag
 from ._timm import is_timm_vit, timm
 from ._torchvision import is_torchvision_vit, torchvision
 
-__all__ = ["timm", "mae", "torchvision", "swag", "FAMILIES", "family_of", "is_patched", "remove_patch"]
+__all__ = ["timm", "mae", "torchvision", "swag", "hf", "FAMILIES", "family_of", "is_patched", "remove_patch"]
 
 # name -> (detector, patch function). Detectors look at class names and modules
 # only, so no optional library is imported to answer "is this one of yours?".
@@ -28,6 +29,7 @@ FAMILIES: Dict[str, Tuple[Callable[[nn.Module], bool], Callable[..., nn.Module]]
     "timm": (is_timm_vit, timm),
     "torchvision": (is_torchvision_vit, torchvision),
     "swag": (is_swag_vit, swag),
+    "hf": (is_hf_vision, hf),
 }
 
 

@@ -1,0 +1,851 @@
+"""ToMe for Hugging Face ``transformers`` vision models (transformers 5.x layouts).
+
+Supported, whole models and task heads: ViT, DeiT (class + distillation
+tokens, also ``DeiTForImageClassificationWithTeacher``), DINOv2 (LayerScale),
+DINOv2 with registers, CLIP's vision tower (``CLIPVisionModel``,
+``CLIPVisionModelWithProjection``, ``CLIPForImageClassification`` and the vision
+side of ``CLIPModel``), SigLIP's vision tower (no class token; attention-pooling
+head), VideoMAE (tubelet tokens) and the Audio Spectrogram Transformer (AST).
+
+How it is wired. Each model has one *runner*: the module whose forward loops
+over the transformer layers (``ViTModel``, ``Dinov2Encoder``,
+``CLIPVisionModel``, ...). Patching swaps the runner's class so that, when the
+schedule merges anything, its forward threads one :class:`~tome.patch._shared.ToMeState`
+through the layers with :func:`~tome.patch._shared.run_blocks`; each layer runs
+the shared attention-then-merge step. Everything before and after the loop
+(embeddings, final norms, class-token pooling) is the model's own code. Task
+heads that pool over patch tokens (DINOv2 and CLIP classifiers, SigLIP's
+classifier, VideoMAE's mean pooling) weight the pool by token size; SigLIP's
+attention-pooling head adds ``log(size)`` to its key logits. When the schedule
+is all zeros every forward is the model's own, unchanged.
+
+Output semantics with merging (``model.r`` > 0):
+
+- ``logits``, ``pooler_output``, ``image_embeds`` and the like keep their meaning.
+- ``last_hidden_state`` has fewer tokens: prefix tokens (class, distillation,
+  registers) first, then the merged tokens. ``model._tome_info["size"]`` gives
+  how many patches each stands for and, with ``trace_source=True``,
+  ``model._tome_info["source"]`` which ones; :func:`tome.unmerge_tokens` maps
+  the tokens back to one row per original token.
+- ``output_hidden_states=True`` returns the layer inputs and outputs as usual
+  (embedding output first), each with the token count it had at that point:
+  ``hidden_states[i]`` has as many tokens as entered layer ``i``.
+- ``output_attentions=True`` and a non-None ``attention_mask`` raise
+  ``ValueError``: merged tokens no longer line up with them. Set ``model.r = 0``
+  to use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, is_patched, patch_model, swap_class
+from ._shared import ToMeState, attention, merge_block, run_blocks, weighted_mean
+
+__all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
+
+# Private keyword a task head hands down to its runner to learn the final token sizes.
+_SINK = "_tome_sink"
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: the attention-then-merge step for each layer layout.
+# ----------------------------------------------------------------------------------------------
+
+
+def _self_attention(
+    attn: nn.Module,
+    x: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    q_proj: nn.Module,
+    k_proj: nn.Module,
+    v_proj: nn.Module,
+    head_dim: int,
+    scale: float,
+    dropout: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head self-attention of a transformers attention module, with a ``log(size)`` bias.
+
+    Args:
+        attn: The attention module (for its config and training flag).
+        x: ``(batch, tokens, channels)`` normalised input.
+        bias: ``(batch, 1, 1, tokens)`` additive logits bias or None.
+        q_proj, k_proj, v_proj: The module's projections.
+        head_dim: Channels per head.
+        scale: Logit scale.
+        dropout: Attention dropout probability used in training.
+
+    Returns:
+        The attention context ``(batch, tokens, heads * head_dim)`` (before the output
+        projection) and the keys averaged over heads ``(batch, tokens, head_dim)``.
+    """
+    batch, tokens, _ = x.shape
+    shape = (batch, tokens, -1, head_dim)
+    q = q_proj(x).view(shape).transpose(1, 2)
+    k = k_proj(x).view(shape).transpose(1, 2)
+    v = v_proj(x).view(shape).transpose(1, 2)
+    # Models loaded with attn_implementation="eager" get the explicit softmax; every
+    # other implementation gets scaled_dot_product_attention (which takes the bias).
+    fused = getattr(attn.config, "_attn_implementation", "sdpa") != "eager"
+    out = attention(q, k, v, bias, dropout_p=dropout if attn.training else 0.0, scale=scale, fused=fused)
+    return out.transpose(1, 2).reshape(batch, tokens, -1), k.mean(dim=1)
+
+
+class ToMeHFLayer(ToMeBlockMixin):
+    """Common part of patched transformers layers: direct calls and the merge step."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        attention_mask = args[0] if args else kwargs.get("attention_mask")
+        if self._tome_block_r == 0 or attention_mask is not None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        # Called on its own (not by a patched model): merge this layer's r from a fresh state.
+        return self.tome_forward(hidden_states, self._tome_start(hidden_states), self._tome_block_r)[0]
+
+    def tome_forward(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
+        """Run the layer on ``(batch, tokens, channels)``, removing ``r`` tokens after attention."""
+        return merge_block(x, state, r, self._tome_attn_branch, self._tome_mlp_branch)
+
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ToMeViTLayer(ToMeHFLayer):
+    """``ViTLayer``, ``DeiTLayer``, ``ASTLayer``: pre-norm, dropout on both branches."""
+
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        attn = self.attention
+        context, metric = _self_attention(
+            attn, self.layernorm_before(x), bias, attn.q_proj, attn.k_proj, attn.v_proj,
+            attn.head_dim, attn.scaling, attn.attention_dropout,
+        )
+        return self.dropout(attn.o_proj(context)), metric
+
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.mlp(self.layernorm_after(x)))
+
+
+class ToMeDinov2Layer(ToMeHFLayer):
+    """``Dinov2Layer`` and ``Dinov2WithRegistersLayer``: LayerScale and drop path on both branches."""
+
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        attn = self.attention
+        context, metric = _self_attention(
+            attn, self.norm1(x), bias, attn.q_proj, attn.k_proj, attn.v_proj,
+            attn.head_dim, attn.scaling, attn.attention_dropout,
+        )
+        return self.drop_path(self.layer_scale1(attn.o_proj(context))), metric
+
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
+
+
+class ToMeCLIPLayer(ToMeHFLayer):
+    """``CLIPEncoderLayer`` and ``SiglipEncoderLayer``: pre-norm, no dropout on the residuals."""
+
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        attn = self.self_attn
+        context, metric = _self_attention(
+            attn, self.layer_norm1(x), bias, attn.q_proj, attn.k_proj, attn.v_proj,
+            attn.head_dim, attn.scale, attn.dropout,
+        )
+        return attn.out_proj(context), metric
+
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.layer_norm2(x))
+
+
+class ToMeVideoMAELayer(ToMeHFLayer):
+    """``VideoMAELayer``: query/key/value attention, output projection in a separate module."""
+
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        attn, out = self.attention.attention, self.attention.output
+        context, metric = _self_attention(
+            attn, self.layernorm_before(x), bias, attn.query, attn.key, attn.value,
+            attn.attention_head_size, attn.scaling, attn.dropout_prob,
+        )
+        return out.dropout(out.dense(context)), metric
+
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        # VideoMAEOutput adds the residual itself; merge_block adds it here instead.
+        return self.output.dropout(self.output.dense(self.intermediate(self.layernorm_after(x))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runners: the module that loops over the layers.
+# ----------------------------------------------------------------------------------------------
+
+
+class _FinalState:
+    """Per-forward carrier a task head hands down to learn its runner's final state."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state: Optional[ToMeState] = None
+
+
+def _output_options(module: nn.Module, kwargs: Dict[str, Any], attention_mask: Optional[torch.Tensor]) -> Tuple[bool, Any]:
+    """Pop the output switches from ``kwargs``; refuse the ones merging cannot honour.
+
+    Returns:
+        ``(return_dict, output_hidden_states)``.
+    """
+    config = module.config
+    if attention_mask is not None:
+        raise ValueError(
+            "attention_mask cannot be combined with token merging (model.r > 0): merged tokens no "
+            "longer line up with the mask. Set model.r = 0 to use a mask."
+        )
+    output_attentions = kwargs.pop("output_attentions", None)
+    if output_attentions is None:
+        output_attentions = getattr(config, "output_attentions", False)
+    if output_attentions:
+        raise ValueError(
+            f"output_attentions={output_attentions!r} cannot be combined with token merging (model.r > 0): "
+            "merged layers run fused attention and their token counts shrink. Set model.r = 0 to get "
+            "attention maps."
+        )
+    output_hidden_states = kwargs.pop("output_hidden_states", None)
+    if output_hidden_states is None:
+        output_hidden_states = getattr(config, "output_hidden_states", False)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    return bool(return_dict), output_hidden_states
+
+
+def _padding_mask(module: nn.Module, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The attention mask as the model builds it: None when it masks nothing."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=module.config, inputs_embeds=x, attention_mask=attention_mask)
+
+
+def _select_hidden_states(states: List[torch.Tensor], request: Any) -> Optional[Tuple[Optional[torch.Tensor], ...]]:
+    """``output_hidden_states`` as transformers reads it: a flag, or indices to keep (others None)."""
+    if request is None or request is False:
+        return None
+    if request is True:
+        return tuple(states)
+    indices = [request] if isinstance(request, int) else list(request)
+    count = len(states)
+    chosen = {i % count for i in indices if -count <= i < count}
+    return tuple(s if i in chosen else None for i, s in enumerate(states))
+
+
+def _finish(output: Any, return_dict: bool) -> Any:
+    return output if return_dict else output.to_tuple()
+
+
+class ToMeHFRunner:
+    """Mixin for the module whose forward loops over the layers."""
+
+    _tome_layers_path: str = ""
+
+    def _tome_layers(self) -> Sequence[nn.Module]:
+        return _resolve(self, self._tome_layers_path)  # type: ignore[arg-type]
+
+    def _tome_active(self) -> bool:
+        return any(layer._tome_block_r for layer in self._tome_layers())
+
+    def _tome_unmerged(self, output: Any, sink: Optional[_FinalState]) -> Any:
+        """Record the (trivial) state of a forward that merged nothing; returns ``output``."""
+        tokens = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        info = self._tome_info
+        state = ToMeState.start(tokens.shape[1], info["protected_tokens"], info["prop_attn"], info["trace_source"])
+        info.record(state, tokens, [0] * len(self._tome_layers()))
+        if sink is not None:
+            sink.state = state
+        return output
+
+    def _tome_encode(
+        self, x: torch.Tensor, hidden_request: Any, sink: Optional[_FinalState]
+    ) -> Tuple[torch.Tensor, ToMeState, Optional[Tuple[Optional[torch.Tensor], ...]]]:
+        """Run ``(batch, tokens, channels)`` through every layer, merging on the schedule.
+
+        Returns:
+            The final tokens, the final state and the selected hidden states (or None).
+        """
+        info = self._tome_info
+        layers = self._tome_layers()
+        schedule = [layer._tome_block_r for layer in layers]
+        state = ToMeState.start(x.shape[1], info["protected_tokens"], info["prop_attn"], info["trace_source"])
+        hidden = [x]
+        for layer, r in zip(layers, schedule):
+            checkpointing = bool(getattr(layer, "gradient_checkpointing", False) and layer.training)
+            x, state = run_blocks([layer.tome_forward], x, state, [r], checkpointing)
+            hidden.append(x)
+        info.record(state, x, schedule)
+        if sink is not None:
+            sink.state = state
+        return x, state, _select_hidden_states(hidden, hidden_request)
+
+
+class ToMeViTRunner(ToMeHFRunner):
+    """``ViTModel``, ``DeiTModel``: embeddings, layers, final norm and class-token pooler in one forward."""
+
+    _tome_layers_path = "layers"
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        bool_masked_pos: Optional[torch.Tensor] = None,
+        interpolate_pos_encoding: Optional[bool] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
+        sink = kwargs.pop(_SINK, None)
+        if not self._tome_active():
+            output = super().forward(  # type: ignore[misc]
+                pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding,
+                attention_mask=attention_mask, **kwargs,
+            )
+            return self._tome_unmerged(output, sink)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding)
+        return_dict, hidden_request = _output_options(self, kwargs, _padding_mask(self, x, attention_mask))
+        x, _, hidden_states = self._tome_encode(x, hidden_request, sink)
+        sequence_output = self.layernorm(x)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=hidden_states
+        )
+        return _finish(output, return_dict)
+
+
+class ToMeASTRunner(ToMeHFRunner):
+    """``ASTModel``: pooled output is the mean of the class and distillation tokens."""
+
+    _tome_layers_path = "layers"
+
+    def forward(
+        self, input_values: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any
+    ) -> Any:
+        sink = kwargs.pop(_SINK, None)
+        if not self._tome_active():
+            output = super().forward(input_values, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]
+            return self._tome_unmerged(output, sink)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        x = self.embeddings(input_values)
+        return_dict, hidden_request = _output_options(self, kwargs, _padding_mask(self, x, attention_mask))
+        x, _, hidden_states = self._tome_encode(x, hidden_request, sink)
+        sequence_output = self.layernorm(x)
+        pooled_output = (sequence_output[:, 0] + sequence_output[:, 1]) / 2
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=hidden_states
+        )
+        return _finish(output, return_dict)
+
+
+class ToMeDinov2Runner(ToMeHFRunner):
+    """``Dinov2Encoder`` and ``Dinov2WithRegistersEncoder``: the layer loop only."""
+
+    _tome_layers_path = "layer"
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        sink = kwargs.pop(_SINK, None)
+        if not self._tome_active():
+            output = super().forward(hidden_states, attention_mask, **kwargs)  # type: ignore[misc]
+            return self._tome_unmerged(output, sink)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return_dict, hidden_request = _output_options(self, kwargs, attention_mask)
+        x, _, hidden = self._tome_encode(hidden_states, hidden_request, sink)
+        return _finish(BaseModelOutput(last_hidden_state=x, hidden_states=hidden), return_dict)
+
+
+class ToMeCLIPRunner(ToMeHFRunner):
+    """``CLIPVisionModel``: pre-norm, layers, class token through the post-norm."""
+
+    _tome_layers_path = "encoder.layers"
+
+    def forward(
+        self, pixel_values: Optional[torch.Tensor] = None, interpolate_pos_encoding: Optional[bool] = False, **kwargs: Any
+    ) -> Any:
+        sink = kwargs.pop(_SINK, None)
+        if not self._tome_active():
+            output = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)  # type: ignore[misc]
+            return self._tome_unmerged(output, sink)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return_dict, hidden_request = _output_options(self, kwargs, kwargs.pop("attention_mask", None))
+        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        x = self.pre_layrnorm(x)
+        x, _, hidden_states = self._tome_encode(x, hidden_request, sink)
+        pooled_output = self.post_layernorm(x[:, 0, :])
+        output = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled_output, hidden_states=hidden_states)
+        return _finish(output, return_dict)
+
+
+def siglip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    """SigLIP's attention-pooling head with ``log(size)`` added to its key logits.
+
+    Args:
+        head: A ``SiglipMultiheadAttentionPoolingHead``.
+        x: ``(batch, tokens, channels)`` final tokens.
+        size: ``(batch, tokens, 1)`` token sizes, or None (nothing merged).
+
+    Returns:
+        ``(batch, channels)`` pooled features.
+    """
+    batch = x.shape[0]
+    probe = head.probe.repeat(batch, 1, 1)
+    mask = None
+    if size is not None:
+        # nn.MultiheadAttention adds a float mask of shape (batch * heads, queries, keys) to its logits.
+        mask = size.log().transpose(1, 2).to(x.dtype).repeat_interleave(head.attention.num_heads, dim=0)
+    pooled = head.attention(probe, x, x, attn_mask=mask)[0]
+    residual = pooled
+    pooled = residual + head.mlp(head.layernorm(pooled))
+    return pooled[:, 0]
+
+
+class ToMeSiglipRunner(ToMeHFRunner):
+    """``SiglipVisionModel``: layers, post-norm, attention pooling weighted by size."""
+
+    _tome_layers_path = "encoder.layers"
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: Optional[bool] = False, **kwargs: Any) -> Any:
+        sink = kwargs.pop(_SINK, None)
+        if not self._tome_active():
+            output = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)  # type: ignore[misc]
+            return self._tome_unmerged(output, sink)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return_dict, hidden_request = _output_options(self, kwargs, kwargs.pop("attention_mask", None))
+        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        x, state, hidden_states = self._tome_encode(x, hidden_request, sink)
+        x = self.post_layernorm(x)
+        pooler_output = siglip_pool(self.head, x, state.size) if self.use_head else None
+        output = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooler_output, hidden_states=hidden_states)
+        return _finish(output, return_dict)
+
+
+class ToMeVideoMAERunner(ToMeHFRunner):
+    """``VideoMAEModel``: embeddings (visible tubelets only), layers, optional final norm."""
+
+    _tome_layers_path = "encoder.layer"
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        sink = kwargs.pop(_SINK, None)
+        if not self._tome_active():
+            output = super().forward(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)  # type: ignore[misc]
+            return self._tome_unmerged(output, sink)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return_dict, hidden_request = _output_options(self, kwargs, kwargs.pop("attention_mask", None))
+        x = self.embeddings(pixel_values, bool_masked_pos)
+        x, _, hidden_states = self._tome_encode(x, hidden_request, sink)
+        if self.layernorm is not None:
+            x = self.layernorm(x)
+        return _finish(BaseModelOutput(last_hidden_state=x, hidden_states=hidden_states), return_dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and task heads.
+# ----------------------------------------------------------------------------------------------
+
+
+class ToMeHFModel(ToMeModelMixin):
+    """The patched model the user holds: ``model.r`` and ``model._tome_info``."""
+
+    def _tome_blocks(self) -> Sequence[nn.Module]:
+        spec = _spec_of(self)  # type: ignore[arg-type]
+        runner = _resolve(self, spec.runner)  # type: ignore[arg-type]
+        return list(_resolve(runner, _RUNNERS[spec.kind].layers))
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``save_pretrained``; ``config.architectures`` names the original class."""
+        patched = type(self)
+        # transformers records the class name in config.json: save under the original class.
+        self.__class__ = patched.__dict__["_tome_parent"]
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
+
+
+class ToMePatchPoolHead(ToMeHFModel):
+    """Task heads that pool over patch tokens: the pool is weighted by token size.
+
+    The head's forward asks its runner for the final state, then pools as the
+    original head does, with ``sum(x * size) / sum(size)`` in place of the mean.
+    """
+
+    _tome_backbone: str = ""
+
+    def _tome_merging(self) -> bool:
+        return any(self._tome_schedule())
+
+    def _tome_call_runner(self, *args: Any, **kwargs: Any) -> Tuple[Any, ToMeState]:
+        sink = _FinalState()
+        outputs = _resolve(self, self._tome_backbone)(*args, **{_SINK: sink}, **kwargs)  # type: ignore[arg-type]
+        if sink.state is None:
+            raise RuntimeError(f"{type(self).__name__}: the patched vision model did not report its token sizes")
+        return outputs, sink.state
+
+    @staticmethod
+    def _tome_return_dict(module: nn.Module, kwargs: Dict[str, Any]) -> bool:
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(module.config, "return_dict", True)
+        return bool(return_dict)
+
+
+def _pool_patches(tokens: torch.Tensor, size: Optional[torch.Tensor], start: int) -> torch.Tensor:
+    """Size-weighted mean of ``tokens[:, start:]`` (the plain mean when nothing merged)."""
+    return weighted_mean(tokens[:, start:], None if size is None else size[:, start:])
+
+
+class ToMeDinov2Classifier(ToMePatchPoolHead):
+    """``Dinov2ForImageClassification`` / ``Dinov2WithRegistersForImageClassification``:
+    class token concatenated with the size-weighted mean of the patch tokens."""
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not self._tome_merging():
+            return super().forward(pixel_values, labels=labels, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return_dict = self._tome_return_dict(self, kwargs)
+        outputs, state = self._tome_call_runner(pixel_values, attention_mask=attention_mask, **kwargs)
+        sequence_output = outputs.last_hidden_state
+        start = 1 + getattr(self.config, "num_register_tokens", 0)
+        linear_input = torch.cat([sequence_output[:, 0], _pool_patches(sequence_output, state.size, start)], dim=1)
+        logits = self.classifier(linear_input)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return _finish(output, return_dict)
+
+
+class ToMeMeanPoolClassifier(ToMePatchPoolHead):
+    """``CLIPForImageClassification`` (mean over patch tokens) and
+    ``SiglipForImageClassification`` (mean over all tokens), weighted by size."""
+
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        if not self._tome_merging():
+            return super().forward(pixel_values, labels=labels, **kwargs)  # type: ignore[misc]
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return_dict = self._tome_return_dict(self, kwargs)
+        outputs, state = self._tome_call_runner(pixel_values, **kwargs)
+        pooled = _pool_patches(outputs.last_hidden_state, state.size, self._tome_info["protected_tokens"])
+        logits = self.classifier(pooled)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return _finish(output, return_dict)
+
+
+class ToMeVideoMAEClassifier(ToMePatchPoolHead):
+    """``VideoMAEForVideoClassification``: size-weighted mean pooling (or the first token)."""
+
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        if not self._tome_merging():
+            return super().forward(pixel_values, labels=labels, **kwargs)  # type: ignore[misc]
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return_dict = self._tome_return_dict(self, kwargs)
+        outputs, state = self._tome_call_runner(pixel_values, **kwargs)
+        sequence_output = outputs.last_hidden_state
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(_pool_patches(sequence_output, state.size, 0))
+        else:
+            pooled = sequence_output[:, 0]  # protected from merging in this configuration
+        logits = self.classifier(pooled)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return _finish(output, return_dict)
+
+
+def _head(backbone: str, base: type) -> type:
+    """A head mixin bound to the attribute path of the backbone its forward calls."""
+    name = f"{base.__name__}_{backbone.replace('.', '_')}"
+    cached = _HEAD_CACHE.get(name)
+    if cached is None:
+        cached = type(name, (base,), {"_tome_backbone": backbone, "__module__": __name__})
+        _HEAD_CACHE[name] = cached
+    return cached
+
+
+_HEAD_CACHE: Dict[str, type] = {}
+_COMBINED_CACHE: Dict[type, type] = {}
+
+
+def _runner_model(runner_mixin: type) -> type:
+    """Mixin for a model that is its own runner (``ViTModel``, ``CLIPVisionModel``, ...)."""
+    cached = _COMBINED_CACHE.get(runner_mixin)
+    if cached is None:
+        cached = type(runner_mixin.__name__ + "Model", (runner_mixin, ToMeHFModel), {"__module__": __name__})
+        _COMBINED_CACHE[runner_mixin] = cached
+    return cached
+
+
+# ----------------------------------------------------------------------------------------------
+# What is supported, and where its parts live.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RunnerKind:
+    """Where a runner keeps its layers, what they are, and which tokens are protected."""
+
+    mixin: type
+    layers: str
+    layer_classes: Tuple[str, ...]
+    layer_mixin: type
+    attention: Callable[[nn.Module], nn.Module]
+    attention_attrs: Tuple[str, ...]
+    protected_tokens: Callable[[Any], int]
+    class_token: bool
+    distill_token: bool = False
+
+
+_VIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout")
+_CLIP_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale", "dropout")
+_VIDEOMAE_ATTN = ("query", "key", "value", "attention_head_size", "scaling", "dropout_prob")
+
+_RUNNERS: Dict[str, _RunnerKind] = {
+    "vit": _RunnerKind(ToMeViTRunner, "layers", ("ViTLayer",), ToMeViTLayer, lambda l: l.attention, _VIT_ATTN, lambda c: 1, True),
+    "deit": _RunnerKind(ToMeViTRunner, "layers", ("DeiTLayer",), ToMeViTLayer, lambda l: l.attention, _VIT_ATTN, lambda c: 2, True, True),
+    "ast": _RunnerKind(ToMeASTRunner, "layers", ("ASTLayer",), ToMeViTLayer, lambda l: l.attention, _VIT_ATTN, lambda c: 2, True, True),
+    "dinov2": _RunnerKind(
+        ToMeDinov2Runner, "layer", ("Dinov2Layer", "Dinov2WithRegistersLayer"), ToMeDinov2Layer,
+        lambda l: l.attention, _VIT_ATTN, lambda c: 1 + getattr(c, "num_register_tokens", 0), True,
+    ),
+    "clip": _RunnerKind(
+        ToMeCLIPRunner, "encoder.layers", ("CLIPEncoderLayer",), ToMeCLIPLayer, lambda l: l.self_attn, _CLIP_ATTN,
+        lambda c: 1, True,
+    ),
+    "siglip": _RunnerKind(
+        ToMeSiglipRunner, "encoder.layers", ("SiglipEncoderLayer",), ToMeCLIPLayer, lambda l: l.self_attn, _CLIP_ATTN,
+        lambda c: 0, False,
+    ),
+    # Without mean pooling the classifier reads token 0 (a patch): keep it from merging.
+    "videomae": _RunnerKind(
+        ToMeVideoMAERunner, "encoder.layer", ("VideoMAELayer",), ToMeVideoMAELayer, lambda l: l.attention.attention,
+        _VIDEOMAE_ATTN, lambda c: 0 if c.use_mean_pooling else 1, False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """A supported model class: its module, its runner's path and kind, and its head mixin."""
+
+    module: str
+    runner: str
+    kind: str
+    head: Optional[Callable[[], type]] = None
+
+
+def _m(name: str) -> str:
+    return f"transformers.models.{name}.modeling_{name}"
+
+
+SUPPORTED_MODELS: Dict[str, _ModelSpec] = {
+    "ViTModel": _ModelSpec(_m("vit"), "", "vit"),
+    "ViTForImageClassification": _ModelSpec(_m("vit"), "vit", "vit"),
+    "DeiTModel": _ModelSpec(_m("deit"), "", "deit"),
+    "DeiTForImageClassification": _ModelSpec(_m("deit"), "deit", "deit"),
+    "DeiTForImageClassificationWithTeacher": _ModelSpec(_m("deit"), "deit", "deit"),
+    "Dinov2Model": _ModelSpec(_m("dinov2"), "encoder", "dinov2"),
+    "Dinov2ForImageClassification": _ModelSpec(
+        _m("dinov2"), "dinov2.encoder", "dinov2", lambda: _head("dinov2", ToMeDinov2Classifier)
+    ),
+    "Dinov2WithRegistersModel": _ModelSpec(_m("dinov2_with_registers"), "encoder", "dinov2"),
+    "Dinov2WithRegistersForImageClassification": _ModelSpec(
+        _m("dinov2_with_registers"), "dinov2_with_registers.encoder", "dinov2",
+        lambda: _head("dinov2_with_registers", ToMeDinov2Classifier),
+    ),
+    "CLIPVisionModel": _ModelSpec(_m("clip"), "", "clip"),
+    "CLIPVisionModelWithProjection": _ModelSpec(_m("clip"), "vision_model", "clip"),
+    "CLIPModel": _ModelSpec(_m("clip"), "vision_model", "clip"),
+    "CLIPForImageClassification": _ModelSpec(
+        _m("clip"), "vision_model", "clip", lambda: _head("vision_model", ToMeMeanPoolClassifier)
+    ),
+    "SiglipVisionModel": _ModelSpec(_m("siglip"), "", "siglip"),
+    "SiglipModel": _ModelSpec(_m("siglip"), "vision_model", "siglip"),
+    "SiglipForImageClassification": _ModelSpec(
+        _m("siglip"), "vision_model", "siglip", lambda: _head("vision_model", ToMeMeanPoolClassifier)
+    ),
+    "VideoMAEModel": _ModelSpec(_m("videomae"), "", "videomae"),
+    "VideoMAEForVideoClassification": _ModelSpec(
+        _m("videomae"), "videomae", "videomae", lambda: _head("videomae", ToMeVideoMAEClassifier)
+    ),
+    "ASTModel": _ModelSpec(_m("audio_spectrogram_transformer"), "", "ast"),
+    "ASTForAudioClassification": _ModelSpec(_m("audio_spectrogram_transformer"), "audio_spectrogram_transformer", "ast"),
+}
+
+
+def _own_class(module: nn.Module) -> type:
+    """The module's class before any ToMe swap."""
+    cls = type(module)
+    return cls.__dict__.get("_tome_parent", cls)
+
+
+def _resolve(root: nn.Module, path: str) -> Any:
+    target: Any = root
+    for part in filter(None, path.split(".")):
+        target = getattr(target, part)
+    return target
+
+
+def _spec_of(model: nn.Module) -> _ModelSpec:
+    own = _own_class(model)
+    spec = SUPPORTED_MODELS.get(own.__name__)
+    if spec is None or own.__module__ != spec.module:
+        raise TypeError(
+            f"tome.patch.hf does not support {own.__name__} ({own.__module__}). Supported transformers "
+            f"models: {', '.join(SUPPORTED_MODELS)}. Other families: {_families()}"
+        )
+    return spec
+
+
+def _families() -> str:
+    from . import FAMILIES
+
+    return ", ".join(FAMILIES)
+
+
+def is_hf_vision(model: nn.Module) -> bool:
+    """Whether ``model`` is one of the supported transformers vision models (by class; nothing imported)."""
+    own = _own_class(model)
+    spec = SUPPORTED_MODELS.get(own.__name__)
+    return spec is not None and own.__module__ == spec.module
+
+
+def _check_layers(model_name: str, runner_path: str, kind: _RunnerKind, layers: Sequence[nn.Module]) -> None:
+    where = f"{model_name}.{runner_path}." if runner_path else f"{model_name}."
+    for index, layer in enumerate(layers):
+        layer_cls = _own_class(layer)
+        if layer_cls.__name__ not in kind.layer_classes or not layer_cls.__module__.startswith("transformers."):
+            raise TypeError(
+                f"{where}{kind.layers}[{index}] is a {layer_cls.__name__}; ToMe expects one of {kind.layer_classes}"
+            )
+        attn = kind.attention(layer)
+        missing = [name for name in kind.attention_attrs if not hasattr(attn, name)]
+        if missing:
+            raise TypeError(
+                f"{where}{kind.layers}[{index}]: {type(attn).__name__} lacks {missing}; ToMe supports the "
+                "layer layout of transformers 5.x"
+            )
+
+
+def _keep_output_capture(module: nn.Module) -> None:
+    """Let transformers' output capture (``output_hidden_states``) find the swapped class.
+
+    transformers keys its per-class record of capturable outputs by the class's
+    name, so a swapped class has to be registered under its own name too.
+    """
+    if getattr(type(module), "_can_record_outputs", None) is None:
+        return
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # older transformers: nothing to register
+        return
+    _CAN_RECORD_REGISTRY[module] = type(module)._can_record_outputs
+
+
+def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+    """Patch a Hugging Face transformers vision model in place to merge tokens; set ``model.r`` after.
+
+    Args:
+        model: One of ``tome.patch._hf.SUPPORTED_MODELS``: ViT, DeiT (incl. with
+            teacher), DINOv2 (incl. registers), CLIP and SigLIP vision towers and
+            their dual-encoder models, VideoMAE, AST; base models and task heads.
+        trace_source: Track which original tokens each token contains; read
+            ``model._tome_info["source"]`` ``(batch, tokens, original tokens)`` after a forward.
+        prop_attn: Proportional attention (``log(size)`` added to attention logits);
+            keep it on for models trained without ToMe.
+
+    Returns:
+        The same model, patched. ``model.r`` starts at 0 (no merging).
+
+    Raises:
+        TypeError: if the model (naming its class and the supported ones) or one
+            of its layers is not something ToMe can run exactly.
+    """
+    spec = _spec_of(model)
+    if is_patched(model) and not isinstance(model, ToMeHFModel):
+        raise TypeError(
+            f"{_own_class(model).__name__} is already patched as the vision tower of a larger model; set r "
+            "on that model, or call tome.remove_patch on it first"
+        )
+    kind = _RUNNERS[spec.kind]
+    runner = _resolve(model, spec.runner)
+    layers = list(_resolve(runner, kind.layers))
+    _check_layers(_own_class(model).__name__, spec.runner, kind, layers)
+    _check_runner(model, spec, runner)
+
+    if runner is model:
+        model_mixin = _runner_model(kind.mixin)
+    else:
+        model_mixin = spec.head() if spec.head is not None else ToMeHFModel
+        swap_class(runner, kind.mixin)
+        _keep_output_capture(runner)
+    layer_mixin = kind.layer_mixin
+    patch_model(
+        model,
+        model_mixin,
+        layers,
+        lambda layer: layer_mixin,
+        protected_tokens=kind.protected_tokens(runner.config),
+        trace_source=trace_source,
+        prop_attn=prop_attn,
+        class_token=kind.class_token,
+        distill_token=kind.distill_token,
+    )
+    _keep_output_capture(model)
+    # The runner reports into the same record as the model the user holds.
+    object.__setattr__(runner, "_tome_info", model._tome_info)
+    return model
+
+
+def _check_runner(model: nn.Module, spec: _ModelSpec, runner: nn.Module) -> None:
+    """The runner must be the transformers class the spec expects (not, e.g., a custom replacement)."""
+    expected = {
+        "vit": ("ViTModel",),
+        "deit": ("DeiTModel",),
+        "ast": ("ASTModel",),
+        "dinov2": ("Dinov2Encoder", "Dinov2WithRegistersEncoder"),
+        "clip": ("CLIPVisionModel",),
+        "siglip": ("SiglipVisionModel",),
+        "videomae": ("VideoMAEModel",),
+    }[spec.kind]
+    runner_cls = _own_class(runner)
+    if runner_cls.__name__ not in expected or not runner_cls.__module__.startswith("transformers."):
+        raise TypeError(
+            f"{_own_class(model).__name__}.{spec.runner or '<self>'} is a {runner_cls.__name__}; "
+            f"ToMe expects one of {expected} (the layout of transformers 5.x)"
+        )
