@@ -378,7 +378,9 @@ class ToMeCLIPRunner(ToMeHFRunner):
     ) -> Any:
         sink = kwargs.pop(_SINK, None)
         if not self._tome_active():
-            output = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)  # type: ignore[misc]
+            output = super().forward(  # type: ignore[misc]
+                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+            )
             return self._tome_unmerged(output, sink)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -419,10 +421,14 @@ class ToMeSiglipRunner(ToMeHFRunner):
 
     _tome_layers_path = "encoder.layers"
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: Optional[bool] = False, **kwargs: Any) -> Any:
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: Optional[bool] = False, **kwargs: Any
+    ) -> Any:
         sink = kwargs.pop(_SINK, None)
         if not self._tome_active():
-            output = super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)  # type: ignore[misc]
+            output = super().forward(  # type: ignore[misc]
+                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+            )
             return self._tome_unmerged(output, sink)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -545,7 +551,9 @@ class ToMeMeanPoolClassifier(ToMePatchPoolHead):
     """``CLIPForImageClassification`` (mean over patch tokens) and
     ``SiglipForImageClassification`` (mean over all tokens), weighted by size."""
 
-    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+    def forward(
+        self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any
+    ) -> Any:
         if not self._tome_merging():
             return super().forward(pixel_values, labels=labels, **kwargs)  # type: ignore[misc]
         from transformers.modeling_outputs import ImageClassifierOutput
@@ -566,7 +574,9 @@ class ToMeMeanPoolClassifier(ToMePatchPoolHead):
 class ToMeVideoMAEClassifier(ToMePatchPoolHead):
     """``VideoMAEForVideoClassification``: size-weighted mean pooling (or the first token)."""
 
-    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+    def forward(
+        self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any
+    ) -> Any:
         if not self._tome_merging():
             return super().forward(pixel_values, labels=labels, **kwargs)  # type: ignore[misc]
         from transformers.modeling_outputs import ImageClassifierOutput
@@ -635,26 +645,60 @@ _VIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "att
 _CLIP_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale", "dropout")
 _VIDEOMAE_ATTN = ("query", "key", "value", "attention_head_size", "scaling", "dropout_prob")
 
+def _attention(layer: nn.Module) -> nn.Module:
+    return layer.attention
+
+
+def _self_attn(layer: nn.Module) -> nn.Module:
+    return layer.self_attn
+
+
+def _videomae_attention(layer: nn.Module) -> nn.Module:
+    return layer.attention.attention
+
+
+def _class_and_registers(config: Any) -> int:
+    return 1 + getattr(config, "num_register_tokens", 0)
+
+
+def _videomae_protected(config: Any) -> int:
+    # Without mean pooling the classifier reads token 0 (a patch): keep it from merging.
+    return 0 if config.use_mean_pooling else 1
+
+
 _RUNNERS: Dict[str, _RunnerKind] = {
-    "vit": _RunnerKind(ToMeViTRunner, "layers", ("ViTLayer",), ToMeViTLayer, lambda l: l.attention, _VIT_ATTN, lambda c: 1, True),
-    "deit": _RunnerKind(ToMeViTRunner, "layers", ("DeiTLayer",), ToMeViTLayer, lambda l: l.attention, _VIT_ATTN, lambda c: 2, True, True),
-    "ast": _RunnerKind(ToMeASTRunner, "layers", ("ASTLayer",), ToMeViTLayer, lambda l: l.attention, _VIT_ATTN, lambda c: 2, True, True),
+    "vit": _RunnerKind(
+        mixin=ToMeViTRunner, layers="layers", layer_classes=("ViTLayer",), layer_mixin=ToMeViTLayer,
+        attention=_attention, attention_attrs=_VIT_ATTN, protected_tokens=lambda config: 1, class_token=True,
+    ),
+    "deit": _RunnerKind(
+        mixin=ToMeViTRunner, layers="layers", layer_classes=("DeiTLayer",), layer_mixin=ToMeViTLayer,
+        attention=_attention, attention_attrs=_VIT_ATTN, protected_tokens=lambda config: 2, class_token=True,
+        distill_token=True,
+    ),
+    "ast": _RunnerKind(
+        mixin=ToMeASTRunner, layers="layers", layer_classes=("ASTLayer",), layer_mixin=ToMeViTLayer,
+        attention=_attention, attention_attrs=_VIT_ATTN, protected_tokens=lambda config: 2, class_token=True,
+        distill_token=True,
+    ),
     "dinov2": _RunnerKind(
-        ToMeDinov2Runner, "layer", ("Dinov2Layer", "Dinov2WithRegistersLayer"), ToMeDinov2Layer,
-        lambda l: l.attention, _VIT_ATTN, lambda c: 1 + getattr(c, "num_register_tokens", 0), True,
+        mixin=ToMeDinov2Runner, layers="layer", layer_classes=("Dinov2Layer", "Dinov2WithRegistersLayer"),
+        layer_mixin=ToMeDinov2Layer, attention=_attention, attention_attrs=_VIT_ATTN,
+        protected_tokens=_class_and_registers, class_token=True,
     ),
     "clip": _RunnerKind(
-        ToMeCLIPRunner, "encoder.layers", ("CLIPEncoderLayer",), ToMeCLIPLayer, lambda l: l.self_attn, _CLIP_ATTN,
-        lambda c: 1, True,
+        mixin=ToMeCLIPRunner, layers="encoder.layers", layer_classes=("CLIPEncoderLayer",), layer_mixin=ToMeCLIPLayer,
+        attention=_self_attn, attention_attrs=_CLIP_ATTN, protected_tokens=lambda config: 1, class_token=True,
     ),
     "siglip": _RunnerKind(
-        ToMeSiglipRunner, "encoder.layers", ("SiglipEncoderLayer",), ToMeCLIPLayer, lambda l: l.self_attn, _CLIP_ATTN,
-        lambda c: 0, False,
+        mixin=ToMeSiglipRunner, layers="encoder.layers", layer_classes=("SiglipEncoderLayer",),
+        layer_mixin=ToMeCLIPLayer, attention=_self_attn, attention_attrs=_CLIP_ATTN,
+        protected_tokens=lambda config: 0, class_token=False,
     ),
-    # Without mean pooling the classifier reads token 0 (a patch): keep it from merging.
     "videomae": _RunnerKind(
-        ToMeVideoMAERunner, "encoder.layer", ("VideoMAELayer",), ToMeVideoMAELayer, lambda l: l.attention.attention,
-        _VIDEOMAE_ATTN, lambda c: 0 if c.use_mean_pooling else 1, False,
+        mixin=ToMeVideoMAERunner, layers="encoder.layer", layer_classes=("VideoMAELayer",),
+        layer_mixin=ToMeVideoMAELayer, attention=_videomae_attention, attention_attrs=_VIDEOMAE_ATTN,
+        protected_tokens=_videomae_protected, class_token=False,
     ),
 }
 
