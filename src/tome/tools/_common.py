@@ -1,0 +1,395 @@
+"""Pieces shared by the ``tome`` commands: argument parsing, model loading, tables.
+
+Everything here uses the public API (``tome.apply_patch``, ``model.r``,
+``model._tome_info``) the way a user script would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+import tome
+
+__all__ = [
+    "LoadedModel",
+    "add_model_arguments",
+    "autocast",
+    "data_config_of",
+    "format_table",
+    "input_size_of",
+    "load_model",
+    "load_model_from_args",
+    "parse_dtype",
+    "parse_model_kwargs",
+    "parse_schedule",
+    "parse_schedules",
+    "patch_size_of",
+    "schedule_label",
+    "schedule_json",
+]
+
+Schedule = Union[int, Tuple[int, float]]
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def parse_schedule(text: str) -> Schedule:
+    """One merge setting from the command line: ``"16"`` or ``"16:-1"`` (r, inflection).
+
+    Raises:
+        ValueError: quoting ``text`` when it is neither form or the values are invalid.
+    """
+    text = text.strip()
+    match = re.fullmatch(r"(\d+)(?::([-+]?\d*\.?\d+))?", text)
+    if match is None:
+        raise ValueError(
+            f"r value {text!r} is not a non-negative integer (e.g. 16) or r:inflection (e.g. 16:-1)"
+        )
+    r = int(match.group(1))
+    if match.group(2) is None:
+        return r
+    schedule = (r, float(match.group(2)))
+    try:
+        tome.parse_r(1, schedule)
+    except ValueError as error:
+        raise ValueError(f"r value {text!r}: {error}") from None
+    return schedule
+
+
+def parse_schedules(text: str) -> List[Schedule]:
+    """A comma-separated list of merge settings, e.g. ``"0,8,13,16"`` or ``"0,16:-1"``.
+
+    Raises:
+        ValueError: quoting the bad entry; also for an empty list or duplicates.
+    """
+    items = [item for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"--r {text!r} lists no r value")
+    schedules = [parse_schedule(item) for item in items]
+    labels = [schedule_label(s) for s in schedules]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"--r {text!r} repeats {', '.join(duplicates)}")
+    return schedules
+
+
+def _argparse_type(parser_fn):
+    """Wrap a ValueError-raising parser so argparse prints its message and exits with 2."""
+
+    def convert(text: str):
+        try:
+            return parser_fn(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = parser_fn.__name__
+    return convert
+
+
+schedules_arg = _argparse_type(parse_schedules)
+
+
+def schedule_label(schedule: Schedule) -> str:
+    """``16`` -> ``"16"``, ``(16, -1.0)`` -> ``"16:-1"`` (the command-line spelling)."""
+    if isinstance(schedule, tuple):
+        return f"{schedule[0]}:{schedule[1]:g}"
+    return str(schedule)
+
+
+def schedule_json(schedule: Schedule) -> Union[int, List[float]]:
+    """JSON form of a merge setting: an int, or ``[r, inflection]``."""
+    return [schedule[0], schedule[1]] if isinstance(schedule, tuple) else schedule
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+# ----------------------------------------------------------------------------- dtypes, devices
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"fp32"`` / ``"fp16"`` / ``"bf16"`` -> torch dtype.
+
+    Raises:
+        ValueError: quoting an unknown name.
+    """
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is unknown; expected one of {list(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Mixed precision for fp16/bf16 (weights stay fp32, as in the original benchmark); no-op for fp32."""
+    if dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(device.type, dtype=dtype):
+        yield
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- model kwargs
+
+
+def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``["img_size=32", "depth=2", "global_pool=avg"]`` -> keyword arguments.
+
+    Values are read as Python literals when they are one (``32``, ``True``,
+    ``(8, 8)``), else kept as strings.
+
+    Raises:
+        ValueError: quoting an item without ``=``.
+    """
+    kwargs: Dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"--model-kwargs item {item!r} is not KEY=VALUE (e.g. img_size=32)")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value
+    return kwargs
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the tools, with what is known about how to run it.
+
+    Attributes:
+        model: The model in eval mode (not yet patched).
+        description: One line naming the architecture and its weights.
+        default_r: The r the weights were trained for (known ToMe checkpoints), else None.
+        prop_attn: Proportional attention setting to patch with; None for the family default.
+        data_overrides: Preprocessing settings that replace the model's timm data config.
+    """
+
+    model: nn.Module
+    description: str
+    default_r: Optional[int] = None
+    prop_attn: Optional[bool] = None
+    data_overrides: Dict[str, Any] = field(default_factory=dict)
+
+    def patch(self, trace_source: bool = False) -> nn.Module:
+        """Patch the model for token merging with the right settings (r starts at 0)."""
+        return tome.apply_patch(self.model, r=0, trace_source=trace_source, prop_attn=self.prop_attn)
+
+
+def load_model(
+    name: Optional[str] = None,
+    *,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    pretrained: bool = False,
+    checkpoint: Optional[str] = None,
+    default_to_demo: bool = False,
+) -> LoadedModel:
+    """Build a timm model by name, with weights from timm, a checkpoint, or none.
+
+    Args:
+        name: timm model name (``vit_base_patch16_224``); may be left out when
+            ``checkpoint`` names a published ToMe checkpoint (its architecture is known)
+            or when ``default_to_demo`` is set.
+        model_kwargs: Extra keyword arguments for ``timm.create_model``.
+        pretrained: Load timm's own pretrained weights (fails fast when offline).
+        checkpoint: A known checkpoint name (``deit_S_r13``), a local file or a URL.
+        default_to_demo: Without ``name``, use :func:`tome.tools.demo_model.load_demo_model`.
+
+    Returns:
+        The model in eval mode and what is known about it.
+
+    Raises:
+        ValueError: for an unknown model name, a checkpoint that contradicts ``name``,
+            or a missing ``name``.
+        ConnectionError: if pretrained weights are neither cached nor reachable.
+    """
+    from . import checkpoints
+
+    model_kwargs = dict(model_kwargs or {})
+    known = checkpoints.known_checkpoint(checkpoint) if checkpoint else None
+    loaded: LoadedModel
+    if known is not None:
+        if name is not None and name != known.architecture:
+            raise ValueError(
+                f"--checkpoint {checkpoint!r} is a {known.architecture} checkpoint but --model is {name!r}; "
+                "leave --model out to use the checkpoint's architecture"
+            )
+        if pretrained:
+            raise ValueError(f"--pretrained and --checkpoint {checkpoint!r} both give weights; pick one")
+        name = known.architecture
+        model_kwargs = {**known.model_kwargs, **model_kwargs}
+    if name is None:
+        if not default_to_demo:
+            raise ValueError("--model is required (a timm model name, e.g. vit_base_patch16_224)")
+        if model_kwargs or pretrained:
+            raise ValueError("--model-kwargs and --pretrained need --model")
+        from .demo_model import load_demo_model
+
+        model, description = load_demo_model()
+        loaded = LoadedModel(model, description)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
+            hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
+            raise ValueError(f"model {name!r} is not a timm model name{hint}")
+        # Random weights are drawn from a fixed seed (reproducible runs, identical on every
+        # torchrun process) without touching the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                if pretrained:
+                    model = checkpoints.create_pretrained(name, **model_kwargs)
+                else:
+                    model = timm.create_model(name, pretrained=False, **model_kwargs)
+            except TypeError as error:
+                raise ValueError(f"--model-kwargs {model_kwargs!r} do not fit {name}: {error}") from None
+        weights = "timm pretrained weights" if pretrained else "random weights" if checkpoint is None else "checkpoint weights"
+        loaded = LoadedModel(model, f"{name} ({weights})")
+    if checkpoint is not None:
+        source = checkpoints.load_checkpoint(loaded.model, checkpoint)
+        loaded.description = f"{name or 'demo model'} (weights: {source})"
+        if known is not None:
+            loaded.default_r = known.r
+            loaded.prop_attn = known.prop_attn
+            loaded.data_overrides = dict(known.data_config)
+    loaded.model.eval()
+    return loaded
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool = False, demo_default: bool = False) -> None:
+    """``--model``, ``--model-kwargs``, ``--pretrained``, ``--checkpoint`` on a command."""
+    default_help = "the embedded demo model" if demo_default else None
+    help_text = "timm model name, e.g. vit_base_patch16_224"
+    if default_help:
+        help_text += f" (default: {default_help})"
+    parser.add_argument("--model", required=model_required, help=help_text)
+    parser.add_argument(
+        "--model-kwargs",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments, e.g. img_size=384 global_pool=avg",
+    )
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", help="timm's own pretrained weights (needs internet or a cache)")
+    weights.add_argument(
+        "--checkpoint",
+        metavar="PATH_OR_URL",
+        help="weights from a .pth/.safetensors file, a URL, or a published ToMe checkpoint name "
+        "(deit_S_r13, deit_T_r13, vit_B_16_r16, vit_L_16_r8, vit_H_14_r7)",
+    )
+
+
+def load_model_from_args(args: argparse.Namespace, *, default_to_demo: bool = False) -> LoadedModel:
+    """:func:`load_model` with the values of :func:`add_model_arguments`."""
+    return load_model(
+        args.model,
+        model_kwargs=parse_model_kwargs(args.model_kwargs),
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        default_to_demo=default_to_demo,
+    )
+
+
+def input_size_of(model: nn.Module) -> Tuple[int, int, int]:
+    """``(channels, height, width)`` the model was built for.
+
+    Reads the patch embedding (which knows ``img_size=`` overrides) before the
+    pretrained config (which describes the original weights).
+    """
+    embed = getattr(model, "patch_embed", None)
+    img_size = getattr(embed, "img_size", None)
+    if img_size is not None:
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        proj = getattr(embed, "proj", None)
+        channels = getattr(proj, "in_channels", 3)
+        return int(channels), int(height), int(width)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    if size is None:
+        raise ValueError(f"cannot tell the input size of {type(model).__name__}; it has no patch_embed.img_size")
+    return tuple(int(v) for v in size)  # type: ignore[return-value]
+
+
+def patch_size_of(model: nn.Module) -> Tuple[int, int]:
+    """``(height, width)`` of one patch."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "patch_size", None)
+    if size is None:
+        raise ValueError(f"cannot tell the patch size of {type(model).__name__}; it has no patch_embed.patch_size")
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def data_config_of(model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The model's timm data config (mean, std, crop), at the size the model was built for."""
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=model)
+    config["input_size"] = input_size_of(model)
+    config.update(overrides or {})
+    return config
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A right-aligned plain-text table."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if value != 0 and abs(value) < 0.1:
+            return f"{value:.3g}"
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
