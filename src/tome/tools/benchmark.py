@@ -1,21 +1,59 @@
-"""Throughput measurement compatible with the original release's ``tome.utils.benchmark``."""
+"""Throughput and FLOPs of a ToMe model: ``tome.utils.benchmark`` and ``tome bench``.
+
+``benchmark`` keeps the signature of the original release's ``tome.utils.benchmark``.
+``tome bench`` measures several r values on one model: throughput as the median of
+runs interleaved across r values (so that slow drifts of the machine hit every r
+alike), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``, tokens left
+after the last block, and peak memory on CUDA.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
 import time
-from typing import Sequence, Tuple, Union
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["benchmark", "resolve_device"]
+from ._common import (
+    Schedule,
+    add_model_arguments,
+    autocast,
+    format_table,
+    input_size_of,
+    load_model_from_args,
+    parse_dtype,
+    positive_int,
+    non_negative_int,
+    schedule_json,
+    schedule_label,
+    schedules_arg,
+    synchronize,
+)
+
+__all__ = [
+    "benchmark",
+    "resolve_device",
+    "count_flops",
+    "time_interleaved",
+    "measure_schedules",
+    "save_plot",
+    "add_parser",
+]
 
 
 def resolve_device(device: Union[int, str, torch.device, None]) -> torch.device:
     """Turn ``0`` / ``"cuda"`` / ``"cpu"`` / None into a device, falling back to CPU.
 
     An integer means a CUDA index when CUDA is available (the original API
-    defaulted to ``device=0``), else the CPU.
+    defaulted to ``device=0``), else the CPU. None picks CUDA when available.
+
+    Raises:
+        ValueError: quoting a string that is no device, or CUDA asked for without CUDA.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,11 +66,6 @@ def resolve_device(device: Union[int, str, torch.device, None]) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asks for CUDA, which is not available on this machine")
     return resolved
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def benchmark(
@@ -72,12 +105,12 @@ def benchmark(
     warmup = min(int(runs * throw_out), runs - 1)
     dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     elapsed = 0.0
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=use_fp16):
+    with torch.inference_mode(), autocast(dev, dtype if use_fp16 else torch.float32):
         for i in range(runs):
-            _synchronize(dev)
+            synchronize(dev)
             start = time.perf_counter()
             model(x)
-            _synchronize(dev)
+            synchronize(dev)
             if i >= warmup:
                 elapsed += time.perf_counter() - start
     throughput = (runs - warmup) * batch_size / elapsed
@@ -86,9 +119,277 @@ def benchmark(
     return throughput
 
 
-def median_throughput(times: Sequence[float], batch_size: int) -> Tuple[float, float]:
-    """(median images/s, median seconds per batch) from per-batch times."""
-    ordered = sorted(times)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-    return batch_size / median, median
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward on ``x``, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    Matrix products count 2 FLOPs per multiply-add (half of that is the "MACs"
+    figure many papers call GFLOPs). Merging's own bookkeeping (scatter, gather,
+    sort) is not counted; its similarity matmul is.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def time_interleaved(
+    model: nn.Module,
+    x: torch.Tensor,
+    schedules: Sequence[Schedule],
+    *,
+    rounds: int = 10,
+    warmup: int = 2,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> List[List[float]]:
+    """Seconds per forward for each merge setting, measured round-robin.
+
+    Each round runs every setting once, so slow changes of the machine (other
+    jobs, clocks, heat) affect all settings alike; take the median of each list.
+
+    Args:
+        model: A ToMe-patched model (``model.r`` is set for each setting and restored).
+        x: ``(batch, channels, height, width)`` input on the model's device.
+        schedules: Merge settings (anything ``model.r`` accepts).
+        rounds: Timed rounds.
+        warmup: Untimed rounds first.
+        dtype: Autocast dtype (``torch.float32``: none).
+        progress: Show a progress bar over the rounds.
+
+    Returns:
+        One list of ``rounds`` timings per setting.
+    """
+    from tqdm.auto import tqdm
+
+    _check_patched(model)
+    device = x.device
+    previous = model.r
+    times: List[List[float]] = [[] for _ in schedules]
+    try:
+        with torch.inference_mode(), autocast(device, dtype):
+            for _ in range(warmup):
+                for schedule in schedules:
+                    model.r = schedule
+                    model(x)
+            for _ in tqdm(range(rounds), desc="timing", unit="round", disable=not progress, leave=False):
+                for i, schedule in enumerate(schedules):
+                    model.r = schedule
+                    synchronize(device)
+                    start = time.perf_counter()
+                    model(x)
+                    synchronize(device)
+                    times[i].append(time.perf_counter() - start)
+    finally:
+        model.r = previous
+    return times
+
+
+def _check_patched(model: nn.Module) -> None:
+    if not hasattr(model, "_tome_info"):
+        raise TypeError(f"{type(model).__name__} is not patched for token merging; call tome.apply_patch(model) first")
+
+
+def measure_schedules(
+    model: nn.Module,
+    schedules: Sequence[Schedule],
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    input_size: Optional[Sequence[int]] = None,
+    rounds: int = 10,
+    warmup: int = 2,
+    progress: bool = False,
+) -> List[Dict[str, Any]]:
+    """Throughput, speed-up, FLOPs, tokens left and peak memory for each merge setting.
+
+    Args:
+        model: A ToMe-patched model; moved to ``device`` and put in eval mode.
+        schedules: Merge settings; r=0 is measured as the baseline even if absent.
+        batch_size: Images per timed forward.
+        device: Where to run.
+        dtype: Autocast dtype for the timed runs (FLOPs are counted in fp32).
+        input_size: ``(channels, height, width)``; the model's own size when None.
+        rounds: Timed rounds (each round runs every setting once).
+        warmup: Untimed rounds.
+        progress: Show progress bars.
+
+    Returns:
+        One dict per setting (r=0 first if it was added): ``r`` (JSON form),
+        ``label``, ``schedule`` (r per layer), ``tokens_left``, ``images_per_s``,
+        ``seconds_per_batch``, ``speedup``, ``gflops`` (per image), ``flops_ratio``,
+        ``peak_memory_mib`` (None off CUDA).
+    """
+    _check_patched(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    schedules = list(schedules)
+    if 0 not in schedules:
+        schedules.insert(0, 0)
+    model.eval().to(device)
+    size = tuple(input_size) if input_size is not None else input_size_of(model)
+    previous = model.r
+    rows: List[Dict[str, Any]] = []
+    try:
+        single = torch.rand(1, *size, device=device)
+        for schedule in schedules:
+            model.r = schedule
+            flops = count_flops(model, single)
+            tokens = model._tome_info["size"].shape[1]
+            per_layer = model._tome_info["r"]
+            rows.append(
+                {
+                    "r": schedule_json(schedule),
+                    "label": schedule_label(schedule),
+                    "schedule": list(per_layer) if per_layer is not None else None,
+                    "tokens_left": int(tokens),
+                    "gflops": flops / 1e9,
+                }
+            )
+        x = torch.rand(batch_size, *size, device=device)
+        times = time_interleaved(model, x, schedules, rounds=rounds, warmup=warmup, dtype=dtype, progress=progress)
+        medians = [statistics.median(t) for t in times]
+        base = medians[schedules.index(0)]
+        base_flops = rows[schedules.index(0)]["gflops"]
+        for row, median in zip(rows, medians):
+            row["seconds_per_batch"] = median
+            row["images_per_s"] = batch_size / median
+            row["speedup"] = base / median
+            row["flops_ratio"] = row["gflops"] / base_flops if base_flops else float("nan")
+            row["peak_memory_mib"] = None
+        if device.type == "cuda":
+            with torch.inference_mode(), autocast(device, dtype):
+                for schedule, row in zip(schedules, rows):
+                    model.r = schedule
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    model(x)
+                    torch.cuda.synchronize(device)
+                    row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    finally:
+        model.r = previous
+    return rows
+
+
+def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "") -> Path:
+    """Throughput and GFLOPs against r, side by side, as a PNG (1000 x 400 pixels).
+
+    Uses matplotlib's Agg canvas directly, so no global backend is changed.
+
+    Raises:
+        ImportError: if matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'token-merging[plot]'") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    positions = list(range(len(rows)))
+    labels = [row["label"] for row in rows]
+    for index, (key, ylabel, color) in enumerate(
+        (("images_per_s", "throughput (images/s)", "tab:blue"), ("gflops", "GFLOPs per image", "tab:orange"))
+    ):
+        axis = figure.add_subplot(1, 2, index + 1)
+        values = [row[key] for row in rows]
+        axis.plot(positions, values, marker="o", color=color)
+        for position, row, value in zip(positions, rows, values):
+            note = f"{row['speedup']:.2f}x" if key == "images_per_s" else f"{row['flops_ratio']:.2f}"
+            axis.annotate(note, (position, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        axis.set_xticks(positions)
+        axis.set_xticklabels(labels)
+        axis.set_xlabel("r (tokens merged per layer)")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def print_rows(rows: Sequence[Dict[str, Any]]) -> None:
+    """The ``tome bench`` table."""
+    with_memory = any(row.get("peak_memory_mib") is not None for row in rows)
+    headers = ["r", "tokens left", "img/s", "speed-up", "GFLOPs", "FLOPs ratio"] + (["peak MiB"] if with_memory else [])
+    table = []
+    for row in rows:
+        cells = [row["label"], row["tokens_left"], row["images_per_s"], f"{row['speedup']:.2f}x",
+                 row["gflops"], row["flops_ratio"]]
+        if with_memory:
+            cells.append(row["peak_memory_mib"])
+        table.append(cells)
+    print(format_table(headers, table))
+
+
+def default_batch_size(device: torch.device) -> int:
+    """64 on CUDA (as in the paper's V100 numbers), 8 on CPU."""
+    return 64 if device.type == "cuda" else 8
+
+
+def default_dtype(device: torch.device) -> str:
+    """fp16 on CUDA (as in the paper), fp32 on CPU."""
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def run_bench(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """``tome bench``: measure, print, and optionally write JSON and a plot."""
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or default_dtype(device)
+    dtype = parse_dtype(dtype_name)
+    batch_size = args.batch_size or default_batch_size(device)
+    loaded = load_model_from_args(args)
+    model = loaded.patch()
+    size = input_size_of(model)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"Model: {loaded.description}")
+    print(f"Device: {device}{threads}, {dtype_name}, batch {batch_size} x {size}, median of {args.runs} interleaved rounds")
+    rows = measure_schedules(
+        model, args.r, batch_size=batch_size, device=device, dtype=dtype, rounds=args.runs,
+        warmup=args.warmup, progress=True,
+    )
+    print_rows(rows)
+    print("FLOPs: torch FlopCounterMode, 2 per multiply-add.")
+    if args.json:
+        report = {
+            "model": loaded.description,
+            "device": str(device),
+            "dtype": dtype_name,
+            "batch_size": batch_size,
+            "input_size": list(size),
+            "rounds": args.runs,
+            "torch": torch.__version__,
+            "results": rows,
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"Wrote {path}")
+    if args.plot:
+        print(f"Wrote {save_plot(rows, args.plot, title=loaded.description)}")
+    return rows
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``tome bench``."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="throughput, speed-up, GFLOPs, tokens left and memory for several r",
+        description="Measure a timm ViT with token merging for several r values.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("-r", "--r", type=schedules_arg, default=schedules_arg("0,8,13,16"),
+                        help="comma-separated r values; r:inflection for a schedule, e.g. 16:-1 (default: 0,8,13,16)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per forward (default: 64 on CUDA, 8 on CPU)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--runs", type=positive_int, default=10, help="timed rounds (default: %(default)s)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot throughput and GFLOPs against r")
+    parser.set_defaults(func=run_bench)
