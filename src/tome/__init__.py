@@ -72,3 +72,12 @@ def apply_patch(
             remove_patch(model)
         raise
     return model
+
+
+def __getattr__(name: str) -> Any:
+    # The tools layer is imported only when asked for, so `import tome` stays light.
+    if name == "make_visualization":
+        from .tools.visualize import make_visualization
+
+        return make_visualization
+    raise AttributeError(f"module 'tome' has no attribute {name!r}")
