@@ -1,0 +1,360 @@
+"""Accuracy and throughput of a ToMe model on an image folder: ``tome eval``.
+
+Every batch is loaded once and run at every requested r, so one pass over the
+data fills the whole table. Under ``torchrun`` each process takes every
+``world_size``-th image (no padding, so nothing is counted twice) and the counts
+are summed with ``all_reduce``; gloo is used on CPU, NCCL on CUDA. Images that
+cannot be read are skipped and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ._common import (
+    Schedule,
+    add_model_arguments,
+    autocast,
+    data_config_of,
+    format_table,
+    input_size_of,
+    load_model_from_args,
+    non_negative_int,
+    parse_dtype,
+    positive_int,
+    schedule_json,
+    schedule_label,
+    schedules_arg,
+    synchronize,
+)
+from .benchmark import resolve_device
+
+__all__ = ["EvalResult", "SkippingImageFolder", "evaluate", "image_folder", "add_parser"]
+
+_SHOWN_SKIPS = 5
+
+
+class SkippingImageFolder(Dataset):
+    """A ``torchvision.datasets.ImageFolder`` whose unreadable images yield ``None``.
+
+    Items are ``(image, label, path)``; ``image`` is None when the file could not
+    be decoded. :func:`collate_skipping` drops those and reports their paths.
+    """
+
+    def __init__(self, root: str, transform: Any = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data {root!r} is not a directory")
+        try:
+            self.folder = ImageFolder(root, transform=transform)
+        except (FileNotFoundError, RuntimeError) as error:
+            # torchvision raises these for a folder without class directories or images.
+            raise ValueError(f"--data {root!r} is not an image folder (root/<class>/<image>): {error}") from None
+        self.classes: List[str] = self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> Tuple[Optional[torch.Tensor], int, str]:
+        path, label = self.folder.samples[index]
+        try:
+            image, _ = self.folder[index]
+        except Exception:  # any decoder failure: truncated, not an image, decompression bomb, ...
+            return None, label, path
+        return image, label, path
+
+
+def collate_skipping(items: Sequence[Tuple[Optional[torch.Tensor], int, str]]):
+    """Batch the readable images; return ``(images or None, labels, skipped paths)``."""
+    good = [(image, label) for image, label, _ in items if image is not None]
+    skipped = [path for image, _, path in items if image is None]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), skipped
+    images = torch.stack([image for image, _ in good])
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    return images, labels, skipped
+
+
+def image_folder(root: str, model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -> SkippingImageFolder:
+    """The image folder at ``root``, preprocessed with the model's own timm data config."""
+    import timm.data
+
+    config = data_config_of(model, overrides)
+    transform = timm.data.create_transform(**config, is_training=False)
+    return SkippingImageFolder(root, transform)
+
+
+@dataclass
+class EvalResult:
+    """Counts for one merge setting, summed over every process.
+
+    Attributes:
+        r: The merge setting.
+        correct1, correct5: Images whose label is the top-1 / within the top-5 prediction.
+        total: Images evaluated.
+        seconds: Model time (forwards only) of the slowest process.
+    """
+
+    r: Schedule
+    correct1: int = 0
+    correct5: int = 0
+    total: int = 0
+    seconds: float = 0.0
+
+    @property
+    def top1(self) -> float:
+        """Top-1 accuracy in percent."""
+        return 100.0 * self.correct1 / self.total if self.total else float("nan")
+
+    @property
+    def top5(self) -> float:
+        """Top-5 accuracy in percent."""
+        return 100.0 * self.correct5 / self.total if self.total else float("nan")
+
+    @property
+    def images_per_s(self) -> float:
+        """Images evaluated per second of model time (all processes together)."""
+        return self.total / self.seconds if self.seconds else float("nan")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "r": schedule_json(self.r),
+            "label": schedule_label(self.r),
+            "correct1": self.correct1,
+            "correct5": self.correct5,
+            "total": self.total,
+            "top1": self.top1,
+            "top5": self.top5,
+            "images_per_s": self.images_per_s,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class EvalReport:
+    """All of ``tome eval``'s results."""
+
+    results: List[EvalResult]
+    images: int
+    skipped: int
+    skipped_examples: List[str] = field(default_factory=list)
+    world_size: int = 1
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "images": self.images,
+            "skipped": self.skipped,
+            "skipped_examples": self.skipped_examples,
+            "world_size": self.world_size,
+            "results": [result.as_dict() for result in self.results],
+        }
+
+
+def _distributed() -> Tuple[int, int]:
+    """``(rank, world_size)``, 0 and 1 outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    schedules: Sequence[Schedule],
+    *,
+    batch_size: int = 64,
+    workers: int = 4,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    warmup: bool = True,
+) -> EvalReport:
+    """Top-1/top-5 accuracy and throughput for each merge setting.
+
+    With ``torch.distributed`` initialised, this process evaluates images
+    ``rank, rank + world_size, ...`` and the counts of all processes are summed.
+
+    Args:
+        model: A ToMe-patched classifier (``model.r`` is restored afterwards).
+        dataset: Items ``(image or None, label, path)``, e.g. :class:`SkippingImageFolder`.
+        schedules: Merge settings to evaluate, all on the same batches.
+        batch_size: Images per forward.
+        workers: DataLoader worker processes.
+        device: Where to run.
+        dtype: Autocast dtype (``torch.float32``: none).
+        progress: Show a progress bar (on rank 0).
+        warmup: Run each setting once on random input before timing.
+
+    Returns:
+        The counts for each setting and the skipped images.
+    """
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    if not hasattr(model, "_tome_info"):
+        raise TypeError(f"{type(model).__name__} is not patched for token merging; call tome.apply_patch(model) first")
+    rank, world_size = _distributed()
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    loader = DataLoader(
+        shard, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    results = [EvalResult(schedule) for schedule in schedules]
+    skipped: List[str] = []
+    skipped_count = 0
+    previous = model.r
+    model.eval().to(device)
+    try:
+        with torch.inference_mode():
+            # Untimed warm-up (lazy initialisation, kernel selection) at the batch shape.
+            if warmup and len(shard):
+                dummy = torch.rand(min(batch_size, len(shard)), *input_size_of(model), device=device)
+                for result in results:
+                    model.r = result.r
+                    with autocast(device, dtype):
+                        model(dummy)
+            for images, labels, bad in tqdm(loader, desc="eval", unit="batch", disable=not progress or rank != 0):
+                skipped_count += len(bad)
+                skipped.extend(bad[: max(0, _SHOWN_SKIPS - len(skipped))])
+                if images is None:
+                    continue
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                for result in results:
+                    model.r = result.r
+                    synchronize(device)
+                    start = time.perf_counter()
+                    with autocast(device, dtype):
+                        logits = model(images)
+                    synchronize(device)
+                    result.seconds += time.perf_counter() - start
+                    k = min(5, logits.shape[-1])
+                    top = logits.topk(k, dim=-1).indices
+                    hits = top == labels[:, None]
+                    result.correct1 += int(hits[:, 0].sum())
+                    result.correct5 += int(hits.any(dim=-1).sum())
+                    result.total += int(labels.numel())
+    finally:
+        model.r = previous
+
+    if world_size > 1:
+        counts = torch.tensor(
+            [[r.correct1, r.correct5, r.total] for r in results] + [[skipped_count, 0, 0]], dtype=torch.float64
+        )
+        seconds = torch.tensor([r.seconds for r in results], dtype=torch.float64)
+        backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        counts, seconds = counts.to(backend_device), seconds.to(backend_device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # processes run in parallel
+        gathered: List[Optional[List[str]]] = [None] * world_size
+        dist.all_gather_object(gathered, skipped)
+        skipped = [path for part in gathered for path in (part or [])][:_SHOWN_SKIPS]
+        for result, row, sec in zip(results, counts.cpu().tolist(), seconds.cpu().tolist()):
+            result.correct1, result.correct5, result.total = (int(v) for v in row)
+            result.seconds = sec
+        skipped_count = int(counts[-1, 0].item())
+    return EvalReport(results, len(dataset), skipped_count, skipped, world_size)
+
+
+def print_report(report: EvalReport) -> None:
+    """The ``tome eval`` table and the skipped-image note."""
+    base = next((r for r in report.results if r.r == 0), None)
+    rows = []
+    for result in report.results:
+        speedup = f"{result.images_per_s / base.images_per_s:.2f}x" if base and base.images_per_s > 0 else "-"
+        rows.append([schedule_label(result.r), result.top1, result.top5, result.images_per_s, speedup,
+                     f"{result.correct1}/{result.total}"])
+    print(format_table(["r", "top-1 %", "top-5 %", "img/s", "speed-up", "correct/total"], rows))
+    evaluated = report.results[0].total if report.results else 0
+    print(f"{evaluated} of {report.images} images evaluated on {report.world_size} process(es); {report.skipped} skipped")
+    if report.skipped:
+        print("Unreadable images skipped, e.g.: " + ", ".join(report.skipped_examples))
+
+
+def _init_distributed(device_arg: Optional[str]) -> Tuple[torch.device, bool]:
+    """Initialise torch.distributed under torchrun; returns this process's device and whether it did."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or dist.is_initialized():
+        return resolve_device(device_arg), False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
+def run_eval(args: argparse.Namespace) -> EvalReport:
+    """``tome eval``: evaluate each r on an image folder and print one table."""
+    import torch.distributed as dist
+
+    device, initialised = _init_distributed(args.device)
+    try:
+        rank, world_size = _distributed()
+        loaded = load_model_from_args(args)
+        schedules = args.r if args.r is not None else ([0, loaded.default_r] if loaded.default_r else [0, 8, 16])
+        model = loaded.patch()
+        dataset = image_folder(args.data, model, loaded.data_overrides)
+        num_classes = getattr(model, "num_classes", None)
+        if num_classes and len(dataset.classes) > num_classes:
+            raise ValueError(
+                f"--data {args.data!r} has {len(dataset.classes)} classes but the model predicts {num_classes}"
+            )
+        dtype_name = args.dtype or "fp32"
+        if rank == 0:
+            print(f"Model: {loaded.description}")
+            print(f"Data: {args.data} ({len(dataset)} images, {len(dataset.classes)} classes), "
+                  f"{device}, {dtype_name}, {world_size} process(es)")
+        report = evaluate(
+            model, dataset, schedules, batch_size=args.batch_size, workers=args.workers, device=device,
+            dtype=parse_dtype(dtype_name),
+        )
+        if rank == 0:
+            print_report(report)
+            if args.json:
+                path = Path(args.json)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"model": loaded.description, "data": str(args.data), **report.as_dict()}, indent=2))
+                print(f"Wrote {path}")
+        return report
+    finally:
+        if initialised:
+            dist.destroy_process_group()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``tome eval``."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="top-1/top-5 and throughput on an image folder for several r (torchrun for several processes)",
+        description="Evaluate a timm ViT with token merging on an ImageFolder (root/<class>/<image>). "
+        "Run under torchrun --nproc_per_node N for several processes.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="image folder: one sub-directory per class, sorted as the model's labels")
+    parser.add_argument("-r", "--r", type=schedules_arg, default=None,
+                        help="comma-separated r values; r:inflection for a schedule (default: 0,8,16, or 0 and the "
+                        "checkpoint's r for a published ToMe checkpoint)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                        help="data loading processes per rank (default: %(default)s)")
+    parser.add_argument("--device", help="cpu, cuda (default: cuda when available; each torchrun rank takes its own GPU)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp32)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.set_defaults(func=run_eval)

@@ -1,0 +1,113 @@
+"""`tome eval`: accuracy and throughput per r, skipped images, torchrun sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tome
+from tome import cli
+from tome.tools.evaluate import evaluate
+from tome.tools.evaluate import image_folder as load_folder
+from tools_helpers import TINY_ARGS, tiny_model, write_image_folder
+
+
+def _manual_counts(model, root, schedules):
+    """Correct top-1 per setting, computed image by image without the tool."""
+    dataset = load_folder(str(root), model)
+    counts = []
+    for schedule in schedules:
+        model.r = schedule
+        correct = 0
+        for index in range(len(dataset)):
+            image, label, _ = dataset[index]
+            if image is None:
+                continue
+            with torch.inference_mode():
+                correct += int(model(image[None]).argmax(-1).item() == label)
+        counts.append(correct)
+    return counts
+
+
+def test_evaluate_counts_and_skips(image_folder):
+    model = tome.apply_patch(tiny_model(), r=0)
+    dataset = load_folder(str(image_folder), model)
+    report = evaluate(model, dataset, [0, 2, (3, -1.0)], batch_size=4, workers=0, progress=False)
+    assert report.images == 7 and report.skipped == 1
+    assert report.skipped_examples[0].endswith("broken_0.png")
+    assert [r.total for r in report.results] == [6, 6, 6]
+    assert [r.correct1 for r in report.results] == _manual_counts(model, image_folder, [0, 2, (3, -1.0)])
+    # 4 classes: the top-5 is the top-4, which always holds the label.
+    assert all(r.correct5 == 6 and r.images_per_s > 0 for r in report.results)
+    assert len(dataset) == 7
+
+
+def test_eval_command_prints_one_table(image_folder, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    cli.main(["eval", *TINY_ARGS, "--data", str(image_folder), "-r", "0,2", "--workers", "0",
+              "--batch-size", "4", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "top-1 %" in text and "top-5 %" in text and "img/s" in text
+    assert "1 skipped" in text and "broken_0.png" in text
+    report = json.loads(out.read_text())
+    assert [r["label"] for r in report["results"]] == ["0", "2"]
+    assert report["skipped"] == 1 and report["results"][0]["total"] == 6
+
+
+def test_eval_with_workers_and_all_bad_batch(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", classes=2, per_class=1, corrupt=3)
+    cli.main(["eval", *TINY_ARGS, "--data", str(root), "-r", "0", "--workers", "1", "--batch-size", "2"])
+    assert "2 of 5 images evaluated" in capsys.readouterr().out
+
+
+def test_eval_two_processes_match_one(tmp_path, image_folder):
+    # Same weights everywhere: a checkpoint file (also exercises --checkpoint).
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save({"model": tiny_model().state_dict(), "epoch": 1}, checkpoint)
+    common = [*TINY_ARGS, "--checkpoint", str(checkpoint), "--data", str(image_folder), "-r", "0,2,4",
+              "--workers", "0", "--batch-size", "2", "--device", "cpu"]
+    single = tmp_path / "single.json"
+    cli.main(["eval", *common, "--json", str(single)])
+    double = tmp_path / "double.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "tome.cli", "eval", *common, "--json", str(double)],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["skipped"] == one["skipped"] == 1
+    keys = ("correct1", "correct5", "total")
+    assert [[r[k] for k in keys] for r in two["results"]] == [[r[k] for k in keys] for r in one["results"]]
+    assert one["results"][0]["total"] == 6
+
+
+def test_eval_rejects_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", *TINY_ARGS, "--data", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_eval_rejects_folder_without_classes(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", *TINY_ARGS, "--data", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_eval_rejects_more_classes_than_the_model(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", classes=5, per_class=1, corrupt=0)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", *TINY_ARGS, "--data", str(root), "--workers", "0"])
+    assert exit_info.value.code == 2
+    assert "5 classes" in capsys.readouterr().err
