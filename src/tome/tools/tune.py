@@ -1,0 +1,336 @@
+"""Find the r that meets a speed or FLOPs target on this machine: ``tome tune``.
+
+The FLOPs target is met by binary search over r with FLOPs counted by
+``FlopCounterMode`` (cheap and exact). The speed-up target is met by binary search
+over r with measured timings, each candidate timed interleaved with r=0 so that
+both see the same machine state. The smallest r that meets the target is
+chosen: it merges least and so keeps the most accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import tome
+
+from ._common import (
+    Schedule,
+    add_model_arguments,
+    input_size_of,
+    load_model_from_args,
+    non_negative_int,
+    parse_dtype,
+    positive_int,
+    schedule_json,
+    schedule_label,
+)
+from .benchmark import count_flops, default_batch_size, default_dtype, resolve_device, time_interleaved
+
+__all__ = ["TuneResult", "make_schedule", "max_useful_r", "tune_flops", "tune_speedup", "measure_speedup", "add_parser"]
+
+SCHEDULE_KINDS = ("constant", "decreasing")
+
+
+def make_schedule(r: int, kind: str) -> Schedule:
+    """``r`` for a constant schedule, ``(r, -1.0)`` for the paper's decreasing one.
+
+    Raises:
+        ValueError: quoting an unknown ``kind``.
+    """
+    if kind == "constant":
+        return r
+    if kind == "decreasing":
+        return (r, -1.0)
+    raise ValueError(f"schedule kind {kind!r} is unknown; expected one of {list(SCHEDULE_KINDS)}")
+
+
+@dataclass
+class TuneResult:
+    """The setting ``tome tune`` found.
+
+    Attributes:
+        r: Tokens per layer (the base r of the schedule).
+        kind: ``"constant"`` or ``"decreasing"``.
+        reached: Whether the target was met (else this is the most merging possible).
+        flops_ratio: FLOPs relative to r=0.
+        speedup: Measured speed-up over r=0 on this machine.
+        tokens_left: Tokens after the last block.
+    """
+
+    r: int
+    kind: str
+    reached: bool
+    flops_ratio: float
+    speedup: Optional[float] = None
+    tokens_left: Optional[int] = None
+
+    @property
+    def schedule(self) -> Schedule:
+        """What to pass as ``r`` to ``tome.apply_patch`` / ``model.r``."""
+        return make_schedule(self.r, self.kind)
+
+    def as_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["schedule"] = schedule_json(self.schedule)
+        return data
+
+
+def _token_geometry(model: nn.Module, x: torch.Tensor) -> Tuple[int, int, int]:
+    """``(tokens, protected tokens, depth)`` from one forward at r=0."""
+    previous = model.r
+    try:
+        model.r = 0
+        with torch.inference_mode():
+            model(x)
+        info = model._tome_info
+        return int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"])
+    finally:
+        model.r = previous
+
+
+def max_useful_r(num_tokens: int, protected_tokens: int, depth: int, kind: str) -> int:
+    """The smallest r beyond which a larger r merges nothing more (every layer is capped)."""
+
+    def total(r: int) -> int:
+        return sum(tome.utils.tokens_per_layer(num_tokens, tome.parse_r(depth, make_schedule(r, kind)), protected_tokens))
+
+    floor = total(2 * num_tokens)
+    lo, hi = 0, 2 * num_tokens  # total(lo) > floor unless nothing can merge; total(hi) == floor
+    if total(lo) == floor:
+        return 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if total(mid) == floor:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _search(predicate: Callable[[int], bool], hi: int) -> int:
+    """Smallest r in [1, hi] with ``predicate(r)``, given ``predicate(hi)`` holds and r=0 fails."""
+    lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if predicate(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _flops_ratio(model: nn.Module, x: torch.Tensor, schedule: Schedule, base: int) -> Tuple[float, int]:
+    previous = model.r
+    try:
+        model.r = schedule
+        flops = count_flops(model, x)
+        return flops / base, int(model._tome_info["size"].shape[1])
+    finally:
+        model.r = previous
+
+
+def tune_flops(
+    model: nn.Module,
+    max_flops_ratio: float,
+    *,
+    kind: str = "constant",
+    device: torch.device = torch.device("cpu"),
+    input_size: Optional[Sequence[int]] = None,
+    verbose: bool = False,
+) -> TuneResult:
+    """Smallest r whose FLOPs are at most ``max_flops_ratio`` of r=0's.
+
+    Args:
+        model: A ToMe-patched model (``model.r`` is restored afterwards).
+        max_flops_ratio: Target in (0, 1).
+        kind: ``"constant"`` or ``"decreasing"`` schedule.
+        device: Where to count.
+        input_size: ``(channels, height, width)``; the model's own when None.
+        verbose: Print each probe.
+
+    Raises:
+        ValueError: if the ratio is outside (0, 1) or ``kind`` is unknown.
+    """
+    if not 0 < max_flops_ratio < 1:
+        raise ValueError(f"max_flops_ratio must lie in (0, 1), got {max_flops_ratio!r}")
+    make_schedule(0, kind)
+    model.eval().to(device)
+    x = torch.rand(1, *(input_size or input_size_of(model)), device=device)
+    base = _flops_at(model, x, 0)
+    tokens, protected, depth = _token_geometry(model, x)
+    hi = max_useful_r(tokens, protected, depth, kind)
+    cache: Dict[int, Tuple[float, int]] = {}
+
+    def ratio(r: int) -> Tuple[float, int]:
+        if r not in cache:
+            cache[r] = _flops_ratio(model, x, make_schedule(r, kind), base)
+            if verbose:
+                print(f"  r={schedule_label(make_schedule(r, kind))}: FLOPs ratio {cache[r][0]:.3f}")
+        return cache[r]
+
+    reached = hi > 0 and ratio(hi)[0] <= max_flops_ratio
+    best = _search(lambda r: ratio(r)[0] <= max_flops_ratio, hi) if reached else hi
+    flops_ratio, tokens_left = ratio(best)
+    return TuneResult(best, kind, reached, flops_ratio, tokens_left=tokens_left)
+
+
+def _flops_at(model: nn.Module, x: torch.Tensor, schedule: Schedule) -> int:
+    previous = model.r
+    try:
+        model.r = schedule
+        return count_flops(model, x)
+    finally:
+        model.r = previous
+
+
+def measure_speedup(
+    model: nn.Module, x: torch.Tensor, schedule: Schedule, *, rounds: int = 5, warmup: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """Median time at r=0 over median time at ``schedule``, timed interleaved on ``x``."""
+    times = time_interleaved(model, x, [0, schedule], rounds=rounds, warmup=warmup, dtype=dtype)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+def tune_speedup(
+    model: nn.Module,
+    target_speedup: float,
+    *,
+    kind: str = "constant",
+    device: torch.device = torch.device("cpu"),
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    rounds: int = 5,
+    warmup: int = 1,
+    input_size: Optional[Sequence[int]] = None,
+    verbose: bool = False,
+) -> TuneResult:
+    """Smallest r whose measured speed-up over r=0 reaches ``target_speedup``.
+
+    Args:
+        model: A ToMe-patched model (``model.r`` is restored afterwards).
+        target_speedup: Target above 1 (e.g. 2.0).
+        kind: ``"constant"`` or ``"decreasing"`` schedule.
+        device: Where to measure.
+        batch_size: Images per timed forward.
+        dtype: Autocast dtype.
+        rounds: Timed rounds per candidate (each interleaves r=0 and the candidate).
+        warmup: Untimed rounds per candidate.
+        input_size: ``(channels, height, width)``; the model's own when None.
+        verbose: Print each probe.
+
+    Raises:
+        ValueError: if the target is not above 1 or ``kind`` is unknown.
+    """
+    if not target_speedup > 1:
+        raise ValueError(f"target_speedup must be above 1, got {target_speedup!r}")
+    make_schedule(0, kind)
+    model.eval().to(device)
+    size = tuple(input_size or input_size_of(model))
+    single = torch.rand(1, *size, device=device)
+    tokens, protected, depth = _token_geometry(model, single)
+    hi = max_useful_r(tokens, protected, depth, kind)
+    x = torch.rand(batch_size, *size, device=device)
+    cache: Dict[int, float] = {}
+
+    def speedup(r: int) -> float:
+        if r not in cache:
+            cache[r] = measure_speedup(model, x, make_schedule(r, kind), rounds=rounds, warmup=warmup, dtype=dtype)
+            if verbose:
+                print(f"  r={schedule_label(make_schedule(r, kind))}: {cache[r]:.2f}x")
+        return cache[r]
+
+    reached = hi > 0 and speedup(hi) >= target_speedup
+    best = _search(lambda r: speedup(r) >= target_speedup, hi) if reached else hi
+    base = _flops_at(model, single, 0)
+    ratio, left = _flops_ratio(model, single, make_schedule(best, kind), base)
+    return TuneResult(best, kind, reached, ratio, speedup(best) if best > 0 else 1.0, left)
+
+
+def run_tune(args: argparse.Namespace) -> TuneResult:
+    """``tome tune``: search, print the setting and how to use it."""
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or default_dtype(device)
+    dtype = parse_dtype(dtype_name)
+    batch_size = args.batch_size or default_batch_size(device)
+    if args.max_flops_ratio is not None and not 0 < args.max_flops_ratio < 1:
+        raise ValueError(f"--max-flops-ratio must lie in (0, 1), got {args.max_flops_ratio!r}")
+    if args.target_speedup is not None and not args.target_speedup > 1:
+        raise ValueError(f"--target-speedup must be above 1, got {args.target_speedup!r}")
+    loaded = load_model_from_args(args)
+    model = loaded.patch()
+    print(f"Model: {loaded.description}")
+    print(f"Device: {device}, {dtype_name}, batch {batch_size}, {args.schedule} schedule")
+    if args.max_flops_ratio is not None:
+        print(f"Searching the smallest r with FLOPs <= {args.max_flops_ratio:g} x r=0 ...")
+        result = tune_flops(model, args.max_flops_ratio, kind=args.schedule, device=device, verbose=True)
+        x = torch.rand(batch_size, *input_size_of(model), device=device)
+        result.speedup = measure_speedup(model, x, result.schedule, rounds=args.runs, dtype=dtype) if result.r else 1.0
+        target = f"FLOPs ratio <= {args.max_flops_ratio:g}"
+    else:
+        print(f"Searching the smallest r with a measured speed-up >= {args.target_speedup:g}x ...")
+        result = tune_speedup(
+            model, args.target_speedup, kind=args.schedule, device=device, batch_size=batch_size, dtype=dtype,
+            rounds=args.runs, verbose=True,
+        )
+        target = f"speed-up >= {args.target_speedup:g}x"
+    label = repr(result.schedule)
+    status = "meets" if result.reached else "CANNOT meet"
+    print(
+        f"r={label} {status} the target ({target}): measured speed-up {result.speedup:.2f}x, "
+        f"FLOPs ratio {result.flops_ratio:.3f}, {result.tokens_left} tokens left, on {device}"
+    )
+    if result.reached:
+        print(f"Use it: tome.apply_patch(model, r={label})   or: --r {schedule_label(result.schedule)}")
+    else:
+        print(f"That is the most merging this model allows ({args.schedule} schedule); relax the target.")
+    report: Dict[str, Any] = {"model": loaded.description, "device": str(device), "target": target, **result.as_dict()}
+    if args.data:
+        from .evaluate import evaluate, image_folder, print_report
+
+        dataset = image_folder(args.data, model, loaded.data_overrides)
+        schedules: List[Schedule] = [0, result.schedule] if result.r else [0]
+        eval_report = evaluate(model, dataset, schedules, batch_size=batch_size, workers=args.workers,
+                               device=device, dtype=dtype)
+        print_report(eval_report)
+        report["accuracy"] = eval_report.as_dict()
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"Wrote {path}")
+    if not result.reached:
+        raise SystemExit(1)
+    return result
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``tome tune``."""
+    parser = subparsers.add_parser(
+        "tune",
+        help="find the r that meets a speed-up or FLOPs target on this machine",
+        description="Binary-search r for a target: measured speed-up (--target-speedup) or counted FLOPs "
+        "(--max-flops-ratio). Exits with status 1 if the target cannot be met.",
+    )
+    add_model_arguments(parser)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-speedup", type=float, metavar="X", help="wanted speed-up over r=0, e.g. 2.0")
+    target.add_argument("--max-flops-ratio", type=float, metavar="F", help="FLOPs at most F times r=0's, e.g. 0.5")
+    parser.add_argument("--schedule", choices=SCHEDULE_KINDS, default="constant",
+                        help="constant r, or the paper's decreasing schedule (r, -1.0) (default: %(default)s)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per timed forward (default: 64 on CUDA, 8 on CPU)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--runs", type=positive_int, default=5, help="timed rounds per candidate (default: %(default)s)")
+    parser.add_argument("--data", help="image folder: also report accuracy at r=0 and at the r found")
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes with --data")
+    parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    parser.set_defaults(func=run_tune)
