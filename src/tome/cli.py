@@ -1,4 +1,9 @@
-"""The ``tome`` command line: ``tome <command> --help`` for each command."""
+"""The ``tome`` command line: ``tome <command> --help`` for each command.
+
+Commands: ``demo`` (offline tour), ``bench`` (throughput and FLOPs for several r),
+``visualize`` (draw merged tokens), ``eval`` (accuracy on an image folder, torchrun
+for several processes), ``tune`` (find r for a speed-up or FLOPs target).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ import sys
 from typing import List, Optional
 
 # One module per command under tome.tools, each with add_parser(subparsers).
-_COMMAND_MODULES = ["demo"]
+_COMMAND_MODULES = ["demo", "benchmark", "visualize", "evaluate", "tune", "train", "data"]
+
+# Errors that mean "bad input or environment": reported in one line, exit status 2.
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except _USER_ERRORS as error:
         parser.exit(2, f"tome {args.command}: error: {error}\n")
     return 0
 

@@ -1,81 +1,119 @@
-"""``tome demo``: a short offline tour of what ToMe does to a Vision Transformer."""
+"""``tome demo``: a short offline tour of what ToMe does to a Vision Transformer.
+
+Runs on the embedded default model (:func:`tome.tools.demo_model.load_demo_model`)
+with no arguments and no network: a throughput table for a few r, and a picture
+of the tokens merged in a procedurally drawn sample image.
+"""
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import List, Sequence
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 
-import tome
+from ._common import (
+    Schedule,
+    add_model_arguments,
+    input_size_of,
+    load_model_from_args,
+    positive_int,
+    schedule_label,
+)
+from .benchmark import measure_schedules, print_rows, resolve_device
+from .sample_image import sample_image
+from .visualize import render_merges
 
-__all__ = ["run_demo", "add_parser"]
+__all__ = ["run_demo", "demo_schedules", "add_parser"]
 
-DEFAULT_MODEL = "vit_small_patch16_224"
-
-
-def _time_interleaved(model: nn.Module, x: torch.Tensor, schedules: Sequence[int], rounds: int) -> List[float]:
-    """Median seconds per batch for each r, measured round-robin so noise hits all alike."""
-    times: List[List[float]] = [[] for _ in schedules]
-    with torch.inference_mode():
-        for r in schedules:  # warm-up
-            model.r = r
-            model(x)
-        for _ in range(rounds):
-            for i, r in enumerate(schedules):
-                model.r = r
-                start = time.perf_counter()
-                model(x)
-                times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+DEFAULT_OUTPUT_DIR = "tome_outputs"
 
 
-def run_demo(model_name: str = DEFAULT_MODEL, schedules: Sequence[int] = (0, 8, 13, 16), batch_size: int = 8,
-             rounds: int = 5, pretrained: bool = False) -> List[dict]:
-    """Patch a ViT, then print throughput and token counts for several r.
+def demo_schedules(num_tokens: int, protected_tokens: int, depth: int) -> List[int]:
+    """r values worth showing: the paper's 0, 8, 13, 16 for 196-patch models, scaled for others.
+
+    The largest shown r stays within what the model can merge (past it every layer is capped).
+    """
+    from .tune import max_useful_r
+
+    most = max_useful_r(num_tokens, protected_tokens, depth, "constant")
+    if most >= 16:
+        return [0, 8, 13, 16]
+    picks = sorted({0, *(max(1, round(most * f)) for f in (0.5, 0.75, 1.0))}) if most > 0 else [0]
+    return picks
+
+
+def run_demo(
+    args: Optional[argparse.Namespace] = None,
+    *,
+    output_dir: str = DEFAULT_OUTPUT_DIR,
+    batch_size: int = 4,
+    rounds: int = 3,
+) -> Dict[str, Any]:
+    """Print a throughput table and write a visualisation of the merges.
+
+    Args:
+        args: Parsed ``tome demo`` arguments (model options, ``output_dir``,
+            ``batch_size``, ``runs``); None for the defaults.
+        output_dir: Where the files go (when ``args`` is None).
+        batch_size: Images per timed forward (when ``args`` is None).
+        rounds: Timed rounds (when ``args`` is None).
 
     Returns:
-        One dict per r with keys ``r``, ``tokens``, ``images_per_s``, ``speedup``.
+        ``{"rows": benchmark rows, "visualization": path, "json": path}``.
     """
-    import timm
-
-    torch.manual_seed(0)
-    weights = "random weights"
-    if pretrained:
-        try:
-            model = timm.create_model(model_name, pretrained=True)
-            weights = "pretrained weights"
-        except Exception as error:  # offline, or no weights for this name
-            print(f"Could not fetch pretrained weights for {model_name} ({type(error).__name__}); using random weights.")
-            model = timm.create_model(model_name, pretrained=False)
+    if args is not None:
+        output_dir, batch_size, rounds = args.output_dir, args.batch_size, args.runs
+        loaded = load_model_from_args(args, default_to_demo=True)
     else:
-        model = timm.create_model(model_name, pretrained=False)
-    model.eval()
-    tome.apply_patch(model)
-    cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    x = torch.rand(batch_size, *cfg)
-    print(f"Model: {model_name} ({weights}; timings do not depend on the weights)")
-    print(f"Input: batch {batch_size} x {tuple(cfg)}, {torch.get_num_threads()} CPU threads, median of {rounds} interleaved runs")
-    seconds = _time_interleaved(model, x, schedules, rounds)
-    rows = []
+        from ._common import load_model
+
+        loaded = load_model(default_to_demo=True)
+    torch.manual_seed(0)
+    model = loaded.patch()
+    device = resolve_device("cpu")
+    size = input_size_of(model)
+
+    # One forward to learn the token geometry, then pick r values that suit it.
     with torch.inference_mode():
-        for r, sec in zip(schedules, seconds):
-            model.r = r
-            model(x)
-            tokens = model._tome_info["size"].shape[1]
-            rows.append({"r": r, "tokens": tokens, "images_per_s": batch_size / sec, "speedup": seconds[0] / sec})
-    print(f"{'r':>4} {'tokens left':>12} {'img/s':>9} {'speed-up':>9}")
-    for row in rows:
-        print(f"{row['r']:>4} {row['tokens']:>12} {row['images_per_s']:>9.1f} {row['speedup']:>8.2f}x")
-    return rows
+        model(torch.rand(1, *size))
+    info = model._tome_info
+    schedules: Sequence[Schedule] = demo_schedules(int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"]))
+
+    print(f"ToMe demo on {loaded.description}")
+    print(f"Input {size[1]}x{size[2]}, batch {batch_size}, {torch.get_num_threads()} CPU threads, "
+          f"median of {rounds} interleaved rounds; r = tokens merged away in each of {len(info['r'])} blocks")
+    rows = measure_schedules(model, schedules, batch_size=batch_size, device=device, rounds=rounds, warmup=1,
+                             progress=True)
+    print_rows(rows)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = [s for s in schedules if s != 0] or [0]
+    canvas = render_merges(sample_image(), model, shown)
+    vis_path = out / "demo_merges.png"
+    canvas.save(vis_path)
+    json_path = out / "demo_benchmark.json"
+    json_path.write_text(json.dumps({"model": loaded.description, "batch_size": batch_size, "input_size": list(size),
+                                     "rounds": rounds, "results": rows}, indent=2))
+    print(f"Merged tokens of a sample image for r = {', '.join(schedule_label(s) for s in shown)}: {vis_path}")
+    print(f"Benchmark results: {json_path}")
+    print("Next: tome bench --model vit_base_patch16_224 | tome visualize IMAGE | tome eval --model NAME --data DIR "
+          "| tome tune --model NAME --target-speedup 2")
+    return {"rows": rows, "visualization": vis_path, "json": json_path}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="offline tour: throughput and tokens left for a few r")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--pretrained", action="store_true", help="try to download pretrained weights")
-    parser.set_defaults(func=lambda args: run_demo(args.model, batch_size=args.batch_size, pretrained=args.pretrained))
+    """Register ``tome demo``."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="offline tour: throughput for a few r and a picture of the merged tokens",
+        description="A short offline tour of token merging on the embedded demo model.",
+    )
+    add_model_arguments(parser, demo_default=True)
+    parser.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="where to write files (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per timed forward (default: %(default)s)")
+    parser.add_argument("--runs", type=positive_int, default=3, help="timed rounds (default: %(default)s)")
+    parser.set_defaults(func=run_demo)
