@@ -22,7 +22,17 @@ from .patch import remove_patch
 
 __version__ = "0.1.0"
 
-__all__ = ["apply_patch", "remove_patch", "parse_r", "unmerge_tokens", "merge", "patch", "utils", "__version__"]
+__all__ = [
+    "apply_patch",
+    "remove_patch",
+    "parse_r",
+    "unmerge_tokens",
+    "make_visualization",
+    "merge",
+    "patch",
+    "utils",
+    "__version__",
+]
 
 
 def apply_patch(
