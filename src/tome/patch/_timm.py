@@ -64,7 +64,13 @@ class ToMeBlock(ToMeBlockMixin):
 
     def tome_forward(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
         """Run the block on ``(batch, tokens, channels)``, removing ``r`` tokens."""
+        if r <= 0 and state.size is None:
+            # Nothing merged yet and nothing to merge here: timm's own block is exact
+            # (no size bias, no metric to compute), so r=0 costs nothing over timm.
+            return super().forward(x), state  # type: ignore[misc]
+        return self._tome_merge_block(x, state, r)
 
+    def _tome_merge_block(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
         def attn_branch(x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
             out, metric = _attention_branch(self.attn, self.norm1(x), bias)
             return self.drop_path1(self.ls1(out)), metric
@@ -78,7 +84,7 @@ class ToMeBlock(ToMeBlockMixin):
 class ToMeResPostBlock(ToMeBlock):
     """timm ``ResPostBlock`` (norm after each branch) with a merge between attention and MLP."""
 
-    def tome_forward(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
+    def _tome_merge_block(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
         def attn_branch(x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
             out, metric = _attention_branch(self.attn, x, bias)
             return self.drop_path1(self.norm1(out)), metric
