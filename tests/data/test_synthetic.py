@@ -1,0 +1,125 @@
+"""The generated shape task: deterministic, balanced, exportable, readable back."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from tome import cli
+from tome.data import CLASSES, ImageFolder, SyntheticShapes, export_image_folder, image_to_tensor, render
+
+
+def test_render_is_deterministic_per_seed_split_and_index():
+    image, label = render(13, "train", seed=5)
+    again, label_again = render(13, "train", seed=5)
+    assert image.dtype == np.uint8 and image.shape == (64, 64, 3)
+    np.testing.assert_array_equal(image, again)
+    assert label == label_again == 13 % len(CLASSES)
+    # Another seed, split or index is another image.
+    assert not np.array_equal(image, render(13, "train", seed=6)[0])
+    assert not np.array_equal(image, render(13, "val", seed=5)[0])
+    assert not np.array_equal(image, render(23, "train", seed=5)[0])
+
+
+def test_render_other_sizes():
+    image, _ = render(0, "val", image_size=96)
+    assert image.shape == (96, 96, 3)
+
+
+def test_dataset_classes_are_balanced():
+    dataset = SyntheticShapes("val", length=10 * len(CLASSES), seed=1)
+    assert Counter(dataset.targets) == {label: 10 for label in range(len(CLASSES))}
+    labels = [dataset[i][1] for i in range(0, len(dataset), 7)]
+    assert labels == [dataset.targets[i] for i in range(0, len(dataset), 7)]
+
+
+def test_dataset_item_is_a_normalised_tensor():
+    dataset = SyntheticShapes("train", length=4, seed=0)
+    image, label = dataset[2]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and label == 2
+    assert -1.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.05
+    torch.testing.assert_close(dataset[-2][0], image)
+    with pytest.raises(IndexError):
+        dataset[4]
+
+
+def test_every_class_draws_a_distinct_object():
+    """The object dominates its surroundings: the class changes the picture a lot."""
+    # Same background and placement draws, different shapes: compare two labels' images.
+    means = [render(i, "train", seed=3)[0].astype(np.float32).std() for i in range(len(CLASSES))]
+    assert all(m > 5 for m in means)
+    images = [render(i, "train", seed=3)[0] for i in range(len(CLASSES))]
+    for i in range(len(CLASSES)):
+        for j in range(i + 1, len(CLASSES)):
+            assert not np.array_equal(images[i], images[j])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(index=-1), dict(index=1.5), dict(split="test"), dict(image_size=8), dict(image_size=True)],
+)
+def test_render_rejects_bad_arguments(kwargs):
+    args = {"index": 0, "split": "train", "seed": 0, "image_size": 64, **kwargs}
+    with pytest.raises(ValueError):
+        render(**args)
+
+
+@pytest.mark.parametrize("kwargs", [dict(split="test"), dict(length=0), dict(length=2.0), dict(image_size=4)])
+def test_dataset_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        SyntheticShapes(**kwargs)
+
+
+def test_export_round_trip(tmp_path):
+    root = export_image_folder(tmp_path / "shapes", train=12, val=10, seed=4, progress=False)
+    info = json.loads((root / "dataset.json").read_text())
+    assert info["train"] == 12 and info["classes"] == list(CLASSES)
+    for split, count in (("train", 12), ("val", 10)):
+        folder = ImageFolder(root / split)
+        assert len(folder) == count
+        assert folder.classes == sorted(CLASSES)  # ImageFolder orders classes by name
+        generated = SyntheticShapes(split, length=count, seed=4)
+        for index in (0, count - 1):
+            array, label = render(index, split, seed=4)
+            path = root / split / CLASSES[label] / f"{index:06d}.png"
+            loaded = folder[folder.samples.index((path, folder.classes.index(CLASSES[label])))][0]
+            torch.testing.assert_close(loaded, generated[index][0])  # PNG is lossless
+
+
+def test_export_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="both 0"):
+        export_image_folder(tmp_path, train=0, val=0)
+    with pytest.raises(ValueError, match="train"):
+        export_image_folder(tmp_path, train=-1, val=2)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ImageFolder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no class"):
+        ImageFolder(tmp_path)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolder(tmp_path)
+
+
+def test_image_to_tensor_normalises():
+    from PIL import Image
+
+    white = image_to_tensor(Image.new("RGB", (4, 4), (255, 255, 255)))
+    assert white.shape == (3, 4, 4) and torch.allclose(white, torch.ones_like(white))
+
+
+def test_data_commands(tmp_path, capsys):
+    assert cli.main(["data", "export", str(tmp_path / "out"), "--train", "10", "--val", "0", "--no-progress"]) == 0
+    assert len(ImageFolder(tmp_path / "out" / "train")) == 10
+    assert cli.main(["data", "preview", str(tmp_path / "grid.png"), "--rows", "1"]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (2 * 64 * len(CLASSES), 2 * 64)
+    assert "wrote" in capsys.readouterr().out
