@@ -1,0 +1,927 @@
+"""``tome train``: train or fine-tune a timm Vision Transformer with token merging active.
+
+The recipe is the usual ViT one (AdamW, linear warm-up then cosine decay, label
+smoothing, gradient clipping, mixed precision where it pays) with a ToMe schedule
+set on the model for every training forward, as in Bolya et al., "Token Merging:
+Your ViT but Faster" (ICLR 2023, section 4.3: training with ToMe). Gradients flow
+through the size-weighted averages of merged tokens; the matching itself is a
+discrete choice and passes none.
+
+Data is the generated task of :mod:`tome.data.synthetic` (``data="synthetic"``) or
+any ImageFolder tree with ``train/`` and ``val/`` sub-directories. Run under
+``torchrun --nproc-per-node N`` to train with DistributedDataParallel (gloo on
+CPU, NCCL on GPU); the batch size is global, so results do not depend on N.
+
+    from tome.tools.train import TrainConfig, train
+    result = train(TrainConfig(model_kwargs={"depth": 6, "patch_size": 8}, epochs=2, r=8))
+
+Trained models are written as ``<name>.safetensors`` plus ``<name>.json`` (the
+architecture, ``pretrained_cfg`` and how it was trained) and read back with
+:func:`load_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import tome
+from tome._schedule import RSchedule, check_r
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "evaluate",
+    "build_model",
+    "build_datasets",
+    "save_model",
+    "load_model",
+    "add_parser",
+    "config_to_command",
+    "parse_schedule",
+]
+
+_AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model"
+MODEL_FORMAT = "tome-model/1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (validated by :meth:`validate`).
+
+    Attributes:
+        model: timm model name; the architecture, not weights (never downloaded).
+        model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"depth": 6, "patch_size": 8}``.
+        image_size: Input height and width in pixels.
+        data: ``"synthetic"`` for :class:`tome.data.SyntheticShapes`, or a directory
+            holding ``train/`` and ``val/`` ImageFolder trees.
+        train_size: Training images of the synthetic task (ignored for a directory).
+        val_size: Validation images of the synthetic task; for a directory, at most
+            this many (a fixed, evenly spaced subset), 0 for all.
+        data_seed: Seed of the synthetic task.
+        epochs: Passes over the training set.
+        batch_size: Global batch size (split evenly over torchrun processes).
+        lr: Peak learning rate (AdamW).
+        min_lr: Learning rate at the end of the cosine decay.
+        weight_decay: AdamW weight decay (not applied to biases, norms and tokens).
+        warmup_epochs: Linear warm-up length, in epochs (fractions allowed).
+        label_smoothing: Cross-entropy label smoothing in [0, 1).
+        grad_clip: Clip the global gradient norm to this (0 or None: no clipping).
+        drop_path: Stochastic depth rate of the model.
+        r: ToMe schedule during training (int, per-layer list or ``(r, inflection)``); 0 trains without merging.
+        prop_attn: Proportional attention while merging.
+        amp: ``"auto"`` (bf16/fp16 autocast on CUDA, none on CPU), ``"off"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
+        init: Weights to start from (fine-tuning): a ``.safetensors`` file saved by
+            :func:`save_model`, or a training checkpoint ``.pt``.
+        output_dir: Where checkpoints, ``log.jsonl`` and the final model go (None: nothing is written).
+        resume: A checkpoint to continue from, or ``"auto"`` for ``output_dir/checkpoint.pt`` when it exists.
+        checkpoint_every: Also checkpoint every this many steps (0: only at the end of each epoch).
+        stop_after: Stop once this many steps are done in all (after checkpointing), to split a
+            run into slices; continue it with ``resume``. None runs to the end.
+        val_every: Validate every this many epochs (0: only after the last one).
+        num_workers: DataLoader worker processes per training process.
+        seed: Seed for initialisation and data order.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when available.
+        progress: Show tqdm progress bars (first process only).
+        export_name: File stem of the final model in ``output_dir``.
+    """
+
+    model: str = "vit_tiny_patch16_224"
+    model_kwargs: Dict[str, Any] = field(default_factory=lambda: {"depth": 6, "patch_size": 8})
+    image_size: int = 64
+    data: str = "synthetic"
+    train_size: int = 20_000
+    val_size: int = 2_000
+    data_seed: int = 0
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: Optional[float] = 1.0
+    drop_path: float = 0.0
+    r: RSchedule = 0
+    prop_attn: bool = True
+    amp: str = "auto"
+    init: Optional[str] = None
+    output_dir: Optional[str] = None
+    resume: Optional[str] = None
+    checkpoint_every: int = 0
+    stop_after: Optional[int] = None
+    val_every: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    device: Optional[str] = None
+    progress: bool = True
+    export_name: str = MODEL_NAME
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; returns ``self``.
+
+        Raises:
+            ValueError: naming the first bad field and its value.
+        """
+
+        def positive_int(name: str, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                kind = "a non-negative" if allow_zero else "a positive"
+                raise ValueError(f"{name} must be {kind} int, got {value!r}")
+
+        def number(name: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+                left, right = "(" if low_open else "[", ")" if high_open else "]"
+                raise ValueError(f"{name} must lie in {left}{low}, {high}{right}, got {value!r}")
+
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a timm model name, got {self.model!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict, got {self.model_kwargs!r}")
+        for reserved in ("pretrained", "num_classes", "img_size", "drop_path_rate"):
+            if reserved in self.model_kwargs:
+                raise ValueError(
+                    f"model_kwargs may not set {reserved!r} ({self.model_kwargs[reserved]!r}); it follows from "
+                    "the data, image_size and drop_path settings"
+                )
+        positive_int("image_size")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be at least 16, got {self.image_size!r}")
+        if not isinstance(self.data, str) or not self.data:
+            raise ValueError(f"data must be 'synthetic' or a directory, got {self.data!r}")
+        positive_int("train_size")
+        positive_int("val_size", allow_zero=True)
+        for name in ("epochs", "batch_size"):
+            positive_int(name)
+        for name in ("checkpoint_every", "val_every", "num_workers"):
+            positive_int(name, allow_zero=True)
+        if self.stop_after is not None and (
+            isinstance(self.stop_after, bool) or not isinstance(self.stop_after, int) or self.stop_after < 1
+        ):
+            raise ValueError(f"stop_after must be a positive int or None, got {self.stop_after!r}")
+        if isinstance(self.data_seed, bool) or not isinstance(self.data_seed, int):
+            raise ValueError(f"data_seed must be an int, got {self.data_seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        number("lr", 0.0, low_open=True)
+        number("min_lr", 0.0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr!r}) must not exceed lr ({self.lr!r})")
+        number("weight_decay", 0.0)
+        number("warmup_epochs", 0.0)
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs!r}) must not exceed epochs ({self.epochs!r})")
+        number("label_smoothing", 0.0, 1.0, high_open=True)
+        if self.grad_clip is not None:
+            number("grad_clip", 0.0)
+        number("drop_path", 0.0, 1.0, high_open=True)
+        check_r(self.r)
+        if self.amp not in _AMP_CHOICES:
+            raise ValueError(f"amp must be one of {_AMP_CHOICES}, got {self.amp!r}")
+        if self.resume is not None and self.resume != "auto" and not Path(self.resume).is_file():
+            raise ValueError(f"resume checkpoint {self.resume!r} does not exist")
+        if self.resume == "auto" and self.output_dir is None:
+            raise ValueError("resume='auto' needs output_dir (it looks for output_dir/checkpoint.pt)")
+        if self.init is not None and not Path(self.init).is_file():
+            raise ValueError(f"init weights {self.init!r} do not exist")
+        if not isinstance(self.export_name, str) or not self.export_name or "/" in self.export_name:
+            raise ValueError(f"export_name must be a plain file stem, got {self.export_name!r}")
+        return self
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: The trained model (unwrapped, in eval mode, still patched with the training ``r``).
+        val_accuracy: Top-1 accuracy in [0, 1] after the last epoch, with the training ``r``
+            (None without validation data).
+        history: One dict per epoch: ``epoch``, ``step``, ``train_loss``, ``val_accuracy``, ``seconds``.
+        wall_seconds: Wall-clock time of the run (a resumed run adds the time of its earlier parts).
+        cpu_seconds: CPU time of this process (all its threads), counted the same way.
+        model_path: The exported ``.safetensors`` file (None without ``output_dir``).
+    """
+
+    model: nn.Module
+    val_accuracy: Optional[float]
+    history: List[Dict[str, Any]]
+    wall_seconds: float
+    cpu_seconds: float
+    model_path: Optional[Path] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (all no-ops in a single process)
+
+
+def _distributed_env() -> Tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment variables."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Start the process group under torchrun; returns whether this call started it."""
+    _, world, _ = _distributed_env()
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+def _all_sum(values: List[float], device: torch.device) -> List[float]:
+    if _world()[1] == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _resolve_device(device: Optional[str]) -> torch.device:
+    rank, world, local_rank = _distributed_env()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda')") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} asks for CUDA, which is not available on this machine")
+        if world > 1 and resolved.index is None:
+            resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+    return resolved
+
+
+def _autocast(amp: str, device: torch.device) -> Tuple[Callable[[], ContextManager], Optional[torch.dtype]]:
+    """A factory of autocast contexts for ``amp`` and the dtype it uses (None: full precision)."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return nullcontext, None
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "off":
+        return nullcontext, None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA device (got {device}); use amp='bf16' on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and data
+
+
+def build_model(config: TrainConfig, num_classes: int, class_names: Sequence[str] = (),
+                mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> nn.Module:
+    """The timm model described by ``config`` (random weights), with a ``pretrained_cfg`` that matches it.
+
+    Raises:
+        ValueError: if timm does not know ``config.model`` or rejects ``model_kwargs``.
+    """
+    return _create(config.model, dict(config.model_kwargs), config.image_size, num_classes, class_names,
+                   mean, std, drop_path=config.drop_path)
+
+
+def _create(architecture: str, model_kwargs: Dict[str, Any], image_size: int, num_classes: int,
+            class_names: Sequence[str], mean: Sequence[float], std: Sequence[float], drop_path: float = 0.0) -> nn.Module:
+    import timm
+
+    if not timm.is_model(architecture):
+        raise ValueError(f"model={architecture!r} is not a timm model name (see timm.list_models())")
+    # The overlay replaces the named weights' metadata: these weights are not those.
+    overlay = {
+        "input_size": (3, image_size, image_size),
+        "fixed_input_size": True,
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "num_classes": num_classes,
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "url": "",
+        "hf_hub_id": "",
+        "tag": "",
+        "custom_load": False,
+    }
+    if class_names:
+        overlay["label_names"] = list(class_names)
+    try:
+        return timm.create_model(architecture, pretrained=False, num_classes=num_classes, img_size=image_size,
+                                 drop_path_rate=drop_path, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except TypeError as error:
+        raise ValueError(f"timm rejected model_kwargs={model_kwargs!r} for {architecture!r}: {error}") from error
+
+
+class _Resized:
+    """Resize a PIL image to a square of ``size`` (bicubic) before :func:`tome.data.image_to_tensor`."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from PIL import Image
+
+        from tome.data import image_to_tensor
+
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        return image_to_tensor(image, self.mean, self.std)
+
+
+def build_datasets(config: TrainConfig) -> Tuple[Dataset, Optional[Dataset], List[str]]:
+    """``(train, val, class_names)`` for ``config.data``; ``val`` is None when there is none.
+
+    Raises:
+        ValueError: if ``config.data`` is neither ``"synthetic"`` nor a directory with ``train/``.
+    """
+    from tome import data as tdata
+
+    if config.data == "synthetic":
+        transform = _Resized(config.image_size, tdata.MEAN, tdata.STD)
+        train_set = tdata.SyntheticShapes("train", config.train_size, config.data_seed, config.image_size, transform)
+        val_set = (tdata.SyntheticShapes("val", config.val_size, config.data_seed, config.image_size, transform)
+                   if config.val_size else None)
+        return train_set, val_set, list(tdata.CLASSES)
+    root = Path(config.data)
+    if not (root / "train").is_dir():
+        raise ValueError(f"data={config.data!r} must be 'synthetic' or a directory with train/ (and val/) inside")
+    mean, std = _data_stats(root)
+    transform = _Resized(config.image_size, mean, std)
+    train_set = tdata.ImageFolder(root / "train", transform)
+    val_set: Optional[Dataset] = None
+    if (root / "val").is_dir():
+        val_set = tdata.ImageFolder(root / "val", transform, classes=train_set.classes)
+        if config.val_size and config.val_size < len(val_set):
+            step = len(val_set) / config.val_size
+            val_set = torch.utils.data.Subset(val_set, [int(i * step) for i in range(config.val_size)])
+    return train_set, val_set, list(train_set.classes)
+
+
+def _data_stats(root: Path) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Normalisation of an ImageFolder export: from its ``dataset.json`` if any, else ImageNet's."""
+    info = root / "dataset.json"
+    if info.is_file():
+        meta = json.loads(info.read_text())
+        if "mean" in meta and "std" in meta:
+            return tuple(meta["mean"]), tuple(meta["std"])
+    return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _epoch_batches(num_items: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> List[List[int]]:
+    """This process's batches for one epoch: a seeded shuffle, incomplete last batch dropped.
+
+    Every process draws the same permutation; step ``i`` uses global positions
+    ``[i * batch_size, (i + 1) * batch_size)``, of which process ``rank`` takes its slice.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    local = batch_size // world
+    steps = num_items // batch_size
+    return [order[i * batch_size + rank * local: i * batch_size + (rank + 1) * local] for i in range(steps)]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """No weight decay on biases, norm weights and token / position parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or "token" in name or "pos_embed" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_model(model: nn.Module, path: Union[str, Path], metadata: Optional[Dict[str, Any]] = None,
+               dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``model`` as ``path`` (``.safetensors``) plus a JSON description next to it.
+
+    The JSON records the timm architecture and constructor arguments, the
+    ``pretrained_cfg`` (input size, normalisation, class names) and ``metadata``.
+
+    Args:
+        model: A timm ViT built by :func:`build_model` (patched or not).
+        path: Target ``.safetensors`` file; the JSON is ``path`` with suffix ``.json``.
+        metadata: Extra JSON-serialisable information (how it was trained, accuracy...).
+        dtype: Store floating-point tensors in this dtype (e.g. ``torch.float16`` to halve the size).
+
+    Returns:
+        The ``.safetensors`` path.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"model path must end in .safetensors, got {str(path)!r}")
+    spec = getattr(model, "_tome_train_spec", None)
+    if spec is None:
+        raise ValueError("save_model needs a model made by tome.tools.train.build_model or load_model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.contiguous()
+    save_file(state, str(path), metadata={"format": MODEL_FORMAT})
+    cfg = model.pretrained_cfg
+    description = {
+        "format": MODEL_FORMAT,
+        "architecture": spec["architecture"],
+        "model_kwargs": spec["model_kwargs"],
+        "image_size": spec["image_size"],
+        "num_classes": spec["num_classes"],
+        "pretrained_cfg": {
+            "input_size": list(cfg["input_size"]),
+            "mean": list(cfg["mean"]),
+            "std": list(cfg["std"]),
+            "label_names": list(cfg.get("label_names", [])),
+        },
+        **(metadata or {}),
+    }
+    path.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
+    return path
+
+
+def load_model(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Read a model written by :func:`save_model`; returns ``(model in eval mode, its JSON description)``.
+
+    Weights come back as float32 whatever dtype they were stored in.
+
+    Args:
+        path: The ``.safetensors`` file or its ``.json``.
+
+    Raises:
+        FileNotFoundError: if either file is missing.
+        ValueError: if the JSON is not a tome model description.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights, description_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    for required in (weights, description_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"model file {str(required)!r} does not exist")
+    description = json.loads(description_path.read_text())
+    if description.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{str(description_path)!r} is not a {MODEL_FORMAT} description")
+    cfg = description["pretrained_cfg"]
+    model = _create(description["architecture"], dict(description["model_kwargs"]), description["image_size"],
+                    description["num_classes"], cfg.get("label_names", ()), cfg["mean"], cfg["std"])
+    state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in load_file(str(weights)).items()}
+    model.load_state_dict(state)
+    model._tome_train_spec = _spec(description["architecture"], description["model_kwargs"],
+                                   description["image_size"], description["num_classes"])
+    return model.eval(), description
+
+
+def _spec(architecture: str, model_kwargs: Dict[str, Any], image_size: int, num_classes: int) -> Dict[str, Any]:
+    return {"architecture": architecture, "model_kwargs": dict(model_kwargs), "image_size": image_size,
+            "num_classes": num_classes}
+
+
+def _load_init(model: nn.Module, init: str) -> None:
+    """Load starting weights for fine-tuning from a ``.safetensors`` model or a checkpoint."""
+    if init.endswith(".safetensors") or init.endswith(".json"):
+        source, _ = load_model(init)
+        state = source.state_dict()
+    else:
+        state = torch.load(init, map_location="cpu", weights_only=False)["model"]
+    own = model.state_dict()
+    mismatched = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"init weights {init!r} do not fit the model: {len(mismatched)} tensors differ, e.g. {mismatched[:3]}")
+    model.load_state_dict(state)
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int,
+                     config: TrainConfig, history: List[Dict[str, Any]], elapsed: Tuple[float, float]) -> None:
+    state = {
+        "elapsed": elapsed,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step,
+        "config": _config_dict(config),
+        "history": history,
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+
+def _config_dict(config: TrainConfig) -> Dict[str, Any]:
+    values = asdict(config)
+    if isinstance(values["r"], tuple):
+        values["r"] = list(values["r"])
+    return values
+
+
+# Fields that change what is being trained; resuming with other values is refused.
+_RESUME_FIXED = ("model", "model_kwargs", "image_size", "data", "train_size", "data_seed", "epochs", "batch_size", "seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: Union[str, torch.device, None] = None,
+             amp: str = "off", progress: bool = False, num_workers: int = 0) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset`` with whatever ``model.r`` is set.
+
+    Under torchrun each process evaluates a strided share and the counts are summed.
+
+    Args:
+        model: A classifier; put in eval mode (and left there).
+        dataset: Items ``(image tensor, label)``.
+        batch_size: Images per forward (per process).
+        device: Where to run; defaults to the model's device.
+        amp: ``"off"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` as in :class:`TrainConfig`.
+        progress: Show a tqdm bar.
+        num_workers: DataLoader workers.
+
+    Returns:
+        Accuracy in [0, 1].
+    """
+    from tqdm import tqdm
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if amp not in _AMP_CHOICES:
+        raise ValueError(f"amp must be one of {_AMP_CHOICES}, got {amp!r}")
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast, _ = _autocast(amp, device)
+    rank, world = _world()
+    share = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode(), autocast():
+        for images, labels in tqdm(loader, desc="val", leave=False, disable=not progress or rank != 0):
+            logits = model(images.to(device, non_blocking=True))
+            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
+            total += int(labels.numel())
+    correct, total = _all_sum([float(correct), float(total)], device)
+    return correct / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (or fine-tune, with ``config.init``) a timm ViT with the ToMe schedule ``config.r``.
+
+    Works alone or under ``torchrun`` (DistributedDataParallel). Checkpoints
+    (``output_dir/checkpoint.pt``) hold the model, optimiser, step and data order,
+    so a resumed run continues exactly where the checkpoint was taken.
+
+    Args:
+        config: The run; see :class:`TrainConfig`.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: for invalid settings, weights that do not fit, or a resume
+            checkpoint from a different run.
+    """
+    from tqdm import tqdm
+
+    config.validate()
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    device = _resolve_device(config.device)
+    started_group = _init_distributed(device)
+    try:
+        rank, world = _world()
+        if config.batch_size % world:
+            raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
+        autocast, amp_dtype = _autocast(config.amp, device)
+        torch.manual_seed(config.seed)
+
+        train_set, val_set, class_names = build_datasets(config)
+        if len(train_set) < config.batch_size:
+            raise ValueError(f"batch_size={config.batch_size} exceeds the {len(train_set)} training images")
+        from tome import data as tdata
+
+        mean, std = ((tdata.MEAN, tdata.STD) if config.data == "synthetic" else _data_stats(Path(config.data)))
+        model = build_model(config, len(class_names), class_names, mean, std)
+        model._tome_train_spec = _spec(config.model, config.model_kwargs, config.image_size, len(class_names))
+        if config.init is not None:
+            _load_init(model, config.init)
+        tome.apply_patch(model, r=config.r, prop_attn=config.prop_attn)
+        model.to(device)
+
+        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        steps_per_epoch = len(train_set) // config.batch_size
+        total_steps = steps_per_epoch * config.epochs
+        warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+        step, history = 0, []
+        before = (0.0, 0.0)  # wall and CPU seconds of earlier parts of a resumed run
+        out_dir = Path(config.output_dir) if config.output_dir is not None else None
+        if out_dir is not None and rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        resume = config.resume
+        if resume == "auto":
+            candidate = out_dir / CHECKPOINT_NAME  # type: ignore[operator]
+            resume = str(candidate) if candidate.is_file() else None
+        if resume is not None:
+            checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
+            saved = checkpoint["config"]
+            changed = [k for k in _RESUME_FIXED if saved.get(k) != _config_dict(config)[k]]
+            if changed:
+                raise ValueError(
+                    f"checkpoint {resume!r} belongs to another run: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}"
+                )
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if scaler is not None and checkpoint.get("scaler") is not None:
+                scaler.load_state_dict(checkpoint["scaler"])
+            step, history = int(checkpoint["step"]), list(checkpoint["history"])
+            before = tuple(checkpoint.get("elapsed", (0.0, 0.0)))
+            torch.set_rng_state(checkpoint["torch_rng"])
+
+        wrapped: nn.Module = model
+        if world > 1:
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        def set_lr(at: int) -> float:
+            lr = config.lr * _lr_factor(at, warmup_steps, total_steps, config.min_lr / config.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            return lr
+
+        def elapsed() -> Tuple[float, float]:
+            return (before[0] + time.perf_counter() - wall_start, before[1] + time.process_time() - cpu_start)
+
+        def checkpoint_now() -> None:
+            if out_dir is not None and rank == 0:
+                _save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, scaler, step, config, history, elapsed())
+            _barrier()
+
+        val_accuracy: Optional[float] = history[-1]["val_accuracy"] if history else None
+        start_epoch = step // steps_per_epoch
+        stopped = False
+        for epoch in range(start_epoch, config.epochs):
+            if config.stop_after is not None and step >= config.stop_after:
+                stopped = True
+                break
+            batches = _epoch_batches(len(train_set), config.batch_size, epoch, config.seed, rank, world)
+            batches = batches[step - epoch * steps_per_epoch:]  # resume mid-epoch on the same order
+            loader = DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers,
+                                pin_memory=device.type == "cuda", persistent_workers=False)
+            wrapped.train()
+            epoch_start, loss_sum, loss_count = time.perf_counter(), 0.0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", total=len(batches),
+                       disable=not config.progress or rank != 0, dynamic_ncols=True)
+            for images, labels in bar:
+                lr = set_lr(step)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with autocast():
+                    loss = criterion(wrapped(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if config.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                step += 1
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower lr or disable amp")
+                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", lr=f"{lr:.2e}")
+                if step % steps_per_epoch and (
+                    (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.stop_after
+                ):
+                    checkpoint_now()
+                if step == config.stop_after and step % steps_per_epoch:
+                    stopped = True
+                    break
+            bar.close()
+            if stopped:
+                break
+            loss_sum, loss_count = _all_sum([loss_sum, float(loss_count)], device)
+            last = epoch + 1 == config.epochs
+            val_accuracy = None
+            if val_set is not None and (last or (config.val_every and (epoch + 1) % config.val_every == 0)):
+                val_accuracy = evaluate(model, val_set, batch_size=max(1, config.batch_size // world), device=device,
+                                        amp=config.amp, progress=config.progress)
+            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1.0, loss_count),
+                      "val_accuracy": val_accuracy, "seconds": time.perf_counter() - epoch_start}
+            history.append(record)
+            if rank == 0:
+                accuracy = "-" if val_accuracy is None else f"{100 * val_accuracy:.2f}%"
+                print(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
+                      f"val acc {accuracy}, {record['seconds']:.0f}s", flush=True)
+                if out_dir is not None:
+                    with open(out_dir / "log.jsonl", "a") as log:
+                        log.write(json.dumps(record) + "\n")
+            checkpoint_now()
+
+        model.eval()
+        wall, cpu = elapsed()
+        model_path = None
+        if stopped and rank == 0:
+            print(f"stopped after step {step} of {total_steps}; continue with resume", flush=True)
+        if out_dir is not None and not stopped:
+            model_path = out_dir / f"{config.export_name}.safetensors"
+            if rank == 0:
+                timing = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "threads": torch.get_num_threads()}
+                training = {**_config_dict(config), "world_size": world, **timing, "command": config_to_command(config)}
+                save_model(model, model_path, {"training": training,
+                                               "val_accuracy": val_accuracy, "history": history})
+            _barrier()
+        return TrainResult(model, val_accuracy, history, wall, cpu, model_path)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_schedule(text: str) -> RSchedule:
+    """``"8"`` -> 8, ``"8,-1"`` -> (8, -1.0), ``"[8,8,4]"`` -> [8, 8, 4] (for ``--r``).
+
+    Raises:
+        ValueError: quoting a value that is none of these.
+    """
+    text = text.strip()
+    try:
+        if text.startswith("["):
+            values = json.loads(text)
+            if not isinstance(values, list):
+                raise ValueError
+            return check_r([int(v) for v in values])
+        if "," in text:
+            base, inflection = text.split(",")
+            return check_r((int(base), float(inflection)))
+        return check_r(int(text))
+    except (ValueError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--r {text!r} is not a schedule: use 8, '8,-1' (r, inflection) or '[8,8,4]': {error}") from None
+
+
+def config_to_command(config: TrainConfig) -> str:
+    """The ``tome train`` command line that runs ``config`` (settings left at their defaults are omitted).
+
+    Where a run goes (``resume``, ``stop_after``, ``device``, progress bars) is left out: it
+    does not change the result.
+    """
+    defaults = TrainConfig()
+    words = ["tome", "train"]
+    for key, value in config.model_kwargs.items():
+        words += ["--model-arg", f"{key}={json.dumps(value)}"]
+    skip = {"model_kwargs", "r", "prop_attn", "resume", "stop_after", "device", "progress"}
+    for f in fields(TrainConfig):
+        value = getattr(config, f.name)
+        if f.name in skip or value == getattr(defaults, f.name):
+            continue
+        words += [f"--{f.name.replace('_', '-')}", "0" if value is None else str(value)]
+    if config.r != defaults.r:
+        r = config.r
+        words += ["-r", f"{r[0]},{float(r[1])}" if isinstance(r, tuple) else json.dumps(r) if isinstance(r, list) else str(r)]
+    if not config.prop_attn:
+        words.append("--no-prop-attn")
+    return shlex.join(words)
+
+
+def _parse_kwarg(text: str) -> Tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--model-arg {text!r} must look like KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["model_kwargs"] = dict(args.model_arg) if args.model_arg is not None else {"depth": 6, "patch_size": 8}
+    values["r"] = parse_schedule(args.r)
+    values["progress"] = not args.no_progress
+    values["grad_clip"] = args.grad_clip or None
+    return TrainConfig(**values)
+
+
+def _run(args: argparse.Namespace) -> None:
+    config = _config_from_args(args)
+    result = train(config)
+    if _distributed_env()[0] == 0:
+        accuracy = "n/a" if result.val_accuracy is None else f"{100 * result.val_accuracy:.2f}%"
+        print(f"done: val acc {accuracy} (r={config.r!r}), {result.wall_seconds:.0f}s wall, "
+              f"{result.cpu_seconds:.0f}s CPU in this process")
+        if result.model_path is not None:
+            print(f"model: {result.model_path} (+ .json)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``tome train``."""
+    defaults = TrainConfig()
+    parser = subparsers.add_parser(
+        "train",
+        help="train or fine-tune a timm ViT with token merging active",
+        description="Train or fine-tune a timm ViT with a ToMe schedule active during training. "
+        "Run under `torchrun --nproc-per-node N -m tome.cli train ...` for multi-process (DDP) training.",
+    )
+    add = parser.add_argument
+    add("--data", default=defaults.data, help="'synthetic' (generated shapes) or a directory with train/ and val/ (default: %(default)s)")
+    add("--model", default=defaults.model, help="timm architecture name (default: %(default)s)")
+    add("--model-arg", action="append", type=_parse_kwarg, metavar="KEY=VALUE",
+        help="timm.create_model argument, repeatable (default: depth=6 patch_size=8)")
+    add("--image-size", type=int, default=defaults.image_size)
+    add("--train-size", type=int, default=defaults.train_size, help="synthetic training images (default: %(default)s)")
+    add("--val-size", type=int, default=defaults.val_size, help="validation images (default: %(default)s)")
+    add("--data-seed", type=int, default=defaults.data_seed)
+    add("--epochs", type=int, default=defaults.epochs)
+    add("--batch-size", type=int, default=defaults.batch_size, help="global batch size (default: %(default)s)")
+    add("--lr", type=float, default=defaults.lr)
+    add("--min-lr", type=float, default=defaults.min_lr)
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    add("--label-smoothing", type=float, default=defaults.label_smoothing)
+    add("--grad-clip", type=float, default=defaults.grad_clip, help="0 disables (default: %(default)s)")
+    add("--drop-path", type=float, default=defaults.drop_path)
+    add("-r", "--r", default="0", help="ToMe schedule while training: 8, '8,-1' (decreasing) or '[8,8,4]' (default: 0)")
+    add("--no-prop-attn", dest="prop_attn", action="store_false", help="train without proportional attention")
+    add("--amp", choices=_AMP_CHOICES, default=defaults.amp, help="mixed precision (default: auto = CUDA only)")
+    add("--init", default=None, help="start from these weights (.safetensors from tome train, or a checkpoint)")
+    add("--output-dir", default=None, help="checkpoints, log.jsonl and the final model go here")
+    add("--resume", default=None, help="checkpoint to continue, or 'auto' for OUTPUT_DIR/checkpoint.pt")
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between extra checkpoints")
+    add("--stop-after", type=int, default=None, help="stop after this many steps in all (resume later)")
+    add("--val-every", type=int, default=defaults.val_every, help="epochs between validations (0: last only)")
+    add("--num-workers", type=int, default=defaults.num_workers)
+    add("--seed", type=int, default=defaults.seed)
+    add("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    add("--export-name", default=defaults.export_name, help="file stem of the final model (default: %(default)s)")
+    add("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)
+
+
+if __name__ == "__main__":  # python -m tome.tools.train ..., e.g. under torchrun
+    from tome.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
