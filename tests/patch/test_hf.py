@@ -9,7 +9,7 @@ r>0 agrees with a plain reference forward written from ``tests/reference.py``.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch

@@ -43,7 +43,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, is_patched, patch_model, swap_class
+from ._lifecycle import (
+    ToMeBlockMixin,
+    ToMeModelMixin,
+    is_patched,
+    original_class,
+    patch_model,
+    supported_families,
+    swap_class,
+)
 from ._shared import ToMeState, attention, merge_block, run_blocks, weighted_mean
 
 __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
@@ -752,10 +760,6 @@ SUPPORTED_MODELS: Dict[str, _ModelSpec] = {
 }
 
 
-def _own_class(module: nn.Module) -> type:
-    """The module's class before any ToMe swap."""
-    cls = type(module)
-    return cls.__dict__.get("_tome_parent", cls)
 
 
 def _resolve(root: nn.Module, path: str) -> Any:
@@ -766,25 +770,21 @@ def _resolve(root: nn.Module, path: str) -> Any:
 
 
 def _spec_of(model: nn.Module) -> _ModelSpec:
-    own = _own_class(model)
+    own = original_class(model)
     spec = SUPPORTED_MODELS.get(own.__name__)
     if spec is None or own.__module__ != spec.module:
         raise TypeError(
             f"tome.patch.hf does not support {own.__name__} ({own.__module__}). Supported transformers "
-            f"models: {', '.join(SUPPORTED_MODELS)}. Other families: {_families()}"
+            f"models: {', '.join(SUPPORTED_MODELS)}. Other families: {supported_families()}"
         )
     return spec
 
 
-def _families() -> str:
-    from . import FAMILIES
-
-    return ", ".join(FAMILIES)
 
 
 def is_hf_vision(model: nn.Module) -> bool:
     """Whether ``model`` is one of the supported transformers vision models (by class; nothing imported)."""
-    own = _own_class(model)
+    own = original_class(model)
     spec = SUPPORTED_MODELS.get(own.__name__)
     return spec is not None and own.__module__ == spec.module
 
@@ -792,7 +792,7 @@ def is_hf_vision(model: nn.Module) -> bool:
 def _check_layers(model_name: str, runner_path: str, kind: _RunnerKind, layers: Sequence[nn.Module]) -> None:
     where = f"{model_name}.{runner_path}." if runner_path else f"{model_name}."
     for index, layer in enumerate(layers):
-        layer_cls = _own_class(layer)
+        layer_cls = original_class(layer)
         if layer_cls.__name__ not in kind.layer_classes or not layer_cls.__module__.startswith("transformers."):
             raise TypeError(
                 f"{where}{kind.layers}[{index}] is a {layer_cls.__name__}; ToMe expects one of {kind.layer_classes}"
@@ -843,13 +843,13 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
     spec = _spec_of(model)
     if is_patched(model) and not isinstance(model, ToMeHFModel):
         raise TypeError(
-            f"{_own_class(model).__name__} is already patched as the vision tower of a larger model; set r "
+            f"{original_class(model).__name__} is already patched as the vision tower of a larger model; set r "
             "on that model, or call tome.remove_patch on it first"
         )
     kind = _RUNNERS[spec.kind]
     runner = _resolve(model, spec.runner)
     layers = list(_resolve(runner, kind.layers))
-    _check_layers(_own_class(model).__name__, spec.runner, kind, layers)
+    _check_layers(original_class(model).__name__, spec.runner, kind, layers)
     _check_runner(model, spec, runner)
 
     if runner is model:
@@ -887,9 +887,9 @@ def _check_runner(model: nn.Module, spec: _ModelSpec, runner: nn.Module) -> None
         "siglip": ("SiglipVisionModel",),
         "videomae": ("VideoMAEModel",),
     }[spec.kind]
-    runner_cls = _own_class(runner)
+    runner_cls = original_class(runner)
     if runner_cls.__name__ not in expected or not runner_cls.__module__.startswith("transformers."):
         raise TypeError(
-            f"{_own_class(model).__name__}.{spec.runner or '<self>'} is a {runner_cls.__name__}; "
+            f"{original_class(model).__name__}.{spec.runner or '<self>'} is a {runner_cls.__name__}; "
             f"ToMe expects one of {expected} (the layout of transformers 5.x)"
         )

@@ -17,7 +17,17 @@ from torch import nn
 from .._schedule import RSchedule, parse_r
 from ._shared import ToMeState, sources_from_groups
 
-__all__ = ["ToMeInfo", "ToMeModelMixin", "ToMeBlockMixin", "swap_class", "is_patched", "remove_patch", "patch_model"]
+__all__ = [
+    "ToMeInfo",
+    "ToMeModelMixin",
+    "ToMeBlockMixin",
+    "swap_class",
+    "is_patched",
+    "original_class",
+    "supported_families",
+    "remove_patch",
+    "patch_model",
+]
 
 # Instance attributes that patching adds; removed again by remove_patch.
 _INSTANCE_ATTRS = ("_tome_info", "_tome_r", "_tome_block_r", "_tome_protected", "_tome_prop_attn")
@@ -86,6 +96,19 @@ class ToMeInfo(dict):
 
     def __reduce__(self):  # pickling drops the per-forward report
         return (ToMeInfo, (dict(self),))
+
+
+def original_class(module: nn.Module) -> type:
+    """The module's class before any ToMe swap (its own class when unpatched)."""
+    cls = type(module)
+    return cls.__dict__.get("_tome_parent", cls)
+
+
+def supported_families() -> str:
+    """Comma-separated names of the families ``tome.apply_patch`` knows, for error messages."""
+    from . import FAMILIES
+
+    return ", ".join(FAMILIES)
 
 
 def is_patched(module: nn.Module) -> bool:

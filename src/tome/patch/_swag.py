@@ -22,9 +22,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._lifecycle import patch_model
+from ._lifecycle import original_class, patch_model, supported_families
 from ._shared import ToMeState, weighted_mean
-from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, _families, _own_class, check_mha
+from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, check_mha
 
 __all__ = ["swag", "is_swag_vit"]
 
@@ -109,9 +109,9 @@ def check_supported(model: nn.Module) -> None:
     if not is_swag_vit(model):
         raise TypeError(
             f"tome.patch.swag expects a SWAG VisionTransformer from torch.hub (facebookresearch/swag), "
-            f"got {name} ({type(model).__module__}). Supported families: {_families()}"
+            f"got {name} ({type(model).__module__}). Supported families: {supported_families()}"
         )
-    own = _own_class(model)
+    own = original_class(model)
     name = own.__name__
     if _defined_by(own, "forward") != "VisionTransformer":
         raise TypeError(
@@ -130,7 +130,7 @@ def check_supported(model: nn.Module) -> None:
     missing += [f"encoder.{attr}" for attr in ("pos_embedding", "dropout", "ln") if not hasattr(encoder, attr)]
     if missing:
         raise TypeError(f"{name} lacks {missing}; not SWAG's VisionTransformer layout")
-    if _defined_by(_own_class(encoder), "forward") != "Encoder":
+    if _defined_by(original_class(encoder), "forward") != "Encoder":
         raise TypeError(f"{name}.encoder is a {type(encoder).__name__}; ToMe supports SWAG's Encoder")
     pos = encoder.pos_embedding
     if pos.dim() != 3 or pos.shape[1] != 1:
@@ -139,7 +139,7 @@ def check_supported(model: nn.Module) -> None:
         )
     for index, block in enumerate(encoder.layers):
         where = f"{name}.encoder.layers[{index}]"
-        block_cls = _own_class(block)
+        block_cls = original_class(block)
         if block_cls.__name__ != "EncoderBlock" or _defined_by(block_cls, "forward") != "EncoderBlock":
             raise TypeError(f"{where} is a {block_cls.__name__}; ToMe supports SWAG's EncoderBlock")
         absent = [attr for attr in ("ln_1", "self_attention", "dropout", "ln_2", "mlp") if not hasattr(block, attr)]

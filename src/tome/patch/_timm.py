@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, patch_model
+from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, original_class, patch_model, supported_families
 from ._shared import ToMeState, attention, merge_block, run_blocks, weighted_mean
 
 __all__ = ["timm", "apply_to_timm", "is_timm_vit"]
@@ -176,9 +176,9 @@ def check_supported(model: nn.Module) -> None:
     if not is_timm_vit(model):
         raise TypeError(
             f"tome.patch.timm expects a timm VisionTransformer (vision_transformer.py, deit.py), "
-            f"got {name}. Supported families: {_families()}"
+            f"got {name}. Supported families: {supported_families()}"
         )
-    own = _own_class(model)
+    own = original_class(model)
     for method in ("forward_features", "forward", "forward_head", "_pos_embed", "pool"):
         impl = getattr(own, method)
         allowed = (getattr(vt.VisionTransformer, method),)
@@ -209,30 +209,23 @@ def check_blocks(model: nn.Module) -> None:
     from timm.layers.attention import Attention
     from timm.models import vision_transformer as vt
 
-    own = _own_class(model)
+    own = original_class(model)
     for index, block in enumerate(model.blocks):
-        block_cls = _own_class(block)
+        block_cls = original_class(block)
         if block_cls not in (vt.Block, vt.ResPostBlock):
             raise TypeError(
                 f"{own.__name__}.blocks[{index}] is a {block_cls.__name__}; ToMe supports timm Block and "
                 "ResPostBlock (parallel and differential-attention blocks are not supported)"
             )
-        if _own_class(block.attn) is not Attention:
+        if original_class(block.attn) is not Attention:
             raise TypeError(
                 f"{own.__name__}.blocks[{index}].attn is a {type(block.attn).__name__}; ToMe supports "
                 "timm's Attention (RoPE and other attention variants are not supported)"
             )
 
 
-def _own_class(module: nn.Module) -> type:
-    cls = type(module)
-    return cls.__dict__.get("_tome_parent", cls)
 
 
-def _families() -> str:
-    from . import FAMILIES
-
-    return ", ".join(FAMILIES)
 
 
 def apply_to_timm(model: nn.Module, trace_source: bool, prop_attn: bool, model_mixin: type) -> nn.Module:
@@ -241,7 +234,7 @@ def apply_to_timm(model: nn.Module, trace_source: bool, prop_attn: bool, model_m
         model,
         model_mixin,
         list(model.blocks),
-        lambda block: _BLOCK_MIXINS[_own_class(block).__name__],
+        lambda block: _BLOCK_MIXINS[original_class(block).__name__],
         protected_tokens=model.num_prefix_tokens,
         trace_source=trace_source,
         prop_attn=prop_attn,

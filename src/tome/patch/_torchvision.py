@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, patch_model
+from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, original_class, patch_model, supported_families
 from ._shared import ToMeState, attention, merge_block, run_blocks
 
 __all__ = ["torchvision", "is_torchvision_vit", "mha_attention_branch", "check_mha", "ToMeEncoderBlock"]
@@ -29,16 +29,8 @@ __all__ = ["torchvision", "is_torchvision_vit", "mha_attention_branch", "check_m
 _TV_MODULE = "torchvision.models.vision_transformer"
 
 
-def _own_class(module: nn.Module) -> type:
-    """The module's class before any ToMe swap."""
-    cls = type(module)
-    return cls.__dict__.get("_tome_parent", cls)
 
 
-def _families() -> str:
-    from . import FAMILIES
-
-    return ", ".join(FAMILIES)
 
 
 def is_torchvision_vit(model: nn.Module) -> bool:
@@ -166,11 +158,11 @@ def check_supported(model: nn.Module) -> None:
     if not is_torchvision_vit(model):
         raise TypeError(
             f"tome.patch.torchvision expects a torchvision.models.VisionTransformer (vit_b_16 ... vit_h_14), "
-            f"got {type(model).__name__} ({type(model).__module__}). Supported families: {_families()}"
+            f"got {type(model).__name__} ({type(model).__module__}). Supported families: {supported_families()}"
         )
     from torchvision.models import vision_transformer as tv
 
-    own = _own_class(model)
+    own = original_class(model)
     for method in ("forward", "_process_input"):
         if getattr(own, method) is not getattr(tv.VisionTransformer, method):
             raise TypeError(
@@ -183,7 +175,7 @@ def check_supported(model: nn.Module) -> None:
             f"{own.__name__}.encoder is a {type(encoder).__name__}; ToMe supports torchvision's Encoder"
         )
     for index, block in enumerate(encoder.layers):
-        block_cls = _own_class(block)
+        block_cls = original_class(block)
         if block_cls is not tv.EncoderBlock:
             raise TypeError(
                 f"{own.__name__}.encoder.layers[{index}] is a {block_cls.__name__}; ToMe supports "
