@@ -45,7 +45,7 @@ PRESETS = {
             ("vit_b16", 16, "bf16", "0,16", ""),
         ],
         rounds=5, warmup=1, sections="throughput,compile,memory",
-        compile=("vit_s16", 16, "13"), memory_batch=64, memory_forward_batch=4,
+        compile=("vit_s16", 16, "13"), memory_batch=64, memory_forward_batch=0,
     ),
     "full": dict(
         groups=[
@@ -67,6 +67,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS") if k in os.environ},
     }
     try:
         import timm
@@ -241,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if report["throughput"] or report["compile"]:
         machine = report["machine"]
         title = (
-            f"{machine.get('gpu') or machine.get('Model name', 'CPU')}, {machine['threads']} threads, torch {machine['torch']}; "
+            f"{machine.get('gpu') or machine.get('Model name', 'CPU')}, {machine['threads']} threads {machine['env'] or ''}, torch {machine['torch']}; "
             f"{report['date']}; load avg {report['load_average_start']:.1f}->{_load():.1f}"
         )
         plot(report["throughput"], report["compile"], os.path.join(args.out, f"{stem}.png"), title)

@@ -207,8 +207,11 @@ def _worker_forward(args) -> dict:
 
 
 def _spawn(argv: List[str]) -> dict:
+    import torch
+
     here = os.path.abspath(__file__)
-    proc = subprocess.run([sys.executable, here, "--worker", *argv], capture_output=True, text=True)
+    threads = ["--threads", str(torch.get_num_threads())]  # as many as the parent uses
+    proc = subprocess.run([sys.executable, here, "--worker", *argv, *threads], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker {argv} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -271,7 +274,12 @@ def _main() -> None:
     parser.add_argument("--schedule", required=True)
     parser.add_argument("--model", default="")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = _worker_isolated(args) if args.worker == "isolated" else _worker_forward(args)
     print(json.dumps(result))
 

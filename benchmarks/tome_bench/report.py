@@ -14,8 +14,8 @@ def _fmt(value: Optional[float], spec: str) -> str:
 def throughput_table(rows: Sequence[dict]) -> str:
     """One line per (model, batch, precision, variant)."""
     lines = [
-        "| model | batch | prec | variant | img/s | ms/batch | speed-up [IQR] | FLOP ceiling | speed-up / ceiling | merge share |",
-        "|---|---:|---|---|---:|---:|---|---:|---:|---:|",
+        "| model | batch | prec | variant | img/s | ms/batch | speed-up [IQR] | FLOP ceiling (blocks) | FLOP ratio (counted) | speed-up / ceiling | merge share |",
+        "|---|---:|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         speedup = f"{row['speedup']:.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]"
@@ -23,6 +23,7 @@ def throughput_table(rows: Sequence[dict]) -> str:
         lines.append(
             f"| {row['model']} | {row['batch']} | {row['precision']} | {row['variant']} | "
             f"{row['images_per_s']:.2f} | {1000 * row['median_s']:.0f} | {speedup} | {row['ceiling']:.2f}x | "
+            f"{_fmt(row.get('counted_flop_ratio'), '.2f')}{'x' if row.get('counted_flop_ratio') else ''} | "
             f"{100 * row['efficiency']:.0f}% | {_fmt(share, '.1f')}{'' if share is None else '%'} |"
         )
     return "\n".join(lines)
