@@ -1,7 +1,7 @@
 """ToMe benchmark suite: unmerged timm ViTs vs patched ones, side by side, in one process.
 
     uv run python benchmarks/run.py                 # default grid (~10-15 min on 2 CPU cores)
-    uv run python benchmarks/run.py --quick         # ~2 min smoke run
+    uv run python benchmarks/run.py --quick         # ~2-3 min smoke run
     uv run python benchmarks/run.py --full          # every model/batch/precision (GPU or big CPU)
     uv run python benchmarks/run.py --models vit_b16 --batch-sizes 16 --schedules 0,16,16d --precisions fp32,bf16
 
