@@ -8,9 +8,9 @@ what ToMe merges cheaply; the label lives in a handful of foreground patches, so
 classifier has to find them (attention) and read their shape, not their colour.
 
 An image is a pure function of ``(seed, split, index)``: the same arguments give the
-same pixels on every machine, and the train and validation splits never share an
-image. The label of image ``index`` is ``index % len(CLASSES)``, so any run of
-consecutive indices is balanced.
+same pixels on every run (up to rare off-by-one rounding across platforms), and the
+train and validation splits never share an image. The label of image ``index`` is
+``index % len(CLASSES)``, so any run of consecutive indices is balanced.
 """
 
 from __future__ import annotations
