@@ -49,7 +49,7 @@ def run_demo(
     args: Optional[argparse.Namespace] = None,
     *,
     output_dir: str = DEFAULT_OUTPUT_DIR,
-    batch_size: int = 4,
+    batch_size: int = 64,
     rounds: int = 3,
 ) -> Dict[str, Any]:
     """Print a throughput table and write a visualisation of the merges.
@@ -114,6 +114,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser, demo_default=True)
     parser.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="where to write files (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per timed forward (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per timed forward (default: %(default)s)")
     parser.add_argument("--runs", type=positive_int, default=3, help="timed rounds (default: %(default)s)")
     parser.set_defaults(func=run_demo)
