@@ -35,9 +35,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import tome
-from tome._schedule import RSchedule, parse_r, tokens_per_layer
+from tome._schedule import RSchedule
 from tome.data import SyntheticShapes
 from tome.tools.train import evaluate, load_model
+from tome.utils import parse_r, tokens_per_layer
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

@@ -13,32 +13,15 @@ with merging: a merged model cannot run faster than its arithmetic shrinks
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 import tome
+from tome.utils import tokens_per_layer  # re-exported for the suite's modules
 
 __all__ = ["tokens_per_layer", "block_flops", "ceiling", "counted_flops"]
-
-
-def tokens_per_layer(num_tokens: int, schedule: Sequence[int], protected_tokens: int) -> List[int]:
-    """Tokens entering each block and after the last, with each layer's cap applied.
-
-    Args:
-        num_tokens: Tokens entering the first block (prefix tokens included).
-        schedule: r per block (``tome.parse_r``).
-        protected_tokens: Leading tokens that never merge.
-
-    Returns:
-        ``len(schedule) + 1`` counts.
-    """
-    counts = [num_tokens]
-    for r in schedule:
-        n = counts[-1]
-        counts.append(n - max(0, min(r, (n - protected_tokens) // 2)))
-    return counts
 
 
 def block_flops(counts: Sequence[int], width: int) -> float:
