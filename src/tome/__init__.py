@@ -11,7 +11,8 @@ Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv 2210.09461)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "apply_patch",
     "remove_patch",
+    "merging",
     "parse_r",
     "unmerge_tokens",
     "make_visualization",
@@ -82,6 +84,44 @@ def apply_patch(
             remove_patch(model)
         raise
     return model
+
+
+@contextlib.contextmanager
+def merging(model: nn.Module, r: RSchedule) -> Iterator[nn.Module]:
+    """Run a patched model with schedule ``r`` inside a ``with`` block, then restore its old ``r``.
+
+    ::
+
+        with tome.merging(model, r=16):
+            logits = model(images)      # merges 16 tokens per layer
+        # model.r is back to what it was, also if the block raised
+
+    Changing ``r`` is a setting on the model, so (as with ``model.r = ...``) other
+    threads running the same model see it while the block runs.
+
+    Args:
+        model: A model patched by :func:`apply_patch` or a ``tome.patch`` function.
+        r: Schedule for the block: int, per-layer list, or ``(r, inflection)``
+            (see :func:`tome.parse_r`).
+
+    Yields:
+        The model.
+
+    Raises:
+        TypeError: if ``model`` is not patched.
+        ValueError: if ``r`` is invalid (the model's ``r`` is then unchanged).
+    """
+    if not patch.is_patched(model) or not hasattr(model, "_tome_r"):
+        raise TypeError(
+            f"tome.merging needs a patched model, got an unpatched {type(model).__name__}; "
+            "call tome.apply_patch(model) first"
+        )
+    previous = model.r  # type: ignore[attr-defined]
+    model.r = r  # type: ignore[attr-defined]
+    try:
+        yield model
+    finally:
+        model.r = previous  # type: ignore[attr-defined]
 
 
 def __getattr__(name: str) -> Any:
