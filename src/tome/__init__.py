@@ -67,11 +67,12 @@ def apply_patch(
         TypeError: if the model is not supported (its class and the supported families are named).
         ValueError: if ``r`` or ``family`` is invalid.
     """
+    registered = patch.families()
     if family is None:
         family = patch.family_of(model)
-    elif family not in patch.FAMILIES:
-        raise ValueError(f"family={family!r} is unknown; expected one of {list(patch.FAMILIES)}")
-    patch_fn = patch.FAMILIES[family][1]
+    elif family not in registered:
+        raise ValueError(f"family={family!r} is unknown; expected one of {list(registered)}")
+    patch_fn = registered[family][1]
     options: dict[str, Any] = {"trace_source": trace_source}
     if prop_attn is not None:
         options["prop_attn"] = prop_attn

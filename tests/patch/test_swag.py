@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import tome
+from tome.patch._shared import BlockCall
 from conftest import trained_like_
 from mha_reference import reference_mha_encoder
 from tome.patch._swag import ToMeSwagEncoderBlock
@@ -297,7 +298,9 @@ def test_block_called_directly_is_sequence_first():
     x = torch.randn(NUM_PATCHES + 1, 2, 32)  # (tokens, batch, channels)
     out = block(x)
     assert out.shape == (NUM_PATCHES + 1 - 3, 2, 32)
-    expected, _ = block.tome_forward(x.transpose(0, 1), block._tome_start(x.transpose(0, 1)), 3)
+    call = BlockCall(block._tome_start(x.transpose(0, 1)), 3)
+    expected = block(x.transpose(0, 1), tome=call)
+    assert call.out.num_tokens == NUM_PATCHES + 1 - 3
     assert torch.equal(out, expected.transpose(0, 1))
     model.r = 0
     assert torch.equal(block(x), EncoderBlock.forward(block, x))

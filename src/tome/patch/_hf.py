@@ -38,21 +38,24 @@ Output semantics with merging (``model.r`` > 0):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 from ._lifecycle import (
+    ToMeAttentionMixin,
     ToMeBlockMixin,
     ToMeModelMixin,
+    call_attention,
     is_patched,
     original_class,
     patch_model,
+    register_family,
     supported_families,
     swap_class,
 )
-from ._shared import ToMeState, attention, merge_block, run_blocks, weighted_mean
+from ._shared import AttentionCall, ToMeState, attention, run_blocks, size_bias, weighted_mean
 
 __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
 
@@ -65,75 +68,60 @@ _SINK = "_tome_sink"
 # ----------------------------------------------------------------------------------------------
 
 
-def _self_attention(
-    attn: nn.Module,
-    x: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    q_proj: nn.Module,
-    k_proj: nn.Module,
-    v_proj: nn.Module,
-    head_dim: int,
-    scale: float,
-    dropout: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Multi-head self-attention of a transformers attention module, with a ``log(size)`` bias.
+class ToMeHFAttention(ToMeAttentionMixin):
+    """A transformers self-attention module with separate q/k/v projections: with
+    ``tome=AttentionCall(bias)`` it adds the ``log(size)`` bias to its logits and
+    reports the mean key. Returns ``(output, None)`` like the module does.
 
-    Args:
-        attn: The attention module (for its config and training flag).
-        x: ``(batch, tokens, channels)`` normalised input.
-        bias: ``(batch, 1, 1, tokens)`` additive logits bias or None.
-        q_proj, k_proj, v_proj: The module's projections.
-        head_dim: Channels per head.
-        scale: Logit scale.
-        dropout: Attention dropout probability used in training.
-
-    Returns:
-        The attention context ``(batch, tokens, heads * head_dim)`` (before the output
-        projection) and the keys averaged over heads ``(batch, tokens, head_dim)``.
+    Subclasses name the module's attributes: ``_tome_attrs`` = (q, k, v, output
+    projection or "", head_dim, scale, dropout probability).
     """
-    batch, tokens, _ = x.shape
-    shape = (batch, tokens, -1, head_dim)
-    q = q_proj(x).view(shape).transpose(1, 2)
-    k = k_proj(x).view(shape).transpose(1, 2)
-    v = v_proj(x).view(shape).transpose(1, 2)
-    # Models loaded with attn_implementation="eager" get the explicit softmax; every
-    # other implementation gets scaled_dot_product_attention (which takes the bias).
-    fused = getattr(attn.config, "_attn_implementation", "sdpa") != "eager"
-    out = attention(q, k, v, bias, dropout_p=dropout if attn.training else 0.0, scale=scale, fused=fused)
-    return out.transpose(1, 2).reshape(batch, tokens, -1), k.mean(dim=1)
+
+    _tome_attrs: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout")
+
+    def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
+        q_name, k_name, v_name, out_name, dim_name, scale_name, dropout_name = self._tome_attrs
+        batch, tokens, _ = x.shape
+        shape = (batch, tokens, -1, getattr(self, dim_name))
+        q = getattr(self, q_name)(x).view(shape).transpose(1, 2)
+        k = getattr(self, k_name)(x).view(shape).transpose(1, 2)
+        v = getattr(self, v_name)(x).view(shape).transpose(1, 2)
+        # Models loaded with attn_implementation="eager" get the explicit softmax; every
+        # other implementation gets scaled_dot_product_attention (which takes the bias).
+        fused = getattr(self.config, "_attn_implementation", "sdpa") != "eager"
+        dropout_p = getattr(self, dropout_name) if self.training else 0.0
+        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=getattr(self, scale_name), fused=fused)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1)
+        call.metric = k.mean(dim=1)
+        return (getattr(self, out_name)(out) if out_name else out), None
+
+
+class ToMeCLIPAttention(ToMeHFAttention):
+    """``CLIPAttention`` and ``SiglipAttention``."""
+
+    _tome_attrs = ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale", "dropout")
+
+
+class ToMeVideoMAESelfAttention(ToMeHFAttention):
+    """``VideoMAESelfAttention`` (its output projection lives in a sibling module)."""
+
+    _tome_attrs = ("query", "key", "value", "", "attention_head_size", "scaling", "dropout_prob")
 
 
 class ToMeHFLayer(ToMeBlockMixin):
-    """Common part of patched transformers layers: direct calls and the merge step."""
+    """Common part of patched transformers layers (called through ``__call__``, so
+    transformers' own gradient checkpointing and hooks apply)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        attention_mask = args[0] if args else kwargs.get("attention_mask")
-        if self._tome_block_r == 0 or attention_mask is not None:
-            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-        # Called on its own (not by a patched model): merge this layer's r from a fresh state.
-        return self.tome_forward(hidden_states, self._tome_start(hidden_states), self._tome_block_r)[0]
-
-    def tome_forward(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
-        """Run the layer on ``(batch, tokens, channels)``, removing ``r`` tokens after attention."""
-        return merge_block(x, state, r, self._tome_attn_branch, self._tome_mlp_branch)
-
-    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    # transformers layers differ in what their own forward returns: always run the merge step.
+    _tome_native_when_idle = False
 
 
 class ToMeViTLayer(ToMeHFLayer):
     """``ViTLayer``, ``DeiTLayer``, ``ASTLayer``: pre-norm, dropout on both branches."""
 
     def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        attn = self.attention
-        context, metric = _self_attention(
-            attn, self.layernorm_before(x), bias, attn.q_proj, attn.k_proj, attn.v_proj,
-            attn.head_dim, attn.scaling, attn.attention_dropout,
-        )
-        return self.dropout(attn.o_proj(context)), metric
+        (out, _), metric = call_attention(self.attention, self.layernorm_before(x), bias)
+        return self.dropout(out), metric
 
     def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.mlp(self.layernorm_after(x)))
@@ -143,12 +131,8 @@ class ToMeDinov2Layer(ToMeHFLayer):
     """``Dinov2Layer`` and ``Dinov2WithRegistersLayer``: LayerScale and drop path on both branches."""
 
     def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        attn = self.attention
-        context, metric = _self_attention(
-            attn, self.norm1(x), bias, attn.q_proj, attn.k_proj, attn.v_proj,
-            attn.head_dim, attn.scaling, attn.attention_dropout,
-        )
-        return self.drop_path(self.layer_scale1(attn.o_proj(context))), metric
+        (out, _), metric = call_attention(self.attention, self.norm1(x), bias)
+        return self.drop_path(self.layer_scale1(out)), metric
 
     def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
@@ -158,27 +142,19 @@ class ToMeCLIPLayer(ToMeHFLayer):
     """``CLIPEncoderLayer`` and ``SiglipEncoderLayer``: pre-norm, no dropout on the residuals."""
 
     def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        attn = self.self_attn
-        context, metric = _self_attention(
-            attn, self.layer_norm1(x), bias, attn.q_proj, attn.k_proj, attn.v_proj,
-            attn.head_dim, attn.scale, attn.dropout,
-        )
-        return attn.out_proj(context), metric
+        (out, _), metric = call_attention(self.self_attn, self.layer_norm1(x), bias)
+        return out, metric
 
     def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.layer_norm2(x))
 
 
 class ToMeVideoMAELayer(ToMeHFLayer):
-    """``VideoMAELayer``: query/key/value attention, output projection in a separate module."""
+    """``VideoMAELayer``: ``VideoMAEAttention`` passes ``tome`` on to its self-attention
+    and applies its own output module."""
 
     def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        attn, out = self.attention.attention, self.attention.output
-        context, metric = _self_attention(
-            attn, self.layernorm_before(x), bias, attn.query, attn.key, attn.value,
-            attn.attention_head_size, attn.scaling, attn.dropout_prob,
-        )
-        return out.dropout(out.dense(context)), metric
+        return call_attention(self.attention, self.layernorm_before(x), bias)
 
     def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         # VideoMAEOutput adds the residual itself; merge_block adds it here instead.
@@ -288,11 +264,10 @@ class ToMeHFRunner:
         schedule = [layer._tome_block_r for layer in layers]
         state = ToMeState.start(x.shape[1], info["protected_tokens"], info["prop_attn"], info["trace_source"])
         hidden = [x]
-        for layer, r in zip(layers, schedule):
-            checkpointing = bool(getattr(layer, "gradient_checkpointing", False) and layer.training)
-            x, state = run_blocks([layer.tome_forward], x, state, [r], checkpointing)
-            hidden.append(x)
-        info.record(state, x, schedule)
+        # Layers checkpoint themselves (transformers' GradientCheckpointingLayer), with the
+        # user's gradient_checkpointing_kwargs, when they are called through __call__.
+        x, state, removed = run_blocks(layers, x, state, schedule, after_block=lambda i, y, s: hidden.append(y))
+        info.record(state, x, removed)
         if sink is not None:
             sink.state = state
         return x, state, _select_hidden_states(hidden, hidden_request)
@@ -417,7 +392,7 @@ def siglip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) 
     mask = None
     if size is not None:
         # nn.MultiheadAttention adds a float mask of shape (batch * heads, queries, keys) to its logits.
-        mask = size.log().transpose(1, 2).to(x.dtype).repeat_interleave(head.attention.num_heads, dim=0)
+        mask = size_bias(size, x.dtype).squeeze(1).repeat_interleave(head.attention.num_heads, dim=0)
     pooled = head.attention(probe, x, x, attn_mask=mask)[0]
     residual = pooled
     pooled = residual + head.mlp(head.layernorm(pooled))
@@ -500,14 +475,13 @@ class ToMePatchPoolHead(ToMeHFModel):
     original head does, with ``sum(x * size) / sum(size)`` in place of the mean.
     """
 
-    _tome_backbone: str = ""
-
     def _tome_merging(self) -> bool:
         return any(self._tome_schedule())
 
     def _tome_call_runner(self, *args: Any, **kwargs: Any) -> Tuple[Any, ToMeState]:
         sink = _FinalState()
-        outputs = _resolve(self, self._tome_backbone)(*args, **{_SINK: sink}, **kwargs)  # type: ignore[arg-type]
+        backbone = _resolve(self, _spec_of(self).backbone)  # type: ignore[arg-type]
+        outputs = backbone(*args, **{_SINK: sink}, **kwargs)
         if sink.state is None:
             raise RuntimeError(f"{type(self).__name__}: the patched vision model did not report its token sizes")
         return outputs, sink.state
@@ -606,29 +580,6 @@ class ToMeVideoMAEClassifier(ToMePatchPoolHead):
         return _finish(output, return_dict)
 
 
-def _head(backbone: str, base: type) -> type:
-    """A head mixin bound to the attribute path of the backbone its forward calls."""
-    name = f"{base.__name__}_{backbone.replace('.', '_')}"
-    cached = _HEAD_CACHE.get(name)
-    if cached is None:
-        cached = type(name, (base,), {"_tome_backbone": backbone, "__module__": __name__})
-        _HEAD_CACHE[name] = cached
-    return cached
-
-
-_HEAD_CACHE: Dict[str, type] = {}
-_COMBINED_CACHE: Dict[type, type] = {}
-
-
-def _runner_model(runner_mixin: type) -> type:
-    """Mixin for a model that is its own runner (``ViTModel``, ``CLIPVisionModel``, ...)."""
-    cached = _COMBINED_CACHE.get(runner_mixin)
-    if cached is None:
-        cached = type(runner_mixin.__name__ + "Model", (runner_mixin, ToMeHFModel), {"__module__": __name__})
-        _COMBINED_CACHE[runner_mixin] = cached
-    return cached
-
-
 # ----------------------------------------------------------------------------------------------
 # What is supported, and where its parts live.
 # ----------------------------------------------------------------------------------------------
@@ -636,33 +587,18 @@ def _runner_model(runner_mixin: type) -> type:
 
 @dataclass(frozen=True)
 class _RunnerKind:
-    """Where a runner keeps its layers, what they are, and which tokens are protected."""
+    """A runner: its classes, where it keeps its layers and their attention, which tokens are protected."""
 
     mixin: type
+    runner_classes: Tuple[str, ...]
     layers: str
     layer_classes: Tuple[str, ...]
     layer_mixin: type
-    attention: Callable[[nn.Module], nn.Module]
-    attention_attrs: Tuple[str, ...]
+    attention: str  # path of the attention module inside a layer
+    attention_mixin: Type[ToMeHFAttention]
     protected_tokens: Callable[[Any], int]
     class_token: bool
     distill_token: bool = False
-
-
-_VIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout")
-_CLIP_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale", "dropout")
-_VIDEOMAE_ATTN = ("query", "key", "value", "attention_head_size", "scaling", "dropout_prob")
-
-def _attention(layer: nn.Module) -> nn.Module:
-    return layer.attention
-
-
-def _self_attn(layer: nn.Module) -> nn.Module:
-    return layer.self_attn
-
-
-def _videomae_attention(layer: nn.Module) -> nn.Module:
-    return layer.attention.attention
 
 
 def _class_and_registers(config: Any) -> int:
@@ -676,49 +612,47 @@ def _videomae_protected(config: Any) -> int:
 
 _RUNNERS: Dict[str, _RunnerKind] = {
     "vit": _RunnerKind(
-        mixin=ToMeViTRunner, layers="layers", layer_classes=("ViTLayer",), layer_mixin=ToMeViTLayer,
-        attention=_attention, attention_attrs=_VIT_ATTN, protected_tokens=lambda config: 1, class_token=True,
+        ToMeViTRunner, ("ViTModel",), "layers", ("ViTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
+        protected_tokens=lambda config: 1, class_token=True,
     ),
     "deit": _RunnerKind(
-        mixin=ToMeViTRunner, layers="layers", layer_classes=("DeiTLayer",), layer_mixin=ToMeViTLayer,
-        attention=_attention, attention_attrs=_VIT_ATTN, protected_tokens=lambda config: 2, class_token=True,
-        distill_token=True,
+        ToMeViTRunner, ("DeiTModel",), "layers", ("DeiTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
+        protected_tokens=lambda config: 2, class_token=True, distill_token=True,
     ),
     "ast": _RunnerKind(
-        mixin=ToMeASTRunner, layers="layers", layer_classes=("ASTLayer",), layer_mixin=ToMeViTLayer,
-        attention=_attention, attention_attrs=_VIT_ATTN, protected_tokens=lambda config: 2, class_token=True,
-        distill_token=True,
+        ToMeASTRunner, ("ASTModel",), "layers", ("ASTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
+        protected_tokens=lambda config: 2, class_token=True, distill_token=True,
     ),
     "dinov2": _RunnerKind(
-        mixin=ToMeDinov2Runner, layers="layer", layer_classes=("Dinov2Layer", "Dinov2WithRegistersLayer"),
-        layer_mixin=ToMeDinov2Layer, attention=_attention, attention_attrs=_VIT_ATTN,
+        ToMeDinov2Runner, ("Dinov2Encoder", "Dinov2WithRegistersEncoder"), "layer",
+        ("Dinov2Layer", "Dinov2WithRegistersLayer"), ToMeDinov2Layer, "attention", ToMeHFAttention,
         protected_tokens=_class_and_registers, class_token=True,
     ),
     "clip": _RunnerKind(
-        mixin=ToMeCLIPRunner, layers="encoder.layers", layer_classes=("CLIPEncoderLayer",), layer_mixin=ToMeCLIPLayer,
-        attention=_self_attn, attention_attrs=_CLIP_ATTN, protected_tokens=lambda config: 1, class_token=True,
+        ToMeCLIPRunner, ("CLIPVisionModel",), "encoder.layers", ("CLIPEncoderLayer",), ToMeCLIPLayer, "self_attn",
+        ToMeCLIPAttention, protected_tokens=lambda config: 1, class_token=True,
     ),
     "siglip": _RunnerKind(
-        mixin=ToMeSiglipRunner, layers="encoder.layers", layer_classes=("SiglipEncoderLayer",),
-        layer_mixin=ToMeCLIPLayer, attention=_self_attn, attention_attrs=_CLIP_ATTN,
-        protected_tokens=lambda config: 0, class_token=False,
+        ToMeSiglipRunner, ("SiglipVisionModel",), "encoder.layers", ("SiglipEncoderLayer",), ToMeCLIPLayer,
+        "self_attn", ToMeCLIPAttention, protected_tokens=lambda config: 0, class_token=False,
     ),
     "videomae": _RunnerKind(
-        mixin=ToMeVideoMAERunner, layers="encoder.layer", layer_classes=("VideoMAELayer",),
-        layer_mixin=ToMeVideoMAELayer, attention=_videomae_attention, attention_attrs=_VIDEOMAE_ATTN,
-        protected_tokens=_videomae_protected, class_token=False,
+        ToMeVideoMAERunner, ("VideoMAEModel",), "encoder.layer", ("VideoMAELayer",), ToMeVideoMAELayer,
+        "attention.attention", ToMeVideoMAESelfAttention, protected_tokens=_videomae_protected, class_token=False,
     ),
 }
 
 
 @dataclass(frozen=True)
 class _ModelSpec:
-    """A supported model class: its module, its runner's path and kind, and its head mixin."""
+    """A supported model class: its module, its runner's path and kind, and (for task heads
+    that pool over patches) the head mixin and the backbone module its forward calls."""
 
     module: str
     runner: str
     kind: str
-    head: Optional[Callable[[], type]] = None
+    head: Optional[type] = None
+    backbone: str = ""
 
 
 def _m(name: str) -> str:
@@ -733,27 +667,27 @@ SUPPORTED_MODELS: Dict[str, _ModelSpec] = {
     "DeiTForImageClassificationWithTeacher": _ModelSpec(_m("deit"), "deit", "deit"),
     "Dinov2Model": _ModelSpec(_m("dinov2"), "encoder", "dinov2"),
     "Dinov2ForImageClassification": _ModelSpec(
-        _m("dinov2"), "dinov2.encoder", "dinov2", lambda: _head("dinov2", ToMeDinov2Classifier)
+        _m("dinov2"), "dinov2.encoder", "dinov2", ToMeDinov2Classifier, "dinov2"
     ),
     "Dinov2WithRegistersModel": _ModelSpec(_m("dinov2_with_registers"), "encoder", "dinov2"),
     "Dinov2WithRegistersForImageClassification": _ModelSpec(
         _m("dinov2_with_registers"), "dinov2_with_registers.encoder", "dinov2",
-        lambda: _head("dinov2_with_registers", ToMeDinov2Classifier),
+        ToMeDinov2Classifier, "dinov2_with_registers",
     ),
     "CLIPVisionModel": _ModelSpec(_m("clip"), "", "clip"),
     "CLIPVisionModelWithProjection": _ModelSpec(_m("clip"), "vision_model", "clip"),
     "CLIPModel": _ModelSpec(_m("clip"), "vision_model", "clip"),
     "CLIPForImageClassification": _ModelSpec(
-        _m("clip"), "vision_model", "clip", lambda: _head("vision_model", ToMeMeanPoolClassifier)
+        _m("clip"), "vision_model", "clip", ToMeMeanPoolClassifier, "vision_model"
     ),
     "SiglipVisionModel": _ModelSpec(_m("siglip"), "", "siglip"),
     "SiglipModel": _ModelSpec(_m("siglip"), "vision_model", "siglip"),
     "SiglipForImageClassification": _ModelSpec(
-        _m("siglip"), "vision_model", "siglip", lambda: _head("vision_model", ToMeMeanPoolClassifier)
+        _m("siglip"), "vision_model", "siglip", ToMeMeanPoolClassifier, "vision_model"
     ),
     "VideoMAEModel": _ModelSpec(_m("videomae"), "", "videomae"),
     "VideoMAEForVideoClassification": _ModelSpec(
-        _m("videomae"), "videomae", "videomae", lambda: _head("videomae", ToMeVideoMAEClassifier)
+        _m("videomae"), "videomae", "videomae", ToMeVideoMAEClassifier, "videomae"
     ),
     "ASTModel": _ModelSpec(_m("audio_spectrogram_transformer"), "", "ast"),
     "ASTForAudioClassification": _ModelSpec(_m("audio_spectrogram_transformer"), "audio_spectrogram_transformer", "ast"),
@@ -797,8 +731,8 @@ def _check_layers(model_name: str, runner_path: str, kind: _RunnerKind, layers: 
             raise TypeError(
                 f"{where}{kind.layers}[{index}] is a {layer_cls.__name__}; ToMe expects one of {kind.layer_classes}"
             )
-        attn = kind.attention(layer)
-        missing = [name for name in kind.attention_attrs if not hasattr(attn, name)]
+        attn = _resolve(layer, kind.attention)
+        missing = [name for name in kind.attention_mixin._tome_attrs if name and not hasattr(attn, name)]
         if missing:
             raise TypeError(
                 f"{where}{kind.layers}[{index}]: {type(attn).__name__} lacks {missing}; ToMe supports the "
@@ -821,6 +755,7 @@ def _keep_output_capture(module: nn.Module) -> None:
     _CAN_RECORD_REGISTRY[module] = type(module)._can_record_outputs
 
 
+@register_family("hf", is_hf_vision, priority=50)
 def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
     """Patch a Hugging Face transformers vision model in place to merge tokens; set ``model.r`` after.
 
@@ -853,9 +788,9 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
     _check_runner(model, spec, runner)
 
     if runner is model:
-        model_mixin = _runner_model(kind.mixin)
+        model_mixin: Any = (kind.mixin, ToMeHFModel)
     else:
-        model_mixin = spec.head() if spec.head is not None else ToMeHFModel
+        model_mixin = spec.head if spec.head is not None else ToMeHFModel
         swap_class(runner, kind.mixin)
         _keep_output_capture(runner)
     layer_mixin = kind.layer_mixin
@@ -864,6 +799,7 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
         model_mixin,
         layers,
         lambda layer: layer_mixin,
+        attention=lambda layer: (_resolve(layer, kind.attention), kind.attention_mixin),
         protected_tokens=kind.protected_tokens(runner.config),
         trace_source=trace_source,
         prop_attn=prop_attn,
@@ -878,15 +814,7 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
 
 def _check_runner(model: nn.Module, spec: _ModelSpec, runner: nn.Module) -> None:
     """The runner must be the transformers class the spec expects (not, e.g., a custom replacement)."""
-    expected = {
-        "vit": ("ViTModel",),
-        "deit": ("DeiTModel",),
-        "ast": ("ASTModel",),
-        "dinov2": ("Dinov2Encoder", "Dinov2WithRegistersEncoder"),
-        "clip": ("CLIPVisionModel",),
-        "siglip": ("SiglipVisionModel",),
-        "videomae": ("VideoMAEModel",),
-    }[spec.kind]
+    expected = _RUNNERS[spec.kind].runner_classes
     runner_cls = original_class(runner)
     if runner_cls.__name__ not in expected or not runner_cls.__module__.startswith("transformers."):
         raise TypeError(

@@ -9,18 +9,24 @@ and unpatched models.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import nn
 
 from .._schedule import RSchedule, parse_r
-from ._shared import ToMeState, sources_from_groups
+from ._shared import AttentionCall, BlockCall, ToMeState, merge_block, run_blocks, sources_from_groups
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "ToMeInfo",
     "ToMeModelMixin",
     "ToMeBlockMixin",
+    "ToMeAttentionMixin",
+    "call_attention",
+    "families",
+    "register_family",
     "swap_class",
     "is_patched",
     "original_class",
@@ -32,7 +38,7 @@ __all__ = [
 # Instance attributes that patching adds; removed again by remove_patch.
 _INSTANCE_ATTRS = ("_tome_info", "_tome_r", "_tome_block_r", "_tome_protected", "_tome_prop_attn")
 
-_CLASS_CACHE: Dict[tuple, type] = {}
+_CLASS_CACHE: Dict[Tuple[Tuple[type, ...], type], type] = {}
 
 
 class ToMeInfo(dict):
@@ -104,11 +110,40 @@ def original_class(module: nn.Module) -> type:
     return cls.__dict__.get("_tome_parent", cls)
 
 
+# ----------------------------------------------------------------------------- families
+
+_FAMILIES: Dict[str, Tuple[int, Callable[[nn.Module], bool], Callable[..., nn.Module]]] = {}
+
+
+def register_family(name: str, detector: Callable[[nn.Module], bool], priority: int = 100) -> Callable[[F], F]:
+    """Decorator registering a family's patch function, as timm registers its models.
+
+    Args:
+        name: The family's name (``tome.apply_patch(model, family=name)``).
+        detector: ``model -> bool``; looks at class names and modules only, so no
+            optional library is imported to answer "is this one of yours?".
+        priority: Lower is asked first (a more specific family before its base).
+    """
+
+    def register(patch_fn: F) -> F:
+        _FAMILIES[name] = (priority, detector, patch_fn)
+        return patch_fn
+
+    return register
+
+
+def families() -> Dict[str, Tuple[Callable[[nn.Module], bool], Callable[..., nn.Module]]]:
+    """Registered families in the order they are asked: ``name -> (detector, patch function)``."""
+    ordered = sorted(_FAMILIES.items(), key=lambda item: item[1][0])
+    return {name: (detector, patch_fn) for name, (_, detector, patch_fn) in ordered}
+
+
 def supported_families() -> str:
     """Comma-separated names of the families ``tome.apply_patch`` knows, for error messages."""
-    from . import FAMILIES
+    return ", ".join(families())
 
-    return ", ".join(FAMILIES)
+
+# ----------------------------------------------------------------------------- class swaps
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -116,17 +151,40 @@ def is_patched(module: nn.Module) -> bool:
     return "_tome_parent" in type(module).__dict__
 
 
-def swap_class(module: nn.Module, mixin: type) -> None:
-    """Give ``module`` the class ``mixin + type(module)``; no-op if already patched."""
-    if is_patched(module):
-        return
-    parent = type(module)
-    key = (mixin, parent)
+def _runtime_class(mixins: Tuple[type, ...], parent: type) -> type:
+    key = (mixins, parent)
     cls = _CLASS_CACHE.get(key)
     if cls is None:
-        cls = type(f"ToMe{parent.__name__}", (mixin, parent), {"_tome_parent": parent})
+        namespace = {"_tome_parent": parent, "_tome_mixins": mixins, "__reduce_ex__": _reduce_swapped}
+        cls = type(f"ToMe{parent.__name__}", mixins + (parent,), namespace)
         _CLASS_CACHE[key] = cls
-    module.__class__ = cls
+    return cls
+
+
+def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:
+    # Runtime classes cannot be found by name, so pickle (and deepcopy) record the
+    # original class and the mixins, both importable, and rebuild the swap on load.
+    cls = type(self)
+    return (_rebuild_swapped, (cls.__dict__["_tome_parent"], cls.__dict__["_tome_mixins"]), self.__getstate__())
+
+
+def _rebuild_swapped(parent: type, mixins: Tuple[type, ...]) -> nn.Module:
+    module = parent.__new__(parent)
+    module.__class__ = _runtime_class(tuple(mixins), parent)
+    return module
+
+
+def swap_class(module: nn.Module, mixins: Union[type, Tuple[type, ...]]) -> None:
+    """Give ``module`` the class ``(*mixins, type(module))``; no-op if already patched.
+
+    The new class records its parent (for :func:`remove_patch`) and pickles as
+    the parent plus the mixins, so patched models survive ``torch.save(model)``,
+    ``copy.deepcopy`` and multiprocessing.
+    """
+    if is_patched(module):
+        return
+    mixins = mixins if isinstance(mixins, tuple) else (mixins,)
+    module.__class__ = _runtime_class(mixins, type(module))
 
 
 def remove_patch(model: nn.Module) -> nn.Module:
@@ -149,12 +207,62 @@ def remove_patch(model: nn.Module) -> nn.Module:
     return model
 
 
+class ToMeAttentionMixin:
+    """Patched attention module: with ``tome=AttentionCall(bias)`` it adds the bias to
+    its logits and reports the mean key; without it, it is the original module."""
+
+    def forward(self, *args: Any, tome: Optional[AttentionCall] = None, **kwargs: Any) -> Any:
+        if tome is None:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        return self._tome_attention(args[0], tome)
+
+    def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Any:
+        """Attention of ``x`` ``(batch, tokens, channels)`` with ``call.bias``; sets ``call.metric``."""
+        raise NotImplementedError
+
+
 class ToMeBlockMixin:
-    """Settings a patched block needs when it is called on its own."""
+    """Patched block: an attention branch, a merge, an MLP branch.
+
+    Called by a patched model with ``tome=BlockCall(state, r)``. Called on its own
+    (no ``tome``), it merges its own ``r`` from a fresh state (every token one
+    patch), or is the original block when its r is 0 or a mask is passed.
+    A family implements :meth:`_tome_attn_branch` and :meth:`_tome_mlp_branch`.
+    """
 
     _tome_block_r: int = 0
     _tome_protected: int = 0
     _tome_prop_attn: bool = True
+    # Whether the original forward may run a block that merges nothing before any
+    # merge happened (exact, and as fast as the original); its output must be a tensor.
+    _tome_native_when_idle: bool = True
+
+    def forward(self, x: torch.Tensor, *args: Any, tome: Optional[BlockCall] = None, **kwargs: Any) -> Any:
+        masked = any(a is not None and a is not False for a in args) or any(
+            v is not None and v is not False for v in kwargs.values()
+        )
+        if tome is None:
+            if self._tome_block_r <= 0 or masked:
+                return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+            tome = BlockCall(self._tome_start(x), self._tome_block_r)
+        elif masked:
+            raise ValueError(
+                "attention masks cannot be combined with token merging: merged tokens no longer line "
+                "up with the mask. Set model.r = 0 to use a mask."
+            )
+        if tome.r <= 0 and tome.state.size is None and self._tome_native_when_idle:
+            tome.out = tome.state
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        x, tome.out = merge_block(x, tome.state, tome.r, self._tome_attn_branch, self._tome_mlp_branch)
+        return x
+
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(x, bias) -> (residual, metric)``: the whole attention residual branch."""
+        raise NotImplementedError
+
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x -> residual``: the whole MLP residual branch."""
+        raise NotImplementedError
 
     def _tome_start(self, x: torch.Tensor) -> ToMeState:
         return ToMeState.start(x.shape[1], self._tome_protected, self._tome_prop_attn, False)
@@ -165,13 +273,34 @@ class ToMeBlockMixin:
         return f"{base}, {tome}" if base else tome
 
 
+def call_attention(
+    attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor], *args: Any, **kwargs: Any
+) -> Tuple[Any, torch.Tensor]:
+    """Call a patched attention module through ``__call__`` (so its hooks fire), with the
+    arguments the original block passes it (``*args``, ``**kwargs``) and the bias.
+
+    Returns:
+        The module's output and the metric it reported.
+    """
+    call = AttentionCall(bias)
+    out = attn(x, *args, tome=call, **kwargs)
+    return out, call.metric  # type: ignore[return-value]
+
+
+_NO_TAG = object()
+
+
 class ToMeModelMixin:
-    """Model-level ToMe settings: ``model.r`` and ``model._tome_info``."""
+    """Model-level ToMe settings (``model.r``, ``model._tome_info``) and the block loop."""
 
     _tome_r: RSchedule = 0
 
     def _tome_blocks(self) -> Sequence[nn.Module]:
         raise NotImplementedError
+
+    def _tome_full_tokens(self) -> Optional[int]:
+        """Tokens entering the first block when nothing is merged, if fixed (else None)."""
+        return None
 
     @property
     def r(self) -> RSchedule:
@@ -189,49 +318,103 @@ class ToMeModelMixin:
     def _tome_schedule(self) -> List[int]:
         return parse_r(len(self._tome_blocks()), self._tome_r)
 
-    def _tome_begin(self, x: torch.Tensor) -> ToMeState:
+    def _tome_begin(self, x: torch.Tensor, trace_source: Optional[bool] = None) -> ToMeState:
         info = self._tome_info
-        return ToMeState.start(x.shape[1], info["protected_tokens"], info["prop_attn"], info["trace_source"])
+        trace = info["trace_source"] if trace_source is None else trace_source
+        return ToMeState.start(x.shape[1], info["protected_tokens"], info["prop_attn"], trace)
 
-    def _tome_last_size(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Sizes of the last forward in this model, if they describe ``x``'s tokens."""
-        report = self._tome_info._report
-        if report is None:
-            return None
-        state, batch, _, _ = report
-        if state.size is None or batch != x.shape[0] or state.num_tokens != x.shape[1]:
-            return None
-        return state.size
+    def _tome_run(
+        self,
+        x: torch.Tensor,
+        grad_checkpointing: bool = False,
+        *,
+        stop_after: Optional[int] = None,
+        trace_source: Optional[bool] = None,
+        after_block: Optional[Callable[[int, torch.Tensor, ToMeState], None]] = None,
+    ) -> Tuple[torch.Tensor, ToMeState]:
+        """Embedded tokens ``(batch, tokens, channels)`` through the blocks, merging on the schedule.
+
+        Args:
+            x: Tokens entering the first block.
+            grad_checkpointing: Recompute blocks in backward.
+            stop_after: Run blocks ``0 .. stop_after`` only.
+            trace_source: Keep source groups even if ``trace_source`` is off.
+            after_block: Passed to :func:`run_blocks`.
+
+        Returns:
+            The tokens after the last block run and the final state, which is
+            also recorded in ``model._tome_info``.
+        """
+        blocks = list(self._tome_blocks())
+        schedule = parse_r(len(blocks), self._tome_r)
+        if stop_after is not None:
+            blocks = blocks[: stop_after + 1]
+        state = self._tome_begin(x, trace_source)
+        x, state, removed = run_blocks(blocks, x, state, schedule, grad_checkpointing, after_block)
+        self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
+        return x, state
+
+    @staticmethod
+    def _tome_tag(features: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attach the token sizes to the features they describe (for ``forward_head``)."""
+        features._tome_size = size  # type: ignore[attr-defined]
+        return features
+
+    def _tome_sizes_of(self, features: torch.Tensor) -> Optional[torch.Tensor]:
+        """The sizes of features returned by this model's ``forward_features``.
+
+        Raises:
+            ValueError: if the features carry no sizes and may be merged, so a
+                size-weighted pool would be a guess.
+        """
+        size = getattr(features, "_tome_size", _NO_TAG)
+        if size is not _NO_TAG:
+            return size  # type: ignore[return-value]
+        full = self._tome_full_tokens()
+        if features.dim() == 3 and (features.shape[1] == full or (full is None and not any(self._tome_schedule()))):
+            return None  # unmerged features: every token is one patch
+        raise ValueError(
+            f"forward_head cannot weight these features ({tuple(features.shape)}) by token size: they are "
+            "not the tensor this model's forward_features returned (sizes travel with that tensor only; "
+            "a copy, slice or cast loses them). Pass forward_features' output unchanged, or call the "
+            "model itself."
+        )
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         info = self._tome_info
-        tome = f"tome: r={self._tome_r!r}, prop_attn={info['prop_attn']}, trace_source={info['trace_source']}"
+        why = info.get("defaults")
+        prop = f"prop_attn={info['prop_attn']}" + (f" ({why})" if why else "")
+        tome = f"tome: r={self._tome_r!r}, {prop}, trace_source={info['trace_source']}"
         return f"{base}, {tome}" if base else tome
 
 
 def patch_model(
     model: nn.Module,
-    model_mixin: Type[ToMeModelMixin],
+    model_mixin: Union[type, Tuple[type, ...]],
     blocks: Sequence[nn.Module],
     block_mixin: Callable[[nn.Module], type],
     *,
+    attention: Optional[Callable[[nn.Module], Tuple[nn.Module, type]]] = None,
     protected_tokens: int,
     trace_source: bool,
     prop_attn: bool,
     class_token: bool,
     distill_token: bool = False,
+    defaults: str = "",
 ) -> nn.Module:
-    """Swap the classes of a model and its blocks and record the settings.
+    """Swap the classes of a model, its blocks and their attention modules; record the settings.
 
     Args:
         model: The model to patch in place.
-        model_mixin: Mixin class for the model.
+        model_mixin: Mixin class (or classes) for the model.
         blocks: The transformer blocks, in order.
         block_mixin: Gives the mixin class for each block.
+        attention: Gives ``(attention module, its mixin)`` for a block.
         protected_tokens: Leading tokens that never merge.
         trace_source, prop_attn: Settings recorded in ``model._tome_info``.
         class_token, distill_token: Recorded for code written against the original release.
+        defaults: Why the family chose its defaults, shown by ``print(model)``.
 
     Re-patching an already patched model only updates the settings and keeps ``model.r``.
     """
@@ -239,6 +422,9 @@ def patch_model(
     swap_class(model, model_mixin)
     for block in blocks:
         swap_class(block, block_mixin(block))
+        if attention is not None:
+            attn, attn_mixin = attention(block)
+            swap_class(attn, attn_mixin)
         object.__setattr__(block, "_tome_protected", protected_tokens)
         object.__setattr__(block, "_tome_prop_attn", bool(prop_attn))
     info = ToMeInfo(
@@ -250,6 +436,7 @@ def patch_model(
         class_token=bool(class_token),
         distill_token=bool(distill_token),
         protected_tokens=int(protected_tokens),
+        defaults=defaults,
     )
     object.__setattr__(model, "_tome_info", info)
     model.r = previous_r  # type: ignore[attr-defined]

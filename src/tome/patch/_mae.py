@@ -17,10 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._lifecycle import original_class, register_family
 from ._shared import weighted_mean
-from ._timm import ToMeVisionTransformer, apply_to_timm, check_blocks, check_supported, is_timm_vit
+from ._timm import ToMeTimmVisionTransformer, apply_to_timm, check_blocks, check_supported, is_timm_mae, is_timm_vit
 
-__all__ = ["mae", "is_mae_codebase"]
+__all__ = ["mae", "is_mae", "is_mae_codebase"]
 
 
 def is_mae_codebase(model: nn.Module) -> bool:
@@ -28,11 +29,16 @@ def is_mae_codebase(model: nn.Module) -> bool:
     return is_timm_vit(model) and isinstance(getattr(model, "global_pool", None), bool)
 
 
-class ToMeMAEVisionTransformer(ToMeVisionTransformer):
+def is_mae(model: nn.Module) -> bool:
+    """Whether ``model`` holds MAE weights: the MAE code base's ViT or timm's ``.mae`` weights."""
+    return is_mae_codebase(model) or is_timm_mae(model)
+
+
+class ToMeMAEVisionTransformer(ToMeTimmVisionTransformer):
     """The MAE code base's ViT: ``forward_features`` returns the pooled feature."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x, state, _ = self._tome_run(self._tome_embed(x))
+        x, state = self._tome_run(self._tome_embed(x), self.grad_checkpointing)
         return self._tome_mae_pool(x, state.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -48,11 +54,12 @@ class ToMeMAEVisionTransformer(ToMeVisionTransformer):
 
 def _check_mae_codebase(model: nn.Module) -> None:
     check_blocks(model)
-    name = type(model).__dict__.get("_tome_parent", type(model)).__name__
+    name = original_class(model).__name__
     if model.global_pool and not hasattr(model, "fc_norm"):
         raise TypeError(f"{name} has global_pool=True but no fc_norm; not the MAE code base's layout")
 
 
+@register_family("mae", is_mae, priority=10)
 def mae(model: nn.Module, trace_source: bool = False, prop_attn: bool = False) -> nn.Module:
     """Patch an MAE fine-tuned ViT in place to merge tokens; set ``model.r`` after.
 
@@ -68,8 +75,9 @@ def mae(model: nn.Module, trace_source: bool = False, prop_attn: bool = False) -
     Raises:
         TypeError: if the model is not a ViT ToMe can run exactly.
     """
+    defaults = "off by default for MAE models" if not prop_attn else ""
     if is_mae_codebase(model):
         _check_mae_codebase(model)
-        return apply_to_timm(model, trace_source, prop_attn, ToMeMAEVisionTransformer)
+        return apply_to_timm(model, trace_source, prop_attn, ToMeMAEVisionTransformer, defaults)
     check_supported(model)
-    return apply_to_timm(model, trace_source, prop_attn, ToMeVisionTransformer)
+    return apply_to_timm(model, trace_source, prop_attn, ToMeTimmVisionTransformer, defaults)

@@ -11,24 +11,35 @@ Per-forward state (sizes, source groups) is a :class:`ToMeState` created at the
 top of a model's forward and handed from block to block. It is immutable: a
 merge returns a new state, so blocks can be re-run (gradient checkpointing),
 called directly, or run by several threads at once.
+
+Blocks are called through ``nn.Module.__call__`` as the framework itself calls
+them, with one extra keyword, ``tome=BlockCall(state, r)``: the block reads its
+entry state and r from it and writes its exit state back. A block's attention
+module is called the same way with ``tome=AttentionCall(bias)`` and writes the
+metric back. So hooks on blocks and attention modules fire as in the unpatched
+model, and a block's hooks see tensors in and out, as they always did.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..merge import match_bipartite
 
 __all__ = [
+    "AttentionCall",
+    "BlockCall",
     "ToMeState",
     "attention",
     "merge_block",
     "run_blocks",
+    "size_bias",
     "sources_from_groups",
     "weighted_mean",
 ]
@@ -82,7 +93,7 @@ class ToMeState:
         """Proportional-attention bias ``log(size)``, shape ``(batch, 1, 1, tokens)``, or None."""
         if not self.prop_attn or self.size is None:
             return None
-        return self.size.log().transpose(1, 2).unsqueeze(1).to(dtype)
+        return size_bias(self.size, dtype)
 
     def sizes(self, like: torch.Tensor) -> torch.Tensor:
         """``(batch, tokens, 1)`` float32 sizes, ones when nothing was merged yet."""
@@ -164,6 +175,38 @@ def attention(
     return weights @ v
 
 
+class AttentionCall:
+    """What a patched block hands its attention module (as the ``tome`` keyword).
+
+    Attributes:
+        bias: Additive logits bias ``(batch, 1, 1, tokens)`` (``log(size)``), or None.
+        metric: Filled in by the attention module: the keys averaged over heads,
+            ``(batch, tokens, head_dim)``, ToMe's similarity metric (paper, Sec. 3).
+    """
+
+    __slots__ = ("bias", "metric")
+
+    def __init__(self, bias: Optional[torch.Tensor]) -> None:
+        self.bias = bias
+        self.metric: Optional[torch.Tensor] = None
+
+
+class BlockCall:
+    """What a patched model hands each block (as the ``tome`` keyword): the state on
+    entry and the block's r; the block writes the state on exit into ``out``.
+
+    The entry state is never changed, so a block re-run by gradient checkpointing
+    reads the same state and writes the same result.
+    """
+
+    __slots__ = ("state", "r", "out")
+
+    def __init__(self, state: ToMeState, r: int) -> None:
+        self.state = state
+        self.r = r
+        self.out: Optional[ToMeState] = None
+
+
 def merge_block(
     x: torch.Tensor,
     state: ToMeState,
@@ -192,36 +235,62 @@ def merge_block(
     return x, state
 
 
-BlockStep = Callable[[torch.Tensor, ToMeState, int], Tuple[torch.Tensor, ToMeState]]
-
-
 def run_blocks(
-    steps: Iterable[BlockStep],
+    blocks: Sequence[nn.Module],
     x: torch.Tensor,
     state: ToMeState,
     schedule: Sequence[int],
     grad_checkpointing: bool = False,
-) -> Tuple[torch.Tensor, ToMeState]:
-    """Run blocks in order, each removing its scheduled r, threading the state.
+    after_block: Optional[Callable[[int, torch.Tensor, ToMeState], None]] = None,
+) -> Tuple[torch.Tensor, ToMeState, List[int]]:
+    """Run patched blocks in order, each removing its scheduled r, threading the state.
+
+    Every block is called through ``block(x, tome=BlockCall(...))``, that is
+    through ``nn.Module.__call__``, so forward hooks and pre-hooks registered on
+    blocks (and on their attention modules) fire as in the unpatched model.
 
     Args:
-        steps: One ``(x, state, r) -> (x, state)`` callable per block.
+        blocks: Patched blocks; ``zip`` with ``schedule`` decides how many run.
         x: ``(batch, tokens, channels)`` entering the first block.
         state: Initial state.
         schedule: r per block.
         grad_checkpointing: Recompute each block in backward instead of storing
             its activations (only when gradients are being recorded).
+        after_block: Called as ``after_block(index, x, state)`` after each block.
 
     Returns:
-        ``(x, state)`` after the last block.
+        ``(x, state, removed)`` after the last block run; ``removed`` holds the
+        number of tokens each block actually removed (r after capping).
+
+    Raises:
+        TypeError: if a block is not patched (e.g. replaced after patching).
     """
-    use_checkpoint = grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
-    for step, r in zip(steps, schedule):
+    use_checkpoint = grad_checkpointing and torch.is_grad_enabled()
+    removed = []
+    for index, (block, r) in enumerate(zip(blocks, schedule)):
+        if "_tome_parent" not in type(block).__dict__:
+            raise TypeError(
+                f"block {index} is an unpatched {type(block).__name__} inside a patched model (was it "
+                "replaced after patching?); call tome.apply_patch(model) again to patch it"
+            )
+        call = BlockCall(state, r)
         if use_checkpoint:
-            x, state = checkpoint(step, x, state, r, use_reentrant=False)
+            x = checkpoint(block, x, use_reentrant=False, tome=call)
         else:
-            x, state = step(x, state, r)
-    return x, state
+            x = block(x, tome=call)
+        if call.out is None:
+            raise RuntimeError(f"block {index} ({type(block).__name__}) did not report its token state")
+        removed.append(state.num_tokens - call.out.num_tokens)
+        state = call.out
+        if after_block is not None:
+            after_block(index, x, state)
+    return x, state, removed
+
+
+def size_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional-attention bias for keys of sizes ``(batch, tokens, 1)``: ``log(size)``
+    as ``(batch, 1, 1, tokens)``, added to every query's logits (paper, Sec. 3, Eq. 1)."""
+    return size.log().transpose(1, 2).unsqueeze(1).to(dtype)
 
 
 def weighted_mean(x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:

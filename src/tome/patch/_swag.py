@@ -22,9 +22,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._lifecycle import original_class, patch_model, supported_families
-from ._shared import ToMeState, weighted_mean
-from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, check_mha
+from ._lifecycle import original_class, patch_model, register_family, supported_families
+from ._shared import BlockCall, ToMeState, weighted_mean
+from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, ToMeMultiheadAttention, check_mha
 
 __all__ = ["swag", "is_swag_vit"]
 
@@ -60,13 +60,14 @@ def _defined_by(cls: type, method: str) -> str:
 class ToMeSwagEncoderBlock(ToMeEncoderBlock):
     """SWAG ``EncoderBlock``: same layout as torchvision's, sequence-first interface."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._tome_block_r == 0:
-            return super().forward(input)
+    # SWAG's own block forward is sequence-first, but a patched model runs batch-first.
+    _tome_native_when_idle = False
+
+    def forward(self, input: torch.Tensor, *, tome: Optional[BlockCall] = None) -> torch.Tensor:
+        if tome is not None or self._tome_block_r == 0:
+            return super().forward(input, tome=tome)
         # Called on its own: (tokens, batch, channels) in and out, batch-first inside.
-        x = input.transpose(0, 1)
-        x, _ = self.tome_forward(x, self._tome_start(x), self._tome_block_r)
-        return x.transpose(0, 1)
+        return super().forward(input.transpose(0, 1)).transpose(0, 1)
 
 
 class ToMeSwagVisionTransformer(ToMeEncoderModel):
@@ -99,7 +100,7 @@ class ToMeSwagVisionTransformer(ToMeEncoderModel):
         encoder = self.encoder
         # pos_embedding is (tokens, 1, dim), sequence-first.
         x = encoder.dropout(x + encoder.pos_embedding.transpose(0, 1))
-        x, state, _ = self._tome_run(x)
+        x, state = self._tome_run(x)
         return encoder.ln(x), state
 
 
@@ -148,6 +149,7 @@ def check_supported(model: nn.Module) -> None:
         check_mha(block.self_attention, f"{where}.self_attention", batch_first=False)
 
 
+@register_family("swag", is_swag_vit, priority=40)
 def swag(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
     """Patch a SWAG Vision Transformer in place to merge tokens; set ``model.r`` after.
 
@@ -173,6 +175,7 @@ def swag(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -
         ToMeSwagVisionTransformer,
         list(model.encoder.layers),
         lambda block: ToMeSwagEncoderBlock,
+        attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
         protected_tokens=int(class_token),
         trace_source=trace_source,
         prop_attn=prop_attn,

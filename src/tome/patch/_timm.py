@@ -10,23 +10,27 @@ with a ``TypeError`` at patch time.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, original_class, patch_model, supported_families
-from ._shared import ToMeState, attention, merge_block, run_blocks, weighted_mean
+from .._dense import unmerge_tokens
+from ._lifecycle import (
+    ToMeAttentionMixin,
+    ToMeBlockMixin,
+    ToMeModelMixin,
+    call_attention,
+    original_class,
+    patch_model,
+    register_family,
+    supported_families,
+)
+from ._shared import AttentionCall, ToMeState, attention, size_bias, weighted_mean
 
-__all__ = ["timm", "apply_to_timm", "is_timm_vit"]
+__all__ = ["timm", "apply_to_timm", "is_timm_vit", "is_timm_mae"]
 
 _SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
-
-
-def _vit_base() -> type:
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -37,69 +41,69 @@ def is_timm_vit(model: nn.Module) -> bool:
     )
 
 
-def _attention_branch(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention.forward`` with a ``log(size)`` bias, also returning the mean key."""
-    batch, tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out = attention(q, k, v, bias, dropout_p=dropout_p, scale=attn.scale, fused=attn.fused_attn)
-    out = out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1)
+class ToMeTimmAttention(ToMeAttentionMixin):
+    """timm ``Attention`` that adds a ``log(size)`` bias and reports the mean key when asked."""
+
+    def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=self.scale, fused=self.fused_attn)
+        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        call.metric = k.mean(dim=1)
+        return self.proj_drop(self.proj(out))
 
 
-class ToMeBlock(ToMeBlockMixin):
+class ToMeTimmBlock(ToMeBlockMixin):
     """timm ``Block`` (pre-norm) with a merge between attention and MLP."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal or self._tome_block_r == 0:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        return self.tome_forward(x, self._tome_start(x), self._tome_block_r)[0]
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        out, metric = call_attention(self.attn, self.norm1(x), bias)
+        return self.drop_path1(self.ls1(out)), metric
 
-    def tome_forward(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
-        """Run the block on ``(batch, tokens, channels)``, removing ``r`` tokens."""
-        if r <= 0 and state.size is None:
-            # Nothing merged yet and nothing to merge here: timm's own block is exact
-            # (no size bias, no metric to compute), so r=0 costs nothing over timm.
-            return super().forward(x), state  # type: ignore[misc]
-        return self._tome_merge_block(x, state, r)
-
-    def _tome_merge_block(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
-        def attn_branch(x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-            out, metric = _attention_branch(self.attn, self.norm1(x), bias)
-            return self.drop_path1(self.ls1(out)), metric
-
-        def mlp_branch(x: torch.Tensor) -> torch.Tensor:
-            return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-        return merge_block(x, state, r, attn_branch, mlp_branch)
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class ToMeResPostBlock(ToMeBlock):
+class ToMeTimmResPostBlock(ToMeBlockMixin):
     """timm ``ResPostBlock`` (norm after each branch) with a merge between attention and MLP."""
 
-    def _tome_merge_block(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
-        def attn_branch(x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-            out, metric = _attention_branch(self.attn, x, bias)
-            return self.drop_path1(self.norm1(out)), metric
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        out, metric = call_attention(self.attn, x, bias)
+        return self.drop_path1(self.norm1(out)), metric
 
-        def mlp_branch(x: torch.Tensor) -> torch.Tensor:
-            return self.drop_path2(self.norm2(self.mlp(x)))
-
-        return merge_block(x, state, r, attn_branch, mlp_branch)
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path2(self.norm2(self.mlp(x)))
 
 
-class ToMeVisionTransformer(ToMeModelMixin):
-    """timm ``VisionTransformer`` whose blocks merge tokens; pooling weighted by size."""
+_MASK_REFUSAL = (
+    "attn_mask / is_causal cannot be combined with token merging (r > 0): merged tokens no longer "
+    "line up with the mask. Set model.r = 0 to use a mask."
+)
+
+
+class ToMeTimmVisionTransformer(ToMeModelMixin):
+    """timm ``VisionTransformer`` whose blocks merge tokens; pooling weighted by size.
+
+    ``forward_features`` returns the merged tokens with their sizes attached, so
+    ``forward_head`` pools exactly those; ``forward_intermediates`` (and so
+    ``get_intermediate_layers`` and ``features_only`` models) carries one state
+    through the blocks and maps every intermediate back to the patch grid.
+    """
 
     def _tome_blocks(self) -> Sequence[nn.Module]:
         return list(self.blocks)
+
+    def _tome_full_tokens(self) -> Optional[int]:
+        if self.dynamic_img_size or getattr(self.patch_embed, "num_patches", None) is None:
+            return None
+        return self.patch_embed.num_patches + self.num_prefix_tokens
 
     def _tome_embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -107,44 +111,102 @@ class ToMeVisionTransformer(ToMeModelMixin):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def _tome_run(self, x: torch.Tensor) -> Tuple[torch.Tensor, ToMeState, List[int]]:
-        """Embedded tokens through all blocks; returns tokens, final state, schedule."""
-        schedule = self._tome_schedule()
-        state = self._tome_begin(x)
-        x, state = run_blocks(
-            [block.tome_forward for block in self.blocks], x, state, schedule, self.grad_checkpointing
-        )
-        self._tome_info.record(state, x, schedule)
-        return x, state, schedule
+    def _tome_masked(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
+        """Whether to run timm's own code for a masked call; refuses masks while merging."""
+        if attn_mask is None and not is_causal:
+            return False
+        if any(self._tome_schedule()):
+            raise ValueError(_MASK_REFUSAL)
+        return True
+
+    def _tome_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x, state = self._tome_run(self._tome_embed(x), self.grad_checkpointing)
+        return self.norm(x), state.size
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
     ) -> torch.Tensor:
-        return self._tome_features(x, attn_mask, is_causal)[0]
-
-    def _tome_features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if attn_mask is not None or is_causal:
-            if any(self._tome_schedule()):
-                raise ValueError(
-                    "attn_mask / is_causal cannot be combined with token merging (r > 0): merged "
-                    "tokens no longer line up with the mask. Set model.r = 0 to use a mask."
-                )
-            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal), None  # type: ignore[misc]
-        x, state, _ = self._tome_run(self._tome_embed(x))
-        return self.norm(x), state.size
+        if self._tome_masked(attn_mask, is_causal):
+            return self._tome_tag(super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal), None)  # type: ignore[misc]
+        return self._tome_tag(*self._tome_features(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self._tome_head(x, self._tome_last_size(x), pre_logits)
+        return self._tome_head(x, self._tome_sizes_of(x) if self._tome_pools_patches() else None, pre_logits)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        x, size = self._tome_features(x, attn_mask, is_causal)
-        return self._tome_head(x, size, False)
+        if self._tome_masked(attn_mask, is_causal):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
+        return self._tome_head(*self._tome_features(x), False)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates`` with merging carried through the blocks.
+
+        Each intermediate is mapped back to one row per patch (every patch takes
+        the features of the token that holds it), so ``NCHW`` maps have the
+        patch grid's shape and ``NLC`` lists one row per patch, as without
+        merging. The final features (unless ``intermediates_only``) stay merged,
+        with their sizes attached for ``forward_head``.
+        """
+        if not any(self._tome_schedule()) or self._tome_masked(attn_mask, is_causal):
+            return super().forward_intermediates(  # type: ignore[misc]
+                x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+                output_fmt=output_fmt, intermediates_only=intermediates_only, output_dict=output_dict,
+                attn_mask=attn_mask, is_causal=is_causal,
+            )
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        intermediates: List[torch.Tensor] = []
+
+        def collect(index: int, tokens: torch.Tensor, state: ToMeState) -> None:
+            if index in take_indices:
+                tokens = self.norm(tokens) if norm else tokens
+                intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
+
+        x, state = self._tome_run(
+            self._tome_embed(x), self.grad_checkpointing, stop_after=max_index if stop_early else None,
+            trace_source=True, after_block=collect,
+        )
+        prefix = self.num_prefix_tokens
+        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
+        intermediates = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        features = None if intermediates_only else self._tome_tag(self.norm(x), state.size)
+        if output_dict:
+            result: Dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if features is not None:
+                result["image_features"] = features
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))  # type: ignore[arg-type]
+        return intermediates if features is None else (features, intermediates)
+
+    def _tome_pools_patches(self) -> bool:
+        """Whether the head reads more than the (protected) prefix tokens."""
+        return not ((self.attn_pool is None and self.global_pool in ("token", "")) or hasattr(self, "dist_token"))
 
     def _tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool) -> torch.Tensor:
         # Nothing merged, or a head that only reads prefix tokens: the model's own head is exact.
-        if size is None or (self.attn_pool is None and self.global_pool in ("token", "")) or hasattr(self, "dist_token"):
+        if size is None or not self._tome_pools_patches():
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
         x = self._tome_pool(x, size)
         x = self.fc_norm(x)
@@ -156,8 +218,7 @@ class ToMeVisionTransformer(ToMeModelMixin):
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.attn_pool is not None:
             # Attention pooling: every key counts once per patch it stands for.
-            bias = size.log().transpose(1, 2).unsqueeze(1).to(x.dtype)
-            return self.attn_pool(x, attn_mask=bias)
+            return self.attn_pool(x, attn_mask=size_bias(size, x.dtype))
         if self.global_pool == "avg":
             return weighted_mean(x, size)
         if self.global_pool == "max":
@@ -165,7 +226,7 @@ class ToMeVisionTransformer(ToMeModelMixin):
         return 0.5 * (x.amax(dim=1) + weighted_mean(x, size))  # avgmax
 
 
-_BLOCK_MIXINS = {"Block": ToMeBlock, "ResPostBlock": ToMeResPostBlock}
+_BLOCK_MIXINS = {"Block": ToMeTimmBlock, "ResPostBlock": ToMeTimmResPostBlock}
 
 
 def check_supported(model: nn.Module) -> None:
@@ -179,15 +240,20 @@ def check_supported(model: nn.Module) -> None:
             f"got {name}. Supported families: {supported_families()}"
         )
     own = original_class(model)
-    for method in ("forward_features", "forward", "forward_head", "_pos_embed", "pool"):
+    for method in ("forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool"):
         impl = getattr(own, method)
         allowed = (getattr(vt.VisionTransformer, method),)
         if own.__name__ == "VisionTransformerDistilled" and method in ("forward_head", "_pos_embed"):
             allowed = (impl,)
         if impl not in allowed:
+            hint = (
+                " It looks like the MAE code base's ViT (boolean global_pool): use tome.patch.mae(model)."
+                if isinstance(getattr(model, "global_pool", None), bool)
+                else " Supported: timm's VisionTransformer and subclasses that keep its forward methods."
+            )
             raise TypeError(
-                f"{own.__name__} overrides VisionTransformer.{method}; ToMe cannot patch it exactly. "
-                "For MAE fine-tuned models use tome.patch.mae(model)."
+                f"{own.__name__} overrides VisionTransformer.{method} (defined in {own.__module__}); ToMe "
+                f"runs timm's own {method} with merging and cannot know what the override does.{hint}"
             )
     if model.global_pool not in _SUPPORTED_POOLS:
         raise TypeError(
@@ -224,17 +290,17 @@ def check_blocks(model: nn.Module) -> None:
             )
 
 
-
-
-
-
-def apply_to_timm(model: nn.Module, trace_source: bool, prop_attn: bool, model_mixin: type) -> nn.Module:
+def apply_to_timm(
+    model: nn.Module, trace_source: bool, prop_attn: bool, model_mixin: type, defaults: str = ""
+) -> nn.Module:
     """Patch a checked timm ViT with ``model_mixin`` (used by the timm and MAE families)."""
     return patch_model(
         model,
         model_mixin,
         list(model.blocks),
         lambda block: _BLOCK_MIXINS[original_class(block).__name__],
+        attention=lambda block: (block.attn, ToMeTimmAttention),
+        defaults=defaults,
         protected_tokens=model.num_prefix_tokens,
         trace_source=trace_source,
         prop_attn=prop_attn,
@@ -243,7 +309,17 @@ def apply_to_timm(model: nn.Module, trace_source: bool, prop_attn: bool, model_m
     )
 
 
-def timm(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+def is_timm_mae(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm ViT carrying MAE weights (timm's ``.mae`` pretrained tags)."""
+    if not is_timm_vit(model):
+        return False
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    tag = str(cfg.get("tag") or "")
+    return "mae" in tag.split("_") or tag == "mae" or str(cfg.get("hf_hub_id") or "").endswith(".mae")
+
+
+@register_family("timm", is_timm_vit, priority=20)
+def timm(model: nn.Module, trace_source: bool = False, prop_attn: Optional[bool] = None) -> nn.Module:
     """Patch a timm Vision Transformer in place to merge tokens; set ``model.r`` after.
 
     Args:
@@ -251,8 +327,9 @@ def timm(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -
             DeiT-III, DINOv2, register and class-token-free variants).
         trace_source: Track which original patches each token contains; read
             ``model._tome_info["source"]`` after a forward.
-        prop_attn: Proportional attention (``log(size)`` added to attention logits);
-            keep it on for models trained without ToMe.
+        prop_attn: Proportional attention (``log(size)`` added to attention logits;
+            paper, Sec. 3); None: on, except for timm's MAE weights (``.mae``
+            tags), which the paper found better without it.
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
@@ -262,4 +339,8 @@ def timm(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -
             is not something ToMe can run exactly.
     """
     check_supported(model)
-    return apply_to_timm(model, trace_source, prop_attn, ToMeVisionTransformer)
+    defaults = ""
+    if prop_attn is None:
+        prop_attn = not is_timm_mae(model)
+        defaults = "off by default for MAE weights" if not prop_attn else ""
+    return apply_to_timm(model, trace_source, prop_attn, ToMeTimmVisionTransformer, defaults)

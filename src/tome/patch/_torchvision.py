@@ -21,16 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._lifecycle import ToMeBlockMixin, ToMeModelMixin, original_class, patch_model, supported_families
-from ._shared import ToMeState, attention, merge_block, run_blocks
+from ._lifecycle import (
+    ToMeAttentionMixin,
+    ToMeBlockMixin,
+    ToMeModelMixin,
+    call_attention,
+    original_class,
+    patch_model,
+    register_family,
+    supported_families,
+)
+from ._shared import AttentionCall, attention
 
-__all__ = ["torchvision", "is_torchvision_vit", "mha_attention_branch", "check_mha", "ToMeEncoderBlock"]
+__all__ = ["torchvision", "is_torchvision_vit", "check_mha", "ToMeEncoderBlock", "ToMeMultiheadAttention"]
 
 _TV_MODULE = "torchvision.models.vision_transformer"
-
-
-
-
 
 
 def is_torchvision_vit(model: nn.Module) -> bool:
@@ -50,7 +55,7 @@ def check_mha(attn: nn.Module, where: str, batch_first: bool) -> None:
         "supported: nn.MultiheadAttention with packed in_proj_weight (kdim == vdim == embed_dim), "
         f"batch_first={batch_first}, no add_bias_kv, no add_zero_attn"
     )
-    if not isinstance(attn, nn.MultiheadAttention) or type(attn).forward is not nn.MultiheadAttention.forward:
+    if not isinstance(attn, nn.MultiheadAttention) or original_class(attn).forward is not nn.MultiheadAttention.forward:
         raise TypeError(f"{where} is a {type(attn).__name__}; {supported}")
     if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
         raise TypeError(
@@ -68,59 +73,40 @@ def check_mha(attn: nn.Module, where: str, batch_first: bool) -> None:
         )
 
 
-def mha_attention_branch(
-    attn: nn.MultiheadAttention, x: torch.Tensor, bias: Optional[torch.Tensor]
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention of an ``nn.MultiheadAttention`` with an additive bias, also returning the mean key.
+class ToMeMultiheadAttention(ToMeAttentionMixin):
+    """``nn.MultiheadAttention`` (self-attention) that adds a ``log(size)`` bias and reports
+    the mean key when asked. Uses the module's own packed projection weights, so the
+    result is what the module computes (``need_weights=False``) plus the bias; like
+    the module, it returns ``(output, None)``."""
 
-    Uses the module's own packed projection weights, so the result is what the
-    module computes (``need_weights=False``) plus the bias.
-
-    Args:
-        attn: A module accepted by :func:`check_mha`.
-        x: ``(batch, tokens, channels)``, batch-first whatever ``attn.batch_first`` says.
-        bias: ``(batch, 1, 1, tokens)`` logits bias (``log(size)``) or None.
-
-    Returns:
-        The attention output ``(batch, tokens, channels)`` and the keys averaged
-        over heads ``(batch, tokens, head_dim)``.
-    """
-    batch, tokens, channels = x.shape
-    heads = attn.num_heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    # nn.MultiheadAttention applies its dropout to the attention weights, only in training.
-    dropout_p = attn.dropout if attn.training else 0.0
-    out = attention(q, k, v, bias, dropout_p=dropout_p)
-    out = out.transpose(1, 2).reshape(batch, tokens, channels)
-    # The module applies out_proj functionally (its hooks never run), so do the same.
-    out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
-    return out, k.mean(dim=1)
+    def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
+        # x is (batch, tokens, channels), batch-first whatever self.batch_first says.
+        batch, tokens, channels = x.shape
+        heads = self.num_heads
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        # nn.MultiheadAttention applies its dropout to the attention weights, only in training.
+        out = attention(q, k, v, call.bias, dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, tokens, channels)
+        call.metric = k.mean(dim=1)
+        # The module applies out_proj functionally (its hooks never run), so do the same.
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
 
 
 class ToMeEncoderBlock(ToMeBlockMixin):
     """``EncoderBlock`` (``ln_1``, ``self_attention``, ``dropout``, ``ln_2``, ``mlp``) merging tokens.
 
-    Shared by torchvision (batch-first) and SWAG (sequence-first, see its subclass):
-    :meth:`tome_forward` always takes batch-first tokens.
+    Shared by torchvision (batch-first) and SWAG (sequence-first, see its subclass);
+    inside a patched model its tokens are always batch-first.
     """
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._tome_block_r == 0:
-            return super().forward(input)  # type: ignore[misc]
-        return self.tome_forward(input, self._tome_start(input), self._tome_block_r)[0]
+    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        y = self.ln_1(x)
+        (out, _), metric = call_attention(self.self_attention, y, bias, y, y, need_weights=False)
+        return self.dropout(out), metric
 
-    def tome_forward(self, x: torch.Tensor, state: ToMeState, r: int) -> Tuple[torch.Tensor, ToMeState]:
-        """Run the block on ``(batch, tokens, channels)``, removing ``r`` tokens."""
-
-        def attn_branch(x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-            out, metric = mha_attention_branch(self.self_attention, self.ln_1(x), bias)
-            return self.dropout(out), metric
-
-        def mlp_branch(x: torch.Tensor) -> torch.Tensor:
-            return self.mlp(self.ln_2(x))
-
-        return merge_block(x, state, r, attn_branch, mlp_branch)
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_2(x))
 
 
 class ToMeEncoderModel(ToMeModelMixin):
@@ -129,16 +115,8 @@ class ToMeEncoderModel(ToMeModelMixin):
     def _tome_blocks(self) -> Sequence[nn.Module]:
         return list(self.encoder.layers)
 
-    def _tome_run(self, x: torch.Tensor) -> Tuple[torch.Tensor, ToMeState, List[int]]:
-        """Batch-first embedded tokens through all blocks; returns tokens, final state, schedule."""
-        schedule = self._tome_schedule()
-        state = self._tome_begin(x)
-        x, state = run_blocks([block.tome_forward for block in self.encoder.layers], x, state, schedule)
-        self._tome_info.record(state, x, schedule)
-        return x, state, schedule
 
-
-class ToMeVisionTransformer(ToMeEncoderModel):
+class ToMeTorchvisionVisionTransformer(ToMeEncoderModel):
     """torchvision ``VisionTransformer`` whose encoder blocks merge tokens."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +125,7 @@ class ToMeVisionTransformer(ToMeEncoderModel):
         x = torch.cat([class_token, x], dim=1)
         encoder = self.encoder
         x = encoder.dropout(x + encoder.pos_embedding)
-        x, _, _ = self._tome_run(x)
+        x, _ = self._tome_run(x)
         x = encoder.ln(x)
         # The class token is protected and stays at index 0.
         return self.heads(x[:, 0])
@@ -184,6 +162,7 @@ def check_supported(model: nn.Module) -> None:
         check_mha(block.self_attention, f"{own.__name__}.encoder.layers[{index}].self_attention", batch_first=True)
 
 
+@register_family("torchvision", is_torchvision_vit, priority=30)
 def torchvision(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
     """Patch a torchvision Vision Transformer in place to merge tokens; set ``model.r`` after.
 
@@ -205,9 +184,10 @@ def torchvision(model: nn.Module, trace_source: bool = False, prop_attn: bool = 
     check_supported(model)
     return patch_model(
         model,
-        ToMeVisionTransformer,
+        ToMeTorchvisionVisionTransformer,
         list(model.encoder.layers),
         lambda block: ToMeEncoderBlock,
+        attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
         protected_tokens=1,
         trace_source=trace_source,
         prop_attn=prop_attn,
