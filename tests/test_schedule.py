@@ -46,6 +46,8 @@ def test_single_layer_tuple():
         ((16, "a"), "'a'"),
         ((-4, 0.0), "-4"),
         (None, "None"),
+        (float("inf"), "inf"),
+        (float("nan"), "nan"),
     ],
 )
 def test_bad_schedules_raise_value_error_quoting_value(bad, message):

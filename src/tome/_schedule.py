@@ -18,7 +18,7 @@ def _check_count(value: object, what: str) -> int:
         # Integral floats (16.0) and numpy integers are accepted; 2.5 is not.
         try:
             as_int = int(value)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: float("inf")
             as_int = None
         if as_int is None or isinstance(value, bool) or as_int != value:
             raise ValueError(f"{what} must be a non-negative integer, got {value!r}")

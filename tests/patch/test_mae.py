@@ -111,3 +111,28 @@ def test_mae_state_dict_and_repatch():
 def test_mae_rejects_non_vit():
     with pytest.raises(TypeError, match="ResNet"):
         tome.patch.mae(timm.create_model("resnet18", pretrained=False))
+
+
+@pytest.mark.parametrize("route", ["apply_patch", "timm", "mae"])
+def test_timm_mae_weights_get_mae_defaults_on_every_route(route):
+    # timm's own MAE weights (the ".mae" tags) keep a string global_pool; their tag says MAE.
+    model = trained_like_(timm.create_model("vit_base_patch16_224.mae", pretrained=False, **TINY)).eval()
+    x = images()
+    with torch.no_grad():
+        expected, _, _ = reference_timm_vit(model, x, [3, 3, 3], prop_attn=False)
+        if route == "apply_patch":
+            assert tome.patch.family_of(model) == "mae"
+            tome.apply_patch(model, r=3)
+        else:
+            getattr(tome.patch, route)(model)
+            model.r = 3
+        assert model._tome_info["prop_attn"] is False
+        assert "prop_attn=False (off by default for MAE" in repr(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_supervised_timm_weights_keep_proportional_attention():
+    model = timm.create_model("vit_tiny_patch16_224.augreg_in21k", pretrained=False, **TINY)
+    tome.apply_patch(model)
+    assert model._tome_info["prop_attn"] is True
+    assert "prop_attn=True," in repr(model)

@@ -368,3 +368,32 @@ def test_unsupported_attention_class_raises():
     with pytest.raises(TypeError, match="MyAttention"):
         tome.patch.timm(model)
     assert type(model).__name__ == "VisionTransformer"  # nothing half-patched
+
+
+def test_overridden_method_message_says_what_is_wrong():
+    class Custom(timm.models.vision_transformer.VisionTransformer):
+        def forward_features(self, x):
+            return super().forward_features(x)
+
+    model = Custom(**{k: v for k, v in TINY.items()})
+    with pytest.raises(TypeError, match="overrides VisionTransformer.forward_features") as error:
+        tome.patch.timm(model)
+    assert "MAE" not in str(error.value)
+
+
+def test_unpatched_block_put_into_a_patched_model_is_named():
+    model = tome.apply_patch(make("token"), r=2)
+    donor = make("token")
+    model.blocks[1] = donor.blocks[1]
+    with pytest.raises(TypeError, match="block 1 is an unpatched Block.*apply_patch"):
+        model(images())
+    tome.apply_patch(model, r=2)  # patching again picks the new block up
+    assert model(images()).shape == (2, 5)
+
+
+def test_info_reports_the_r_that_ran():
+    model = tome.apply_patch(make("token"), r=1000)
+    model(images())
+    # 17 tokens, 1 protected: each layer removes at most half of the others.
+    assert model._tome_info["r"] == [8, 4, 2]
+    assert model.r == 1000
