@@ -648,3 +648,60 @@ def test_transformers_is_imported_lazily():
         node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)
     ]
     assert not any("transformers" in name for name in names)
+
+
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "DeiTModel", "Dinov2ForImageClassification"])
+def test_patched_class_round_trips_through_from_pretrained(tmp_path, name):
+    model = tome.apply_patch(make(name), r=0)
+    inputs = inputs_for(name)
+    model.save_pretrained(tmp_path)
+    # transformers sees its own class (not custom code), so no weight goes missing.
+    assert type(model).__name__ == name and type(model).__module__.startswith("transformers.")
+    assert not type(model).is_custom_code()
+    loaded, report = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    assert all(not keys for keys in report.values() if isinstance(keys, (list, set))), report
+    assert tome.patch.is_patched(loaded) and loaded.r == 0
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(name, loaded(**inputs)), main_output(name, model(**inputs)), atol=0, rtol=0)
+        model.r = loaded.r = 2
+        torch.testing.assert_close(main_output(name, loaded(**inputs)), main_output(name, model(**inputs)), atol=0, rtol=0)
+
+
+def test_pipeline_recognises_a_patched_model():
+    import logging
+
+    from PIL import Image
+
+    model = tome.apply_patch(make("ViTForImageClassification"), r=2)
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    library_logger = logging.getLogger("transformers")  # it does not propagate to the root logger
+    library_logger.addHandler(handler)
+    try:
+        classify = transformers.pipeline("image-classification", model=model, image_processor=processor)
+        result = classify(Image.new("RGB", (40, 40), "red"))
+    finally:
+        library_logger.removeHandler(handler)
+    assert len(result) == 5
+    assert not [m for m in messages if "not supported" in m], messages
+
+
+def test_gradient_checkpointing_uses_the_layers_own_function():
+    model = tome.apply_patch(make("ViTForImageClassification"), r=2).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    calls = []
+    for layer in model.vit.layers:
+        original = layer._gradient_checkpointing_func
+
+        def spy(*args, _original=original, **kwargs):
+            calls.append(1)
+            return _original(*args, **kwargs)
+
+        layer._gradient_checkpointing_func = spy
+    inputs = inputs_for("ViTForImageClassification")
+    inputs["pixel_values"].requires_grad_(True)
+    model(**inputs).logits.sum().backward()
+    assert len(calls) == LAYERS
+    assert all(p.grad is not None for p in model.classifier.parameters())

@@ -77,6 +77,8 @@ class ToMeHFAttention(ToMeAttentionMixin):
     projection or "", head_dim, scale, dropout probability).
     """
 
+    _tome_keep_name = True  # transformers recognises classes by name and module
+
     _tome_attrs: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout")
 
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
@@ -111,6 +113,8 @@ class ToMeVideoMAESelfAttention(ToMeHFAttention):
 class ToMeHFLayer(ToMeBlockMixin):
     """Common part of patched transformers layers (called through ``__call__``, so
     transformers' own gradient checkpointing and hooks apply)."""
+
+    _tome_keep_name = True  # transformers recognises classes by name and module
 
     # transformers layers differ in what their own forward returns: always run the merge step.
     _tome_native_when_idle = False
@@ -232,6 +236,8 @@ def _finish(output: Any, return_dict: bool) -> Any:
 
 class ToMeHFRunner:
     """Mixin for the module whose forward loops over the layers."""
+
+    _tome_keep_name = True  # transformers recognises classes by name and module
 
     _tome_layers_path: str = ""
 
@@ -452,20 +458,24 @@ class ToMeVideoMAERunner(ToMeHFRunner):
 class ToMeHFModel(ToMeModelMixin):
     """The patched model the user holds: ``model.r`` and ``model._tome_info``."""
 
+    _tome_keep_name = True  # transformers recognises classes by name and module
+
     def _tome_blocks(self) -> Sequence[nn.Module]:
         spec = _spec_of(self)  # type: ignore[arg-type]
         runner = _resolve(self, spec.runner)  # type: ignore[arg-type]
         return list(_resolve(runner, _RUNNERS[spec.kind].layers))
 
-    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's own ``save_pretrained``; ``config.architectures`` names the original class."""
-        patched = type(self)
-        # transformers records the class name in config.json: save under the original class.
-        self.__class__ = patched.__dict__["_tome_parent"]
-        try:
-            return self.save_pretrained(*args, **kwargs)
-        finally:
-            self.__class__ = patched
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """The original class's ``from_pretrained``, patched again (``r = 0``): what
+        ``type(model).from_pretrained(...)`` means for a patched ``model``."""
+        parent = cls.__dict__.get("_tome_parent")
+        if parent is None:
+            return super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
+        loaded = parent.from_pretrained(*args, **kwargs)
+        if isinstance(loaded, tuple):  # output_loading_info=True
+            return (hf(loaded[0]),) + loaded[1:]
+        return hf(loaded)
 
 
 class ToMePatchPoolHead(ToMeHFModel):

@@ -156,7 +156,14 @@ def _runtime_class(mixins: Tuple[type, ...], parent: type) -> type:
     cls = _CLASS_CACHE.get(key)
     if cls is None:
         namespace = {"_tome_parent": parent, "_tome_mixins": mixins, "__reduce_ex__": _reduce_swapped}
-        cls = type(f"ToMe{parent.__name__}", mixins + (parent,), namespace)
+        if any(getattr(mixin, "_tome_keep_name", False) for mixin in mixins):
+            # Frameworks that look classes up by name and module (transformers' pipelines,
+            # custom-code checks, checkpoint conversions) keep recognising the model.
+            namespace.update(__module__=parent.__module__, __qualname__=parent.__qualname__)
+            name = parent.__name__
+        else:
+            name = f"ToMe{parent.__name__}"
+        cls = type(name, mixins + (parent,), namespace)
         _CLASS_CACHE[key] = cls
     return cls
 
