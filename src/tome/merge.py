@@ -180,8 +180,10 @@ def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> 
         src_idx = node_max.topk(r, dim=-1).indices  # (batch, r) A tokens that merge away
 
         device = metric.device
-        is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device)
-        is_src.scatter_(1, src_idx, True)
+        # A tensor source (not a Python bool) keeps this traceable by torch.jit.trace and ONNX export.
+        is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device).scatter(
+            1, src_idx, torch.ones_like(src_idx, dtype=torch.bool)
+        )
 
         # Output layout: [prefix | kept non-prefix A | non-prefix B], in original order.
         kept_a = ~is_src
@@ -302,8 +304,9 @@ def random_bipartite_soft_matching(
         free = num_tokens - protected_tokens
         order = torch.rand(batch, free, device=device, generator=generator).argsort(dim=1)
         src = order[:, :r] + protected_tokens
-        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
-        is_src.scatter_(1, src, True)
+        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter(
+            1, src, torch.ones_like(src, dtype=torch.bool)
+        )
         slot = (~is_src).cumsum(dim=1) - 1  # position among kept tokens, in order
 
         metric = _normalize(metric)

@@ -361,6 +361,18 @@ class ToMeModelMixin:
         self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
         return x, state
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script asks for this first. Scripting cannot follow the merge state, so
+        # script the original model when nothing merges and refuse clearly otherwise.
+        if any(self._tome_schedule()):
+            raise NotImplementedError(
+                "torch.jit.script cannot compile a model that merges tokens (r > 0); use torch.jit.trace "
+                "or torch.export.export (they record the merge for a fixed input size), or set model.r = 0"
+            )
+        import copy
+
+        return remove_patch(copy.deepcopy(self))  # type: ignore[arg-type]
+
     @staticmethod
     def _tome_tag(features: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
         """Attach the token sizes to the features they describe (for ``forward_head``)."""
