@@ -50,7 +50,12 @@ class Block:
 
 def read_blocks(file: str) -> List[Block]:
     """Every fenced block of ``file`` (relative to the repository root), in order."""
-    lines = (ROOT / file).read_text(encoding="utf-8").splitlines()
+    return parse_blocks(file, (ROOT / file).read_text(encoding="utf-8"))
+
+
+def parse_blocks(file: str, markdown: str) -> List[Block]:
+    """Every fenced block of the ``markdown`` text of ``file``, in order."""
+    lines = markdown.splitlines()
     blocks: List[Block] = []
     counts: Dict[str, int] = {}
     opened: Optional[Tuple[int, str, Optional[str]]] = None
@@ -247,8 +252,25 @@ def _execute(block: Block, run: _FileRun) -> None:
 
 PYTHON_BLOCKS = _blocks("python")
 
+# Files whose python blocks are known not to run yet, with why. Strict: once they
+# run, the test fails until the entry is deleted.
+KNOWN_FAILING = {
+    "docs/tools.md": "its snippets use names they never define (tome, model, x, img, source) and "
+    "device=0 (CUDA); being fixed in another branch: delete this entry when that lands",
+}
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=_block_id)
+
+def _python_params() -> list:
+    params = []
+    for block in PYTHON_BLOCKS:
+        marks = ()
+        if block.file in KNOWN_FAILING:
+            marks = (pytest.mark.xfail(strict=True, reason=KNOWN_FAILING[block.file]),)
+        params.append(pytest.param(block, marks=marks, id=_block_id(block)))
+    return params
+
+
+@pytest.mark.parametrize("block", _python_params())
 def test_python_block_runs(block: Block, monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
     """The block runs as written after the file's earlier blocks, with downloads swapped for tiny models."""
     __tracebackhide__ = True
@@ -368,5 +390,37 @@ def test_skip_markers_sit_on_python_blocks() -> None:
                 assert following in marked, f"{file}:{number}: marker not followed by a python block"
 
 
+def test_parse_blocks_reads_languages_lines_and_skip_markers() -> None:
+    markdown = (
+        "# Title\n"
+        "```python\n"  # line 2
+        "a = 1\n"
+        "```\n"
+        "<!-- docs-test: skip (needs the ImageNet folder) -->\n"
+        "\n"
+        "```python\n"  # line 7
+        "b = 2\n"
+        "```\n"
+        "<!-- an ordinary comment -->\n"
+        "```bash\n"  # line 11
+        "tome demo\n"
+        "```\n"
+        "```python\n"  # line 14
+        "c = 3\n"
+        "```\n"
+    )
+    blocks = parse_blocks("example.md", markdown)
+    assert [(b.language, b.index, b.line, b.code) for b in blocks] == [
+        ("python", 0, 2, "a = 1\n"),
+        ("python", 1, 7, "b = 2\n"),
+        ("bash", 0, 11, "tome demo\n"),
+        ("python", 2, 14, "c = 3\n"),
+    ]
+    assert [b.skip_reason for b in blocks] == [None, "needs the ImageNet folder", None, None]
+    with pytest.raises(ValueError, match="never closed"):
+        parse_blocks("example.md", "```python\nx = 1\n")
+
+
 def test_preludes_name_real_files() -> None:
     assert set(PRELUDES) <= set(DOC_FILES)
+    assert set(KNOWN_FAILING) <= set(DOC_FILES)
