@@ -295,7 +295,7 @@ def test_python_block_runs(block: Block, monkeypatch: pytest.MonkeyPatch, tmp_pa
         pytest.fail(f"not run: the earlier block at {_block_id(run.failed)} failed", pytrace=False)
     run.done = block.index + 1
     if block.skip_reason is not None:
-        pytest.skip(f"marked in {block.file}: {block.skip_reason}")
+        pytest.skip(f"{_block_id(block)} marked to skip: {block.skip_reason}")
     try:
         _execute(block, run)
     except BaseException:
