@@ -82,3 +82,9 @@ def test_import_tome_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_original_module_names_resolve_after_import_tome():
+    code = "import tome; print(tome.vis.make_visualization.__name__, tome.utils.benchmark.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "make_visualization benchmark"

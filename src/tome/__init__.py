@@ -131,4 +131,8 @@ def __getattr__(name: str) -> Any:
         from .tools.visualize import make_visualization
 
         return make_visualization
+    if name == "vis":  # the original release's module: `import tome; tome.vis.make_visualization`
+        import importlib
+
+        return importlib.import_module("tome.vis")
     raise AttributeError(f"module 'tome' has no attribute {name!r}")
