@@ -705,3 +705,21 @@ def test_gradient_checkpointing_uses_the_layers_own_function():
     model(**inputs).logits.sum().backward()
     assert len(calls) == LAYERS
     assert all(p.grad is not None for p in model.classifier.parameters())
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel"])
+@torch.no_grad()
+def test_get_image_features_merges_like_the_forward(name):
+    model = tome.apply_patch(make(name), r=3)
+    inputs = inputs_for(name)
+    embeds = model(**inputs).image_embeds
+    features = model.get_image_features(pixel_values=inputs["pixel_values"])
+    features = getattr(features, "pooler_output", features)
+    if name == "CLIPModel":
+        features = features / features.norm(dim=-1, keepdim=True)
+    else:
+        features = features / features.norm(p=2, dim=-1, keepdim=True)
+    torch.testing.assert_close(features, embeds, atol=1e-5, rtol=0)
+    assert model._tome_info["size"].shape[1] < NUM_TOKENS[family(name)]
+    model.r = 0
+    assert not torch.allclose(model(**inputs).image_embeds, embeds, atol=1e-3)

@@ -7,17 +7,18 @@ DINOv2 with registers, CLIP's vision tower (``CLIPVisionModel``,
 side of ``CLIPModel``), SigLIP's vision tower (no class token; attention-pooling
 head), VideoMAE (tubelet tokens) and the Audio Spectrogram Transformer (AST).
 
-How it is wired. Each model has one *runner*: the module whose forward loops
-over the transformer layers (``ViTModel``, ``Dinov2Encoder``,
-``CLIPVisionModel``, ...). Patching swaps the runner's class so that, when the
-schedule merges anything, its forward threads one :class:`~tome.patch._shared.ToMeState`
-through the layers with :func:`~tome.patch._shared.run_blocks`; each layer runs
-the shared attention-then-merge step. Everything before and after the loop
-(embeddings, final norms, class-token pooling) is the model's own code. Task
-heads that pool over patch tokens (DINOv2 and CLIP classifiers, SigLIP's
-classifier, VideoMAE's mean pooling) weight the pool by token size; SigLIP's
-attention-pooling head adds ``log(size)`` to its key logits. When the schedule
-is all zeros every forward is the model's own, unchanged.
+How it is wired. transformers models hand their keyword arguments to every
+layer, so the model's own forward runs unchanged: the *runner* (the module
+above the layers: ``ViTModel``, ``Dinov2Encoder``, ``CLIPVisionModel``, ...)
+adds one :class:`~tome.patch._shared.ToMeForward` as ``tome=`` to its keyword
+arguments, and every layer reads its entry state from it, runs the shared
+attention-then-merge step and writes its exit state back. Embeddings, final
+norms, class-token pooling, hidden-state capture and gradient checkpointing
+are the model's own code. Task heads that pool over patch tokens (DINOv2, CLIP
+and SigLIP classifiers, VideoMAE's mean pooling) weight the pool by token size;
+SigLIP's attention-pooling head adds ``log(size)`` to its key logits. Adding a
+model is one row in ``_RUNNERS`` (and ``SUPPORTED_MODELS``) plus whatever is
+really different about it (its layer's branches, its attention's attribute names).
 
 Output semantics with merging (``model.r`` > 0):
 
@@ -37,8 +38,9 @@ Output semantics with merging (``model.r`` > 0):
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -55,16 +57,18 @@ from ._lifecycle import (
     supported_families,
     swap_class,
 )
-from ._shared import AttentionCall, ToMeState, attention, run_blocks, size_bias, weighted_mean
+from ._shared import AttentionCall, ToMeForward, attention, size_bias, weighted_mean
 
 __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
 
-# Private keyword a task head hands down to its runner to learn the final token sizes.
-_SINK = "_tome_sink"
+# The forward under way in this thread, for modules the model calls without its keyword
+# arguments (VideoMAE's encoder, SigLIP's pooling head). Only read where the forward's own
+# ledger is meant (checked against the model's _tome_info).
+_ACTIVE: contextvars.ContextVar[Optional[ToMeForward]] = contextvars.ContextVar("tome_hf_forward", default=None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Layers: the attention-then-merge step for each layer layout.
+# Attention modules and layers: the attention-then-merge step for each layer layout.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -111,13 +115,12 @@ class ToMeVideoMAESelfAttention(ToMeHFAttention):
 
 
 class ToMeHFLayer(ToMeBlockMixin):
-    """Common part of patched transformers layers (called through ``__call__``, so
-    transformers' own gradient checkpointing and hooks apply)."""
+    """Common part of patched transformers layers. They are called by the model's own
+    loop (through ``__call__``, so transformers' gradient checkpointing and hooks
+    apply) with ``tome=ToMeForward`` among the keyword arguments the model hands
+    every layer."""
 
     _tome_keep_name = True  # transformers recognises classes by name and module
-
-    # transformers layers differ in what their own forward returns: always run the merge step.
-    _tome_native_when_idle = False
 
 
 class ToMeViTLayer(ToMeHFLayer):
@@ -166,220 +169,72 @@ class ToMeVideoMAELayer(ToMeHFLayer):
 
 
 # ----------------------------------------------------------------------------------------------
-# Runners: the module that loops over the layers.
+# The forward: one ledger per forward, handed to the layers through the model's keyword arguments.
 # ----------------------------------------------------------------------------------------------
 
 
-class _FinalState:
-    """Per-forward carrier a task head hands down to learn its runner's final state."""
-
-    __slots__ = ("state",)
-
-    def __init__(self) -> None:
-        self.state: Optional[ToMeState] = None
-
-
-def _output_options(module: nn.Module, kwargs: Dict[str, Any], attention_mask: Optional[torch.Tensor]) -> Tuple[bool, Any]:
-    """Pop the output switches from ``kwargs``; refuse the ones merging cannot honour.
-
-    Returns:
-        ``(return_dict, output_hidden_states)``.
-    """
-    config = module.config
-    if attention_mask is not None:
-        raise ValueError(
-            "attention_mask cannot be combined with token merging (model.r > 0): merged tokens no "
-            "longer line up with the mask. Set model.r = 0 to use a mask."
-        )
-    output_attentions = kwargs.pop("output_attentions", None)
+def _refuse_unsupported_outputs(module: nn.Module, kwargs: Dict[str, Any]) -> None:
+    """While merging, refuse the options whose results would not line up with merged tokens.
+    (A padding mask is refused by the layers, after the model has turned a mask that masks
+    nothing into None.)"""
+    output_attentions = kwargs.get("output_attentions")
     if output_attentions is None:
-        output_attentions = getattr(config, "output_attentions", False)
+        output_attentions = getattr(module.config, "output_attentions", False)
     if output_attentions:
         raise ValueError(
             f"output_attentions={output_attentions!r} cannot be combined with token merging (model.r > 0): "
             "merged layers run fused attention and their token counts shrink. Set model.r = 0 to get "
             "attention maps."
         )
-    output_hidden_states = kwargs.pop("output_hidden_states", None)
-    if output_hidden_states is None:
-        output_hidden_states = getattr(config, "output_hidden_states", False)
-    return_dict = kwargs.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(config, "return_dict", True)
-    return bool(return_dict), output_hidden_states
 
 
-def _padding_mask(module: nn.Module, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The attention mask as the model builds it: None when it masks nothing."""
-    if attention_mask is None:
-        return None
-    from transformers.masking_utils import create_bidirectional_mask
+class _Ledger:
+    """Context for one forward: reuse the active ledger of this model, or start (and record) one."""
 
-    return create_bidirectional_mask(config=module.config, inputs_embeds=x, attention_mask=attention_mask)
+    def __init__(self, module: nn.Module, given: Optional[ToMeForward] = None) -> None:
+        info = module._tome_info
+        active = given if given is not None else _ACTIVE.get()
+        self.own = active is None or active.info is not info
+        self.ledger = ToMeForward(info["protected_tokens"], info["prop_attn"], info["trace_source"]) if self.own else active
+        self.ledger.info = info  # type: ignore[union-attr]
+        self.num_blocks = len(module._tome_layers())
 
+    def __enter__(self) -> ToMeForward:
+        self._token = _ACTIVE.set(self.ledger)
+        return self.ledger  # type: ignore[return-value]
 
-def _select_hidden_states(states: List[torch.Tensor], request: Any) -> Optional[Tuple[Optional[torch.Tensor], ...]]:
-    """``output_hidden_states`` as transformers reads it: a flag, or indices to keep (others None)."""
-    if request is None or request is False:
-        return None
-    if request is True:
-        return tuple(states)
-    indices = [request] if isinstance(request, int) else list(request)
-    count = len(states)
-    chosen = {i % count for i in indices if -count <= i < count}
-    return tuple(s if i in chosen else None for i, s in enumerate(states))
-
-
-def _finish(output: Any, return_dict: bool) -> Any:
-    return output if return_dict else output.to_tuple()
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.reset(self._token)
+        ledger = self.ledger
+        if self.own and exc[0] is None and ledger.final is not None:  # type: ignore[union-attr]
+            removed = [ledger.removed.get(i, 0) for i in range(self.num_blocks)]  # type: ignore[union-attr]
+            ledger.info.record(ledger.final, ledger.like, removed)  # type: ignore[union-attr]
 
 
 class ToMeHFRunner:
-    """Mixin for the module whose forward loops over the layers."""
+    """The module above the layers: its own forward, with a ledger among the keyword arguments."""
 
     _tome_keep_name = True  # transformers recognises classes by name and module
 
-    _tome_layers_path: str = ""
-
     def _tome_layers(self) -> Sequence[nn.Module]:
-        return _resolve(self, self._tome_layers_path)  # type: ignore[arg-type]
+        return _resolve(self, _RUNNER_LAYERS[original_class(self).__name__])  # type: ignore[arg-type]
 
-    def _tome_active(self) -> bool:
-        return any(layer._tome_block_r for layer in self._tome_layers())
-
-    def _tome_unmerged(self, output: Any, sink: Optional[_FinalState]) -> Any:
-        """Record the (trivial) state of a forward that merged nothing; returns ``output``."""
-        tokens = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        info = self._tome_info
-        state = ToMeState.start(tokens.shape[1], info["protected_tokens"], info["prop_attn"], info["trace_source"])
-        info.record(state, tokens, [0] * len(self._tome_layers()))
-        if sink is not None:
-            sink.state = state
-        return output
-
-    def _tome_encode(
-        self, x: torch.Tensor, hidden_request: Any, sink: Optional[_FinalState]
-    ) -> Tuple[torch.Tensor, ToMeState, Optional[Tuple[Optional[torch.Tensor], ...]]]:
-        """Run ``(batch, tokens, channels)`` through every layer, merging on the schedule.
-
-        Returns:
-            The final tokens, the final state and the selected hidden states (or None).
-        """
-        info = self._tome_info
-        layers = self._tome_layers()
-        schedule = [layer._tome_block_r for layer in layers]
-        state = ToMeState.start(x.shape[1], info["protected_tokens"], info["prop_attn"], info["trace_source"])
-        hidden = [x]
-        # Layers checkpoint themselves (transformers' GradientCheckpointingLayer), with the
-        # user's gradient_checkpointing_kwargs, when they are called through __call__.
-        x, state, removed = run_blocks(layers, x, state, schedule, after_block=lambda i, y, s: hidden.append(y))
-        info.record(state, x, removed)
-        if sink is not None:
-            sink.state = state
-        return x, state, _select_hidden_states(hidden, hidden_request)
+    def forward(self, *args: Any, tome: Optional[ToMeForward] = None, **kwargs: Any) -> Any:
+        with _Ledger(self, tome) as ledger:  # type: ignore[arg-type]
+            return super().forward(*args, tome=ledger, **kwargs)  # type: ignore[misc]
 
 
-class ToMeViTRunner(ToMeHFRunner):
-    """``ViTModel``, ``DeiTModel``: embeddings, layers, final norm and class-token pooler in one forward."""
+class ToMeSiglipHead:
+    """SigLIP's attention-pooling head: every key counts once per patch it stands for."""
 
-    _tome_layers_path = "layers"
+    _tome_keep_name = True
 
-    def forward(
-        self,
-        pixel_values: Optional[torch.Tensor] = None,
-        bool_masked_pos: Optional[torch.Tensor] = None,
-        interpolate_pos_encoding: Optional[bool] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
-        sink = kwargs.pop(_SINK, None)
-        if not self._tome_active():
-            output = super().forward(  # type: ignore[misc]
-                pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding,
-                attention_mask=attention_mask, **kwargs,
-            )
-            return self._tome_unmerged(output, sink)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-        if pixel_values.dtype != expected_dtype:
-            pixel_values = pixel_values.to(expected_dtype)
-        x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding)
-        return_dict, hidden_request = _output_options(self, kwargs, _padding_mask(self, x, attention_mask))
-        x, _, hidden_states = self._tome_encode(x, hidden_request, sink)
-        sequence_output = self.layernorm(x)
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=hidden_states
-        )
-        return _finish(output, return_dict)
-
-
-class ToMeASTRunner(ToMeHFRunner):
-    """``ASTModel``: pooled output is the mean of the class and distillation tokens."""
-
-    _tome_layers_path = "layers"
-
-    def forward(
-        self, input_values: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any
-    ) -> Any:
-        sink = kwargs.pop(_SINK, None)
-        if not self._tome_active():
-            output = super().forward(input_values, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]
-            return self._tome_unmerged(output, sink)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        x = self.embeddings(input_values)
-        return_dict, hidden_request = _output_options(self, kwargs, _padding_mask(self, x, attention_mask))
-        x, _, hidden_states = self._tome_encode(x, hidden_request, sink)
-        sequence_output = self.layernorm(x)
-        pooled_output = (sequence_output[:, 0] + sequence_output[:, 1]) / 2
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=hidden_states
-        )
-        return _finish(output, return_dict)
-
-
-class ToMeDinov2Runner(ToMeHFRunner):
-    """``Dinov2Encoder`` and ``Dinov2WithRegistersEncoder``: the layer loop only."""
-
-    _tome_layers_path = "layer"
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
-        sink = kwargs.pop(_SINK, None)
-        if not self._tome_active():
-            output = super().forward(hidden_states, attention_mask, **kwargs)  # type: ignore[misc]
-            return self._tome_unmerged(output, sink)
-        from transformers.modeling_outputs import BaseModelOutput
-
-        return_dict, hidden_request = _output_options(self, kwargs, attention_mask)
-        x, _, hidden = self._tome_encode(hidden_states, hidden_request, sink)
-        return _finish(BaseModelOutput(last_hidden_state=x, hidden_states=hidden), return_dict)
-
-
-class ToMeCLIPRunner(ToMeHFRunner):
-    """``CLIPVisionModel``: pre-norm, layers, class token through the post-norm."""
-
-    _tome_layers_path = "encoder.layers"
-
-    def forward(
-        self, pixel_values: Optional[torch.Tensor] = None, interpolate_pos_encoding: Optional[bool] = False, **kwargs: Any
-    ) -> Any:
-        sink = kwargs.pop(_SINK, None)
-        if not self._tome_active():
-            output = super().forward(  # type: ignore[misc]
-                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
-            )
-            return self._tome_unmerged(output, sink)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return_dict, hidden_request = _output_options(self, kwargs, kwargs.pop("attention_mask", None))
-        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        x = self.pre_layrnorm(x)
-        x, _, hidden_states = self._tome_encode(x, hidden_request, sink)
-        pooled_output = self.post_layernorm(x[:, 0, :])
-        output = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled_output, hidden_states=hidden_states)
-        return _finish(output, return_dict)
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        ledger = _ACTIVE.get()
+        final = ledger.final if ledger is not None and ledger.info is self._tome_info else None
+        if final is None or final.size is None or final.num_tokens != hidden_state.shape[1]:
+            return super().forward(hidden_state)  # type: ignore[misc]
+        return siglip_pool(self, hidden_state, final.size)
 
 
 def siglip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
@@ -405,51 +260,6 @@ def siglip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) 
     return pooled[:, 0]
 
 
-class ToMeSiglipRunner(ToMeHFRunner):
-    """``SiglipVisionModel``: layers, post-norm, attention pooling weighted by size."""
-
-    _tome_layers_path = "encoder.layers"
-
-    def forward(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: Optional[bool] = False, **kwargs: Any
-    ) -> Any:
-        sink = kwargs.pop(_SINK, None)
-        if not self._tome_active():
-            output = super().forward(  # type: ignore[misc]
-                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
-            )
-            return self._tome_unmerged(output, sink)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return_dict, hidden_request = _output_options(self, kwargs, kwargs.pop("attention_mask", None))
-        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        x, state, hidden_states = self._tome_encode(x, hidden_request, sink)
-        x = self.post_layernorm(x)
-        pooler_output = siglip_pool(self.head, x, state.size) if self.use_head else None
-        output = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooler_output, hidden_states=hidden_states)
-        return _finish(output, return_dict)
-
-
-class ToMeVideoMAERunner(ToMeHFRunner):
-    """``VideoMAEModel``: embeddings (visible tubelets only), layers, optional final norm."""
-
-    _tome_layers_path = "encoder.layer"
-
-    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
-        sink = kwargs.pop(_SINK, None)
-        if not self._tome_active():
-            output = super().forward(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)  # type: ignore[misc]
-            return self._tome_unmerged(output, sink)
-        from transformers.modeling_outputs import BaseModelOutput
-
-        return_dict, hidden_request = _output_options(self, kwargs, kwargs.pop("attention_mask", None))
-        x = self.embeddings(pixel_values, bool_masked_pos)
-        x, _, hidden_states = self._tome_encode(x, hidden_request, sink)
-        if self.layernorm is not None:
-            x = self.layernorm(x)
-        return _finish(BaseModelOutput(last_hidden_state=x, hidden_states=hidden_states), return_dict)
-
-
 # ----------------------------------------------------------------------------------------------
 # Models and task heads.
 # ----------------------------------------------------------------------------------------------
@@ -462,8 +272,12 @@ class ToMeHFModel(ToMeModelMixin):
 
     def _tome_blocks(self) -> Sequence[nn.Module]:
         spec = _spec_of(self)  # type: ignore[arg-type]
-        runner = _resolve(self, spec.runner)  # type: ignore[arg-type]
-        return list(_resolve(runner, _RUNNERS[spec.kind].layers))
+        return list(_resolve(self, spec.runner)._tome_layers())  # type: ignore[arg-type]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if any(self._tome_schedule()):
+            _refuse_unsupported_outputs(self, kwargs)  # type: ignore[arg-type]
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -478,116 +292,55 @@ class ToMeHFModel(ToMeModelMixin):
         return hf(loaded)
 
 
-class ToMePatchPoolHead(ToMeHFModel):
-    """Task heads that pool over patch tokens: the pool is weighted by token size.
+class ToMePoolingHead(ToMeHFModel):
+    """Task heads that pool over patch tokens: the model's head, with the pool weighted
+    by token size (``sum(x * size) / sum(size)`` in place of the mean). The pooling
+    itself is the spec's ``pool`` function."""
 
-    The head's forward asks its runner for the final state, then pools as the
-    original head does, with ``sum(x * size) / sum(size)`` in place of the mean.
-    """
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        if not any(self._tome_schedule()):
+            return super().forward(pixel_values, labels=labels, **kwargs)
+        from transformers.modeling_outputs import ImageClassifierOutput
 
-    def _tome_merging(self) -> bool:
-        return any(self._tome_schedule())
-
-    def _tome_call_runner(self, *args: Any, **kwargs: Any) -> Tuple[Any, ToMeState]:
-        sink = _FinalState()
-        backbone = _resolve(self, _spec_of(self).backbone)  # type: ignore[arg-type]
-        outputs = backbone(*args, **{_SINK: sink}, **kwargs)
-        if sink.state is None:
-            raise RuntimeError(f"{type(self).__name__}: the patched vision model did not report its token sizes")
-        return outputs, sink.state
-
-    @staticmethod
-    def _tome_return_dict(module: nn.Module, kwargs: Dict[str, Any]) -> bool:
+        _refuse_unsupported_outputs(self, kwargs)  # type: ignore[arg-type]
         return_dict = kwargs.pop("return_dict", None)
-        if return_dict is None:
-            return_dict = getattr(module.config, "return_dict", True)
-        return bool(return_dict)
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+        spec = _spec_of(self)  # type: ignore[arg-type]
+        runner = _resolve(self, spec.runner)  # type: ignore[arg-type]
+        with _Ledger(runner) as ledger:
+            outputs = _resolve(self, spec.backbone)(pixel_values, tome=ledger, **kwargs)  # type: ignore[arg-type]
+        size = ledger.final.size if ledger.final is not None else None
+        logits = self.classifier(spec.pool(self, outputs.last_hidden_state, size))
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
 
 
-def _pool_patches(tokens: torch.Tensor, size: Optional[torch.Tensor], start: int) -> torch.Tensor:
+def _mean_after(tokens: torch.Tensor, size: Optional[torch.Tensor], start: int) -> torch.Tensor:
     """Size-weighted mean of ``tokens[:, start:]`` (the plain mean when nothing merged)."""
     return weighted_mean(tokens[:, start:], None if size is None else size[:, start:])
 
 
-class ToMeDinov2Classifier(ToMePatchPoolHead):
-    """``Dinov2ForImageClassification`` / ``Dinov2WithRegistersForImageClassification``:
-    class token concatenated with the size-weighted mean of the patch tokens."""
-
-    def forward(
-        self,
-        pixel_values: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> Any:
-        if not self._tome_merging():
-            return super().forward(pixel_values, labels=labels, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]
-        from transformers.modeling_outputs import ImageClassifierOutput
-
-        return_dict = self._tome_return_dict(self, kwargs)
-        outputs, state = self._tome_call_runner(pixel_values, attention_mask=attention_mask, **kwargs)
-        sequence_output = outputs.last_hidden_state
-        start = 1 + getattr(self.config, "num_register_tokens", 0)
-        linear_input = torch.cat([sequence_output[:, 0], _pool_patches(sequence_output, state.size, start)], dim=1)
-        logits = self.classifier(linear_input)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-        output = ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return _finish(output, return_dict)
+def _dinov2_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    # Class token concatenated with the mean of the patch tokens (after class and registers).
+    start = 1 + getattr(head.config, "num_register_tokens", 0)
+    return torch.cat([x[:, 0], _mean_after(x, size, start)], dim=1)
 
 
-class ToMeMeanPoolClassifier(ToMePatchPoolHead):
-    """``CLIPForImageClassification`` (mean over patch tokens) and
-    ``SiglipForImageClassification`` (mean over all tokens), weighted by size."""
-
-    def forward(
-        self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any
-    ) -> Any:
-        if not self._tome_merging():
-            return super().forward(pixel_values, labels=labels, **kwargs)  # type: ignore[misc]
-        from transformers.modeling_outputs import ImageClassifierOutput
-
-        return_dict = self._tome_return_dict(self, kwargs)
-        outputs, state = self._tome_call_runner(pixel_values, **kwargs)
-        pooled = _pool_patches(outputs.last_hidden_state, state.size, self._tome_info["protected_tokens"])
-        logits = self.classifier(pooled)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels, logits, self.config)
-        output = ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return _finish(output, return_dict)
+def _clip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    return _mean_after(x, size, 1)  # the patch tokens
 
 
-class ToMeVideoMAEClassifier(ToMePatchPoolHead):
-    """``VideoMAEForVideoClassification``: size-weighted mean pooling (or the first token)."""
+def _siglip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    return _mean_after(x, size, 0)  # every token (SigLIP has no class token)
 
-    def forward(
-        self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any
-    ) -> Any:
-        if not self._tome_merging():
-            return super().forward(pixel_values, labels=labels, **kwargs)  # type: ignore[misc]
-        from transformers.modeling_outputs import ImageClassifierOutput
 
-        return_dict = self._tome_return_dict(self, kwargs)
-        outputs, state = self._tome_call_runner(pixel_values, **kwargs)
-        sequence_output = outputs.last_hidden_state
-        if self.fc_norm is not None:
-            pooled = self.fc_norm(_pool_patches(sequence_output, state.size, 0))
-        else:
-            pooled = sequence_output[:, 0]  # protected from merging in this configuration
-        logits = self.classifier(pooled)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-        output = ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return _finish(output, return_dict)
+def _videomae_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+    if head.fc_norm is not None:
+        return head.fc_norm(_mean_after(x, size, 0))
+    return x[:, 0]  # protected from merging in this configuration
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +352,6 @@ class ToMeVideoMAEClassifier(ToMePatchPoolHead):
 class _RunnerKind:
     """A runner: its classes, where it keeps its layers and their attention, which tokens are protected."""
 
-    mixin: type
     runner_classes: Tuple[str, ...]
     layers: str
     layer_classes: Tuple[str, ...]
@@ -609,6 +361,7 @@ class _RunnerKind:
     protected_tokens: Callable[[Any], int]
     class_token: bool
     distill_token: bool = False
+    pooling_head: str = ""  # path (in the runner) of an attention-pooling head weighted by size
 
 
 def _class_and_registers(config: Any) -> int:
@@ -622,46 +375,47 @@ def _videomae_protected(config: Any) -> int:
 
 _RUNNERS: Dict[str, _RunnerKind] = {
     "vit": _RunnerKind(
-        ToMeViTRunner, ("ViTModel",), "layers", ("ViTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
+        ("ViTModel",), "layers", ("ViTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
         protected_tokens=lambda config: 1, class_token=True,
     ),
     "deit": _RunnerKind(
-        ToMeViTRunner, ("DeiTModel",), "layers", ("DeiTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
+        ("DeiTModel",), "layers", ("DeiTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
         protected_tokens=lambda config: 2, class_token=True, distill_token=True,
     ),
     "ast": _RunnerKind(
-        ToMeASTRunner, ("ASTModel",), "layers", ("ASTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
+        ("ASTModel",), "layers", ("ASTLayer",), ToMeViTLayer, "attention", ToMeHFAttention,
         protected_tokens=lambda config: 2, class_token=True, distill_token=True,
     ),
     "dinov2": _RunnerKind(
-        ToMeDinov2Runner, ("Dinov2Encoder", "Dinov2WithRegistersEncoder"), "layer",
-        ("Dinov2Layer", "Dinov2WithRegistersLayer"), ToMeDinov2Layer, "attention", ToMeHFAttention,
-        protected_tokens=_class_and_registers, class_token=True,
+        ("Dinov2Encoder", "Dinov2WithRegistersEncoder"), "layer", ("Dinov2Layer", "Dinov2WithRegistersLayer"),
+        ToMeDinov2Layer, "attention", ToMeHFAttention, protected_tokens=_class_and_registers, class_token=True,
     ),
     "clip": _RunnerKind(
-        ToMeCLIPRunner, ("CLIPVisionModel",), "encoder.layers", ("CLIPEncoderLayer",), ToMeCLIPLayer, "self_attn",
-        ToMeCLIPAttention, protected_tokens=lambda config: 1, class_token=True,
+        ("CLIPVisionModel",), "encoder.layers", ("CLIPEncoderLayer",), ToMeCLIPLayer, "self_attn", ToMeCLIPAttention,
+        protected_tokens=lambda config: 1, class_token=True,
     ),
     "siglip": _RunnerKind(
-        ToMeSiglipRunner, ("SiglipVisionModel",), "encoder.layers", ("SiglipEncoderLayer",), ToMeCLIPLayer,
-        "self_attn", ToMeCLIPAttention, protected_tokens=lambda config: 0, class_token=False,
+        ("SiglipVisionModel",), "encoder.layers", ("SiglipEncoderLayer",), ToMeCLIPLayer, "self_attn",
+        ToMeCLIPAttention, protected_tokens=lambda config: 0, class_token=False, pooling_head="head",
     ),
+    # VideoMAEModel calls its encoder without keyword arguments: the encoder is the runner.
     "videomae": _RunnerKind(
-        ToMeVideoMAERunner, ("VideoMAEModel",), "encoder.layer", ("VideoMAELayer",), ToMeVideoMAELayer,
-        "attention.attention", ToMeVideoMAESelfAttention, protected_tokens=_videomae_protected, class_token=False,
+        ("VideoMAEEncoder",), "layer", ("VideoMAELayer",), ToMeVideoMAELayer, "attention.attention",
+        ToMeVideoMAESelfAttention, protected_tokens=_videomae_protected, class_token=False,
     ),
 }
+_RUNNER_LAYERS = {name: kind.layers for kind in _RUNNERS.values() for name in kind.runner_classes}
 
 
 @dataclass(frozen=True)
 class _ModelSpec:
     """A supported model class: its module, its runner's path and kind, and (for task heads
-    that pool over patches) the head mixin and the backbone module its forward calls."""
+    that pool over patches) the pool and the backbone module the head's forward calls."""
 
     module: str
     runner: str
     kind: str
-    head: Optional[type] = None
+    pool: Optional[Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
     backbone: str = ""
 
 
@@ -676,34 +430,25 @@ SUPPORTED_MODELS: Dict[str, _ModelSpec] = {
     "DeiTForImageClassification": _ModelSpec(_m("deit"), "deit", "deit"),
     "DeiTForImageClassificationWithTeacher": _ModelSpec(_m("deit"), "deit", "deit"),
     "Dinov2Model": _ModelSpec(_m("dinov2"), "encoder", "dinov2"),
-    "Dinov2ForImageClassification": _ModelSpec(
-        _m("dinov2"), "dinov2.encoder", "dinov2", ToMeDinov2Classifier, "dinov2"
-    ),
+    "Dinov2ForImageClassification": _ModelSpec(_m("dinov2"), "dinov2.encoder", "dinov2", _dinov2_pool, "dinov2"),
     "Dinov2WithRegistersModel": _ModelSpec(_m("dinov2_with_registers"), "encoder", "dinov2"),
     "Dinov2WithRegistersForImageClassification": _ModelSpec(
-        _m("dinov2_with_registers"), "dinov2_with_registers.encoder", "dinov2",
-        ToMeDinov2Classifier, "dinov2_with_registers",
+        _m("dinov2_with_registers"), "dinov2_with_registers.encoder", "dinov2", _dinov2_pool, "dinov2_with_registers"
     ),
     "CLIPVisionModel": _ModelSpec(_m("clip"), "", "clip"),
     "CLIPVisionModelWithProjection": _ModelSpec(_m("clip"), "vision_model", "clip"),
     "CLIPModel": _ModelSpec(_m("clip"), "vision_model", "clip"),
-    "CLIPForImageClassification": _ModelSpec(
-        _m("clip"), "vision_model", "clip", ToMeMeanPoolClassifier, "vision_model"
-    ),
+    "CLIPForImageClassification": _ModelSpec(_m("clip"), "vision_model", "clip", _clip_pool, "vision_model"),
     "SiglipVisionModel": _ModelSpec(_m("siglip"), "", "siglip"),
     "SiglipModel": _ModelSpec(_m("siglip"), "vision_model", "siglip"),
-    "SiglipForImageClassification": _ModelSpec(
-        _m("siglip"), "vision_model", "siglip", ToMeMeanPoolClassifier, "vision_model"
-    ),
-    "VideoMAEModel": _ModelSpec(_m("videomae"), "", "videomae"),
+    "SiglipForImageClassification": _ModelSpec(_m("siglip"), "vision_model", "siglip", _siglip_pool, "vision_model"),
+    "VideoMAEModel": _ModelSpec(_m("videomae"), "encoder", "videomae"),
     "VideoMAEForVideoClassification": _ModelSpec(
-        _m("videomae"), "videomae", "videomae", ToMeVideoMAEClassifier, "videomae"
+        _m("videomae"), "videomae.encoder", "videomae", _videomae_pool, "videomae"
     ),
     "ASTModel": _ModelSpec(_m("audio_spectrogram_transformer"), "", "ast"),
     "ASTForAudioClassification": _ModelSpec(_m("audio_spectrogram_transformer"), "audio_spectrogram_transformer", "ast"),
 }
-
-
 
 
 def _resolve(root: nn.Module, path: str) -> Any:
@@ -724,8 +469,6 @@ def _spec_of(model: nn.Module) -> _ModelSpec:
     return spec
 
 
-
-
 def is_hf_vision(model: nn.Module) -> bool:
     """Whether ``model`` is one of the supported transformers vision models (by class; nothing imported)."""
     own = original_class(model)
@@ -733,8 +476,17 @@ def is_hf_vision(model: nn.Module) -> bool:
     return spec is not None and own.__module__ == spec.module
 
 
-def _check_layers(model_name: str, runner_path: str, kind: _RunnerKind, layers: Sequence[nn.Module]) -> None:
-    where = f"{model_name}.{runner_path}." if runner_path else f"{model_name}."
+def _check(model: nn.Module, spec: _ModelSpec, runner: nn.Module, layers: Sequence[nn.Module]) -> None:
+    """The runner, layers and attention modules must be the transformers classes the table names."""
+    kind = _RUNNERS[spec.kind]
+    name = original_class(model).__name__
+    runner_cls = original_class(runner)
+    if runner_cls.__name__ not in kind.runner_classes or not runner_cls.__module__.startswith("transformers."):
+        raise TypeError(
+            f"{name}.{spec.runner or '<self>'} is a {runner_cls.__name__}; ToMe expects one of "
+            f"{kind.runner_classes} (the layout of transformers 5.x)"
+        )
+    where = f"{name}.{spec.runner}." if spec.runner else f"{name}."
     for index, layer in enumerate(layers):
         layer_cls = original_class(layer)
         if layer_cls.__name__ not in kind.layer_classes or not layer_cls.__module__.startswith("transformers."):
@@ -742,7 +494,7 @@ def _check_layers(model_name: str, runner_path: str, kind: _RunnerKind, layers: 
                 f"{where}{kind.layers}[{index}] is a {layer_cls.__name__}; ToMe expects one of {kind.layer_classes}"
             )
         attn = _resolve(layer, kind.attention)
-        missing = [name for name in kind.attention_mixin._tome_attrs if name and not hasattr(attn, name)]
+        missing = [attr for attr in kind.attention_mixin._tome_attrs if attr and not hasattr(attn, attr)]
         if missing:
             raise TypeError(
                 f"{where}{kind.layers}[{index}]: {type(attn).__name__} lacks {missing}; ToMe supports the "
@@ -775,8 +527,8 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
             their dual-encoder models, VideoMAE, AST; base models and task heads.
         trace_source: Track which original tokens each token contains; read
             ``model._tome_info["source"]`` ``(batch, tokens, original tokens)`` after a forward.
-        prop_attn: Proportional attention (``log(size)`` added to attention logits);
-            keep it on for models trained without ToMe.
+        prop_attn: Proportional attention (``log(size)`` added to attention logits;
+            paper, Sec. 3); keep it on for models trained without ToMe.
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
@@ -794,21 +546,20 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
     kind = _RUNNERS[spec.kind]
     runner = _resolve(model, spec.runner)
     layers = list(_resolve(runner, kind.layers))
-    _check_layers(original_class(model).__name__, spec.runner, kind, layers)
-    _check_runner(model, spec, runner)
+    _check(model, spec, runner, layers)
 
+    head_mixin = ToMePoolingHead if spec.pool is not None else ToMeHFModel
     if runner is model:
-        model_mixin: Any = (kind.mixin, ToMeHFModel)
+        model_mixin: Any = (ToMeHFRunner, head_mixin)
     else:
-        model_mixin = spec.head if spec.head is not None else ToMeHFModel
-        swap_class(runner, kind.mixin)
+        model_mixin = head_mixin
+        swap_class(runner, ToMeHFRunner)
         _keep_output_capture(runner)
-    layer_mixin = kind.layer_mixin
     patch_model(
         model,
         model_mixin,
         layers,
-        lambda layer: layer_mixin,
+        lambda layer: kind.layer_mixin,
         attention=lambda layer: (_resolve(layer, kind.attention), kind.attention_mixin),
         protected_tokens=kind.protected_tokens(runner.config),
         trace_source=trace_source,
@@ -817,17 +568,10 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
         distill_token=kind.distill_token,
     )
     _keep_output_capture(model)
-    # The runner reports into the same record as the model the user holds.
+    # The runner (and a pooling head) report into the same record as the model the user holds.
     object.__setattr__(runner, "_tome_info", model._tome_info)
+    pooling_head = _resolve(runner, kind.pooling_head) if kind.pooling_head else None
+    if pooling_head is not None:
+        swap_class(pooling_head, ToMeSiglipHead)
+        object.__setattr__(pooling_head, "_tome_info", model._tome_info)
     return model
-
-
-def _check_runner(model: nn.Module, spec: _ModelSpec, runner: nn.Module) -> None:
-    """The runner must be the transformers class the spec expects (not, e.g., a custom replacement)."""
-    expected = _RUNNERS[spec.kind].runner_classes
-    runner_cls = original_class(runner)
-    if runner_cls.__name__ not in expected or not runner_cls.__module__.startswith("transformers."):
-        raise TypeError(
-            f"{original_class(model).__name__}.{spec.runner or '<self>'} is a {runner_cls.__name__}; "
-            f"ToMe expects one of {expected} (the layout of transformers 5.x)"
-        )

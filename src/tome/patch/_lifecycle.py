@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._schedule import RSchedule, parse_r
-from ._shared import AttentionCall, BlockCall, ToMeState, merge_block, run_blocks, sources_from_groups
+from ._shared import AttentionCall, BlockCall, ToMeForward, ToMeState, merge_block, run_blocks, sources_from_groups
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # Instance attributes that patching adds; removed again by remove_patch.
-_INSTANCE_ATTRS = ("_tome_info", "_tome_r", "_tome_block_r", "_tome_protected", "_tome_prop_attn")
+_INSTANCE_ATTRS = ("_tome_info", "_tome_r", "_tome_block_r", "_tome_index", "_tome_protected", "_tome_prop_attn")
 
 _CLASS_CACHE: Dict[Tuple[Tuple[type, ...], type], type] = {}
 
@@ -228,6 +228,17 @@ class ToMeAttentionMixin:
         raise NotImplementedError
 
 
+_MASK_NAMES = ("attn_mask", "attention_mask", "causal_attention_mask", "is_causal")
+
+
+def _masked(args: tuple, kwargs: Dict[str, Any]) -> bool:
+    """Whether a block call passes a mask (positionally, as the frameworks' blocks take it,
+    or by name) or ``is_causal=True``."""
+    return any(a is not None and a is not False for a in args) or any(
+        kwargs.get(name) is not None and kwargs.get(name) is not False for name in _MASK_NAMES
+    )
+
+
 class ToMeBlockMixin:
     """Patched block: an attention branch, a merge, an MLP branch.
 
@@ -238,29 +249,37 @@ class ToMeBlockMixin:
     """
 
     _tome_block_r: int = 0
+    _tome_index: int = 0
     _tome_protected: int = 0
     _tome_prop_attn: bool = True
     # Whether the original forward may run a block that merges nothing before any
     # merge happened (exact, and as fast as the original); its output must be a tensor.
     _tome_native_when_idle: bool = True
 
-    def forward(self, x: torch.Tensor, *args: Any, tome: Optional[BlockCall] = None, **kwargs: Any) -> Any:
-        masked = any(a is not None and a is not False for a in args) or any(
-            v is not None and v is not False for v in kwargs.values()
-        )
+    def forward(
+        self, x: torch.Tensor, *args: Any, tome: Union[BlockCall, ToMeForward, None] = None, **kwargs: Any
+    ) -> Any:
+        if isinstance(tome, ToMeForward):  # called by the framework's own loop
+            call = tome.enter(self._tome_index, x, self._tome_block_r)
+            out = self._tome_call(x, args, kwargs, call)
+            tome.leave(self._tome_index, call)
+            return out
         if tome is None:
-            if self._tome_block_r <= 0 or masked:
+            if self._tome_block_r <= 0 or _masked(args, kwargs):
                 return super().forward(x, *args, **kwargs)  # type: ignore[misc]
             tome = BlockCall(self._tome_start(x), self._tome_block_r)
-        elif masked:
-            raise ValueError(
-                "attention masks cannot be combined with token merging: merged tokens no longer line "
-                "up with the mask. Set model.r = 0 to use a mask."
-            )
-        if tome.r <= 0 and tome.state.size is None and self._tome_native_when_idle:
-            tome.out = tome.state
+        return self._tome_call(x, args, kwargs, tome)
+
+    def _tome_call(self, x: torch.Tensor, args: tuple, kwargs: Dict[str, Any], call: BlockCall) -> Any:
+        if call.r <= 0 and call.state.size is None and self._tome_native_when_idle:
+            call.out = call.state  # nothing merged yet, nothing to merge: the block's own forward
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        x, tome.out = merge_block(x, tome.state, tome.r, self._tome_attn_branch, self._tome_mlp_branch)
+        if _masked(args, kwargs):
+            raise ValueError(
+                "an attention mask (attention_mask / attn_mask / is_causal) cannot be combined with token "
+                "merging: merged tokens no longer line up with the mask. Set model.r = 0 to use a mask."
+            )
+        x, call.out = merge_block(x, call.state, call.r, self._tome_attn_branch, self._tome_mlp_branch)
         return x
 
     def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -439,8 +458,9 @@ def patch_model(
     """
     previous_r = model.__dict__.get("_tome_r", 0)
     swap_class(model, model_mixin)
-    for block in blocks:
+    for index, block in enumerate(blocks):
         swap_class(block, block_mixin(block))
+        object.__setattr__(block, "_tome_index", index)
         if attention is not None:
             attn, attn_mixin = attention(block)
             swap_class(attn, attn_mixin)

@@ -35,6 +35,7 @@ from ..merge import match_bipartite
 __all__ = [
     "AttentionCall",
     "BlockCall",
+    "ToMeForward",
     "ToMeState",
     "attention",
     "merge_block",
@@ -205,6 +206,49 @@ class BlockCall:
         self.state = state
         self.r = r
         self.out: Optional[ToMeState] = None
+
+
+class ToMeForward:
+    """One model forward's record, for blocks called by a framework's own loop.
+
+    Hugging Face models hand their keyword arguments to every layer, so the
+    model the user holds passes one ``ToMeForward`` as ``tome=`` and every layer
+    finds its entry state by its index: block ``i`` reads the state entering it
+    and writes the state leaving it. Entry states are never overwritten by a
+    different value, so a layer re-run by gradient checkpointing reads what it
+    read the first time.
+
+    Args:
+        protected_tokens, prop_attn, trace_source: Settings for the first state,
+            which is made when block 0 sees its input.
+    """
+
+    def __init__(self, protected_tokens: int, prop_attn: bool, trace_source: bool) -> None:
+        self._settings = (protected_tokens, prop_attn, trace_source)
+        self._states: dict = {}
+        self.removed: dict = {}
+        self.info: Optional[object] = None  # the record of the model that started this forward
+        self.like: Optional[torch.Tensor] = None  # an input of this forward (batch, device, dtype)
+
+    def enter(self, index: int, x: torch.Tensor, r: int) -> BlockCall:
+        """The call for block ``index`` on ``x`` ``(batch, tokens, channels)`` with its ``r``."""
+        self.like = x
+        state = self._states.get(index)
+        if state is None:
+            if index != 0:
+                raise RuntimeError(f"block {index} ran before block {index - 1} in this forward")
+            state = self._states[0] = ToMeState.start(x.shape[1], *self._settings)
+        return BlockCall(state, r)
+
+    def leave(self, index: int, call: BlockCall) -> None:
+        """Record what block ``index`` left behind."""
+        self._states[index + 1] = call.out
+        self.removed[index] = call.state.num_tokens - call.out.num_tokens  # type: ignore[union-attr]
+
+    @property
+    def final(self) -> Optional[ToMeState]:
+        """The state after the last block run (None before any block ran)."""
+        return self._states[max(self._states)] if self._states else None
 
 
 def merge_block(
