@@ -34,6 +34,7 @@ __all__ = [
     "load_model",
     "load_model_from_args",
     "SCHEDULE_GRAMMAR",
+    "SCHEDULE_HELP",
     "parse_dtype",
     "parse_model_kwarg",
     "prepare_output_dir",
@@ -60,7 +61,14 @@ SCHEDULE_GRAMMAR = (
     "or R/R/R... (e.g. 8/8/4: R per block, later blocks 0); several schedules are separated by commas "
     "(e.g. 0,8,16:-1,8/8/4)"
 )
-"""The one description of the ``-r`` grammar, shown by ``--help`` and in every error."""
+"""The one description of the ``-r`` grammar, quoted in every error."""
+
+SCHEDULE_HELP = (
+    "merge schedules, comma-separated; each is R (tokens merged per block, e.g. 16), R:INFLECTION "
+    "(16:-1 is the paper's decreasing schedule, 2R down to 0; INFLECTION in [-1, 1]) or R/R/R (r per block, "
+    "e.g. 8/8/4)"
+)
+"""``--help`` text of ``-r`` for the commands that take several schedules."""
 
 _INT = r"\d+"
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
