@@ -217,6 +217,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "must not be negative")
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
 # ----------------------------------------------------------------------------- dtypes, devices
 
 
