@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -165,15 +164,15 @@ def time_interleaved(
     jobs, clocks, heat) affect all settings alike: compare settings round by round
     (:func:`speedup_stats`) or take the median of each list. One measurement
     repeats the forward until it has run for at least ``min_time`` seconds (the
-    number of repeats per setting is fixed in the warm-up), so a fast forward is
-    not at the mercy of one scheduler tick.
+    number of repeats per setting is found before the timed rounds, by doubling),
+    so a fast forward is not at the mercy of one scheduler tick.
 
     Args:
         model: A ToMe-patched model (``model.r`` is set for each setting and restored).
         x: ``(batch, channels, height, width)`` input on the model's device.
         schedules: Merge settings (anything ``model.r`` accepts).
         rounds: Timed rounds.
-        warmup: Untimed rounds first (at least one when ``min_time`` is set, to size the repeats).
+        warmup: Untimed rounds first (sizing the repeats for ``min_time`` adds untimed forwards).
         dtype: Autocast dtype (``torch.float32``: none).
         progress: Show a progress bar over the rounds (on a terminal only).
         min_time: Least seconds of forwards behind each measurement.
@@ -197,13 +196,15 @@ def time_interleaved(
             synchronize(device)
         return time.perf_counter() - start
 
-    warmup_rounds = max(warmup, 1 if min_time > 0 else 0)
     with torch.inference_mode(), autocast(device, dtype):
-        for index in range(warmup_rounds):
+        for _ in range(warmup):
+            for schedule in schedules:
+                run(schedule, 1)
+        if min_time > 0:
+            # Double the forwards until they last min_time: that many stand behind each timing.
             for i, schedule in enumerate(schedules):
-                seconds = run(schedule, 1)
-                if index == warmup_rounds - 1 and min_time > 0:
-                    repeats[i] = max(1, math.ceil(min_time / max(seconds, 1e-9)))
+                while run(schedule, repeats[i]) < min_time:
+                    repeats[i] *= 2
         for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
             for i, schedule in enumerate(schedules):
                 times[i].append(run(schedule, repeats[i]) / repeats[i])
