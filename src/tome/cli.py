@@ -2,7 +2,9 @@
 
 Commands: ``demo`` (offline tour), ``bench`` (throughput and FLOPs for several r),
 ``visualize`` (draw merged tokens), ``eval`` (accuracy on an image folder, torchrun
-for several processes), ``tune`` (find r for a speed-up or FLOPs target).
+for several processes), ``tune`` (find r for a speed-up or FLOPs target), ``train``
+(train or fine-tune with merging active), ``data`` (export or preview the generated
+shape task). See docs/tools.md.
 """
 
 from __future__ import annotations

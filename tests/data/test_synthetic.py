@@ -10,7 +10,19 @@ import pytest
 import torch
 
 from tome import cli
-from tome.data import CLASSES, ImageFolder, SyntheticShapes, export_image_folder, image_to_tensor, render
+from tome.data import (
+    CLASSES,
+    ImageFolder,
+    SyntheticShapes,
+    class_directory,
+    class_name,
+    class_names,
+    export_image_folder,
+    image_to_tensor,
+    open_image,
+    render,
+    to_rgb,
+)
 
 
 def test_render_is_deterministic_per_seed_split_and_index():
@@ -92,20 +104,60 @@ def test_export_round_trip(tmp_path):
     for split, count in (("train", 12), ("val", 10)):
         folder = ImageFolder(root / split)
         assert len(folder) == count
-        assert folder.classes == sorted(CLASSES)  # ImageFolder orders classes by name
+        # Directories sort in label order, and the reader names the classes without the number.
+        assert folder.classes == list(CLASSES) != sorted(CLASSES)
+        assert folder.folders == [class_directory(i) for i in range(len(CLASSES))]
+        assert folder.folders[:2] == ["00_circle", "01_ring"]
         generated = SyntheticShapes(split, length=count, seed=4)
         for index in (0, count - 1):
             array, label = render(index, split, seed=4)
-            path = root / split / CLASSES[label] / f"{index:06d}.png"
-            loaded = folder[folder.samples.index((path, folder.classes.index(CLASSES[label])))][0]
+            path = root / split / class_directory(label) / f"{index:06d}.png"
+            loaded, loaded_label = folder[folder.samples.index((path, label))]
+            assert loaded_label == generated[index][1] == label
             torch.testing.assert_close(loaded, generated[index][0])  # PNG is lossless
 
 
-def test_export_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="both 0"):
-        export_image_folder(tmp_path, train=0, val=0)
-    with pytest.raises(ValueError, match="train"):
-        export_image_folder(tmp_path, train=-1, val=2)
+def test_torchvision_reads_the_export_in_label_order(tmp_path):
+    from torchvision.datasets import ImageFolder as TorchvisionImageFolder
+
+    root = export_image_folder(tmp_path / "shapes", train=10, val=0, progress=False)
+    folder = TorchvisionImageFolder(root / "train")
+    assert [class_name(name) for name in folder.classes] == list(CLASSES)
+    assert [label for _, label in folder.samples] == list(range(len(CLASSES)))  # image i has label i % 10
+
+
+def test_export_refuses_a_used_directory_unless_overwrite(tmp_path):
+    root = export_image_folder(tmp_path / "shapes", train=20, val=0, progress=False)
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="'.*shapes' is not empty.*overwrite"):
+        export_image_folder(root, train=10, val=0, progress=False)
+    assert len(ImageFolder(root / "train")) == 20
+    export_image_folder(root, train=10, val=0, progress=False, overwrite=True)
+    assert len(ImageFolder(root / "train")) == 10  # replaced, not mixed
+    assert (root / "notes.txt").read_text() == "mine"  # nothing else is touched
+
+
+def test_prefixes_dropped_only_when_every_directory_has_one():
+    assert class_names(["00_circle", "01_ring"]) == ["circle", "ring"]
+    assert class_names(["00_circle", "ring"]) == ["00_circle", "ring"]
+    assert class_names(["n01440764", "n01443537"]) == ["n01440764", "n01443537"]
+
+
+def test_open_image_scales_16_bit(tmp_path):
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as raw:
+        assert raw.mode.startswith("I")
+        assert np.asarray(raw.convert("RGB")).mean() > 250  # PIL clips: almost white
+    image = open_image(tmp_path / "deep.png")
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and pixels.shape == (32, 32, 3)
+    np.testing.assert_allclose(pixels[..., 0], np.round(ramp / 257.0), atol=1)
+    assert pixels.min() == 0 and pixels.max() == 255
+    floats = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), "F")
+    assert np.asarray(to_rgb(floats)).max() == 128
 
 
 def test_image_folder_errors(tmp_path):

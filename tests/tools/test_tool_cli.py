@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tome import cli
+from tools_helpers import TINY_ARGS
 
-COMMANDS = ["demo", "bench", "visualize", "eval", "tune"]
+COMMANDS = ["demo", "bench", "visualize", "eval", "tune", "train", "data"]
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "tools.md"
 
 
 def test_every_command_is_registered(capsys):
@@ -21,12 +25,94 @@ def test_every_command_is_registered(capsys):
         assert command in out
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS + ["data export", "data preview"])
 def test_command_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--help"])
+        cli.main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     assert f"tome {command}" in capsys.readouterr().out
+
+
+def test_every_command_is_described_in_the_module_and_the_docs():
+    docs = DOCS.read_text()
+    for command in COMMANDS:
+        assert f"``{command}``" in cli.__doc__, command
+        assert f"## `tome {command}`" in docs, command
+
+
+def _parsers():
+    """Every (sub)command parser but train's (its options belong to its owner), by name."""
+    parser = cli.build_parser()
+    found = {}
+
+    def walk(prefix, node):
+        for action in node._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(f"{prefix} {name}".strip(), child)
+        if prefix and prefix != "train":
+            found[prefix] = node
+
+    walk("", parser)
+    return found
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parsers = _parsers()
+    assert {"demo", "bench", "visualize", "eval", "tune", "data export", "data preview"} <= set(parsers)
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            label = f"tome {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{label} has no help"
+            has_default = action.default not in (None, False) and not isinstance(action, argparse._StoreTrueAction)
+            if has_default and action.option_strings:
+                assert "default" in action.help, f"{label} does not show its default {action.default!r}"
+
+
+def test_one_schedule_error_for_every_command(picture, image_folder, capsys):
+    messages = set()
+    for command in (["bench", *TINY_ARGS], ["eval", *TINY_ARGS, "--data", str(image_folder)],
+                    ["visualize", str(picture), *TINY_ARGS]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, "-r", "0,16d"])
+        assert exit_info.value.code == 2
+        messages.add(capsys.readouterr().err.splitlines()[-1].split("error: ", 1)[1])
+    assert len(messages) == 1
+    (message,) = messages
+    assert "'16d'" in message and "16:-1" in message and "8/8/4" in message
+
+
+def test_data_export_and_preview_for_real(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "shapes"
+    assert cli.main(["data", "export", str(out), "--train", "10", "--val", "3", "--image-size", "32"]) == 0
+    assert sorted(p.name for p in (out / "train").iterdir())[:2] == ["00_circle", "01_ring"]
+    assert len(list((out / "val").rglob("*.png"))) == 3
+    with Image.open(next((out / "train" / "00_circle").iterdir())) as image:
+        assert image.size == (32, 32)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "export", str(out), "--train", "5", "--val", "0"])
+    assert exit_info.value.code == 2
+    assert "not empty" in capsys.readouterr().err and len(list((out / "train").rglob("*.png"))) == 10
+    assert cli.main(["data", "export", str(out), "--train", "5", "--val", "0", "--overwrite"]) == 0
+    assert len(list(out.rglob("*.png"))) == 5 and not (out / "val").exists()
+    grid = tmp_path / "grid.png"
+    assert cli.main(["data", "preview", str(grid), "--rows", "2", "--image-size", "16", "--zoom", "1"]) == 0
+    with Image.open(grid) as image:
+        assert image.size == (16 * 10, 16 * 2)
+    assert str(grid) in capsys.readouterr().out
+
+
+def test_data_export_into_a_file_is_named(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "export", str(blocker / "shapes"), "--train", "1", "--val", "0"])
+    assert exit_info.value.code == 2
+    assert f"lies under {str(blocker)!r}" in capsys.readouterr().err
 
 
 def test_unknown_command_fails(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -30,14 +31,16 @@ def tiny_demo_model(monkeypatch):
 
 def test_demo_schedules():
     assert demo_schedules(197, 1, 12) == [0, 8, 13, 16]  # the paper's values for ViT/16 at 224
+    # The shipped model (64 patches, 6 blocks): the same share of patches merged as the paper's r.
+    assert demo_schedules(65, 1, 6) == [0, 5, 8, 10]
     small = demo_schedules(17, 1, 2)
-    assert small[0] == 0 and small == sorted(set(small)) and max(small) == 8
+    assert small[0] == 0 and small == sorted(set(small)) and max(small) == 8  # 8 is the most 17 tokens allow
     assert demo_schedules(1, 1, 2) == [0]
 
 
 def test_demo_command(tiny_demo_model, tmp_path, capsys):
     out_dir = tmp_path / "outputs"
-    cli.main(["demo", "-o", str(out_dir), "--runs", "1", "--batch-size", "2"])
+    cli.main(["demo", "-o", str(out_dir), "--runs", "1", "--batch-size", "2", "--min-time", "0"])
     text = capsys.readouterr().out
     assert tiny_demo_model == [1]
     assert "tiny stand-in model" in text and "tokens left" in text and "speed-up" in text
@@ -53,9 +56,21 @@ def test_demo_command(tiny_demo_model, tmp_path, capsys):
 
 def test_demo_default_output_dir(tiny_demo_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = run_demo(batch_size=1, rounds=1)
+    result = run_demo(batch_size=1, rounds=1, min_time=0)
+    assert result["visualization"] == Path("tome_outputs") / "demo_merges.png"
+    assert result["json"] == Path("tome_outputs") / "demo_benchmark.json"
     assert (tmp_path / "tome_outputs" / "demo_merges.png").is_file()
-    assert result["visualization"] == result["visualization"].parent / "demo_merges.png"
+    assert (tmp_path / "tome_outputs" / "demo_benchmark.json").is_file()
+
+
+def test_demo_output_dir_checked_before_the_model_loads(tiny_demo_model, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "-o", str(blocker / "out")])
+    assert exit_info.value.code == 2
+    assert f"lies under {str(blocker)!r}, which is a file" in capsys.readouterr().err
+    assert tiny_demo_model == []  # nothing was loaded or timed
 
 
 def test_sample_image_is_deterministic():

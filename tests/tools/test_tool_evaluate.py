@@ -111,3 +111,64 @@ def test_eval_rejects_more_classes_than_the_model(tmp_path, capsys):
         cli.main(["eval", *TINY_ARGS, "--data", str(root), "--workers", "0"])
     assert exit_info.value.code == 2
     assert "5 classes" in capsys.readouterr().err
+
+
+def test_eval_fails_when_no_image_can_be_read(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", classes=1, per_class=0, corrupt=3)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", *TINY_ARGS, "--data", str(root), "-r", "0", "--workers", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "none of the 3 images could be read" in err and "broken_0.png" in err
+
+
+def test_eval_json_path_checked_before_the_run(image_folder, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    monkeypatch.setattr("tome.tools.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", *TINY_ARGS, "--data", str(image_folder), "--json", str(blocker / "eval.json")])
+    assert exit_info.value.code == 2
+    assert "blocker" in capsys.readouterr().err
+
+
+def test_sixteen_bit_images_read_like_eight_bit(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data" / "grey"
+    root.mkdir(parents=True)
+    ramp = np.linspace(0, 255, 40 * 40).reshape(40, 40).round().astype(np.uint8)
+    Image.fromarray(ramp).save(root / "a_8bit.png")
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(root / "b_16bit.png")
+    dataset = load_folder(str(tmp_path / "data"), tiny_model())
+    eight, sixteen = dataset[0][0], dataset[1][0]
+    torch.testing.assert_close(sixteen, eight)
+
+
+def test_eval_of_the_shipped_model_on_an_export(tmp_path, capsys):
+    """The exported folder's labels are the shipped model's: accuracy far above chance (10%)."""
+    from tome.data import export_image_folder
+
+    root = export_image_folder(tmp_path / "shapes", train=0, val=60, progress=False)
+    out = tmp_path / "eval.json"
+    cli.main(["eval", "--data", str(root / "val"), "-r", "0", "--workers", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["results"][0]["total"] == 60
+    assert report["results"][0]["top1"] > 40  # the shipped model reaches ~65% on this task
+    assert "matched to the model's class names" in capsys.readouterr().out
+
+
+def test_eval_matches_class_names_in_an_unnumbered_folder(tmp_path):
+    """An older export (class directories without numbers, sorted alphabetically) still gets the model's labels."""
+    from tome.data import CLASSES, export_image_folder
+    from tome.tools.demo_model import load_demo_model
+
+    root = export_image_folder(tmp_path / "shapes", train=0, val=20, progress=False) / "val"
+    for directory in root.iterdir():
+        directory.rename(root / directory.name.split("_", 1)[1])
+    model = tome.apply_patch(load_demo_model()[0])
+    dataset = load_folder(str(root), model)
+    assert dataset.classes == sorted(CLASSES) and dataset.matches_model
+    assert sorted(dataset[i][1] for i in range(len(dataset))) == sorted(i % 10 for i in range(20))
+    assert [dataset[i][1] for i in range(len(dataset)) if "circle" in dataset[i][2]] == [0, 0]

@@ -71,7 +71,7 @@ def test_tune_speedup_measures_for_real():
 
 def test_tune_command_flops_with_accuracy(image_folder, tmp_path, capsys):
     out = tmp_path / "tune.json"
-    cli.main(["tune", *TINY_ARGS, "--max-flops-ratio", "0.8", "--runs", "1", "--batch-size", "2",
+    cli.main(["tune", *TINY_ARGS, "--max-flops-ratio", "0.8", "--runs", "1", "--min-time", "0", "--batch-size", "2",
               "--data", str(image_folder), "--workers", "0", "--json", str(out)])
     text = capsys.readouterr().out
     report = json.loads(out.read_text())

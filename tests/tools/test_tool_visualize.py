@@ -155,3 +155,26 @@ def test_visualize_unreadable_image(tmp_path, capsys):
         cli.main(["visualize", str(bad), *TINY_ARGS])
     assert exit_info.value.code == 2
     assert "bad.png" in capsys.readouterr().err
+
+
+def test_visualize_reads_16_bit_images(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)  # dark left, bright right
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    out = tmp_path / "merges.png"
+    cli.main(["visualize", str(tmp_path / "deep.png"), *TINY_ARGS, "-r", "2", "-o", str(out)])
+    with Image.open(out) as canvas:
+        scale = -(-MIN_PANEL // 32)
+        panel = np.asarray(canvas.convert("L"))[LABEL_HEIGHT:, : 32 * scale]
+    # PIL's own conversion clips 16-bit values: the input panel would be almost all white.
+    assert panel.mean() == pytest.approx(127.5, abs=20)
+    assert panel[:, :5].mean() < 40 and panel[:, -5:].mean() > 215
+
+
+def test_visualize_output_checked_before_the_model_loads(picture, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    monkeypatch.setattr("tome.tools.visualize.load_model_from_args", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["visualize", str(picture), *TINY_ARGS, "-o", str(blocker / "merges.png")])
+    assert exit_info.value.code == 2
+    assert "blocker" in capsys.readouterr().err

@@ -35,6 +35,7 @@ __all__ = [
     "render",
     "image_to_tensor",
     "export_image_folder",
+    "class_directory",
 ]
 
 CLASSES: Tuple[str, ...] = (
@@ -306,28 +307,49 @@ class SyntheticShapes(Dataset):
                 f"image_size={self.image_size})")
 
 
-def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, image_size: int = 64,
-                        progress: bool = True) -> Path:
-    """Write the task to disk as an ImageFolder: ``root/{train,val}/<class>/<index>.png``.
+def class_directory(label: int) -> str:
+    """Directory name of class ``label`` in an export: ``00_circle``, ``01_ring``, ...
 
-    PNG is lossless, so training on the export sees exactly the pixels that
-    :class:`SyntheticShapes` generates. A ``dataset.json`` next to the splits
-    records the arguments.
+    The number keeps :data:`CLASSES` order under the alphabetical sort of ImageFolder
+    readers (torchvision's, :class:`tome.data.ImageFolder`), so label ``i`` of a model
+    trained on :class:`SyntheticShapes` is directory ``i`` of the export.
+    """
+    width = max(2, len(str(len(CLASSES) - 1)))
+    return f"{label:0{width}d}_{CLASSES[label]}"
+
+
+_EXPORT_ENTRIES = ("train", "val", "dataset.json")
+
+
+def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, image_size: int = 64,
+                        progress: bool = True, overwrite: bool = False) -> Path:
+    """Write the task to disk as an ImageFolder: ``root/{train,val}/<NN_class>/<index>.png``.
+
+    Class directories are numbered in label order (:func:`class_directory`:
+    ``00_circle``, ``01_ring``, ...), so readers that sort directories by name give
+    the labels of :data:`CLASSES`. PNG is lossless, so training on the export sees
+    exactly the pixels that :class:`SyntheticShapes` generates. A ``dataset.json``
+    next to the splits records the arguments and the class names.
 
     Args:
-        root: Output directory (created; existing files of the same name are replaced).
+        root: Output directory (created). It must be empty, unless ``overwrite``.
         train: Number of training images (0 to skip the split).
         val: Number of validation images (0 to skip the split).
         seed: Seed of the task.
         image_size: Height and width in pixels.
-        progress: Show a tqdm progress bar.
+        progress: Show a tqdm progress bar (on a terminal only).
+        overwrite: Replace an earlier export in ``root``: its ``train/``, ``val/`` and
+            ``dataset.json`` are deleted first (nothing else in ``root`` is touched).
 
     Returns:
         ``root`` as a ``Path``.
 
     Raises:
-        ValueError: for negative counts, no images at all or a bad image size.
+        ValueError: for negative counts, no images at all, a bad image size, or a
+            non-empty ``root`` without ``overwrite``.
     """
+    import shutil
+
     from tqdm import tqdm
 
     for name, count in (("train", train), ("val", val)):
@@ -338,18 +360,29 @@ def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, i
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
         raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
     root = Path(root)
+    if root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise ValueError(f"export directory {str(root)!r} is not empty; pick an empty one or pass "
+                             "overwrite=True (--overwrite) to replace its train/, val/ and dataset.json")
+        for entry in _EXPORT_ENTRIES:
+            path = root / entry
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
     width = max(6, len(str(max(train, val))))
-    with tqdm(total=train + val, desc=f"export {root}", disable=not progress, unit="img") as bar:
+    with tqdm(total=train + val, desc=f"export {root}", disable=None if progress else True, unit="img") as bar:
         for split, count in (("train", train), ("val", val)):
             if count == 0:
                 continue
-            for name in CLASSES:
-                (root / split / name).mkdir(parents=True, exist_ok=True)
+            for label in range(len(CLASSES)):
+                (root / split / class_directory(label)).mkdir(parents=True, exist_ok=True)
             for index in range(count):
                 array, label = render(index, split, seed, image_size)
-                Image.fromarray(array).save(root / split / CLASSES[label] / f"{index:0{width}d}.png")
+                Image.fromarray(array).save(root / split / class_directory(label) / f"{index:0{width}d}.png")
                 bar.update()
     info = {"task": "tome synthetic shapes", "seed": seed, "image_size": image_size, "train": train, "val": val,
-            "classes": list(CLASSES), "mean": list(MEAN), "std": list(STD)}
+            "classes": list(CLASSES), "class_directories": [class_directory(i) for i in range(len(CLASSES))],
+            "mean": list(MEAN), "std": list(STD)}
     (root / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return root

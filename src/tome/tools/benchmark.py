@@ -1,10 +1,13 @@
 """Throughput and FLOPs of a ToMe model: ``tome.utils.benchmark`` and ``tome bench``.
 
 ``benchmark`` keeps the signature of the original release's ``tome.utils.benchmark``.
-``tome bench`` measures several r values on one model: throughput as the median of
-runs interleaved across r values (so that slow drifts of the machine hit every r
-alike), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``, tokens left
-after the last block, and peak memory on CUDA.
+``tome bench`` measures several r values on one model: throughput from rounds
+interleaved across r values (so that slow drifts of the machine hit every r alike),
+each timing repeating the forward for at least ``--min-time`` seconds; the speed-up
+is the median of the per-round ratios to r=0, shown with its range, and flagged as
+noisy when it exceeds the FLOP ceiling. FLOPs are counted by
+``torch.utils.flop_counter.FlopCounterMode``; also tokens left after the last block,
+and peak memory on CUDA.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+import tome
+
 from ._common import (
+    SCHEDULE_HELP,
     Schedule,
     add_model_arguments,
     autocast,
@@ -27,19 +33,26 @@ from ._common import (
     input_size_of,
     load_model_from_args,
     parse_dtype,
-    positive_int,
+    non_negative_float,
     non_negative_int,
+    positive_int,
+    prepare_output_file,
+    progress_bar,
     schedule_json,
     schedule_label,
     schedules_arg,
     synchronize,
 )
 
+MIN_TIME = 0.3
+"""Default least seconds of forwards behind one timing (``--min-time``)."""
+
 __all__ = [
     "benchmark",
     "resolve_device",
     "count_flops",
     "time_interleaved",
+    "speedup_stats",
     "measure_schedules",
     "save_plot",
     "add_parser",
@@ -143,47 +156,76 @@ def time_interleaved(
     warmup: int = 2,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    min_time: float = 0.0,
 ) -> List[List[float]]:
     """Seconds per forward for each merge setting, measured round-robin.
 
-    Each round runs every setting once, so slow changes of the machine (other
-    jobs, clocks, heat) affect all settings alike; take the median of each list.
+    Each round times every setting once, so slow changes of the machine (other
+    jobs, clocks, heat) affect all settings alike: compare settings round by round
+    (:func:`speedup_stats`) or take the median of each list. One measurement
+    repeats the forward until it has run for at least ``min_time`` seconds (the
+    number of repeats per setting is found before the timed rounds, by doubling),
+    so a fast forward is not at the mercy of one scheduler tick.
 
     Args:
         model: A ToMe-patched model (``model.r`` is set for each setting and restored).
         x: ``(batch, channels, height, width)`` input on the model's device.
         schedules: Merge settings (anything ``model.r`` accepts).
         rounds: Timed rounds.
-        warmup: Untimed rounds first.
+        warmup: Untimed rounds first (sizing the repeats for ``min_time`` adds untimed forwards).
         dtype: Autocast dtype (``torch.float32``: none).
-        progress: Show a progress bar over the rounds.
+        progress: Show a progress bar over the rounds (on a terminal only).
+        min_time: Least seconds of forwards behind each measurement.
 
     Returns:
-        One list of ``rounds`` timings per setting.
+        One list of ``rounds`` timings (seconds per forward) per setting.
     """
-    from tqdm.auto import tqdm
-
     _check_patched(model)
+    if min_time < 0:
+        raise ValueError(f"min_time must not be negative, got {min_time!r}")
     device = x.device
-    previous = model.r
     times: List[List[float]] = [[] for _ in schedules]
-    try:
-        with torch.inference_mode(), autocast(device, dtype):
-            for _ in range(warmup):
-                for schedule in schedules:
-                    model.r = schedule
-                    model(x)
-            for _ in tqdm(range(rounds), desc="timing", unit="round", disable=not progress, leave=False):
-                for i, schedule in enumerate(schedules):
-                    model.r = schedule
-                    synchronize(device)
-                    start = time.perf_counter()
-                    model(x)
-                    synchronize(device)
-                    times[i].append(time.perf_counter() - start)
-    finally:
-        model.r = previous
+    repeats = [1 for _ in schedules]
+
+    def run(schedule: Schedule, count: int) -> float:
+        with tome.merging(model, schedule):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(count):
+                model(x)
+            synchronize(device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode(), autocast(device, dtype):
+        for _ in range(warmup):
+            for schedule in schedules:
+                run(schedule, 1)
+        if min_time > 0:
+            # Double the forwards until they last min_time: that many stand behind each timing.
+            for i, schedule in enumerate(schedules):
+                while run(schedule, repeats[i]) < min_time:
+                    repeats[i] *= 2
+        for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
+            for i, schedule in enumerate(schedules):
+                times[i].append(run(schedule, repeats[i]) / repeats[i])
     return times
+
+
+def speedup_stats(times: Sequence[Sequence[float]], base: int = 0) -> List[Tuple[float, float, float]]:
+    """``(median, lowest, highest)`` speed-up of each setting over setting ``base``, round by round.
+
+    The speed-up of a round is ``base time / setting time`` within that round (both
+    saw the same machine state); the median and the range are over rounds.
+
+    Args:
+        times: What :func:`time_interleaved` returns.
+        base: Index of the reference setting (r=0).
+    """
+    stats = []
+    for setting in times:
+        ratios = [b / t for b, t in zip(times[base], setting)]
+        stats.append((statistics.median(ratios), min(ratios), max(ratios)))
+    return stats
 
 
 def _check_patched(model: nn.Module) -> None:
@@ -202,6 +244,7 @@ def measure_schedules(
     rounds: int = 10,
     warmup: int = 2,
     progress: bool = False,
+    min_time: float = 0.0,
 ) -> List[Dict[str, Any]]:
     """Throughput, speed-up, FLOPs, tokens left and peak memory for each merge setting.
 
@@ -211,16 +254,20 @@ def measure_schedules(
         batch_size: Images per timed forward.
         device: Where to run.
         dtype: Autocast dtype for the timed runs (FLOPs are counted in fp32).
-        input_size: ``(channels, height, width)``; the model's own size when None.
-        rounds: Timed rounds (each round runs every setting once).
+        input_size: ``(channels, height, width)``; the model's own when None.
+        rounds: Timed rounds (each round times every setting once).
         warmup: Untimed rounds.
-        progress: Show progress bars.
+        progress: Show progress bars (on a terminal only).
+        min_time: Least seconds of forwards behind each timing (see :func:`time_interleaved`).
 
     Returns:
         One dict per setting (r=0 first if it was added): ``r`` (JSON form),
-        ``label``, ``schedule`` (r per layer), ``tokens_left``, ``images_per_s``,
-        ``seconds_per_batch``, ``speedup``, ``gflops`` (per image), ``flops_ratio``,
-        ``peak_memory_mib`` (None off CUDA).
+        ``label``, ``schedule`` (r per layer), ``tokens_left``, ``images_per_s``
+        and ``seconds_per_batch`` (medians over rounds), ``speedup`` (median over
+        rounds of the per-round speed-up) with its range ``speedup_low`` /
+        ``speedup_high``, ``gflops`` (per image), ``flops_ratio``, ``noisy`` (the
+        speed-up exceeds the FLOP ceiling ``1 / flops_ratio``: the machine, not
+        merging, made the difference) and ``peak_memory_mib`` (None off CUDA).
     """
     _check_patched(model)
     if batch_size < 1:
@@ -230,46 +277,44 @@ def measure_schedules(
         schedules.insert(0, 0)
     model.eval().to(device)
     size = tuple(input_size) if input_size is not None else input_size_of(model)
-    previous = model.r
     rows: List[Dict[str, Any]] = []
-    try:
-        single = torch.rand(1, *size, device=device)
-        for schedule in schedules:
-            model.r = schedule
+    single = torch.rand(1, *size, device=device)
+    for schedule in schedules:
+        with tome.merging(model, schedule):
             flops = count_flops(model, single)
-            tokens = model._tome_info["size"].shape[1]
-            per_layer = model._tome_info["r"]
-            rows.append(
-                {
-                    "r": schedule_json(schedule),
-                    "label": schedule_label(schedule),
-                    "schedule": list(per_layer) if per_layer is not None else None,
-                    "tokens_left": int(tokens),
-                    "gflops": flops / 1e9,
-                }
-            )
-        x = torch.rand(batch_size, *size, device=device)
-        times = time_interleaved(model, x, schedules, rounds=rounds, warmup=warmup, dtype=dtype, progress=progress)
-        medians = [statistics.median(t) for t in times]
-        base = medians[schedules.index(0)]
-        base_flops = rows[schedules.index(0)]["gflops"]
-        for row, median in zip(rows, medians):
-            row["seconds_per_batch"] = median
-            row["images_per_s"] = batch_size / median
-            row["speedup"] = base / median
-            row["flops_ratio"] = row["gflops"] / base_flops if base_flops else float("nan")
-            row["peak_memory_mib"] = None
-        if device.type == "cuda":
-            with torch.inference_mode(), autocast(device, dtype):
-                for schedule, row in zip(schedules, rows):
-                    model.r = schedule
+        tokens = model._tome_info["size"].shape[1]
+        per_layer = model._tome_info["r"]
+        rows.append(
+            {
+                "r": schedule_json(schedule),
+                "label": schedule_label(schedule),
+                "schedule": list(per_layer) if per_layer is not None else None,
+                "tokens_left": int(tokens),
+                "gflops": flops / 1e9,
+            }
+        )
+    x = torch.rand(batch_size, *size, device=device)
+    times = time_interleaved(model, x, schedules, rounds=rounds, warmup=warmup, dtype=dtype, progress=progress,
+                             min_time=min_time)
+    base = schedules.index(0)
+    base_flops = rows[base]["gflops"]
+    for row, seconds, (speedup, low, high) in zip(rows, times, speedup_stats(times, base)):
+        median = statistics.median(seconds)
+        row["seconds_per_batch"] = median
+        row["images_per_s"] = batch_size / median
+        row["speedup"], row["speedup_low"], row["speedup_high"] = speedup, low, high
+        row["flops_ratio"] = row["gflops"] / base_flops if base_flops else float("nan")
+        row["noisy"] = bool(row["flops_ratio"] > 0 and speedup > 1 / row["flops_ratio"])
+        row["peak_memory_mib"] = None
+    if device.type == "cuda":
+        with torch.inference_mode(), autocast(device, dtype):
+            for schedule, row in zip(schedules, rows):
+                with tome.merging(model, schedule):
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
                     model(x)
                     torch.cuda.synchronize(device)
-                    row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    finally:
-        model.r = previous
+                row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return rows
 
 
@@ -314,17 +359,25 @@ def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str
 
 
 def print_rows(rows: Sequence[Dict[str, Any]]) -> None:
-    """The ``tome bench`` table."""
+    """The ``tome bench`` / ``tome demo`` table, with a note under it for noisy rows."""
     with_memory = any(row.get("peak_memory_mib") is not None for row in rows)
-    headers = ["r", "tokens left", "img/s", "speed-up", "GFLOPs", "FLOPs ratio"] + (["peak MiB"] if with_memory else [])
+    headers = ["r", "tokens left", "img/s", "speed-up", "range", "GFLOPs", "FLOPs ratio"] + (
+        ["peak MiB"] if with_memory else [])
     table = []
     for row in rows:
-        cells = [row["label"], row["tokens_left"], row["images_per_s"], f"{row['speedup']:.2f}x",
-                 row["gflops"], row["flops_ratio"]]
+        speedup = f"{row['speedup']:.2f}x" + (" noisy" if row.get("noisy") else "")
+        spread = f"{row['speedup_low']:.2f}-{row['speedup_high']:.2f}x" if "speedup_low" in row else "-"
+        cells = [row["label"], row["tokens_left"], row["images_per_s"], speedup, spread, row["gflops"],
+                 row["flops_ratio"]]
         if with_memory:
             cells.append(row["peak_memory_mib"])
         table.append(cells)
     print(format_table(headers, table))
+    print("speed-up: median over rounds of the per-round ratio to r=0; range: lowest-highest round.")
+    noisy = [row["label"] for row in rows if row.get("noisy")]
+    if noisy:
+        print(f"noisy (r = {', '.join(noisy)}): the speed-up exceeds 1 / FLOPs ratio, more than merging can give; "
+              "the machine was busy. Rerun with more --runs or --min-time, on a quieter machine.", flush=True)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -339,6 +392,9 @@ def default_dtype(device: torch.device) -> str:
 
 def run_bench(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """``tome bench``: measure, print, and optionally write JSON and a plot."""
+    # Output paths are checked before minutes of measuring, not after.
+    json_path = prepare_output_file(args.json, "--json") if args.json else None
+    plot_path = prepare_output_file(args.plot, "--plot") if args.plot else None
     device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype(device)
     dtype = parse_dtype(dtype_name)
@@ -348,14 +404,15 @@ def run_bench(args: argparse.Namespace) -> List[Dict[str, Any]]:
     size = input_size_of(model)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"Model: {loaded.description}")
-    print(f"Device: {device}{threads}, {dtype_name}, batch {batch_size} x {size}, median of {args.runs} interleaved rounds")
+    print(f"Device: {device}{threads}, {dtype_name}, batch {batch_size} x {size}, {args.runs} interleaved rounds "
+          f"of at least {args.min_time:g} s per r", flush=True)
     rows = measure_schedules(
         model, args.r, batch_size=batch_size, device=device, dtype=dtype, rounds=args.runs,
-        warmup=args.warmup, progress=True,
+        warmup=args.warmup, progress=True, min_time=args.min_time,
     )
     print_rows(rows)
     print("FLOPs: torch FlopCounterMode, 2 per multiply-add.")
-    if args.json:
+    if json_path is not None:
         report = {
             "model": loaded.description,
             "device": str(device),
@@ -363,16 +420,23 @@ def run_bench(args: argparse.Namespace) -> List[Dict[str, Any]]:
             "batch_size": batch_size,
             "input_size": list(size),
             "rounds": args.runs,
+            "min_time": args.min_time,
             "torch": torch.__version__,
             "results": rows,
         }
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
-        print(f"Wrote {path}")
-    if args.plot:
-        print(f"Wrote {save_plot(rows, args.plot, title=loaded.description)}")
+        json_path.write_text(json.dumps(report, indent=2))
+        print(f"Wrote {json_path}")
+    if plot_path is not None:
+        print(f"Wrote {save_plot(rows, plot_path, title=loaded.description)}")
     return rows
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, *, runs: int, what: str = "timed rounds") -> None:
+    """``--runs`` and ``--min-time``, shared by ``tome bench``, ``tome demo`` and ``tome tune``."""
+    parser.add_argument("--runs", type=positive_int, default=runs,
+                        help=f"{what}; each round times every r once (default: %(default)s)")
+    parser.add_argument("--min-time", type=non_negative_float, default=MIN_TIME, metavar="SECONDS",
+                        help="repeat the forward until each timing covers this long (default: %(default)s)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -384,11 +448,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("-r", "--r", type=schedules_arg, default=schedules_arg("0,8,13,16"),
-                        help="comma-separated r values; r:inflection for a schedule, e.g. 16:-1 (default: 0,8,13,16)")
+                        help=f"{SCHEDULE_HELP} (default: 0,8,13,16)")
     parser.add_argument("--batch-size", type=positive_int, help="images per forward (default: 64 on CUDA, 8 on CPU)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--runs", type=positive_int, default=10, help="timed rounds (default: %(default)s)")
+    add_timing_arguments(parser, runs=10)
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot throughput and GFLOPs against r")

@@ -365,11 +365,3 @@ def load_checkpoint(model: nn.Module, source: str) -> str:
     known = known_checkpoint(source)
     return known.description if known is not None else os.path.basename(source.rstrip("/")) or source
 
-
-def describe_known() -> str:
-    """One line per published checkpoint, for help texts and docs."""
-    return "\n".join(
-        f"{ck.name:<13} {ck.architecture} {dict(ck.model_kwargs) or ''} r={ck.r} prop_attn={ck.prop_attn}: {ck.description}"
-        for ck in KNOWN_CHECKPOINTS.values()
-    )
-

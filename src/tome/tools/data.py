@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import non_negative_int, positive_int, prepare_output_dir, prepare_output_file
+
 __all__ = ["add_parser", "preview"]
 
 
@@ -47,35 +49,53 @@ def preview(path: str | Path, rows: int = 4, split: str = "train", seed: int = 0
 def _export(args: argparse.Namespace) -> None:
     from tome.data import export_image_folder
 
-    root = export_image_folder(args.directory, train=args.train, val=args.val, seed=args.seed,
-                               image_size=args.image_size, progress=not args.no_progress)
-    print(f"wrote {args.train} train and {args.val} val images to {root} (ImageFolder layout)")
+    root = prepare_output_dir(args.directory, "directory")
+    root = export_image_folder(root, train=args.train, val=args.val, seed=args.seed, image_size=args.image_size,
+                               progress=not args.no_progress, overwrite=args.overwrite)
+    print(f"wrote {args.train} train and {args.val} val images to {root} "
+          "(ImageFolder layout, class directories 00_circle, 01_ring, ... in label order)")
 
 
 def _preview(args: argparse.Namespace) -> None:
-    path = preview(args.output, rows=args.rows, split=args.split, seed=args.seed, image_size=args.image_size)
+    path = prepare_output_file(args.output, "output")
+    path = preview(path, rows=args.rows, split=args.split, seed=args.seed, image_size=args.image_size,
+                   zoom=args.zoom)
     print(f"wrote {path}")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``tome data export`` and ``tome data preview``."""
-    parser = subparsers.add_parser("data", help="the generated shape-classification task (export, preview)")
+    parser = subparsers.add_parser(
+        "data", help="the generated shape-classification task (export, preview)",
+        description="The generated 10-class shape task of tome.data, on disk (export) or as a picture (preview).",
+    )
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 
-    export = actions.add_parser("export", help="write train/ and val/ ImageFolder trees of PNGs")
-    export.add_argument("directory", help="output directory")
-    export.add_argument("--train", type=int, default=10_000, help="training images (default: %(default)s)")
-    export.add_argument("--val", type=int, default=2_000, help="validation images (default: %(default)s)")
-    export.add_argument("--seed", type=int, default=0)
-    export.add_argument("--image-size", type=int, default=64)
-    export.add_argument("--no-progress", action="store_true")
+    export = actions.add_parser(
+        "export", help="write train/ and val/ ImageFolder trees of PNGs",
+        description="Write the generated task as PNGs: DIRECTORY/{train,val}/<NN_class>/<index>.png and "
+        "DIRECTORY/dataset.json. Class directories are numbered in label order (00_circle, 01_ring, ...), so "
+        "ImageFolder readers (tome eval, tome train, torchvision) give the shipped model's labels.",
+    )
+    export.add_argument("directory", help="output directory; must be empty unless --overwrite")
+    export.add_argument("--train", type=non_negative_int, default=10_000, help="training images (default: %(default)s)")
+    export.add_argument("--val", type=non_negative_int, default=2_000, help="validation images (default: %(default)s)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the task (default: %(default)s)")
+    export.add_argument("--image-size", type=positive_int, default=64,
+                        help="height and width in pixels, at least 16 (default: %(default)s)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in DIRECTORY (its train/, val/ and dataset.json)")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar (it is off without a terminal)")
     export.set_defaults(func=_export)
 
-    show = actions.add_parser("preview", help="save a grid of examples, one column per class")
+    show = actions.add_parser("preview", help="save a grid of examples, one column per class",
+                              description="Save a PNG grid of generated images: one column per class, in label order.")
     show.add_argument("output", help="PNG file to write")
-    show.add_argument("--rows", type=int, default=4)
-    show.add_argument("--split", choices=("train", "val"), default="train")
-    show.add_argument("--seed", type=int, default=0)
-    show.add_argument("--image-size", type=int, default=64)
+    show.add_argument("--rows", type=positive_int, default=4, help="images per class (default: %(default)s)")
+    show.add_argument("--split", choices=("train", "val"), default="train", help="which split (default: %(default)s)")
+    show.add_argument("--seed", type=int, default=0, help="seed of the task (default: %(default)s)")
+    show.add_argument("--image-size", type=positive_int, default=64,
+                      help="size of each image in pixels, at least 16 (default: %(default)s)")
+    show.add_argument("--zoom", type=positive_int, default=2, help="enlargement of the grid (default: %(default)s)")
     show.set_defaults(func=_preview)

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+
+import tome
 
 from ._common import (
     Schedule,
     add_model_arguments,
     input_size_of,
+    load_model,
     load_model_from_args,
     positive_int,
+    prepare_output_dir,
     schedule_label,
 )
-from .benchmark import measure_schedules, print_rows, resolve_device
+from .benchmark import MIN_TIME, add_timing_arguments, measure_schedules, print_rows, resolve_device
 from .sample_image import sample_image
 from .visualize import render_merges
 
@@ -31,18 +34,27 @@ __all__ = ["run_demo", "demo_schedules", "add_parser"]
 DEFAULT_OUTPUT_DIR = "tome_outputs"
 
 
-def demo_schedules(num_tokens: int, protected_tokens: int, depth: int) -> List[int]:
-    """r values worth showing: the paper's 0, 8, 13, 16 for 196-patch models, scaled for others.
+PAPER_SCHEDULES = (8, 13, 16)
+"""The r values the paper shows for ViT-B/16 at 224 px: 196 patches, 12 blocks."""
 
-    The largest shown r stays within what the model can merge (past it every layer is capped).
+
+def demo_schedules(num_tokens: int, protected_tokens: int, depth: int) -> List[int]:
+    """r values worth showing: the paper's 0, 8, 13, 16, scaled to the model's patches and depth.
+
+    Each of the paper's r for ViT-B/16 (196 patches, 12 blocks) is scaled so that it
+    merges the same share of the patches over the whole network: ``r * (patches / 196)
+    * (12 / depth)``. A 196-patch, 12-block model gets 0, 8, 13, 16 exactly; the
+    64-patch, 6-block demo model gets 0, 5, 8, 10. No r is shown past the point where
+    every layer is capped (more would merge nothing more).
     """
     from .tune import max_useful_r
 
     most = max_useful_r(num_tokens, protected_tokens, depth, "constant")
-    if most >= 16:
-        return [0, 8, 13, 16]
-    picks = sorted({0, *(max(1, round(most * f)) for f in (0.5, 0.75, 1.0))}) if most > 0 else [0]
-    return picks
+    patches = num_tokens - protected_tokens
+    if most == 0 or depth == 0:
+        return [0]
+    scale = (patches / 196) * (12 / depth)
+    return sorted({0, *(min(most, max(1, round(r * scale))) for r in PAPER_SCHEDULES)})
 
 
 def run_demo(
@@ -50,26 +62,28 @@ def run_demo(
     *,
     output_dir: str = DEFAULT_OUTPUT_DIR,
     batch_size: int = 64,
-    rounds: int = 3,
+    rounds: int = 5,
+    min_time: float = MIN_TIME,
 ) -> Dict[str, Any]:
     """Print a throughput table and write a visualisation of the merges.
 
     Args:
         args: Parsed ``tome demo`` arguments (model options, ``output_dir``,
-            ``batch_size``, ``runs``); None for the defaults.
+            ``batch_size``, ``runs``, ``min_time``); None for the defaults.
         output_dir: Where the files go (when ``args`` is None).
         batch_size: Images per timed forward (when ``args`` is None).
         rounds: Timed rounds (when ``args`` is None).
+        min_time: Least seconds behind each timing (when ``args`` is None).
 
     Returns:
         ``{"rows": benchmark rows, "visualization": path, "json": path}``.
     """
     if args is not None:
-        output_dir, batch_size, rounds = args.output_dir, args.batch_size, args.runs
+        output_dir, batch_size, rounds, min_time = args.output_dir, args.batch_size, args.runs, args.min_time
+    out = prepare_output_dir(output_dir, "--output-dir")
+    if args is not None:
         loaded = load_model_from_args(args, default_to_demo=True)
     else:
-        from ._common import load_model
-
         loaded = load_model(default_to_demo=True)
     torch.manual_seed(0)
     model = loaded.patch()
@@ -77,27 +91,26 @@ def run_demo(
     size = input_size_of(model)
 
     # One forward to learn the token geometry, then pick r values that suit it.
-    with torch.inference_mode():
+    with torch.inference_mode(), tome.merging(model, 0):
         model(torch.rand(1, *size))
     info = model._tome_info
     schedules: Sequence[Schedule] = demo_schedules(int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"]))
 
     print(f"ToMe demo on {loaded.description}")
     print(f"Input {size[1]}x{size[2]}, batch {batch_size}, {torch.get_num_threads()} CPU threads, "
-          f"median of {rounds} interleaved rounds; r = tokens merged away in each of {len(info['r'])} blocks")
+          f"{rounds} interleaved rounds of at least {min_time:g} s per r; "
+          f"r = tokens merged away in each of {len(info['r'])} blocks", flush=True)
     rows = measure_schedules(model, schedules, batch_size=batch_size, device=device, rounds=rounds, warmup=1,
-                             progress=True)
+                             progress=True, min_time=min_time)
     print_rows(rows)
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     shown = [s for s in schedules if s != 0] or [0]
     canvas = render_merges(sample_image(), model, shown)
     vis_path = out / "demo_merges.png"
     canvas.save(vis_path)
     json_path = out / "demo_benchmark.json"
     json_path.write_text(json.dumps({"model": loaded.description, "batch_size": batch_size, "input_size": list(size),
-                                     "rounds": rounds, "results": rows}, indent=2))
+                                     "rounds": rounds, "min_time": min_time, "results": rows}, indent=2))
     print(f"Merged tokens of a sample image for r = {', '.join(schedule_label(s) for s in shown)}: {vis_path}")
     print(f"Benchmark results: {json_path}")
     print("Next: tome bench --model vit_base_patch16_224 | tome visualize IMAGE | tome eval --model NAME --data DIR "
@@ -115,5 +128,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, demo_default=True)
     parser.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="where to write files (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per timed forward (default: %(default)s)")
-    parser.add_argument("--runs", type=positive_int, default=3, help="timed rounds (default: %(default)s)")
+    add_timing_arguments(parser, runs=5)
     parser.set_defaults(func=run_demo)

@@ -4,7 +4,7 @@ Every batch is loaded once and run at every requested r, so one pass over the
 data fills the whole table. Under ``torchrun`` each process takes every
 ``world_size``-th image (no padding, so nothing is counted twice) and the counts
 are summed with ``all_reduce``; gloo is used on CPU, NCCL on CUDA. Images that
-cannot be read are skipped and reported, never fatal.
+cannot be read are skipped and reported; a folder where none can be read is an error.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+import tome
+
 from ._common import (
+    SCHEDULE_HELP,
     Schedule,
     add_model_arguments,
     autocast,
@@ -32,6 +35,8 @@ from ._common import (
     non_negative_int,
     parse_dtype,
     positive_int,
+    prepare_output_file,
+    progress_bar,
     schedule_json,
     schedule_label,
     schedules_arg,
@@ -49,25 +54,42 @@ class SkippingImageFolder(Dataset):
 
     Items are ``(image, label, path)``; ``image`` is None when the file could not
     be decoded. :func:`collate_skipping` drops those and reports their paths.
+    Images are read with :func:`tome.data.open_image` (16-bit images scaled to 8 bit).
+    Class directories named ``<number>_<name>`` (``tome data export``) are class
+    ``<name>`` (see :func:`tome.data.class_names`).
+
+    Args:
+        root: Directory with one sub-directory per class.
+        transform: Applied to each 8-bit RGB ``PIL.Image``.
+        label_names: The model's class names in label order; when every class of the
+            folder is among them, labels follow the model's order instead of the
+            sorted directory order.
     """
 
-    def __init__(self, root: str, transform: Any = None) -> None:
+    def __init__(self, root: str, transform: Any = None, label_names: Optional[Sequence[str]] = None) -> None:
         from torchvision.datasets import ImageFolder
+
+        from tome.data import class_names, open_image
 
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data {root!r} is not a directory")
         try:
-            self.folder = ImageFolder(root, transform=transform)
+            self.folder = ImageFolder(root, transform=transform, loader=open_image)
         except (FileNotFoundError, RuntimeError) as error:
             # torchvision raises these for a folder without class directories or images.
             raise ValueError(f"--data {root!r} is not an image folder (root/<class>/<image>): {error}") from None
-        self.classes: List[str] = self.folder.classes
+        self.classes: List[str] = class_names(self.folder.classes)
+        names = list(label_names or ())
+        self.matches_model = bool(names) and all(name in names for name in self.classes)
+        self.labels: List[int] = [names.index(name) for name in self.classes] if self.matches_model \
+            else list(range(len(self.classes)))
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, index: int) -> Tuple[Optional[torch.Tensor], int, str]:
-        path, label = self.folder.samples[index]
+        path, folder_label = self.folder.samples[index]
+        label = self.labels[folder_label]
         try:
             image, _ = self.folder[index]
         except Exception:  # any decoder failure: truncated, not an image, decompression bomb, ...
@@ -87,12 +109,18 @@ def collate_skipping(items: Sequence[Tuple[Optional[torch.Tensor], int, str]]):
 
 
 def image_folder(root: str, model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -> SkippingImageFolder:
-    """The image folder at ``root``, preprocessed with the model's own timm data config."""
+    """The image folder at ``root``, preprocessed with the model's own timm data config.
+
+    When the model names its classes (``pretrained_cfg["label_names"]``, as models
+    from ``tome train`` do) and the folder's classes are among them, labels follow
+    the model's order.
+    """
     import timm.data
 
     config = data_config_of(model, overrides)
     transform = timm.data.create_transform(**config, is_training=False)
-    return SkippingImageFolder(root, transform)
+    label_names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    return SkippingImageFolder(root, transform, label_names=label_names)
 
 
 @dataclass
@@ -200,9 +228,11 @@ def evaluate(
 
     Returns:
         The counts for each setting and the skipped images.
+
+    Raises:
+        ValueError: if the dataset has images but none of them could be read.
     """
     import torch.distributed as dist
-    from tqdm.auto import tqdm
 
     if not hasattr(model, "_tome_info"):
         raise TypeError(f"{type(model).__name__} is not patched for token merging; call tome.apply_patch(model) first")
@@ -215,40 +245,36 @@ def evaluate(
     results = [EvalResult(schedule) for schedule in schedules]
     skipped: List[str] = []
     skipped_count = 0
-    previous = model.r
     model.eval().to(device)
-    try:
-        with torch.inference_mode():
-            # Untimed warm-up (lazy initialisation, kernel selection) at the batch shape.
-            if warmup and len(shard):
-                dummy = torch.rand(min(batch_size, len(shard)), *input_size_of(model), device=device)
-                for result in results:
-                    model.r = result.r
-                    with autocast(device, dtype):
-                        model(dummy)
-            for images, labels, bad in tqdm(loader, desc="eval", unit="batch", disable=not progress or rank != 0):
-                skipped_count += len(bad)
-                skipped.extend(bad[: max(0, _SHOWN_SKIPS - len(skipped))])
-                if images is None:
-                    continue
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                for result in results:
-                    model.r = result.r
+    with torch.inference_mode():
+        # Untimed warm-up (lazy initialisation, kernel selection) at the batch shape.
+        if warmup and len(shard):
+            dummy = torch.rand(min(batch_size, len(shard)), *input_size_of(model), device=device)
+            for result in results:
+                with tome.merging(model, result.r), autocast(device, dtype):
+                    model(dummy)
+        for images, labels, bad in progress_bar(loader, enabled=progress and rank == 0, desc="eval", unit="batch",
+                                                leave=False):
+            skipped_count += len(bad)
+            skipped.extend(bad[: max(0, _SHOWN_SKIPS - len(skipped))])
+            if images is None:
+                continue
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            for result in results:
+                with tome.merging(model, result.r):
                     synchronize(device)
                     start = time.perf_counter()
                     with autocast(device, dtype):
                         logits = model(images)
                     synchronize(device)
-                    result.seconds += time.perf_counter() - start
-                    k = min(5, logits.shape[-1])
-                    top = logits.topk(k, dim=-1).indices
-                    hits = top == labels[:, None]
-                    result.correct1 += int(hits[:, 0].sum())
-                    result.correct5 += int(hits.any(dim=-1).sum())
-                    result.total += int(labels.numel())
-    finally:
-        model.r = previous
+                result.seconds += time.perf_counter() - start
+                k = min(5, logits.shape[-1])
+                top = logits.topk(k, dim=-1).indices
+                hits = top == labels[:, None]
+                result.correct1 += int(hits[:, 0].sum())
+                result.correct5 += int(hits.any(dim=-1).sum())
+                result.total += int(labels.numel())
 
     if world_size > 1:
         counts = torch.tensor(
@@ -266,6 +292,9 @@ def evaluate(
             result.correct1, result.correct5, result.total = (int(v) for v in row)
             result.seconds = sec
         skipped_count = int(counts[-1, 0].item())
+    if len(dataset) and results and results[0].total == 0:
+        examples = ", ".join(skipped) or "none named"
+        raise ValueError(f"none of the {len(dataset)} images could be read (e.g. {examples}); nothing was evaluated")
     return EvalReport(results, len(dataset), skipped_count, skipped, world_size)
 
 
@@ -307,19 +336,22 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
     device, initialised = _init_distributed(args.device)
     try:
         rank, world_size = _distributed()
-        loaded = load_model_from_args(args)
+        if args.json:
+            prepare_output_file(args.json, "--json")
+        loaded = load_model_from_args(args, default_to_demo=True)
         schedules = args.r if args.r is not None else ([0, loaded.default_r] if loaded.default_r else [0, 8, 16])
         model = loaded.patch()
         dataset = image_folder(args.data, model, loaded.data_overrides)
         num_classes = getattr(model, "num_classes", None)
-        if num_classes and len(dataset.classes) > num_classes:
+        if num_classes and not dataset.matches_model and len(dataset.classes) > num_classes:
             raise ValueError(
                 f"--data {args.data!r} has {len(dataset.classes)} classes but the model predicts {num_classes}"
             )
         dtype_name = args.dtype or "fp32"
         if rank == 0:
             print(f"Model: {loaded.description}")
-            print(f"Data: {args.data} ({len(dataset)} images, {len(dataset.classes)} classes), "
+            order = "matched to the model's class names" if dataset.matches_model else "in sorted directory order"
+            print(f"Data: {args.data} ({len(dataset)} images, {len(dataset.classes)} classes {order}), "
                   f"{device}, {dtype_name}, {world_size} process(es)")
         report = evaluate(
             model, dataset, schedules, batch_size=args.batch_size, workers=args.workers, device=device,
@@ -329,7 +361,6 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
             print_report(report)
             if args.json:
                 path = Path(args.json)
-                path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"model": loaded.description, "data": str(args.data), **report.as_dict()}, indent=2))
                 print(f"Wrote {path}")
         return report
@@ -346,11 +377,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a timm ViT with token merging on an ImageFolder (root/<class>/<image>). "
         "Run under torchrun --nproc_per_node N for several processes.",
     )
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="image folder: one sub-directory per class, sorted as the model's labels")
+    add_model_arguments(parser, demo_default=True)
+    parser.add_argument("--data", required=True,
+                        help="image folder, one sub-directory per class: matched by name to the model's classes when "
+                        "it names them (models from tome train), else in sorted order as the model's labels")
     parser.add_argument("-r", "--r", type=schedules_arg, default=None,
-                        help="comma-separated r values; r:inflection for a schedule (default: 0,8,16, or 0 and the "
-                        "checkpoint's r for a published ToMe checkpoint)")
+                        help=f"{SCHEDULE_HELP} (default: 0,8,16, or 0 and the checkpoint's r for a published ToMe "
+                        "checkpoint)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                         help="data loading processes per rank (default: %(default)s)")

@@ -3,7 +3,8 @@
 The FLOPs target is met by binary search over r with FLOPs counted by
 ``FlopCounterMode`` (cheap and exact). The speed-up target is met by binary search
 over r with measured timings, each candidate timed interleaved with r=0 so that
-both see the same machine state. The smallest r that meets the target is
+both see the same machine state (each timing repeats the forward for at least
+``--min-time`` seconds; the speed-up is the median of the per-round ratios). The smallest r that meets the target is
 chosen: it merges least and so keeps the most accuracy.
 """
 
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import dataclass, asdict
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,10 +28,19 @@ from ._common import (
     non_negative_int,
     parse_dtype,
     positive_int,
+    prepare_output_file,
     schedule_json,
     schedule_label,
 )
-from .benchmark import count_flops, default_batch_size, default_dtype, resolve_device, time_interleaved
+from .benchmark import (
+    add_timing_arguments,
+    count_flops,
+    default_batch_size,
+    default_dtype,
+    resolve_device,
+    speedup_stats,
+    time_interleaved,
+)
 
 __all__ = ["TuneResult", "make_schedule", "max_useful_r", "tune_flops", "tune_speedup", "measure_speedup", "add_parser"]
 
@@ -85,15 +93,10 @@ class TuneResult:
 
 def _token_geometry(model: nn.Module, x: torch.Tensor) -> Tuple[int, int, int]:
     """``(tokens, protected tokens, depth)`` from one forward at r=0."""
-    previous = model.r
-    try:
-        model.r = 0
-        with torch.inference_mode():
-            model(x)
-        info = model._tome_info
-        return int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"])
-    finally:
-        model.r = previous
+    with tome.merging(model, 0), torch.inference_mode():
+        model(x)
+    info = model._tome_info
+    return int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"])
 
 
 def max_useful_r(num_tokens: int, protected_tokens: int, depth: int, kind: str) -> int:
@@ -128,13 +131,9 @@ def _search(predicate: Callable[[int], bool], hi: int) -> int:
 
 
 def _flops_ratio(model: nn.Module, x: torch.Tensor, schedule: Schedule, base: int) -> Tuple[float, int]:
-    previous = model.r
-    try:
-        model.r = schedule
+    with tome.merging(model, schedule):
         flops = count_flops(model, x)
-        return flops / base, int(model._tome_info["size"].shape[1])
-    finally:
-        model.r = previous
+    return flops / base, int(model._tome_info["size"].shape[1])
 
 
 def tune_flops(
@@ -183,21 +182,21 @@ def tune_flops(
 
 
 def _flops_at(model: nn.Module, x: torch.Tensor, schedule: Schedule) -> int:
-    previous = model.r
-    try:
-        model.r = schedule
+    with tome.merging(model, schedule):
         return count_flops(model, x)
-    finally:
-        model.r = previous
 
 
 def measure_speedup(
     model: nn.Module, x: torch.Tensor, schedule: Schedule, *, rounds: int = 5, warmup: int = 1,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, min_time: float = 0.0,
 ) -> float:
-    """Median time at r=0 over median time at ``schedule``, timed interleaved on ``x``."""
-    times = time_interleaved(model, x, [0, schedule], rounds=rounds, warmup=warmup, dtype=dtype)
-    return statistics.median(times[0]) / statistics.median(times[1])
+    """Speed-up of ``schedule`` over r=0 on ``x``: the median of per-round ratios, timed interleaved.
+
+    Each timing repeats the forward for at least ``min_time`` seconds (see
+    :func:`tome.tools.benchmark.time_interleaved`).
+    """
+    times = time_interleaved(model, x, [0, schedule], rounds=rounds, warmup=warmup, dtype=dtype, min_time=min_time)
+    return speedup_stats(times)[1][0]
 
 
 def tune_speedup(
@@ -212,6 +211,7 @@ def tune_speedup(
     warmup: int = 1,
     input_size: Optional[Sequence[int]] = None,
     verbose: bool = False,
+    min_time: float = 0.0,
 ) -> TuneResult:
     """Smallest r whose measured speed-up over r=0 reaches ``target_speedup``.
 
@@ -226,6 +226,7 @@ def tune_speedup(
         warmup: Untimed rounds per candidate.
         input_size: ``(channels, height, width)``; the model's own when None.
         verbose: Print each probe.
+        min_time: Least seconds of forwards behind each timing.
 
     Raises:
         ValueError: if the target is not above 1 or ``kind`` is unknown.
@@ -243,7 +244,8 @@ def tune_speedup(
 
     def speedup(r: int) -> float:
         if r not in cache:
-            cache[r] = measure_speedup(model, x, make_schedule(r, kind), rounds=rounds, warmup=warmup, dtype=dtype)
+            cache[r] = measure_speedup(model, x, make_schedule(r, kind), rounds=rounds, warmup=warmup, dtype=dtype,
+                                       min_time=min_time)
             if verbose:
                 print(f"  r={schedule_label(make_schedule(r, kind))}: {cache[r]:.2f}x")
         return cache[r]
@@ -265,21 +267,24 @@ def run_tune(args: argparse.Namespace) -> TuneResult:
         raise ValueError(f"--max-flops-ratio must lie in (0, 1), got {args.max_flops_ratio!r}")
     if args.target_speedup is not None and not args.target_speedup > 1:
         raise ValueError(f"--target-speedup must be above 1, got {args.target_speedup!r}")
+    json_path = prepare_output_file(args.json, "--json") if args.json else None
     loaded = load_model_from_args(args)
     model = loaded.patch()
     print(f"Model: {loaded.description}")
-    print(f"Device: {device}, {dtype_name}, batch {batch_size}, {args.schedule} schedule")
+    print(f"Device: {device}, {dtype_name}, batch {batch_size}, {args.schedule} schedule, {args.runs} interleaved "
+          f"rounds of at least {args.min_time:g} s per candidate and r=0", flush=True)
     if args.max_flops_ratio is not None:
         print(f"Searching the smallest r with FLOPs <= {args.max_flops_ratio:g} x r=0 ...")
         result = tune_flops(model, args.max_flops_ratio, kind=args.schedule, device=device, verbose=True)
         x = torch.rand(batch_size, *input_size_of(model), device=device)
-        result.speedup = measure_speedup(model, x, result.schedule, rounds=args.runs, dtype=dtype) if result.r else 1.0
+        result.speedup = (measure_speedup(model, x, result.schedule, rounds=args.runs, dtype=dtype,
+                                          min_time=args.min_time) if result.r else 1.0)
         target = f"FLOPs ratio <= {args.max_flops_ratio:g}"
     else:
         print(f"Searching the smallest r with a measured speed-up >= {args.target_speedup:g}x ...")
         result = tune_speedup(
             model, args.target_speedup, kind=args.schedule, device=device, batch_size=batch_size, dtype=dtype,
-            rounds=args.runs, verbose=True,
+            rounds=args.runs, verbose=True, min_time=args.min_time,
         )
         target = f"speed-up >= {args.target_speedup:g}x"
     label = repr(result.schedule)
@@ -302,11 +307,9 @@ def run_tune(args: argparse.Namespace) -> TuneResult:
                                device=device, dtype=dtype)
         print_report(eval_report)
         report["accuracy"] = eval_report.as_dict()
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
-        print(f"Wrote {path}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+        print(f"Wrote {json_path}")
     if not result.reached:
         raise SystemExit(1)
     return result
@@ -329,8 +332,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--batch-size", type=positive_int, help="images per timed forward (default: 64 on CUDA, 8 on CPU)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--runs", type=positive_int, default=5, help="timed rounds per candidate (default: %(default)s)")
+    add_timing_arguments(parser, runs=5, what="timed rounds per candidate r (each also times r=0)")
     parser.add_argument("--data", help="image folder: also report accuracy at r=0 and at the r found")
-    parser.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes with --data")
+    parser.add_argument("--workers", type=non_negative_int, default=2,
+                        help="data loading processes with --data (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="write the result as JSON")
     parser.set_defaults(func=run_tune)

@@ -17,13 +17,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+import tome
+
 from ._common import (
+    SCHEDULE_HELP,
     Schedule,
     add_model_arguments,
     data_config_of,
     input_size_of,
     load_model_from_args,
     patch_size_of,
+    prepare_output_file,
     schedule_label,
     schedules_arg,
 )
@@ -80,7 +84,9 @@ def make_visualization(
     patch_h, patch_w = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     if patch_h < 1 or patch_w < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size!r}")
-    pixels = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    from tome.data import to_rgb
+
+    pixels = np.asarray(to_rgb(img), dtype=np.float64) / 255.0
     height, width, _ = pixels.shape
     grid_h, grid_w = height // patch_h, width // patch_w
 
@@ -131,8 +137,10 @@ def make_visualization(
 
 
 def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Centre-crop ``image`` to the aspect ratio ``width:height`` and resize it (bicubic)."""
-    image = image.convert("RGB")
+    """Centre-crop ``image`` to the aspect ratio ``width:height`` and resize it (bicubic); 16-bit images are scaled to 8 bit."""
+    from tome.data import to_rgb
+
+    image = to_rgb(image)
     src_w, src_h = image.size
     target = width / height
     if src_w / src_h > target:
@@ -177,8 +185,6 @@ def merge_panels(
     Returns:
         Pictures of ``scale`` times the model's input size.
     """
-    import tome
-
     if not hasattr(model, "_tome_info"):
         tome.apply_patch(model, trace_source=True)
     info = model._tome_info
@@ -190,20 +196,19 @@ def merge_panels(
     x = _to_tensor(fitted, config["mean"], config["std"]).to(device)
     protected = info["protected_tokens"] if prefix_tokens is None else prefix_tokens
     patch_h, patch_w = patch_size_of(model)
-    previous_r, previous_trace = model.r, info["trace_source"]
+    previous_trace = info["trace_source"]
     panels = [("input", shown)]
     try:
         info["trace_source"] = True
         model.eval()
         with torch.inference_mode():
             for schedule in schedules:
-                model.r = schedule
-                model(x)
+                with tome.merging(model, schedule):
+                    model(x)
                 source = model._tome_info["source"]
                 drawn = make_visualization(shown, source, (patch_h * scale, patch_w * scale), prefix_tokens=protected)
                 panels.append((f"r={schedule_label(schedule)}: {source.shape[1]} tokens", drawn))
     finally:
-        model.r = previous_r
         info["trace_source"] = previous_trace
     return panels
 
@@ -239,20 +244,20 @@ def render_merges(
 
 def run_visualize(args: argparse.Namespace) -> Path:
     """``tome visualize``: draw the merges of one image for several r."""
+    from tome.data import open_image
+
     path = Path(args.image)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    output = prepare_output_file(args.output or Path("tome_outputs") / f"{path.stem}_merges.png", "--output")
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
+        image = open_image(path)
     except OSError as error:
         raise ValueError(f"image {str(path)!r} cannot be read: {error}") from None
     loaded = load_model_from_args(args, default_to_demo=True)
     loaded.patch(trace_source=True)
     print(f"Model: {loaded.description}")
     canvas = render_merges(image, loaded.model, args.r)
-    output = Path(args.output) if args.output else Path("tome_outputs") / f"{path.stem}_merges.png"
-    output.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(output)
     print(f"Wrote {output} ({canvas.width}x{canvas.height}; r = {', '.join(schedule_label(s) for s in args.r)})")
     return output
@@ -268,6 +273,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("image", help="an image file (any size; centre-cropped to the model's input)")
     add_model_arguments(parser, demo_default=True)
     parser.add_argument("-r", "--r", type=schedules_arg, default=schedules_arg("8,16"),
-                        help="comma-separated r values, one panel each; r:inflection for a schedule (default: 8,16)")
+                        help=f"{SCHEDULE_HELP}; one panel each (default: 8,16)")
     parser.add_argument("-o", "--output", help="output PNG (default: tome_outputs/IMAGE_merges.png)")
     parser.set_defaults(func=run_visualize)
