@@ -254,10 +254,7 @@ PYTHON_BLOCKS = _blocks("python")
 
 # Files whose python blocks are known not to run yet, with why. Strict: once they
 # run, the test fails until the entry is deleted.
-KNOWN_FAILING = {
-    "docs/tools.md": "its snippets use names they never define (tome, model, x, img, source) and "
-    "device=0 (CUDA); being fixed in another branch: delete this entry when that lands",
-}
+KNOWN_FAILING: dict = {}
 
 
 def _python_params() -> list:
