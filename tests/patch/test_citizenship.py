@@ -144,3 +144,23 @@ def test_pickle_save_and_deepcopy_round_trip(name):
         restored.r = 0
         tome.remove_patch(restored)
         assert not tome.patch.is_patched(restored)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_accelerate_cpu_offload_runs_a_patched_model(name):
+    # accelerate moves each module's weights in and out with hooks around its forward.
+    accelerate = pytest.importorskip("accelerate")
+    build, inputs_fn, output, _, _ = CASES[name]
+    inputs = inputs_fn()
+    unpatched = build()
+    try:
+        with torch.no_grad():
+            output(_positional(accelerate.cpu_offload(copy.deepcopy(unpatched), execution_device="cpu"), inputs))
+    except RuntimeError as error:  # e.g. nn.MultiheadAttention uses out_proj's weight without calling it
+        pytest.xfail(f"the unpatched model does not run under cpu_offload either: {error}")
+    model = tome.apply_patch(unpatched, r=2)
+    with torch.no_grad():
+        expected = output(_positional(model, inputs))
+        offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+        assert next(offloaded.parameters()).device.type == "meta"
+        torch.testing.assert_close(output(_positional(offloaded, inputs)), expected, atol=1e-6, rtol=0)

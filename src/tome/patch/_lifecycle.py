@@ -434,6 +434,7 @@ def patch_model(
     block_mixin: Callable[[nn.Module], type],
     *,
     attention: Optional[Callable[[nn.Module], Tuple[nn.Module, type]]] = None,
+    encoder: Optional[Tuple[nn.Module, type]] = None,
     protected_tokens: int,
     trace_source: bool,
     prop_attn: bool,
@@ -449,6 +450,8 @@ def patch_model(
         blocks: The transformer blocks, in order.
         block_mixin: Gives the mixin class for each block.
         attention: Gives ``(attention module, its mixin)`` for a block.
+        encoder: ``(module, mixin)`` for a module between the model and its blocks
+            that the model calls (so its hooks fire) to run the block loop.
         protected_tokens: Leading tokens that never merge.
         trace_source, prop_attn: Settings recorded in ``model._tome_info``.
         class_token, distill_token: Recorded for code written against the original release.
@@ -458,6 +461,8 @@ def patch_model(
     """
     previous_r = model.__dict__.get("_tome_r", 0)
     swap_class(model, model_mixin)
+    if encoder is not None:
+        swap_class(*encoder)
     for index, block in enumerate(blocks):
         swap_class(block, block_mixin(block))
         object.__setattr__(block, "_tome_index", index)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ._lifecycle import original_class, patch_model, register_family, supported_families
 from ._shared import BlockCall, ToMeState, weighted_mean
-from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, ToMeMultiheadAttention, check_mha
+from ._torchvision import ToMeEncoder, ToMeEncoderBlock, ToMeEncoderModel, ToMeMultiheadAttention, check_mha
 
 __all__ = ["swag", "is_swag_vit"]
 
@@ -97,11 +97,7 @@ class ToMeSwagVisionTransformer(ToMeEncoderModel):
         x = x.reshape(batch, self.hidden_dim, -1).transpose(1, 2)
         if self.classifier == "token":
             x = torch.cat([self.class_token.expand(batch, -1, -1), x], dim=1)
-        encoder = self.encoder
-        # pos_embedding is (tokens, 1, dim), sequence-first.
-        x = encoder.dropout(x + encoder.pos_embedding.transpose(0, 1))
-        x, state = self._tome_run(x)
-        return encoder.ln(x), state
+        return self._tome_encode(x)
 
 
 def check_supported(model: nn.Module) -> None:
@@ -176,6 +172,7 @@ def swag(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -
         list(model.encoder.layers),
         lambda block: ToMeSwagEncoderBlock,
         attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
+        encoder=(model.encoder, ToMeEncoder),
         protected_tokens=int(class_token),
         trace_source=trace_source,
         prop_attn=prop_attn,

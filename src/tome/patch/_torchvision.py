@@ -15,7 +15,7 @@ blocks have the same layout but run sequence-first.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,9 @@ from ._lifecycle import (
     register_family,
     supported_families,
 )
-from ._shared import AttentionCall, attention
+from ._shared import AttentionCall, ToMeState, attention
 
-__all__ = ["torchvision", "is_torchvision_vit", "check_mha", "ToMeEncoderBlock", "ToMeMultiheadAttention"]
+__all__ = ["torchvision", "is_torchvision_vit", "check_mha", "ToMeEncoder", "ToMeEncoderBlock", "ToMeMultiheadAttention"]
 
 _TV_MODULE = "torchvision.models.vision_transformer"
 
@@ -109,11 +109,38 @@ class ToMeEncoderBlock(ToMeBlockMixin):
         return self.mlp(self.ln_2(x))
 
 
+class ToMeEncoder:
+    """torchvision's / SWAG's ``Encoder``. A patched model calls it through ``__call__`` (so its
+    hooks fire, e.g. accelerate's weight offloading) with ``tome=run``: it adds its position
+    embedding, hands the batch-first tokens to ``run`` (the merging block loop) and applies
+    its final norm. Without ``tome`` it is the original module."""
+
+    def forward(self, input: torch.Tensor, *, tome: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        if tome is None:
+            return super().forward(input)  # type: ignore[misc]
+        pos = self.pos_embedding
+        if pos.shape[0] != 1:  # SWAG keeps it sequence-first: (tokens, 1, dim)
+            pos = pos.transpose(0, 1)
+        return self.ln(tome(self.dropout(input + pos)))
+
+
 class ToMeEncoderModel(ToMeModelMixin):
     """Model-level part shared by torchvision and SWAG: blocks live in ``encoder.layers``."""
 
     def _tome_blocks(self) -> Sequence[nn.Module]:
         return list(self.encoder.layers)
+
+    def _tome_encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, ToMeState]:
+        """Batch-first embedded tokens (before the position embedding) through the encoder."""
+        final = []
+
+        def run(tokens: torch.Tensor) -> torch.Tensor:
+            tokens, state = self._tome_run(tokens)
+            final.append(state)
+            return tokens
+
+        x = self.encoder(x, tome=run)
+        return x, final[-1]
 
 
 class ToMeTorchvisionVisionTransformer(ToMeEncoderModel):
@@ -122,11 +149,7 @@ class ToMeTorchvisionVisionTransformer(ToMeEncoderModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._process_input(x)
         class_token = self.class_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([class_token, x], dim=1)
-        encoder = self.encoder
-        x = encoder.dropout(x + encoder.pos_embedding)
-        x, _ = self._tome_run(x)
-        x = encoder.ln(x)
+        x, _ = self._tome_encode(torch.cat([class_token, x], dim=1))
         # The class token is protected and stays at index 0.
         return self.heads(x[:, 0])
 
@@ -148,7 +171,7 @@ def check_supported(model: nn.Module) -> None:
                 "(supported: torchvision's VisionTransformer and subclasses that only change __init__)"
             )
     encoder = model.encoder
-    if not isinstance(encoder, tv.Encoder) or type(encoder).forward is not tv.Encoder.forward:
+    if not isinstance(encoder, tv.Encoder) or original_class(encoder).forward is not tv.Encoder.forward:
         raise TypeError(
             f"{own.__name__}.encoder is a {type(encoder).__name__}; ToMe supports torchvision's Encoder"
         )
@@ -188,6 +211,7 @@ def torchvision(model: nn.Module, trace_source: bool = False, prop_attn: bool = 
         list(model.encoder.layers),
         lambda block: ToMeEncoderBlock,
         attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
+        encoder=(model.encoder, ToMeEncoder),
         protected_tokens=1,
         trace_source=trace_source,
         prop_attn=prop_attn,
