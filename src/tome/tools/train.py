@@ -507,20 +507,28 @@ def load_model(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
         FileNotFoundError: if either file is missing.
         ValueError: if the JSON is not a tome model description.
     """
-    from safetensors.torch import load_file
+    from tome.tools.checkpoints import _safetensors_load
 
     path = Path(path)
     weights, description_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
     for required in (weights, description_path):
         if not required.is_file():
             raise FileNotFoundError(f"model file {str(required)!r} does not exist")
-    description = json.loads(description_path.read_text())
-    if description.get("format") != MODEL_FORMAT:
+    try:
+        description = json.loads(description_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(description_path)!r} is not a {MODEL_FORMAT} JSON description: {error}") from None
+    if not isinstance(description, dict) or description.get("format") != MODEL_FORMAT:
         raise ValueError(f"{str(description_path)!r} is not a {MODEL_FORMAT} description")
+    state = {name: tensor.float() if tensor.is_floating_point() else tensor
+             for name, tensor in _safetensors_load(weights).items()}
+    missing = [key for key in ("architecture", "model_kwargs", "image_size", "num_classes", "pretrained_cfg")
+               if key not in description]
+    if missing:
+        raise ValueError(f"{str(description_path)!r} lacks {missing}; save_model writes them")
     cfg = description["pretrained_cfg"]
     model = _create(description["architecture"], dict(description["model_kwargs"]), description["image_size"],
                     description["num_classes"], cfg.get("label_names", ()), cfg["mean"], cfg["std"])
-    state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in load_file(str(weights)).items()}
     model.load_state_dict(state)
     model._tome_train_spec = _spec(description["architecture"], description["model_kwargs"],
                                    description["image_size"], description["num_classes"])
@@ -533,12 +541,18 @@ def _spec(architecture: str, model_kwargs: Dict[str, Any], image_size: int, num_
 
 
 def _load_init(model: nn.Module, init: str) -> None:
-    """Load starting weights for fine-tuning from a ``.safetensors`` model or a checkpoint."""
+    """Load starting weights for fine-tuning from a ``.safetensors`` model or a checkpoint.
+
+    A checkpoint is read with ``weights_only=True``: a file that would run code is refused.
+    """
+    from tome.tools.checkpoints import read_state_dict
+
     if init.endswith(".safetensors") or init.endswith(".json"):
         source, _ = load_model(init)
         state = source.state_dict()
     else:
-        state = torch.load(init, map_location="cpu", weights_only=False)["model"]
+        # An absolute path is never mistaken for a published checkpoint name or a URL.
+        state = read_state_dict(os.path.abspath(init))
     own = model.state_dict()
     mismatched = [k for k in own if k not in state or state[k].shape != own[k].shape]
     if mismatched:
@@ -561,6 +575,26 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "history", "torch_rng")
+
+
+def _read_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint written by :func:`_save_checkpoint`, loaded with ``weights_only=True``.
+
+    Raises:
+        ValueError: naming ``path`` when it is not a PyTorch checkpoint, would run code when
+            loaded, or is not a ``tome train`` checkpoint.
+    """
+    from tome.tools.checkpoints import _torch_load
+
+    checkpoint = _torch_load(path)
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path!r} is not a tome train checkpoint (it lacks {missing}); resume from the "
+                         f"{CHECKPOINT_NAME} that tome train writes in its output directory")
+    return checkpoint
 
 
 def _config_dict(config: TrainConfig) -> Dict[str, Any]:
@@ -684,7 +718,7 @@ def train(config: TrainConfig) -> TrainResult:
             candidate = out_dir / CHECKPOINT_NAME  # type: ignore[operator]
             resume = str(candidate) if candidate.is_file() else None
         if resume is not None:
-            checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
+            checkpoint = _read_checkpoint(resume)
             saved = checkpoint["config"]
             changed = [k for k in _RESUME_FIXED if saved.get(k) != _config_dict(config)[k]]
             if changed:
