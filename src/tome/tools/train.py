@@ -561,7 +561,13 @@ def _load_init(model: nn.Module, init: str) -> None:
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int,
-                     config: TrainConfig, history: List[Dict[str, Any]], elapsed: Tuple[float, float]) -> None:
+                     config: TrainConfig, history: List[Dict[str, Any]], elapsed: Tuple[float, float],
+                     epoch_loss: Tuple[float, float], device: torch.device) -> None:
+    """Everything a resumed run needs to continue bit for bit, in types ``weights_only`` loading accepts.
+
+    ``epoch_loss`` is the (sum, count) of the training losses of the current epoch so far, over all
+    processes; the random states are those after ``step`` (drop-path masks draw from them).
+    """
     state = {
         "elapsed": elapsed,
         "model": model.state_dict(),
@@ -570,7 +576,9 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         "step": step,
         "config": _config_dict(config),
         "history": history,
+        "epoch_loss": epoch_loss,
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -604,8 +612,30 @@ def _config_dict(config: TrainConfig) -> Dict[str, Any]:
     return values
 
 
-# Fields that change what is being trained; resuming with other values is refused.
-_RESUME_FIXED = ("model", "model_kwargs", "image_size", "data", "train_size", "data_seed", "epochs", "batch_size", "seed")
+# Settings that say where and how a run goes, not what it computes: a resumed run may change
+# them. Every other field must keep its saved value, or model.json would record a command
+# that does not reproduce the run.
+_RESUME_FREE = ("resume", "stop_after", "device", "progress", "checkpoint_every", "num_workers", "output_dir",
+                "export_name")
+
+
+def _check_same_run(saved: Dict[str, Any], config: TrainConfig, path: str) -> None:
+    """Refuse to resume the checkpoint at ``path`` (its config ``saved``) with settings that change the run.
+
+    Raises:
+        ValueError: listing every changed field with its saved and given values.
+    """
+    defaults = _config_dict(TrainConfig())
+    changed = [
+        f"{name}: saved {saved.get(name, defaults[name])!r}, given {value!r}"
+        for name, value in _config_dict(config).items()
+        if name not in _RESUME_FREE and saved.get(name, defaults[name]) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"checkpoint {path!r} belongs to another run ({'; '.join(changed)}); resume with the saved settings, "
+            "or start the new run in another output_dir"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +672,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: 
     autocast, _ = _autocast(amp, device)
     rank, world = _world()
     share = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
-    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # A generator of its own: validating must not move the global one that training draws from.
+    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
     model.eval()
     correct = total = 0
     with torch.inference_mode(), autocast():
@@ -688,6 +720,17 @@ def train(config: TrainConfig) -> TrainResult:
         autocast, amp_dtype = _autocast(config.amp, device)
         torch.manual_seed(config.seed)
 
+        out_dir = Path(config.output_dir) if config.output_dir is not None else None
+        if out_dir is not None and rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        resume = config.resume
+        if resume == "auto":
+            candidate = out_dir / CHECKPOINT_NAME  # type: ignore[operator]
+            resume = str(candidate) if candidate.is_file() else None
+        checkpoint = _read_checkpoint(resume) if resume is not None else None
+        if checkpoint is not None:
+            _check_same_run(checkpoint["config"], config, resume)  # type: ignore[arg-type]
+
         train_set, val_set, class_names = build_datasets(config)
         if len(train_set) < config.batch_size:
             raise ValueError(f"batch_size={config.batch_size} exceeds the {len(train_set)} training images")
@@ -696,7 +739,7 @@ def train(config: TrainConfig) -> TrainResult:
         mean, std = ((tdata.MEAN, tdata.STD) if config.data == "synthetic" else _data_stats(Path(config.data)))
         model = build_model(config, len(class_names), class_names, mean, std)
         model._tome_train_spec = _spec(config.model, config.model_kwargs, config.image_size, len(class_names))
-        if config.init is not None:
+        if config.init is not None and checkpoint is None:  # a checkpoint's weights replace the init weights
             _load_init(model, config.init)
         tome.apply_patch(model, r=config.r, prop_attn=config.prop_attn)
         model.to(device)
@@ -710,28 +753,19 @@ def train(config: TrainConfig) -> TrainResult:
 
         step, history = 0, []
         before = (0.0, 0.0)  # wall and CPU seconds of earlier parts of a resumed run
-        out_dir = Path(config.output_dir) if config.output_dir is not None else None
-        if out_dir is not None and rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        resume = config.resume
-        if resume == "auto":
-            candidate = out_dir / CHECKPOINT_NAME  # type: ignore[operator]
-            resume = str(candidate) if candidate.is_file() else None
-        if resume is not None:
-            checkpoint = _read_checkpoint(resume)
-            saved = checkpoint["config"]
-            changed = [k for k in _RESUME_FIXED if saved.get(k) != _config_dict(config)[k]]
-            if changed:
-                raise ValueError(
-                    f"checkpoint {resume!r} belongs to another run: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}"
-                )
+        resumed_loss = (0.0, 0.0)  # (sum, count) of the losses of the resumed epoch before the checkpoint
+        if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             if scaler is not None and checkpoint.get("scaler") is not None:
                 scaler.load_state_dict(checkpoint["scaler"])
             step, history = int(checkpoint["step"]), list(checkpoint["history"])
             before = tuple(checkpoint.get("elapsed", (0.0, 0.0)))
+            if rank == 0:  # the saved sums are over all processes: count them once
+                resumed_loss = tuple(checkpoint.get("epoch_loss", (0.0, 0.0)))
             torch.set_rng_state(checkpoint["torch_rng"])
+            if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
 
         wrapped: nn.Module = model
         if world > 1:
@@ -746,9 +780,13 @@ def train(config: TrainConfig) -> TrainResult:
         def elapsed() -> Tuple[float, float]:
             return (before[0] + time.perf_counter() - wall_start, before[1] + time.process_time() - cpu_start)
 
-        def checkpoint_now() -> None:
-            if out_dir is not None and rank == 0:
-                _save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, scaler, step, config, history, elapsed())
+        def checkpoint_now(epoch_loss: Tuple[float, float]) -> None:
+            if out_dir is None:
+                return
+            epoch_loss = tuple(_all_sum(list(epoch_loss), device))  # type: ignore[assignment]
+            if rank == 0:
+                _save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, scaler, step, config, history, elapsed(),
+                                 epoch_loss, device)
             _barrier()
 
         val_accuracy: Optional[float] = history[-1]["val_accuracy"] if history else None
@@ -758,13 +796,17 @@ def train(config: TrainConfig) -> TrainResult:
             if config.stop_after is not None and step >= config.stop_after:
                 stopped = True
                 break
-            batches = _epoch_batches(len(train_set), config.batch_size, epoch, config.seed, rank, world)
-            batches = batches[step - epoch * steps_per_epoch:]  # resume mid-epoch on the same order
+            done = step - epoch * steps_per_epoch  # steps of this epoch before a resume
+            batches = _epoch_batches(len(train_set), config.batch_size, epoch, config.seed, rank, world)[done:]
+            # The loader's own generator: iterating must not draw from the global one, whose state
+            # the drop-path masks use and a checkpoint restores.
             loader = DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False)
+                                pin_memory=device.type == "cuda", persistent_workers=False,
+                                generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
             wrapped.train()
-            epoch_start, loss_sum, loss_count = time.perf_counter(), 0.0, 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", total=len(batches),
+            epoch_start = time.perf_counter()
+            loss_sum, loss_count = resumed_loss if done else (0.0, 0.0)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", initial=done, total=steps_per_epoch,
                        disable=not config.progress or rank != 0, dynamic_ncols=True)
             for images, labels in bar:
                 lr = set_lr(step)
@@ -789,11 +831,11 @@ def train(config: TrainConfig) -> TrainResult:
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower lr or disable amp")
                 loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-                bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss_sum / max(1.0, loss_count):.3f}", lr=f"{lr:.2e}")
                 if step % steps_per_epoch and (
                     (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.stop_after
                 ):
-                    checkpoint_now()
+                    checkpoint_now((loss_sum, loss_count))
                 if step == config.stop_after and step % steps_per_epoch:
                     stopped = True
                     break
@@ -816,7 +858,7 @@ def train(config: TrainConfig) -> TrainResult:
                 if out_dir is not None:
                     with open(out_dir / "log.jsonl", "a") as log:
                         log.write(json.dumps(record) + "\n")
-            checkpoint_now()
+            checkpoint_now((0.0, 0.0))
 
         model.eval()
         wall, cpu = elapsed()
