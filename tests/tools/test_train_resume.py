@@ -66,3 +66,98 @@ def test_resume_accepts_settings_that_do_not_change_the_run(tmp_path):
                       device="cpu", export_name="other"))
     result = train(TrainConfig(**RUN, output_dir=str(out), resume="auto"))
     assert [r["step"] for r in result.history] == [3, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unreadable images, interruptions, output directories, progress
+
+
+def test_unreadable_images_are_skipped_and_named(tmp_path):
+    from tools_helpers import write_image_folder
+
+    root = tmp_path / "data"
+    write_image_folder(root / "train", per_class=4, corrupt=1)  # 9 files: 8 readable
+    write_image_folder(root / "val", per_class=2, corrupt=1, seed=1)
+    config = TrainConfig(**{**RUN, "data": str(root), "batch_size": 3, "epochs": 1, "val_size": 0})
+    with pytest.warns(UserWarning) as caught:
+        result = train(config)
+    messages = [str(w.message) for w in caught]
+    assert any("1 unreadable image(s) skipped in epoch 1" in m and "broken_0.png" in m for m in messages), messages
+    assert any("skipped in validation" in m for m in messages), messages
+    assert result.history[0]["skipped_images"] == 1 and result.history[0]["step"] == 3
+    assert result.val_accuracy is not None
+
+
+def test_a_step_without_readable_images_is_skipped(tmp_path):
+    from tools_helpers import write_image_folder
+
+    root = tmp_path / "data"
+    write_image_folder(root / "train", classes=1, per_class=0, corrupt=2)
+    (root / "train" / "class_1").mkdir()
+    write_image_folder(root / "train", classes=2, per_class=1, corrupt=0)
+    # Files in order: class_0/0.png, class_0/broken_0.png, class_0/broken_1.png, class_1/0.png. Pick a seed
+    # whose shuffle puts both broken files into one batch.
+    from tome.tools.train import _epoch_batches
+
+    seed = next(s for s in range(100) if sorted(_epoch_batches(4, 2, 0, s, 0, 1)[0]) in ([1, 2], [0, 3]))
+    with pytest.warns(UserWarning, match="2 unreadable"):
+        result = train(TrainConfig(**{**RUN, "data": str(root), "batch_size": 2, "epochs": 1, "val_size": 0,
+                                      "drop_path": 0.0, "seed": seed}))
+    assert result.history[0]["skipped_images"] == 2
+    assert result.history[0]["train_loss"] > 0  # the mean over the steps that had images
+
+
+def test_interrupt_prints_the_resume_hint(tmp_path, monkeypatch, capsys):
+    from tome import cli
+    from tome.tools import train as train_module
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume auto" in err and str(tmp_path / "run") in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_output_dir_that_cannot_hold_files_is_refused_before_training(tmp_path, where, monkeypatch):
+    from tome.tools import train as train_module
+
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "run"
+    monkeypatch.setattr(train_module, "build_datasets", lambda config: pytest.fail("training started"))
+    with pytest.raises(ValueError, match="output_dir.*taken"):
+        train(TrainConfig(**RUN, output_dir=str(out)))
+
+
+def test_unwritable_output_dir_is_refused(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "touch", refuse)  # root may write anywhere: simulate a read-only directory
+    with pytest.raises(ValueError, match="cannot be written.*Permission denied"):
+        train(TrainConfig(**RUN, output_dir=str(tmp_path / "run")))
+
+
+def test_resumed_progress_bar_counts_from_the_resumed_step(tmp_path, monkeypatch):
+    from tome.tools import train as train_module
+    import tqdm
+
+    bars = []
+    real = tqdm.tqdm
+
+    def recording(*args, **kwargs):
+        bars.append((kwargs.get("desc"), kwargs.get("initial", 0), kwargs.get("total")))
+        return real(*args, **kwargs)
+
+    out = tmp_path / "run"
+    train(TrainConfig(**RUN, output_dir=str(out), stop_after=2))
+    monkeypatch.setattr(tqdm, "tqdm", recording)
+    train(TrainConfig(**RUN, output_dir=str(out), resume="auto"))
+    assert [bar for bar in bars if bar[0].startswith("epoch")] == [("epoch 1/2", 2, 3), ("epoch 2/2", 0, 3)]

@@ -224,7 +224,8 @@ class TrainResult:
         model: The trained model (unwrapped, in eval mode, still patched with the training ``r``).
         val_accuracy: Top-1 accuracy in [0, 1] after the last epoch, with the training ``r``
             (None without validation data).
-        history: One dict per epoch: ``epoch``, ``step``, ``train_loss``, ``val_accuracy``, ``seconds``.
+        history: One dict per epoch: ``epoch``, ``step``, ``train_loss``, ``skipped_images`` (unreadable
+            training images), ``val_accuracy``, ``seconds``.
         wall_seconds: Wall-clock time of the run (a resumed run adds the time of its earlier parts).
         cpu_seconds: CPU time of this process (all its threads), counted the same way.
         model_path: The exported ``.safetensors`` file (None without ``output_dir``).
@@ -396,6 +397,49 @@ def build_datasets(config: TrainConfig) -> Tuple[Dataset, Optional[Dataset], Lis
     return train_set, val_set, list(train_set.classes)
 
 
+class _SkipUnreadable(Dataset):
+    """Items ``(image, label, "")``, or ``(None, -1, name)`` for an image that cannot be read.
+
+    As in ``tome eval``, one broken file is skipped and named rather than fatal;
+    :func:`tome.tools.evaluate.collate_skipping` batches these items.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Tuple[Optional[torch.Tensor], int, str]:
+        try:
+            image, label = self.dataset[index]
+        except Exception:  # any decoder failure: truncated, not an image, decompression bomb, ...
+            return None, -1, _item_name(self.dataset, index)
+        return image, label, ""
+
+
+def _item_name(dataset: Any, index: int) -> str:
+    """The file behind ``dataset[index]`` (through ``Subset``s), else ``"item <index>"``."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    samples = getattr(dataset, "samples", None)
+    return str(samples[index][0]) if samples is not None else f"item {index}"
+
+
+_SHOWN_SKIPS = 5
+
+
+def _warn_skipped(count: int, names: List[str], where: str) -> None:
+    """One warning naming a few of the ``count`` unreadable images skipped in ``where`` (all processes)."""
+    if _world()[1] > 1:
+        gathered: List[Any] = [None] * _world()[1]
+        dist.all_gather_object(gathered, names)
+        names = [name for part in gathered for name in part]
+    if count and _world()[0] == 0:
+        warnings.warn(f"{count} unreadable image(s) skipped in {where}, e.g. {', '.join(names[:_SHOWN_SKIPS])}",
+                      stacklevel=3)
+
+
 def _data_stats(root: Path) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Normalisation of an ImageFolder export: from its ``dataset.json`` if any, else ImageNet's."""
     info = root / "dataset.json"
@@ -560,13 +604,31 @@ def _load_init(model: nn.Module, init: str) -> None:
     model.load_state_dict(state)
 
 
+def _prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and check that files can be written there, before any training.
+
+    Raises:
+        ValueError: naming ``out_dir`` when it is a file, lies under one, or is not writable.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output_dir {str(out_dir)!r} is a file, not a directory; pass a directory (it is created)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"output_dir {str(out_dir)!r} cannot be written to ({error.strerror or error}); "
+                         "pass a writable directory") from None
+
+
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int,
                      config: TrainConfig, history: List[Dict[str, Any]], elapsed: Tuple[float, float],
-                     epoch_loss: Tuple[float, float], device: torch.device) -> None:
+                     epoch_sums: Tuple[float, float, float], device: torch.device) -> None:
     """Everything a resumed run needs to continue bit for bit, in types ``weights_only`` loading accepts.
 
-    ``epoch_loss`` is the (sum, count) of the training losses of the current epoch so far, over all
-    processes; the random states are those after ``step`` (drop-path masks draw from them).
+    ``epoch_sums`` are the loss sum, loss count and skipped images of the current epoch so far,
+    over all processes; the random states are those after ``step`` (drop-path masks draw from them).
     """
     state = {
         "elapsed": elapsed,
@@ -576,7 +638,7 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         "step": step,
         "config": _config_dict(config),
         "history": history,
-        "epoch_loss": epoch_loss,
+        "epoch_sums": epoch_sums,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
@@ -671,18 +733,28 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast, _ = _autocast(amp, device)
     rank, world = _world()
+    from tome.tools.evaluate import collate_skipping
+
     share = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
     # A generator of its own: validating must not move the global one that training draws from.
-    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(_SkipUnreadable(share), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_skipping, generator=torch.Generator().manual_seed(0))
     model.eval()
-    correct = total = 0
+    correct = total = skipped = 0
+    names: List[str] = []
     with torch.inference_mode(), autocast():
-        for images, labels in tqdm(loader, desc="val", leave=False, disable=not progress or rank != 0):
+        for images, labels, unreadable in tqdm(loader, desc="val", leave=False, disable=not progress or rank != 0):
+            skipped += len(unreadable)
+            names += unreadable[:_SHOWN_SKIPS - len(names)]
+            if images is None:
+                continue
             logits = model(images.to(device, non_blocking=True))
             correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
             total += int(labels.numel())
-    correct, total = _all_sum([float(correct), float(total)], device)
+    correct, total, skipped = _all_sum([float(correct), float(total), float(skipped)], device)
+    _warn_skipped(int(skipped), names, "validation")
+    if not total:
+        raise ValueError(f"none of the {len(dataset)} validation images could be read")
     return correct / total
 
 
@@ -709,6 +781,8 @@ def train(config: TrainConfig) -> TrainResult:
     """
     from tqdm import tqdm
 
+    from tome.tools.evaluate import collate_skipping
+
     config.validate()
     wall_start, cpu_start = time.perf_counter(), time.process_time()
     device = _resolve_device(config.device)
@@ -722,7 +796,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         out_dir = Path(config.output_dir) if config.output_dir is not None else None
         if out_dir is not None and rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            _prepare_output_dir(out_dir)
         resume = config.resume
         if resume == "auto":
             candidate = out_dir / CHECKPOINT_NAME  # type: ignore[operator]
@@ -753,7 +827,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         step, history = 0, []
         before = (0.0, 0.0)  # wall and CPU seconds of earlier parts of a resumed run
-        resumed_loss = (0.0, 0.0)  # (sum, count) of the losses of the resumed epoch before the checkpoint
+        resumed_sums = (0.0, 0.0, 0.0)  # loss sum, loss count, skipped images of the resumed epoch so far
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -762,7 +836,7 @@ def train(config: TrainConfig) -> TrainResult:
             step, history = int(checkpoint["step"]), list(checkpoint["history"])
             before = tuple(checkpoint.get("elapsed", (0.0, 0.0)))
             if rank == 0:  # the saved sums are over all processes: count them once
-                resumed_loss = tuple(checkpoint.get("epoch_loss", (0.0, 0.0)))
+                resumed_sums = tuple(checkpoint.get("epoch_sums", (0.0, 0.0, 0.0)))
             torch.set_rng_state(checkpoint["torch_rng"])
             if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
@@ -780,13 +854,13 @@ def train(config: TrainConfig) -> TrainResult:
         def elapsed() -> Tuple[float, float]:
             return (before[0] + time.perf_counter() - wall_start, before[1] + time.process_time() - cpu_start)
 
-        def checkpoint_now(epoch_loss: Tuple[float, float]) -> None:
+        def checkpoint_now(epoch_sums: Tuple[float, float, float]) -> None:
             if out_dir is None:
                 return
-            epoch_loss = tuple(_all_sum(list(epoch_loss), device))  # type: ignore[assignment]
+            epoch_sums = tuple(_all_sum(list(epoch_sums), device))  # type: ignore[assignment]
             if rank == 0:
                 _save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, scaler, step, config, history, elapsed(),
-                                 epoch_loss, device)
+                                 epoch_sums, device)
             _barrier()
 
         val_accuracy: Optional[float] = history[-1]["val_accuracy"] if history else None
@@ -800,19 +874,29 @@ def train(config: TrainConfig) -> TrainResult:
             batches = _epoch_batches(len(train_set), config.batch_size, epoch, config.seed, rank, world)[done:]
             # The loader's own generator: iterating must not draw from the global one, whose state
             # the drop-path masks use and a checkpoint restores.
-            loader = DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False,
+            loader = DataLoader(_SkipUnreadable(train_set), batch_sampler=batches, num_workers=config.num_workers,
+                                collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+                                persistent_workers=False,
                                 generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
             wrapped.train()
             epoch_start = time.perf_counter()
-            loss_sum, loss_count = resumed_loss if done else (0.0, 0.0)
+            loss_sum, loss_count, skipped = resumed_sums if done else (0.0, 0.0, 0.0)
+            skipped_names: List[str] = []
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", initial=done, total=steps_per_epoch,
                        disable=not config.progress or rank != 0, dynamic_ncols=True)
-            for images, labels in bar:
+            for images, labels, unreadable in bar:
                 lr = set_lr(step)
+                skipped += len(unreadable)
+                skipped_names += unreadable[:_SHOWN_SKIPS - len(skipped_names)]
+                empty = images is None
+                if empty:  # no image of this step could be read: a step with zero gradients keeps processes in step
+                    images = torch.zeros(1, 3, config.image_size, config.image_size)
+                    labels = torch.zeros(1, dtype=torch.long)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 with autocast():
                     loss = criterion(wrapped(images), labels)
+                if empty:
+                    loss = loss * 0.0
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -830,25 +914,28 @@ def train(config: TrainConfig) -> TrainResult:
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower lr or disable amp")
-                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                if not empty:
+                    loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
                 bar.set_postfix(loss=f"{loss_sum / max(1.0, loss_count):.3f}", lr=f"{lr:.2e}")
                 if step % steps_per_epoch and (
                     (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.stop_after
                 ):
-                    checkpoint_now((loss_sum, loss_count))
+                    checkpoint_now((loss_sum, loss_count, skipped))
                 if step == config.stop_after and step % steps_per_epoch:
                     stopped = True
                     break
             bar.close()
             if stopped:
                 break
-            loss_sum, loss_count = _all_sum([loss_sum, float(loss_count)], device)
+            loss_sum, loss_count, skipped = _all_sum([loss_sum, float(loss_count), float(skipped)], device)
+            _warn_skipped(int(skipped), skipped_names, f"epoch {epoch + 1}")
             last = epoch + 1 == config.epochs
             val_accuracy = None
             if val_set is not None and (last or (config.val_every and (epoch + 1) % config.val_every == 0)):
                 val_accuracy = evaluate(model, val_set, batch_size=max(1, config.batch_size // world), device=device,
                                         amp=config.amp, progress=config.progress)
             record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1.0, loss_count),
+                      "skipped_images": int(skipped),
                       "val_accuracy": val_accuracy, "seconds": time.perf_counter() - epoch_start}
             history.append(record)
             if rank == 0:
@@ -858,7 +945,7 @@ def train(config: TrainConfig) -> TrainResult:
                 if out_dir is not None:
                     with open(out_dir / "log.jsonl", "a") as log:
                         log.write(json.dumps(record) + "\n")
-            checkpoint_now((0.0, 0.0))
+            checkpoint_now((0.0, 0.0, 0.0))
 
         model.eval()
         wall, cpu = elapsed()
@@ -949,7 +1036,16 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _run(args: argparse.Namespace) -> None:
     config = _config_from_args(args)
-    result = train(config)
+    try:
+        result = train(config)
+    except KeyboardInterrupt:
+        if config.output_dir is None:
+            hint = "nothing was saved (no --output-dir)"
+        else:
+            hint = (f"the same command with --resume auto (and --output-dir {shlex.quote(config.output_dir)}) continues "
+                    "from the last checkpoint (one per epoch, and every --checkpoint-every steps)")
+        print(f"\ntome train: interrupted; {hint}", file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
     if _distributed_env()[0] == 0:
         accuracy = "n/a" if result.val_accuracy is None else f"{100 * result.val_accuracy:.2f}%"
         print(f"done: val acc {accuracy} (r={config.r!r}), {result.wall_seconds:.0f}s wall, "
