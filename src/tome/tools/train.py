@@ -998,9 +998,15 @@ def config_to_command(config: TrainConfig) -> str:
     does not change the result.
     """
     defaults = TrainConfig()
+    from tome.tools._common import parse_model_kwargs
+
     words = ["tome", "train"]
-    for key, value in config.model_kwargs.items():
-        words += ["--model-arg", f"{key}={json.dumps(value)}"]
+    if config.model_kwargs != defaults.model_kwargs:
+        words.append("--model-kwargs")
+        for key, value in config.model_kwargs.items():
+            # A string reads back as itself unless it looks like a literal ("32", "True"): then quote it.
+            plain = isinstance(value, str) and parse_model_kwargs([f"{key}={value}"])[key] == value
+            words.append(f"{key}={value if plain else repr(value)}")
     skip = {"model_kwargs", "r", "prop_attn", "resume", "stop_after", "device", "progress"}
     for f in fields(TrainConfig):
         value = getattr(config, f.name)
@@ -1027,7 +1033,12 @@ def _parse_kwarg(text: str) -> Tuple[str, Any]:
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values["model_kwargs"] = dict(args.model_arg) if args.model_arg is not None else TrainConfig().model_kwargs
+    from tome.tools._common import parse_model_kwargs
+
+    if args.model_arg is None and args.model_kwargs is None:
+        values["model_kwargs"] = TrainConfig().model_kwargs
+    else:
+        values["model_kwargs"] = {**dict(args.model_arg or ()), **parse_model_kwargs(args.model_kwargs)}
     values["r"] = parse_schedule(args.r)
     values["progress"] = not args.no_progress
     values["grad_clip"] = args.grad_clip or None
@@ -1066,38 +1077,58 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(write the schedule as -r there: torchrun mistakes --r for its own options).",
     )
     add = parser.add_argument
-    add("--data", default=defaults.data, help="'synthetic' (generated shapes) or a directory with train/ and val/ (default: %(default)s)")
+    kwargs_default = " ".join(f"{k}={v}" for k, v in defaults.model_kwargs.items())
+    add("--data", default=defaults.data,
+        help="'synthetic' (generated shapes) or a directory with train/ and val/ (default: %(default)s)")
     add("--model", default=defaults.model, help="timm architecture name (default: %(default)s)")
-    add("--model-arg", action="append", type=_parse_kwarg, metavar="KEY=VALUE",
-        help="timm.create_model argument, repeatable; replaces all defaults "
-        "(default: embed_dim=128 num_heads=4 depth=6 patch_size=8)")
-    add("--image-size", type=int, default=defaults.image_size)
+    add("--model-kwargs", nargs="+", metavar="KEY=VALUE",
+        help=f"timm.create_model arguments; replace all defaults (default: {kwargs_default})")
+    # The earlier spelling (repeated, one KEY=VALUE each, values read as JSON), kept so recorded commands run.
+    add("--model-arg", action="append", type=_parse_kwarg, help=argparse.SUPPRESS)
+    add("--image-size", type=int, default=defaults.image_size, help="input height and width in pixels (default: %(default)s)")
     add("--train-size", type=int, default=defaults.train_size, help="synthetic training images (default: %(default)s)")
-    add("--val-size", type=int, default=defaults.val_size, help="validation images (default: %(default)s)")
-    add("--data-seed", type=int, default=defaults.data_seed)
-    add("--epochs", type=int, default=defaults.epochs)
-    add("--batch-size", type=int, default=defaults.batch_size, help="global batch size (default: %(default)s)")
-    add("--lr", type=float, default=defaults.lr)
-    add("--min-lr", type=float, default=defaults.min_lr)
-    add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--warmup-epochs", type=float, default=defaults.warmup_epochs)
-    add("--label-smoothing", type=float, default=defaults.label_smoothing)
-    add("--grad-clip", type=float, default=defaults.grad_clip, help="0 disables (default: %(default)s)")
-    add("--drop-path", type=float, default=defaults.drop_path)
-    add("-r", "--r", default="0", help="ToMe schedule while training: 8, '8,-1' (decreasing) or '[8,8,4]' (default: 0)")
-    add("--no-prop-attn", dest="prop_attn", action="store_false", help="train without proportional attention")
-    add("--amp", choices=_AMP_CHOICES, default=defaults.amp, help="mixed precision (default: auto = CUDA only)")
-    add("--init", default=None, help="start from these weights (.safetensors from tome train, or a checkpoint)")
-    add("--output-dir", default=None, help="checkpoints, log.jsonl and the final model go here")
-    add("--resume", default=None, help="checkpoint to continue, or 'auto' for OUTPUT_DIR/checkpoint.pt")
-    add("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between extra checkpoints")
-    add("--stop-after", type=int, default=None, help="stop after this many steps in all (resume later)")
-    add("--val-every", type=int, default=defaults.val_every, help="epochs between validations (0: last only)")
-    add("--num-workers", type=int, default=defaults.num_workers)
-    add("--seed", type=int, default=defaults.seed)
+    add("--val-size", type=int, default=defaults.val_size,
+        help="validation images; for a directory at most this many, 0 for all (default: %(default)s)")
+    add("--data-seed", type=int, default=defaults.data_seed, help="seed of the synthetic task (default: %(default)s)")
+    add("--epochs", type=int, default=defaults.epochs, help="passes over the training set (default: %(default)s)")
+    add("--batch-size", type=int, default=defaults.batch_size,
+        help="global batch size, split over torchrun processes (default: %(default)s)")
+    add("--lr", type=float, default=defaults.lr, help="peak learning rate of AdamW (default: %(default)s)")
+    add("--min-lr", type=float, default=defaults.min_lr,
+        help="learning rate at the end of the cosine decay (default: %(default)s)")
+    add("--weight-decay", type=float, default=defaults.weight_decay,
+        help="AdamW weight decay, not on biases, norms and tokens (default: %(default)s)")
+    add("--warmup-epochs", type=float, default=defaults.warmup_epochs,
+        help="linear warm-up length in epochs, fractions allowed (default: %(default)s)")
+    add("--label-smoothing", type=float, default=defaults.label_smoothing,
+        help="cross-entropy label smoothing in [0, 1) (default: %(default)s)")
+    add("--grad-clip", type=float, default=defaults.grad_clip,
+        help="clip the global gradient norm to this; 0 disables (default: %(default)s)")
+    add("--drop-path", type=float, default=defaults.drop_path, help="stochastic depth rate (default: %(default)s)")
+    add("-r", "--r", default="0",
+        help="ToMe schedule while training: 8, '8,-1' (decreasing) or '[8,8,4]' (default: %(default)s)")
+    add("--no-prop-attn", dest="prop_attn", action="store_false",
+        help="train without proportional attention (default: with it)")
+    add("--amp", choices=_AMP_CHOICES, default=defaults.amp,
+        help="mixed precision; auto = bf16/fp16 on CUDA, none on CPU (default: %(default)s)")
+    add("--init", default=None,
+        help="start from these weights: a .safetensors from tome train, or a checkpoint (default: random weights)")
+    add("--output-dir", default=None,
+        help="checkpoints, log.jsonl and the final model go here (default: none, nothing is written)")
+    add("--resume", default=None,
+        help="checkpoint to continue, or 'auto' for OUTPUT_DIR/checkpoint.pt when it exists (default: a fresh run)")
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+        help="also checkpoint every this many steps; 0: at the end of each epoch only (default: %(default)s)")
+    add("--stop-after", type=int, default=None,
+        help="stop after this many steps in all, to continue with --resume (default: run to the end)")
+    add("--val-every", type=int, default=defaults.val_every,
+        help="epochs between validations; 0: after the last only (default: %(default)s)")
+    add("--num-workers", type=int, default=defaults.num_workers,
+        help="DataLoader worker processes per training process (default: %(default)s)")
+    add("--seed", type=int, default=defaults.seed, help="seed of initialisation and data order (default: %(default)s)")
     add("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when available)")
     add("--export-name", default=defaults.export_name, help="file stem of the final model (default: %(default)s)")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add("--no-progress", action="store_true", help="no progress bars (default: shown)")
     parser.set_defaults(func=_run)
 
 
