@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 import tome
 from tome import cli
 from tome.data import CLASSES, SyntheticShapes
-from tome.tools import train as train_mod
 from tome.tools.demo_model import DEMO_MODEL_PATH, load_demo_model
 from tome.tools.train import TrainConfig, evaluate, load_model, parse_schedule, save_model, train
 
@@ -203,7 +201,8 @@ def test_every_train_option_has_help_with_its_default():
 
 def test_train_command(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2", "patch_size=8", "--image-size", "32", "--train-size", "16", "--val-size", "8",
+    args = ["train", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2", "patch_size=8",
+            "--image-size", "32", "--train-size", "16", "--val-size", "8",
             "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--r", "2,-1", "--no-progress",
             "--output-dir", str(out)]
     assert cli.main(args) == 0

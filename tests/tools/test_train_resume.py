@@ -97,9 +97,9 @@ def test_a_step_without_readable_images_is_skipped(tmp_path):
     write_image_folder(root / "train", classes=2, per_class=1, corrupt=0)
     # Files in order: class_0/0.png, class_0/broken_0.png, class_0/broken_1.png, class_1/0.png. Pick a seed
     # whose shuffle puts both broken files into one batch.
-    from tome.tools.train import _epoch_batches
+    from tome.tools.train import _EpochBatchSampler
 
-    seed = next(s for s in range(100) if sorted(_epoch_batches(4, 2, 0, s, 0, 1)[0]) in ([1, 2], [0, 3]))
+    seed = next(s for s in range(100) if sorted(next(iter(_EpochBatchSampler(4, 2, 0, s)))) in ([1, 2], [0, 3]))
     with pytest.warns(UserWarning, match="2 unreadable"):
         result = train(TrainConfig(**{**RUN, "data": str(root), "batch_size": 2, "epochs": 1, "val_size": 0,
                                       "drop_path": 0.0, "seed": seed}))
@@ -161,3 +161,40 @@ def test_resumed_progress_bar_counts_from_the_resumed_step(tmp_path, monkeypatch
     monkeypatch.setattr(tqdm, "tqdm", recording)
     train(TrainConfig(**RUN, output_dir=str(out), resume="auto"))
     assert [bar for bar in bars if bar[0].startswith("epoch")] == [("epoch 1/2", 2, 3), ("epoch 2/2", 0, 3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of a run
+
+
+def test_batches_do_not_depend_on_the_process_count():
+    from tome.tools.train import _EpochBatchSampler
+
+    alone = list(_EpochBatchSampler(50, 8, epoch=3, seed=1))
+    assert len(alone) == 6 and all(len(batch) == 8 for batch in alone) and len({i for b in alone for i in b}) == 48
+    shares = [list(_EpochBatchSampler(50, 8, epoch=3, seed=1, rank=rank, world=4)) for rank in range(4)]
+    assert [sum((share[step] for share in shares), []) for step in range(6)] == alone
+    assert list(_EpochBatchSampler(50, 8, epoch=3, seed=1, start=4)) == alone[4:]
+    assert alone != list(_EpochBatchSampler(50, 8, epoch=4, seed=1))  # a new order every epoch
+
+
+def test_no_weight_decay_on_biases_norms_tokens_and_positions():
+    from tome.tools.train import _setup
+
+    run = _setup(TrainConfig(**RUN), torch.device("cpu"), None, None, (0.0, 0.0))
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    undecayed = {names[id(p)] for g in run.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decayed = {names[id(p)] for g in run.optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert {"cls_token", "pos_embed", "norm.weight", "head.bias", "blocks.0.attn.qkv.bias"} <= undecayed
+    assert decayed == {n for n in names.values() if n.endswith(".weight") and "norm" not in n}
+    assert not run.scaler.is_enabled()  # fp32 on CPU: the GradScaler passes through
+
+
+def test_checkpoint_of_an_earlier_format_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**RUN, output_dir=str(out), stop_after=1))
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    del checkpoint["format"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="earlier tome train"):
+        train(TrainConfig(**RUN, output_dir=str(out), resume="auto"))
