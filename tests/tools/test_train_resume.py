@@ -198,3 +198,23 @@ def test_checkpoint_of_an_earlier_format_is_refused(tmp_path):
     torch.save(checkpoint, out / "checkpoint.pt")
     with pytest.raises(ValueError, match="earlier tome train"):
         train(TrainConfig(**RUN, output_dir=str(out), resume="auto"))
+
+
+def test_each_process_resumes_its_own_random_state(tmp_path):
+    # Under torchrun the processes' states part (a share with an unreadable image draws fewer
+    # drop-path masks): the checkpoint keeps one per process and each takes back its own.
+    import dataclasses
+
+    from tome.tools.train import _checkpoint, _restore, _setup
+
+    run = _setup(TrainConfig(**RUN), torch.device("cpu"), tmp_path, None, (0.0, 0.0))
+    _checkpoint(run, (0.0, 0.0, 0.0))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    first = torch.get_rng_state()
+    torch.rand(5)
+    second = torch.get_rng_state()
+    checkpoint["torch_rng"] = [first, second]
+    _restore(dataclasses.replace(run, rank=1, world=2), checkpoint)
+    assert torch.equal(torch.get_rng_state(), second)
+    _restore(dataclasses.replace(run, rank=0, world=2), checkpoint)
+    assert torch.equal(torch.get_rng_state(), first)

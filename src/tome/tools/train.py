@@ -628,27 +628,25 @@ def _prepare_output_dir(out_dir: Path) -> None:
                          "pass a writable directory") from None
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     step: int,
-                     config: TrainConfig, history: List[Dict[str, Any]], elapsed: Tuple[float, float],
-                     epoch_sums: Tuple[float, float, float], device: torch.device) -> None:
+def _save_checkpoint(path: Path, run: "_Run", epoch_sums: Tuple[float, float, float],
+                     rng_states: Dict[str, List[Optional[torch.Tensor]]]) -> None:
     """Everything a resumed run needs to continue bit for bit, in types ``weights_only`` loading accepts.
 
     ``epoch_sums`` are the loss sum, loss count and skipped images of the current epoch so far,
-    over all processes; the random states are those after ``step`` (drop-path masks draw from them).
+    over all processes; ``rng_states`` the CPU (``torch_rng``) and CUDA (``cuda_rng``) random
+    states of every process after ``run.step`` (drop-path masks draw from them).
     """
     state = {
         "format": CHECKPOINT_FORMAT,
-        "elapsed": elapsed,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),  # empty unless amp is fp16
-        "step": step,
-        "config": _config_dict(config),
-        "history": history,
+        "elapsed": run.elapsed(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),  # empty unless amp is fp16
+        "step": run.step,
+        "config": _config_dict(run.config),
+        "history": run.history,
         "epoch_sums": epoch_sums,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        **rng_states,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -885,9 +883,12 @@ def _restore(run: _Run, checkpoint: Dict[str, Any]) -> None:
     run.elapsed_before = tuple(checkpoint.get("elapsed", (0.0, 0.0)))  # type: ignore[assignment]
     if run.rank == 0:  # the saved sums are over all processes: count them once
         run.resumed_sums = tuple(checkpoint.get("epoch_sums", (0.0, 0.0, 0.0)))  # type: ignore[assignment]
-    torch.set_rng_state(checkpoint["torch_rng"])
-    if run.device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(checkpoint["cuda_rng"], run.device)
+    # This process's own states (with another number of processes the run cannot be exact anyway).
+    cpu_states, cuda_states = checkpoint["torch_rng"], checkpoint.get("cuda_rng") or [None]
+    torch.set_rng_state(cpu_states[run.rank % len(cpu_states)].cpu())
+    cuda_state = cuda_states[run.rank % len(cuda_states)]
+    if run.device.type == "cuda" and cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state.cpu(), run.device)
 
 
 def _checkpoint(run: _Run, epoch_sums: Tuple[float, float, float]) -> None:
@@ -895,9 +896,16 @@ def _checkpoint(run: _Run, epoch_sums: Tuple[float, float, float]) -> None:
     if run.out_dir is None:
         return
     epoch_sums = tuple(_all_sum(list(epoch_sums), run.device))  # type: ignore[assignment]
+    # Every process keeps its own random states: they part when processes draw different
+    # amounts (a share with an unreadable image has a smaller batch, so fewer drop-path draws).
+    own = (torch.get_rng_state(), torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None)
+    states = [own]
+    if run.world > 1:
+        states = [None] * run.world  # type: ignore[list-item]
+        dist.all_gather_object(states, own)
     if run.rank == 0:
-        _save_checkpoint(run.out_dir / CHECKPOINT_NAME, run.model, run.optimizer, run.scaler, run.step, run.config,
-                         run.history, run.elapsed(), epoch_sums, run.device)
+        rng_states = {"torch_rng": [cpu for cpu, _ in states], "cuda_rng": [cuda for _, cuda in states]}
+        _save_checkpoint(run.out_dir / CHECKPOINT_NAME, run, epoch_sums, rng_states)
     _barrier()
 
 
