@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import threading
 import urllib.parse
@@ -241,20 +242,59 @@ def create_pretrained(name: str, **model_kwargs: Any) -> nn.Module:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _torch_load(path_or_file: Any) -> Any:
+def _torch_load(path: Any) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+
+    Raises:
+        ValueError: naming ``path`` when it is not a PyTorch checkpoint (empty, text, truncated,
+            corrupt) or holds Python objects that safe loading refuses.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive (PK...); files from torch < 1.6 are a pickle (protocol byte 0x80).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        found = "an empty file" if not head else f"a file starting with {head!r}"
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a PyTorch checkpoint (found {found}); expected a .pth/.pt "
+            "file written by torch.save, or a .safetensors file"
+        )
     # Training scripts (DeiT, MAE) save their argparse.Namespace next to the weights;
     # it is a plain attribute container, so it is allowed alongside tensors.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            return torch.load(path_or_file, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # an unpickling error names the refused global
-            if "weights_only" in str(error) or "Unsupported global" in str(error):
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            if refused is not None:
                 raise ValueError(
-                    f"checkpoint {path_or_file} holds Python objects that safe loading refuses "
-                    f"({str(error).splitlines()[0]}). If you trust the file, re-save only its "
-                    "state_dict with torch.save(state_dict, path)."
+                    f"checkpoint {str(path)!r} holds Python objects that safe loading refuses "
+                    f"({refused.group(1)}): it is not a weights-only checkpoint, and loading it could run code. "
+                    "If you trust the file, re-save only its tensors with torch.save(state_dict, path)."
                 ) from None
-            raise
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(
+                f"checkpoint {str(path)!r} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                f"{type(error).__name__}: {first_line[:200]}; expected a .pth/.pt file written by torch.save, "
+                "or a .safetensors file"
+            ) from None
+
+
+def _safetensors_load(path: Any) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file.
+
+    Raises:
+        ValueError: naming ``path`` when it is not a readable safetensors file.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # SafetensorError and friends: the header or data is not safetensors
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"{str(path)!r} is not a readable .safetensors file ({first_line[:200]}); expected a file "
+            "written by safetensors.torch.save_file"
+        ) from None
 
 
 def _download(url: str) -> str:
@@ -300,9 +340,7 @@ def read_state_dict(source: str) -> Dict[str, torch.Tensor]:
                 f"({', '.join(KNOWN_CHECKPOINTS)})"
             )
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        loaded: Any = load_file(path, device="cpu")
+        loaded: Any = _safetensors_load(path)
     else:
         loaded = _torch_load(path)
     return _unwrap_state_dict(loaded, source)

@@ -34,12 +34,12 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import tome
 from tome._schedule import RSchedule, check_r
@@ -60,6 +60,7 @@ __all__ = [
 
 _AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "tome-train-checkpoint/2"  # 2: timm's optimizer parameter groups
 MODEL_NAME = "model"
 MODEL_FORMAT = "tome-model/1"
 
@@ -224,7 +225,8 @@ class TrainResult:
         model: The trained model (unwrapped, in eval mode, still patched with the training ``r``).
         val_accuracy: Top-1 accuracy in [0, 1] after the last epoch, with the training ``r``
             (None without validation data).
-        history: One dict per epoch: ``epoch``, ``step``, ``train_loss``, ``val_accuracy``, ``seconds``.
+        history: One dict per epoch: ``epoch``, ``step``, ``train_loss``, ``skipped_images`` (unreadable
+            training images), ``val_accuracy``, ``seconds``.
         wall_seconds: Wall-clock time of the run (a resumed run adds the time of its earlier parts).
         cpu_seconds: CPU time of this process (all its threads), counted the same way.
         model_path: The exported ``.safetensors`` file (None without ``output_dir``).
@@ -396,6 +398,49 @@ def build_datasets(config: TrainConfig) -> Tuple[Dataset, Optional[Dataset], Lis
     return train_set, val_set, list(train_set.classes)
 
 
+class _SkipUnreadable(Dataset):
+    """Items ``(image, label, "")``, or ``(None, -1, name)`` for an image that cannot be read.
+
+    As in ``tome eval``, one broken file is skipped and named rather than fatal;
+    :func:`tome.tools.evaluate.collate_skipping` batches these items.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Tuple[Optional[torch.Tensor], int, str]:
+        try:
+            image, label = self.dataset[index]
+        except Exception:  # any decoder failure: truncated, not an image, decompression bomb, ...
+            return None, -1, _item_name(self.dataset, index)
+        return image, label, ""
+
+
+def _item_name(dataset: Any, index: int) -> str:
+    """The file behind ``dataset[index]`` (through ``Subset``s), else ``"item <index>"``."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    samples = getattr(dataset, "samples", None)
+    return str(samples[index][0]) if samples is not None else f"item {index}"
+
+
+_SHOWN_SKIPS = 5
+
+
+def _warn_skipped(count: int, names: List[str], where: str) -> None:
+    """One warning naming a few of the ``count`` unreadable images skipped in ``where`` (all processes)."""
+    if _world()[1] > 1:
+        gathered: List[Any] = [None] * _world()[1]
+        dist.all_gather_object(gathered, names)
+        names = [name for part in gathered for name in part]
+    if count and _world()[0] == 0:
+        warnings.warn(f"{count} unreadable image(s) skipped in {where}, e.g. {', '.join(names[:_SHOWN_SKIPS])}",
+                      stacklevel=3)
+
+
 def _data_stats(root: Path) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Normalisation of an ImageFolder export: from its ``dataset.json`` if any, else ImageNet's."""
     info = root / "dataset.json"
@@ -406,34 +451,39 @@ def _data_stats(root: Path) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _epoch_batches(num_items: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> List[List[int]]:
-    """This process's batches for one epoch: a seeded shuffle, incomplete last batch dropped.
+class _EpochBatchSampler(Sampler[List[int]]):
+    """This process's batches of one epoch, from step ``start`` on (a resumed epoch skips the done ones).
 
-    Every process draws the same permutation; step ``i`` uses global positions
-    ``[i * batch_size, (i + 1) * batch_size)``, of which process ``rank`` takes its slice.
+    Every process draws the same seeded permutation; step ``i`` uses global positions
+    ``[i * batch_size, (i + 1) * batch_size)``, of which process ``rank`` takes its slice. So
+    the images of a step do not depend on the number of processes. The incomplete last batch
+    is dropped.
     """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_items, generator=generator).tolist()
-    local = batch_size // world
-    steps = num_items // batch_size
-    return [order[i * batch_size + rank * local: i * batch_size + (rank + 1) * local] for i in range(steps)]
 
+    def __init__(self, num_items: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                 start: int = 0) -> None:
+        self.num_items, self.batch_size, self.epoch, self.seed = num_items, batch_size, epoch, seed
+        self.rank, self.world, self.start = rank, world, start
 
-def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """No weight decay on biases, norm weights and token / position parameters."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or "token" in name or "pos_embed" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def __len__(self) -> int:
+        return self.num_items // self.batch_size - self.start
+
+    def __iter__(self) -> Iterator[List[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        local = self.batch_size // self.world
+        for step in range(self.start, self.num_items // self.batch_size):
+            first = step * self.batch_size + self.rank * local
+            yield order[first:first + local]
 
 
 def _lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``.
+
+    Not timm's ``CosineLRScheduler``: its warm-up rises from ``warmup_lr_init`` as
+    ``init + step * (1 - init) / warmup`` and cannot give this ``(step + 1) / warmup``, with
+    which the shipped model was trained.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -507,20 +557,28 @@ def load_model(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
         FileNotFoundError: if either file is missing.
         ValueError: if the JSON is not a tome model description.
     """
-    from safetensors.torch import load_file
+    from tome.tools.checkpoints import _safetensors_load
 
     path = Path(path)
     weights, description_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
     for required in (weights, description_path):
         if not required.is_file():
             raise FileNotFoundError(f"model file {str(required)!r} does not exist")
-    description = json.loads(description_path.read_text())
-    if description.get("format") != MODEL_FORMAT:
+    try:
+        description = json.loads(description_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(description_path)!r} is not a {MODEL_FORMAT} JSON description: {error}") from None
+    if not isinstance(description, dict) or description.get("format") != MODEL_FORMAT:
         raise ValueError(f"{str(description_path)!r} is not a {MODEL_FORMAT} description")
+    state = {name: tensor.float() if tensor.is_floating_point() else tensor
+             for name, tensor in _safetensors_load(weights).items()}
+    missing = [key for key in ("architecture", "model_kwargs", "image_size", "num_classes", "pretrained_cfg")
+               if key not in description]
+    if missing:
+        raise ValueError(f"{str(description_path)!r} lacks {missing}; save_model writes them")
     cfg = description["pretrained_cfg"]
     model = _create(description["architecture"], dict(description["model_kwargs"]), description["image_size"],
                     description["num_classes"], cfg.get("label_names", ()), cfg["mean"], cfg["std"])
-    state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in load_file(str(weights)).items()}
     model.load_state_dict(state)
     model._tome_train_spec = _spec(description["architecture"], description["model_kwargs"],
                                    description["image_size"], description["num_classes"])
@@ -533,12 +591,18 @@ def _spec(architecture: str, model_kwargs: Dict[str, Any], image_size: int, num_
 
 
 def _load_init(model: nn.Module, init: str) -> None:
-    """Load starting weights for fine-tuning from a ``.safetensors`` model or a checkpoint."""
+    """Load starting weights for fine-tuning from a ``.safetensors`` model or a checkpoint.
+
+    A checkpoint is read with ``weights_only=True``: a file that would run code is refused.
+    """
+    from tome.tools.checkpoints import read_state_dict
+
     if init.endswith(".safetensors") or init.endswith(".json"):
         source, _ = load_model(init)
         state = source.state_dict()
     else:
-        state = torch.load(init, map_location="cpu", weights_only=False)["model"]
+        # An absolute path is never mistaken for a published checkpoint name or a URL.
+        state = read_state_dict(os.path.abspath(init))
     own = model.state_dict()
     mismatched = [k for k in own if k not in state or state[k].shape != own[k].shape]
     if mismatched:
@@ -546,21 +610,71 @@ def _load_init(model: nn.Module, init: str) -> None:
     model.load_state_dict(state)
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, step: int,
-                     config: TrainConfig, history: List[Dict[str, Any]], elapsed: Tuple[float, float]) -> None:
+def _prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and check that files can be written there, before any training.
+
+    Raises:
+        ValueError: naming ``out_dir`` when it is a file, lies under one, or is not writable.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output_dir {str(out_dir)!r} is a file, not a directory; pass a directory (it is created)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"output_dir {str(out_dir)!r} cannot be written to ({error.strerror or error}); "
+                         "pass a writable directory") from None
+
+
+def _save_checkpoint(path: Path, run: "_Run", epoch_sums: Tuple[float, float, float],
+                     rng_states: Dict[str, List[Optional[torch.Tensor]]]) -> None:
+    """Everything a resumed run needs to continue bit for bit, in types ``weights_only`` loading accepts.
+
+    ``epoch_sums`` are the loss sum, loss count and skipped images of the current epoch so far,
+    over all processes; ``rng_states`` the CPU (``torch_rng``) and CUDA (``cuda_rng``) random
+    states of every process after ``run.step`` (drop-path masks draw from them).
+    """
     state = {
-        "elapsed": elapsed,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step,
-        "config": _config_dict(config),
-        "history": history,
-        "torch_rng": torch.get_rng_state(),
+        "format": CHECKPOINT_FORMAT,
+        "elapsed": run.elapsed(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),  # empty unless amp is fp16
+        "step": run.step,
+        "config": _config_dict(run.config),
+        "history": run.history,
+        "epoch_sums": epoch_sums,
+        **rng_states,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "history", "torch_rng")
+
+
+def _read_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint written by :func:`_save_checkpoint`, loaded with ``weights_only=True``.
+
+    Raises:
+        ValueError: naming ``path`` when it is not a PyTorch checkpoint, would run code when
+            loaded, or is not a ``tome train`` checkpoint.
+    """
+    from tome.tools.checkpoints import _torch_load
+
+    checkpoint = _torch_load(path)
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path!r} is not a tome train checkpoint (it lacks {missing}); resume from the "
+                         f"{CHECKPOINT_NAME} that tome train writes in its output directory")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path!r} is a checkpoint of an earlier tome train (format {checkpoint.get('format')!r}, "
+                         f"this one reads {CHECKPOINT_FORMAT!r}, whose optimizer state is laid out differently); "
+                         "finish that run with the tome version that started it, or start again")
+    return checkpoint
 
 
 def _config_dict(config: TrainConfig) -> Dict[str, Any]:
@@ -570,8 +684,30 @@ def _config_dict(config: TrainConfig) -> Dict[str, Any]:
     return values
 
 
-# Fields that change what is being trained; resuming with other values is refused.
-_RESUME_FIXED = ("model", "model_kwargs", "image_size", "data", "train_size", "data_seed", "epochs", "batch_size", "seed")
+# Settings that say where and how a run goes, not what it computes: a resumed run may change
+# them. Every other field must keep its saved value, or model.json would record a command
+# that does not reproduce the run.
+_RESUME_FREE = ("resume", "stop_after", "device", "progress", "checkpoint_every", "num_workers", "output_dir",
+                "export_name")
+
+
+def _check_same_run(saved: Dict[str, Any], config: TrainConfig, path: str) -> None:
+    """Refuse to resume the checkpoint at ``path`` (its config ``saved``) with settings that change the run.
+
+    Raises:
+        ValueError: listing every changed field with its saved and given values.
+    """
+    defaults = _config_dict(TrainConfig())
+    changed = [
+        f"{name}: saved {saved.get(name, defaults[name])!r}, given {value!r}"
+        for name, value in _config_dict(config).items()
+        if name not in _RESUME_FREE and saved.get(name, defaults[name]) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"checkpoint {path!r} belongs to another run ({'; '.join(changed)}); resume with the saved settings, "
+            "or start the new run in another output_dir"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,16 +743,28 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast, _ = _autocast(amp, device)
     rank, world = _world()
+    from tome.tools.evaluate import collate_skipping
+
     share = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
-    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # A generator of its own: validating must not move the global one that training draws from.
+    loader = DataLoader(_SkipUnreadable(share), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_skipping, generator=torch.Generator().manual_seed(0))
     model.eval()
-    correct = total = 0
+    correct = total = skipped = 0
+    names: List[str] = []
     with torch.inference_mode(), autocast():
-        for images, labels in tqdm(loader, desc="val", leave=False, disable=not progress or rank != 0):
+        for images, labels, unreadable in tqdm(loader, desc="val", leave=False, disable=not progress or rank != 0):
+            skipped += len(unreadable)
+            names += unreadable[:_SHOWN_SKIPS - len(names)]
+            if images is None:
+                continue
             logits = model(images.to(device, non_blocking=True))
             correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
             total += int(labels.numel())
-    correct, total = _all_sum([float(correct), float(total)], device)
+    correct, total, skipped = _all_sum([float(correct), float(total), float(skipped)], device)
+    _warn_skipped(int(skipped), names, "validation")
+    if not total:
+        raise ValueError(f"none of the {len(dataset)} validation images could be read")
     return correct / total
 
 
@@ -624,12 +772,257 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: 
 # Training
 
 
+@dataclass
+class _Run:
+    """A training run in progress: built by :func:`_setup`, advanced one epoch at a time by :func:`_train_epoch`.
+
+    ``step`` counts optimiser steps over the whole run; ``elapsed_before`` holds the wall and
+    CPU seconds of the earlier parts of a resumed run, ``resumed_sums`` the loss sum, loss
+    count and skipped images of the resumed epoch before its checkpoint (over all processes).
+    """
+
+    config: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    autocast: Callable[[], ContextManager]
+    model: nn.Module
+    wrapped: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    train_set: Dataset
+    val_set: Optional[Dataset]
+    out_dir: Optional[Path]
+    steps_per_epoch: int
+    warmup_steps: int
+    started: Tuple[float, float]  # perf_counter and process_time when this part began
+    step: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    elapsed_before: Tuple[float, float] = (0.0, 0.0)
+    resumed_sums: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    def elapsed(self) -> Tuple[float, float]:
+        """Wall and CPU seconds of the whole run, earlier parts included."""
+        return (self.elapsed_before[0] + time.perf_counter() - self.started[0],
+                self.elapsed_before[1] + time.process_time() - self.started[1])
+
+    def set_lr(self) -> float:
+        """Set and return the learning rate of the current step."""
+        config = self.config
+        lr = config.lr * _lr_factor(self.step, self.warmup_steps, self.total_steps, config.min_lr / config.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+def _find_checkpoint(config: TrainConfig, out_dir: Optional[Path]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """``(path, checkpoint)`` to resume from, None for a fresh run; refuses a checkpoint of another run."""
+    path = config.resume
+    if path == "auto":
+        candidate = out_dir / CHECKPOINT_NAME  # type: ignore[operator]
+        path = str(candidate) if candidate.is_file() else None
+    if path is None:
+        return None
+    checkpoint = _read_checkpoint(path)
+    _check_same_run(checkpoint["config"], config, path)
+    return path, checkpoint
+
+
+def _setup(config: TrainConfig, device: torch.device, out_dir: Optional[Path], checkpoint: Optional[Dict[str, Any]],
+           started: Tuple[float, float]) -> _Run:
+    """Data, model, optimiser and the rest of a run, continued from ``checkpoint`` when given."""
+    from timm.optim import create_optimizer_v2
+
+    from tome import data as tdata
+
+    rank, world = _world()
+    autocast, amp_dtype = _autocast(config.amp, device)
+    torch.manual_seed(config.seed)
+    train_set, val_set, class_names = build_datasets(config)
+    if len(train_set) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(train_set)} training images")
+    mean, std = ((tdata.MEAN, tdata.STD) if config.data == "synthetic" else _data_stats(Path(config.data)))
+    model = build_model(config, len(class_names), class_names, mean, std)
+    model._tome_train_spec = _spec(config.model, config.model_kwargs, config.image_size, len(class_names))
+    if config.init is not None and checkpoint is None:  # a checkpoint's weights replace the init weights
+        _load_init(model, config.init)
+    tome.apply_patch(model, r=config.r, prop_attn=config.prop_attn)
+    model.to(device)
+    # timm's AdamW parameter groups: no weight decay on 1-d parameters (biases, norms) and on
+    # what the model lists in no_weight_decay() (for a ViT its position embedding and tokens).
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = len(train_set) // config.batch_size
+    run = _Run(
+        config=config, device=device, rank=rank, world=world, autocast=autocast, model=model, wrapped=model,
+        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_set=train_set,
+        val_set=val_set, out_dir=out_dir, steps_per_epoch=steps_per_epoch,
+        warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
+        started=started,
+    )
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        run.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return run
+
+
+def _restore(run: _Run, checkpoint: Dict[str, Any]) -> None:
+    """Continue ``run`` where ``checkpoint`` was taken: weights, optimiser, step, history, random states."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    run.step, run.history = int(checkpoint["step"]), list(checkpoint["history"])
+    run.elapsed_before = tuple(checkpoint.get("elapsed", (0.0, 0.0)))  # type: ignore[assignment]
+    if run.rank == 0:  # the saved sums are over all processes: count them once
+        run.resumed_sums = tuple(checkpoint.get("epoch_sums", (0.0, 0.0, 0.0)))  # type: ignore[assignment]
+    # This process's own states (with another number of processes the run cannot be exact anyway).
+    cpu_states, cuda_states = checkpoint["torch_rng"], checkpoint.get("cuda_rng") or [None]
+    torch.set_rng_state(cpu_states[run.rank % len(cpu_states)].cpu())
+    cuda_state = cuda_states[run.rank % len(cuda_states)]
+    if run.device.type == "cuda" and cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state.cpu(), run.device)
+
+
+def _checkpoint(run: _Run, epoch_sums: Tuple[float, float, float]) -> None:
+    """Write ``output_dir/checkpoint.pt`` (first process; the others wait), if there is an output_dir."""
+    if run.out_dir is None:
+        return
+    epoch_sums = tuple(_all_sum(list(epoch_sums), run.device))  # type: ignore[assignment]
+    # Every process keeps its own random states: they part when processes draw different
+    # amounts (a share with an unreadable image has a smaller batch, so fewer drop-path draws).
+    own = (torch.get_rng_state(), torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None)
+    states = [own]
+    if run.world > 1:
+        states = [None] * run.world  # type: ignore[list-item]
+        dist.all_gather_object(states, own)
+    if run.rank == 0:
+        rng_states = {"torch_rng": [cpu for cpu, _ in states], "cuda_rng": [cuda for _, cuda in states]}
+        _save_checkpoint(run.out_dir / CHECKPOINT_NAME, run, epoch_sums, rng_states)
+    _barrier()
+
+
+def _train_step(run: _Run, images: Optional[torch.Tensor], labels: torch.Tensor) -> Optional[float]:
+    """One optimiser step; returns its loss, or None when none of the step's images could be read."""
+    config, device = run.config, run.device
+    empty = images is None
+    if empty:  # a zero-weighted step on a blank image keeps torchrun processes in step
+        images = torch.zeros(1, 3, config.image_size, config.image_size)
+        labels = torch.zeros(1, dtype=torch.long)
+    images = images.to(device, non_blocking=True)  # type: ignore[union-attr]
+    labels = labels.to(device, non_blocking=True)
+    with run.autocast():
+        loss = run.criterion(run.wrapped(images), labels)
+    if empty:
+        loss = loss * 0.0
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()  # GradScaler is a no-op unless amp is fp16
+    run.scaler.unscale_(run.optimizer)
+    if config.grad_clip:
+        nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"training loss became {loss_value} at step {run.step}; lower lr or disable amp")
+    return None if empty else loss_value
+
+
+def _train_epoch(run: _Run, epoch: int) -> bool:
+    """Train ``epoch`` (from where a resumed run stands), validate, log and checkpoint it.
+
+    Returns:
+        False when ``stop_after`` ended the epoch early (after checkpointing), else True.
+    """
+    from tqdm import tqdm
+
+    from tome.tools.evaluate import collate_skipping
+
+    config = run.config
+    done = run.step - epoch * run.steps_per_epoch  # steps of this epoch before a resume
+    sampler = _EpochBatchSampler(len(run.train_set), config.batch_size, epoch, config.seed, run.rank, run.world,
+                                 start=done)
+    # The loader's own generator: iterating must not draw from the global one, whose state
+    # the drop-path masks use and a checkpoint restores.
+    loader = DataLoader(_SkipUnreadable(run.train_set), batch_sampler=sampler, num_workers=config.num_workers,
+                        collate_fn=collate_skipping, pin_memory=run.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    run.wrapped.train()
+    epoch_start = time.perf_counter()
+    loss_sum, loss_count, skipped = run.resumed_sums if done else (0.0, 0.0, 0.0)
+    skipped_names: List[str] = []
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", initial=done, total=run.steps_per_epoch,
+               disable=not config.progress or run.rank != 0, dynamic_ncols=True)
+    for images, labels, unreadable in bar:
+        lr = run.set_lr()
+        skipped += len(unreadable)
+        skipped_names += unreadable[:_SHOWN_SKIPS - len(skipped_names)]
+        loss = _train_step(run, images, labels)
+        if loss is not None:
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1
+        bar.set_postfix(loss=f"{loss_sum / max(1.0, loss_count):.3f}", lr=f"{lr:.2e}")
+        if run.step % run.steps_per_epoch == 0:
+            continue  # the end of the epoch checkpoints below, after validating
+        if (config.checkpoint_every and run.step % config.checkpoint_every == 0) or run.step == config.stop_after:
+            _checkpoint(run, (loss_sum, loss_count, skipped))
+        if run.step == config.stop_after:
+            bar.close()
+            return False
+    bar.close()
+
+    loss_sum, loss_count, skipped = _all_sum([loss_sum, float(loss_count), float(skipped)], run.device)
+    _warn_skipped(int(skipped), skipped_names, f"epoch {epoch + 1}")
+    last = epoch + 1 == config.epochs
+    val_accuracy = None
+    if run.val_set is not None and (last or (config.val_every and (epoch + 1) % config.val_every == 0)):
+        val_accuracy = evaluate(run.model, run.val_set, batch_size=max(1, config.batch_size // run.world),
+                                device=run.device, amp=config.amp, progress=config.progress)
+    record = {"epoch": epoch + 1, "step": run.step, "train_loss": loss_sum / max(1.0, loss_count),
+              "skipped_images": int(skipped), "val_accuracy": val_accuracy,
+              "seconds": time.perf_counter() - epoch_start}
+    run.history.append(record)
+    if run.rank == 0:
+        accuracy = "-" if val_accuracy is None else f"{100 * val_accuracy:.2f}%"
+        print(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
+              f"val acc {accuracy}, {record['seconds']:.0f}s", flush=True)
+        if run.out_dir is not None:
+            with open(run.out_dir / "log.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+    _checkpoint(run, (0.0, 0.0, 0.0))
+    return True
+
+
+def _export(run: _Run) -> Optional[Path]:
+    """Write the trained model and its description to ``output_dir`` (None without one)."""
+    if run.out_dir is None:
+        return None
+    config = run.config
+    model_path = run.out_dir / f"{config.export_name}.safetensors"
+    if run.rank == 0:
+        wall, cpu = run.elapsed()
+        timing = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "threads": torch.get_num_threads()}
+        training = {**_config_dict(config), "world_size": run.world, **timing, "command": config_to_command(config)}
+        val_accuracy = run.history[-1]["val_accuracy"] if run.history else None
+        save_model(run.model, model_path, {"training": training, "val_accuracy": val_accuracy,
+                                           "history": run.history})
+    _barrier()
+    return model_path
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train (or fine-tune, with ``config.init``) a timm ViT with the ToMe schedule ``config.r``.
 
     Works alone or under ``torchrun`` (DistributedDataParallel). Checkpoints
-    (``output_dir/checkpoint.pt``) hold the model, optimiser, step and data order,
-    so a resumed run continues exactly where the checkpoint was taken.
+    (``output_dir/checkpoint.pt``) hold the model, optimiser, step, random states and the
+    epoch's running sums, so a resumed run continues exactly where the checkpoint was taken.
 
     Args:
         config: The run; see :class:`TrainConfig`.
@@ -638,166 +1031,40 @@ def train(config: TrainConfig) -> TrainResult:
         A :class:`TrainResult`.
 
     Raises:
-        ValueError: for invalid settings, weights that do not fit, or a resume
-            checkpoint from a different run.
+        ValueError: for invalid settings, an output_dir that cannot be written, weights that
+            do not fit, a file that is not a weights-only checkpoint, or a resume checkpoint
+            of a different run.
     """
-    from tqdm import tqdm
-
     config.validate()
-    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    started = (time.perf_counter(), time.process_time())
     device = _resolve_device(config.device)
     started_group = _init_distributed(device)
     try:
         rank, world = _world()
         if config.batch_size % world:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
-        autocast, amp_dtype = _autocast(config.amp, device)
-        torch.manual_seed(config.seed)
-
-        train_set, val_set, class_names = build_datasets(config)
-        if len(train_set) < config.batch_size:
-            raise ValueError(f"batch_size={config.batch_size} exceeds the {len(train_set)} training images")
-        from tome import data as tdata
-
-        mean, std = ((tdata.MEAN, tdata.STD) if config.data == "synthetic" else _data_stats(Path(config.data)))
-        model = build_model(config, len(class_names), class_names, mean, std)
-        model._tome_train_spec = _spec(config.model, config.model_kwargs, config.image_size, len(class_names))
-        if config.init is not None:
-            _load_init(model, config.init)
-        tome.apply_patch(model, r=config.r, prop_attn=config.prop_attn)
-        model.to(device)
-
-        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        steps_per_epoch = len(train_set) // config.batch_size
-        total_steps = steps_per_epoch * config.epochs
-        warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-
-        step, history = 0, []
-        before = (0.0, 0.0)  # wall and CPU seconds of earlier parts of a resumed run
         out_dir = Path(config.output_dir) if config.output_dir is not None else None
         if out_dir is not None and rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        resume = config.resume
-        if resume == "auto":
-            candidate = out_dir / CHECKPOINT_NAME  # type: ignore[operator]
-            resume = str(candidate) if candidate.is_file() else None
-        if resume is not None:
-            checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
-            saved = checkpoint["config"]
-            changed = [k for k in _RESUME_FIXED if saved.get(k) != _config_dict(config)[k]]
-            if changed:
-                raise ValueError(
-                    f"checkpoint {resume!r} belongs to another run: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}"
-                )
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if scaler is not None and checkpoint.get("scaler") is not None:
-                scaler.load_state_dict(checkpoint["scaler"])
-            step, history = int(checkpoint["step"]), list(checkpoint["history"])
-            before = tuple(checkpoint.get("elapsed", (0.0, 0.0)))
-            torch.set_rng_state(checkpoint["torch_rng"])
+            _prepare_output_dir(out_dir)
+        # The checkpoint is read first: a run it cannot continue is refused before any work.
+        found = _find_checkpoint(config, out_dir)
+        run = _setup(config, device, out_dir, found[1] if found is not None else None, started)
 
-        wrapped: nn.Module = model
-        if world > 1:
-            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        def set_lr(at: int) -> float:
-            lr = config.lr * _lr_factor(at, warmup_steps, total_steps, config.min_lr / config.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            return lr
-
-        def elapsed() -> Tuple[float, float]:
-            return (before[0] + time.perf_counter() - wall_start, before[1] + time.process_time() - cpu_start)
-
-        def checkpoint_now() -> None:
-            if out_dir is not None and rank == 0:
-                _save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, scaler, step, config, history, elapsed())
-            _barrier()
-
-        val_accuracy: Optional[float] = history[-1]["val_accuracy"] if history else None
-        start_epoch = step // steps_per_epoch
-        stopped = False
-        for epoch in range(start_epoch, config.epochs):
-            if config.stop_after is not None and step >= config.stop_after:
-                stopped = True
+        finished = True
+        for epoch in range(run.step // run.steps_per_epoch, config.epochs):
+            if config.stop_after is not None and run.step >= config.stop_after:
+                finished = False
                 break
-            batches = _epoch_batches(len(train_set), config.batch_size, epoch, config.seed, rank, world)
-            batches = batches[step - epoch * steps_per_epoch:]  # resume mid-epoch on the same order
-            loader = DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False)
-            wrapped.train()
-            epoch_start, loss_sum, loss_count = time.perf_counter(), 0.0, 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", total=len(batches),
-                       disable=not config.progress or rank != 0, dynamic_ncols=True)
-            for images, labels in bar:
-                lr = set_lr(step)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with autocast():
-                    loss = criterion(wrapped(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if config.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                step += 1
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower lr or disable amp")
-                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-                bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", lr=f"{lr:.2e}")
-                if step % steps_per_epoch and (
-                    (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.stop_after
-                ):
-                    checkpoint_now()
-                if step == config.stop_after and step % steps_per_epoch:
-                    stopped = True
-                    break
-            bar.close()
-            if stopped:
+            if not _train_epoch(run, epoch):
+                finished = False
                 break
-            loss_sum, loss_count = _all_sum([loss_sum, float(loss_count)], device)
-            last = epoch + 1 == config.epochs
-            val_accuracy = None
-            if val_set is not None and (last or (config.val_every and (epoch + 1) % config.val_every == 0)):
-                val_accuracy = evaluate(model, val_set, batch_size=max(1, config.batch_size // world), device=device,
-                                        amp=config.amp, progress=config.progress)
-            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1.0, loss_count),
-                      "val_accuracy": val_accuracy, "seconds": time.perf_counter() - epoch_start}
-            history.append(record)
-            if rank == 0:
-                accuracy = "-" if val_accuracy is None else f"{100 * val_accuracy:.2f}%"
-                print(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-                      f"val acc {accuracy}, {record['seconds']:.0f}s", flush=True)
-                if out_dir is not None:
-                    with open(out_dir / "log.jsonl", "a") as log:
-                        log.write(json.dumps(record) + "\n")
-            checkpoint_now()
-
-        model.eval()
-        wall, cpu = elapsed()
-        model_path = None
-        if stopped and rank == 0:
-            print(f"stopped after step {step} of {total_steps}; continue with resume", flush=True)
-        if out_dir is not None and not stopped:
-            model_path = out_dir / f"{config.export_name}.safetensors"
-            if rank == 0:
-                timing = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "threads": torch.get_num_threads()}
-                training = {**_config_dict(config), "world_size": world, **timing, "command": config_to_command(config)}
-                save_model(model, model_path, {"training": training,
-                                               "val_accuracy": val_accuracy, "history": history})
-            _barrier()
-        return TrainResult(model, val_accuracy, history, wall, cpu, model_path)
+        run.model.eval()
+        if not finished and rank == 0:
+            print(f"stopped after step {run.step} of {run.total_steps}; continue with resume", flush=True)
+        model_path = _export(run) if finished else None
+        val_accuracy = run.history[-1]["val_accuracy"] if run.history else None
+        wall, cpu = run.elapsed()
+        return TrainResult(run.model, val_accuracy, run.history, wall, cpu, model_path)
     finally:
         if started_group:
             dist.destroy_process_group()
@@ -835,9 +1102,15 @@ def config_to_command(config: TrainConfig) -> str:
     does not change the result.
     """
     defaults = TrainConfig()
+    from tome.tools._common import parse_model_kwargs
+
     words = ["tome", "train"]
-    for key, value in config.model_kwargs.items():
-        words += ["--model-arg", f"{key}={json.dumps(value)}"]
+    if config.model_kwargs != defaults.model_kwargs:
+        words.append("--model-kwargs")
+        for key, value in config.model_kwargs.items():
+            # A string reads back as itself unless it looks like a literal ("32", "True"): then quote it.
+            plain = isinstance(value, str) and parse_model_kwargs([f"{key}={value}"])[key] == value
+            words.append(f"{key}={value if plain else repr(value)}")
     skip = {"model_kwargs", "r", "prop_attn", "resume", "stop_after", "device", "progress"}
     for f in fields(TrainConfig):
         value = getattr(config, f.name)
@@ -864,7 +1137,12 @@ def _parse_kwarg(text: str) -> Tuple[str, Any]:
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values["model_kwargs"] = dict(args.model_arg) if args.model_arg is not None else TrainConfig().model_kwargs
+    from tome.tools._common import parse_model_kwargs
+
+    if args.model_arg is None and args.model_kwargs is None:
+        values["model_kwargs"] = TrainConfig().model_kwargs
+    else:
+        values["model_kwargs"] = {**dict(args.model_arg or ()), **parse_model_kwargs(args.model_kwargs)}
     values["r"] = parse_schedule(args.r)
     values["progress"] = not args.no_progress
     values["grad_clip"] = args.grad_clip or None
@@ -873,7 +1151,16 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _run(args: argparse.Namespace) -> None:
     config = _config_from_args(args)
-    result = train(config)
+    try:
+        result = train(config)
+    except KeyboardInterrupt:
+        if config.output_dir is None:
+            hint = "nothing was saved (no --output-dir)"
+        else:
+            hint = (f"the same command with --resume auto (and --output-dir {shlex.quote(config.output_dir)}) "
+                    "continues from the last checkpoint (one per epoch, and every --checkpoint-every steps)")
+        print(f"\ntome train: interrupted; {hint}", file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
     if _distributed_env()[0] == 0:
         accuracy = "n/a" if result.val_accuracy is None else f"{100 * result.val_accuracy:.2f}%"
         print(f"done: val acc {accuracy} (r={config.r!r}), {result.wall_seconds:.0f}s wall, "
@@ -894,38 +1181,59 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(write the schedule as -r there: torchrun mistakes --r for its own options).",
     )
     add = parser.add_argument
-    add("--data", default=defaults.data, help="'synthetic' (generated shapes) or a directory with train/ and val/ (default: %(default)s)")
+    kwargs_default = " ".join(f"{k}={v}" for k, v in defaults.model_kwargs.items())
+    add("--data", default=defaults.data,
+        help="'synthetic' (generated shapes) or a directory with train/ and val/ (default: %(default)s)")
     add("--model", default=defaults.model, help="timm architecture name (default: %(default)s)")
-    add("--model-arg", action="append", type=_parse_kwarg, metavar="KEY=VALUE",
-        help="timm.create_model argument, repeatable; replaces all defaults "
-        "(default: embed_dim=128 num_heads=4 depth=6 patch_size=8)")
-    add("--image-size", type=int, default=defaults.image_size)
+    add("--model-kwargs", nargs="+", metavar="KEY=VALUE",
+        help=f"timm.create_model arguments; replace all defaults (default: {kwargs_default})")
+    # The earlier spelling (repeated, one KEY=VALUE each, values read as JSON), kept so recorded commands run.
+    add("--model-arg", action="append", type=_parse_kwarg, help=argparse.SUPPRESS)
+    add("--image-size", type=int, default=defaults.image_size,
+        help="input height and width in pixels (default: %(default)s)")
     add("--train-size", type=int, default=defaults.train_size, help="synthetic training images (default: %(default)s)")
-    add("--val-size", type=int, default=defaults.val_size, help="validation images (default: %(default)s)")
-    add("--data-seed", type=int, default=defaults.data_seed)
-    add("--epochs", type=int, default=defaults.epochs)
-    add("--batch-size", type=int, default=defaults.batch_size, help="global batch size (default: %(default)s)")
-    add("--lr", type=float, default=defaults.lr)
-    add("--min-lr", type=float, default=defaults.min_lr)
-    add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--warmup-epochs", type=float, default=defaults.warmup_epochs)
-    add("--label-smoothing", type=float, default=defaults.label_smoothing)
-    add("--grad-clip", type=float, default=defaults.grad_clip, help="0 disables (default: %(default)s)")
-    add("--drop-path", type=float, default=defaults.drop_path)
-    add("-r", "--r", default="0", help="ToMe schedule while training: 8, '8,-1' (decreasing) or '[8,8,4]' (default: 0)")
-    add("--no-prop-attn", dest="prop_attn", action="store_false", help="train without proportional attention")
-    add("--amp", choices=_AMP_CHOICES, default=defaults.amp, help="mixed precision (default: auto = CUDA only)")
-    add("--init", default=None, help="start from these weights (.safetensors from tome train, or a checkpoint)")
-    add("--output-dir", default=None, help="checkpoints, log.jsonl and the final model go here")
-    add("--resume", default=None, help="checkpoint to continue, or 'auto' for OUTPUT_DIR/checkpoint.pt")
-    add("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between extra checkpoints")
-    add("--stop-after", type=int, default=None, help="stop after this many steps in all (resume later)")
-    add("--val-every", type=int, default=defaults.val_every, help="epochs between validations (0: last only)")
-    add("--num-workers", type=int, default=defaults.num_workers)
-    add("--seed", type=int, default=defaults.seed)
+    add("--val-size", type=int, default=defaults.val_size,
+        help="validation images; for a directory at most this many, 0 for all (default: %(default)s)")
+    add("--data-seed", type=int, default=defaults.data_seed, help="seed of the synthetic task (default: %(default)s)")
+    add("--epochs", type=int, default=defaults.epochs, help="passes over the training set (default: %(default)s)")
+    add("--batch-size", type=int, default=defaults.batch_size,
+        help="global batch size, split over torchrun processes (default: %(default)s)")
+    add("--lr", type=float, default=defaults.lr, help="peak learning rate of AdamW (default: %(default)s)")
+    add("--min-lr", type=float, default=defaults.min_lr,
+        help="learning rate at the end of the cosine decay (default: %(default)s)")
+    add("--weight-decay", type=float, default=defaults.weight_decay,
+        help="AdamW weight decay, not on biases, norms and tokens (default: %(default)s)")
+    add("--warmup-epochs", type=float, default=defaults.warmup_epochs,
+        help="linear warm-up length in epochs, fractions allowed (default: %(default)s)")
+    add("--label-smoothing", type=float, default=defaults.label_smoothing,
+        help="cross-entropy label smoothing in [0, 1) (default: %(default)s)")
+    add("--grad-clip", type=float, default=defaults.grad_clip,
+        help="clip the global gradient norm to this; 0 disables (default: %(default)s)")
+    add("--drop-path", type=float, default=defaults.drop_path, help="stochastic depth rate (default: %(default)s)")
+    add("-r", "--r", default="0",
+        help="ToMe schedule while training: 8, '8,-1' (decreasing) or '[8,8,4]' (default: %(default)s)")
+    add("--no-prop-attn", dest="prop_attn", action="store_false",
+        help="train without proportional attention (default: with it)")
+    add("--amp", choices=_AMP_CHOICES, default=defaults.amp,
+        help="mixed precision; auto = bf16/fp16 on CUDA, none on CPU (default: %(default)s)")
+    add("--init", default=None,
+        help="start from these weights: a .safetensors from tome train, or a checkpoint (default: random weights)")
+    add("--output-dir", default=None,
+        help="checkpoints, log.jsonl and the final model go here (default: none, nothing is written)")
+    add("--resume", default=None,
+        help="checkpoint to continue, or 'auto' for OUTPUT_DIR/checkpoint.pt when it exists (default: a fresh run)")
+    add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+        help="also checkpoint every this many steps; 0: at the end of each epoch only (default: %(default)s)")
+    add("--stop-after", type=int, default=None,
+        help="stop after this many steps in all, to continue with --resume (default: run to the end)")
+    add("--val-every", type=int, default=defaults.val_every,
+        help="epochs between validations; 0: after the last only (default: %(default)s)")
+    add("--num-workers", type=int, default=defaults.num_workers,
+        help="DataLoader worker processes per training process (default: %(default)s)")
+    add("--seed", type=int, default=defaults.seed, help="seed of initialisation and data order (default: %(default)s)")
     add("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when available)")
     add("--export-name", default=defaults.export_name, help="file stem of the final model (default: %(default)s)")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add("--no-progress", action="store_true", help="no progress bars (default: shown)")
     parser.set_defaults(func=_run)
 
 
