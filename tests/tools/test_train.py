@@ -134,9 +134,13 @@ def test_bad_arguments_raise_value_error(overrides, message):
 
 
 def test_parse_schedule():
+    # tome train reads the one schedule grammar of every command.
     assert parse_schedule("8") == 8
-    assert parse_schedule("8,-1") == (8, -1.0)
+    assert parse_schedule("8:-1") == (8, -1.0)
+    assert parse_schedule("4/2") == [4, 2]
     assert parse_schedule("[4, 2]") == [4, 2]
+    with pytest.warns(FutureWarning, match="8:-1"):
+        assert parse_schedule("8,-1") == (8, -1.0)  # the old tome train spelling still works
     with pytest.raises(ValueError, match="not a schedule"):
         parse_schedule("eight")
 
@@ -203,7 +207,7 @@ def test_train_command(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2", "patch_size=8",
             "--image-size", "32", "--train-size", "16", "--val-size", "8",
-            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--r", "2,-1", "--no-progress",
+            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--r", "2:-1", "--no-progress",
             "--output-dir", str(out)]
     assert cli.main(args) == 0
     info = json.loads((out / "model.json").read_text())

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import tome
 from tome._schedule import RSchedule, check_r
+from tome.tools._common import model_kwarg_arg, parse_model_kwargs, parse_schedule, schedule_label
 
 __all__ = [
     "TrainConfig",
@@ -1074,27 +1075,6 @@ def train(config: TrainConfig) -> TrainResult:
 # Command line
 
 
-def parse_schedule(text: str) -> RSchedule:
-    """``"8"`` -> 8, ``"8,-1"`` -> (8, -1.0), ``"[8,8,4]"`` -> [8, 8, 4] (for ``--r``).
-
-    Raises:
-        ValueError: quoting a value that is none of these.
-    """
-    text = text.strip()
-    try:
-        if text.startswith("["):
-            values = json.loads(text)
-            if not isinstance(values, list):
-                raise ValueError
-            return check_r([int(v) for v in values])
-        if "," in text:
-            base, inflection = text.split(",")
-            return check_r((int(base), float(inflection)))
-        return check_r(int(text))
-    except (ValueError, TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"--r {text!r} is not a schedule: use 8, '8,-1' (r, inflection) or '[8,8,4]': {error}") from None
-
-
 def config_to_command(config: TrainConfig) -> str:
     """The ``tome train`` command line that runs ``config`` (settings left at their defaults are omitted).
 
@@ -1102,8 +1082,6 @@ def config_to_command(config: TrainConfig) -> str:
     does not change the result.
     """
     defaults = TrainConfig()
-    from tome.tools._common import parse_model_kwargs
-
     words = ["tome", "train"]
     if config.model_kwargs != defaults.model_kwargs:
         words.append("--model-kwargs")
@@ -1119,26 +1097,14 @@ def config_to_command(config: TrainConfig) -> str:
         words += [f"--{f.name.replace('_', '-')}", "0" if value is None else str(value)]
     if config.r != defaults.r:
         r = config.r
-        words += ["-r", f"{r[0]},{float(r[1])}" if isinstance(r, tuple) else json.dumps(r) if isinstance(r, list) else str(r)]
+        words += ["-r", schedule_label(r)]
     if not config.prop_attn:
         words.append("--no-prop-attn")
     return shlex.join(words)
 
 
-def _parse_kwarg(text: str) -> Tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--model-arg {text!r} must look like KEY=VALUE")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    from tome.tools._common import parse_model_kwargs
-
     if args.model_arg is None and args.model_kwargs is None:
         values["model_kwargs"] = TrainConfig().model_kwargs
     else:
@@ -1188,7 +1154,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add("--model-kwargs", nargs="+", metavar="KEY=VALUE",
         help=f"timm.create_model arguments; replace all defaults (default: {kwargs_default})")
     # The earlier spelling (repeated, one KEY=VALUE each, values read as JSON), kept so recorded commands run.
-    add("--model-arg", action="append", type=_parse_kwarg, help=argparse.SUPPRESS)
+    add("--model-arg", action="append", type=model_kwarg_arg, help=argparse.SUPPRESS)
     add("--image-size", type=int, default=defaults.image_size,
         help="input height and width in pixels (default: %(default)s)")
     add("--train-size", type=int, default=defaults.train_size, help="synthetic training images (default: %(default)s)")
