@@ -112,11 +112,22 @@ def test_output_order_prefix_then_kept_a_then_b():
     assert assignment.dest.tolist() == [[0, 1, 2, 4, 5, 5, 3]]
 
 
-def test_merge_modes():
-    metric, x = _inputs((1, 10, 3), 2)
+def test_merge_modes_reduce_each_group():
+    metric, x = _inputs((2, 10, 3), 2)
     merge, _ = bipartite_soft_matching(metric, 4)
-    for mode in ("sum", "mean", "amax", "amin", "prod"):
-        assert merge(x, mode=mode).shape == (1, 6, 5)
+    dest = match_bipartite(metric, 4, protected_tokens=0).dest  # output slot of every token
+    reducers = {
+        "sum": lambda t: t.sum(0), "mean": lambda t: t.mean(0), "amax": lambda t: t.amax(0),
+        "amin": lambda t: t.amin(0), "prod": lambda t: t.prod(0),
+    }
+    for mode, reduce in reducers.items():
+        out = merge(x, mode=mode)
+        assert out.shape == (2, 6, x.shape[-1])
+        for b in range(2):
+            for slot in range(6):
+                members = x[b, dest[b] == slot]
+                assert len(members) >= 1
+                torch.testing.assert_close(out[b, slot], reduce(members), msg=f"mode={mode}")
     with pytest.raises(ValueError, match="'median'"):
         merge(x, mode="median")
 
@@ -136,8 +147,11 @@ def test_gradients_flow_through_merge():
     merge, _ = bipartite_soft_matching(metric, 5)
     merged, _ = merge_wavg(merge, x)
     merged.sum().backward()
-    # Every input token contributes (weights sum to 1 per output token): total grad = channels * outputs.
-    assert x.grad is not None and torch.all(x.grad > 0)
+    # Each output is the mean of its group, so every member of a group of n gets gradient 1/n.
+    dest = match_bipartite(metric, 5, protected_tokens=0).dest
+    group_size = (dest.unsqueeze(2) == dest.unsqueeze(1)).sum(dim=2).to(x.dtype)  # (batch, tokens)
+    torch.testing.assert_close(x.grad, (1 / group_size).unsqueeze(-1).expand_as(x))
+    assert (group_size > 1).any()
 
 
 @settings(max_examples=60, deadline=None)
