@@ -22,9 +22,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._lifecycle import original_class, patch_model, register_family, supported_families
+from ._lifecycle import original_class, register_family, supported_families
 from ._shared import BlockCall, ToMeState, weighted_mean
-from ._torchvision import ToMeEncoder, ToMeEncoderBlock, ToMeEncoderModel, ToMeMultiheadAttention, check_mha
+from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, check_mha, patch_encoder_vit
 
 __all__ = ["swag", "is_swag_vit"]
 
@@ -165,16 +165,6 @@ def swag(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -
             classifier, or an attention layer ToMe cannot rerun exactly.
     """
     check_supported(model)
-    class_token = model.classifier == "token"
-    return patch_model(
-        model,
-        ToMeSwagVisionTransformer,
-        list(model.encoder.layers),
-        lambda block: ToMeSwagEncoderBlock,
-        attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
-        encoder=(model.encoder, ToMeEncoder),
-        protected_tokens=int(class_token),
-        trace_source=trace_source,
-        prop_attn=prop_attn,
-        class_token=class_token,
+    return patch_encoder_vit(
+        model, ToMeSwagVisionTransformer, ToMeSwagEncoderBlock, model.classifier == "token", trace_source, prop_attn
     )

@@ -154,6 +154,24 @@ class ToMeTorchvisionVisionTransformer(ToMeEncoderModel):
         return self.heads(x[:, 0])
 
 
+def patch_encoder_vit(
+    model: nn.Module, model_mixin: type, block_mixin: type, class_token: bool, trace_source: bool, prop_attn: bool
+) -> nn.Module:
+    """Patch a checked torchvision- or SWAG-layout ViT (``encoder.layers`` of ``EncoderBlock``s)."""
+    return patch_model(
+        model,
+        model_mixin,
+        list(model.encoder.layers),
+        lambda block: block_mixin,
+        attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
+        encoder=(model.encoder, ToMeEncoder),
+        protected_tokens=int(class_token),
+        trace_source=trace_source,
+        prop_attn=prop_attn,
+        class_token=class_token,
+    )
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless ``model`` is a torchvision ViT that ToMe can run exactly."""
     if not is_torchvision_vit(model):
@@ -205,15 +223,4 @@ def torchvision(model: nn.Module, trace_source: bool = False, prop_attn: bool = 
             something ToMe can run exactly (e.g. separate q/k/v projections).
     """
     check_supported(model)
-    return patch_model(
-        model,
-        ToMeTorchvisionVisionTransformer,
-        list(model.encoder.layers),
-        lambda block: ToMeEncoderBlock,
-        attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
-        encoder=(model.encoder, ToMeEncoder),
-        protected_tokens=1,
-        trace_source=trace_source,
-        prop_attn=prop_attn,
-        class_token=True,
-    )
+    return patch_encoder_vit(model, ToMeTorchvisionVisionTransformer, ToMeEncoderBlock, True, trace_source, prop_attn)
