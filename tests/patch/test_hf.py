@@ -723,3 +723,16 @@ def test_get_image_features_merges_like_the_forward(name):
     assert model._tome_info["size"].shape[1] < NUM_TOKENS[family(name)]
     model.r = 0
     assert not torch.allclose(model(**inputs).image_embeds, embeds, atol=1e-3)
+
+
+@torch.no_grad()
+def test_torch_export_of_a_merging_model():
+    # Under torch.export transformers builds an attention mask of ones although none was
+    # passed; it masks nothing, so merging must not refuse it.
+    model = tome.apply_patch(make("Dinov2Model"), r=3)
+    inputs = inputs_for("Dinov2Model")
+    expected = model(**inputs).last_hidden_state
+    exported = torch.export.export(model, (), kwargs=inputs)
+    got = exported.module()(**inputs).last_hidden_state
+    assert got.shape == expected.shape == (2, NUM_TOKENS["dinov2"] - 3 - 3, 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

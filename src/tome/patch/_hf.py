@@ -191,13 +191,16 @@ def _refuse_unsupported_outputs(module: nn.Module, kwargs: Dict[str, Any]) -> No
 class _Ledger:
     """Context for one forward: reuse the active ledger of this model, or start (and record) one."""
 
-    def __init__(self, module: nn.Module, given: Optional[ToMeForward] = None) -> None:
+    def __init__(self, module: nn.Module, given: Optional[ToMeForward], kwargs: Dict[str, Any]) -> None:
         info = module._tome_info
         active = given if given is not None else _ACTIVE.get()
         self.own = active is None or active.info is not info
-        self.ledger = ToMeForward(info["protected_tokens"], info["prop_attn"], info["trace_source"]) if self.own else active
-        self.ledger.info = info  # type: ignore[union-attr]
-        self.num_blocks = len(module._tome_layers())
+        if self.own:
+            active = ToMeForward(info["protected_tokens"], info["prop_attn"], info["trace_source"])
+            active.info = info
+            active.caller_mask = kwargs.get("attention_mask")  # what the user passed, not what the model built
+        self.ledger = active
+        self.num_blocks = len(module._tome_blocks())
 
     def __enter__(self) -> ToMeForward:
         self._token = _ACTIVE.set(self.ledger)
@@ -216,11 +219,11 @@ class ToMeHFRunner:
 
     _tome_keep_name = True  # transformers recognises classes by name and module
 
-    def _tome_layers(self) -> Sequence[nn.Module]:
-        return _resolve(self, _RUNNER_LAYERS[original_class(self).__name__])  # type: ignore[arg-type]
+    def _tome_blocks(self) -> Sequence[nn.Module]:
+        return list(_resolve(self, _RUNNER_LAYERS[original_class(self).__name__]))  # type: ignore[arg-type]
 
     def forward(self, *args: Any, tome: Optional[ToMeForward] = None, **kwargs: Any) -> Any:
-        with _Ledger(self, tome) as ledger:  # type: ignore[arg-type]
+        with _Ledger(self, tome, kwargs) as ledger:  # type: ignore[arg-type]
             return super().forward(*args, tome=ledger, **kwargs)  # type: ignore[misc]
 
 
@@ -272,12 +275,13 @@ class ToMeHFModel(ToMeModelMixin):
 
     def _tome_blocks(self) -> Sequence[nn.Module]:
         spec = _spec_of(self)  # type: ignore[arg-type]
-        return list(_resolve(self, spec.runner)._tome_layers())  # type: ignore[arg-type]
+        return _resolve(self, spec.runner)._tome_blocks()  # type: ignore[arg-type]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, tome: Optional[ToMeForward] = None, **kwargs: Any) -> Any:
         if any(self._tome_schedule()):
             _refuse_unsupported_outputs(self, kwargs)  # type: ignore[arg-type]
-        return super().forward(*args, **kwargs)  # type: ignore[misc]
+        with _Ledger(self, tome, kwargs) as ledger:  # type: ignore[arg-type]
+            return super().forward(*args, tome=ledger, **kwargs)  # type: ignore[misc]
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -307,7 +311,7 @@ class ToMePoolingHead(ToMeHFModel):
         return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
         spec = _spec_of(self)  # type: ignore[arg-type]
         runner = _resolve(self, spec.runner)  # type: ignore[arg-type]
-        with _Ledger(runner) as ledger:
+        with _Ledger(runner, None, kwargs) as ledger:
             outputs = _resolve(self, spec.backbone)(pixel_values, tome=ledger, **kwargs)  # type: ignore[arg-type]
         size = ledger.final.size if ledger.final is not None else None
         logits = self.classifier(spec.pool(self, outputs.last_hidden_state, size))

@@ -261,7 +261,7 @@ class ToMeBlockMixin:
     ) -> Any:
         if isinstance(tome, ToMeForward):  # called by the framework's own loop
             call = tome.enter(self._tome_index, x, self._tome_block_r)
-            out = self._tome_call(x, args, kwargs, call)
+            out = self._tome_call(x, args, kwargs, call, tome.caller_mask is None)
             tome.leave(self._tome_index, call)
             return out
         if tome is None:
@@ -270,11 +270,15 @@ class ToMeBlockMixin:
             tome = BlockCall(self._tome_start(x), self._tome_block_r)
         return self._tome_call(x, args, kwargs, tome)
 
-    def _tome_call(self, x: torch.Tensor, args: tuple, kwargs: Dict[str, Any], call: BlockCall) -> Any:
+    def _tome_call(
+        self, x: torch.Tensor, args: tuple, kwargs: Dict[str, Any], call: BlockCall, masks_mask_nothing: bool = False
+    ) -> Any:
         if call.r <= 0 and call.state.size is None and self._tome_native_when_idle:
             call.out = call.state  # nothing merged yet, nothing to merge: the block's own forward
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        if _masked(args, kwargs):
+        # masks_mask_nothing: the caller passed no mask, so a mask the model built itself masks
+        # nothing (transformers builds one of ones while torch.export traces it).
+        if not masks_mask_nothing and _masked(args, kwargs):
             raise ValueError(
                 "an attention mask (attention_mask / attn_mask / is_causal) cannot be combined with token "
                 "merging: merged tokens no longer line up with the mask. Set model.r = 0 to use a mask."

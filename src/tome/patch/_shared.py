@@ -229,6 +229,9 @@ class ToMeForward:
         self.removed: dict = {}
         self.info: Optional[object] = None  # the record of the model that started this forward
         self.like: Optional[torch.Tensor] = None  # an input of this forward (batch, device, dtype)
+        # The attention mask the caller passed to the model (None: masks reaching the layers
+        # were built by the model from nothing, and mask nothing).
+        self.caller_mask: Optional[torch.Tensor] = None
 
     def enter(self, index: int, x: torch.Tensor, r: int) -> BlockCall:
         """The call for block ``index`` on ``x`` ``(batch, tokens, channels)`` with its ``r``."""
