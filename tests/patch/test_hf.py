@@ -736,3 +736,15 @@ def test_torch_export_of_a_merging_model():
     got = exported.module()(**inputs).last_hidden_state
     assert got.shape == expected.shape == (2, NUM_TOKENS["dinov2"] - 3 - 3, 32)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "Dinov2ForImageClassification", "CLIPVisionModel"])
+@torch.no_grad()
+def test_compiles_without_graph_breaks(name):
+    torch._dynamo.reset()
+    model = tome.apply_patch(make(name), r=3)
+    inputs = inputs_for(name)
+    explanation = torch._dynamo.explain(model)(**inputs)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(main_output(name, compiled(**inputs)), main_output(name, model(**inputs)), atol=1e-5, rtol=0)

@@ -193,7 +193,10 @@ class _Ledger:
 
     def __init__(self, module: nn.Module, given: Optional[ToMeForward], kwargs: Dict[str, Any]) -> None:
         info = module._tome_info
-        active = given if given is not None else _ACTIVE.get()
+        # Only models with a module that is called without keyword arguments use the context
+        # variable: torch.compile cannot trace ContextVar.set (it would break the graph).
+        self.use_context = module.__dict__.get("_tome_context", False)
+        active = given if given is not None or not self.use_context else _ACTIVE.get()
         self.own = active is None or active.info is not info
         if self.own:
             active = ToMeForward(info["protected_tokens"], info["prop_attn"], info["trace_source"])
@@ -203,11 +206,13 @@ class _Ledger:
         self.num_blocks = len(module._tome_blocks())
 
     def __enter__(self) -> ToMeForward:
-        self._token = _ACTIVE.set(self.ledger)
+        if self.use_context:
+            self._token = _ACTIVE.set(self.ledger)
         return self.ledger  # type: ignore[return-value]
 
     def __exit__(self, *exc: Any) -> None:
-        _ACTIVE.reset(self._token)
+        if self.use_context:
+            _ACTIVE.reset(self._token)
         ledger = self.ledger
         if self.own and exc[0] is None and ledger.final is not None:  # type: ignore[union-attr]
             removed = [ledger.removed.get(i, 0) for i in range(self.num_blocks)]  # type: ignore[union-attr]
@@ -366,6 +371,9 @@ class _RunnerKind:
     class_token: bool
     distill_token: bool = False
     pooling_head: str = ""  # path (in the runner) of an attention-pooling head weighted by size
+    # Whether a module on the way is called without keyword arguments, so the ledger
+    # travels in a context variable (VideoMAE's encoder, SigLIP's pooling head).
+    context: bool = False
 
 
 def _class_and_registers(config: Any) -> int:
@@ -400,12 +408,12 @@ _RUNNERS: Dict[str, _RunnerKind] = {
     ),
     "siglip": _RunnerKind(
         ("SiglipVisionModel",), "encoder.layers", ("SiglipEncoderLayer",), ToMeCLIPLayer, "self_attn",
-        ToMeCLIPAttention, protected_tokens=lambda config: 0, class_token=False, pooling_head="head",
+        ToMeCLIPAttention, protected_tokens=lambda config: 0, class_token=False, pooling_head="head", context=True,
     ),
     # VideoMAEModel calls its encoder without keyword arguments: the encoder is the runner.
     "videomae": _RunnerKind(
         ("VideoMAEEncoder",), "layer", ("VideoMAELayer",), ToMeVideoMAELayer, "attention.attention",
-        ToMeVideoMAESelfAttention, protected_tokens=_videomae_protected, class_token=False,
+        ToMeVideoMAESelfAttention, protected_tokens=_videomae_protected, class_token=False, context=True,
     ),
 }
 _RUNNER_LAYERS = {name: kind.layers for kind in _RUNNERS.values() for name in kind.runner_classes}
@@ -574,6 +582,8 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
     _keep_output_capture(model)
     # The runner (and a pooling head) report into the same record as the model the user holds.
     object.__setattr__(runner, "_tome_info", model._tome_info)
+    for module in (model, runner):
+        object.__setattr__(module, "_tome_context", kind.context)
     pooling_head = _resolve(runner, kind.pooling_head) if kind.pooling_head else None
     if pooling_head is not None:
         swap_class(pooling_head, ToMeSiglipHead)

@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 # Instance attributes that patching adds; removed again by remove_patch.
-_INSTANCE_ATTRS = ("_tome_info", "_tome_r", "_tome_block_r", "_tome_index", "_tome_protected", "_tome_prop_attn")
+_INSTANCE_ATTRS = (
+    "_tome_info", "_tome_r", "_tome_block_r", "_tome_index", "_tome_protected", "_tome_prop_attn", "_tome_context",
+)
 
 _CLASS_CACHE: Dict[Tuple[Tuple[type, ...], type], type] = {}
 
