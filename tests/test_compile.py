@@ -52,7 +52,7 @@ def test_fullgraph_matches_eager_without_recompiles(schedule, trace_source):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     counters.clear()
     with torch.no_grad():
-        for step in range(3):  # same shape, new data: must reuse the one graph
+        for _ in range(3):  # same shape, new data: must reuse the one graph
             x = torch.randn(2, 3, 32, 32)
             out = compiled(x)
             compiled_size = model._tome_info["size"]

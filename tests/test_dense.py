@@ -11,8 +11,9 @@ import torch
 import transformers
 
 import tome
-from conftest import trained_like_
 from tome.merge import match_bipartite
+
+from conftest import trained_like_
 
 GRID = 4  # 32 x 32 images, 8 x 8 patches
 TINY_HF = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)

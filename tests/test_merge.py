@@ -7,7 +7,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference import reference_compose_sources, reference_match, reference_merge
 from tome.merge import (
     bipartite_soft_matching,
     do_nothing,
@@ -17,6 +16,8 @@ from tome.merge import (
     merge_wavg,
     random_bipartite_soft_matching,
 )
+
+from reference import reference_compose_sources, reference_match, reference_merge
 
 shapes = st.tuples(
     st.integers(1, 3),  # batch

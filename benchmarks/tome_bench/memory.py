@@ -182,8 +182,8 @@ def _install_dense_emulation() -> None:
 
 
 def _worker_forward(args) -> dict:
-    import torch
     import timm
+    import torch
 
     import tome
 
@@ -199,7 +199,7 @@ def _worker_forward(args) -> dict:
     with torch.inference_mode(), _Peak(device) as peak:
         model(x)
         if args.approach == "groups":
-            source = model._tome_info["source"]  # built from the group index on read
+            model._tome_info["source"]  # built from the group index on read
     return {"forward_peak_bytes": peak.peak_bytes, "forward_s": peak.seconds}
 
 

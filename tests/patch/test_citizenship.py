@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import tome
+
 from test_hf import inputs_for, main_output
 from test_hf import make as make_hf
 from test_swag import make_swag

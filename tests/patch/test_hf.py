@@ -26,10 +26,11 @@ from transformers import (  # noqa: F401  (imported up front: the lazy import is
 )
 
 import tome
-from conftest import trained_like_
-from reference import reference_attention, reference_compose_sources, reference_match, reference_merge
 from tome._schedule import tokens_per_layer
 from tome.patch._hf import SUPPORTED_MODELS, ToMeHFLayer
+
+from conftest import trained_like_
+from reference import reference_attention, reference_compose_sources, reference_match, reference_merge
 
 IMPLS = ["eager", "sdpa"]
 LAYERS = 2

@@ -11,6 +11,7 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 
 import tome
+
 from conftest import trained_like_
 from reference import reference_timm_vit
 

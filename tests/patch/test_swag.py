@@ -20,9 +20,10 @@ from torch import nn
 
 import tome
 from tome.patch._shared import BlockCall
+from tome.patch._swag import ToMeSwagEncoderBlock
+
 from conftest import trained_like_
 from mha_reference import reference_mha_encoder
-from tome.patch._swag import ToMeSwagEncoderBlock
 
 NUM_LAYERS = 3
 NUM_PATCHES = 16

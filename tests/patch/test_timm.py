@@ -13,6 +13,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
 
 import tome
+
 from conftest import trained_like_
 from reference import reference_timm_vit
 

@@ -11,6 +11,7 @@ import timm
 import torch
 
 import tome
+
 from test_timm import images, make
 
 GRID = 4  # 32 px images, 8 px patches

@@ -10,9 +10,10 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 import tome
+from tome.patch._torchvision import ToMeEncoderBlock
+
 from conftest import trained_like_
 from mha_reference import reference_mha_encoder
-from tome.patch._torchvision import ToMeEncoderBlock
 
 NUM_LAYERS = 3
 NUM_TOKENS = 17  # 16 patches + class token

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tome
+
 from test_timm import images, make
 from test_torchvision import make_vit as make_torchvision
 

@@ -8,7 +8,17 @@
 """
 
 from .folder import IMAGE_EXTENSIONS, ImageFolder, class_name, class_names, open_image, to_rgb
-from .synthetic import CLASSES, MEAN, SPLITS, STD, SyntheticShapes, class_directory, export_image_folder, image_to_tensor, render
+from .synthetic import (
+    CLASSES,
+    MEAN,
+    SPLITS,
+    STD,
+    SyntheticShapes,
+    class_directory,
+    export_image_folder,
+    image_to_tensor,
+    render,
+)
 
 __all__ = [
     "CLASSES",

@@ -18,12 +18,12 @@ from typing import Callable, Dict, Tuple
 from torch import nn
 
 # Importing the family modules registers them.
-from ._hf import hf, is_hf_vision
+from ._hf import hf
 from ._lifecycle import families, is_patched, register_family, remove_patch
-from ._mae import is_mae, mae
-from ._swag import is_swag_vit, swag
-from ._timm import is_timm_vit, timm
-from ._torchvision import is_torchvision_vit, torchvision
+from ._mae import mae
+from ._swag import swag
+from ._timm import timm
+from ._torchvision import torchvision
 
 __all__ = [
     "timm",
@@ -32,6 +32,7 @@ __all__ = [
     "swag",
     "hf",
     "FAMILIES",
+    "families",
     "family_of",
     "is_patched",
     "register_family",
