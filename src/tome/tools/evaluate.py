@@ -27,7 +27,6 @@ from ._common import (
     SCHEDULE_HELP,
     Schedule,
     add_model_arguments,
-    autocast,
     data_config_of,
     format_table,
     input_size_of,
@@ -42,7 +41,7 @@ from ._common import (
     schedules_arg,
     synchronize,
 )
-from .benchmark import resolve_device
+from ._runtime import autocast, resolve_device
 
 __all__ = ["EvalResult", "SkippingImageFolder", "evaluate", "image_folder", "add_parser"]
 
