@@ -91,3 +91,19 @@ def test_autocast(dtype, expected):
     with runtime.autocast(torch.device("cpu"), dtype):
         assert (x @ x).dtype == expected
     assert (x @ x).dtype == torch.float32
+
+
+def test_only_runtime_sets_up_devices_and_processes():
+    """One mechanism: no other tool reads torchrun's environment or calls torch.distributed itself."""
+    from pathlib import Path
+
+    import tome.tools
+
+    tools = Path(tome.tools.__file__).parent
+    offenders = {
+        path.name: needle
+        for path in tools.glob("*.py") if path.name != "_runtime.py"
+        for needle in ("torch.distributed", "WORLD_SIZE", "LOCAL_RANK", "torch.autocast(", "torch.cuda.set_device")
+        if needle in path.read_text()
+    }
+    assert offenders == {}

@@ -266,7 +266,7 @@ def evaluate(
 ) -> EvalReport:
     """Top-1/top-5 accuracy and throughput for each merge setting.
 
-    With ``torch.distributed`` initialised, this process evaluates images
+    Under torchrun (a process group running), this process evaluates images
     ``rank, rank + world_size, ...`` and the counts of all processes are summed.
 
     Args:
