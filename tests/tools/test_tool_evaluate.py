@@ -172,3 +172,43 @@ def test_eval_matches_class_names_in_an_unnumbered_folder(tmp_path):
     assert dataset.classes == sorted(CLASSES) and dataset.matches_model
     assert sorted(dataset[i][1] for i in range(len(dataset))) == sorted(i % 10 for i in range(20))
     assert [dataset[i][1] for i in range(len(dataset)) if "circle" in dataset[i][2]] == [0, 0]
+
+
+class _LogitsAreInputs(torch.nn.Module):
+    """A stand-in classifier whose logits are its inputs ``(batch, classes)``: hits are known in advance."""
+
+    def forward(self, x):
+        return x * 1.0
+
+
+def test_count_correct_counts_top1_top5_and_skips():
+    from tome.tools.evaluate import count_correct
+
+    logits = torch.tensor([
+        [0.0, 9.0, 1.0, 2.0, 3.0, 4.0],  # label 1: top-1
+        [9.0, 0.0, 1.0, 2.0, 3.0, 4.0],  # label 1: the lowest, outside the top-5
+        [9.0, 1.0, 0.0, 2.0, 3.0, 4.0],  # label 3: within the top-5 only
+        [5.0, 5.0, 0.0, 0.0, 0.0, 0.0],  # label 1: tied with 0, the argmax is the first: top-5 only
+    ])
+    labels = torch.tensor([1, 1, 3, 1])
+    batches = [(logits[:2], labels[:2], ["a.png"]), (None, torch.empty(0, dtype=torch.long), [f"{i}.png" for i in "bcdef"]),
+               (logits[2:], labels[2:], [])]
+    (result,), skipped, examples = count_correct(_LogitsAreInputs(), batches, device=torch.device("cpu"))
+    assert result.r is None  # the model as it is: no patch needed
+    assert (result.correct1, result.correct5, result.total) == (1, 3, 4)
+    assert skipped == 6 and examples == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert result.seconds > 0
+
+
+def test_count_correct_runs_every_setting_on_each_batch(image_folder):
+    from torch.utils.data import DataLoader
+
+    from tome.tools.evaluate import collate_skipping, count_correct
+
+    model = tome.apply_patch(tiny_model(), r=1)
+    dataset = load_folder(str(image_folder), model)
+    loader = DataLoader(dataset, batch_size=3, collate_fn=collate_skipping)
+    results, skipped, _ = count_correct(model, loader, [0, 4, None], device=torch.device("cpu"))
+    assert model.r == 1 and skipped == 1  # each setting is undone after its forward
+    assert [r.r for r in results] == [0, 4, None] and all(r.total == 6 for r in results)
+    assert [r.correct1 for r in results] == _manual_counts(model, image_folder, [0, 4, 1])

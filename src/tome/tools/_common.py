@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import difflib
 import json
 import math
@@ -17,7 +16,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -27,7 +26,6 @@ import tome
 __all__ = [
     "LoadedModel",
     "add_model_arguments",
-    "autocast",
     "data_config_of",
     "format_table",
     "input_size_of",
@@ -240,16 +238,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r} is unknown; expected one of {list(_DTYPES)}")
     return _DTYPES[name]
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Mixed precision for fp16/bf16 (weights stay fp32, as in the original benchmark); no-op for fp32."""
-    if dtype == torch.float32:
-        yield
-        return
-    with torch.autocast(device.type, dtype=dtype):
-        yield
 
 
 def synchronize(device: torch.device) -> None:

@@ -28,7 +28,6 @@ from ._common import (
     SCHEDULE_HELP,
     Schedule,
     add_model_arguments,
-    autocast,
     format_table,
     input_size_of,
     load_model_from_args,
@@ -43,6 +42,7 @@ from ._common import (
     schedules_arg,
     synchronize,
 )
+from ._runtime import autocast, resolve_device
 
 MIN_TIME = 0.3
 """Default least seconds of forwards behind one timing (``--min-time``)."""
@@ -57,28 +57,6 @@ __all__ = [
     "save_plot",
     "add_parser",
 ]
-
-
-def resolve_device(device: Union[int, str, torch.device, None]) -> torch.device:
-    """Turn ``0`` / ``"cuda"`` / ``"cpu"`` / None into a device, falling back to CPU.
-
-    An integer means a CUDA index when CUDA is available (the original API
-    defaulted to ``device=0``), else the CPU. None picks CUDA when available.
-
-    Raises:
-        ValueError: quoting a string that is no device, or CUDA asked for without CUDA.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, int) and not isinstance(device, bool):
-        return torch.device("cuda", device) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 0)") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asks for CUDA, which is not available on this machine")
-    return resolved
 
 
 def benchmark(

@@ -25,7 +25,8 @@ from ._common import (
     prepare_output_dir,
     schedule_label,
 )
-from .benchmark import MIN_TIME, add_timing_arguments, measure_schedules, print_rows, resolve_device
+from ._runtime import resolve_device
+from .benchmark import MIN_TIME, add_timing_arguments, measure_schedules, print_rows
 from .sample_image import sample_image
 from .visualize import render_merges
 

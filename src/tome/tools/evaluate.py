@@ -10,12 +10,13 @@ cannot be read are skipped and reported; a folder where none can be read is an e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,7 +28,6 @@ from ._common import (
     SCHEDULE_HELP,
     Schedule,
     add_model_arguments,
-    autocast,
     data_config_of,
     format_table,
     input_size_of,
@@ -42,7 +42,8 @@ from ._common import (
     schedules_arg,
     synchronize,
 )
-from .benchmark import resolve_device
+from . import _runtime as runtime
+from ._runtime import autocast
 
 __all__ = ["EvalResult", "SkippingImageFolder", "evaluate", "image_folder", "add_parser"]
 
@@ -128,13 +129,13 @@ class EvalResult:
     """Counts for one merge setting, summed over every process.
 
     Attributes:
-        r: The merge setting.
+        r: The merge setting (None: the model as it was set).
         correct1, correct5: Images whose label is the top-1 / within the top-5 prediction.
         total: Images evaluated.
         seconds: Model time (forwards only) of the slowest process.
     """
 
-    r: Schedule
+    r: Optional[Schedule]
     correct1: int = 0
     correct5: int = 0
     total: int = 0
@@ -189,13 +190,66 @@ class EvalReport:
         }
 
 
-def _distributed() -> Tuple[int, int]:
-    """``(rank, world_size)``, 0 and 1 outside torchrun."""
-    import torch.distributed as dist
+def count_correct(
+    model: nn.Module,
+    batches: Iterable[Tuple[Optional[torch.Tensor], torch.Tensor, List[str]]],
+    schedules: Sequence[Optional[Schedule]] = (None,),
+    *,
+    device: torch.device,
+    dtype: Optional[torch.dtype] = None,
+) -> Tuple[List[EvalResult], int, List[str]]:
+    """Top-1 and top-5 hits of ``model`` over ``batches``, for each merge setting, summed over processes.
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    The one evaluation loop of the tools (``tome eval`` and ``tome train``'s validation).
+    Each batch is moved to ``device`` once and run at every setting; every forward is
+    timed. Call it on every torchrun process, each with its own share of the data.
+
+    Args:
+        model: A classifier in eval mode on ``device``, giving logits ``(batch, classes)``.
+        batches: ``(images (batch, channels, height, width) or None, labels (batch,), unreadable
+            names)`` as :func:`collate_skipping` makes them; a batch without images only counts
+            its unreadable ones.
+        schedules: Merge settings, each run with :func:`tome.merging`; None runs the model as set.
+        device: Where the model runs.
+        dtype: Autocast dtype (None or ``torch.float32``: full precision).
+
+    Returns:
+        ``(results, skipped, skipped_examples)``: one :class:`EvalResult` per setting (counts
+        summed over all processes, ``seconds`` of the slowest), the number of unreadable images
+        over all processes and the first few of their names.
+    """
+    results = [EvalResult(schedule) for schedule in schedules]
+    skipped = 0
+    examples: List[str] = []
+    with torch.inference_mode():
+        for images, labels, unreadable in batches:
+            skipped += len(unreadable)
+            examples += unreadable[: max(0, _SHOWN_SKIPS - len(examples))]
+            if images is None:
+                continue
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            for result in results:
+                with tome.merging(model, result.r) if result.r is not None else contextlib.nullcontext():
+                    synchronize(device)
+                    start = time.perf_counter()
+                    with autocast(device, dtype):
+                        logits = model(images)
+                    synchronize(device)
+                result.seconds += time.perf_counter() - start
+                # Top-1 is the argmax (the first of tied maxima); top-5 any of the 5 highest.
+                result.correct1 += int((logits.argmax(dim=-1) == labels).sum())
+                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                result.correct5 += int((top == labels[:, None]).any(dim=-1).sum())
+                result.total += int(labels.numel())
+    counts = runtime.all_sum([float(n) for r in results for n in (r.correct1, r.correct5, r.total)] + [float(skipped)],
+                             device)
+    seconds = runtime.all_max([r.seconds for r in results], device)
+    for index, result in enumerate(results):
+        result.correct1, result.correct5, result.total = (int(n) for n in counts[3 * index:3 * index + 3])
+        result.seconds = seconds[index]
+    examples = [name for part in runtime.all_gather(examples) for name in part][:_SHOWN_SKIPS]
+    return results, int(counts[-1]), examples
 
 
 def evaluate(
@@ -212,7 +266,7 @@ def evaluate(
 ) -> EvalReport:
     """Top-1/top-5 accuracy and throughput for each merge setting.
 
-    With ``torch.distributed`` initialised, this process evaluates images
+    Under torchrun (a process group running), this process evaluates images
     ``rank, rank + world_size, ...`` and the counts of all processes are summed.
 
     Args:
@@ -232,70 +286,28 @@ def evaluate(
     Raises:
         ValueError: if the dataset has images but none of them could be read.
     """
-    import torch.distributed as dist
-
     if not hasattr(model, "_tome_info"):
         raise TypeError(f"{type(model).__name__} is not patched for token merging; call tome.apply_patch(model) first")
-    rank, world_size = _distributed()
+    rank, world_size = runtime.world()
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     loader = DataLoader(
         shard, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
-    results = [EvalResult(schedule) for schedule in schedules]
-    skipped: List[str] = []
-    skipped_count = 0
     model.eval().to(device)
-    with torch.inference_mode():
-        # Untimed warm-up (lazy initialisation, kernel selection) at the batch shape.
-        if warmup and len(shard):
-            dummy = torch.rand(min(batch_size, len(shard)), *input_size_of(model), device=device)
-            for result in results:
-                with tome.merging(model, result.r), autocast(device, dtype):
+    # Untimed warm-up (lazy initialisation, kernel selection) at the batch shape.
+    if warmup and len(shard):
+        dummy = torch.rand(min(batch_size, len(shard)), *input_size_of(model), device=device)
+        with torch.inference_mode():
+            for schedule in schedules:
+                with tome.merging(model, schedule), autocast(device, dtype):
                     model(dummy)
-        for images, labels, bad in progress_bar(loader, enabled=progress and rank == 0, desc="eval", unit="batch",
-                                                leave=False):
-            skipped_count += len(bad)
-            skipped.extend(bad[: max(0, _SHOWN_SKIPS - len(skipped))])
-            if images is None:
-                continue
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            for result in results:
-                with tome.merging(model, result.r):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    with autocast(device, dtype):
-                        logits = model(images)
-                    synchronize(device)
-                result.seconds += time.perf_counter() - start
-                k = min(5, logits.shape[-1])
-                top = logits.topk(k, dim=-1).indices
-                hits = top == labels[:, None]
-                result.correct1 += int(hits[:, 0].sum())
-                result.correct5 += int(hits.any(dim=-1).sum())
-                result.total += int(labels.numel())
-
-    if world_size > 1:
-        counts = torch.tensor(
-            [[r.correct1, r.correct5, r.total] for r in results] + [[skipped_count, 0, 0]], dtype=torch.float64
-        )
-        seconds = torch.tensor([r.seconds for r in results], dtype=torch.float64)
-        backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        counts, seconds = counts.to(backend_device), seconds.to(backend_device)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # processes run in parallel
-        gathered: List[Optional[List[str]]] = [None] * world_size
-        dist.all_gather_object(gathered, skipped)
-        skipped = [path for part in gathered for path in (part or [])][:_SHOWN_SKIPS]
-        for result, row, sec in zip(results, counts.cpu().tolist(), seconds.cpu().tolist()):
-            result.correct1, result.correct5, result.total = (int(v) for v in row)
-            result.seconds = sec
-        skipped_count = int(counts[-1, 0].item())
+    batches = progress_bar(loader, enabled=progress and rank == 0, desc="eval", unit="batch", leave=False)
+    results, skipped, examples = count_correct(model, batches, schedules, device=device, dtype=dtype)
     if len(dataset) and results and results[0].total == 0:
-        examples = ", ".join(skipped) or "none named"
-        raise ValueError(f"none of the {len(dataset)} images could be read (e.g. {examples}); nothing was evaluated")
-    return EvalReport(results, len(dataset), skipped_count, skipped, world_size)
+        named = ", ".join(examples) or "none named"
+        raise ValueError(f"none of the {len(dataset)} images could be read (e.g. {named}); nothing was evaluated")
+    return EvalReport(results, len(dataset), skipped, examples, world_size)
 
 
 def print_report(report: EvalReport) -> None:
@@ -313,29 +325,11 @@ def print_report(report: EvalReport) -> None:
         print("Unreadable images skipped, e.g.: " + ", ".join(report.skipped_examples))
 
 
-def _init_distributed(device_arg: Optional[str]) -> Tuple[torch.device, bool]:
-    """Initialise torch.distributed under torchrun; returns this process's device and whether it did."""
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1 or dist.is_initialized():
-        return resolve_device(device_arg), False
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_arg)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device, True
-
-
 def run_eval(args: argparse.Namespace) -> EvalReport:
     """``tome eval``: evaluate each r on an image folder and print one table."""
-    import torch.distributed as dist
-
-    device, initialised = _init_distributed(args.device)
-    try:
-        rank, world_size = _distributed()
+    device = runtime.process_device(args.device)
+    with runtime.process_group(device):
+        rank, world_size = runtime.world()
         if args.json:
             prepare_output_file(args.json, "--json")
         loaded = load_model_from_args(args, default_to_demo=True)
@@ -364,9 +358,6 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
                 path.write_text(json.dumps({"model": loaded.description, "data": str(args.data), **report.as_dict()}, indent=2))
                 print(f"Wrote {path}")
         return report
-    finally:
-        if initialised:
-            dist.destroy_process_group()
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

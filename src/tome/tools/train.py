@@ -24,6 +24,7 @@ architecture, ``pretrained_cfg`` and how it was trained) and read back with
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -31,19 +32,18 @@ import shlex
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import tome
 from tome._schedule import RSchedule, check_r
 from tome.tools._common import model_kwarg_arg, parse_model_kwargs, parse_schedule, schedule_label
+from tome.tools import _runtime as runtime
 
 __all__ = [
     "TrainConfig",
@@ -59,7 +59,6 @@ __all__ = [
     "parse_schedule",
 ]
 
-_AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "tome-train-checkpoint/2"  # 2: timm's optimizer parameter groups
 MODEL_NAME = "model"
@@ -205,8 +204,8 @@ class TrainConfig:
             number("grad_clip", 0.0)
         number("drop_path", 0.0, 1.0, high_open=True)
         check_r(self.r)
-        if self.amp not in _AMP_CHOICES:
-            raise ValueError(f"amp must be one of {_AMP_CHOICES}, got {self.amp!r}")
+        if self.amp not in runtime.AMP_CHOICES:
+            raise ValueError(f"amp must be one of {runtime.AMP_CHOICES}, got {self.amp!r}")
         if self.resume is not None and self.resume != "auto" and not Path(self.resume).is_file():
             raise ValueError(f"resume checkpoint {self.resume!r} does not exist")
         if self.resume == "auto" and self.output_dir is None:
@@ -239,75 +238,6 @@ class TrainResult:
     wall_seconds: float
     cpu_seconds: float
     model_path: Optional[Path] = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (all no-ops in a single process)
-
-
-def _distributed_env() -> Tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment variables."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _init_distributed(device: torch.device) -> bool:
-    """Start the process group under torchrun; returns whether this call started it."""
-    _, world, _ = _distributed_env()
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
-        return False
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def _world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _world()[1] > 1:
-        dist.barrier()
-
-
-def _all_sum(values: List[float], device: torch.device) -> List[float]:
-    if _world()[1] == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _resolve_device(device: Optional[str]) -> torch.device:
-    rank, world, local_rank = _distributed_env()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda')") from error
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} asks for CUDA, which is not available on this machine")
-        if world > 1 and resolved.index is None:
-            resolved = torch.device("cuda", local_rank)
-        torch.cuda.set_device(resolved)
-    return resolved
-
-
-def _autocast(amp: str, device: torch.device) -> Tuple[Callable[[], ContextManager], Optional[torch.dtype]]:
-    """A factory of autocast contexts for ``amp`` and the dtype it uses (None: full precision)."""
-    if amp == "auto":
-        if device.type != "cuda":
-            return nullcontext, None
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if amp == "off":
-        return nullcontext, None
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"amp='fp16' needs a CUDA device (got {device}); use amp='bf16' on CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,12 +362,11 @@ _SHOWN_SKIPS = 5
 
 
 def _warn_skipped(count: int, names: List[str], where: str) -> None:
-    """One warning naming a few of the ``count`` unreadable images skipped in ``where`` (all processes)."""
-    if _world()[1] > 1:
-        gathered: List[Any] = [None] * _world()[1]
-        dist.all_gather_object(gathered, names)
-        names = [name for part in gathered for name in part]
-    if count and _world()[0] == 0:
+    """One warning (first process) naming a few of the ``count`` unreadable images skipped in ``where``.
+
+    ``count`` and ``names`` are over all processes.
+    """
+    if count and runtime.world()[0] == 0:
         warnings.warn(f"{count} unreadable image(s) skipped in {where}, e.g. {', '.join(names[:_SHOWN_SKIPS])}",
                       stacklevel=3)
 
@@ -737,36 +666,24 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: 
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if amp not in _AMP_CHOICES:
-        raise ValueError(f"amp must be one of {_AMP_CHOICES}, got {amp!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    amp_dtype = runtime.amp_dtype(amp, device)  # refuses an unknown amp
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    autocast, _ = _autocast(amp, device)
-    rank, world = _world()
-    from tome.tools.evaluate import collate_skipping
+    rank, world = runtime.world()
+    from tome.tools.evaluate import collate_skipping, count_correct
 
     share = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
     # A generator of its own: validating must not move the global one that training draws from.
     loader = DataLoader(_SkipUnreadable(share), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_skipping, generator=torch.Generator().manual_seed(0))
     model.eval()
-    correct = total = skipped = 0
-    names: List[str] = []
-    with torch.inference_mode(), autocast():
-        for images, labels, unreadable in tqdm(loader, desc="val", leave=False, disable=not progress or rank != 0):
-            skipped += len(unreadable)
-            names += unreadable[:_SHOWN_SKIPS - len(names)]
-            if images is None:
-                continue
-            logits = model(images.to(device, non_blocking=True))
-            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
-            total += int(labels.numel())
-    correct, total, skipped = _all_sum([float(correct), float(total), float(skipped)], device)
-    _warn_skipped(int(skipped), names, "validation")
-    if not total:
+    batches = tqdm(loader, desc="val", leave=False, disable=not progress or rank != 0)
+    (counts,), skipped, names = count_correct(model, batches, device=device, dtype=amp_dtype)
+    _warn_skipped(skipped, names, "validation")
+    if not counts.total:
         raise ValueError(f"none of the {len(dataset)} validation images could be read")
-    return correct / total
+    return counts.correct1 / counts.total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,8 +758,8 @@ def _setup(config: TrainConfig, device: torch.device, out_dir: Optional[Path], c
 
     from tome import data as tdata
 
-    rank, world = _world()
-    autocast, amp_dtype = _autocast(config.amp, device)
+    rank, world = runtime.world()
+    amp_dtype = runtime.amp_dtype(config.amp, device)
     torch.manual_seed(config.seed)
     train_set, val_set, class_names = build_datasets(config)
     if len(train_set) < config.batch_size:
@@ -859,7 +776,8 @@ def _setup(config: TrainConfig, device: torch.device, out_dir: Optional[Path], c
     optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(train_set) // config.batch_size
     run = _Run(
-        config=config, device=device, rank=rank, world=world, autocast=autocast, model=model, wrapped=model,
+        config=config, device=device, rank=rank, world=world,
+        autocast=functools.partial(runtime.autocast, device, amp_dtype), model=model, wrapped=model,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_set=train_set,
         val_set=val_set, out_dir=out_dir, steps_per_epoch=steps_per_epoch,
@@ -896,18 +814,15 @@ def _checkpoint(run: _Run, epoch_sums: Tuple[float, float, float]) -> None:
     """Write ``output_dir/checkpoint.pt`` (first process; the others wait), if there is an output_dir."""
     if run.out_dir is None:
         return
-    epoch_sums = tuple(_all_sum(list(epoch_sums), run.device))  # type: ignore[assignment]
+    epoch_sums = tuple(runtime.all_sum(list(epoch_sums), run.device))  # type: ignore[assignment]
     # Every process keeps its own random states: they part when processes draw different
     # amounts (a share with an unreadable image has a smaller batch, so fewer drop-path draws).
     own = (torch.get_rng_state(), torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None)
-    states = [own]
-    if run.world > 1:
-        states = [None] * run.world  # type: ignore[list-item]
-        dist.all_gather_object(states, own)
+    states = runtime.all_gather(own)
     if run.rank == 0:
         rng_states = {"torch_rng": [cpu for cpu, _ in states], "cuda_rng": [cuda for _, cuda in states]}
         _save_checkpoint(run.out_dir / CHECKPOINT_NAME, run, epoch_sums, rng_states)
-    _barrier()
+    runtime.barrier()
 
 
 def _train_step(run: _Run, images: Optional[torch.Tensor], labels: torch.Tensor) -> Optional[float]:
@@ -979,7 +894,8 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
             return False
     bar.close()
 
-    loss_sum, loss_count, skipped = _all_sum([loss_sum, float(loss_count), float(skipped)], run.device)
+    loss_sum, loss_count, skipped = runtime.all_sum([loss_sum, float(loss_count), float(skipped)], run.device)
+    skipped_names = [name for part in runtime.all_gather(skipped_names) for name in part]
     _warn_skipped(int(skipped), skipped_names, f"epoch {epoch + 1}")
     last = epoch + 1 == config.epochs
     val_accuracy = None
@@ -1014,7 +930,7 @@ def _export(run: _Run) -> Optional[Path]:
         val_accuracy = run.history[-1]["val_accuracy"] if run.history else None
         save_model(run.model, model_path, {"training": training, "val_accuracy": val_accuracy,
                                            "history": run.history})
-    _barrier()
+    runtime.barrier()
     return model_path
 
 
@@ -1038,10 +954,9 @@ def train(config: TrainConfig) -> TrainResult:
     """
     config.validate()
     started = (time.perf_counter(), time.process_time())
-    device = _resolve_device(config.device)
-    started_group = _init_distributed(device)
-    try:
-        rank, world = _world()
+    device = runtime.process_device(config.device)
+    with runtime.process_group(device):
+        rank, world = runtime.world()
         if config.batch_size % world:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
         out_dir = Path(config.output_dir) if config.output_dir is not None else None
@@ -1066,9 +981,6 @@ def train(config: TrainConfig) -> TrainResult:
         val_accuracy = run.history[-1]["val_accuracy"] if run.history else None
         wall, cpu = run.elapsed()
         return TrainResult(run.model, val_accuracy, run.history, wall, cpu, model_path)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1127,7 +1039,7 @@ def _run(args: argparse.Namespace) -> None:
                     "continues from the last checkpoint (one per epoch, and every --checkpoint-every steps)")
         print(f"\ntome train: interrupted; {hint}", file=sys.stderr)
         raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
-    if _distributed_env()[0] == 0:
+    if runtime.torchrun_env()[0] == 0:
         accuracy = "n/a" if result.val_accuracy is None else f"{100 * result.val_accuracy:.2f}%"
         print(f"done: val acc {accuracy} (r={config.r!r}), {result.wall_seconds:.0f}s wall, "
               f"{result.cpu_seconds:.0f}s CPU in this process")
@@ -1180,7 +1092,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="ToMe schedule while training: 8, '8,-1' (decreasing) or '[8,8,4]' (default: %(default)s)")
     add("--no-prop-attn", dest="prop_attn", action="store_false",
         help="train without proportional attention (default: with it)")
-    add("--amp", choices=_AMP_CHOICES, default=defaults.amp,
+    add("--amp", choices=runtime.AMP_CHOICES, default=defaults.amp,
         help="mixed precision; auto = bf16/fp16 on CUDA, none on CPU (default: %(default)s)")
     add("--init", default=None,
         help="start from these weights: a .safetensors from tome train, or a checkpoint (default: random weights)")

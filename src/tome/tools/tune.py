@@ -32,12 +32,12 @@ from ._common import (
     schedule_json,
     schedule_label,
 )
+from ._runtime import resolve_device
 from .benchmark import (
     add_timing_arguments,
     count_flops,
     default_batch_size,
     default_dtype,
-    resolve_device,
     speedup_stats,
     time_interleaved,
 )
