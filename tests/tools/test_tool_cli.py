@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tome import cli
+
 from tools_helpers import TINY_ARGS
 
 COMMANDS = ["demo", "bench", "visualize", "eval", "tune", "train", "data"]

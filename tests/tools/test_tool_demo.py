@@ -13,6 +13,7 @@ from tome import cli
 from tome.tools.demo import demo_schedules, run_demo
 from tome.tools.sample_image import sample_image
 from tome.tools.visualize import LABEL_HEIGHT, MIN_PANEL, PANEL_GAP
+
 from tools_helpers import tiny_model
 
 

@@ -14,6 +14,7 @@ import tome
 from tome import cli
 from tome.tools.evaluate import evaluate
 from tome.tools.evaluate import image_folder as load_folder
+
 from tools_helpers import TINY_ARGS, tiny_model, write_image_folder
 
 

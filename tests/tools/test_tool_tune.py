@@ -11,6 +11,7 @@ import tome
 from tome import cli
 from tome.tools import tune
 from tome.tools.benchmark import count_flops
+
 from tools_helpers import TINY_ARGS, tiny_model
 
 

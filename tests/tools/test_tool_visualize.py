@@ -10,6 +10,7 @@ from PIL import Image
 import tome
 from tome import cli
 from tome.tools.visualize import LABEL_HEIGHT, MIN_PANEL, PANEL_GAP, merge_panels, render_merges
+
 from tools_helpers import TINY_ARGS, tiny_model
 
 

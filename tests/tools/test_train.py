@@ -85,6 +85,26 @@ def test_save_and_load_model(tmp_path):
         load_model(tmp_path / "missing.safetensors")
 
 
+def test_trained_model_loads_in_plain_timm(tmp_path):
+    import timm
+
+    from tome.tools.train import save_timm
+
+    result = train(tiny_config(train_size=8, batch_size=8, epochs=1, output_dir=str(tmp_path / "run")))
+    exported = tmp_path / "run" / "model-timm"
+    assert (exported / "config.json").is_file() and (exported / "model.safetensors").is_file()
+    plain = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    assert not tome.patch.is_patched(plain)
+    assert plain.pretrained_cfg["label_names"] == list(CLASSES)
+    assert plain.pretrained_cfg["input_size"] == (3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    model = tome.remove_patch(result.model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="build_model"):
+        save_timm(torch.nn.Linear(2, 2), tmp_path / "nope")
+
+
 def test_fine_tune_from_saved_weights(tmp_path):
     base = train(tiny_config(train_size=8, batch_size=8, epochs=1, r=0, output_dir=str(tmp_path / "base")))
     tuned = train(tiny_config(train_size=8, batch_size=8, epochs=1, r=2, lr=1e-12, min_lr=0.0,

@@ -146,7 +146,6 @@ def test_unwritable_output_dir_is_refused(tmp_path, monkeypatch):
 
 
 def test_resumed_progress_bar_counts_from_the_resumed_step(tmp_path, monkeypatch):
-    from tome.tools import train as train_module
     import tqdm
 
     bars = []

@@ -16,6 +16,7 @@ import torch
 from tome import cli
 from tome.tools import checkpoints
 from tome.tools.train import TrainConfig, train
+
 from tools_helpers import TINY_ARGS, tiny_model
 
 TINY_TRAIN = dict(

@@ -7,6 +7,7 @@ from typing import Dict, List
 
 import numpy as np
 from PIL import Image
+
 # A 2-block ViT on 32x32 images with 8x8 patches: 16 patches + 1 class token.
 TINY_NAME = "vit_tiny_patch16_224"
 TINY_KWARGS: Dict[str, object] = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 4}

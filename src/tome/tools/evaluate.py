@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import tome
 
+from . import _runtime as runtime
 from ._common import (
     SCHEDULE_HELP,
     Schedule,
@@ -42,7 +43,6 @@ from ._common import (
     schedules_arg,
     synchronize,
 )
-from . import _runtime as runtime
 from ._runtime import autocast
 
 __all__ = ["EvalResult", "SkippingImageFolder", "evaluate", "image_folder", "add_parser"]

@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import tome
 from tome._schedule import RSchedule, check_r
-from tome.tools._common import model_kwarg_arg, parse_model_kwargs, parse_schedule, schedule_label
 from tome.tools import _runtime as runtime
+from tome.tools._common import model_kwarg_arg, parse_model_kwargs, parse_schedule, schedule_label
 
 __all__ = [
     "TrainConfig",
@@ -917,6 +917,34 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     return True
 
 
+def save_timm(model: nn.Module, directory: Union[str, Path]) -> Path:
+    """Write ``model`` in timm's own format: plain timm loads it with
+    ``timm.create_model("local-dir:" + directory, pretrained=True)`` (no ``tome`` needed).
+
+    The directory holds ``model.safetensors`` and timm's ``config.json`` (architecture,
+    constructor arguments, input size, normalisation and class names).
+
+    Args:
+        model: A timm ViT built by :func:`build_model` (patched or not: patching
+            changes no weight).
+        directory: The folder to write (created if missing).
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        ValueError: if ``model`` was not made by :func:`build_model` or :func:`load_model`.
+    """
+    from timm.models import save_for_hf
+
+    spec = getattr(model, "_tome_train_spec", None)
+    if spec is None:
+        raise ValueError("save_timm needs a model made by tome.tools.train.build_model or load_model")
+    model_args = {**spec["model_kwargs"], "img_size": spec["image_size"], "num_classes": spec["num_classes"]}
+    save_for_hf(model, str(directory), model_args=model_args, safe_serialization=True)
+    return Path(directory)
+
+
 def _export(run: _Run) -> Optional[Path]:
     """Write the trained model and its description to ``output_dir`` (None without one)."""
     if run.out_dir is None:
@@ -930,6 +958,7 @@ def _export(run: _Run) -> Optional[Path]:
         val_accuracy = run.history[-1]["val_accuracy"] if run.history else None
         save_model(run.model, model_path, {"training": training, "val_accuracy": val_accuracy,
                                            "history": run.history})
+        save_timm(run.model, run.out_dir / f"{config.export_name}-timm")
     runtime.barrier()
     return model_path
 
