@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import tome
+from tome.patch._shared import merge_tokens
 
+from test_swag import make_swag
 from test_timm import images, make
 from test_torchvision import make_vit as make_torchvision
 
@@ -40,12 +42,32 @@ def test_jit_script_at_r0_scripts_the_original_and_refuses_merging():
         torch.jit.script(model)
 
 
+@pytest.mark.parametrize(
+    "build", [lambda: make("token"), lambda: make("class_avg"), lambda: make("map"), make_torchvision, make_swag]
+)
+@pytest.mark.parametrize("r", [0, 3])
 @torch.no_grad()
-def test_fx_traces_at_r0_and_refuses_merging_clearly():
-    model = tome.apply_patch(make("token"), r=0)
-    x = images()
+def test_fx_graph_matches_eager_at_any_batch(build, r):
+    model = tome.apply_patch(build(), r=r)
     graph = torch.fx.symbolic_trace(model)
-    torch.testing.assert_close(graph(x), model(x), atol=1e-6, rtol=0)
-    model.r = 2
-    with pytest.raises(NotImplementedError, match="symbolic tracing cannot follow token merging"):
-        torch.fx.symbolic_trace(model)
+    # The merge is one graph node, so the graph is not tied to the traced shapes.
+    for x in (images(), images(batch=3, seed=5)):
+        torch.testing.assert_close(graph(x), model(x), atol=1e-5, rtol=0)
+    if r:
+        assert any(node.target is merge_tokens for node in graph.graph.nodes)
+
+
+def test_timm_feature_extractor_traces_a_merging_model():
+    from timm.models._features_fx import create_feature_extractor
+
+    model = tome.apply_patch(make("registers"), r=3)
+    x = images()
+    extractor = create_feature_extractor(model, return_nodes={"blocks.1": "block1", "head": "logits"})
+    with torch.no_grad():
+        out = extractor(x)
+        torch.testing.assert_close(out["logits"], model(x), atol=1e-5, rtol=0)
+    assert out["block1"].shape[1] < 16 + model.num_prefix_tokens  # merged tokens
+    model.train()
+    extractor = create_feature_extractor(model, return_nodes={"head": "logits"})
+    extractor(x)["logits"].sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None

@@ -275,7 +275,10 @@ class ToMeBlockMixin:
     def _tome_call(
         self, x: torch.Tensor, args: tuple, kwargs: Dict[str, Any], call: BlockCall, masks_mask_nothing: bool = False
     ) -> Any:
-        if call.r <= 0 and call.state.size is None and self._tome_native_when_idle:
+        # torch.fx traces our own branches: it would treat a swapped torch.nn module inside the
+        # block's own forward as code to trace, not as the leaf torch.nn modules are.
+        native = self._tome_native_when_idle and not isinstance(x, torch.fx.Proxy)
+        if call.r <= 0 and call.state.size is None and native:
             call.out = call.state  # nothing merged yet, nothing to merge: the block's own forward
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         # masks_mask_nothing: the caller passed no mask, so a mask the model built itself masks
@@ -383,7 +386,8 @@ class ToMeModelMixin:
             blocks = blocks[: stop_after + 1]
         state = self._tome_begin(x, trace_source)
         x, state, removed = run_blocks(blocks, x, state, schedule, grad_checkpointing, after_block)
-        self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
+        if not isinstance(x, torch.fx.Proxy):  # a traced graph's runs do not report here
+            self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
         return x, state
 
     def __prepare_scriptable__(self) -> nn.Module:

@@ -116,6 +116,10 @@ class ToMeState:
         """
         if r <= 0:
             return x, self
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the merge is one graph node
+            merged, size, groups = merge_tokens(x, metric, self.size, self.groups, r, self.protected_tokens,
+                                                self.trace_source)
+            return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1])
         assignment = match_bipartite(metric, r, self.protected_tokens)
         if assignment is None:
             return x, self
@@ -174,6 +178,34 @@ def attention(
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
+
+
+def merge_tokens(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: Optional[torch.Tensor],
+    groups: Optional[torch.Tensor],
+    r: int,
+    protected_tokens: int,
+    trace_source: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """:meth:`ToMeState.merge` as one function of tensors, for torch.fx graphs.
+
+    How many tokens remain depends on the input's token count, so torch.fx must not
+    trace into the matching: this function is registered with ``torch.fx.wrap`` and
+    appears as a single node. It always returns sizes (ones where nothing merged)
+    and, when tracing sources, the group index, so the graph's later nodes get tensors.
+
+    Returns:
+        ``(merged x, sizes (batch, tokens, 1), groups (batch, original tokens) or None)``.
+    """
+    state = ToMeState(size, groups, x.shape[1], protected_tokens, True, trace_source)
+    merged, state = state.merge(x, metric, r)
+    out_groups = state.group_index(x.shape[0], x.device) if trace_source else None
+    return merged, state.sizes(merged), out_groups
+
+
+torch.fx.wrap("merge_tokens")
 
 
 class AttentionCall:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ._lifecycle import original_class, register_family, supported_families
 from ._shared import BlockCall, ToMeState, weighted_mean
-from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, check_mha, patch_encoder_vit
+from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, ToMeSwagEncoder, check_mha, patch_encoder_vit
 
 __all__ = ["swag", "is_swag_vit"]
 
@@ -86,7 +86,8 @@ class ToMeSwagVisionTransformer(ToMeEncoderModel):
 
     def _tome_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, ToMeState]:
         """Images ``(batch, 3, H, W)`` to normalised batch-first tokens and the final state."""
-        if x.dim() != 4 or x.shape[2] != self.image_size or x.shape[3] != self.image_size:
+        traced = isinstance(x, torch.fx.Proxy)  # torch.fx: shapes are not known while tracing
+        if not traced and (x.dim() != 4 or x.shape[2] != self.image_size or x.shape[3] != self.image_size):
             raise ValueError(
                 f"{type(self).__name__} expects images of shape (batch, channels, {self.image_size}, "
                 f"{self.image_size}), got {tuple(x.shape)}"
@@ -166,5 +167,6 @@ def swag(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -
     """
     check_supported(model)
     return patch_encoder_vit(
-        model, ToMeSwagVisionTransformer, ToMeSwagEncoderBlock, model.classifier == "token", trace_source, prop_attn
+        model, ToMeSwagVisionTransformer, ToMeSwagEncoderBlock, model.classifier == "token", trace_source, prop_attn,
+        ToMeSwagEncoder,
     )

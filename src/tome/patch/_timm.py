@@ -87,13 +87,6 @@ _MASK_REFUSAL = (
     "line up with the mask. Set model.r = 0 to use a mask."
 )
 
-_FX_REFUSAL = (
-    "torch.fx symbolic tracing cannot follow token merging (r > 0): how many tokens each block "
-    "keeps is decided at run time. Trace at model.r = 0, or use torch.export.export / torch.jit.trace, "
-    "which record the merge for a fixed input size."
-)
-
-
 class ToMeTimmVisionTransformer(ToMeModelMixin):
     """timm ``VisionTransformer`` whose blocks merge tokens; pooling weighted by size.
 
@@ -119,11 +112,13 @@ class ToMeTimmVisionTransformer(ToMeModelMixin):
 
     def _tome_masked(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
         """Whether to run timm's own code for a masked call; refuses masks while merging."""
+        if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
+            # torch.fx symbolic tracing hands placeholders for the defaults: a merging graph
+            # takes no mask (merged tokens would not line up with one).
+            return not any(self._tome_schedule())
         if attn_mask is None and not is_causal:
             return False
         if any(self._tome_schedule()):
-            if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
-                raise NotImplementedError(_FX_REFUSAL)
             raise ValueError(_MASK_REFUSAL)
         return True
 

@@ -33,7 +33,15 @@ from ._lifecycle import (
 )
 from ._shared import AttentionCall, ToMeState, attention
 
-__all__ = ["torchvision", "is_torchvision_vit", "check_mha", "ToMeEncoder", "ToMeEncoderBlock", "ToMeMultiheadAttention"]
+__all__ = [
+    "torchvision",
+    "is_torchvision_vit",
+    "check_mha",
+    "ToMeEncoder",
+    "ToMeSwagEncoder",
+    "ToMeEncoderBlock",
+    "ToMeMultiheadAttention",
+]
 
 _TV_MODULE = "torchvision.models.vision_transformer"
 
@@ -115,13 +123,19 @@ class ToMeEncoder:
     embedding, hands the batch-first tokens to ``run`` (the merging block loop) and applies
     its final norm. Without ``tome`` it is the original module."""
 
+    _tome_sequence_first = False  # SWAG keeps its position embedding as (tokens, 1, dim)
+
     def forward(self, input: torch.Tensor, *, tome: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         if tome is None:
             return super().forward(input)  # type: ignore[misc]
-        pos = self.pos_embedding
-        if pos.shape[0] != 1:  # SWAG keeps it sequence-first: (tokens, 1, dim)
-            pos = pos.transpose(0, 1)
+        pos = self.pos_embedding.transpose(0, 1) if self._tome_sequence_first else self.pos_embedding
         return self.ln(tome(self.dropout(input + pos)))
+
+
+class ToMeSwagEncoder(ToMeEncoder):
+    """SWAG's ``Encoder``: the same, with a sequence-first position embedding."""
+
+    _tome_sequence_first = True
 
 
 class ToMeEncoderModel(ToMeModelMixin):
@@ -155,7 +169,13 @@ class ToMeTorchvisionVisionTransformer(ToMeEncoderModel):
 
 
 def patch_encoder_vit(
-    model: nn.Module, model_mixin: type, block_mixin: type, class_token: bool, trace_source: bool, prop_attn: bool
+    model: nn.Module,
+    model_mixin: type,
+    block_mixin: type,
+    class_token: bool,
+    trace_source: bool,
+    prop_attn: bool,
+    encoder_mixin: type = ToMeEncoder,
 ) -> nn.Module:
     """Patch a checked torchvision- or SWAG-layout ViT (``encoder.layers`` of ``EncoderBlock``s)."""
     return patch_model(
@@ -164,7 +184,7 @@ def patch_encoder_vit(
         list(model.encoder.layers),
         lambda block: block_mixin,
         attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
-        encoder=(model.encoder, ToMeEncoder),
+        encoder=(model.encoder, encoder_mixin),
         protected_tokens=int(class_token),
         trace_source=trace_source,
         prop_attn=prop_attn,
