@@ -71,3 +71,13 @@ def test_timm_feature_extractor_traces_a_merging_model():
     extractor = create_feature_extractor(model, return_nodes={"head": "logits"})
     extractor(x)["logits"].sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("r", [0, 3])
+@torch.no_grad()
+def test_fx_graph_scripts(r):
+    # timm's own model tests script FX graphs; the merge node runs in Python there.
+    model = tome.apply_patch(make("class_avg"), r=r)
+    scripted = torch.jit.script(torch.fx.symbolic_trace(model))
+    x = images()
+    torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=0)

@@ -20,7 +20,6 @@ metric back. So hooks on blocks and attention modules fire as in the unpatched
 model, and a block's hooks see tensors in and out, as they always did.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -180,6 +179,7 @@ def attention(
     return weights @ v
 
 
+@torch.jit.ignore  # TorchScript (e.g. of an fx graph) calls it in Python
 def merge_tokens(
     x: torch.Tensor,
     metric: torch.Tensor,

@@ -8,7 +8,6 @@ gradient checkpointing, fused or explicit attention. Anything else is refused
 with a ``TypeError`` at patch time.
 """
 
-from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
