@@ -173,23 +173,24 @@ def _merge_kv(attn: nn.Module, x: torch.Tensor, plan: _Plan) -> Optional[Tuple[t
     return merged, bias
 
 
-def _signature_index(cls: type, name: str) -> int:
-    """Position of parameter ``name`` in ``cls.forward`` (not counting ``self``); -1 if absent."""
-    params = list(inspect.signature(cls.forward).parameters)[1:]
-    return params.index(name) if name in params else -1
+def _parameters(module: nn.Module) -> List[str]:
+    """Parameter names of the original class's forward, without ``self``."""
+    cls = type(module).__dict__.get("_tome_parent", type(module))
+    return list(inspect.signature(cls.forward).parameters)[1:]
 
 
-_INDEX_CACHE: Dict[Tuple[type, str], int] = {}
+def _positions(module: nn.Module, *names: str) -> Dict[str, int]:
+    """Positions of the named parameters in ``module.forward`` (not counting ``self``);
+    read once at patch time, so that a compiled forward does no introspection."""
+    params = _parameters(module)
+    return {name: params.index(name) for name in names if name in params}
 
 
 def _get_arg(module: nn.Module, args: tuple, kwargs: Dict[str, Any], name: str) -> Tuple[Any, int]:
-    parent = type(module).__dict__["_tome_parent"]
-    key = (parent, name)
-    if key not in _INDEX_CACHE:
-        _INDEX_CACHE[key] = _signature_index(parent, name)
-    index = _INDEX_CACHE[key]
+    """The value of argument ``name`` in a call ``(args, kwargs)`` and its position (-1: keyword or absent)."""
     if name in kwargs:
         return kwargs[name], -1
+    index = module._tome_arg_index.get(name, -1)
     if 0 <= index < len(args):
         return args[index], index
     return None, -1
@@ -240,9 +241,10 @@ class ToMeDiffusersFeedForwardMixin:
     """The feed-forward of a block with ``merge_mlp``: runs on the merged tokens."""
 
     _tome_keep_name = True
+    _tome_pending: Optional[TokenAssignment] = None  # set by the block around its own call
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        assignment = self.__dict__.get("_tome_pending")
+        assignment = self._tome_pending
         if assignment is None:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         return assignment.unmerge(super().forward(assignment.merge(hidden_states), *args, **kwargs))  # type: ignore[misc]
@@ -258,7 +260,8 @@ class ToMeDiffusersBlockMixin:
     _tome_block_key: int = 0
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        cross, index = _get_arg(self, args, kwargs, "cross_attention_kwargs")  # type: ignore[arg-type]
+        full = (hidden_states,) + args
+        cross, index = _get_arg(self, full, kwargs, "cross_attention_kwargs")  # type: ignore[arg-type]
         if not cross or _KEY not in cross:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         cross = dict(cross)
@@ -266,7 +269,7 @@ class ToMeDiffusersBlockMixin:
         plan = self._tome_plan(hidden_states, step) if self._tome_spatial else None
         if plan is not None:
             cross[_KEY] = plan
-        args = _set_arg(args, kwargs, "cross_attention_kwargs", index, cross or None)
+        args = _set_arg(full, kwargs, "cross_attention_kwargs", index, cross or None)[1:]
         ff = getattr(self, "ff", None)
         if plan is None or plan.assignment is None or not step.settings.merge_mlp or ff is None:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
@@ -275,11 +278,11 @@ class ToMeDiffusersBlockMixin:
                 "merge_mlp=True cannot be combined with feed-forward chunking (the feed-forward would merge "
                 "each chunk on its own); call disable_forward_chunking() or set merge_mlp=False"
             )
-        ff.__dict__["_tome_pending"] = plan.assignment
+        ff._tome_pending = plan.assignment
         try:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         finally:
-            ff.__dict__.pop("_tome_pending", None)
+            ff._tome_pending = None
 
     def _tome_plan(self, x: torch.Tensor, step: _Step) -> Optional[_Plan]:
         s = step.settings
@@ -315,13 +318,14 @@ class ToMeDiffusersModelMixin:
     _tome_keep_name = True
     _tome_patch_size: int = 1
     _tome_kwargs_name: str = "cross_attention_kwargs"
+    _tome_input: str = "sample"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        settings: DiffusionSettings = self.__dict__["_tome_settings"]
+        settings: DiffusionSettings = self._tome_settings
         if settings.ratio == 0:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
-        sample, _ = _get_arg(self, args, kwargs, self._tome_input_name())
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+        sample, _ = _get_arg(self, args, kwargs, self._tome_input)
+        if not isinstance(sample, torch.Tensor) or sample.dim() not in (4, 5):  # images, or video frames
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         timestep, _ = _get_arg(self, args, kwargs, "timestep")
         patch = self._tome_patch_size
@@ -338,10 +342,6 @@ class ToMeDiffusersModelMixin:
         extra[_KEY] = step
         args = _set_arg(args, kwargs, name, index, extra)
         return super().forward(*args, **kwargs)  # type: ignore[misc]
-
-    def _tome_input_name(self) -> str:
-        parent = type(self).__dict__["_tome_parent"]
-        return list(inspect.signature(parent.forward).parameters)[1]
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -435,8 +435,8 @@ def _summary(denoiser: nn.Module, settings: DiffusionSettings) -> Dict[str, Any]
         "merging_blocks": merging,
         "levels": {d: {"blocks": n, "merging": m} for d, (n, m) in sorted(per_level.items())},
         "skipped_blocks": skipped,
-        "max_downsample": max_downsample,
         **dataclasses.asdict(settings),
+        "max_downsample_resolved": max_downsample,
     }
 
 
@@ -458,7 +458,7 @@ def _resolve_max_downsample(denoiser: nn.Module, settings: DiffusionSettings) ->
     """``max_downsample``, with ``None`` meaning the highest-resolution level that has attention."""
     if settings.max_downsample is not None:
         return settings.max_downsample
-    return denoiser.__dict__["_tome_lowest_level"]
+    return denoiser._tome_lowest_level
 
 
 def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Module:
@@ -488,8 +488,12 @@ def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Modu
                 raise TypeError(f"mode='kv' needs a self-attention with a key projection (to_k) in {type(block).__name__}")
     swap_class(denoiser, ToMeDiffusersModelMixin)
     object.__setattr__(denoiser, "_tome_patch_size", patch_size)
+    first = _parameters(denoiser)[0]
+    object.__setattr__(denoiser, "_tome_input", first)
+    object.__setattr__(denoiser, "_tome_arg_index", _positions(denoiser, first, "timestep", "cross_attention_kwargs"))
     for key, (_, block, spatial, _) in enumerate(blocks):
         swap_class(block, ToMeDiffusersBlockMixin)
+        object.__setattr__(block, "_tome_arg_index", _positions(block, "cross_attention_kwargs"))
         object.__setattr__(block, "_tome_spatial", spatial)
         object.__setattr__(block, "_tome_block_key", key)
         if not spatial:
