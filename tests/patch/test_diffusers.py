@@ -270,7 +270,7 @@ def test_kv_mode_refuses_a_self_attention_mask():
     model = _duplicated_transformer()
     tome.patch.diffusers(model, ratio=0.5, mode="kv")
     block = model.transformer_blocks[0]
-    with pytest.raises(ValueError, match="attention_mask"):
+    with pytest.raises(ValueError, match="attention mask"):
         block.attn1(torch.randn(1, 16, 16), attention_mask=torch.zeros(1, 1, 16),
                     tome=block._tome_plan(torch.randn(1, 16, 16), _step_for(model, 4, 4)))
 
@@ -427,3 +427,104 @@ def test_compile_fullgraph_without_graph_breaks_or_recompiles():
         first = compiled(x, t, c).sample
         compiled(x + 1, torch.tensor(300), c)  # new values, same shapes: no recompile
         torch.testing.assert_close(first, unet(x, t, c).sample, atol=1e-5, rtol=1e-5)
+
+
+# --- DiTs with joint attention: SD3 (image tokens first) and Flux (text first, rotary) ---------
+
+
+def make_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    return _trained_scale(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,),  # SD 3.5's extra image self-attention in block 0
+    ))
+
+
+def sd3_inputs(height=16, width=12):
+    gen = torch.Generator().manual_seed(3)
+    return (torch.randn(2, 4, height, width, generator=gen),), dict(
+        encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+        pooled_projections=torch.randn(2, 16, generator=gen), timestep=torch.tensor([10, 10]))
+
+
+def make_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return _trained_scale(FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    ))
+
+
+def flux_inputs(height=6, width=4):
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None]
+    return (torch.randn(2, height * width, 8, generator=gen),), dict(
+        encoder_hidden_states=torch.randn(2, 5, 16, generator=gen), pooled_projections=torch.randn(2, 16, generator=gen),
+        timestep=torch.tensor([0.5, 0.5]), img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(5, 3))
+
+
+@pytest.mark.parametrize("make,inputs", [(make_sd3, sd3_inputs), (make_flux, flux_inputs)], ids=["sd3", "flux"])
+def test_joint_attention_dits_merge_keys_and_values(make, inputs):
+    model = make()
+    args, kwargs = inputs()
+    with torch.no_grad():
+        before = model(*args, **kwargs).sample
+        with pytest.raises(ValueError, match="mode='tokens' needs BasicTransformerBlocks"):
+            tome.patch.diffusers(model, mode="tokens")
+        tome.patch.diffusers(model, ratio=0.5)
+        assert model.mode == "kv" and model._tome_info["merging_blocks"] == 2
+        after = model(*args, **kwargs).sample
+        assert after.shape == before.shape and (after - before).abs().max() > 1e-3
+        model.ratio = 0.0
+        assert torch.equal(model(*args, **kwargs).sample, before)
+        tome.remove_patch(model)
+        assert torch.equal(model(*args, **kwargs).sample, before)
+
+
+@pytest.mark.parametrize("make,image_first", [(make_sd3, True), (make_flux, False)], ids=["sd3", "flux"])
+def test_joint_attention_is_lossless_on_duplicated_image_tokens(make, image_first):
+    """One joint attention module, image tokens repeated over 2x2 cells: merged keys
+    with proportional attention give the unmerged outputs for image and text tokens."""
+    from tome.patch._diffusers import _Step
+
+    model = make()
+    block = model.transformer_blocks[0]
+    cells = torch.randn(2, 3, 2, 16)
+    image = cells.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(2, 24, 16)  # 6x4 grid
+    text = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = block.attn(hidden_states=image, encoder_hidden_states=text)
+        tome.patch.diffusers(model, ratio=0.74, use_rand=False)
+        step = _Step(model._tome_settings, 1, 6, 4, None)
+        after = block.attn(hidden_states=image, encoder_hidden_states=text, tome=step)
+    assert block.attn._tome_image_at == ("start" if image_first else "end")
+    for want, got in zip(before, after):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_kv_mode_needs_an_sdpa_processor():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = _duplicated_transformer()
+    tome.patch.diffusers(model, ratio=0.5, mode="kv")
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(AttnProcessor())  # the classic processor computes softmax itself
+    with pytest.raises(RuntimeError, match="scaled_dot_product_attention"):
+        model(torch.randn(1, 16, 4, 4))
+
+
+def test_sd3_compiles_fullgraph_in_kv_mode():
+    torch._dynamo.reset()
+    model = make_sd3()
+    tome.patch.diffusers(model, ratio=0.5)
+    args, kwargs = sd3_inputs()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled(*args, **kwargs).sample
+        compiled(args[0] + 1, **{**kwargs, "timestep": torch.tensor([20, 20])})
+        torch.testing.assert_close(got, model(*args, **kwargs).sample, atol=1e-5, rtol=1e-5)

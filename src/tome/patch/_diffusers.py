@@ -31,7 +31,9 @@ import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..merge import TokenAssignment, hashed_stride_choice, match_stride_2d
 from ._lifecycle import is_patched, register_family, swap_class
@@ -46,8 +48,18 @@ _KEY = "tome"
 # Transformers whose BasicTransformerBlocks mix image tokens of one frame (merging
 # is spatial). Blocks of any other owner (AnimateDiff motion modules, temporal
 # transformers of video UNets) attend over frames and are never merged.
-_SPATIAL_OWNERS = ("Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel")
-_BLOCKS = ("BasicTransformerBlock",)
+_SPATIAL_OWNERS = (
+    "Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
+    "FluxTransformer2DModel",
+)
+# Block class -> where its joint attention puts the image tokens among the keys
+# ("" for BasicTransformerBlock, whose self-attention sees image tokens only).
+_BLOCKS = {
+    "BasicTransformerBlock": "",
+    "JointTransformerBlock": "start",  # SD3: [image, text]
+    "FluxTransformerBlock": "end",  # Flux: [text, image]
+    "FluxSingleTransformerBlock": "end",
+}
 _DENOISERS = ("unet", "transformer", "controlnet")
 
 
@@ -84,7 +96,7 @@ class DiffusionSettings:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
-    mode: str = "tokens"
+    mode: Optional[str] = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -104,7 +116,7 @@ class DiffusionSettings:
                 f"max_downsample={md!r} must be None (the highest-resolution level with attention) "
                 "or a positive int such as 1, 2, 4 or 8"
             )
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; expected one of {MODES}")
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             if not isinstance(getattr(self, name), bool):
@@ -156,21 +168,61 @@ class _Plan:
     step: _Step
 
 
-def _merge_kv(attn: nn.Module, x: torch.Tensor, plan: _Plan) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """Merged key/value inputs and the ``log(size)`` logit bias for self-attention on ``x``."""
-    s = plan.step.settings
-    height, width, choice = plan.kv  # type: ignore[misc]
-    r = int(x.shape[1] * s.ratio)
-    with torch.no_grad():
-        keys = attn.to_k(x)
-    assignment = match_stride_2d(keys, height, width, s.sx, s.sy, r, choice)
-    if assignment is None:
-        return None
-    # Key and value projections are affine, so projecting the mean input equals the mean
-    # of the projected keys and values (exact unless the module normalises its keys).
-    merged = assignment.merge(x, mode="mean")
-    bias = assignment.sizes(dtype=x.dtype).log().unsqueeze(1)  # (batch, 1, merged tokens)
-    return merged, bias
+class _MergedKeysAttention(TorchFunctionMode):
+    """While active, ``scaled_dot_product_attention`` attends to merged keys and values.
+
+    The image tokens' keys (averaged over heads, after any normalisation and rotary
+    embedding the processor applied) are matched over the stride partition; keys and
+    values of each group are averaged and the logits of a merged key get ``log(size)``
+    (proportional attention, ToMe section 3). Text tokens of joint attention (SD3,
+    Flux) are kept as they are. Queries keep every token, so the output needs no unmerge.
+    """
+
+    def __init__(self, height: int, width: int, choice: Optional[torch.Tensor], settings: "DiffusionSettings",
+                 image_at: str) -> None:
+        super().__init__()
+        self.height, self.width, self.choice = height, width, choice
+        self.settings, self.image_at = settings, image_at
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        return self._attend(func, *args, **kwargs)
+
+    def _attend(self, func: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        s = self.settings
+        total, image = key.shape[-2], self.height * self.width
+        if attn_mask is not None or kwargs.get("is_causal") or args or image > total or key.dim() != 4:
+            if attn_mask is not None:
+                raise ValueError(
+                    "mode='kv' cannot merge the keys of an attention that is given an attention mask; "
+                    "use mode='tokens' (UNets, PixArt) or ratio=0 for this call"
+                )
+            return func(query, key, value, attn_mask, *args, **kwargs)
+        start = 0 if self.image_at == "start" else total - image
+        batch, heads, _, dim = key.shape
+        keys = key[:, :, start : start + image]
+        with torch.no_grad():
+            assignment = match_stride_2d(
+                keys.mean(dim=1), self.height, self.width, s.sx, s.sy, int(image * s.ratio), self.choice
+            )
+        if assignment is None:
+            return func(query, key, value, *args, **kwargs)
+
+        def merged(t: torch.Tensor) -> torch.Tensor:
+            part = t[:, :, start : start + image].transpose(1, 2).reshape(batch, image, -1)
+            part = assignment.merge(part, mode="mean").view(batch, assignment.num_out, heads, -1).transpose(1, 2)
+            return torch.cat([t[:, :, :start], part, t[:, :, start + image :]], dim=2)
+
+        bias = assignment.sizes(dtype=query.dtype).log()
+        text = total - image
+        pad = bias.new_zeros(batch, text)
+        bias = torch.cat([pad[:, : start], bias, pad[:, start:]] if start else [bias, pad], dim=1)
+        return func(query, merged(key), merged(value), bias[:, None, None, :], **kwargs)
 
 
 def _parameters(module: nn.Module) -> List[str]:
@@ -206,35 +258,43 @@ def _set_arg(args: tuple, kwargs: Dict[str, Any], name: str, index: int, value: 
 class ToMeDiffusersAttentionMixin:
     """An attention module of a merging block: with a plan in its keyword arguments it
     runs on merged tokens (``tokens``) or merged keys and values (``kv``); otherwise it
-    is the original module."""
+    is the original module. Its own hooks see its usual input and output."""
 
     _tome_keep_name = True
-    _tome_role: str = "self"  # "self" for a block's attn1, "cross" for attn2
+    _tome_role: str = "self"  # "self" for a block's attn1, "cross" for attn2, "joint" for SD3/Flux attention
+    _tome_image_at: str = "start"  # where the image tokens sit among the keys ("start" or "end")
+    _tome_block_key: int = 0
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = kwargs.pop(_KEY, None)
         if plan is None:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if isinstance(plan, _Step):  # joint attention (SD3, Flux): no block in between
+            s = plan.settings
+            cells = (plan.height // s.sy, plan.width // s.sx)
+            plan = _Plan(None, (plan.height, plan.width, plan.choice(hidden_states.shape[0], cells, self._tome_block_key)), plan)
         s = plan.step.settings
         if plan.assignment is not None:  # mode "tokens"
             if not (s.merge_attn if self._tome_role == "self" else s.merge_crossattn):
                 return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
             out = super().forward(plan.assignment.merge(hidden_states), *args, **kwargs)  # type: ignore[misc]
             return plan.assignment.unmerge(out)
-        encoder = kwargs.get("encoder_hidden_states", args[0] if args else None)
-        if plan.kv is None or self._tome_role != "self" or encoder is not None:
+        if self._tome_role == "cross" or (
+            self._tome_role == "self" and kwargs.get("encoder_hidden_states", args[0] if args else None) is not None
+        ):
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is not None:
-            raise ValueError(
-                "mode='kv' cannot merge the keys of a self-attention that is given an attention_mask; "
-                "use mode='tokens' or set ratio=0 for this call"
+        height, width, choice = plan.kv  # type: ignore[misc]
+        mode = _MergedKeysAttention(height, width, choice, s, self._tome_image_at)
+        with mode:
+            out = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if mode.calls == 0:
+            processor = getattr(self, "processor", None)
+            raise RuntimeError(
+                f"mode='kv' merges keys inside torch.nn.functional.scaled_dot_product_attention, which the "
+                f"attention processor {type(processor).__name__} of this module did not call; use the default "
+                "processor (set_default_attn_processor() or AttnProcessor2_0) or the 'native' attention backend"
             )
-        merged = _merge_kv(self, hidden_states, plan)  # type: ignore[arg-type]
-        if merged is None:
-            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-        kwargs.update(encoder_hidden_states=merged[0], attention_mask=merged[1])
-        return super().forward(hidden_states, *args[2:], **kwargs)  # type: ignore[misc]
+        return out
 
 
 class ToMeDiffusersFeedForwardMixin:
@@ -305,6 +365,8 @@ def _settings_property(name: str) -> property:
 
     def set_(self: nn.Module, value: Any) -> None:
         settings = dataclasses.replace(self.__dict__["_tome_settings"], **{name: value})
+        if settings.mode is None:
+            settings = dataclasses.replace(settings, mode=_default_mode(self))
         _check_merges(self, settings)
         self.__dict__["_tome_settings"] = settings
         self.__dict__["_tome_info"] = _summary(self, settings)
@@ -325,15 +387,15 @@ class ToMeDiffusersModelMixin:
         if settings.ratio == 0:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         sample, _ = _get_arg(self, args, kwargs, self._tome_input)
-        if not isinstance(sample, torch.Tensor) or sample.dim() not in (4, 5):  # images, or video frames
+        grid = self._tome_grid(sample, args, kwargs)
+        if grid is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         timestep, _ = _get_arg(self, args, kwargs, "timestep")
-        patch = self._tome_patch_size
         step = _Step(
             settings=settings,
             max_downsample=_resolve_max_downsample(self, settings),  # type: ignore[arg-type]
-            height=sample.shape[-2] // patch,
-            width=sample.shape[-1] // patch,
+            height=grid[0],
+            width=grid[1],
             key=_step_key(settings, timestep, sample.device) if settings.use_rand else None,
         )
         name = self._tome_kwargs_name
@@ -342,6 +404,21 @@ class ToMeDiffusersModelMixin:
         extra[_KEY] = step
         args = _set_arg(args, kwargs, name, index, extra)
         return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def _tome_grid(self, sample: Any, args: tuple, kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+        """The token grid ``(height, width)`` at full resolution, from the input latent
+        (``(batch, channels, [frames,] height, width)``) or, for packed inputs (Flux),
+        from the image token ids (one host sync per call)."""
+        if not isinstance(sample, torch.Tensor):
+            return None
+        if sample.dim() in (4, 5):  # images, or video frames
+            return sample.shape[-2] // self._tome_patch_size, sample.shape[-1] // self._tome_patch_size
+        ids, _ = _get_arg(self, args, kwargs, "img_ids")
+        if sample.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape[-1] == 3:
+            ids = ids.reshape(-1, 3)
+            height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            return (height, width) if height * width == sample.shape[1] else None
+        return None
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -384,14 +461,21 @@ def _levels(denoiser: nn.Module) -> Dict[str, int]:
     return levels
 
 
-_OWNER = re.compile(r"^(.*?)\.?transformer_blocks\.\d+$")
+_OWNER = re.compile(r"^(.*?)\.?(?:single_)?transformer_blocks\.\d+$")
+
+
+def _block_kind(module: nn.Module) -> Optional[str]:
+    for name in _class_names(module):
+        if name in _BLOCKS:
+            return name
+    return None
 
 
 def _blocks(denoiser: nn.Module) -> Iterator[Tuple[str, nn.Module, bool, int]]:
     """``(name, block, spatial, downsample)`` for every transformer block of a denoiser."""
     levels = _levels(denoiser)
     for name, module in denoiser.named_modules():
-        if not any(n in _BLOCKS for n in _class_names(module)):
+        if _block_kind(module) is None:
             continue
         match = _OWNER.match(name)
         owner = denoiser.get_submodule(match.group(1)) if match else None
@@ -461,6 +545,19 @@ def _resolve_max_downsample(denoiser: nn.Module, settings: DiffusionSettings) ->
     return denoiser._tome_lowest_level
 
 
+def _swap_attention(attn: nn.Module, role: str, image_at: str, key: int) -> None:
+    swap_class(attn, ToMeDiffusersAttentionMixin)
+    object.__setattr__(attn, "_tome_role", role)
+    object.__setattr__(attn, "_tome_image_at", image_at)
+    object.__setattr__(attn, "_tome_block_key", key)
+
+
+def _default_mode(denoiser: nn.Module) -> str:
+    """``"tokens"`` where every block is a ``BasicTransformerBlock`` (UNets, PixArt), else ``"kv"``."""
+    kinds = {_block_kind(block) for _, block, spatial, _ in _blocks(denoiser) if spatial}
+    return "tokens" if kinds == {"BasicTransformerBlock"} else "kv"
+
+
 def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Module:
     blocks = list(_blocks(denoiser))
     spatial_levels = sorted({d for _, _, spatial, d in blocks if spatial})
@@ -468,6 +565,13 @@ def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Modu
         raise TypeError(
             f"{type(denoiser).__name__} has no transformer block over image tokens "
             f"(looked for {', '.join(_BLOCKS)} inside {', '.join(_SPATIAL_OWNERS)}); nothing to merge"
+        )
+    if settings.mode is None:
+        settings = dataclasses.replace(settings, mode=_default_mode(denoiser))
+    if settings.mode == "tokens" and _default_mode(denoiser) == "kv":
+        raise ValueError(
+            f"mode='tokens' needs BasicTransformerBlocks; {type(denoiser).__name__} uses joint attention "
+            "(SD3, Flux): use mode='kv' (or mode=None)"
         )
     if "controlnet_cond" in inspect.signature(type(denoiser).forward).parameters or hasattr(denoiser, "down_blocks"):
         patch_size = 1
@@ -481,17 +585,23 @@ def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Modu
         if not was_patched:
             denoiser.__dict__.pop("_tome_lowest_level")
         raise
-    if settings.mode == "kv":
-        for _, block, spatial, _ in blocks:
-            attn = getattr(block, "attn1", None)
-            if spatial and (attn is None or not hasattr(attn, "to_k")):
-                raise TypeError(f"mode='kv' needs a self-attention with a key projection (to_k) in {type(block).__name__}")
     swap_class(denoiser, ToMeDiffusersModelMixin)
     object.__setattr__(denoiser, "_tome_patch_size", patch_size)
-    first = _parameters(denoiser)[0]
-    object.__setattr__(denoiser, "_tome_input", first)
-    object.__setattr__(denoiser, "_tome_arg_index", _positions(denoiser, first, "timestep", "cross_attention_kwargs"))
+    parameters = _parameters(denoiser)
+    object.__setattr__(denoiser, "_tome_input", parameters[0])
+    kwargs_name = "joint_attention_kwargs" if "joint_attention_kwargs" in parameters else "cross_attention_kwargs"
+    object.__setattr__(denoiser, "_tome_kwargs_name", kwargs_name)
+    object.__setattr__(
+        denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", "img_ids", kwargs_name)
+    )
     for key, (_, block, spatial, _) in enumerate(blocks):
+        image_at = _BLOCKS[_block_kind(block)]  # type: ignore[index]
+        if image_at:  # joint attention: the attention modules take the per-forward state directly
+            for role, attr in (("joint", "attn"), ("self", "attn2")):
+                attn = getattr(block, attr, None)
+                if spatial and attn is not None:
+                    _swap_attention(attn, role, image_at if role == "joint" else "start", key)
+            continue
         swap_class(block, ToMeDiffusersBlockMixin)
         object.__setattr__(block, "_tome_arg_index", _positions(block, "cross_attention_kwargs"))
         object.__setattr__(block, "_tome_spatial", spatial)
@@ -501,8 +611,7 @@ def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Modu
         for role, attr in (("self", "attn1"), ("cross", "attn2")):
             attn = getattr(block, attr, None)
             if attn is not None:
-                swap_class(attn, ToMeDiffusersAttentionMixin)
-                object.__setattr__(attn, "_tome_role", role)
+                _swap_attention(attn, role, "start", key)
         if getattr(block, "ff", None) is not None:
             swap_class(block.ff, ToMeDiffusersFeedForwardMixin)
     denoiser.__dict__["_tome_settings"] = settings
@@ -538,7 +647,7 @@ def diffusers(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
-    mode: str = "tokens",
+    mode: Optional[str] = None,
     seed: int = 0,
 ) -> Any:
     """Patch a diffusers pipeline or denoiser in place for token merging.
@@ -553,7 +662,8 @@ def diffusers(
 
     Args:
         model: A ``DiffusionPipeline`` or a diffusers model (``UNet2DConditionModel``,
-            ``ControlNetModel``, ``PixArtTransformer2DModel``, ``Transformer2DModel``).
+            ``ControlNetModel``, ``UNetMotionModel``, ``PixArtTransformer2DModel``,
+            ``Transformer2DModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``).
         ratio: Fraction of a level's tokens merged away, in ``[0, 1)``; ``r = int(tokens * ratio)``,
             capped at the non-destination tokens (``1 - 1/(sx*sy)`` of them). 0 is the unpatched model.
         max_downsample: Merge in levels at most this far below the latent (1, 2, 4, 8, as
@@ -564,7 +674,9 @@ def diffusers(
             odd batches); drawn as a hash of ``seed``, the timestep and the block, so runs repeat.
         merge_attn, merge_crossattn, merge_mlp: With ``mode="tokens"``, run self-attention,
             cross-attention, the feed-forward on merged tokens.
-        mode: ``"tokens"`` (tomesd's method) or ``"kv"`` (merge keys and values only).
+        mode: ``"tokens"`` (tomesd's method; UNets, PixArt) or ``"kv"`` (merge keys and values
+            only; every model). ``None`` picks ``"tokens"`` where every block is a
+            ``BasicTransformerBlock`` and ``"kv"`` for joint attention (SD3, Flux).
         seed: Seed of the random destinations.
 
     Returns:
@@ -579,7 +691,7 @@ def diffusers(
         raise TypeError(
             f"{type(model).__name__} is not a diffusers pipeline or model; tome.patch.diffusers patches "
             "DiffusionPipeline objects and diffusers denoisers (UNet2DConditionModel, ControlNetModel, "
-            "PixArtTransformer2DModel, Transformer2DModel)"
+            "PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel, ...)"
         )
     settings = DiffusionSettings(
         ratio=ratio,

@@ -40,7 +40,7 @@ _INSTANCE_ATTRS = (
     "_tome_info", "_tome_r", "_tome_block_r", "_tome_index", "_tome_protected", "_tome_prop_attn", "_tome_context",
     # diffusers
     "_tome_settings", "_tome_lowest_level", "_tome_patch_size", "_tome_spatial", "_tome_block_key", "_tome_role",
-    "_tome_pending", "_tome_arg_index", "_tome_input",
+    "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at",
 )
 
 _CLASS_CACHE: Dict[Tuple[Tuple[type, ...], type], type] = {}
