@@ -270,20 +270,25 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"torch {torch.__version__}; median of {preset['rounds']} interleaved rounds")
     print(regime, flush=True)
     rows: List[dict] = []
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+    def save() -> str:  # after every case, so a run cut short keeps what it measured
+        with open(args.out + ".json", "w") as f:
+            json.dump({"regime": regime, "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+        text = table(rows, regime)
+        with open(args.out + ".md", "w") as f:
+            f.write(text + "\n")
+        return text
+
     for name in preset["models"]:
         model = build(name, dtype, device)
         for size in preset["sizes"]:
             rows += run_case(model, name, size, preset["batch"], preset["ratios"], preset["modes"], preset["rounds"],
                              dtype, device, log=lambda m: print(m, flush=True))
+            save()
         del model
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"regime": regime, "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
-    text = table(rows, regime)
-    with open(args.out + ".md", "w") as f:
-        f.write(text + "\n")
     plot(rows, args.out + ".png", regime)
-    print(text)
+    print(save())
     print(f"Reproduce: uv run python benchmarks/diffusion.py {' '.join(argv if argv is not None else sys.argv[1:])}")
 
 

@@ -528,3 +528,19 @@ def test_sd3_compiles_fullgraph_in_kv_mode():
         got = compiled(*args, **kwargs).sample
         compiled(args[0] + 1, **{**kwargs, "timestep": torch.tensor([20, 20])})
         torch.testing.assert_close(got, model(*args, **kwargs).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_masks_pass_through_in_tokens_mode():
+    unet = make_unet()
+    reference = copy.deepcopy(unet)
+    x, t, c = unet_inputs()
+    mask = torch.ones(2, 7)
+    mask[:, 4:] = 0  # the last three text tokens are padding
+    tomesd.apply_patch(reference, ratio=0.5, use_rand=False)
+    tome.patch.diffusers(unet, ratio=0.5, use_rand=False)
+    with torch.no_grad():
+        want = reference(x, t, c, encoder_attention_mask=mask).sample
+        got = unet(x, t, c, encoder_attention_mask=mask).sample
+        unmasked = unet(x, t, c).sample
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert (got - unmasked).abs().max() > 1e-3
