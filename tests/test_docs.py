@@ -214,6 +214,7 @@ def _tiny_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
 PRELUDES: Dict[str, Tuple[Callable[[pytest.MonkeyPatch], None], ...]] = {
     "README.md": (_tiny_timm, _tiny_torchvision, _tiny_swag, _tiny_transformers),
     "docs/compatibility.md": (_tiny_timm,),
+    "docs/deployment.md": (_tiny_timm,),
     "docs/families.md": (_tiny_torchvision, _tiny_swag),
     "docs/huggingface.md": (_tiny_transformers,),
     "docs/tools.md": (_tiny_timm,),
