@@ -165,3 +165,24 @@ def test_bad_arguments_raise_value_error(tmp_path):
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         export_program(model, _images(2))
+
+
+@pytest.mark.parametrize("name", ["ASTForAudioClassification", "Dinov2ForImageClassification"])
+def test_padding_mask_exports_as_an_input(name, tmp_path):
+    # Batched inputs of different lengths: the key-padding mask is an ONNX input too.
+    build, make_inputs = FAMILIES[name]
+    model = tome.apply_patch(build(), r=2)
+    tokens = hf_models.NUM_TOKENS[hf_models.family(name)]
+
+    def with_mask(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+        mask = torch.ones(batch, tokens, dtype=torch.long)
+        for i in range(batch):
+            mask[i, tokens - (i % 4):] = 0  # 0 to 3 padding tokens at the end
+        return {**make_inputs(batch, seed), "attention_mask": mask}
+
+    session = onnx_session(export_onnx(model, with_mask(2, 1), tmp_path / "model.onnx"), threads=1)
+    inputs = with_mask(5, 7)
+    agreement = compare_outputs(_call(model, inputs), run_onnx(session, inputs), atol=1e-4)
+    assert all(agreement.matching), agreement.summary()
+    unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    assert not torch.allclose(_call(model, unmasked)[1:4], run_onnx(session, inputs)[1:4], atol=1e-3)
