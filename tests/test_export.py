@@ -186,3 +186,16 @@ def test_padding_mask_exports_as_an_input(name, tmp_path):
     assert all(agreement.matching), agreement.summary()
     unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}
     assert not torch.allclose(_call(model, unmasked)[1:4], run_onnx(session, inputs)[1:4], atol=1e-3)
+
+
+def test_openvino_runs_the_exported_file(tmp_path):
+    ov = pytest.importorskip("openvino", reason="openvino is not installed (it is not in the lock): "
+                             "pip install openvino to run the exported file there too")
+    build, make_inputs = FAMILIES["timm"]
+    model = tome.apply_patch(build(), r=3)
+    path = export_onnx(model, make_inputs(2, 1), tmp_path / "model.onnx")
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    inputs = make_inputs(5, 4)
+    got = torch.from_numpy(compiled({0: inputs.numpy()})[0])
+    agreement = compare_outputs(_call(model, inputs), got, atol=1e-4)
+    assert all(agreement.matching), agreement.summary()
