@@ -9,6 +9,7 @@ near-tie, and every sample must agree to rounding.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
@@ -30,8 +31,15 @@ from tome.export import (  # noqa: E402
     run_onnx,
 )
 
-# The tiny model builders of the family tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "patch"))
+# The tiny model builders of the family tests. They import trained_like_ from `conftest`,
+# a name tests/tools/conftest.py also has: when pytest loaded that one first (both
+# directories on one command line), point the name back at tests/conftest.py.
+_TESTS = Path(__file__).resolve().parent
+if not hasattr(sys.modules.get("conftest"), "trained_like_"):
+    _spec = importlib.util.spec_from_file_location("conftest", _TESTS / "conftest.py")
+    sys.modules["conftest"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["conftest"])
+sys.path.insert(0, str(_TESTS / "patch"))
 from test_mae import TINY as MAE_TINY  # noqa: E402
 from test_mae import MAEStyleViT  # noqa: E402
 
