@@ -255,6 +255,7 @@ PRELUDES: Dict[str, Tuple[Callable[[pytest.MonkeyPatch], None], ...]] = {
     "README.md": (_tiny_timm, _tiny_torchvision, _tiny_swag, _tiny_transformers, _tiny_diffusers),
     "docs/diffusion.md": (_tiny_diffusers,),
     "docs/compatibility.md": (_tiny_timm,),
+    "docs/deployment.md": (_tiny_timm,),
     "docs/families.md": (_tiny_torchvision, _tiny_swag),
     "docs/huggingface.md": (_tiny_transformers,),
     "docs/tools.md": (_tiny_timm,),
