@@ -52,3 +52,23 @@ def test_bad_grids_are_refused():
     with pytest.raises(ValueError, match="sx must be a positive int"):
         match_stride_2d(x, 3, 4, 0, 2, 3)
     assert match_stride_2d(x, 3, 4, 2, 2, 0) is None
+
+
+def test_sign_projection_is_fixed_and_keeps_cosine_similarity_roughly():
+    from tome.merge import sign_projection
+
+    p = sign_projection(320, 64)
+    assert torch.equal(p, sign_projection(320, 64)) and p.shape == (320, 64)
+    assert set((p * 8).unique().tolist()) == {-1.0, 1.0}
+    x = torch.nn.functional.normalize(torch.randn(200, 320), dim=-1)
+    x = torch.cat([x, x[:100] + 0.3 * torch.randn(100, 320) / 320**0.5])  # pairs of similar vectors
+    x = torch.nn.functional.normalize(x, dim=-1)
+    full = x @ x.T
+    y = torch.nn.functional.normalize(x @ p, dim=-1)
+    projected = y @ y.T
+    assert (projected - full).abs().mean() < 0.12
+    # vectors that have a similar partner still find it
+    full.fill_diagonal_(-2)
+    projected.fill_diagonal_(-2)
+    paired = torch.cat([torch.arange(100), torch.arange(200, 300)])
+    assert (full.argmax(-1) == projected.argmax(-1))[paired].float().mean() > 0.9

@@ -30,6 +30,7 @@ __all__ = [
     "do_nothing",
     "stride_destinations",
     "hashed_stride_choice",
+    "sign_projection",
     "match_stride_2d",
 ]
 
@@ -415,6 +416,17 @@ def stride_destinations(
     return (rows * width + cols).reshape(-1)
 
 
+def _hash31(values: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash of ``values`` (int64), elementwise; multiply-xorshift rounds,
+    kept in 31 bits so that int64 never overflows."""
+    mask = 0x7FFFFFFF
+    h = (values * 0x2545F491 + 0x3C6EF372) & mask
+    for _ in range(3):
+        h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & mask
+        h = ((h ^ (h >> 12)) * 0x297A2D39) & mask
+    return h ^ (h >> 15)
+
+
 def hashed_stride_choice(cells_y: int, cells_x: int, cell_size: int, key: torch.Tensor) -> torch.Tensor:
     """A uniform-looking offset in ``[0, cell_size)`` per cell, a pure function of ``key``.
 
@@ -430,14 +442,30 @@ def hashed_stride_choice(cells_y: int, cells_x: int, cell_size: int, key: torch.
     Returns:
         ``(cells_y, cells_x)`` long tensor.
     """
-    mask = 0x7FFFFFFF
     cell = torch.arange(cells_y * cells_x, device=key.device, dtype=torch.long)
-    h = (key.reshape(()).long() * 0x2545F491 + cell * 0x6A09E667 + 0x3C6EF372) & mask
-    for _ in range(3):  # multiply-xorshift rounds, kept in 31 bits so int64 never overflows
-        h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & mask
-        h = ((h ^ (h >> 12)) * 0x297A2D39) & mask
-    h = h ^ (h >> 15)
+    h = _hash31((key.reshape(()).long() * 0x2545F491 + cell * 0x6A09E667) & 0x7FFFFFFF)
     return (h % cell_size).view(cells_y, cells_x)
+
+
+def sign_projection(channels: int, dim: int, device: Any = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fixed ``(channels, dim)`` matrix of ``+-1/sqrt(dim)``, the same on every call.
+
+    Projecting features onto it keeps their cosine similarities approximately
+    (a random sign projection in the sense of Achlioptas, "Database-friendly random
+    projections", 2003), so matching on ``dim`` channels instead of ``channels``
+    costs ``dim / channels`` of the similarity matrix.
+
+    Args:
+        channels: Input channels.
+        dim: Output channels.
+        device, dtype: Of the result.
+
+    Returns:
+        ``(channels, dim)`` tensor.
+    """
+    index = torch.arange(channels * dim, device=device, dtype=torch.long)
+    signs = (_hash31(index) & 1).to(dtype) * 2 - 1
+    return signs.view(channels, dim) / math.sqrt(dim)
 
 
 def match_stride_2d(

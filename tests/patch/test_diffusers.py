@@ -544,3 +544,19 @@ def test_cross_attention_masks_pass_through_in_tokens_mode():
         unmasked = unet(x, t, c).sample
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     assert (got - unmasked).abs().max() > 1e-3
+
+
+def test_match_channels_projects_the_metric():
+    unet = make_unet()
+    inputs = unet_inputs()
+    tome.patch.diffusers(unet, ratio=0.5, use_rand=False)
+    full = run(unet, inputs)
+    unet.match_channels = 8  # of 32 channels
+    projected = run(unet, inputs)
+    assert 0 < (projected - full).abs().max()  # other merges ...
+    unet.match_channels = 64  # more than the model has: every channel, as before
+    assert torch.equal(run(unet, inputs), full)
+    with pytest.raises(ValueError, match="match_channels=0"):
+        unet.match_channels = 0
+    with pytest.raises(ValueError, match="match_channels applies to mode='tokens'"):
+        tome.patch.diffusers(unet, mode="kv", match_channels=8)

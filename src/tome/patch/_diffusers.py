@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..merge import TokenAssignment, hashed_stride_choice, match_stride_2d
+from ..merge import TokenAssignment, hashed_stride_choice, match_stride_2d, sign_projection
 from ._lifecycle import is_patched, register_family, swap_class
 
 __all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
@@ -98,6 +98,7 @@ class DiffusionSettings:
     merge_mlp: bool = False
     mode: Optional[str] = None
     seed: int = 0
+    match_channels: Optional[int] = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid option."""
@@ -128,6 +129,11 @@ class DiffusionSettings:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an int")
+        mc = self.match_channels
+        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+            raise ValueError(f"match_channels={mc!r} must be None (every channel, as tomesd) or a positive int")
+        if mc is not None and self.mode == "kv":
+            raise ValueError("match_channels applies to mode='tokens'; mode='kv' already matches on keys averaged over heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +361,10 @@ class ToMeDiffusersBlockMixin:
         choice = step.choice(x.shape[0], (height // s.sy, width // s.sx), self._tome_block_key)
         if s.mode == "kv":
             return _Plan(None, (height, width, choice), step)
-        assignment = match_stride_2d(x, height, width, s.sx, s.sy, int(x.shape[1] * s.ratio), choice)
+        metric = x
+        if s.match_channels is not None and s.match_channels < x.shape[-1]:
+            metric = x @ sign_projection(x.shape[-1], s.match_channels, x.device, x.dtype)
+        assignment = match_stride_2d(metric, height, width, s.sx, s.sy, int(x.shape[1] * s.ratio), choice)
         return None if assignment is None else _Plan(assignment, None, step)
 
 
@@ -508,7 +517,7 @@ def _summary(denoiser: nn.Module, settings: DiffusionSettings) -> Dict[str, Any]
     if settings.mode == "tokens":
         options += (
             f", merge_attn={settings.merge_attn}, merge_crossattn={settings.merge_crossattn}, "
-            f"merge_mlp={settings.merge_mlp}"
+            f"merge_mlp={settings.merge_mlp}, match_channels={settings.match_channels}"
         )
     description = f"{options}; merging in {merging} of {total} transformer blocks ({levels})"
     if skipped:
@@ -649,6 +658,7 @@ def diffusers(
     merge_mlp: bool = False,
     mode: Optional[str] = None,
     seed: int = 0,
+    match_channels: Optional[int] = None,
 ) -> Any:
     """Patch a diffusers pipeline or denoiser in place for token merging.
 
@@ -678,6 +688,10 @@ def diffusers(
             only; every model). ``None`` picks ``"tokens"`` where every block is a
             ``BasicTransformerBlock`` and ``"kv"`` for joint attention (SD3, Flux).
         seed: Seed of the random destinations.
+        match_channels: With ``mode="tokens"``, match on the block input projected onto this
+            many channels by a fixed random sign matrix (cosine similarities are kept
+            approximately) instead of on all of them; the similarity matrix then costs
+            ``match_channels / channels`` as much. ``None`` matches on every channel (tomesd).
 
     Returns:
         ``model``, patched.
@@ -704,6 +718,7 @@ def diffusers(
         merge_mlp=merge_mlp,
         mode=mode,
         seed=seed,
+        match_channels=match_channels,
     )
     settings.validate()
     for denoiser in _denoisers(model):
