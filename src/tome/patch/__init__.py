@@ -18,6 +18,7 @@ from typing import Callable, Dict, Tuple
 from torch import nn
 
 # Importing the family modules registers them.
+from ._eva import eva
 from ._hf import hf
 from ._lifecycle import families, is_patched, register_family, remove_patch
 from ._mae import mae
@@ -31,6 +32,7 @@ __all__ = [
     "torchvision",
     "swag",
     "hf",
+    "eva",
     "FAMILIES",
     "families",
     "family_of",
