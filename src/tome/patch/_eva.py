@@ -58,13 +58,14 @@ from ._shared import (
     weighted_mean,
 )
 
-__all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS"]
+__all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC"]
 
 _SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 _SUPPORTED_ROPES = ("RotaryEmbeddingDinoV3", "RotaryEmbeddingCat")
 # Which keys the bipartite matching compares: after the rotation (what attention sees,
 # position included) or before it (content only).
 ROPE_METRICS = ("rotated", "plain")
+DEFAULT_ROPE_METRIC = "plain"
 _BLOCK_ARGS = ("rope", "attn_mask", "is_causal")  # EvaBlock.forward's arguments after x
 
 _MASK_REFUSAL = (
@@ -476,7 +477,7 @@ def eva(
     trace_source: bool = False,
     prop_attn: Optional[bool] = None,
     rope_position: str = "mean",
-    rope_metric: str = "plain",
+    rope_metric: str = DEFAULT_ROPE_METRIC,
 ) -> nn.Module:
     """Patch a timm ``Eva`` (DINOv3, EVA-02, RoPE ViTs) in place to merge tokens; set ``model.r`` after.
 
