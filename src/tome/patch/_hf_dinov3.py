@@ -10,8 +10,9 @@ patch; the first layer that merges starts carrying those angles in the state
 rotates with ``(cos, sin)`` recomputed from the merged tokens' angles, as the
 timm family does (``tome/patch/_eva.py``, ``docs/backbones.md``).
 
-Built on the transformers machinery of ``tome/patch/_hf.py``: this module adds
-the DINOv3 rows to its tables (runner, layers, attention) and the rotary part.
+Built on the transformers machinery of ``tome/patch/_hf.py`` (the model starts
+one ledger per forward and hands it to every layer through the keyword
+arguments); what is DINOv3's own is here: its layer, attention and rotary module.
 """
 
 from __future__ import annotations
@@ -19,14 +20,23 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import _hf
 from ._eva import DEFAULT_ROPE_METRIC, ROPE_METRICS
-from ._lifecycle import ToMeAttentionMixin, _masked, register_family, swap_class
+from ._lifecycle import (
+    ToMeAttentionMixin,
+    _masked,
+    is_patched,
+    original_class,
+    patch_model,
+    register_family,
+    supported_families,
+    swap_class,
+)
 from ._shared import POSITION_RULES, AttentionCall, ToMeState, attention, merge_block
 
 __all__ = ["hf_dinov3", "is_hf_dinov3", "RotaryPair"]
@@ -170,19 +180,52 @@ class ToMeDINOv3Layer(_hf.ToMeHFLayer):
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
 
-# The DINOv3 rows of the transformers family's tables.
-_hf._RUNNERS["dinov3"] = _hf._RunnerKind(
-    ("DINOv3ViTEncoder",), "layer", ("DINOv3ViTLayer",), ToMeDINOv3Layer, "attention",
-    ToMeDINOv3Attention,  # type: ignore[arg-type]
-    protected_tokens=_hf._class_and_registers, class_token=True,
-)
-_hf._RUNNER_LAYERS["DINOv3ViTEncoder"] = "layer"
-_hf.SUPPORTED_MODELS["DINOv3ViTModel"] = _hf._ModelSpec(_MODULE, "model", "dinov3")
+class ToMeDINOv3Encoder(_hf.ToMeHFRunner):
+    """``DINOv3ViTEncoder``: its own forward, with the forward's ledger among the keyword arguments."""
+
+    def _tome_blocks(self) -> Sequence[nn.Module]:
+        return list(self.layer)
+
+
+class ToMeDINOv3Model(_hf.ToMeHFModel):
+    """``DINOv3ViTModel``: ``model.r`` and ``model._tome_info``; its own forward."""
+
+    def _tome_blocks(self) -> Sequence[nn.Module]:
+        return list(self.model.layer)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """The original class's ``from_pretrained``, patched again (``r = 0``)."""
+        parent = cls.__dict__.get("_tome_parent")
+        if parent is None:
+            return super().from_pretrained(*args, **kwargs)
+        loaded = parent.from_pretrained(*args, **kwargs)
+        if isinstance(loaded, tuple):  # output_loading_info=True
+            return (hf_dinov3(loaded[0]),) + loaded[1:]
+        return hf_dinov3(loaded)
+
+
+def _check(model: nn.Module) -> None:
+    """The encoder, layers, attention and rotary modules must be transformers 5.x's DINOv3 classes."""
+    parts = [("model", model.model, "DINOv3ViTEncoder"), ("rope_embeddings", model.rope_embeddings,
+                                                            "DINOv3ViTRopePositionEmbedding")]
+    for index, layer in enumerate(model.model.layer):
+        parts += [(f"model.layer[{index}]", layer, "DINOv3ViTLayer"),
+                  (f"model.layer[{index}].attention", layer.attention, "DINOv3ViTAttention")]
+    for where, module, expected in parts:
+        own = original_class(module)
+        if own.__name__ != expected or own.__module__ != _MODULE:
+            raise TypeError(f"DINOv3ViTModel.{where} is a {own.__name__} ({own.__module__}); ToMe expects "
+                            f"{expected} (the layout of transformers 5.x)")
+    missing = [name for name in ToMeDINOv3Attention._tome_attrs if not hasattr(model.model.layer[0].attention, name)]
+    if missing or not hasattr(model.rope_embeddings, "inv_freq"):
+        raise TypeError(f"DINOv3ViTModel's attention lacks {missing or ['rope_embeddings.inv_freq']}; ToMe "
+                        "supports the layout of transformers 5.x")
 
 
 def is_hf_dinov3(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers ``DINOv3ViTModel`` (by class; nothing imported)."""
-    own = _hf.original_class(model)
+    own = original_class(model)
     return own.__name__ == "DINOv3ViTModel" and own.__module__ == _MODULE
 
 
@@ -220,12 +263,28 @@ def hf_dinov3(
         raise ValueError(f"rope_metric={rope_metric!r} is not one of {ROPE_METRICS}")
     if not is_hf_dinov3(model):
         raise TypeError(f"tome.patch.hf_dinov3 expects a transformers DINOv3ViTModel, got {type(model).__name__}. "
-                        f"Supported families: {_hf.supported_families()}")
-    _hf.hf(model, trace_source=trace_source, prop_attn=prop_attn)
+                        f"Supported families: {supported_families()}")
+    if is_patched(model) and not isinstance(model, ToMeDINOv3Model):
+        raise TypeError(f"{type(model).__name__} is already patched by another family; call tome.remove_patch first")
+    _check(model)
+    encoder = model.model
+    swap_class(encoder, ToMeDINOv3Encoder)
+    _hf._keep_output_capture(encoder)
+    patch_model(
+        model,
+        ToMeDINOv3Model,
+        list(encoder.layer),
+        lambda layer: ToMeDINOv3Layer,
+        attention=lambda layer: (layer.attention, ToMeDINOv3Attention),
+        protected_tokens=1 + model.config.num_register_tokens,
+        trace_source=trace_source,
+        prop_attn=prop_attn,
+        class_token=True,
+    )
+    _hf._keep_output_capture(model)
+    # The encoder reports into the same record as the model the user holds.
+    object.__setattr__(encoder, "_tome_info", model._tome_info)
     rope = model.rope_embeddings
-    if type(rope).__name__ != "DINOv3ViTRopePositionEmbedding" or not hasattr(rope, "inv_freq"):
-        raise TypeError(f"DINOv3ViTModel.rope_embeddings is a {type(rope).__name__}; ToMe expects "
-                        "DINOv3ViTRopePositionEmbedding (transformers 5.x)")
     swap_class(rope, ToMeDINOv3Rope)
     object.__setattr__(rope, "_tome_info", model._tome_info)
     dict.__setitem__(model._tome_info, "rope_position", rope_position)
