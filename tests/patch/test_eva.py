@@ -382,3 +382,16 @@ def test_training_with_patch_dropout_refuses_merging():
     model.eval()
     with torch.no_grad():
         model(images())
+
+
+def test_features_only_model_gives_full_grids():
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, features_only=True, out_indices=(1, 2),
+                              **{**TINY, "num_classes": 0})
+    model = trained_like_(model).eval()
+    x = images()
+    with torch.no_grad():
+        base = model(x)
+        tome.apply_patch(model.model, r=3)
+        merged = model(x)
+    assert [tuple(m.shape) for m in merged] == [tuple(m.shape) for m in base] == [(2, 32, 4, 4)] * 2
+    assert (merged[1] - base[1]).abs().max() > 1e-2
