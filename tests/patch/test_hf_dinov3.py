@@ -172,3 +172,15 @@ def test_bad_input():
     augmented.train()
     with pytest.raises(ValueError, match="augmentation"):
         augmented(images())
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available")
+    torch._dynamo.reset()
+    model = tome.apply_patch(make(), r=(3, -1.0))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
