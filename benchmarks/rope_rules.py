@@ -36,7 +36,7 @@ from tome.tools.train import TrainConfig, build_datasets, load_model
 
 POSITIONS = ("mean", "destination")
 METRICS = ("plain", "rotated")
-SCHEDULES: List[Any] = [0, 2, 4, 6, 8, (8, -1.0), 10]
+SCHEDULES: List[Any] = [0, 4, 6, 8, (8, -1.0), 10]
 
 
 def _label(schedule: Any) -> str:
