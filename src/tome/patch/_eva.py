@@ -15,7 +15,8 @@ features: by default a merged token sits at the size-weighted mean of its
 patches' coordinates (``rope_position="mean"``), and its rotary rows are
 recomputed from that fractional position with the model's own frequencies
 (RoPE is defined for any real position). ``rope_position="destination"`` keeps
-the position of the token the others merged into. Prefix tokens (class,
+the position of the token the others merged into. The matching compares the
+keys after the rotation by default (``rope_metric="rotated"``). Prefix tokens (class,
 registers) never merge and are never rotated, as in the model itself.
 ``docs/backbones.md`` has the measurements behind the defaults.
 
@@ -65,7 +66,7 @@ _SUPPORTED_ROPES = ("RotaryEmbeddingDinoV3", "RotaryEmbeddingCat")
 # Which keys the bipartite matching compares: after the rotation (what attention sees,
 # position included) or before it (content only).
 ROPE_METRICS = ("rotated", "plain")
-DEFAULT_ROPE_METRIC = "plain"
+DEFAULT_ROPE_METRIC = "rotated"
 _BLOCK_ARGS = ("rope", "attn_mask", "is_causal")  # EvaBlock.forward's arguments after x
 
 _MASK_REFUSAL = (
@@ -490,8 +491,9 @@ def eva(
         rope_position: A merged token's rotary position: ``"mean"`` (size-weighted
             mean of its patches' coordinates) or ``"destination"`` (the position of
             the token the others merged into).
-        rope_metric: The keys the matching compares: ``"plain"`` (before the rotation)
-            or ``"rotated"`` (after it, as attention sees them).
+        rope_metric: The keys the matching compares: ``"rotated"`` (after the rotation,
+            as attention compares them; the default, measured better) or ``"plain"``
+            (before it).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).

@@ -247,8 +247,8 @@ def hf_dinov3(
         prop_attn: Proportional attention (``log(size)`` added to attention logits).
         rope_position: A merged token's rotary position: ``"mean"`` (size-weighted
             mean of its patches' coordinates) or ``"destination"``.
-        rope_metric: The keys the matching compares: ``"plain"`` (before the
-            rotation) or ``"rotated"``.
+        rope_metric: The keys the matching compares: ``"rotated"`` (after the
+            rotation, the default) or ``"plain"`` (before it).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
