@@ -14,7 +14,7 @@ import timm
 import torch
 
 import tome
-from tome.patch._eva import rope_angles, rope_table
+from tome.patch._eva import DEFAULT_ROPE_METRIC, rope_angles, rope_table
 
 from conftest import trained_like_
 from reference import reference_attention, reference_compose_sources, reference_match, reference_merge
@@ -207,7 +207,7 @@ def test_dynamic_img_size_non_square(name):
         tome.apply_patch(model)
         torch.testing.assert_close(model(x), base, rtol=0, atol=0)
         model.r = 3
-        expected, _, _ = reference_eva(model, x, [3, 3, 3])
+        expected, _, _ = reference_eva(model, x, [3, 3, 3], metric=DEFAULT_ROPE_METRIC)
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
 
 
