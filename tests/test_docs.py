@@ -210,10 +210,52 @@ def _tiny_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transformers.ProcessorMixin, "from_pretrained", classmethod(processor_from_pretrained))
 
 
+def _tiny_diffusers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DiffusionPipeline.from_pretrained``: a tiny pipeline of the asked class (SD or SDXL layout),
+    random weights, a CLIP tokenizer with an empty vocabulary; dtype and device options are ignored."""
+    import diffusers
+    import transformers
+
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=1000,
+                projection_dim=32)
+
+    def unet(sdxl: bool):
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=32 + 6 * 8) if sdxl else {}
+        levels = ("DownBlock2D", "CrossAttnDownBlock2D") if sdxl else ("CrossAttnDownBlock2D", "DownBlock2D")
+        return diffusers.UNet2DConditionModel(
+            sample_size=16, layers_per_block=1, block_out_channels=(32, 64), down_block_types=levels,
+            up_block_types=tuple(t.replace("Down", "Up") for t in reversed(levels)),
+            cross_attention_dim=64 if sdxl else 32, attention_head_dim=8, norm_num_groups=8, **extra)
+
+    def from_pretrained(cls, name: str, **kwargs):
+        sdxl = "XL" in cls.__name__
+        parts = dict(
+            vae=diffusers.AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8),
+            text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text)),
+            tokenizer=transformers.CLIPTokenizer(model_max_length=77), unet=unet(sdxl).eval(),
+            scheduler=diffusers.DDIMScheduler(clip_sample=False),
+        )
+        if sdxl:
+            parts.update(text_encoder_2=transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text)),
+                         tokenizer_2=transformers.CLIPTokenizer(model_max_length=77))
+        else:
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = cls(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "to", lambda self, *args, **kwargs: self)
+
+
 # The downloads each file's blocks make, and nothing else.
 PRELUDES: Dict[str, Tuple[Callable[[pytest.MonkeyPatch], None], ...]] = {
-    "README.md": (_tiny_timm, _tiny_torchvision, _tiny_swag, _tiny_transformers),
+    "README.md": (_tiny_timm, _tiny_torchvision, _tiny_swag, _tiny_transformers, _tiny_diffusers),
+    "docs/diffusion.md": (_tiny_diffusers,),
     "docs/compatibility.md": (_tiny_timm,),
+    "docs/deployment.md": (_tiny_timm,),
     "docs/families.md": (_tiny_torchvision, _tiny_swag),
     "docs/huggingface.md": (_tiny_transformers,),
     "docs/tools.md": (_tiny_timm,),

@@ -44,6 +44,7 @@ def apply_patch(
     family: Optional[str] = None,
     trace_source: bool = False,
     prop_attn: Optional[bool] = None,
+    **options: Any,
 ) -> nn.Module:
     """Patch ``model`` in place for token merging, detecting its family.
 
@@ -59,6 +60,9 @@ def apply_patch(
             (``model._tome_info["source"]`` after a forward).
         prop_attn: Proportional attention; ``None`` uses the family's default
             (on for supervised models, off for MAE).
+        **options: Options of families that do not use ``r``: for a diffusers
+            pipeline or model, those of :func:`tome.patch.diffusers`
+            (``ratio``, ``max_downsample``, ``mode``, ...).
 
     Returns:
         The same model, patched, with ``model.r = r``.
@@ -73,6 +77,15 @@ def apply_patch(
     elif family not in registered:
         raise ValueError(f"family={family!r} is unknown; expected one of {list(registered)}")
     patch_fn = registered[family][1]
+    if family == "diffusers":
+        if r != 0 or trace_source or prop_attn is not None:
+            raise ValueError(
+                "diffusion models merge a fraction of each level's tokens: pass ratio=... (and the other options "
+                "of tome.patch.diffusers), not r, trace_source or prop_attn"
+            )
+        return patch_fn(model, **options)
+    if options:
+        raise TypeError(f"apply_patch() got options the {family} family does not take: {sorted(options)}")
     options: dict[str, Any] = {"trace_source": trace_source}
     if prop_attn is not None:
         options["prop_attn"] = prop_attn

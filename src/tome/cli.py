@@ -4,7 +4,8 @@ Commands: ``demo`` (offline tour), ``bench`` (throughput and FLOPs for several r
 ``visualize`` (draw merged tokens), ``eval`` (accuracy on an image folder, torchrun
 for several processes), ``tune`` (find r for a speed-up or FLOPs target), ``train``
 (train or fine-tune with merging active), ``data`` (export or preview the generated
-shape task). See docs/tools.md.
+shape task), ``export`` (ONNX export, checked and timed in onnxruntime, optionally
+int8). See docs/tools.md and docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from typing import List, Optional
 
 # One module per command under tome.tools, each with add_parser(subparsers).
-_COMMAND_MODULES = ["demo", "benchmark", "visualize", "evaluate", "tune", "train", "data"]
+_COMMAND_MODULES = ["demo", "benchmark", "visualize", "evaluate", "tune", "train", "data", "export"]
 
 # Errors that mean "bad input or environment": reported in one line, exit status 2.
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, ImportError)

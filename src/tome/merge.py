@@ -16,7 +16,7 @@ The public functions keep the signatures of the original release
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,9 @@ __all__ = [
     "merge_wavg",
     "merge_source",
     "do_nothing",
+    "stride_destinations",
+    "hashed_stride_choice",
+    "match_stride_2d",
 ]
 
 _REDUCTIONS = ("sum", "mean", "amax", "amin", "prod")
@@ -105,6 +108,13 @@ class TokenAssignment:
         index = self.dest.unsqueeze(-1).expand(-1, -1, channels)
         out = x.new_zeros(batch, self.num_out, channels)
         return out.scatter_reduce_(1, index, x, reduce=mode, include_self=False)
+
+    def sizes(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """How many input tokens each merged token holds: ``(batch, num_out)`` of ``dtype``."""
+        batch = self.dest.shape[0]
+        count = torch.zeros(batch * self.num_out, dtype=dtype, device=self.dest.device)
+        count.index_add_(0, self._flat_index(), torch.ones(self.dest.numel(), dtype=dtype, device=self.dest.device))
+        return count.view(batch, self.num_out)
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """Map merged tokens back: every pre-merge token gets its group's value.
@@ -356,3 +366,139 @@ def merge_source(merge: Callable, x: torch.Tensor, source: Optional[torch.Tensor
         batch, num_tokens, _ = x.shape
         source = torch.eye(num_tokens, device=x.device, dtype=x.dtype).expand(batch, -1, -1)
     return merge(source, mode="amax")
+
+
+# ---------------------------------------------------------------------------
+# The 2-D stride partition of ToMe for Stable Diffusion (Bolya & Hoffman,
+# "Token Merging for Fast Stable Diffusion", CVPRW 2023, section 4.2): the
+# image tokens of one level are cut into sy x sx cells and one token per full
+# cell is a destination, so destinations cover the image evenly.
+
+
+def _check_grid(num_tokens: int, height: int, width: int, sx: int, sy: int) -> None:
+    for name, value in (("height", height), ("width", width), ("sx", sx), ("sy", sy)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if height * width != num_tokens:
+        raise ValueError(
+            f"a {height}x{width} token grid has {height * width} tokens, but the metric has {num_tokens}"
+        )
+
+
+def stride_destinations(
+    height: int, width: int, sx: int, sy: int, choice: Optional[torch.Tensor] = None, device: Any = None
+) -> torch.Tensor:
+    """Positions of the destination tokens of the 2-D stride partition.
+
+    The ``height x width`` grid (row-major token order) is cut into
+    ``(height // sy) x (width // sx)`` full cells of ``sy x sx`` tokens; cells cut
+    off at the bottom and right edges have no destination.
+
+    Args:
+        height, width: Token grid, in tokens.
+        sx, sy: Cell width and height, in tokens.
+        choice: ``(height // sy, width // sx)`` long tensor; the offset inside
+            each cell, ``dy * sx + dx``, of its destination. ``None`` takes the
+            top-left token of every cell.
+        device: Device of the result when ``choice`` is None.
+
+    Returns:
+        ``(num_cells,)`` long tensor of token positions, one per cell, in cell order.
+    """
+    cells_y, cells_x = height // sy, width // sx
+    device = choice.device if choice is not None else device
+    rows = torch.arange(cells_y, device=device).view(-1, 1) * sy
+    cols = torch.arange(cells_x, device=device).view(1, -1) * sx
+    if choice is not None:
+        rows = rows + torch.div(choice, sx, rounding_mode="floor")
+        cols = cols + choice % sx
+    return (rows * width + cols).reshape(-1)
+
+
+def hashed_stride_choice(cells_y: int, cells_x: int, cell_size: int, key: torch.Tensor) -> torch.Tensor:
+    """A uniform-looking offset in ``[0, cell_size)`` per cell, a pure function of ``key``.
+
+    Used instead of a random generator so that a random destination choice is
+    reproducible from a seed, identical for every sample of a batch, and stays
+    inside a compiled graph (no generator object, no state).
+
+    Args:
+        cells_y, cells_x: Number of cells.
+        cell_size: ``sx * sy``.
+        key: Integer tensor with one element (seed, step and block mixed by the caller).
+
+    Returns:
+        ``(cells_y, cells_x)`` long tensor.
+    """
+    mask = 0x7FFFFFFF
+    cell = torch.arange(cells_y * cells_x, device=key.device, dtype=torch.long)
+    h = (key.reshape(()).long() * 0x2545F491 + cell * 0x6A09E667 + 0x3C6EF372) & mask
+    for _ in range(3):  # multiply-xorshift rounds, kept in 31 bits so int64 never overflows
+        h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & mask
+        h = ((h ^ (h >> 12)) * 0x297A2D39) & mask
+    h = h ^ (h >> 15)
+    return (h % cell_size).view(cells_y, cells_x)
+
+
+def match_stride_2d(
+    metric: torch.Tensor,
+    height: int,
+    width: int,
+    sx: int,
+    sy: int,
+    r: int,
+    choice: Optional[torch.Tensor] = None,
+) -> Optional[TokenAssignment]:
+    """Bipartite soft matching over the 2-D stride partition (ToMe for SD, section 4.2).
+
+    Destinations (set B) are one token per full ``sy x sx`` cell
+    (:func:`stride_destinations`); every other token is a source (set A). Each
+    source's most similar destination (cosine) is its match, and the ``r``
+    sources with the highest scores merge into their match. The output holds
+    the unmerged sources, then the destinations, each in partition order.
+
+    Args:
+        metric: ``(batch, tokens, channels)``, ``tokens == height * width``.
+        height, width: Token grid, in tokens (row-major).
+        sx, sy: Cell width and height, in tokens.
+        r: Tokens to remove; capped at the number of sources.
+        choice: Destination offset per cell (see :func:`stride_destinations`).
+
+    Returns:
+        The assignment, or ``None`` when nothing merges (``r <= 0`` or no cells).
+
+    Raises:
+        ValueError: if the grid does not match the metric or a size is not positive.
+    """
+    if metric.dim() != 3:
+        raise ValueError(f"metric must have shape (batch, tokens, channels), got shape {tuple(metric.shape)}")
+    batch, num_tokens, _ = metric.shape
+    _check_grid(num_tokens, height, width, sx, sy)
+    num_dst = (height // sy) * (width // sx)
+    r = min(int(r), num_tokens - num_dst)
+    if r <= 0 or num_dst == 0:
+        return None
+    with torch.no_grad():
+        device = metric.device
+        dst_pos = stride_destinations(height, width, sx, sy, choice, device=device)
+        is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        is_dst[dst_pos] = True
+        src_pos = torch.argsort(is_dst.to(torch.int8), stable=True)[: num_tokens - num_dst]
+
+        metric = _normalize(metric)
+        a = metric.index_select(1, src_pos)
+        b = metric.index_select(1, dst_pos)
+        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+        merged = node_max.topk(r, dim=-1).indices  # (batch, r) sources that merge away
+
+        num_src = num_tokens - num_dst
+        is_merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device).scatter(
+            1, merged, torch.ones_like(merged, dtype=torch.bool)
+        )
+        kept_slot = (~is_merged).cumsum(dim=1) - 1
+        dst_slot = torch.arange(num_dst, device=device) + (num_src - r)
+        src_slot = torch.where(is_merged, dst_slot[node_idx], kept_slot)
+        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+        dest[:, src_pos] = src_slot
+        dest[:, dst_pos] = dst_slot.expand(batch, -1)
+    return TokenAssignment(dest, num_tokens - r)

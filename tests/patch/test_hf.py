@@ -456,18 +456,39 @@ def test_attention_maps_refused_while_merging(name):
     assert len(model(**inputs, output_attentions=True).attentions) == LAYERS
 
 
-@pytest.mark.parametrize("name", ["ViTForImageClassification", "Dinov2Model", "ASTForAudioClassification"])
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "Dinov2ForImageClassification", "ASTForAudioClassification"])
 @torch.no_grad()
-def test_padding_masks_refused_while_merging(name):
+def test_padding_masks_merge_with_tokens(name):
     model = tome.apply_patch(make(name), r=2)
     inputs = inputs_for(name)
-    mask = torch.ones(2, NUM_TOKENS[family(name)], dtype=torch.long)
+    num_tokens = NUM_TOKENS[family(name)]
     expected = main_output(name, model(**inputs))
-    # An all-ones mask masks nothing and is accepted; a real one is refused.
-    assert torch.equal(main_output(name, model(**inputs, attention_mask=mask)), expected)
-    mask[:, -1] = 0
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(**inputs, attention_mask=mask)
+    # An all-ones mask masks nothing.
+    mask = torch.ones(2, num_tokens, dtype=torch.long)
+    torch.testing.assert_close(main_output(name, model(**inputs, attention_mask=mask)), expected, atol=1e-5, rtol=0)
+    # Sample 0 has its last 3 tokens padded: they count for nothing, whatever they hold.
+    mask[0, -3:] = 0
+    padded = main_output(name, model(**inputs, attention_mask=mask))
+    sizes = model._tome_info["size"].sum(dim=(1, 2))
+    torch.testing.assert_close(sizes, torch.tensor([num_tokens - 3.0, num_tokens]))
+    torch.testing.assert_close(padded[1], expected[1], atol=1e-5, rtol=0)
+    assert not torch.allclose(padded[0], expected[0], atol=1e-3)
+    embeddings = next(m for n, m in model.named_modules() if n.endswith("embeddings"))
+
+    def scramble_padding(module, args, out):
+        out = out.clone()
+        out[0, -3:] = 10 * torch.randn(3, out.shape[-1], generator=torch.Generator().manual_seed(7))
+        return out
+
+    handle = embeddings.register_forward_hook(scramble_padding)
+    try:
+        scrambled = main_output(name, model(**inputs, attention_mask=mask))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(scrambled, padded, atol=1e-5, rtol=0)
+    # Masks that are not (batch, tokens) over the first layer's tokens are refused.
+    with pytest.raises(ValueError, match="attention_mask covers"):
+        model(**inputs, attention_mask=mask[:, 1:])
 
 
 @pytest.mark.parametrize("name", ["ViTForImageClassification", "CLIPModel", "Dinov2WithRegistersForImageClassification", "VideoMAEForVideoClassification"])

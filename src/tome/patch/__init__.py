@@ -18,6 +18,7 @@ from typing import Callable, Dict, Tuple
 from torch import nn
 
 # Importing the family modules registers them.
+from ._diffusers import diffusers
 from ._eva import eva
 from ._hf import hf
 from ._hf_dinov3 import hf_dinov3
@@ -33,6 +34,7 @@ __all__ = [
     "torchvision",
     "swag",
     "hf",
+    "diffusers",
     "eva",
     "hf_dinov3",
     "FAMILIES",

@@ -31,9 +31,12 @@ Output semantics with merging (``model.r`` > 0):
 - ``output_hidden_states=True`` returns the layer inputs and outputs as usual
   (embedding output first), each with the token count it had at that point:
   ``hidden_states[i]`` has as many tokens as entered layer ``i``.
-- ``output_attentions=True`` and a non-None ``attention_mask`` raise
-  ``ValueError``: merged tokens no longer line up with them. Set ``model.r = 0``
-  to use them.
+- ``output_attentions=True`` raises ``ValueError``: merged layers run fused
+  attention. Set ``model.r = 0`` to get attention maps.
+- ``attention_mask``: a ``(batch, tokens)`` key-padding mask over the tokens entering
+  the first layer (1 = keep) is carried as token sizes: padding tokens have size 0,
+  so they add nothing to merged tokens, pools or attention, and a merged token is
+  valid if any of its members is. Other mask shapes raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -203,7 +206,13 @@ class _Ledger:
             active.info = info
             active.caller_mask = kwargs.get("attention_mask")  # what the user passed, not what the model built
         self.ledger = active
-        self.num_blocks = len(module._tome_blocks())
+        blocks = module._tome_blocks()
+        self.num_blocks = len(blocks)
+        if self.own and active.caller_mask is not None and any(b._tome_block_r > 0 for b in blocks):
+            # While merging, a key-padding mask rides along as token sizes (padding: size 0), so
+            # it merges with the tokens; the masks the model builds from it need not line up.
+            active.padding = key_padding(active.caller_mask)
+            active.caller_mask = None
 
     def __enter__(self) -> ToMeForward:
         if self.use_context:
@@ -217,6 +226,29 @@ class _Ledger:
         if self.own and exc[0] is None and ledger.final is not None:  # type: ignore[union-attr]
             removed = [ledger.removed.get(i, 0) for i in range(self.num_blocks)]  # type: ignore[union-attr]
             ledger.info.record(ledger.final, ledger.like, removed)  # type: ignore[union-attr]
+
+
+def key_padding(mask: torch.Tensor) -> torch.Tensor:
+    """The caller's ``attention_mask`` as first-layer token sizes.
+
+    Args:
+        mask: ``(batch, tokens)`` key-padding mask over the tokens entering the first
+            layer (prefix tokens included), nonzero / True for tokens to keep.
+
+    Returns:
+        ``(batch, tokens, 1)`` float32: 1 for valid tokens, 0 for padding.
+
+    Raises:
+        ValueError: quoting the shape when ``mask`` is not ``(batch, tokens)``.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"attention_mask of shape {shape} cannot be combined with token merging (model.r > 0): pass a "
+            "(batch, tokens) key-padding mask over the tokens entering the first layer (1 = keep, 0 = padding), "
+            "or set model.r = 0"
+        )
+    return (mask != 0).to(torch.float32).unsqueeze(-1)
 
 
 class ToMeHFRunner:

@@ -38,6 +38,9 @@ __all__ = [
 # Instance attributes that patching adds; removed again by remove_patch.
 _INSTANCE_ATTRS = (
     "_tome_info", "_tome_r", "_tome_block_r", "_tome_index", "_tome_protected", "_tome_prop_attn", "_tome_context",
+    # diffusers
+    "_tome_settings", "_tome_lowest_level", "_tome_patch_size", "_tome_spatial", "_tome_block_key", "_tome_role",
+    "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at",
 )
 
 _CLASS_CACHE: Dict[Tuple[Tuple[type, ...], type], type] = {}
@@ -196,18 +199,27 @@ def swap_class(module: nn.Module, mixins: Union[type, Tuple[type, ...]]) -> None
     module.__class__ = _runtime_class(mixins, type(module))
 
 
-def remove_patch(model: nn.Module) -> nn.Module:
+def remove_patch(model: Any) -> Any:
     """Undo any ToMe patch in place: original classes back, ToMe attributes gone.
 
     Outputs are then bit-identical to a model that was never patched. Calling it
     on an unpatched model does nothing.
 
     Args:
-        model: A model patched by any ``tome.patch`` function.
+        model: A model patched by any ``tome.patch`` function, or a diffusers
+            pipeline (every module among its components is restored).
 
     Returns:
         The same model, for chaining.
     """
+    if not isinstance(model, nn.Module):
+        components = getattr(model, "components", None)
+        if not isinstance(components, dict):
+            raise TypeError(f"remove_patch expects a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
+        for component in components.values():
+            if isinstance(component, nn.Module):
+                remove_patch(component)
+        return model
     for module in model.modules():
         while is_patched(module):
             module.__class__ = type(module).__dict__["_tome_parent"]

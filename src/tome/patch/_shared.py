@@ -48,6 +48,25 @@ __all__ = [
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _pad_metric(metric: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """The matching metric with every padding token (size 0) replaced by one shared vector.
+
+    Padding tokens then match each other perfectly (so they merge away first, into
+    each other), and how valid tokens match never depends on what padding holds. The
+    shared vector points away from the valid tokens' mean direction, so valid tokens
+    rarely pick a padding partner.
+
+    Args:
+        metric: ``(batch, tokens, channels)``.
+        size: ``(batch, tokens, 1)``; 0 marks padding.
+    """
+    valid = size > 0
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    away = -(unit * valid).sum(dim=1, keepdim=True)
+    away = away + 1e-3 * (away.norm(dim=-1, keepdim=True) < 1e-6)  # never the zero vector
+    return torch.where(valid, metric, away.to(metric.dtype).expand_as(metric))
+
+
 def sources_from_groups(groups: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense source map from group indices.
 
@@ -76,6 +95,9 @@ class ToMeState:
         protected_tokens: Leading tokens that never merge (class, distillation, registers).
         prop_attn: Add ``log(size)`` to attention logits.
         trace_source: Keep ``groups`` up to date.
+        padded: ``size`` comes from a key-padding mask: padding tokens have size 0
+            (they count for nothing in merges and pools, and attention ignores them),
+            and a merged token is valid if any of its members is.
         positions: ``(batch, tokens, k)`` float32 per-token position vectors (e.g. the
             rotary angles of a RoPE model, which are linear in the patch coordinates),
             merged with the tokens; ``None`` for models without them.
@@ -90,6 +112,7 @@ class ToMeState:
     protected_tokens: int
     prop_attn: bool
     trace_source: bool
+    padded: bool = False
     positions: Optional[torch.Tensor] = None
     position_rule: str = "mean"
 
@@ -100,6 +123,9 @@ class ToMeState:
 
     def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """Proportional-attention bias ``log(size)``, shape ``(batch, 1, 1, tokens)``, or None."""
+        if self.padded and self.size is not None and not self.prop_attn:
+            # Only the padding: 0 for valid keys, -inf for padding keys.
+            return size_bias((self.size > 0).to(torch.float32), dtype)
         if not self.prop_attn or self.size is None:
             return None
         return size_bias(self.size, dtype)
@@ -128,6 +154,8 @@ class ToMeState:
             merged, size, groups = merge_tokens(x, metric, self.size, self.groups, r, self.protected_tokens,
                                                 self.trace_source)
             return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1])
+        if self.padded:
+            metric = _pad_metric(metric, self.sizes(x))
         assignment = match_bipartite(metric, r, self.protected_tokens)
         if assignment is None:
             return x, self
@@ -137,7 +165,8 @@ class ToMeState:
         # Before the first merge every size is 1: skip multiplying by ones.
         merged = assignment.merge(work if self.size is None else work * size, mode="sum")
         new_size = assignment.merge(size, mode="sum")
-        merged = (merged / new_size).to(x.dtype)
+        # A token made of padding only has size 0 (and value 0); it stays padding.
+        merged = (merged / (new_size.clamp_min(1e-6) if self.padded else new_size)).to(x.dtype)
         groups = self.groups
         if self.trace_source:
             groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device))
@@ -316,6 +345,9 @@ class ToMeForward:
         # The attention mask the caller passed to the model (None: masks reaching the layers
         # were built by the model from nothing, and mask nothing).
         self.caller_mask: Optional[torch.Tensor] = None
+        # A key-padding mask folded into the first state's sizes: (batch, tokens, 1) float32,
+        # 1 for valid tokens and 0 for padding (see ToMeState.padded).
+        self.padding: Optional[torch.Tensor] = None
 
     def enter(self, index: int, x: torch.Tensor, r: int) -> BlockCall:
         """The call for block ``index`` on ``x`` ``(batch, tokens, channels)`` with its ``r``."""
@@ -325,6 +357,14 @@ class ToMeForward:
             if index != 0:
                 raise RuntimeError(f"block {index} ran before block {index - 1} in this forward")
             state = self._states[0] = ToMeState.start(x.shape[1], *self._settings)
+            if self.padding is not None:
+                if tuple(self.padding.shape[:2]) != (x.shape[0], x.shape[1]):
+                    raise ValueError(
+                        f"attention_mask covers {tuple(self.padding.shape[:2])} (batch, tokens) but the first "
+                        f"layer sees {x.shape[0]} x {x.shape[1]} tokens (prefix tokens included); pass a mask "
+                        "of that shape, or set model.r = 0"
+                    )
+                state = self._states[0] = replace(state, size=self.padding, padded=True)
         return BlockCall(state, r)
 
     def leave(self, index: int, call: BlockCall) -> None:

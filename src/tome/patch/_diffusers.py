@@ -1,0 +1,713 @@
+"""Token merging for diffusers denoisers: Stable Diffusion UNets, ControlNets and DiTs.
+
+Two ways of merging, both of ToMe's bipartite soft matching over a 2-D stride
+partition of the image tokens (one destination per ``sy x sx`` cell):
+
+- ``mode="tokens"``: ToMe for Stable Diffusion (Bolya & Hoffman, "Token Merging
+  for Fast Stable Diffusion", CVPRW 2023, sections 3-4). In every
+  ``BasicTransformerBlock`` of a level at most ``max_downsample`` below the latent,
+  the merge is computed once from the block's input, and self-attention (and
+  optionally cross-attention and the feed-forward) runs on the merged tokens;
+  each output is unmerged before its residual add. With ``use_rand=False`` the
+  outputs equal ``tomesd`` 0.1.3's.
+- ``mode="kv"``: only the keys and values of self-attention are merged (matched on
+  the keys), queries keep every token, and ``log(size)`` is added to the logits
+  (proportional attention, ToMe section 3), so merging exact duplicates changes
+  nothing and no unmerge is needed.
+
+The integration goes through the seams diffusers offers instead of copying a
+block's forward: the denoiser hands a per-forward :class:`_Step` down in the
+``cross_attention_kwargs`` it already passes to every transformer block; a block
+turns it into a plan for its own attention modules, which receive it through the
+same dictionary. Every block variant (PixArt's ``ada_norm_single``, positional
+embeddings, GLIGEN, feed-forward chunking) keeps its own forward, and the
+attention processors in use (sdpa, xformers, IP-Adapter, LoRA) keep running.
+"""
+
+import dataclasses
+import inspect
+import math
+import re
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..merge import TokenAssignment, hashed_stride_choice, match_stride_2d
+from ._lifecycle import is_patched, register_family, swap_class
+
+__all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
+
+MODES = ("tokens", "kv")
+
+# The key under which the per-forward state travels in ``cross_attention_kwargs``.
+_KEY = "tome"
+
+# Transformers whose BasicTransformerBlocks mix image tokens of one frame (merging
+# is spatial). Blocks of any other owner (AnimateDiff motion modules, temporal
+# transformers of video UNets) attend over frames and are never merged.
+_SPATIAL_OWNERS = (
+    "Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
+    "FluxTransformer2DModel",
+)
+# Block class -> where its joint attention puts the image tokens among the keys
+# ("" for BasicTransformerBlock, whose self-attention sees image tokens only).
+_BLOCKS = {
+    "BasicTransformerBlock": "",
+    "JointTransformerBlock": "start",  # SD3: [image, text]
+    "FluxTransformerBlock": "end",  # Flux: [text, image]
+    "FluxSingleTransformerBlock": "end",
+}
+_DENOISERS = ("unet", "transformer", "controlnet")
+
+
+def _class_names(obj: Any) -> List[str]:
+    return [cls.__name__ for cls in type(obj).__mro__]
+
+
+def _is_diffusers_model(obj: Any) -> bool:
+    return isinstance(obj, nn.Module) and any(
+        cls.__name__ == "ModelMixin" and cls.__module__.startswith("diffusers") for cls in type(obj).__mro__
+    )
+
+
+def _is_pipeline(obj: Any) -> bool:
+    return "DiffusionPipeline" in _class_names(obj)
+
+
+def is_diffusers(obj: Any) -> bool:
+    """Whether ``obj`` is a diffusers pipeline or model (checked by class name, so
+    diffusers is never imported)."""
+    return _is_pipeline(obj) or _is_diffusers_model(obj)
+
+
+@dataclasses.dataclass
+class DiffusionSettings:
+    """The options of :func:`diffusers`, kept on a patched denoiser and readable and
+    settable as its attributes (``unet.ratio = 0.3``). See :func:`diffusers` for their meaning."""
+
+    ratio: float = 0.5
+    max_downsample: Optional[int] = None
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+    mode: Optional[str] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid option."""
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(f"ratio={ratio!r} must be a number in [0, 1): the fraction of tokens merged away")
+        for name in ("sx", "sy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int (the cell size of the stride partition)")
+        if self.sx * self.sy < 2:
+            raise ValueError("sx=1 and sy=1 make every token a destination, so nothing could merge; use sx*sy >= 2")
+        md = self.max_downsample
+        if md is not None and (isinstance(md, bool) or not isinstance(md, int) or md < 1):
+            raise ValueError(
+                f"max_downsample={md!r} must be None (the highest-resolution level with attention) "
+                "or a positive int such as 1, 2, 4 or 8"
+            )
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is unknown; expected one of {MODES}")
+        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.mode == "kv" and (self.merge_crossattn or self.merge_mlp):
+            raise ValueError(
+                "merge_crossattn and merge_mlp apply to mode='tokens' only; mode='kv' merges the keys "
+                "and values of self-attention"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an int")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """Per-forward state, made by the denoiser and handed down to its blocks."""
+
+    settings: DiffusionSettings  # a frozen snapshot: changing the model's settings mid-forward has no effect
+    max_downsample: int
+    height: int  # token grid of the highest-resolution level (downsample 1)
+    width: int
+    key: Optional[torch.Tensor]  # seed and timestep mixed; None when destinations are fixed
+
+    def grid(self, num_tokens: int) -> Optional[Tuple[int, int]]:
+        """The ``(height, width)`` of a level with ``num_tokens`` tokens, if it merges."""
+        full = self.height * self.width
+        # tomesd's rule, which also holds for latents not divisible by the strides
+        downsample = int(math.ceil(math.sqrt(full // num_tokens))) if num_tokens <= full else 0
+        if downsample < 1 or downsample > self.max_downsample:
+            return None
+        h, w = -(-self.height // downsample), -(-self.width // downsample)
+        return (h, w) if h * w == num_tokens else None
+
+    def choice(self, batch: int, cells: Tuple[int, int], block_key: int) -> Optional[torch.Tensor]:
+        s = self.settings
+        # An odd batch cannot hold both halves of a classifier-free-guidance batch, whose
+        # halves must see the same partition; tomesd turns randomness off then as well.
+        if self.key is None or batch % 2 == 1 or cells[0] * cells[1] == 0:
+            return None
+        return hashed_stride_choice(cells[0], cells[1], s.sx * s.sy, self.key + block_key * 104729)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a block hands its attention modules (and feed-forward) for one call."""
+
+    assignment: Optional[TokenAssignment]  # mode "tokens": the block's merge
+    kv: Optional[Tuple[int, int, Optional[torch.Tensor]]]  # mode "kv": (height, width, choice)
+    step: _Step
+
+
+class _MergedKeysAttention(TorchFunctionMode):
+    """While active, ``scaled_dot_product_attention`` attends to merged keys and values.
+
+    The image tokens' keys (averaged over heads, after any normalisation and rotary
+    embedding the processor applied) are matched over the stride partition; keys and
+    values of each group are averaged and the logits of a merged key get ``log(size)``
+    (proportional attention, ToMe section 3). Text tokens of joint attention (SD3,
+    Flux) are kept as they are. Queries keep every token, so the output needs no unmerge.
+    """
+
+    def __init__(self, height: int, width: int, choice: Optional[torch.Tensor], settings: "DiffusionSettings",
+                 image_at: str) -> None:
+        super().__init__()
+        self.height, self.width, self.choice = height, width, choice
+        self.settings, self.image_at = settings, image_at
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        return self._attend(func, *args, **kwargs)
+
+    def _attend(self, func: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        s = self.settings
+        total, image = key.shape[-2], self.height * self.width
+        if attn_mask is not None or kwargs.get("is_causal") or args or image > total or key.dim() != 4:
+            if attn_mask is not None:
+                raise ValueError(
+                    "mode='kv' cannot merge the keys of an attention that is given an attention mask; "
+                    "use mode='tokens' (UNets, PixArt) or ratio=0 for this call"
+                )
+            return func(query, key, value, attn_mask, *args, **kwargs)
+        start = 0 if self.image_at == "start" else total - image
+        batch, heads, _, dim = key.shape
+        keys = key[:, :, start : start + image]
+        with torch.no_grad():
+            assignment = match_stride_2d(
+                keys.mean(dim=1), self.height, self.width, s.sx, s.sy, int(image * s.ratio), self.choice
+            )
+        if assignment is None:
+            return func(query, key, value, *args, **kwargs)
+
+        def merged(t: torch.Tensor) -> torch.Tensor:
+            part = t[:, :, start : start + image].transpose(1, 2).reshape(batch, image, -1)
+            part = assignment.merge(part, mode="mean").view(batch, assignment.num_out, heads, -1).transpose(1, 2)
+            return torch.cat([t[:, :, :start], part, t[:, :, start + image :]], dim=2)
+
+        bias = assignment.sizes(dtype=query.dtype).log()
+        text = total - image
+        pad = bias.new_zeros(batch, text)
+        bias = torch.cat([pad[:, : start], bias, pad[:, start:]] if start else [bias, pad], dim=1)
+        return func(query, merged(key), merged(value), bias[:, None, None, :], **kwargs)
+
+
+def _parameters(module: nn.Module) -> List[str]:
+    """Parameter names of the original class's forward, without ``self``."""
+    cls = type(module).__dict__.get("_tome_parent", type(module))
+    return list(inspect.signature(cls.forward).parameters)[1:]
+
+
+def _positions(module: nn.Module, *names: str) -> Dict[str, int]:
+    """Positions of the named parameters in ``module.forward`` (not counting ``self``);
+    read once at patch time, so that a compiled forward does no introspection."""
+    params = _parameters(module)
+    return {name: params.index(name) for name in names if name in params}
+
+
+def _get_arg(module: nn.Module, args: tuple, kwargs: Dict[str, Any], name: str) -> Tuple[Any, int]:
+    """The value of argument ``name`` in a call ``(args, kwargs)`` and its position (-1: keyword or absent)."""
+    if name in kwargs:
+        return kwargs[name], -1
+    index = module._tome_arg_index.get(name, -1)
+    if 0 <= index < len(args):
+        return args[index], index
+    return None, -1
+
+
+def _set_arg(args: tuple, kwargs: Dict[str, Any], name: str, index: int, value: Any) -> tuple:
+    if index >= 0:
+        return args[:index] + (value,) + args[index + 1 :]
+    kwargs[name] = value
+    return args
+
+
+class ToMeDiffusersAttentionMixin:
+    """An attention module of a merging block: with a plan in its keyword arguments it
+    runs on merged tokens (``tokens``) or merged keys and values (``kv``); otherwise it
+    is the original module. Its own hooks see its usual input and output."""
+
+    _tome_keep_name = True
+    _tome_role: str = "self"  # "self" for a block's attn1, "cross" for attn2, "joint" for SD3/Flux attention
+    _tome_image_at: str = "start"  # where the image tokens sit among the keys ("start" or "end")
+    _tome_block_key: int = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        plan = kwargs.pop(_KEY, None)
+        if plan is None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if isinstance(plan, _Step):  # joint attention (SD3, Flux): no block in between
+            s = plan.settings
+            cells = (plan.height // s.sy, plan.width // s.sx)
+            plan = _Plan(None, (plan.height, plan.width, plan.choice(hidden_states.shape[0], cells, self._tome_block_key)), plan)
+        s = plan.step.settings
+        if plan.assignment is not None:  # mode "tokens"
+            if not (s.merge_attn if self._tome_role == "self" else s.merge_crossattn):
+                return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+            out = super().forward(plan.assignment.merge(hidden_states), *args, **kwargs)  # type: ignore[misc]
+            return plan.assignment.unmerge(out)
+        if self._tome_role == "cross" or (
+            self._tome_role == "self" and kwargs.get("encoder_hidden_states", args[0] if args else None) is not None
+        ):
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        height, width, choice = plan.kv  # type: ignore[misc]
+        mode = _MergedKeysAttention(height, width, choice, s, self._tome_image_at)
+        with mode:
+            out = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if mode.calls == 0:
+            processor = getattr(self, "processor", None)
+            raise RuntimeError(
+                f"mode='kv' merges keys inside torch.nn.functional.scaled_dot_product_attention, which the "
+                f"attention processor {type(processor).__name__} of this module did not call; use the default "
+                "processor (set_default_attn_processor() or AttnProcessor2_0) or the 'native' attention backend"
+            )
+        return out
+
+
+class ToMeDiffusersFeedForwardMixin:
+    """The feed-forward of a block with ``merge_mlp``: runs on the merged tokens."""
+
+    _tome_keep_name = True
+    _tome_pending: Optional[TokenAssignment] = None  # set by the block around its own call
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        assignment = self._tome_pending
+        if assignment is None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        return assignment.unmerge(super().forward(assignment.merge(hidden_states), *args, **kwargs))  # type: ignore[misc]
+
+
+class ToMeDiffusersBlockMixin:
+    """A ``BasicTransformerBlock``: computes this call's merge from its input and hands it
+    to its attention modules through ``cross_attention_kwargs``. Blocks that do not mix
+    image tokens (temporal ones) only remove the per-forward state."""
+
+    _tome_keep_name = True
+    _tome_spatial: bool = False
+    _tome_block_key: int = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        full = (hidden_states,) + args
+        cross, index = _get_arg(self, full, kwargs, "cross_attention_kwargs")  # type: ignore[arg-type]
+        if not cross or _KEY not in cross:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        cross = dict(cross)
+        step: _Step = cross.pop(_KEY)
+        plan = self._tome_plan(hidden_states, step) if self._tome_spatial else None
+        if plan is not None:
+            cross[_KEY] = plan
+        args = _set_arg(full, kwargs, "cross_attention_kwargs", index, cross or None)[1:]
+        ff = getattr(self, "ff", None)
+        if plan is None or plan.assignment is None or not step.settings.merge_mlp or ff is None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if getattr(self, "_chunk_size", None) is not None:
+            raise ValueError(
+                "merge_mlp=True cannot be combined with feed-forward chunking (the feed-forward would merge "
+                "each chunk on its own); call disable_forward_chunking() or set merge_mlp=False"
+            )
+        ff._tome_pending = plan.assignment
+        try:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            ff._tome_pending = None
+
+    def _tome_plan(self, x: torch.Tensor, step: _Step) -> Optional[_Plan]:
+        s = step.settings
+        if x.dim() != 3:
+            return None
+        grid = step.grid(x.shape[1])
+        if grid is None:
+            return None
+        height, width = grid
+        choice = step.choice(x.shape[0], (height // s.sy, width // s.sx), self._tome_block_key)
+        if s.mode == "kv":
+            return _Plan(None, (height, width, choice), step)
+        assignment = match_stride_2d(x, height, width, s.sx, s.sy, int(x.shape[1] * s.ratio), choice)
+        return None if assignment is None else _Plan(assignment, None, step)
+
+
+def _settings_property(name: str) -> property:
+    def get(self: nn.Module) -> Any:
+        return getattr(self.__dict__["_tome_settings"], name)
+
+    def set_(self: nn.Module, value: Any) -> None:
+        settings = dataclasses.replace(self.__dict__["_tome_settings"], **{name: value})
+        if settings.mode is None:
+            settings = dataclasses.replace(settings, mode=_default_mode(self))
+        _check_merges(self, settings)
+        self.__dict__["_tome_settings"] = settings
+        self.__dict__["_tome_info"] = _summary(self, settings)
+
+    return property(get, set_, doc=f"ToMe option ``{name}`` (see :func:`tome.patch.diffusers`).")
+
+
+class ToMeDiffusersModelMixin:
+    """A patched denoiser: makes the per-forward :class:`_Step` and passes it down."""
+
+    _tome_keep_name = True
+    _tome_patch_size: int = 1
+    _tome_kwargs_name: str = "cross_attention_kwargs"
+    _tome_input: str = "sample"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        settings: DiffusionSettings = self._tome_settings
+        if settings.ratio == 0:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        sample, _ = _get_arg(self, args, kwargs, self._tome_input)
+        grid = self._tome_grid(sample, args, kwargs)
+        if grid is None:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        timestep, _ = _get_arg(self, args, kwargs, "timestep")
+        step = _Step(
+            settings=settings,
+            max_downsample=_resolve_max_downsample(self, settings),  # type: ignore[arg-type]
+            height=grid[0],
+            width=grid[1],
+            key=_step_key(settings, timestep, sample.device) if settings.use_rand else None,
+        )
+        name = self._tome_kwargs_name
+        extra, index = _get_arg(self, args, kwargs, name)
+        extra = dict(extra or {})
+        extra[_KEY] = step
+        args = _set_arg(args, kwargs, name, index, extra)
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def _tome_grid(self, sample: Any, args: tuple, kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+        """The token grid ``(height, width)`` at full resolution, from the input latent
+        (``(batch, channels, [frames,] height, width)``) or, for packed inputs (Flux),
+        from the image token ids (one host sync per call)."""
+        if not isinstance(sample, torch.Tensor):
+            return None
+        if sample.dim() in (4, 5):  # images, or video frames
+            return sample.shape[-2] // self._tome_patch_size, sample.shape[-1] // self._tome_patch_size
+        ids, _ = _get_arg(self, args, kwargs, "img_ids")
+        if sample.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape[-1] == 3:
+            ids = ids.reshape(-1, 3)
+            height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            return (height, width) if height * width == sample.shape[1] else None
+        return None
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        info = self.__dict__.get("_tome_info")
+        text = f"ToMe: {info['description']}" if info else ""
+        return f"{base}\n{text}" if base else text
+
+
+for _name in (f.name for f in dataclasses.fields(DiffusionSettings)):
+    setattr(ToMeDiffusersModelMixin, _name, _settings_property(_name))
+
+
+def _step_key(settings: DiffusionSettings, timestep: Any, device: torch.device) -> torch.Tensor:
+    """Seed and timestep as one int64 tensor: random destinations differ between steps and
+    blocks yet are the same every time a run is repeated with the same seed."""
+    if timestep is None:
+        t = torch.zeros(1, device=device)
+    else:
+        t = torch.as_tensor(timestep, device=device).reshape(-1)[:1].float()
+    return (torch.round(t * 1000).long() + settings.seed * 7919) & 0x7FFFFFFF
+
+
+# --- structure: which blocks merge, at which downsample -----------------------------------
+
+
+def _levels(denoiser: nn.Module) -> Dict[str, int]:
+    """Downsample factor (relative to the latent) of every top-level stage of a UNet."""
+    levels: Dict[str, int] = {}
+    downsample = 1
+    for i, stage in enumerate(getattr(denoiser, "down_blocks", None) or []):
+        levels[f"down_blocks.{i}"] = downsample
+        if getattr(stage, "downsamplers", None):
+            downsample *= 2
+    if getattr(denoiser, "mid_block", None) is not None:
+        levels["mid_block"] = downsample
+    for j, stage in enumerate(getattr(denoiser, "up_blocks", None) or []):
+        levels[f"up_blocks.{j}"] = downsample
+        if getattr(stage, "upsamplers", None):
+            downsample = max(1, downsample // 2)
+    return levels
+
+
+_OWNER = re.compile(r"^(.*?)\.?(?:single_)?transformer_blocks\.\d+$")
+
+
+def _block_kind(module: nn.Module) -> Optional[str]:
+    for name in _class_names(module):
+        if name in _BLOCKS:
+            return name
+    return None
+
+
+def _blocks(denoiser: nn.Module) -> Iterator[Tuple[str, nn.Module, bool, int]]:
+    """``(name, block, spatial, downsample)`` for every transformer block of a denoiser."""
+    levels = _levels(denoiser)
+    for name, module in denoiser.named_modules():
+        if _block_kind(module) is None:
+            continue
+        match = _OWNER.match(name)
+        owner = denoiser.get_submodule(match.group(1)) if match else None
+        spatial = owner is not None and any(n in _SPATIAL_OWNERS for n in _class_names(owner))
+        stage = "mid_block" if name.startswith("mid_block") else ".".join(name.split(".")[:2])
+        yield name, module, spatial, levels.get(stage, 1)
+
+
+def _summary(denoiser: nn.Module, settings: DiffusionSettings) -> Dict[str, Any]:
+    max_downsample = _resolve_max_downsample(denoiser, settings)
+    per_level: Dict[int, List[int]] = {}
+    skipped = []
+    for name, _, spatial, downsample in _blocks(denoiser):
+        if not spatial:
+            skipped.append(name)
+            continue
+        per_level.setdefault(downsample, [0, 0])[0] += 1
+        if downsample <= max_downsample:
+            per_level[downsample][1] += 1
+    merging = sum(m for _, m in per_level.values())
+    total = sum(n for n, _ in per_level.values())
+    levels = ", ".join(
+        f"x{d}: {n} blocks{'' if d <= max_downsample else ' (not merged)'}" for d, (n, _) in sorted(per_level.items())
+    )
+    options = (
+        f"mode={settings.mode}, ratio={settings.ratio}, max_downsample={settings.max_downsample}"
+        f"{f' (= {max_downsample})' if settings.max_downsample is None else ''}, sx={settings.sx}, sy={settings.sy}, "
+        f"use_rand={settings.use_rand}"
+    )
+    if settings.mode == "tokens":
+        options += (
+            f", merge_attn={settings.merge_attn}, merge_crossattn={settings.merge_crossattn}, "
+            f"merge_mlp={settings.merge_mlp}"
+        )
+    description = f"{options}; merging in {merging} of {total} transformer blocks ({levels})"
+    if skipped:
+        description += f"; {len(skipped)} temporal/other blocks left alone"
+    return {
+        "description": description,
+        "blocks": total,
+        "merging_blocks": merging,
+        "levels": {d: {"blocks": n, "merging": m} for d, (n, m) in sorted(per_level.items())},
+        "skipped_blocks": skipped,
+        **dataclasses.asdict(settings),
+        "max_downsample_resolved": max_downsample,
+    }
+
+
+def _check_merges(denoiser: nn.Module, settings: DiffusionSettings) -> None:
+    settings.validate()
+    if settings.mode == "tokens" and not settings.merge_attn and not settings.merge_crossattn and not settings.merge_mlp:
+        raise ValueError("merge_attn, merge_crossattn and merge_mlp are all False: nothing would be merged")
+    summary = _summary(denoiser, settings)
+    if summary["merging_blocks"] == 0:
+        levels = sorted(summary["levels"])
+        raise ValueError(
+            f"no transformer block of {type(denoiser).__name__} is at a downsample of at most "
+            f"max_downsample={settings.max_downsample}; its attention levels are {levels} "
+            "(use max_downsample=None for the highest-resolution one)"
+        )
+
+
+def _resolve_max_downsample(denoiser: nn.Module, settings: DiffusionSettings) -> int:
+    """``max_downsample``, with ``None`` meaning the highest-resolution level that has attention."""
+    if settings.max_downsample is not None:
+        return settings.max_downsample
+    return denoiser._tome_lowest_level
+
+
+def _swap_attention(attn: nn.Module, role: str, image_at: str, key: int) -> None:
+    swap_class(attn, ToMeDiffusersAttentionMixin)
+    object.__setattr__(attn, "_tome_role", role)
+    object.__setattr__(attn, "_tome_image_at", image_at)
+    object.__setattr__(attn, "_tome_block_key", key)
+
+
+def _default_mode(denoiser: nn.Module) -> str:
+    """``"tokens"`` where every block is a ``BasicTransformerBlock`` (UNets, PixArt), else ``"kv"``."""
+    kinds = {_block_kind(block) for _, block, spatial, _ in _blocks(denoiser) if spatial}
+    return "tokens" if kinds == {"BasicTransformerBlock"} else "kv"
+
+
+def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Module:
+    blocks = list(_blocks(denoiser))
+    spatial_levels = sorted({d for _, _, spatial, d in blocks if spatial})
+    if not spatial_levels:
+        raise TypeError(
+            f"{type(denoiser).__name__} has no transformer block over image tokens "
+            f"(looked for {', '.join(_BLOCKS)} inside {', '.join(_SPATIAL_OWNERS)}); nothing to merge"
+        )
+    if settings.mode is None:
+        settings = dataclasses.replace(settings, mode=_default_mode(denoiser))
+    if settings.mode == "tokens" and _default_mode(denoiser) == "kv":
+        raise ValueError(
+            f"mode='tokens' needs BasicTransformerBlocks; {type(denoiser).__name__} uses joint attention "
+            "(SD3, Flux): use mode='kv' (or mode=None)"
+        )
+    if "controlnet_cond" in inspect.signature(type(denoiser).forward).parameters or hasattr(denoiser, "down_blocks"):
+        patch_size = 1
+    else:
+        patch_size = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
+    was_patched = is_patched(denoiser)
+    denoiser.__dict__["_tome_lowest_level"] = spatial_levels[0]
+    try:
+        _check_merges(denoiser, settings)
+    except ValueError:
+        if not was_patched:
+            denoiser.__dict__.pop("_tome_lowest_level")
+        raise
+    swap_class(denoiser, ToMeDiffusersModelMixin)
+    object.__setattr__(denoiser, "_tome_patch_size", patch_size)
+    parameters = _parameters(denoiser)
+    object.__setattr__(denoiser, "_tome_input", parameters[0])
+    kwargs_name = "joint_attention_kwargs" if "joint_attention_kwargs" in parameters else "cross_attention_kwargs"
+    object.__setattr__(denoiser, "_tome_kwargs_name", kwargs_name)
+    object.__setattr__(
+        denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", "img_ids", kwargs_name)
+    )
+    for key, (_, block, spatial, _) in enumerate(blocks):
+        image_at = _BLOCKS[_block_kind(block)]  # type: ignore[index]
+        if image_at:  # joint attention: the attention modules take the per-forward state directly
+            for role, attr in (("joint", "attn"), ("self", "attn2")):
+                attn = getattr(block, attr, None)
+                if spatial and attn is not None:
+                    _swap_attention(attn, role, image_at if role == "joint" else "start", key)
+            continue
+        swap_class(block, ToMeDiffusersBlockMixin)
+        object.__setattr__(block, "_tome_arg_index", _positions(block, "cross_attention_kwargs"))
+        object.__setattr__(block, "_tome_spatial", spatial)
+        object.__setattr__(block, "_tome_block_key", key)
+        if not spatial:
+            continue
+        for role, attr in (("self", "attn1"), ("cross", "attn2")):
+            attn = getattr(block, attr, None)
+            if attn is not None:
+                _swap_attention(attn, role, "start", key)
+        if getattr(block, "ff", None) is not None:
+            swap_class(block.ff, ToMeDiffusersFeedForwardMixin)
+    denoiser.__dict__["_tome_settings"] = settings
+    denoiser.__dict__["_tome_info"] = _summary(denoiser, settings)
+    return denoiser
+
+
+def _denoisers(obj: Any) -> List[nn.Module]:
+    if not _is_pipeline(obj):
+        return [obj]
+    found = []
+    for name in _DENOISERS:
+        component = getattr(obj, name, None)
+        if component is None:
+            continue
+        nets = getattr(component, "nets", None)  # MultiControlNetModel holds a list
+        found.extend(nets if isinstance(nets, nn.ModuleList) else [component])
+    if not found:
+        raise TypeError(
+            f"{type(obj).__name__} holds no denoiser to patch (looked for the components {', '.join(_DENOISERS)})"
+        )
+    return found
+
+
+@register_family("diffusers", is_diffusers, priority=5)
+def diffusers(
+    model: Any,
+    ratio: float = 0.5,
+    max_downsample: Optional[int] = None,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    mode: Optional[str] = None,
+    seed: int = 0,
+) -> Any:
+    """Patch a diffusers pipeline or denoiser in place for token merging.
+
+    ToMe for Stable Diffusion (Bolya & Hoffman, CVPRW 2023) with ``mode="tokens"``;
+    key/value merging with proportional attention with ``mode="kv"`` (see the
+    module docstring and ``docs/diffusion.md``). A pipeline has each denoiser it
+    holds patched (``unet``, ``transformer`` and every ``controlnet``). The options
+    stay readable and settable on every patched denoiser (``pipe.unet.ratio = 0.3``);
+    ``denoiser._tome_info`` and ``print(denoiser)`` say which blocks merge.
+    Patching again only changes the options; ``tome.remove_patch`` undoes it exactly.
+
+    Args:
+        model: A ``DiffusionPipeline`` or a diffusers model (``UNet2DConditionModel``,
+            ``ControlNetModel``, ``UNetMotionModel``, ``PixArtTransformer2DModel``,
+            ``Transformer2DModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``).
+        ratio: Fraction of a level's tokens merged away, in ``[0, 1)``; ``r = int(tokens * ratio)``,
+            capped at the non-destination tokens (``1 - 1/(sx*sy)`` of them). 0 is the unpatched model.
+        max_downsample: Merge in levels at most this far below the latent (1, 2, 4, 8, as
+            tomesd). ``None`` takes the highest-resolution level that has attention
+            (1 on SD 1.x/2.x and DiTs, 2 on SDXL).
+        sx, sy: Cell width and height, in tokens, of the stride partition (one destination per cell).
+        use_rand: Random destination in each cell, the same for the whole batch (off for
+            odd batches); drawn as a hash of ``seed``, the timestep and the block, so runs repeat.
+        merge_attn, merge_crossattn, merge_mlp: With ``mode="tokens"``, run self-attention,
+            cross-attention, the feed-forward on merged tokens.
+        mode: ``"tokens"`` (tomesd's method; UNets, PixArt) or ``"kv"`` (merge keys and values
+            only; every model). ``None`` picks ``"tokens"`` where every block is a
+            ``BasicTransformerBlock`` and ``"kv"`` for joint attention (SD3, Flux).
+        seed: Seed of the random destinations.
+
+    Returns:
+        ``model``, patched.
+
+    Raises:
+        TypeError: if ``model`` is not a diffusers pipeline or model with transformer blocks.
+        ValueError: for an invalid option, or when no block would merge (for example
+            ``max_downsample=1`` on SDXL, whose highest-resolution level has no attention).
+    """
+    if not is_diffusers(model):
+        raise TypeError(
+            f"{type(model).__name__} is not a diffusers pipeline or model; tome.patch.diffusers patches "
+            "DiffusionPipeline objects and diffusers denoisers (UNet2DConditionModel, ControlNetModel, "
+            "PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel, ...)"
+        )
+    settings = DiffusionSettings(
+        ratio=ratio,
+        max_downsample=max_downsample,
+        sx=sx,
+        sy=sy,
+        use_rand=use_rand,
+        merge_attn=merge_attn,
+        merge_crossattn=merge_crossattn,
+        merge_mlp=merge_mlp,
+        mode=mode,
+        seed=seed,
+    )
+    settings.validate()
+    for denoiser in _denoisers(model):
+        if not _is_diffusers_model(denoiser):
+            raise TypeError(f"{type(denoiser).__name__} is not a diffusers model")
+        _patch_denoiser(denoiser, settings)
+    return model

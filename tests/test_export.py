@@ -1,0 +1,209 @@
+"""tome.export: every family exports with merging on, and onnxruntime reproduces eager outputs.
+
+Each model is a tiny random one (trained-like weights, see conftest), patched with
+r > 0, exported once with a dynamic batch (torch.export, then torch.onnx dynamo) and
+run in onnxruntime at batch sizes other than the example's. Matching is a discrete
+decision, so outputs are compared per sample; with these inputs no sample sits on a
+near-tie, and every sample must agree to rounding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import tome  # noqa: E402
+from tome.export import (  # noqa: E402
+    compare_outputs,
+    export_onnx,
+    export_program,
+    main_output,
+    onnx_session,
+    quantize_onnx,
+    run_onnx,
+)
+
+# The tiny model builders of the family tests. They import trained_like_ from `conftest`,
+# a name tests/tools/conftest.py also has: when pytest loaded that one first (both
+# directories on one command line), point the name back at tests/conftest.py.
+_TESTS = Path(__file__).resolve().parent
+if not hasattr(sys.modules.get("conftest"), "trained_like_"):
+    _spec = importlib.util.spec_from_file_location("conftest", _TESTS / "conftest.py")
+    sys.modules["conftest"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["conftest"])
+sys.path.insert(0, str(_TESTS / "patch"))
+from test_mae import TINY as MAE_TINY  # noqa: E402
+from test_mae import MAEStyleViT  # noqa: E402
+
+import test_hf as hf_models  # noqa: E402
+import test_timm as timm_models  # noqa: E402
+from conftest import trained_like_  # noqa: E402
+from test_swag import make_swag  # noqa: E402
+from test_torchvision import make_vit as make_torchvision  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+
+def _images(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _hf(name: str) -> Tuple[Callable[[], torch.nn.Module], Callable[[int, int], Dict[str, torch.Tensor]]]:
+    def inputs(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return {k: torch.randn(v.shape, generator=generator) for k, v in hf_models.inputs_for(name, batch).items()}
+
+    return (lambda: hf_models.make(name)), inputs
+
+
+def _mae() -> torch.nn.Module:
+    return trained_like_(MAEStyleViT(global_pool=True, **{**MAE_TINY, "depth": 2})).eval()
+
+
+FAMILIES: Dict[str, Tuple[Callable[[], torch.nn.Module], Callable[[int, int], Any]]] = {
+    "timm": (lambda: timm_models.make("registers", depth=2), _images),
+    "timm-map": (lambda: timm_models.make("map", depth=2), _images),
+    "mae": (_mae, _images),
+    "torchvision": (make_torchvision, _images),
+    "swag": (lambda: make_swag("token"), _images),
+    **{name: _hf(name) for name in (
+        "ViTForImageClassification",
+        "DeiTForImageClassificationWithTeacher",
+        "Dinov2ForImageClassification",
+        "Dinov2WithRegistersModel",
+        "CLIPVisionModelWithProjection",
+        "SiglipVisionModel",
+        "VideoMAEForVideoClassification",
+        "ASTForAudioClassification",
+    )},
+}
+
+
+def _call(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return main_output(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_exports_with_dynamic_batch_and_onnxruntime_agrees(family, tmp_path):
+    build, make_inputs = FAMILIES[family]
+    model = tome.apply_patch(build(), r=3)
+    example = make_inputs(2, 1)
+    path = export_onnx(model, example, tmp_path / "model.onnx")
+    session = onnx_session(path, threads=1)
+    for batch in (1, 5):
+        inputs = make_inputs(batch, 10 + batch)
+        expected = _call(model, inputs)
+        agreement = compare_outputs(expected, run_onnx(session, inputs), atol=1e-4)
+        assert all(agreement.matching), agreement.summary()
+    # Merging happened in the exported graph: the unmerged model computes something else.
+    inputs = make_inputs(5, 15)
+    with tome.merging(model, 0):
+        unmerged = _call(model, inputs)
+    assert not torch.allclose(unmerged, run_onnx(session, inputs), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["timm", "Dinov2ForImageClassification", "ASTForAudioClassification"])
+def test_torch_export_program_runs_at_other_batch_sizes(family):
+    build, make_inputs = FAMILIES[family]
+    model = tome.apply_patch(build(), r=(3, -1.0))  # decreasing schedule
+    program = export_program(model, make_inputs(2, 1)).module()
+    for batch in (1, 3):
+        inputs = make_inputs(batch, 20 + batch)
+        tensors = tuple(inputs.values()) if isinstance(inputs, dict) else (inputs,)
+        with torch.no_grad():
+            torch.testing.assert_close(program(*tensors), _call(model, inputs), atol=1e-5, rtol=0)
+
+
+def test_int8_quantization_keeps_the_matching_in_fp32(tmp_path):
+    import onnx
+
+    build, make_inputs = FAMILIES["timm"]
+    model = tome.apply_patch(build(), r=3)
+    fp32 = export_onnx(model, make_inputs(2, 1), tmp_path / "model.onnx")
+    inputs = make_inputs(8, 3)
+    expected = _call(model, inputs)
+    dynamic = quantize_onnx(fp32, tmp_path / "dynamic.onnx")
+    static = quantize_onnx(fp32, tmp_path / "static.onnx", mode="static",
+                           calibration=[make_inputs(4, seed) for seed in range(4)])
+    for path, quantized_op in ((dynamic, "MatMulInteger"), (static, "QuantizeLinear")):
+        ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+        assert quantized_op in ops and "TopK" in ops, sorted(set(ops))
+        got = run_onnx(onnx_session(path, threads=1), inputs)
+        agreement = compare_outputs(expected, got, atol=1e-4)
+        # Quantized: close to the fp32 model, but not equal to it.
+        assert 1e-4 < max(agreement.max_abs_diff) < 0.5 * expected.abs().max(), agreement.summary()
+    # The similarity product (two activations) is never quantized.
+    quantized_matmuls = [n for n in onnx.load(str(dynamic)).graph.node if n.op_type == "MatMulInteger"]
+    assert all(len(n.input) >= 2 for n in quantized_matmuls)
+
+
+def test_compare_outputs_reports_per_sample():
+    expected = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.4]])
+    got = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.5, 0.40001]])
+    agreement = compare_outputs(expected, got, atol=1e-3)
+    assert agreement.matching == [True, False, True]
+    assert agreement.same_top1 == [True, False, True]
+    assert agreement.max_abs_diff[1] == 1.0
+    assert "2/3 samples within" in agreement.summary()
+    with pytest.raises(ValueError, match=r"shape: expected \(3, 2\), got \(2, 2\)"):
+        compare_outputs(expected, got[:2])
+
+
+def test_bad_arguments_raise_value_error(tmp_path):
+    model = tome.apply_patch(timm_models.make("token", depth=1), r=2)
+    with pytest.raises(ValueError, match="opset=13"):
+        export_onnx(model, _images(2), tmp_path / "m.onnx", opset=13)
+    with pytest.raises(ValueError, match="inputs must be a tensor or a non-empty dict"):
+        export_onnx(model, [_images(2)], tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="mode='int4'"):
+        quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", mode="int4")
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", mode="static")
+    with pytest.raises(FileNotFoundError, match="m.onnx"):
+        onnx_session(tmp_path / "m.onnx")
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        export_program(model, _images(2))
+
+
+@pytest.mark.parametrize("name", ["ASTForAudioClassification", "Dinov2ForImageClassification"])
+def test_padding_mask_exports_as_an_input(name, tmp_path):
+    # Batched inputs of different lengths: the key-padding mask is an ONNX input too.
+    build, make_inputs = FAMILIES[name]
+    model = tome.apply_patch(build(), r=2)
+    tokens = hf_models.NUM_TOKENS[hf_models.family(name)]
+
+    def with_mask(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+        mask = torch.ones(batch, tokens, dtype=torch.long)
+        for i in range(batch):
+            mask[i, tokens - (i % 4):] = 0  # 0 to 3 padding tokens at the end
+        return {**make_inputs(batch, seed), "attention_mask": mask}
+
+    session = onnx_session(export_onnx(model, with_mask(2, 1), tmp_path / "model.onnx"), threads=1)
+    inputs = with_mask(5, 7)
+    agreement = compare_outputs(_call(model, inputs), run_onnx(session, inputs), atol=1e-4)
+    assert all(agreement.matching), agreement.summary()
+    unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    assert not torch.allclose(_call(model, unmasked)[1:4], run_onnx(session, inputs)[1:4], atol=1e-3)
+
+
+def test_openvino_runs_the_exported_file(tmp_path):
+    ov = pytest.importorskip("openvino", reason="openvino is not installed (it is not in the lock): "
+                             "pip install openvino to run the exported file there too")
+    build, make_inputs = FAMILIES["timm"]
+    model = tome.apply_patch(build(), r=3)
+    path = export_onnx(model, make_inputs(2, 1), tmp_path / "model.onnx")
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    inputs = make_inputs(5, 4)
+    got = torch.from_numpy(compiled({0: inputs.numpy()})[0])
+    agreement = compare_outputs(_call(model, inputs), got, atol=1e-4)
+    assert all(agreement.matching), agreement.summary()
