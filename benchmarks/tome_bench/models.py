@@ -25,11 +25,16 @@ MODELS: Dict[str, ModelSpec] = {
     "vit_l16": ModelSpec("vit_large_patch16_224", 224),
     "vit_b16_384": ModelSpec("vit_base_patch16_384", 384),
     "vit_l16_384": ModelSpec("vit_large_patch16_384", 384),
+    # timm Eva with rotary positions (tome.patch.eva); dynamic image size, so one model serves 224 and 448.
+    "dinov3_s16": ModelSpec("vit_small_patch16_dinov3", 224),
+    "dinov3_b16": ModelSpec("vit_base_patch16_dinov3", 224),
+    "dinov3_s16_448": ModelSpec("vit_small_patch16_dinov3", 448),
+    "dinov3_b16_448": ModelSpec("vit_base_patch16_dinov3", 448),
 }
 
 
 def build_model(key: str, device: torch.device, seed: int = 0) -> Tuple[nn.Module, ModelSpec]:
-    """An unpatched timm ViT with random weights (``pretrained=False``), in eval mode.
+    """An unpatched timm ViT (or Eva) with random weights (``pretrained=False``), in eval mode.
 
     Args:
         key: A short name from :data:`MODELS` or any timm ViT name (then 224 px
@@ -60,7 +65,7 @@ def patched_twin(model: nn.Module) -> nn.Module:
 
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     twin = copy.deepcopy(model, memo)
-    return tome.patch.timm(twin)
+    return tome.apply_patch(twin)  # the family (timm ViT, Eva) is detected
 
 
 Schedule = Union[int, Tuple[int, float]]

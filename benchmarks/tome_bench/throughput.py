@@ -89,7 +89,8 @@ def run_group(
     """
     base, spec = build_model(model_key, device)
     patched = patched_twin(base)
-    num_tokens = base.patch_embed.num_patches + base.num_prefix_tokens
+    patch_h, patch_w = base.patch_embed.patch_size
+    num_tokens = (spec.image_size // patch_h) * (spec.image_size // patch_w) + base.num_prefix_tokens
     checks = _sanity(base, patched, published_schedules, spec.image_size, device)
     progress("  sanity: " + ", ".join(f"{k}: {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in checks.items()))
 

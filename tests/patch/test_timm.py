@@ -352,8 +352,8 @@ def test_unsupported_models_raise_type_error():
     with pytest.raises(TypeError, match="ParallelScalingBlock"):
         tome.patch.timm(parallel)
     eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, num_classes=3)
-    with pytest.raises(TypeError, match="Eva"):
-        tome.apply_patch(eva)
+    with pytest.raises(TypeError, match="Eva"):  # the timm ViT family; tome.apply_patch finds the eva family
+        tome.patch.timm(eva)
     prr = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY, global_pool="prr")
     with pytest.raises(TypeError, match="'prr'"):
         tome.patch.timm(prr)

@@ -19,7 +19,9 @@ from torch import nn
 
 # Importing the family modules registers them.
 from ._diffusers import diffusers
+from ._eva import eva
 from ._hf import hf
+from ._hf_dinov3 import hf_dinov3
 from ._lifecycle import families, is_patched, register_family, remove_patch
 from ._mae import mae
 from ._swag import swag
@@ -33,6 +35,8 @@ __all__ = [
     "swag",
     "hf",
     "diffusers",
+    "eva",
+    "hf_dinov3",
     "FAMILIES",
     "families",
     "family_of",

@@ -22,14 +22,14 @@ model, and a block's hooks see tensors in and out, as they always did.
 
 
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..merge import match_bipartite
+from ..merge import TokenAssignment, match_bipartite
 
 __all__ = [
     "AttentionCall",
@@ -38,6 +38,7 @@ __all__ = [
     "ToMeState",
     "attention",
     "merge_block",
+    "merge_positions",
     "run_blocks",
     "size_bias",
     "sources_from_groups",
@@ -97,6 +98,12 @@ class ToMeState:
         padded: ``size`` comes from a key-padding mask: padding tokens have size 0
             (they count for nothing in merges and pools, and attention ignores them),
             and a merged token is valid if any of its members is.
+        positions: ``(batch, tokens, k)`` float32 per-token position vectors (e.g. the
+            rotary angles of a RoPE model, which are linear in the patch coordinates),
+            merged with the tokens; ``None`` for models without them.
+        position_rule: How a merged token's position is formed: ``"mean"`` (size-weighted
+            average of its members', like the features) or ``"destination"`` (the
+            position of the token the others merged into).
     """
 
     size: Optional[torch.Tensor]
@@ -106,6 +113,8 @@ class ToMeState:
     prop_attn: bool
     trace_source: bool
     padded: bool = False
+    positions: Optional[torch.Tensor] = None
+    position_rule: str = "mean"
 
     @classmethod
     def start(cls, num_tokens: int, protected_tokens: int, prop_attn: bool, trace_source: bool) -> "ToMeState":
@@ -161,13 +170,56 @@ class ToMeState:
         groups = self.groups
         if self.trace_source:
             groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device))
-        return merged, replace(self, size=new_size, groups=groups, num_tokens=assignment.num_out)
+        positions = self.positions
+        if positions is not None:
+            positions = merge_positions(assignment, positions, size, new_size, self.position_rule)
+        return merged, replace(self, size=new_size, groups=groups, num_tokens=assignment.num_out,
+                               positions=positions)
 
     def group_index(self, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch, original tokens)`` group index, the identity when nothing merged."""
         if self.groups is not None:
             return self.groups
         return torch.arange(self.num_tokens, device=device).expand(batch, -1)
+
+
+POSITION_RULES = ("mean", "destination")
+
+
+def merge_positions(
+    assignment: TokenAssignment,
+    positions: torch.Tensor,
+    size: torch.Tensor,
+    new_size: torch.Tensor,
+    rule: str = "mean",
+) -> torch.Tensor:
+    """Positions of the merged tokens.
+
+    Args:
+        assignment: The merge step.
+        positions: ``(batch, tokens, k)`` float32 positions before the merge.
+        size: ``(batch, tokens, 1)`` sizes before the merge.
+        new_size: ``(batch, tokens - r, 1)`` sizes after it.
+        rule: ``"mean"``: the size-weighted mean of the members' positions (merged
+            exactly as the features are); ``"destination"``: the position of the
+            token the others merged into (set B of the bipartite split, the odd
+            positions), unchanged.
+
+    Returns:
+        ``(batch, tokens - r, k)`` float32.
+    """
+    if rule == "mean":
+        return assignment.merge(positions * size, mode="sum") / new_size
+    if rule != "destination":
+        raise ValueError(f"position_rule={rule!r} is not one of {POSITION_RULES}")
+    # Weight 1 for destinations (odd positions) and for tokens left alone, 0 for the
+    # sources, so a group's weighted mean is its destination's position.
+    tokens = positions.shape[1]
+    ones = torch.ones_like(size)
+    alone = assignment.unmerge(assignment.merge(ones, mode="sum")) == 1
+    odd = (torch.arange(tokens, device=positions.device) % 2 == 1).view(1, tokens, 1)
+    weight = (alone | odd).to(positions.dtype)
+    return assignment.merge(positions * weight, mode="sum") / assignment.merge(weight, mode="sum")
 
 
 def attention(
@@ -361,6 +413,7 @@ def run_blocks(
     schedule: Sequence[int],
     grad_checkpointing: bool = False,
     after_block: Optional[Callable[[int, torch.Tensor, ToMeState], None]] = None,
+    block_kwargs: Optional[Dict[str, Any]] = None,
 ) -> Tuple[torch.Tensor, ToMeState, List[int]]:
     """Run patched blocks in order, each removing its scheduled r, threading the state.
 
@@ -376,6 +429,8 @@ def run_blocks(
         grad_checkpointing: Recompute each block in backward instead of storing
             its activations (only when gradients are being recorded).
         after_block: Called as ``after_block(index, x, state)`` after each block.
+        block_kwargs: Further keyword arguments every block is called with, as the
+            framework's own loop passes them (e.g. timm Eva's ``rope=`` table).
 
     Returns:
         ``(x, state, removed)`` after the last block run; ``removed`` holds the
@@ -385,6 +440,7 @@ def run_blocks(
         TypeError: if a block is not patched (e.g. replaced after patching).
     """
     use_checkpoint = grad_checkpointing and torch.is_grad_enabled()
+    extra = block_kwargs or {}
     removed = []
     for index, (block, r) in enumerate(zip(blocks, schedule)):
         if "_tome_parent" not in type(block).__dict__:
@@ -394,9 +450,9 @@ def run_blocks(
             )
         call = BlockCall(state, r)
         if use_checkpoint:
-            x = checkpoint(block, x, use_reentrant=False, tome=call)
+            x = checkpoint(block, x, use_reentrant=False, tome=call, **extra)
         else:
-            x = block(x, tome=call)
+            x = block(x, tome=call, **extra)
         if call.out is None:
             raise RuntimeError(f"block {index} ({type(block).__name__}) did not report its token state")
         removed.append(state.num_tokens - call.out.num_tokens)

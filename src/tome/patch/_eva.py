@@ -1,0 +1,531 @@
+"""ToMe for timm ``Eva`` models with rotary position embeddings (``timm.models.eva``).
+
+Covers DINOv3 (``vit_*_dinov3``: class token, 4 register tokens, RoPE on
+patch-centre coordinates in [-1, 1]), EVA-02 (``eva02_*``: absolute position
+embedding plus RoPE, SwiGLU) and the other ``Eva`` builds timm registers with
+the same parts (``vit_*_rope_*``, with or without class token, avg / token / map
+pooling, ``dynamic_img_size``).
+
+Rotary embeddings rotate the queries and keys of the patch tokens by their 2-D
+position in every block. A token that stands for several patches needs a
+position too. The rotary angles are linear in the patch coordinates, so this
+family carries the angles of every token through the blocks in
+:class:`~tome.patch._shared.ToMeState` (``positions``) and merges them like the
+features: by default a merged token sits at the size-weighted mean of its
+patches' coordinates (``rope_position="mean"``), and its rotary rows are
+recomputed from that fractional position with the model's own frequencies
+(RoPE is defined for any real position). ``rope_position="destination"`` keeps
+the position of the token the others merged into. The matching compares the
+keys after the rotation by default (``rope_metric="rotated"``). Prefix tokens (class,
+registers) never merge and are never rotated, as in the model itself.
+``docs/backbones.md`` has the measurements behind the defaults.
+
+Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv 2210.09461);
+Heo et al., "Rotary Position Embedding for Vision Transformer", ECCV 2024;
+Siméoni et al., "DINOv3", 2025 (arXiv 2508.10104); Fang et al., "EVA-02", 2023.
+"""
+
+import functools
+import math
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._dense import unmerge_tokens
+from .._schedule import parse_r
+from ._lifecycle import (
+    ToMeAttentionMixin,
+    ToMeBlockMixin,
+    ToMeModelMixin,
+    _masked,
+    call_attention,
+    is_patched,
+    original_class,
+    patch_model,
+    register_family,
+    supported_families,
+)
+from ._shared import (
+    POSITION_RULES,
+    AttentionCall,
+    ToMeState,
+    attention,
+    merge_block,
+    run_blocks,
+    size_bias,
+    weighted_mean,
+)
+
+__all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC"]
+
+_SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
+_SUPPORTED_ROPES = ("RotaryEmbeddingDinoV3", "RotaryEmbeddingCat")
+# Which keys the bipartite matching compares: after the rotation (what attention sees,
+# position included) or before it (content only).
+ROPE_METRICS = ("rotated", "plain")
+DEFAULT_ROPE_METRIC = "rotated"
+_BLOCK_ARGS = ("rope", "attn_mask", "is_causal")  # EvaBlock.forward's arguments after x
+
+_MASK_REFUSAL = (
+    "attn_mask / is_causal cannot be combined with token merging (r > 0): merged tokens no longer "
+    "line up with the mask. Set model.r = 0 to use a mask."
+)
+
+
+def is_timm_eva(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm ``Eva`` (checked by class name and module; timm is not imported)."""
+    return any(cls.__name__ == "Eva" and cls.__module__ == "timm.models.eva" for cls in type(model).__mro__)
+
+
+# ----------------------------------------------------------------------------- rotary positions
+
+
+def rope_angles(rope: nn.Module, grid: Tuple[int, int]) -> torch.Tensor:
+    """The rotary angles of every patch of a ``grid = (height, width)`` patch grid.
+
+    The angles are what timm's rotary module takes the sine and cosine of: linear in
+    each patch's coordinates, one per (axis, frequency). Computed with the module's
+    own coordinates and frequencies, in the same order of operations, so
+    ``rope_table(rope_angles(...))`` reproduces the module's table.
+
+    Args:
+        rope: ``model.rope``, a ``RotaryEmbeddingDinoV3`` or ``RotaryEmbeddingCat``.
+        grid: Patch grid ``(height, width)``.
+
+    Returns:
+        ``(height * width, head_dim // 2)`` float32, patches in row-major order.
+    """
+    from timm.layers import pos_embed_sincos as sincos
+
+    height, width = int(grid[0]), int(grid[1])
+    if type(rope).__name__ == "RotaryEmbeddingDinoV3":
+        coords = sincos.make_coords_dinov3(
+            height, width, normalize_coords=rope.normalize_coords, grid_indexing=rope.grid_indexing,
+            grid_offset=rope.grid_offset,
+        )
+        coords = coords[:, :, None].to(device=rope.periods.device, dtype=rope.periods.dtype)
+        return (2 * math.pi * coords / rope.periods[None, None, :]).flatten(1)
+    bands = rope.bands
+    coords, _, _ = sincos.build_fourier_pos_embed(
+        [height, width], bands=bands, in_pixels=rope.in_pixels, ref_feat_shape=rope.ref_feat_shape,
+        grid_offset=rope.grid_offset, grid_indexing=rope.grid_indexing, grid_type=rope.grid_type,
+        normalize_coords=rope.normalize_coords, include_grid=True,
+    )
+    # coords: (height, width, 2, 1), as timm multiplies it by the bands.
+    return (coords * bands).flatten(-2).flatten(0, -2).float()
+
+
+def rope_table(angles: torch.Tensor, rotate_half: bool) -> torch.Tensor:
+    """timm's concatenated ``[sin, cos]`` rotary table from angles.
+
+    Args:
+        angles: ``(batch, tokens, head_dim // 2)`` rotary angles.
+        rotate_half: The attention's layout: ``[f0, f1, .., f0, f1, ..]`` if True,
+            interleaved ``[f0, f0, f1, f1, ..]`` otherwise.
+
+    Returns:
+        ``(batch, 1, tokens, 2 * head_dim)``, broadcast over heads by timm's
+        ``apply_rot_embed_cat``.
+    """
+    sin, cos = angles.sin(), angles.cos()
+    if rotate_half:
+        sin, cos = torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
+    else:
+        sin, cos = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+    return torch.cat([sin, cos], dim=-1).unsqueeze(1)
+
+
+def _rope_for(state: ToMeState, rope: Optional[torch.Tensor], rotate_half: bool) -> Optional[torch.Tensor]:
+    """The rotary table for the tokens this state describes."""
+    if rope is None or state.size is None:
+        return rope  # nothing merged yet: the model's own table
+    if state.positions is None:
+        raise RuntimeError("tokens were merged but their rotary positions were not carried")
+    return rope_table(state.positions[:, state.protected_tokens:], rotate_half)
+
+
+# ----------------------------------------------------------------------------- attention and blocks
+
+
+class ToMeEvaAttention(ToMeAttentionMixin):
+    """timm ``EvaAttention`` that adds a ``log(size)`` bias and reports the keys when asked.
+
+    The metric is the keys averaged over heads after the rotation (what attention
+    compares, position included); :class:`ToMeEvaAttentionPlainKeys` reports them
+    before it.
+    """
+
+    _tome_rotated_metric = True
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        tome: Optional[AttentionCall] = None,
+    ) -> torch.Tensor:
+        if tome is None:
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        return self._tome_rope_attention(x, rope, tome)
+
+    def _tome_rope_attention(self, x: torch.Tensor, rope: Optional[torch.Tensor], call: AttentionCall) -> torch.Tensor:
+        from timm.layers import apply_rot_embed_cat
+
+        batch, tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            if self.q_bias is None:
+                qkv = self.qkv(x)
+            else:
+                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+                if self.qkv_bias_separate:
+                    qkv = self.qkv(x)
+                    qkv += qkv_bias
+                else:
+                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+            q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.q_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
+            k = self.k_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
+            v = self.v_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        plain_k = k
+        if rope is not None:
+            prefix = self.num_prefix_tokens
+            half = getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=self.scale, fused=self.fused_attn)
+        out = self.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
+        if gate is not None:
+            out = out * gate
+        call.metric = (k if self._tome_rotated_metric else plain_k).mean(dim=1)
+        return self.proj_drop(self.proj(out))
+
+
+class ToMeEvaAttentionPlainKeys(ToMeEvaAttention):
+    """:class:`ToMeEvaAttention` whose metric is the keys before the rotation (content only)."""
+
+    _tome_rotated_metric = False
+
+
+class _ToMeEvaBlockBase(ToMeBlockMixin):
+    """An Eva block: the rotary table of the current tokens goes to its attention."""
+
+    def _tome_call(
+        self, x: torch.Tensor, args: tuple, kwargs: Dict[str, Any], call: Any, masks_mask_nothing: bool = False
+    ) -> Any:
+        kwargs = {**dict(zip(_BLOCK_ARGS, args)), **kwargs}
+        if call.r <= 0 and call.state.size is None and not isinstance(x, torch.fx.Proxy):
+            return super()._tome_call(x, (), kwargs, call, masks_mask_nothing)  # the block's own forward
+        masks = {name: value for name, value in kwargs.items() if name != "rope"}
+        if not masks_mask_nothing and _masked((), masks):
+            raise ValueError(_MASK_REFUSAL)
+        rope = _rope_for(call.state, kwargs.get("rope"), bool(getattr(self.attn, "rotate_half", False)))
+        attn_branch = functools.partial(self._tome_attn_branch, rope=rope)
+        x, call.out = merge_block(x, call.state, call.r, attn_branch, self._tome_mlp_branch)
+        return x
+
+
+class ToMeEvaBlock(_ToMeEvaBlockBase):
+    """timm ``EvaBlock`` (pre-norm, optional LayerScale ``gamma_1``/``gamma_2``) with a merge."""
+
+    def _tome_attn_branch(
+        self, x: torch.Tensor, bias: Optional[torch.Tensor], rope: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        out, metric = call_attention(self.attn, self.norm1(x), bias, rope=rope)
+        if self.gamma_1 is not None:
+            out = self.gamma_1 * out
+        return self.drop_path1(out), metric
+
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            out = self.gamma_2 * out
+        return self.drop_path2(out)
+
+
+class ToMeEvaBlockPostNorm(_ToMeEvaBlockBase):
+    """timm ``EvaBlockPostNorm`` (norm after each branch) with a merge."""
+
+    def _tome_attn_branch(
+        self, x: torch.Tensor, bias: Optional[torch.Tensor], rope: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        out, metric = call_attention(self.attn, x, bias, rope=rope)
+        return self.drop_path1(self.norm1(out)), metric
+
+    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path2(self.norm2(self.mlp(x)))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class ToMeEva(ToMeModelMixin):
+    """timm ``Eva`` whose blocks merge tokens and carry the merged tokens' rotary positions.
+
+    ``forward_features`` returns the merged tokens with their sizes attached, so
+    ``forward_head`` pools exactly those (size-weighted); ``forward_intermediates``
+    maps every intermediate back to the patch grid.
+    """
+
+    def _tome_blocks(self) -> Sequence[nn.Module]:
+        return list(self.blocks)
+
+    def _tome_full_tokens(self) -> Optional[int]:
+        if self.dynamic_img_size:
+            return None
+        return self.patch_embed.num_patches + self.num_prefix_tokens
+
+    def _tome_embed(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
+        """Patch embedding, positions and pre-norm, as ``Eva`` does them; also the patch grid."""
+        x = self.patch_embed(images)
+        grid = (int(x.shape[1]), int(x.shape[2])) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
+        x, rope = self._pos_embed(x)
+        return self.norm_pre(x), rope, grid  # type: ignore[return-value]
+
+    def _tome_positions(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """``(batch, tokens, head_dim // 2)`` rotary angles of every token (zeros for the prefix)."""
+        angles = rope_angles(self.rope, grid).to(x.device)
+        prefix = angles.new_zeros(self.num_prefix_tokens, angles.shape[1])
+        return torch.cat([prefix, angles]).unsqueeze(0).expand(x.shape[0], -1, -1)
+
+    def _tome_run_rope(
+        self,
+        images: torch.Tensor,
+        *,
+        stop_after: Optional[int] = None,
+        trace_source: Optional[bool] = None,
+        after_block: Any = None,
+    ) -> Tuple[torch.Tensor, ToMeState]:
+        """Images through the embedding and the blocks, merging on the schedule."""
+        x, rope, grid = self._tome_embed(images)
+        blocks = list(self.blocks)
+        schedule = parse_r(len(blocks), self._tome_r)
+        if stop_after is not None:
+            blocks = blocks[: stop_after + 1]
+        state = self._tome_begin(x, trace_source)
+        if rope is not None and any(schedule[: len(blocks)]):
+            if self.training and (self.patch_drop is not None or getattr(self.rope, "aug_active", False)):
+                raise ValueError(
+                    "token merging (r > 0) cannot follow patch dropout or rotary coordinate augmentation "
+                    f"(patch_drop={self.patch_drop}, rope augmentation={getattr(self.rope, 'aug_active', False)}) "
+                    "while training; call model.eval() or set model.r = 0"
+                )
+            state = replace(state, positions=self._tome_positions(x, grid),
+                            position_rule=self._tome_info["rope_position"])
+        x, state, removed = run_blocks(blocks, x, state, schedule, self.grad_checkpointing, after_block,
+                                       block_kwargs={"rope": rope})
+        if not isinstance(x, torch.fx.Proxy):
+            self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
+        return x, state
+
+    def _tome_masked(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
+        """Whether to run timm's own code for a masked call; refuses masks while merging."""
+        if attn_mask is None and not is_causal:
+            return False
+        if any(self._tome_schedule()):
+            raise ValueError(_MASK_REFUSAL)
+        return True
+
+    def _tome_features(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x, state = self._tome_run_rope(images)
+        return self.norm(x), state.size
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if self._tome_masked(attn_mask, is_causal):
+            return self._tome_tag(super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal), None)  # type: ignore[misc]
+        return self._tome_tag(*self._tome_features(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self._tome_head(x, self._tome_sizes_of(x) if self._tome_pools_patches() else None, pre_logits)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if self._tome_masked(attn_mask, is_causal):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
+        return self._tome_head(*self._tome_features(x), False)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates`` with merging carried through the blocks.
+
+        Each intermediate is mapped back to one row per patch (every patch takes the
+        features of the token that holds it), so ``NCHW`` maps have the patch grid's
+        shape, as without merging. The final features (unless ``intermediates_only``)
+        stay merged, with their sizes attached for ``forward_head``.
+        """
+        if not any(self._tome_schedule()) or self._tome_masked(attn_mask, is_causal):
+            return super().forward_intermediates(  # type: ignore[misc]
+                x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+                output_fmt=output_fmt, intermediates_only=intermediates_only, attn_mask=attn_mask,
+                is_causal=is_causal,
+            )
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        intermediates: List[torch.Tensor] = []
+
+        def collect(index: int, tokens: torch.Tensor, state: ToMeState) -> None:
+            if index in take_indices:
+                tokens = self.norm(tokens) if norm else tokens
+                intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
+
+        x, state = self._tome_run_rope(
+            x, stop_after=max_index if stop_early else None, trace_source=True, after_block=collect
+        )
+        prefix = self.num_prefix_tokens
+        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
+        intermediates = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))  # type: ignore[arg-type]
+        if intermediates_only:
+            return intermediates
+        return self._tome_tag(self.norm(x), state.size), intermediates
+
+    def _tome_pools_patches(self) -> bool:
+        """Whether the head reads more than the (protected) class token."""
+        return not (self.attn_pool is None and self.global_pool in ("token", ""))
+
+    def _tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool) -> torch.Tensor:
+        if size is None or not self._tome_pools_patches():
+            return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
+        if self.attn_pool is not None:
+            # Eva's attention pool reads every token, prefix included: each key counts once per patch.
+            x = self.attn_pool(x, attn_mask=size_bias(size, x.dtype))
+        else:
+            x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
+            if self.global_pool == "avg":
+                x = weighted_mean(x, size)
+            elif self.global_pool == "max":
+                x = x.amax(dim=1)
+            else:  # avgmax
+                x = 0.5 * (x.amax(dim=1) + weighted_mean(x, size))
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+
+# ----------------------------------------------------------------------------- checks and registration
+
+_BLOCK_MIXINS = {"EvaBlock": ToMeEvaBlock, "EvaBlockPostNorm": ToMeEvaBlockPostNorm}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``TypeError`` unless every part of ``model`` can be run exactly with merging."""
+    from timm.models import eva as timm_eva
+
+    name = type(model).__name__
+    if not is_timm_eva(model):
+        raise TypeError(f"tome.patch.eva expects a timm Eva (timm.models.eva), got {name}. "
+                        f"Supported families: {supported_families()}")
+    own = original_class(model)
+    for method in ("forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool"):
+        if getattr(own, method) is not getattr(timm_eva.Eva, method):
+            raise TypeError(
+                f"{own.__name__} overrides Eva.{method} (defined in {own.__module__}); ToMe runs timm's own "
+                f"{method} with merging and cannot know what the override does"
+            )
+    if model.global_pool not in _SUPPORTED_POOLS:
+        raise TypeError(f"{own.__name__} uses global_pool={model.global_pool!r}; supported: {_SUPPORTED_POOLS}")
+    if model.attn_pool is not None and (
+        type(model.attn_pool).__name__ != "AttentionPoolLatent" or getattr(model.attn_pool, "pos_embed", None) is not None
+    ):
+        raise TypeError(f"attention pooling {type(model.attn_pool).__name__} is not supported; "
+                        "supported: AttentionPoolLatent without pos_embed ('map')")
+    if getattr(model, "rope_mixed", False) or (model.rope is not None and type(model.rope).__name__ not in _SUPPORTED_ROPES):
+        raise TypeError(
+            f"{own.__name__} uses rotary embedding {type(model.rope).__name__}; ToMe supports {_SUPPORTED_ROPES} "
+            "(per-layer learned 'mixed' and 'mrope' frequencies are not supported)"
+        )
+    for index, block in enumerate(model.blocks):
+        block_cls = original_class(block)
+        if block_cls not in (timm_eva.EvaBlock, timm_eva.EvaBlockPostNorm):
+            raise TypeError(f"{own.__name__}.blocks[{index}] is a {block_cls.__name__}; ToMe supports timm's "
+                            "EvaBlock and EvaBlockPostNorm")
+        if original_class(block.attn) is not timm_eva.EvaAttention:
+            raise TypeError(
+                f"{own.__name__}.blocks[{index}].attn is a {original_class(block.attn).__name__}; ToMe supports "
+                "timm's EvaAttention (attn_type='rope', used by the PE models, is not supported)"
+            )
+
+
+@register_family("eva", is_timm_eva, priority=20)
+def eva(
+    model: nn.Module,
+    trace_source: bool = False,
+    prop_attn: Optional[bool] = None,
+    rope_position: str = "mean",
+    rope_metric: str = DEFAULT_ROPE_METRIC,
+) -> nn.Module:
+    """Patch a timm ``Eva`` (DINOv3, EVA-02, RoPE ViTs) in place to merge tokens; set ``model.r`` after.
+
+    Args:
+        model: A ``timm.models.eva.Eva``.
+        trace_source: Track which original patches each token contains; read
+            ``model._tome_info["source"]`` after a forward.
+        prop_attn: Proportional attention (``log(size)`` added to attention logits);
+            None: on.
+        rope_position: A merged token's rotary position: ``"mean"`` (size-weighted
+            mean of its patches' coordinates) or ``"destination"`` (the position of
+            the token the others merged into).
+        rope_metric: The keys the matching compares: ``"rotated"`` (after the rotation,
+            as attention compares them; the default, measured better) or ``"plain"``
+            (before it).
+
+    Returns:
+        The same model, patched. ``model.r`` starts at 0 (no merging).
+
+    Raises:
+        TypeError: if the model or one of its parts is not something ToMe can run exactly.
+        ValueError: if ``rope_position`` or ``rope_metric`` is not a known value.
+    """
+    if rope_position not in POSITION_RULES:
+        raise ValueError(f"rope_position={rope_position!r} is not one of {POSITION_RULES}")
+    if rope_metric not in ROPE_METRICS:
+        raise ValueError(f"rope_metric={rope_metric!r} is not one of {ROPE_METRICS}")
+    check_supported(model)
+    prop_attn = True if prop_attn is None else prop_attn
+    attn_mixin = ToMeEvaAttention if rope_metric == "rotated" else ToMeEvaAttentionPlainKeys
+    if is_patched(model) and any(type(block.attn).__dict__.get("_tome_mixins") != (attn_mixin,) for block in model.blocks):
+        r = model.r
+        from ._lifecycle import remove_patch
+
+        remove_patch(model)  # another metric: swap the attention classes again
+        model.__dict__["_tome_r"] = r
+    patch_model(
+        model,
+        ToMeEva,
+        list(model.blocks),
+        lambda block: _BLOCK_MIXINS[original_class(block).__name__],
+        attention=lambda block: (block.attn, attn_mixin),
+        protected_tokens=model.num_prefix_tokens,
+        trace_source=trace_source,
+        prop_attn=prop_attn,
+        class_token=model.cls_token is not None,
+    )
+    dict.__setitem__(model._tome_info, "rope_position", rope_position)
+    dict.__setitem__(model._tome_info, "rope_metric", rope_metric)
+    return model
