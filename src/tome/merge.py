@@ -32,6 +32,10 @@ __all__ = [
     "hashed_stride_choice",
     "sign_projection",
     "match_stride_2d",
+    "match_pitome",
+    "pitome_energy",
+    "merge_mlerp",
+    "merge_prune",
 ]
 
 _REDUCTIONS = ("sum", "mean", "amax", "amin", "prod")
@@ -50,16 +54,22 @@ class TokenAssignment:
             merged sequence, of the token that token ``i`` becomes part of.
         num_out: Length of the merged sequence.
 
+        kept: Optional ``(batch, tokens)`` bool tensor marking, in every group, the
+            one token the group is built around (a destination or an unmerged
+            token, never a token that merged away): exactly ``num_out`` per row.
+            Needed only by :meth:`prune`; the bipartite matchings fill it in.
+
     Calling the object merges: ``assignment(x, mode="mean")`` maps
     ``(batch, tokens, channels)`` to ``(batch, num_out, channels)``. It is the
     ``merge`` function returned by the matching functions of this module.
     """
 
-    __slots__ = ("dest", "num_out", "_flat_dest")
+    __slots__ = ("dest", "num_out", "kept", "_flat_dest")
 
-    def __init__(self, dest: torch.Tensor, num_out: int) -> None:
+    def __init__(self, dest: torch.Tensor, num_out: int, kept: Optional[torch.Tensor] = None) -> None:
         self.dest = dest
         self.num_out = num_out
+        self.kept = kept
         self._flat_dest: Optional[torch.Tensor] = None
 
     def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -116,6 +126,25 @@ class TokenAssignment:
         count = torch.zeros(batch * self.num_out, dtype=dtype, device=self.dest.device)
         count.index_add_(0, self._flat_index(), torch.ones(self.dest.numel(), dtype=dtype, device=self.dest.device))
         return count.view(batch, self.num_out)
+
+    def prune(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep each group's destination token and drop the tokens merged into it.
+
+        Args:
+            x: Tensor of shape ``(batch, tokens, channels)``.
+
+        Returns:
+            Tensor of shape ``(batch, num_out, channels)``: the values of the
+            tokens marked in :attr:`kept`, in output order.
+
+        Raises:
+            ValueError: if the assignment has no ``kept`` mask (e.g. k-th bipartite).
+        """
+        if self.kept is None:
+            raise ValueError("this TokenAssignment has no kept mask, so it cannot prune; use merge()")
+        # One kept token per group: a sum over the group with the others zeroed is that token
+        # (a scatter, no data-dependent shapes, so no device synchronisation).
+        return self.merge(torch.where(self.kept.unsqueeze(-1), x, torch.zeros_like(x)), mode="sum")
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """Map merged tokens back: every pre-merge token gets its group's value.
@@ -211,7 +240,163 @@ def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> 
         dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
         dest[:, ::2] = slot_a
         dest[:, 1::2] = slot_b
-    return TokenAssignment(dest, num_tokens - r)
+        kept = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+        kept[:, ::2] = ~is_src
+    return TokenAssignment(dest, num_tokens - r, kept)
+
+
+# ---------------------------------------------------------------------------
+# PiToMe: Tran et al., "Accelerating Transformers with Spectrum-Preserving Token
+# Merging", NeurIPS 2024 (arXiv 2405.16148), section 3 (energy score and the
+# merging procedure, Algorithm 1). Written from the paper; no code of its release.
+
+
+def pitome_energy(
+    metric: torch.Tensor, margin: float, alpha: float = 1.0, protected_tokens: int = 0
+) -> torch.Tensor:
+    """PiToMe's energy score of every token in the cosine-similarity graph.
+
+    ``E_i = mean_j f(cos(m_i, m_j))`` over the non-protected tokens ``j`` (``i``
+    itself included), with ``f(x) = x`` for ``x >= margin`` and
+    ``f(x) = alpha * (exp(x - margin) - 1)`` below it. A token with many close
+    neighbours (a redundant one, in a large cluster) has a high energy; an
+    isolated, informative token a low one.
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features (keys averaged over heads).
+        margin: Similarity above which neighbours count in full.
+        alpha: Scale of the (negative, bounded) penalty below the margin.
+        protected_tokens: Leading tokens left out of the graph; their energy is ``-inf``.
+
+    Returns:
+        ``(batch, tokens)`` energies, in ``metric``'s dtype.
+
+    Raises:
+        ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
+    """
+    _check_metric(metric, protected_tokens)
+    with torch.no_grad():
+        free = _normalize(metric[:, protected_tokens:])
+        sim = free @ free.transpose(-1, -2)
+        weighted = torch.where(sim >= margin, sim, alpha * torch.expm1(sim - margin))
+        energy = weighted.mean(dim=-1)
+        if protected_tokens:
+            prefix = energy.new_full((metric.shape[0], protected_tokens), -math.inf)
+            energy = torch.cat([prefix, energy], dim=1)
+    return energy
+
+
+def match_pitome(
+    metric: torch.Tensor, r: int, protected_tokens: int = 0, margin: float = 0.9, alpha: float = 1.0
+) -> Optional[TokenAssignment]:
+    """PiToMe's matching: energy-ranked candidates, then bipartite soft matching.
+
+    1. Energy of every non-protected token (:func:`pitome_energy`).
+    2. The ``2r`` highest-energy tokens are the merge candidates; every other
+       token is kept as it is (low energy: informative, protected from merging).
+    3. The candidates, in descending energy order, are split alternately:
+       ranks 0, 2, 4, ... form set A, ranks 1, 3, 5, ... set B (``r`` each).
+    4. Every A token merges into its most similar B token (cosine), so exactly
+       ``r`` tokens go.
+
+    Output order: the protected prefix, then every token that did not merge
+    away, in original order.
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features.
+        r: Tokens to remove; capped at ``(tokens - protected_tokens) // 2`` as in ToMe.
+        protected_tokens: Leading tokens that never merge (class, distillation, registers).
+        margin: Energy margin (PiToMe uses one that falls with depth; see
+            :class:`tome.MergeMethod`).
+        alpha: Energy penalty scale below the margin.
+
+    Returns:
+        The assignment, or ``None`` when nothing is merged (r capped to 0).
+
+    Raises:
+        ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
+    """
+    _check_metric(metric, protected_tokens)
+    batch, num_tokens, _ = metric.shape
+    r = _cap_r(r, num_tokens, protected_tokens)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        device = metric.device
+        energy = pitome_energy(metric, margin, alpha, protected_tokens)
+        candidates = energy.argsort(dim=1, descending=True, stable=True)[:, : 2 * r]
+        a_pos, b_pos = candidates[:, ::2], candidates[:, 1::2]  # (batch, r) each
+        normed = _normalize(metric)
+        a = normed.gather(1, a_pos.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
+        b = normed.gather(1, b_pos.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
+        best = (a @ b.transpose(-1, -2)).argmax(dim=-1)  # (batch, r) index into B
+
+        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter(
+            1, a_pos, torch.ones_like(a_pos, dtype=torch.bool)
+        )
+        slot = (~is_src).cumsum(dim=1) - 1  # protected prefix first, all kept tokens in order
+        src_slot = slot.gather(1, b_pos.gather(1, best))
+        dest = slot.scatter(1, a_pos, src_slot)
+    return TokenAssignment(dest, num_tokens - r, ~is_src)
+
+
+# ---------------------------------------------------------------------------
+# ToFu: Kim et al., "Token Fusion: Bridging the Gap between Token Pruning and
+# Token Merging", WACV 2024 (arXiv 2312.01026), section 3: pruning in early
+# layers, norm-preserving MLERP merging after. Written from the paper.
+
+
+def merge_mlerp(
+    merge: Callable, x: torch.Tensor, size: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ToFu's MLERP merge: average direction, the largest member norm.
+
+    A group of tokens ``x_i`` with sizes ``s_i`` becomes
+    ``a * max_i ||x_i|| / ||a||`` with ``a = sum(s_i x_i) / sum(s_i)``: the
+    size-weighted average (as :func:`merge_wavg`) rescaled so that averaging
+    does not shrink the feature norm. Unmerged tokens are returned unchanged.
+
+    Args:
+        merge: A ``merge`` function (or :class:`TokenAssignment`) from a matching.
+        x: ``(batch, tokens, channels)``.
+        size: ``(batch, tokens, 1)`` sizes; ``None`` means all ones.
+
+    Returns:
+        ``(x, size)`` of shapes ``(batch, tokens - r, channels)`` and ``(batch, tokens - r, 1)``.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    average, new_size = merge_wavg(merge, x, size)
+    members = merge(torch.ones_like(size), mode="sum")
+    largest = merge(x.norm(dim=-1, keepdim=True), mode="amax")
+    scale = largest / average.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(members > 1, average * scale, average), new_size
+
+
+def merge_prune(
+    assignment: TokenAssignment, x: torch.Tensor, size: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ToFu's pruning step: tokens that would merge away are dropped instead.
+
+    Every destination keeps its own value. Its size still becomes the sum of its
+    group's sizes: the dropped tokens were its closest matches and it now stands
+    for their patches, so proportional attention, size-weighted pooling and the
+    source map stay consistent (and for exact duplicates pruning equals merging).
+
+    Args:
+        assignment: A :class:`TokenAssignment` with a ``kept`` mask.
+        x: ``(batch, tokens, channels)``.
+        size: ``(batch, tokens, 1)`` sizes; ``None`` means all ones.
+
+    Returns:
+        ``(x, size)`` of shapes ``(batch, tokens - r, channels)`` and ``(batch, tokens - r, 1)``.
+
+    Raises:
+        ValueError: if ``assignment`` has no ``kept`` mask.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    return assignment.prune(x), assignment.merge(size, mode="sum")
 
 
 def _protected_count(class_token: bool, distill_token: bool, protected_tokens: Optional[int]) -> int:
@@ -328,7 +513,7 @@ def random_bipartite_soft_matching(
         scores = scores.masked_fill(blocked.unsqueeze(1), -math.inf)
         best = scores.argmax(dim=-1)
         dest = torch.where(is_src, slot.gather(1, best), slot)
-    return _as_functions(TokenAssignment(dest, num_tokens - r))
+    return _as_functions(TokenAssignment(dest, num_tokens - r, ~is_src))
 
 
 def merge_wavg(
