@@ -12,7 +12,7 @@ import pytest
 import tome
 
 PACKAGE = Path(tome.__file__).parent
-LOWER_LAYERS = ["merge.py", "_schedule.py", "_dense.py", "patch"]
+LOWER_LAYERS = ["merge.py", "_methods.py", "_schedule.py", "_dense.py", "patch"]
 # Compatibility modules with the original release's names that belong to the tools layer:
 # tome.vis (make_visualization) and tome.utils (parse_r and friends, plus benchmark).
 TOOLS_LAYER_ROOT = ("tome.vis", "tome.utils")

@@ -12,12 +12,13 @@ Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv 2210.09461)
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 from torch import nn
 
 from . import merge, patch, utils
 from ._dense import unmerge_tokens
+from ._methods import METHODS, MergeMethod, as_method
 from ._schedule import RSchedule, parse_r
 from .patch import remove_patch
 
@@ -27,6 +28,8 @@ __all__ = [
     "apply_patch",
     "remove_patch",
     "merging",
+    "MergeMethod",
+    "METHODS",
     "parse_r",
     "unmerge_tokens",
     "make_visualization",
@@ -44,6 +47,7 @@ def apply_patch(
     family: Optional[str] = None,
     trace_source: bool = False,
     prop_attn: Optional[bool] = None,
+    method: Union[str, MergeMethod] = "tome",
     **options: Any,
 ) -> nn.Module:
     """Patch ``model`` in place for token merging, detecting its family.
@@ -60,6 +64,11 @@ def apply_patch(
             (``model._tome_info["source"]`` after a forward).
         prop_attn: Proportional attention; ``None`` uses the family's default
             (on for supervised models, off for MAE).
+        method: Merge rule of every block: ``"tome"`` (default; bipartite soft
+            matching, size-weighted average), ``"pitome"`` (energy-protected
+            matching, NeurIPS 2024) or ``"tofu"`` (pruning early, norm-preserving
+            MLERP merging later, WACV 2024), or a :class:`tome.MergeMethod` with
+            options. Also ``model.tome_method`` on a patched model; see docs/methods.md.
         **options: Options of families that do not use ``r``: for a diffusers
             pipeline or model, those of :func:`tome.patch.diffusers`
             (``ratio``, ``max_downsample``, ``mode``, ...).
@@ -69,8 +78,9 @@ def apply_patch(
 
     Raises:
         TypeError: if the model is not supported (its class and the supported families are named).
-        ValueError: if ``r`` or ``family`` is invalid.
+        ValueError: if ``r``, ``method`` or ``family`` is invalid.
     """
+    method = as_method(method)  # a bad name raises before anything is patched
     registered = patch.families()
     if family is None:
         family = patch.family_of(model)
@@ -78,10 +88,10 @@ def apply_patch(
         raise ValueError(f"family={family!r} is unknown; expected one of {list(registered)}")
     patch_fn = registered[family][1]
     if family == "diffusers":
-        if r != 0 or trace_source or prop_attn is not None:
+        if r != 0 or trace_source or prop_attn is not None or method.name != "tome":
             raise ValueError(
                 "diffusion models merge a fraction of each level's tokens: pass ratio=... (and the other options "
-                "of tome.patch.diffusers), not r, trace_source or prop_attn"
+                "of tome.patch.diffusers), not r, trace_source, prop_attn or method"
             )
         return patch_fn(model, **options)
     if options:
@@ -93,6 +103,7 @@ def apply_patch(
     patch_fn(model, **options)
     try:
         model.r = r  # type: ignore[attr-defined]  (checked against the depth)
+        model.tome_method = method  # type: ignore[attr-defined]
     except ValueError:
         if not was_patched:  # a bad r leaves the model as it was
             remove_patch(model)
@@ -101,8 +112,11 @@ def apply_patch(
 
 
 @contextlib.contextmanager
-def merging(model: nn.Module, r: RSchedule) -> Iterator[nn.Module]:
-    """Run a patched model with schedule ``r`` inside a ``with`` block, then restore its old ``r``.
+def merging(
+    model: nn.Module, r: RSchedule, method: Union[str, MergeMethod, None] = None
+) -> Iterator[nn.Module]:
+    """Run a patched model with schedule ``r`` inside a ``with`` block, then restore its old ``r``
+    (and its old ``tome_method`` when ``method`` is given).
 
     ::
 
@@ -117,25 +131,33 @@ def merging(model: nn.Module, r: RSchedule) -> Iterator[nn.Module]:
         model: A model patched by :func:`apply_patch` or a ``tome.patch`` function.
         r: Schedule for the block: int, per-layer list, or ``(r, inflection)``
             (see :func:`tome.parse_r`).
+        method: Merge method for the block (``"tome"``, ``"pitome"``, ``"tofu"`` or a
+            :class:`tome.MergeMethod`); ``None`` keeps the model's.
 
     Yields:
         The model.
 
     Raises:
         TypeError: if ``model`` is not patched.
-        ValueError: if ``r`` is invalid (the model's ``r`` is then unchanged).
+        ValueError: if ``r`` or ``method`` is invalid (the model's settings are then unchanged).
     """
     if not patch.is_patched(model) or not hasattr(model, "_tome_r"):
         raise TypeError(
             f"tome.merging needs a patched model, got an unpatched {type(model).__name__}; "
             "call tome.apply_patch(model) first"
         )
+    new_method = None if method is None else as_method(method)
     previous = model.r  # type: ignore[attr-defined]
+    previous_method = model.tome_method if new_method is not None else None  # type: ignore[attr-defined]
     model.r = r  # type: ignore[attr-defined]
     try:
+        if new_method is not None:
+            model.tome_method = new_method  # type: ignore[attr-defined]
         yield model
     finally:
         model.r = previous  # type: ignore[attr-defined]
+        if previous_method is not None:
+            model.tome_method = previous_method  # type: ignore[attr-defined]
 
 
 def __getattr__(name: str) -> Any:

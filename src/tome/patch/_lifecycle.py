@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 import torch
 from torch import nn
 
+from .._methods import TOME_RULE, LayerRule, MergeMethod, as_method
 from .._schedule import RSchedule, parse_r
 from ._shared import AttentionCall, BlockCall, ToMeForward, ToMeState, merge_block, run_blocks, sources_from_groups
 
@@ -37,7 +38,7 @@ __all__ = [
 
 # Instance attributes that patching adds; removed again by remove_patch.
 _INSTANCE_ATTRS = (
-    "_tome_info", "_tome_r", "_tome_block_r", "_tome_index", "_tome_protected", "_tome_prop_attn", "_tome_context",
+    "_tome_info", "_tome_r", "_tome_block_r", "_tome_rule", "_tome_index", "_tome_protected", "_tome_prop_attn", "_tome_context",
     # diffusers
     "_tome_settings", "_tome_lowest_level", "_tome_patch_size", "_tome_spatial", "_tome_block_key", "_tome_role",
     "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at",
@@ -53,7 +54,7 @@ class ToMeInfo(dict):
     of the last forward), ``"size"`` ((batch, tokens, 1) sizes), ``"source"``
     ((batch, tokens, original tokens) 0/1 map, only with ``trace_source``),
     ``"trace_source"``, ``"prop_attn"``, ``"class_token"``, ``"distill_token"``,
-    ``"protected_tokens"``. The source map is built when read: internally every
+    ``"protected_tokens"``, ``"method"`` (the :class:`tome.MergeMethod`). The source map is built when read: internally every
     forward keeps one group index per original token.
 
     With several threads running one model, each forward's result is still its
@@ -266,6 +267,7 @@ class ToMeBlockMixin:
     _tome_index: int = 0
     _tome_protected: int = 0
     _tome_prop_attn: bool = True
+    _tome_rule: LayerRule = TOME_RULE  # this block's merge rule, from model.tome_method
     # Whether the original forward may run a block that merges nothing before any
     # merge happened (exact, and as fast as the original); its output must be a tensor.
     _tome_native_when_idle: bool = True
@@ -300,7 +302,9 @@ class ToMeBlockMixin:
                 "an attention mask (attention_mask / attn_mask / is_causal) cannot be combined with token "
                 "merging: merged tokens no longer line up with the mask. Set model.r = 0 to use a mask."
             )
-        x, call.out = merge_block(x, call.state, call.r, self._tome_attn_branch, self._tome_mlp_branch)
+        x, call.out = merge_block(
+            x, call.state, call.r, self._tome_attn_branch, self._tome_mlp_branch, self._tome_rule
+        )
         return x
 
     def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -361,6 +365,24 @@ class ToMeModelMixin:
         object.__setattr__(self, "_tome_r", value)
         for block, block_r in zip(blocks, schedule):
             object.__setattr__(block, "_tome_block_r", block_r)
+
+    @property
+    def tome_method(self) -> MergeMethod:
+        """The merge method every block follows: a :class:`tome.MergeMethod`; set it
+        to a name (``"tome"``, ``"pitome"``, ``"tofu"``) or a ``MergeMethod``.
+
+        Raises:
+            ValueError: on assignment of an unknown name (the valid ones are listed).
+        """
+        return self._tome_info.get("method") or MergeMethod()
+
+    @tome_method.setter
+    def tome_method(self, value: Any) -> None:
+        method = as_method(value)
+        blocks = self._tome_blocks()
+        for index, block in enumerate(blocks):
+            object.__setattr__(block, "_tome_rule", method.rule(index, len(blocks)))
+        dict.__setitem__(self._tome_info, "method", method)
 
     def _tome_schedule(self) -> List[int]:
         return parse_r(len(self._tome_blocks()), self._tome_r)
@@ -446,6 +468,9 @@ class ToMeModelMixin:
         why = info.get("defaults")
         prop = f"prop_attn={info['prop_attn']}" + (f" ({why})" if why else "")
         tome = f"tome: r={self._tome_r!r}, {prop}, trace_source={info['trace_source']}"
+        method = info.get("method")
+        if method is not None and method.name != "tome":
+            tome += f", method={method}"
         return f"{base}, {tome}" if base else tome
 
 
@@ -479,9 +504,11 @@ def patch_model(
         class_token, distill_token: Recorded for code written against the original release.
         defaults: Why the family chose its defaults, shown by ``print(model)``.
 
-    Re-patching an already patched model only updates the settings and keeps ``model.r``.
+    Re-patching an already patched model only updates the settings and keeps
+    ``model.r`` and ``model.tome_method``.
     """
     previous_r = model.__dict__.get("_tome_r", 0)
+    previous_method = getattr(model.__dict__.get("_tome_info"), "get", lambda key: None)("method")
     swap_class(model, model_mixin)
     if encoder is not None:
         swap_class(*encoder)
@@ -503,7 +530,9 @@ def patch_model(
         distill_token=bool(distill_token),
         protected_tokens=int(protected_tokens),
         defaults=defaults,
+        method=MergeMethod(),
     )
     object.__setattr__(model, "_tome_info", info)
     model.r = previous_r  # type: ignore[attr-defined]
+    model.tome_method = previous_method  # type: ignore[attr-defined]
     return model

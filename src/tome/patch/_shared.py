@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..merge import TokenAssignment, match_bipartite
+from .._methods import TOME_RULE, LayerRule
+from ..merge import TokenAssignment
 
 __all__ = [
     "AttentionCall",
@@ -136,37 +137,47 @@ class ToMeState:
             return self.size
         return torch.ones(like.shape[0], like.shape[1], 1, device=like.device, dtype=torch.float32)
 
-    def merge(self, x: torch.Tensor, metric: torch.Tensor, r: int) -> Tuple[torch.Tensor, "ToMeState"]:
-        """Remove ``r`` tokens from ``x`` by bipartite soft matching on ``metric``.
+    def merge(
+        self, x: torch.Tensor, metric: torch.Tensor, r: int, rule: LayerRule = TOME_RULE
+    ) -> Tuple[torch.Tensor, "ToMeState"]:
+        """Remove ``r`` tokens from ``x``, matching on ``metric`` by the block's merge rule.
 
         Args:
             x: ``(batch, tokens, channels)`` hidden states.
             metric: ``(batch, tokens, head_dim)`` keys averaged over heads.
             r: Tokens to remove (capped by the matching).
+            rule: The block's :class:`tome._methods.LayerRule` (ToMe's bipartite
+                matching and size-weighted average unless ``model.tome_method`` says otherwise).
 
         Returns:
-            The merged ``(batch, tokens - r, channels)`` tensor (size-weighted
-            average) and the next state.
+            The merged ``(batch, tokens - r, channels)`` tensor and the next state.
+            Sizes always add up over a group, whatever the rule does with the values.
         """
         if r <= 0:
             return x, self
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the merge is one graph node
             merged, size, groups = merge_tokens(x, metric, self.size, self.groups, r, self.protected_tokens,
-                                                self.trace_source)
+                                                self.trace_source, tuple(rule))
             return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1])
         if self.padded:
             metric = _pad_metric(metric, self.sizes(x))
-        assignment = match_bipartite(metric, r, self.protected_tokens)
+        assignment = rule.assign(metric, r, self.protected_tokens)
         if assignment is None:
             return x, self
         size = self.sizes(x)
         # Weighted sums of up to hundreds of tokens can overflow fp16: accumulate in fp32.
         work = x.float() if x.dtype in _LOW_PRECISION else x
-        # Before the first merge every size is 1: skip multiplying by ones.
-        merged = assignment.merge(work if self.size is None else work * size, mode="sum")
-        new_size = assignment.merge(size, mode="sum")
-        # A token made of padding only has size 0 (and value 0); it stays padding.
-        merged = (merged / (new_size.clamp_min(1e-6) if self.padded else new_size)).to(x.dtype)
+        # Padded batches (size-0 tokens) combine by the weighted average whatever the rule: pruning
+        # could keep a padding token's value for real patches, and MLERP's norm would count padding.
+        if rule.combine == "wavg" or self.padded:
+            # Before the first merge every size is 1: skip multiplying by ones.
+            merged = assignment.merge(work if self.size is None else work * size, mode="sum")
+            new_size = assignment.merge(size, mode="sum")
+            # A token made of padding only has size 0 (and value 0); it stays padding.
+            merged = merged / (new_size.clamp_min(1e-6) if self.padded else new_size)
+        else:
+            merged, new_size = rule.combine_tokens(assignment, work, size)
+        merged = merged.to(x.dtype)
         groups = self.groups
         if self.trace_source:
             groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device))
@@ -269,6 +280,7 @@ def merge_tokens(
     r: int,
     protected_tokens: int,
     trace_source: bool,
+    rule: Tuple = tuple(TOME_RULE),
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """:meth:`ToMeState.merge` as one function of tensors, for torch.fx graphs.
 
@@ -276,12 +288,13 @@ def merge_tokens(
     trace into the matching: this function is registered with ``torch.fx.wrap`` and
     appears as a single node. It always returns sizes (ones where nothing merged)
     and, when tracing sources, the group index, so the graph's later nodes get tensors.
+    ``rule`` is the block's :class:`LayerRule` as a plain tuple (what a graph can record).
 
     Returns:
         ``(merged x, sizes (batch, tokens, 1), groups (batch, original tokens) or None)``.
     """
     state = ToMeState(size, groups, x.shape[1], protected_tokens, True, trace_source)
-    merged, state = state.merge(x, metric, r)
+    merged, state = state.merge(x, metric, r, LayerRule(*rule))
     out_groups = state.group_index(x.shape[0], x.device) if trace_source else None
     return merged, state.sizes(merged), out_groups
 
@@ -384,6 +397,7 @@ def merge_block(
     r: int,
     attn_branch: Callable[[torch.Tensor, Optional[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]],
     mlp_branch: Callable[[torch.Tensor], torch.Tensor],
+    rule: LayerRule = TOME_RULE,
 ) -> Tuple[torch.Tensor, ToMeState]:
     """One transformer block with a merge between its attention and MLP.
 
@@ -395,13 +409,14 @@ def merge_block(
             attention residual branch (norms, LayerScale, drop path included) and
             the keys averaged over heads, ``(batch, tokens, head_dim)``.
         mlp_branch: ``x -> residual``: the block's whole MLP residual branch.
+        rule: The block's merge rule (from ``model.tome_method`` at its depth).
 
     Returns:
         ``(x, state)`` after the block.
     """
     delta, metric = attn_branch(x, state.attn_bias(x.dtype))
     x = x + delta
-    x, state = state.merge(x, metric, r)
+    x, state = state.merge(x, metric, r, rule)
     x = x + mlp_branch(x)
     return x, state
 
