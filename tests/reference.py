@@ -69,6 +69,97 @@ def reference_merge(
     return torch.stack(out_x), torch.stack(out_s)
 
 
+def reference_keepers(groups: List[List[List[int]]]) -> List[List[int]]:
+    """For bipartite groups: the token each group is built around (its B token, the odd one)."""
+    return [[next((t for t in g if t % 2 == 1), g[0]) if len(g) > 1 else g[0] for g in token_groups]
+            for token_groups in groups]
+
+
+def reference_pitome_energy(metric: torch.Tensor, protected: int, margin: float, alpha: float) -> List[List[float]]:
+    """PiToMe energy per non-protected token, with explicit loops (docs/methods.md)."""
+    batch, n, _ = metric.shape
+    out = []
+    for b in range(batch):
+        m = metric[b].double()
+        m = m / m.norm(dim=-1, keepdim=True)
+        free = list(range(protected, n))
+        energies = []
+        for i in free:
+            total = 0.0
+            for j in free:
+                c = float(m[i] @ m[j])
+                total += c if c >= margin else alpha * (math.exp(c - margin) - 1)
+            energies.append(total / len(free))
+        out.append(energies)
+    return out
+
+
+def reference_pitome_match(
+    metric: torch.Tensor, r: int, protected: int, margin: float, alpha: float
+) -> Tuple[List[List[List[int]]], List[List[int]], int]:
+    """PiToMe matching: 2r highest-energy tokens alternate into A (ranks 0, 2, ..) and
+    B (ranks 1, 3, ..); every A token joins its most similar B token.
+
+    Returns:
+        groups (as :func:`reference_match`), the keeper of every group, and the capped r.
+        Output order: prefix, then every token that stays, in original order.
+    """
+    batch, n, _ = metric.shape
+    r = max(0, min(r, (n - protected) // 2))
+    if r == 0:
+        groups = [[[t] for t in range(n)] for _ in range(batch)]
+        return groups, [[t for t in range(n)] for _ in range(batch)], 0
+    energies = reference_pitome_energy(metric, protected, margin, alpha)
+    all_groups, all_keepers = [], []
+    for b in range(batch):
+        m = metric[b].double()
+        m = m / m.norm(dim=-1, keepdim=True)
+        free = list(range(protected, n))
+        ranked = sorted(free, key=lambda t: -energies[b][t - protected])  # stable: ties keep order
+        a_set, b_set = ranked[: 2 * r : 2], ranked[1 : 2 * r : 2]
+        into = {}
+        for i in a_set:
+            j = max(b_set, key=lambda j: float(m[i] @ m[j]))
+            into.setdefault(j, []).append(i)
+        groups, keepers = [], []
+        for t in range(n):
+            if t in a_set:
+                continue
+            groups.append(sorted([t] + into.get(t, [])))
+            keepers.append(t)
+        all_groups.append(groups)
+        all_keepers.append(keepers)
+    return all_groups, all_keepers, r
+
+
+def reference_mlerp(
+    x: torch.Tensor, size: torch.Tensor, groups: List[List[List[int]]]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ToFu's MLERP: size-weighted average rescaled to the largest member norm; returns (x, size)."""
+    out_x, out_s = [], []
+    for b, token_groups in enumerate(groups):
+        xs, ss = [], []
+        for g in token_groups:
+            s = size[b, g]
+            avg = (x[b, g] * s).sum(0) / s.sum(0)
+            if len(g) > 1:
+                avg = avg * (max(float(x[b, t].norm()) for t in g) / avg.norm())
+            xs.append(avg)
+            ss.append(s.sum(0))
+        out_x.append(torch.stack(xs))
+        out_s.append(torch.stack(ss))
+    return torch.stack(out_x), torch.stack(out_s)
+
+
+def reference_prune(
+    x: torch.Tensor, size: torch.Tensor, groups: List[List[List[int]]], keepers: List[List[int]]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ToFu's pruning: each group takes its keeper's value; sizes still add up."""
+    out_x = torch.stack([torch.stack([x[b, k] for k in keep]) for b, keep in enumerate(keepers)])
+    out_s = torch.stack([torch.stack([size[b, g].sum(0) for g in token_groups]) for b, token_groups in enumerate(groups)])
+    return out_x, out_s
+
+
 def reference_compose_sources(source: torch.Tensor, groups: List[List[List[int]]]) -> torch.Tensor:
     """Dense (batch, tokens, original) source map after merging ``groups``."""
     rows = []
@@ -87,10 +178,14 @@ def reference_attention(
     return logits.softmax(-1) @ v
 
 
-def reference_timm_vit(model: nn.Module, x: torch.Tensor, r: List[int], prop_attn: bool = True):
+def reference_timm_vit(
+    model: nn.Module, x: torch.Tensor, r: List[int], prop_attn: bool = True, method: str = "tome"
+):
     """Plain ToMe forward of an (unpatched-or-patched) timm VisionTransformer.
 
     Only for eval-mode models whose blocks are timm ``Block`` with timm ``Attention``.
+    ``method``: "tome", "pitome" (margin 0.9 * (1 - layer / layers), alpha 1) or
+    "tofu" (prune in the first ceil(layers / 4) blocks, MLERP after), as docs/methods.md says.
     Returns (logits or pooled features, final size, final source map).
     """
     protected = model.num_prefix_tokens
@@ -100,7 +195,7 @@ def reference_timm_vit(model: nn.Module, x: torch.Tensor, r: List[int], prop_att
     batch, n, _ = x.shape
     size = torch.ones(batch, n, 1)
     source = torch.eye(n).expand(batch, -1, -1)
-    for block, block_r in zip(model.blocks, r):
+    for layer, (block, block_r) in enumerate(zip(model.blocks, r)):
         attn = block.attn
         h = block.norm1(x)
         qkv = attn.qkv(h).reshape(batch, h.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -113,8 +208,18 @@ def reference_timm_vit(model: nn.Module, x: torch.Tensor, r: List[int], prop_att
             o = o * attn.gate(h).sigmoid()
         o = attn.proj(o)
         x = x + block.ls1(o)
-        groups, _ = reference_match(k.mean(1), block_r, protected)
-        x, size = reference_merge(x, size, groups)
+        layers = len(model.blocks)
+        if method == "pitome":
+            groups, keepers, _ = reference_pitome_match(k.mean(1), block_r, protected, 0.9 * (1 - layer / layers), 1.0)
+            x, size = reference_merge(x, size, groups)
+        else:
+            groups, _ = reference_match(k.mean(1), block_r, protected)
+            if method == "tofu" and layer < math.ceil(layers / 4):
+                x, size = reference_prune(x, size, groups, reference_keepers(groups))
+            elif method == "tofu":
+                x, size = reference_mlerp(x, size, groups)
+            else:
+                x, size = reference_merge(x, size, groups)
         source = reference_compose_sources(source, groups)
         x = x + block.ls2(block.mlp(block.norm2(x)))
     x = model.norm(x)
