@@ -25,6 +25,9 @@ import tome
 
 __all__ = [
     "LoadedModel",
+    "add_method_argument",
+    "expand_settings",
+    "parse_methods",
     "add_model_arguments",
     "data_config_of",
     "format_table",
@@ -307,9 +310,50 @@ class LoadedModel:
     prop_attn: Optional[bool] = None
     data_overrides: Dict[str, Any] = field(default_factory=dict)
 
-    def patch(self, trace_source: bool = False) -> nn.Module:
+    def patch(self, trace_source: bool = False, method: Any = "tome") -> nn.Module:
         """Patch the model for token merging with the right settings (r starts at 0)."""
-        return tome.apply_patch(self.model, r=0, trace_source=trace_source, prop_attn=self.prop_attn)
+        return tome.apply_patch(self.model, r=0, trace_source=trace_source, prop_attn=self.prop_attn, method=method)
+
+
+def parse_methods(text: str) -> List[str]:
+    """Merge methods from ``--method``: ``"tome"``, ``"pitome,tofu"`` or ``"all"``.
+
+    Raises:
+        ValueError: for an unknown name (the valid ones are listed) or a repeated one.
+    """
+    names = list(tome.METHODS) if text.strip() == "all" else [part.strip() for part in text.split(",")]
+    for name in names:
+        if name not in tome.METHODS:
+            raise ValueError(f"--method {name!r} is not a merge method; expected one of {list(tome.METHODS)} or 'all'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--method {text!r} names a method twice")
+    return names
+
+
+def add_method_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--method`` on a command: one or several merge methods, comma-separated."""
+    parser.add_argument(
+        "--method", type=_argparse_type(parse_methods), default=["tome"], metavar="NAMES",
+        help=f"merge method(s), comma-separated or 'all': {', '.join(tome.METHODS)} (default: tome); {what}. "
+        "See docs/methods.md",
+    )
+
+
+def expand_settings(
+    schedules: Sequence[Schedule], methods: Sequence[str]
+) -> Tuple[List[Schedule], List[Optional[str]]]:
+    """Every schedule with every method, r=0 once (it is the same model for every method).
+
+    Returns:
+        Parallel lists ``(schedules, methods)``; the method of r=0 is None (the model's own).
+    """
+    out_schedules: List[Schedule] = []
+    out_methods: List[Optional[str]] = []
+    for schedule in schedules:
+        for method in ([None] if schedule == 0 else methods):
+            out_schedules.append(schedule)
+            out_methods.append(method)
+    return out_schedules, out_methods
 
 
 def load_model(

@@ -27,7 +27,9 @@ import tome
 from ._common import (
     SCHEDULE_HELP,
     Schedule,
+    add_method_argument,
     add_model_arguments,
+    expand_settings,
     format_table,
     input_size_of,
     load_model_from_args,
@@ -135,6 +137,7 @@ def time_interleaved(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     min_time: float = 0.0,
+    methods: Optional[Sequence[Optional[str]]] = None,
 ) -> List[List[float]]:
     """Seconds per forward for each merge setting, measured round-robin.
 
@@ -154,6 +157,7 @@ def time_interleaved(
         dtype: Autocast dtype (``torch.float32``: none).
         progress: Show a progress bar over the rounds (on a terminal only).
         min_time: Least seconds of forwards behind each measurement.
+        methods: Merge method of each setting, parallel to ``schedules`` (None: the model's own).
 
     Returns:
         One list of ``rounds`` timings (seconds per forward) per setting.
@@ -164,9 +168,10 @@ def time_interleaved(
     device = x.device
     times: List[List[float]] = [[] for _ in schedules]
     repeats = [1 for _ in schedules]
+    settings = list(zip(schedules, methods if methods is not None else [None] * len(schedules)))
 
-    def run(schedule: Schedule, count: int) -> float:
-        with tome.merging(model, schedule):
+    def run(setting: Tuple[Schedule, Optional[str]], count: int) -> float:
+        with tome.merging(model, *setting):
             synchronize(device)
             start = time.perf_counter()
             for _ in range(count):
@@ -176,16 +181,16 @@ def time_interleaved(
 
     with torch.inference_mode(), autocast(device, dtype):
         for _ in range(warmup):
-            for schedule in schedules:
-                run(schedule, 1)
+            for setting in settings:
+                run(setting, 1)
         if min_time > 0:
             # Double the forwards until they last min_time: that many stand behind each timing.
-            for i, schedule in enumerate(schedules):
-                while run(schedule, repeats[i]) < min_time:
+            for i, setting in enumerate(settings):
+                while run(setting, repeats[i]) < min_time:
                     repeats[i] *= 2
         for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
-            for i, schedule in enumerate(schedules):
-                times[i].append(run(schedule, repeats[i]) / repeats[i])
+            for i, setting in enumerate(settings):
+                times[i].append(run(setting, repeats[i]) / repeats[i])
     return times
 
 
@@ -223,6 +228,7 @@ def measure_schedules(
     warmup: int = 2,
     progress: bool = False,
     min_time: float = 0.0,
+    methods: Optional[Sequence[Optional[str]]] = None,
 ) -> List[Dict[str, Any]]:
     """Throughput, speed-up, FLOPs, tokens left and peak memory for each merge setting.
 
@@ -237,10 +243,11 @@ def measure_schedules(
         warmup: Untimed rounds.
         progress: Show progress bars (on a terminal only).
         min_time: Least seconds of forwards behind each timing (see :func:`time_interleaved`).
+        methods: Merge method of each setting, parallel to ``schedules`` (None: the model's own).
 
     Returns:
         One dict per setting (r=0 first if it was added): ``r`` (JSON form),
-        ``label``, ``schedule`` (r per layer), ``tokens_left``, ``images_per_s``
+        ``label``, ``method`` (as given, None for the model's own), ``schedule`` (r per layer), ``tokens_left``, ``images_per_s``
         and ``seconds_per_batch`` (medians over rounds), ``speedup`` (median over
         rounds of the per-round speed-up) with its range ``speedup_low`` /
         ``speedup_high``, ``gflops`` (per image), ``flops_ratio``, ``noisy`` (the
@@ -251,14 +258,16 @@ def measure_schedules(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     schedules = list(schedules)
+    methods = list(methods) if methods is not None else [None] * len(schedules)
     if 0 not in schedules:
         schedules.insert(0, 0)
+        methods.insert(0, None)
     model.eval().to(device)
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     rows: List[Dict[str, Any]] = []
     single = torch.rand(1, *size, device=device)
-    for schedule in schedules:
-        with tome.merging(model, schedule):
+    for schedule, method in zip(schedules, methods):
+        with tome.merging(model, schedule, method):
             flops = count_flops(model, single)
         tokens = model._tome_info["size"].shape[1]
         per_layer = model._tome_info["r"]
@@ -266,6 +275,7 @@ def measure_schedules(
             {
                 "r": schedule_json(schedule),
                 "label": schedule_label(schedule),
+                "method": method,
                 "schedule": list(per_layer) if per_layer is not None else None,
                 "tokens_left": int(tokens),
                 "gflops": flops / 1e9,
@@ -273,7 +283,7 @@ def measure_schedules(
         )
     x = torch.rand(batch_size, *size, device=device)
     times = time_interleaved(model, x, schedules, rounds=rounds, warmup=warmup, dtype=dtype, progress=progress,
-                             min_time=min_time)
+                             min_time=min_time, methods=methods)
     base = schedules.index(0)
     base_flops = rows[base]["gflops"]
     for row, seconds, (speedup, low, high) in zip(rows, times, speedup_stats(times, base)):
@@ -286,8 +296,8 @@ def measure_schedules(
         row["peak_memory_mib"] = None
     if device.type == "cuda":
         with torch.inference_mode(), autocast(device, dtype):
-            for schedule, row in zip(schedules, rows):
-                with tome.merging(model, schedule):
+            for schedule, method, row in zip(schedules, methods, rows):
+                with tome.merging(model, schedule, method):
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
                     model(x)
@@ -339,13 +349,14 @@ def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str
 def print_rows(rows: Sequence[Dict[str, Any]]) -> None:
     """The ``tome bench`` / ``tome demo`` table, with a note under it for noisy rows."""
     with_memory = any(row.get("peak_memory_mib") is not None for row in rows)
-    headers = ["r", "tokens left", "img/s", "speed-up", "range", "GFLOPs", "FLOPs ratio"] + (
+    with_method = any(row.get("method") is not None for row in rows)
+    headers = ["r", *(["method"] if with_method else []), "tokens left", "img/s", "speed-up", "range", "GFLOPs", "FLOPs ratio"] + (
         ["peak MiB"] if with_memory else [])
     table = []
     for row in rows:
         speedup = f"{row['speedup']:.2f}x" + (" noisy" if row.get("noisy") else "")
         spread = f"{row['speedup_low']:.2f}-{row['speedup_high']:.2f}x" if "speedup_low" in row else "-"
-        cells = [row["label"], row["tokens_left"], row["images_per_s"], speedup, spread, row["gflops"],
+        cells = [row["label"], *([row.get("method") or "-"] if with_method else []), row["tokens_left"], row["images_per_s"], speedup, spread, row["gflops"],
                  row["flops_ratio"]]
         if with_memory:
             cells.append(row["peak_memory_mib"])
@@ -384,9 +395,10 @@ def run_bench(args: argparse.Namespace) -> List[Dict[str, Any]]:
     print(f"Model: {loaded.description}")
     print(f"Device: {device}{threads}, {dtype_name}, batch {batch_size} x {size}, {args.runs} interleaved rounds "
           f"of at least {args.min_time:g} s per r", flush=True)
+    schedules, methods = expand_settings(args.r, args.method)
     rows = measure_schedules(
-        model, args.r, batch_size=batch_size, device=device, dtype=dtype, rounds=args.runs,
-        warmup=args.warmup, progress=True, min_time=args.min_time,
+        model, schedules, batch_size=batch_size, device=device, dtype=dtype, rounds=args.runs,
+        warmup=args.warmup, progress=True, min_time=args.min_time, methods=methods,
     )
     print_rows(rows)
     print("FLOPs: torch FlopCounterMode, 2 per multiply-add.")
@@ -427,6 +439,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     parser.add_argument("-r", "--r", type=schedules_arg, default=schedules_arg("0,8,13,16"),
                         help=f"{SCHEDULE_HELP} (default: 0,8,13,16)")
+    add_method_argument(parser, "each r > 0 is measured with each method, interleaved")
     parser.add_argument("--batch-size", type=positive_int, help="images per forward (default: 64 on CUDA, 8 on CPU)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp16 on CUDA, fp32 on CPU)")

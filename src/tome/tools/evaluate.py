@@ -28,8 +28,10 @@ from . import _runtime as runtime
 from ._common import (
     SCHEDULE_HELP,
     Schedule,
+    add_method_argument,
     add_model_arguments,
     data_config_of,
+    expand_settings,
     format_table,
     input_size_of,
     load_model_from_args,
@@ -130,12 +132,14 @@ class EvalResult:
 
     Attributes:
         r: The merge setting (None: the model as it was set).
+        method: The merge method (None: the model's own).
         correct1, correct5: Images whose label is the top-1 / within the top-5 prediction.
         total: Images evaluated.
         seconds: Model time (forwards only) of the slowest process.
     """
 
     r: Optional[Schedule]
+    method: Optional[str] = None
     correct1: int = 0
     correct5: int = 0
     total: int = 0
@@ -160,6 +164,7 @@ class EvalResult:
         return {
             "r": schedule_json(self.r),
             "label": schedule_label(self.r),
+            "method": self.method,
             "correct1": self.correct1,
             "correct5": self.correct5,
             "total": self.total,
@@ -197,6 +202,7 @@ def count_correct(
     *,
     device: torch.device,
     dtype: Optional[torch.dtype] = None,
+    methods: Optional[Sequence[Optional[str]]] = None,
 ) -> Tuple[List[EvalResult], int, List[str]]:
     """Top-1 and top-5 hits of ``model`` over ``batches``, for each merge setting, summed over processes.
 
@@ -212,13 +218,15 @@ def count_correct(
         schedules: Merge settings, each run with :func:`tome.merging`; None runs the model as set.
         device: Where the model runs.
         dtype: Autocast dtype (None or ``torch.float32``: full precision).
+        methods: Merge method for each setting (parallel to ``schedules``; None: the model's).
 
     Returns:
         ``(results, skipped, skipped_examples)``: one :class:`EvalResult` per setting (counts
         summed over all processes, ``seconds`` of the slowest), the number of unreadable images
         over all processes and the first few of their names.
     """
-    results = [EvalResult(schedule) for schedule in schedules]
+    methods = list(methods) if methods is not None else [None] * len(schedules)
+    results = [EvalResult(schedule, method) for schedule, method in zip(schedules, methods)]
     skipped = 0
     examples: List[str] = []
     with torch.inference_mode():
@@ -230,7 +238,8 @@ def count_correct(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             for result in results:
-                with tome.merging(model, result.r) if result.r is not None else contextlib.nullcontext():
+                with (tome.merging(model, result.r, result.method) if result.r is not None
+                      else contextlib.nullcontext()):
                     synchronize(device)
                     start = time.perf_counter()
                     with autocast(device, dtype):
@@ -263,6 +272,7 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     warmup: bool = True,
+    methods: Optional[Sequence[Optional[str]]] = None,
 ) -> EvalReport:
     """Top-1/top-5 accuracy and throughput for each merge setting.
 
@@ -279,6 +289,8 @@ def evaluate(
         dtype: Autocast dtype (``torch.float32``: none).
         progress: Show a progress bar (on rank 0).
         warmup: Run each setting once on random input before timing.
+        methods: Merge method of each setting, parallel to ``schedules`` (None: the model's own;
+            see :func:`tome.tools._common.expand_settings`).
 
     Returns:
         The counts for each setting and the skipped images.
@@ -299,11 +311,12 @@ def evaluate(
     if warmup and len(shard):
         dummy = torch.rand(min(batch_size, len(shard)), *input_size_of(model), device=device)
         with torch.inference_mode():
-            for schedule in schedules:
-                with tome.merging(model, schedule), autocast(device, dtype):
+            for schedule, method in zip(schedules, methods or [None] * len(schedules)):
+                with tome.merging(model, schedule, method), autocast(device, dtype):
                     model(dummy)
     batches = progress_bar(loader, enabled=progress and rank == 0, desc="eval", unit="batch", leave=False)
-    results, skipped, examples = count_correct(model, batches, schedules, device=device, dtype=dtype)
+    results, skipped, examples = count_correct(model, batches, schedules, device=device, dtype=dtype,
+                                               methods=methods)
     if len(dataset) and results and results[0].total == 0:
         named = ", ".join(examples) or "none named"
         raise ValueError(f"none of the {len(dataset)} images could be read (e.g. {named}); nothing was evaluated")
@@ -313,12 +326,15 @@ def evaluate(
 def print_report(report: EvalReport) -> None:
     """The ``tome eval`` table and the skipped-image note."""
     base = next((r for r in report.results if r.r == 0), None)
+    with_method = any(result.method is not None for result in report.results)
     rows = []
     for result in report.results:
         speedup = f"{result.images_per_s / base.images_per_s:.2f}x" if base and base.images_per_s > 0 else "-"
-        rows.append([schedule_label(result.r), result.top1, result.top5, result.images_per_s, speedup,
+        method = [result.method or "-"] if with_method else []
+        rows.append([schedule_label(result.r), *method, result.top1, result.top5, result.images_per_s, speedup,
                      f"{result.correct1}/{result.total}"])
-    print(format_table(["r", "top-1 %", "top-5 %", "img/s", "speed-up", "correct/total"], rows))
+    headers = ["r", *(["method"] if with_method else []), "top-1 %", "top-5 %", "img/s", "speed-up", "correct/total"]
+    print(format_table(headers, rows))
     evaluated = report.results[0].total if report.results else 0
     print(f"{evaluated} of {report.images} images evaluated on {report.world_size} process(es); {report.skipped} skipped")
     if report.skipped:
@@ -335,6 +351,7 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
         loaded = load_model_from_args(args, default_to_demo=True)
         schedules = args.r if args.r is not None else ([0, loaded.default_r] if loaded.default_r else [0, 8, 16])
         model = loaded.patch()
+        schedules, methods = expand_settings(schedules, args.method)
         dataset = image_folder(args.data, model, loaded.data_overrides)
         num_classes = getattr(model, "num_classes", None)
         if num_classes and not dataset.matches_model and len(dataset.classes) > num_classes:
@@ -349,7 +366,7 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
                   f"{device}, {dtype_name}, {world_size} process(es)")
         report = evaluate(
             model, dataset, schedules, batch_size=args.batch_size, workers=args.workers, device=device,
-            dtype=parse_dtype(dtype_name),
+            dtype=parse_dtype(dtype_name), methods=methods,
         )
         if rank == 0:
             print_report(report)
@@ -375,6 +392,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-r", "--r", type=schedules_arg, default=None,
                         help=f"{SCHEDULE_HELP} (default: 0,8,16, or 0 and the checkpoint's r for a published ToMe "
                         "checkpoint)")
+    add_method_argument(parser, "each r > 0 is evaluated with each method")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                         help="data loading processes per rank (default: %(default)s)")

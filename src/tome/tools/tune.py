@@ -22,6 +22,7 @@ import tome
 
 from ._common import (
     Schedule,
+    add_method_argument,
     add_model_arguments,
     input_size_of,
     load_model_from_args,
@@ -79,6 +80,7 @@ class TuneResult:
     flops_ratio: float
     speedup: Optional[float] = None
     tokens_left: Optional[int] = None
+    method: str = "tome"
 
     @property
     def schedule(self) -> Schedule:
@@ -267,52 +269,82 @@ def run_tune(args: argparse.Namespace) -> TuneResult:
         raise ValueError(f"--max-flops-ratio must lie in (0, 1), got {args.max_flops_ratio!r}")
     if args.target_speedup is not None and not args.target_speedup > 1:
         raise ValueError(f"--target-speedup must be above 1, got {args.target_speedup!r}")
+    if len(args.method) > 1 and not args.data:
+        raise ValueError(f"--method {','.join(args.method)}: picking among several methods needs --data "
+                         "(accuracy decides; their FLOPs at one r are the same)")
     json_path = prepare_output_file(args.json, "--json") if args.json else None
     loaded = load_model_from_args(args)
     model = loaded.patch()
     print(f"Model: {loaded.description}")
     print(f"Device: {device}, {dtype_name}, batch {batch_size}, {args.schedule} schedule, {args.runs} interleaved "
           f"rounds of at least {args.min_time:g} s per candidate and r=0", flush=True)
-    if args.max_flops_ratio is not None:
-        print(f"Searching the smallest r with FLOPs <= {args.max_flops_ratio:g} x r=0 ...")
-        result = tune_flops(model, args.max_flops_ratio, kind=args.schedule, device=device, verbose=True)
-        x = torch.rand(batch_size, *input_size_of(model), device=device)
-        result.speedup = (measure_speedup(model, x, result.schedule, rounds=args.runs, dtype=dtype,
-                                          min_time=args.min_time) if result.r else 1.0)
-        target = f"FLOPs ratio <= {args.max_flops_ratio:g}"
-    else:
-        print(f"Searching the smallest r with a measured speed-up >= {args.target_speedup:g}x ...")
-        result = tune_speedup(
-            model, args.target_speedup, kind=args.schedule, device=device, batch_size=batch_size, dtype=dtype,
-            rounds=args.runs, verbose=True, min_time=args.min_time,
-        )
-        target = f"speed-up >= {args.target_speedup:g}x"
-    label = repr(result.schedule)
-    status = "meets" if result.reached else "CANNOT meet"
-    print(
-        f"r={label} {status} the target ({target}): measured speed-up {result.speedup:.2f}x, "
-        f"FLOPs ratio {result.flops_ratio:.3f}, {result.tokens_left} tokens left, on {device}"
-    )
-    if result.reached:
-        print(f"Use it: tome.apply_patch(model, r={label})   or: --r {schedule_label(result.schedule)}")
-    else:
-        print(f"That is the most merging this model allows ({args.schedule} schedule); relax the target.")
-    report: Dict[str, Any] = {"model": loaded.description, "device": str(device), "target": target, **result.as_dict()}
+    results = []
+    for method in args.method:
+        model.tome_method = method
+        if len(args.method) > 1:
+            print(f"Method {method}:")
+        results.append(_tune_one(model, args, device=device, dtype=dtype, batch_size=batch_size))
+        results[-1].method = method
+    target = (f"FLOPs ratio <= {args.max_flops_ratio:g}" if args.max_flops_ratio is not None
+              else f"speed-up >= {args.target_speedup:g}x")
+    report: Dict[str, Any] = {"model": loaded.description, "device": str(device), "target": target}
     if args.data:
         from .evaluate import evaluate, image_folder, print_report
 
         dataset = image_folder(args.data, model, loaded.data_overrides)
-        schedules: List[Schedule] = [0, result.schedule] if result.r else [0]
+        schedules: List[Schedule] = [0] + [result.schedule for result in results if result.r]
+        methods: List[Optional[str]] = [None] + [result.method for result in results if result.r]
         eval_report = evaluate(model, dataset, schedules, batch_size=batch_size, workers=args.workers,
-                               device=device, dtype=dtype)
+                               device=device, dtype=dtype, methods=methods)
         print_report(eval_report)
         report["accuracy"] = eval_report.as_dict()
+        top1 = {result.method: result.top1 for result in eval_report.results[1:]}
+        # The method picked: among those meeting the target, the best top-1 (earlier listed wins ties).
+        ranked = sorted(results, key=lambda result: (not result.reached, -top1.get(result.method, float("-inf"))))
+        result = ranked[0]
+    else:
+        result = results[0]
+    model.tome_method = result.method
+    label = repr(result.schedule)
+    status = "meets" if result.reached else "CANNOT meet"
+    method_note = f" with method {result.method}" if len(args.method) > 1 or result.method != "tome" else ""
+    print(
+        f"r={label}{method_note} {status} the target ({target}): measured speed-up {result.speedup:.2f}x, "
+        f"FLOPs ratio {result.flops_ratio:.3f}, {result.tokens_left} tokens left, on {device}"
+    )
+    if result.reached:
+        method_arg = f", method={result.method!r}" if result.method != "tome" else ""
+        cli_method = f" --method {result.method}" if result.method != "tome" else ""
+        print(f"Use it: tome.apply_patch(model, r={label}{method_arg})   or: --r {schedule_label(result.schedule)}"
+              f"{cli_method}")
+    else:
+        print(f"That is the most merging this model allows ({args.schedule} schedule); relax the target.")
+    report.update(result.as_dict())
+    if len(results) > 1:
+        report["methods"] = [candidate.as_dict() for candidate in results]
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2))
         print(f"Wrote {json_path}")
     if not result.reached:
         raise SystemExit(1)
     return result
+
+
+def _tune_one(model: nn.Module, args: argparse.Namespace, *, device: torch.device, dtype: torch.dtype,
+              batch_size: int) -> TuneResult:
+    """The search of ``tome tune`` for the model's current merge method."""
+    if args.max_flops_ratio is not None:
+        print(f"Searching the smallest r with FLOPs <= {args.max_flops_ratio:g} x r=0 ...")
+        result = tune_flops(model, args.max_flops_ratio, kind=args.schedule, device=device, verbose=True)
+        x = torch.rand(batch_size, *input_size_of(model), device=device)
+        result.speedup = (measure_speedup(model, x, result.schedule, rounds=args.runs, dtype=dtype,
+                                          min_time=args.min_time) if result.r else 1.0)
+        return result
+    print(f"Searching the smallest r with a measured speed-up >= {args.target_speedup:g}x ...")
+    return tune_speedup(
+        model, args.target_speedup, kind=args.schedule, device=device, batch_size=batch_size, dtype=dtype,
+        rounds=args.runs, verbose=True, min_time=args.min_time,
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -333,6 +365,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, help="images per timed forward (default: 64 on CUDA, 8 on CPU)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp16 on CUDA, fp32 on CPU)")
     add_timing_arguments(parser, runs=5, what="timed rounds per candidate r (each also times r=0)")
+    add_method_argument(parser, "with several, the r is searched for each and, with --data, the method with the "
+                        "best top-1 at its r is picked (several need --data)")
     parser.add_argument("--data", help="image folder: also report accuracy at r=0 and at the r found")
     parser.add_argument("--workers", type=non_negative_int, default=2,
                         help="data loading processes with --data (default: %(default)s)")
