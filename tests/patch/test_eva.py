@@ -395,3 +395,18 @@ def test_features_only_model_gives_full_grids():
         merged = model(x)
     assert [tuple(m.shape) for m in merged] == [tuple(m.shape) for m in base] == [(2, 32, 4, 4)] * 2
     assert (merged[1] - base[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method", ["pitome", "tofu"])
+def test_every_merge_method_reaches_eva_blocks(method):
+    model = make()
+    x = torch.randn(2, 3, model.patch_embed.img_size[0], model.patch_embed.img_size[1])
+    with torch.no_grad():
+        before = model(x)
+        tome.apply_patch(model, r=4)
+        merged = model(x)
+        model.tome_method = method
+        other = model(x)
+        model.r = 0
+        assert torch.equal(model(x), before)
+    assert (other - merged).abs().max() > 1e-4  # the method changes which tokens merge, or how

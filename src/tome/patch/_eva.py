@@ -228,7 +228,7 @@ class _ToMeEvaBlockBase(ToMeBlockMixin):
             raise ValueError(_MASK_REFUSAL)
         rope = _rope_for(call.state, kwargs.get("rope"), bool(getattr(self.attn, "rotate_half", False)))
         attn_branch = functools.partial(self._tome_attn_branch, rope=rope)
-        x, call.out = merge_block(x, call.state, call.r, attn_branch, self._tome_mlp_branch)
+        x, call.out = merge_block(x, call.state, call.r, attn_branch, self._tome_mlp_branch, self._tome_rule)
         return x
 
 

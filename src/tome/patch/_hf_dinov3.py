@@ -164,7 +164,7 @@ class ToMeDINOv3Layer(_hf.ToMeHFLayer):
             now = _merged_pair(state, x.dtype)
         rotated = pair.rotated_metric if isinstance(pair, RotaryPair) else DEFAULT_ROPE_METRIC == "rotated"
         branch = functools.partial(self._tome_attn_branch, position_embeddings=now, rotated_metric=rotated)
-        x, call.out = merge_block(x, state, call.r, branch, self._tome_mlp_branch)
+        x, call.out = merge_block(x, state, call.r, branch, self._tome_mlp_branch, self._tome_rule)
         return x
 
     def _tome_attn_branch(
