@@ -770,3 +770,20 @@ def test_compiles_without_graph_breaks(name):
     assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(main_output(name, compiled(**inputs)), main_output(name, model(**inputs)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel"])
+def test_text_padding_mask_of_a_dual_tower_model_is_not_the_vision_towers(name):
+    """Beside input_ids, attention_mask pads the text; the merging vision tower never sees it."""
+    model = make(name)
+    inputs = inputs_for(name)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][:, 5:] = 0
+    with torch.no_grad():
+        tome.apply_patch(model, r=2)
+        out = model(**inputs)
+        model.r = 0
+        unmerged = model(**inputs)
+    # the text side is untouched by merging; the image side merged
+    torch.testing.assert_close(out.text_embeds, unmerged.text_embeds)
+    assert out.vision_model_output.last_hidden_state.shape[1] < unmerged.vision_model_output.last_hidden_state.shape[1]

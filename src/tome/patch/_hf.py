@@ -204,7 +204,9 @@ class _Ledger:
         if self.own:
             active = ToMeForward(info["protected_tokens"], info["prop_attn"], info["trace_source"])
             active.info = info
-            active.caller_mask = kwargs.get("attention_mask")  # what the user passed, not what the model built
+            # What the user passed, not what the model built. Beside input_ids (CLIP, SigLIP) the
+            # mask is the text tower's padding, and the merging vision tower never sees it.
+            active.caller_mask = None if "input_ids" in kwargs else kwargs.get("attention_mask")
         self.ledger = active
         blocks = module._tome_blocks()
         self.num_blocks = len(blocks)
