@@ -158,7 +158,8 @@ class MatchTimer:
             _diffusers.match_stride_2d = original
 
 
-def variants_for(name: str, ratios: List[float], modes: List[str], with_tomesd: bool) -> List[tuple]:
+def variants_for(name: str, ratios: List[float], modes: List[str], with_tomesd: bool,
+                 match_channels: Optional[int] = None) -> List[tuple]:
     """``(label, kind, options)``; the first is the unmerged reference."""
     out = [("unmerged", "none", {})]
     unet = CONFIGS[name]["cls"] in ("UNet2DConditionModel", "Transformer2DModel")
@@ -168,12 +169,16 @@ def variants_for(name: str, ratios: List[float], modes: List[str], with_tomesd: 
             out.append((f"tomesd r={ratio}", "tomesd", dict(ratio=ratio, use_rand=False)))
         for mode in modes:
             out.append((f"tome {mode} r={ratio}", "tome", dict(ratio=ratio, mode=mode, use_rand=False)))
+            if mode == "tokens" and match_channels:
+                out.append((f"tome tokens mc{match_channels} r={ratio}", "tome",
+                            dict(ratio=ratio, mode=mode, use_rand=False, match_channels=match_channels)))
     return out
 
 
-def run_case(model, name: str, size: int, batch: int, ratios, modes, rounds: int, dtype, device, log) -> List[dict]:
+def run_case(model, name: str, size: int, batch: int, ratios, modes, rounds: int, dtype, device, log,
+             match_channels: Optional[int] = None) -> List[dict]:
     args, kwargs = make_inputs(name, size, batch, dtype, device)
-    specs = variants_for(name, ratios, modes, with_tomesd=_has_tomesd())
+    specs = variants_for(name, ratios, modes, with_tomesd=_has_tomesd(), match_channels=match_channels)
 
     def forward():
         with torch.no_grad():
@@ -193,7 +198,7 @@ def run_case(model, name: str, size: int, batch: int, ratios, modes, rounds: int
                 forward()
                 share = timer.seconds / (time.perf_counter() - start)
         s = summary[label]
-        rows.append(dict(model=name, size=size, batch=batch, variant=label, kind=kind, **options,
+        rows.append(dict(model=name, size=size, batch=batch, variant=label, kind=kind, **{"mode": None, **options},
                          median_s=s["median_s"], speedup=s["speedup"], speedup_q1=s["speedup_q1"],
                          speedup_q3=s["speedup_q3"], match_share=share, times_s=s["times_s"]))
         log(f"  {name} {size}px {label}: {s['median_s']:.3g}s/step, {s['speedup']:.2f}x")
@@ -252,6 +257,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--sizes", nargs="+", type=int, help="image sizes in pixels (default: 256 512 768)")
     parser.add_argument("--ratios", nargs="+", type=float, help="merge ratios (default: 0.3 0.5 0.7)")
     parser.add_argument("--modes", nargs="+", choices=list(_diffusers.MODES), help="default: tokens kv")
+    parser.add_argument("--match-channels", type=int, default=None,
+                        help="also time mode='tokens' matching on this many projected channels")
     parser.add_argument("--batch", type=int, help="batch size (default 2: one prompt with classifier-free guidance)")
     parser.add_argument("--rounds", type=int, help="timed rounds (default 3)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="default: fp32")
@@ -284,7 +291,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         model = build(name, dtype, device)
         for size in preset["sizes"]:
             rows += run_case(model, name, size, preset["batch"], preset["ratios"], preset["modes"], preset["rounds"],
-                             dtype, device, log=lambda m: print(m, flush=True))
+                             dtype, device, log=lambda m: print(m, flush=True), match_channels=args.match_channels)
             save()
         del model
     plot(rows, args.out + ".png", regime)
