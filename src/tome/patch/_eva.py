@@ -39,7 +39,6 @@ from .._schedule import parse_r
 from ._lifecycle import (
     ToMeAttentionMixin,
     ToMeBlockMixin,
-    ToMeModelMixin,
     _masked,
     call_attention,
     is_patched,
@@ -56,8 +55,8 @@ from ._shared import (
     merge_block,
     run_blocks,
     size_bias,
-    weighted_mean,
 )
+from ._timm import ToMeTimmHead, pool_tokens
 
 __all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC"]
 
@@ -266,7 +265,7 @@ class ToMeEvaBlockPostNorm(_ToMeEvaBlockBase):
 # ----------------------------------------------------------------------------- the model
 
 
-class ToMeEva(ToMeModelMixin):
+class ToMeEva(ToMeTimmHead):
     """timm ``Eva`` whose blocks merge tokens and carry the merged tokens' rotary positions.
 
     ``forward_features`` returns the merged tokens with their sizes attached, so
@@ -337,21 +336,6 @@ class ToMeEva(ToMeModelMixin):
         x, state = self._tome_run_rope(images)
         return self.norm(x), state.size
 
-    def forward_features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        if self._tome_masked(attn_mask, is_causal):
-            return self._tome_tag(super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal), None)  # type: ignore[misc]
-        return self._tome_tag(*self._tome_features(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self._tome_head(x, self._tome_sizes_of(x) if self._tome_pools_patches() else None, pre_logits)
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        if self._tome_masked(attn_mask, is_causal):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        return self._tome_head(*self._tome_features(x), False)
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -409,23 +393,11 @@ class ToMeEva(ToMeModelMixin):
         """Whether the head reads more than the (protected) class token."""
         return not (self.attn_pool is None and self.global_pool in ("token", ""))
 
-    def _tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool) -> torch.Tensor:
-        if size is None or not self._tome_pools_patches():
-            return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
+    def _tome_pool(self, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
         if self.attn_pool is not None:
             # Eva's attention pool reads every token, prefix included: each key counts once per patch.
-            x = self.attn_pool(x, attn_mask=size_bias(size, x.dtype))
-        else:
-            x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
-            if self.global_pool == "avg":
-                x = weighted_mean(x, size)
-            elif self.global_pool == "max":
-                x = x.amax(dim=1)
-            else:  # avgmax
-                x = 0.5 * (x.amax(dim=1) + weighted_mean(x, size))
-        x = self.fc_norm(x)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+            return self.attn_pool(x, attn_mask=size_bias(size, x.dtype))
+        return pool_tokens(x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :], self.global_pool)
 
 
 # ----------------------------------------------------------------------------- checks and registration

@@ -86,7 +86,49 @@ _MASK_REFUSAL = (
     "line up with the mask. Set model.r = 0 to use a mask."
 )
 
-class ToMeTimmVisionTransformer(ToMeModelMixin):
+class ToMeTimmHead(ToMeModelMixin):
+    """The forward, features and head of a timm model whose blocks merge (ViT, Eva).
+
+    ``forward_features`` returns the merged tokens with their sizes attached, so
+    ``forward_head`` pools exactly those, weighted by size. A family supplies
+    ``_tome_masked``, ``_tome_features``, ``_tome_pools_patches`` and ``_tome_pool``.
+    """
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if self._tome_masked(attn_mask, is_causal):
+            return self._tome_tag(super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal), None)  # type: ignore[misc]
+        return self._tome_tag(*self._tome_features(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self._tome_head(x, self._tome_sizes_of(x) if self._tome_pools_patches() else None, pre_logits)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if self._tome_masked(attn_mask, is_causal):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
+        return self._tome_head(*self._tome_features(x), False)
+
+    def _tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool) -> torch.Tensor:
+        # Nothing merged, or a head that only reads prefix tokens: the model's own head is exact.
+        if size is None or not self._tome_pools_patches():
+            return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
+        x = self._tome_pool(x, size)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+
+def pool_tokens(x: torch.Tensor, size: torch.Tensor, global_pool: str) -> torch.Tensor:
+    """timm's ``"avg"``, ``"max"`` and ``"avgmax"`` pooling of ``(batch, tokens, channels)``, averages weighted by ``size``."""
+    if global_pool == "avg":
+        return weighted_mean(x, size)
+    if global_pool == "max":
+        return x.amax(dim=1)
+    return 0.5 * (x.amax(dim=1) + weighted_mean(x, size))  # avgmax
+
+
+class ToMeTimmVisionTransformer(ToMeTimmHead):
     """timm ``VisionTransformer`` whose blocks merge tokens; pooling weighted by size.
 
     ``forward_features`` returns the merged tokens with their sizes attached, so
@@ -124,21 +166,6 @@ class ToMeTimmVisionTransformer(ToMeModelMixin):
     def _tome_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         x, state = self._tome_run(self._tome_embed(x), self.grad_checkpointing)
         return self.norm(x), state.size
-
-    def forward_features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        if self._tome_masked(attn_mask, is_causal):
-            return self._tome_tag(super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal), None)  # type: ignore[misc]
-        return self._tome_tag(*self._tome_features(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self._tome_head(x, self._tome_sizes_of(x) if self._tome_pools_patches() else None, pre_logits)
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        if self._tome_masked(attn_mask, is_causal):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        return self._tome_head(*self._tome_features(x), False)
 
     def forward_intermediates(
         self,
@@ -206,26 +233,13 @@ class ToMeTimmVisionTransformer(ToMeModelMixin):
         """Whether the head reads more than the (protected) prefix tokens."""
         return not ((self.attn_pool is None and self.global_pool in ("token", "")) or hasattr(self, "dist_token"))
 
-    def _tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool) -> torch.Tensor:
-        # Nothing merged, or a head that only reads prefix tokens: the model's own head is exact.
-        if size is None or not self._tome_pools_patches():
-            return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
-        x = self._tome_pool(x, size)
-        x = self.fc_norm(x)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
     def _tome_pool(self, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
         if not self.pool_include_prefix:
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.attn_pool is not None:
             # Attention pooling: every key counts once per patch it stands for.
             return self.attn_pool(x, attn_mask=size_bias(size, x.dtype))
-        if self.global_pool == "avg":
-            return weighted_mean(x, size)
-        if self.global_pool == "max":
-            return x.amax(dim=1)
-        return 0.5 * (x.amax(dim=1) + weighted_mean(x, size))  # avgmax
+        return pool_tokens(x, size, self.global_pool)
 
 
 _BLOCK_MIXINS = {"Block": ToMeTimmBlock, "ResPostBlock": ToMeTimmResPostBlock}
