@@ -81,3 +81,31 @@ def test_fx_graph_scripts(r):
     scripted = torch.jit.script(torch.fx.symbolic_trace(model))
     x = images()
     torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("r", [0, 3])
+def test_timm_tracer_keeps_dynamic_img_size_leaves(r):
+    # timm's tracer (its model tests, feature extraction) treats resample_abs_pos_embed as a
+    # leaf only when it finds it among the root forward's globals: the patched forward runs
+    # in timm's module, so a dynamic_img_size model traces as it does unpatched.
+    from timm.models._features_fx import create_feature_extractor
+
+    model = tome.apply_patch(make("token", dynamic_img_size=True), r=r)
+    assert type(model).forward.__globals__ is type(model)._tome_parent.forward.__globals__
+    extractor = create_feature_extractor(model, return_nodes={"blocks.1": "block1", "head": "logits"})
+    with torch.no_grad():
+        for x in (images(), images(batch=3, size=48, seed=5)):
+            out = extractor(x)
+            torch.testing.assert_close(out["logits"], model(x), atol=1e-5, rtol=0)
+    if r:
+        assert any(node.target is merge_tokens for node in extractor.graph.nodes)
+
+
+def test_in_parent_module_refuses_a_forward_that_reads_module_names():
+    from tome.patch._lifecycle import in_parent_module
+
+    def forward(self, x):
+        return torch.relu(x)
+
+    with pytest.raises(TypeError, match=r"may not read module names \['torch'\]"):
+        in_parent_module(forward)

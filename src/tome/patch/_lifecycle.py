@@ -9,6 +9,9 @@ and unpatched models.
 
 from __future__ import annotations
 
+import builtins
+import dis
+import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
@@ -27,6 +30,7 @@ __all__ = [
     "ToMeAttentionMixin",
     "call_attention",
     "families",
+    "in_parent_module",
     "register_family",
     "swap_class",
     "is_patched",
@@ -157,6 +161,40 @@ def is_patched(module: nn.Module) -> bool:
     return "_tome_parent" in type(module).__dict__
 
 
+def in_parent_module(fn: F) -> F:
+    """Mark a model's ``forward`` to run with the module globals of the forward it replaces.
+
+    ``torch.fx`` treats a framework's do-not-trace functions as leaves only where it
+    finds them: among the globals of the root ``forward`` (timm hands its
+    ``register_notrace_function`` list to the tracer as ``autowrap_functions``, e.g.
+    ``resample_abs_pos_embed`` for ``dynamic_img_size`` models). A patched forward
+    defined here would hide them; the swapped class gets a copy of ``fn`` whose
+    globals are the parent forward's, so tracing sees what it saw unpatched. ``fn``
+    must therefore only delegate: it may read builtins and ``self``, no module names.
+
+    Raises:
+        TypeError: if ``fn`` reads a global name that is not a builtin.
+    """
+    names = {op.argval for op in dis.get_instructions(fn) if op.opname == "LOAD_GLOBAL"}
+    foreign = sorted(name for name in names if not hasattr(builtins, name))
+    if foreign:
+        raise TypeError(f"{fn.__qualname__} runs in another module and may not read module names {foreign}")
+    fn._tome_in_parent_module = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _rehomed_forward(cls: type, parent: type) -> Optional[Callable[..., Any]]:
+    """``cls.forward`` moved into its parent forward's module, if marked :func:`in_parent_module`."""
+    fn = cls.__dict__.get("forward", getattr(cls, "forward", None))
+    parent_globals = getattr(getattr(parent, "forward", None), "__globals__", None)
+    if not getattr(fn, "_tome_in_parent_module", False) or parent_globals is None:
+        return None
+    moved = types.FunctionType(fn.__code__, parent_globals, fn.__name__, fn.__defaults__, fn.__closure__)
+    moved.__kwdefaults__ = fn.__kwdefaults__
+    moved.__qualname__, moved.__doc__, moved.__annotations__ = fn.__qualname__, fn.__doc__, dict(fn.__annotations__)
+    return moved
+
+
 def _runtime_class(mixins: Tuple[type, ...], parent: type) -> type:
     key = (mixins, parent)
     cls = _CLASS_CACHE.get(key)
@@ -170,6 +208,9 @@ def _runtime_class(mixins: Tuple[type, ...], parent: type) -> type:
         else:
             name = f"ToMe{parent.__name__}"
         cls = type(name, mixins + (parent,), namespace)
+        forward = _rehomed_forward(cls, parent)
+        if forward is not None:
+            cls.forward = forward
         _CLASS_CACHE[key] = cls
     return cls
 

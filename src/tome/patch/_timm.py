@@ -20,6 +20,7 @@ from ._lifecycle import (
     ToMeBlockMixin,
     ToMeModelMixin,
     call_attention,
+    in_parent_module,
     original_class,
     patch_model,
     register_family,
@@ -104,7 +105,11 @@ class ToMeTimmHead(ToMeModelMixin):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self._tome_head(x, self._tome_sizes_of(x) if self._tome_pools_patches() else None, pre_logits)
 
+    @in_parent_module  # so torch.fx finds timm's do-not-trace functions as it does unpatched
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        return self._tome_forward(x, attn_mask, is_causal)
+
+    def _tome_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
         if self._tome_masked(attn_mask, is_causal):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
         return self._tome_head(*self._tome_features(x), False)
