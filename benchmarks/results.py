@@ -40,7 +40,12 @@ from tome.data import SyntheticShapes
 from tome.tools.train import evaluate, load_model
 from tome.utils import parse_r, tokens_per_layer
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+def markers(section: str) -> Tuple[str, str]:
+    """The Markdown comments that enclose the table of ``section`` (``"results"``: docs/results.md's main table)."""
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+
+
 
 
 def block_flops(num_tokens: int, depth: int, dim: int, mlp_ratio: float, schedule: Sequence[int],
@@ -218,13 +223,47 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_markdown(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{path} has no {BEGIN} ... {END} markers for the table")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+def plot_curves(models: Dict[str, Path], path: Path) -> None:
+    """Validation accuracy and training loss against images seen, from each model's training history.
+
+    ``tome train`` stores one record per epoch in the model's description (the ``.json``
+    beside its ``.safetensors``); a model trained for one epoch is one point.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, model_path in models.items():
+        _, info = load_model(model_path)
+        history = info.get("history") or []
+        if not history:
+            raise ValueError(f"{model_path} has no training history in its description")
+        batch = info["training"]["batch_size"]
+        seen = [record["step"] * batch / 1000 for record in history]
+        validated = [(n, 100 * r["val_accuracy"]) for n, r in zip(seen, history) if r["val_accuracy"] is not None]
+        line, = acc_ax.plot(*zip(*validated), marker="o", label=name)
+        loss_ax.plot(seen, [r["train_loss"] for r in history], marker="o", color=line.get_color(), label=name)
+    acc_ax.set_ylabel("validation top-1, %")
+    loss_ax.set_ylabel("training loss (epoch mean, label smoothing 0.1)")
+    for ax in (acc_ax, loss_ax):
+        ax.set_xlabel("training images seen, thousands")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def write_markdown(path: Path, table: str, section: str = "results") -> None:
+    begin, end = markers(section)
+    text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no {begin} ... {end} markers for the table")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
 
 
 def _model_arg(text: str) -> Tuple[str, Path]:
@@ -248,6 +287,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("docs/results.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/results.png"))
     parser.add_argument("--markdown", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--section", default="results",
+                        help="write the table between <!-- SECTION:begin --> and <!-- SECTION:end --> "
+                             "(default: %(default)s)")
+    parser.add_argument("--curve", type=Path, default=None,
+                        help="also plot each model's training curve (from its description) to this PNG")
     parser.add_argument("--from-json", action="store_true", help="only redraw the table and plot from --json")
     args = parser.parse_args(argv)
     models = dict(args.model)
@@ -265,7 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = markdown_table(results)
     print(table)
     plot(results, args.plot)
-    write_markdown(args.markdown, table)
+    write_markdown(args.markdown, table, args.section)
+    if args.curve is not None:
+        plot_curves({name: Path(path) for name, path in results["models"].items()}, args.curve)
     return 0
 
 
