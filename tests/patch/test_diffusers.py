@@ -560,3 +560,12 @@ def test_match_channels_projects_the_metric():
         unet.match_channels = 0
     with pytest.raises(ValueError, match="match_channels applies to mode='tokens'"):
         tome.patch.diffusers(unet, mode="kv", match_channels=8)
+
+
+def test_denoiser_forward_reports_the_original_signature():
+    import inspect
+
+    unet = make_unet()
+    expected = inspect.signature(unet.forward)
+    tome.patch.diffusers(unet, ratio=0.5)
+    assert inspect.signature(unet.forward) == expected and "encoder_hidden_states" in expected.parameters

@@ -787,3 +787,16 @@ def test_text_padding_mask_of_a_dual_tower_model_is_not_the_vision_towers(name):
     # the text side is untouched by merging; the image side merged
     torch.testing.assert_close(out.text_embeds, unmerged.text_embeds)
     assert out.vision_model_output.last_hidden_state.shape[1] < unmerged.vision_model_output.last_hidden_state.shape[1]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_reports_the_original_signature(name):
+    # transformers reads inspect.signature(model.forward): Trainer keeps only the dataset
+    # columns named there, its model tests ask whether output_attentions is accepted.
+    import inspect
+
+    model = make(name)
+    expected = inspect.signature(model.forward)
+    tome.apply_patch(model, r=2)
+    assert inspect.signature(model.forward) == expected
+    assert "pixel_values" in expected.parameters or "input_values" in expected.parameters

@@ -36,7 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..merge import TokenAssignment, hashed_stride_choice, match_stride_2d, sign_projection
-from ._lifecycle import is_patched, register_family, swap_class
+from ._lifecycle import is_patched, register_family, swap_class, with_parent_signature
 
 __all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
 
@@ -391,6 +391,7 @@ class ToMeDiffusersModelMixin:
     _tome_kwargs_name: str = "cross_attention_kwargs"
     _tome_input: str = "sample"
 
+    @with_parent_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         settings: DiffusionSettings = self._tome_settings
         if settings.ratio == 0:

@@ -59,6 +59,7 @@ from ._lifecycle import (
     register_family,
     supported_families,
     swap_class,
+    with_parent_signature,
 )
 from ._shared import AttentionCall, ToMeForward, attention, size_bias, weighted_mean
 
@@ -261,6 +262,7 @@ class ToMeHFRunner:
     def _tome_blocks(self) -> Sequence[nn.Module]:
         return list(_resolve(self, _RUNNER_LAYERS[original_class(self).__name__]))  # type: ignore[arg-type]
 
+    @with_parent_signature
     def forward(self, *args: Any, tome: Optional[ToMeForward] = None, **kwargs: Any) -> Any:
         with _Ledger(self, tome, kwargs) as ledger:  # type: ignore[arg-type]
             return super().forward(*args, tome=ledger, **kwargs)  # type: ignore[misc]
@@ -316,6 +318,7 @@ class ToMeHFModel(ToMeModelMixin):
         spec = _spec_of(self)  # type: ignore[arg-type]
         return _resolve(self, spec.runner)._tome_blocks()  # type: ignore[arg-type]
 
+    @with_parent_signature
     def forward(self, *args: Any, tome: Optional[ToMeForward] = None, **kwargs: Any) -> Any:
         if any(self._tome_schedule()):
             _refuse_unsupported_outputs(self, kwargs)  # type: ignore[arg-type]
@@ -340,6 +343,7 @@ class ToMePoolingHead(ToMeHFModel):
     by token size (``sum(x * size) / sum(size)`` in place of the mean). The pooling
     itself is the spec's ``pool`` function."""
 
+    @with_parent_signature
     def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
         if not any(self._tome_schedule()):
             return super().forward(pixel_values, labels=labels, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import dis
+import inspect
 import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -31,6 +32,7 @@ __all__ = [
     "call_attention",
     "families",
     "in_parent_module",
+    "with_parent_signature",
     "register_family",
     "swap_class",
     "is_patched",
@@ -183,15 +185,34 @@ def in_parent_module(fn: F) -> F:
     return fn
 
 
-def _rehomed_forward(cls: type, parent: type) -> Optional[Callable[..., Any]]:
-    """``cls.forward`` moved into its parent forward's module, if marked :func:`in_parent_module`."""
-    fn = cls.__dict__.get("forward", getattr(cls, "forward", None))
-    parent_globals = getattr(getattr(parent, "forward", None), "__globals__", None)
-    if not getattr(fn, "_tome_in_parent_module", False) or parent_globals is None:
+def with_parent_signature(fn: F) -> F:
+    """Mark a model's delegating ``forward(*args, tome=None, **kwargs)`` to report the signature
+    of the forward it replaces.
+
+    ``inspect.signature(model.forward)`` is how frameworks read what a model takes:
+    transformers' ``Trainer`` keeps only the dataset columns named there, and its
+    tests ask whether ``output_attentions`` is accepted. The swapped class gets a copy
+    of ``fn`` whose ``__signature__`` is the parent's.
+    """
+    fn._tome_parent_signature = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _class_forward(cls: type, parent: type) -> Optional[Callable[..., Any]]:
+    """``cls.forward`` adjusted to its parent, as marked by :func:`in_parent_module` and
+    :func:`with_parent_signature`; None when unmarked."""
+    fn = getattr(cls, "forward", None)
+    parent_forward = getattr(parent, "forward", None)
+    rehome = getattr(fn, "_tome_in_parent_module", False) and hasattr(parent_forward, "__globals__")
+    resign = getattr(fn, "_tome_parent_signature", False) and callable(parent_forward)
+    if not (rehome or resign):
         return None
-    moved = types.FunctionType(fn.__code__, parent_globals, fn.__name__, fn.__defaults__, fn.__closure__)
-    moved.__kwdefaults__ = fn.__kwdefaults__
-    moved.__qualname__, moved.__doc__, moved.__annotations__ = fn.__qualname__, fn.__doc__, dict(fn.__annotations__)
+    moved = types.FunctionType(fn.__code__, parent_forward.__globals__ if rehome else fn.__globals__,  # type: ignore[union-attr]
+                               fn.__name__, fn.__defaults__, fn.__closure__)  # type: ignore[union-attr]
+    moved.__kwdefaults__ = fn.__kwdefaults__  # type: ignore[union-attr]
+    moved.__qualname__, moved.__doc__, moved.__annotations__ = fn.__qualname__, fn.__doc__, dict(fn.__annotations__)  # type: ignore[union-attr]
+    if resign:
+        moved.__signature__ = inspect.signature(parent_forward)  # type: ignore[attr-defined, arg-type]
     return moved
 
 
@@ -208,7 +229,7 @@ def _runtime_class(mixins: Tuple[type, ...], parent: type) -> type:
         else:
             name = f"ToMe{parent.__name__}"
         cls = type(name, mixins + (parent,), namespace)
-        forward = _rehomed_forward(cls, parent)
+        forward = _class_forward(cls, parent)
         if forward is not None:
             cls.forward = forward
         _CLASS_CACHE[key] = cls
