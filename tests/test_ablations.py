@@ -319,6 +319,14 @@ def test_random_drop_keeps_the_rest_in_order(shape, r, protected, seed):
         assert torch.equal(merged[b], x[b, kept]) and torch.equal(new_size[b], size[b, kept])
 
 
+def test_traced_merge_node_takes_every_rule_field():
+    import inspect
+
+    from tome.patch._shared import merge_tokens
+
+    assert inspect.signature(merge_tokens).parameters["rule"].default == tuple(TOME_RULE)
+
+
 def test_rule_errors():
     with pytest.raises(ValueError, match="k must be an int >= 2"):
         match_kth(torch.randn(1, 6, 3), 2, 0, 1)

@@ -309,7 +309,7 @@ def merge_tokens(
     r: int,
     protected_tokens: int,
     trace_source: bool,
-    rule: Tuple[Any, ...] = tuple(TOME_RULE),
+    rule: Tuple[str, str, float, float, str, int] = ("bipartite", "wavg", 0.0, 1.0, "k", 2),
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """:meth:`ToMeState.merge` as one function of tensors, for torch.fx graphs.
 
