@@ -592,3 +592,48 @@ def test_padding_refuses_ablations():
         state.merge(torch.randn(1, 6, 4), torch.randn(1, 6, 4), 2, LayerRule("greedy"))
     merged, _ = state.merge(torch.randn(1, 6, 4), torch.randn(1, 6, 4), 2, LayerRule("bipartite", "prune"))
     assert merged.shape == (1, 4, 4)
+
+
+# ----------------------------------------------------------------------------- the study's script
+
+
+def _benchmark_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
+    spec = importlib.util.spec_from_file_location("ablations_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_study_table_reports_paired_differences():
+    bench = _benchmark_module()
+    hits = torch.tensor([True, False, True, True, False, True, False])
+    assert torch.equal(bench._unpack(bench._pack(hits), len(hits)), hits)
+    other = torch.tensor([True, True, True, False, False, True, True])
+    d = bench.paired_delta(other, hits)
+    assert math.isclose(d["delta"], 100 * (5 - 4) / 7)
+    diff = other.double() - hits.double()
+    assert math.isclose(d["se"], 100 * float(diff.std()) / math.sqrt(7))
+    column = {"label": "10", "tokens": [65, 8], "flops_ratio": 0.51, "kind": "constant"}
+    results = {
+        "columns": [column], "half_flops_column": 0, "val_images": 7, "data_seed": 0, "model": "m.safetensors",
+        "sha256": "abc", "unmerged_accuracy": 0.7, "timing_batch_size": 4, "threads": 1,
+        "rows": [
+            {"name": "ToMe", "group": "ToMe", "accuracy": [4 / 7], "hits": [bench._pack(hits)], "images_per_s": 10.0},
+            {"name": "greedy", "group": "matching", "accuracy": [5 / 7], "hits": [bench._pack(other)],
+             "images_per_s": 5.0},
+        ],
+    }
+    table = bench.markdown_table(results)
+    assert "| ToMe | ToMe | **57.14** | 10 |" in table
+    assert f"| matching | greedy | 71.43 (+14.29 ± {d['se']:.2f}) | 5 |" in table
+    assert "sha256 `abc...`" in table
