@@ -7,6 +7,10 @@
 - ``"tofu"``: ToMe's matching; pruning in the early blocks, norm-preserving MLERP
   merging in the later ones (Kim et al., "Token Fusion: Bridging the Gap between
   Token Pruning and Token Merging", WACV 2024, arXiv 2312.01026, sec. 3).
+- ``"ablation"``: a research setting, not a method: ToMe with one design choice
+  changed (similarity feature, matching, combining; ToMe paper sec. 4.1), or a
+  token-pruning baseline (random dropping; EViT's attentive-token pruning, with or
+  without fusion). See docs/ablations.md.
 
 A :class:`MergeMethod` is a model-level setting (``model.tome_method``); each
 block holds the :class:`LayerRule` it resolves to at its depth, and hands it to
@@ -22,11 +26,34 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from .merge import TokenAssignment, match_bipartite, match_pitome, merge_mlerp, merge_prune
+from .merge import (
+    TokenAssignment,
+    match_attentive,
+    match_bipartite,
+    match_greedy,
+    match_kth,
+    match_pitome,
+    match_random,
+    match_random_drop,
+    merge_drop,
+    merge_fuse,
+    merge_mlerp,
+    merge_prune,
+)
 
-__all__ = ["METHODS", "MergeMethod", "LayerRule", "as_method", "TOME_RULE"]
+__all__ = ["METHODS", "MergeMethod", "LayerRule", "as_method", "TOME_RULE", "ABLATION_METRICS",
+           "ABLATION_MATCHES", "ABLATION_COMBINES"]
 
 METHODS = ("tome", "pitome", "tofu")
+
+# The research setting MergeMethod("ablation", ...): not one of METHODS (tools that run "all"
+# methods skip it). Its options and their meanings are documented on MergeMethod.
+ABLATION = "ablation"
+ABLATION_METRICS = ("k", "x", "q", "v", "k_cat")
+ABLATION_MATCHES = ("bipartite", "kth", "random", "greedy", "random_drop", "evit", "evit_fuse")
+ABLATION_COMBINES = ("wavg", "keep", "amax", "mean")
+_PRUNING_COMBINE = {"random_drop": "drop", "evit": "drop", "evit_fuse": "fuse"}
+_DEFAULT_KTH = 4
 
 # PiToMe's margin falls linearly with depth from this value at the first block to 0 after the last.
 _PITOME_MARGIN_START = 0.9
@@ -36,33 +63,79 @@ class LayerRule(NamedTuple):
     """What one block does when it merges (plain values, so torch.fx can record it).
 
     Attributes:
-        match: ``"bipartite"`` (ToMe) or ``"pitome"``.
-        combine: ``"wavg"`` (size-weighted average), ``"prune"`` or ``"mlerp"``.
+        match: ``"bipartite"`` (ToMe), ``"pitome"``, or an ablation: ``"kth"``,
+            ``"random"``, ``"greedy"`` (merging); ``"random_drop"``, ``"evit"``,
+            ``"evit_fuse"`` (pruning baselines).
+        combine: ``"wavg"`` (size-weighted average), ``"prune"`` (keep the
+            destination, add the sizes), ``"mlerp"``, or an ablation: ``"amax"``,
+            ``"mean"`` (unweighted), ``"drop"``, ``"fuse"``.
         margin: PiToMe's energy margin at this block (unused otherwise).
         alpha: PiToMe's penalty scale below the margin (unused otherwise).
+        metric: Similarity feature: ``"k"`` (keys averaged over heads, ToMe's), ``"x"``
+            (the block's input), ``"q"``/``"v"`` (averaged over heads), ``"k_cat"``
+            (keys of all heads concatenated).
+        kth: Group size of the ``"kth"`` matching.
     """
 
     match: str = "bipartite"
     combine: str = "wavg"
     margin: float = 0.0
     alpha: float = 1.0
+    metric: str = "k"
+    kth: int = 2
+
+    @property
+    def attention_feature(self) -> str:
+        """What the block's attention must report (:class:`tome.patch._shared.AttentionCall`):
+        ``"cls_attn"`` for EViT's pruning, the metric for ``q``/``v``/``k_cat``, else ``"k"``
+        (the block input, ``"x"``, needs nothing from the attention)."""
+        if self.match in ("evit", "evit_fuse"):
+            return "cls_attn"
+        return self.metric if self.metric in ("q", "v", "k_cat") else "k"
 
     def assign(self, metric: torch.Tensor, r: int, protected_tokens: int) -> Optional[TokenAssignment]:
-        """The matching of this rule on ``metric`` ``(batch, tokens, channels)``; None if nothing merges."""
-        if self.match == "pitome":
+        """The matching of this rule on ``metric`` ``(batch, tokens, channels)``; None if nothing merges.
+
+        For ``"evit"``/``"evit_fuse"`` the metric is the class token's attention, ``(batch, tokens, 1)``.
+        ``"random"`` and ``"random_drop"`` draw from torch's global generator.
+        """
+        match = self.match
+        if match == "bipartite":
+            return match_bipartite(metric, r, protected_tokens)
+        if match == "pitome":
             return match_pitome(metric, r, protected_tokens, self.margin, self.alpha)
-        return match_bipartite(metric, r, protected_tokens)
+        if match == "kth":
+            return match_kth(metric, r, protected_tokens, self.kth)
+        if match == "random":
+            return match_random(metric, r, protected_tokens)
+        if match == "greedy":
+            return match_greedy(metric, r, protected_tokens)
+        if match == "random_drop":
+            return match_random_drop(metric, r, protected_tokens)
+        if match in ("evit", "evit_fuse"):
+            return match_attentive(metric[..., 0], r, protected_tokens, fuse=match == "evit_fuse")
+        raise ValueError(f"match={match!r} is not a matching rule; expected 'bipartite', 'pitome' or one of "
+                         f"{list(ABLATION_MATCHES)}")
 
     def combine_tokens(
-        self, assignment: TokenAssignment, x: torch.Tensor, size: torch.Tensor
+        self, assignment: TokenAssignment, x: torch.Tensor, size: torch.Tensor, metric: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Combine ``x`` ``(batch, tokens, channels)`` with sizes ``(batch, tokens, 1)``
-        by a rule other than the size-weighted average; returns ``(x, size)`` merged."""
-        if self.combine == "prune":
+        by a rule other than the size-weighted average; returns ``(x, size)`` merged.
+        ``metric`` is this block's metric (``"fuse"`` weights by it: the class token's attention)."""
+        combine = self.combine
+        if combine == "prune":
             return merge_prune(assignment, x, size)
-        if self.combine == "mlerp":
+        if combine == "mlerp":
             return merge_mlerp(assignment, x, size)
-        raise ValueError(f"combine={self.combine!r} is not a combine rule; expected 'wavg', 'prune' or 'mlerp'")
+        if combine in ("amax", "mean"):
+            return assignment.merge(x, mode=combine), assignment.merge(size, mode="sum")
+        if combine == "drop":
+            return merge_drop(assignment, x, size)
+        if combine == "fuse" and metric is not None:
+            return merge_fuse(assignment, x, metric, size)
+        raise ValueError(f"combine={combine!r} is not a combine rule; expected 'wavg', 'prune', 'mlerp', "
+                         "'amax', 'mean', 'drop' or 'fuse' (with the class-token attention as metric)")
 
 
 TOME_RULE = LayerRule()
@@ -80,6 +153,31 @@ class MergeMethod:
         alpha: ``"pitome"`` only. Penalty scale below the margin; ``None`` means 1.0.
         prune_layers: ``"tofu"`` only. Blocks ``0 .. prune_layers - 1`` prune, the
             rest merge with MLERP; ``None`` means ``ceil(layers / 4)`` (3 of 12).
+        metric: ``"ablation"`` only. Similarity feature the matching compares:
+            ``"k"`` (default: keys averaged over heads, ToMe's), ``"x"`` (the block's
+            input, before its attention), ``"q"`` or ``"v"`` (averaged over heads),
+            ``"k_cat"`` (keys of all heads concatenated). ``q``/``v``/``k_cat`` need the
+            attention to report them: timm ViT and MAE, torchvision and SWAG models do;
+            other families raise ``ValueError`` when the method is set.
+        match: ``"ablation"`` only. ``"bipartite"`` (default, ToMe), ``"kth"`` (fixed,
+            evenly spaced destinations: every ``kth`` token; :func:`tome.merge.match_kth`),
+            ``"random"`` (random sources merge into their best match), ``"greedy"``
+            (repeatedly the globally most similar pair), or a pruning baseline:
+            ``"random_drop"`` (drop random tokens), ``"evit"`` (drop the tokens the
+            class token attends to least, averaged over heads; EViT, ICLR 2022),
+            ``"evit_fuse"`` (EViT with the dropped tokens fused into one extra token:
+            it drops ``r + 1`` and adds the fused one, so the count falls by ``r`` like
+            every other rule). EViT needs a class token and the attention to report
+            its attention (the families listed under ``metric``).
+        combine: ``"ablation"`` merging only. ``"wavg"`` (default, size-weighted
+            average), ``"keep"`` (keep the destination's value, drop the source's;
+            sizes still add), ``"amax"`` (max pooling), ``"mean"`` (plain, unweighted
+            average). Pruning matches fix their own (drop, or EViT's attention-weighted fusion).
+        kth: ``"ablation"`` with ``match="kth"`` only: group size (``None``: 4).
+
+    ``MergeMethod("ablation")`` with no options is ToMe exactly. Pruning baselines
+    drop patches, so they cannot trace sources (``trace_source``) and cannot run
+    with a key-padding mask; ablations other than the metric ``"k"`` refuse padding too.
 
     Raises:
         ValueError: for an unknown ``name`` (the valid ones are listed), an option
@@ -90,14 +188,22 @@ class MergeMethod:
     margin: Optional[float] = None
     alpha: Optional[float] = None
     prune_layers: Optional[int] = None
+    metric: Optional[str] = None
+    match: Optional[str] = None
+    combine: Optional[str] = None
+    kth: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ValueError(f"method={self.name!r} is not a merge method; expected one of {list(METHODS)}")
-        for option, owner in (("margin", "pitome"), ("alpha", "pitome"), ("prune_layers", "tofu")):
+        if self.name not in METHODS and self.name != ABLATION:
+            raise ValueError(f"method={self.name!r} is not a merge method; expected one of {list(METHODS)} "
+                             f"(or {ABLATION!r}, the research setting of docs/ablations.md)")
+        for option, owner in (("margin", "pitome"), ("alpha", "pitome"), ("prune_layers", "tofu"),
+                              ("metric", ABLATION), ("match", ABLATION), ("combine", ABLATION), ("kth", ABLATION)):
             value = getattr(self, option)
             if value is not None and self.name != owner:
                 raise ValueError(f"{option}={value!r} is an option of method '{owner}', not of {self.name!r}")
+        if self.name == ABLATION:
+            self._check_ablation()
         if self.margin is not None and not -1.0 <= float(self.margin) <= 1.0:
             raise ValueError(f"margin={self.margin!r} must lie in [-1, 1] (it is a cosine similarity)")
         if self.alpha is not None and not (float(self.alpha) >= 0 and math.isfinite(self.alpha)):
@@ -107,8 +213,33 @@ class MergeMethod:
         ):
             raise ValueError(f"prune_layers={self.prune_layers!r} must be a non-negative int")
 
+    def _check_ablation(self) -> None:
+        for option, allowed in (("metric", ABLATION_METRICS), ("match", ABLATION_MATCHES),
+                                ("combine", ABLATION_COMBINES)):
+            value = getattr(self, option)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{option}={value!r} is not an ablation {option}; expected one of {list(allowed)}")
+        if self.match in _PRUNING_COMBINE:
+            if self.combine is not None:
+                raise ValueError(f"combine={self.combine!r} cannot be set for the pruning baseline "
+                                 f"match={self.match!r} (it drops or fuses tokens itself)")
+            if self.match != "random_drop" and self.metric is not None:
+                raise ValueError(f"metric={self.metric!r} cannot be set for match={self.match!r}: EViT ranks "
+                                 "tokens by the class token's attention")
+        if self.kth is not None:
+            if self.match != "kth":
+                raise ValueError(f"kth={self.kth!r} is an option of match='kth', not of match={self.match!r}")
+            if isinstance(self.kth, bool) or not isinstance(self.kth, int) or self.kth < 2:
+                raise ValueError(f"kth={self.kth!r} must be an int >= 2")
+
     def rule(self, layer: int, num_layers: int) -> LayerRule:
         """The rule block ``layer`` (from 0) of a ``num_layers``-block model follows."""
+        if self.name == ABLATION:
+            match = self.match or "bipartite"
+            combine = _PRUNING_COMBINE.get(match) or {"keep": "prune"}.get(self.combine or "wavg", self.combine or "wavg")
+            kth = (self.kth or _DEFAULT_KTH) if match == "kth" else 2
+            rule = LayerRule(match, combine, 0.0, 1.0, self.metric or "k", kth)
+            return TOME_RULE if rule == TOME_RULE else rule
         if self.name == "pitome":
             margin = self.margin
             if margin is None:
@@ -120,7 +251,9 @@ class MergeMethod:
         return TOME_RULE
 
     def __str__(self) -> str:
-        options = [f"{key}={getattr(self, key)!r}" for key in ("margin", "alpha", "prune_layers") if getattr(self, key) is not None]
+        options = [f"{key}={getattr(self, key)!r}"
+                   for key in ("margin", "alpha", "prune_layers", "metric", "match", "combine", "kth")
+                   if getattr(self, key) is not None]
         return self.name if not options else f"{self.name}({', '.join(options)})"
 
 

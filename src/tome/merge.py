@@ -36,6 +36,13 @@ __all__ = [
     "pitome_energy",
     "merge_mlerp",
     "merge_prune",
+    "match_random",
+    "match_kth",
+    "match_greedy",
+    "match_random_drop",
+    "match_attentive",
+    "merge_drop",
+    "merge_fuse",
 ]
 
 _REDUCTIONS = ("sum", "mean", "amax", "amin", "prod")
@@ -472,6 +479,57 @@ def kth_bipartite_soft_matching(metric: torch.Tensor, k: int) -> Tuple[Callable,
     return _as_functions(TokenAssignment(dest, num_dst))
 
 
+def match_random(
+    metric: torch.Tensor, r: int, protected_tokens: int = 0, generator: Optional[torch.Generator] = None
+) -> Optional[TokenAssignment]:
+    """Ablation: ``r`` random tokens merge into their most similar remaining token.
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features.
+        r: Number of tokens to remove, capped at ``(tokens - protected_tokens) // 2``.
+        protected_tokens: Leading tokens that neither move nor receive merges.
+        generator: Optional ``torch.Generator`` (on ``metric``'s device) for the draw;
+            None draws from torch's global generator.
+
+    Returns:
+        The assignment (destinations keep their original order), or ``None`` when
+        nothing is merged.
+
+    Raises:
+        ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
+    """
+    _check_metric(metric, protected_tokens)
+    batch, num_tokens, _ = metric.shape
+    r = _cap_r(r, num_tokens, protected_tokens)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        is_src = _random_sources(batch, num_tokens, r, protected_tokens, metric.device, generator)
+        slot = (~is_src).cumsum(dim=1) - 1  # position among kept tokens, in order
+
+        metric = _normalize(metric)
+        scores = metric @ metric.transpose(-1, -2)
+        # Sources match only kept, non-protected tokens.
+        blocked = is_src.clone()
+        blocked[:, :protected_tokens] = True
+        scores = scores.masked_fill(blocked.unsqueeze(1), -math.inf)
+        best = scores.argmax(dim=-1)
+        dest = torch.where(is_src, slot.gather(1, best), slot)
+    return TokenAssignment(dest, num_tokens - r, ~is_src)
+
+
+def _random_sources(
+    batch: int, num_tokens: int, r: int, protected_tokens: int, device: Any, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """``(batch, tokens)`` bool: ``r`` non-protected tokens per row, drawn uniformly."""
+    free = num_tokens - protected_tokens
+    order = torch.rand(batch, free, device=device, generator=generator).argsort(dim=1)
+    src = order[:, :r] + protected_tokens
+    return torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter(
+        1, src, torch.ones_like(src, dtype=torch.bool)
+    )
+
+
 def random_bipartite_soft_matching(
     metric: torch.Tensor,
     r: int,
@@ -490,30 +548,7 @@ def random_bipartite_soft_matching(
     Returns:
         ``(merge, unmerge)``; destinations keep their original order.
     """
-    _check_metric(metric, protected_tokens)
-    batch, num_tokens, _ = metric.shape
-    r = _cap_r(r, num_tokens, protected_tokens)
-    if r <= 0:
-        return do_nothing, do_nothing
-    with torch.no_grad():
-        device = metric.device
-        free = num_tokens - protected_tokens
-        order = torch.rand(batch, free, device=device, generator=generator).argsort(dim=1)
-        src = order[:, :r] + protected_tokens
-        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter(
-            1, src, torch.ones_like(src, dtype=torch.bool)
-        )
-        slot = (~is_src).cumsum(dim=1) - 1  # position among kept tokens, in order
-
-        metric = _normalize(metric)
-        scores = metric @ metric.transpose(-1, -2)
-        # Sources match only kept, non-protected tokens.
-        blocked = is_src.clone()
-        blocked[:, :protected_tokens] = True
-        scores = scores.masked_fill(blocked.unsqueeze(1), -math.inf)
-        best = scores.argmax(dim=-1)
-        dest = torch.where(is_src, slot.gather(1, best), slot)
-    return _as_functions(TokenAssignment(dest, num_tokens - r, ~is_src))
+    return _as_functions(match_random(metric, r, protected_tokens, generator))
 
 
 def merge_wavg(
@@ -715,3 +750,262 @@ def match_stride_2d(
         dest[:, src_pos] = src_slot
         dest[:, dst_pos] = dst_slot.expand(batch, -1)
     return TokenAssignment(dest, num_tokens - r)
+
+
+# ---------------------------------------------------------------------------
+# Ablations of ToMe's design (Bolya et al., ICLR 2023, sec. 4.1: which tokens to
+# pair, how to combine them) and the token-pruning baselines it is compared with
+# (random dropping; EViT, Liang et al., "Not All Patches are What You Need:
+# Expediting Vision Transformers via Token Reorganizations", ICLR 2022, sec. 3:
+# keep the tokens the class token attends to most, optionally fuse the rest).
+# Written from the papers' descriptions. Every function removes exactly the r of
+# the schedule (capped as ToMe caps it), so token counts and FLOPs match ToMe's.
+
+
+def _assignment_from_sources(
+    is_src: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, num_tokens: int, r: int
+) -> TokenAssignment:
+    """Sources ``src_pos`` ``(batch, r)`` merge into ``dst_pos`` ``(batch, r)``; every other token
+    stays, in original order (the protected prefix first, as it is first in the input)."""
+    slot = (~is_src).cumsum(dim=1) - 1
+    dest = slot.scatter(1, src_pos, slot.gather(1, dst_pos))
+    return TokenAssignment(dest, num_tokens - r, ~is_src)
+
+
+def match_kth(metric: torch.Tensor, r: int, protected_tokens: int = 0, k: int = 2) -> Optional[TokenAssignment]:
+    """Ablation: k-th bipartite matching that removes ``r`` tokens.
+
+    Every token at a position ``p >= protected_tokens`` with ``p % k == k - 1`` is a
+    destination, the other non-protected tokens are sources (``k - 1`` sources per
+    destination). Each source's best match is its most similar destination (cosine);
+    the ``r`` sources with the highest best score merge into it. With ``k = 2`` the
+    groups are exactly those of :func:`match_bipartite`; a larger ``k`` fixes fewer,
+    evenly spaced destinations (ALGORITHM.md, "Variants"; the library's
+    :func:`kth_bipartite_soft_matching` is the version that keeps only the destinations).
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features.
+        r: Tokens to remove; capped at ``(tokens - protected_tokens) // 2`` (as ToMe,
+            so token counts match) and at the number of sources.
+        protected_tokens: Leading tokens that never merge.
+        k: Group size, an int >= 2.
+
+    Returns:
+        The assignment (protected prefix, then every token left, in original order),
+        or ``None`` when nothing is merged.
+
+    Raises:
+        ValueError: if ``k`` is not an int >= 2, ``metric`` is not 3-D or
+            ``protected_tokens`` is out of range.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an int >= 2, got {k!r}")
+    _check_metric(metric, protected_tokens)
+    batch, num_tokens, _ = metric.shape
+    dst_list = [p for p in range(protected_tokens, num_tokens) if p % k == k - 1]
+    src_list = [p for p in range(protected_tokens, num_tokens) if p % k != k - 1]
+    r = min(_cap_r(r, num_tokens, protected_tokens), len(src_list))
+    if r <= 0 or not dst_list:
+        return None
+    with torch.no_grad():
+        device = metric.device
+        dst_pos = torch.tensor(dst_list, device=device)
+        src_pos = torch.tensor(src_list, device=device)
+        normed = _normalize(metric)
+        scores = normed.index_select(1, src_pos) @ normed.index_select(1, dst_pos).transpose(-1, -2)
+        best, best_dst = scores.max(dim=-1)  # (batch, sources)
+        merged = best.topk(r, dim=-1).indices  # (batch, r) index into the sources
+        src = src_pos[merged]
+        dst = dst_pos[best_dst.gather(1, merged)]
+        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter(
+            1, src, torch.ones_like(src, dtype=torch.bool)
+        )
+    return _assignment_from_sources(is_src, src, dst, num_tokens, r)
+
+
+def match_greedy(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> Optional[TokenAssignment]:
+    """Ablation: greedy pair matching; repeatedly pair the globally most similar two tokens.
+
+    Over all pairs of non-protected tokens (cosine similarity of ``metric``), take
+    the most similar pair, merge the later token into the earlier one, remove both
+    from further consideration, and repeat ``r`` times. Similarities are computed
+    once (merged tokens are not re-compared: every token takes part in at most one
+    merge per call, as in bipartite matching). Ties go to the pair that comes first
+    in row-major order. ``r`` sequential arg-max steps over a ``tokens x tokens``
+    matrix: slower than bipartite matching, which is fine for an ablation.
+
+    Args:
+        metric: ``(batch, tokens, channels)`` similarity features.
+        r: Pairs to merge; capped at ``(tokens - protected_tokens) // 2`` (so enough
+            disjoint pairs always exist).
+        protected_tokens: Leading tokens that never merge.
+
+    Returns:
+        The assignment (protected prefix, then every token left, in original order),
+        or ``None`` when nothing is merged.
+
+    Raises:
+        ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
+    """
+    _check_metric(metric, protected_tokens)
+    batch, num_tokens, _ = metric.shape
+    r = _cap_r(r, num_tokens, protected_tokens)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        device = metric.device
+        normed = _normalize(metric)
+        scores = normed @ normed.transpose(-1, -2)
+        positions = torch.arange(num_tokens, device=device)
+        free = positions >= protected_tokens
+        allowed = (positions.view(-1, 1) < positions.view(1, -1)) & free.view(-1, 1) & free.view(1, -1)
+        scores = scores.masked_fill(~allowed, -math.inf)
+        src = torch.empty(batch, r, dtype=torch.long, device=device)
+        dst = torch.empty(batch, r, dtype=torch.long, device=device)
+        for step in range(r):
+            flat = scores.flatten(1).argmax(dim=1)
+            first = torch.div(flat, num_tokens, rounding_mode="floor")
+            second = flat % num_tokens
+            dst[:, step], src[:, step] = first, second
+            used = torch.stack([first, second], dim=1)  # (batch, 2): neither takes part again
+            scores.scatter_(1, used.unsqueeze(-1).expand(-1, -1, num_tokens), -math.inf)
+            scores.scatter_(2, used.unsqueeze(1).expand(-1, num_tokens, -1), -math.inf)
+        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter(
+            1, src, torch.ones_like(src, dtype=torch.bool)
+        )
+    return _assignment_from_sources(is_src, src, dst, num_tokens, r)
+
+
+def match_random_drop(
+    metric: torch.Tensor, r: int, protected_tokens: int = 0, generator: Optional[torch.Generator] = None
+) -> Optional[TokenAssignment]:
+    """Pruning baseline: drop ``r`` random non-protected tokens.
+
+    The result describes a drop, not a merge: combine it with :func:`merge_drop`
+    (the :attr:`TokenAssignment.kept` tokens keep their values and sizes, the others
+    vanish). A dropped token's ``dest`` is slot 0, only so that indices stay valid;
+    it is not part of that token, so ``merge``/``unmerge``/``sizes`` of this
+    assignment do not describe the pruned sequence.
+
+    Args:
+        metric: ``(batch, tokens, channels)``; only its shape and device are used.
+        r: Tokens to drop; capped at ``(tokens - protected_tokens) // 2`` as in ToMe.
+        protected_tokens: Leading tokens that are never dropped.
+        generator: Optional ``torch.Generator`` for the draw (None: torch's global one).
+
+    Returns:
+        The assignment, or ``None`` when nothing is dropped.
+
+    Raises:
+        ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
+    """
+    _check_metric(metric, protected_tokens)
+    batch, num_tokens, _ = metric.shape
+    r = _cap_r(r, num_tokens, protected_tokens)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        is_dropped = _random_sources(batch, num_tokens, r, protected_tokens, metric.device, generator)
+        slot = (~is_dropped).cumsum(dim=1) - 1
+        dest = torch.where(is_dropped, torch.zeros_like(slot), slot)
+    return TokenAssignment(dest, num_tokens - r, ~is_dropped)
+
+
+def match_attentive(
+    cls_attention: torch.Tensor, r: int, protected_tokens: int = 1, fuse: bool = False
+) -> Optional[TokenAssignment]:
+    """Pruning baseline (EViT, ICLR 2022, sec. 3): keep the tokens the class token attends to most.
+
+    Without ``fuse`` the ``r`` non-protected tokens with the lowest class-token
+    attention are dropped (combine with :func:`merge_drop`). With ``fuse`` the
+    ``r + 1`` least attended ones are fused into one new token placed last (EViT's
+    "inattentive token fusion"; combine with :func:`merge_fuse`), so that, like
+    every other rule here, the sequence shrinks by exactly ``r``. Ties in attention
+    drop the earlier token first (stable sort). Without ``fuse``, a dropped token's
+    ``dest`` is slot 0, only to keep indices valid (see :func:`match_random_drop`).
+
+    Args:
+        cls_attention: ``(batch, tokens)`` attention of the class token (at index 0)
+            to every token, averaged over heads.
+        r: Tokens to remove; capped at ``(tokens - protected_tokens) // 2`` as in ToMe.
+        protected_tokens: Leading tokens (class token first) that are never dropped.
+        fuse: Fuse the dropped tokens into one token instead of discarding them.
+
+    Returns:
+        The assignment (protected prefix, the kept tokens in original order, then the
+        fused token if any), or ``None`` when nothing is removed.
+
+    Raises:
+        ValueError: if ``cls_attention`` is not 2-D or ``protected_tokens`` is out of range.
+    """
+    if cls_attention.dim() != 2:
+        raise ValueError(f"cls_attention must have shape (batch, tokens), got shape {tuple(cls_attention.shape)}")
+    batch, num_tokens = cls_attention.shape
+    if protected_tokens < 0 or protected_tokens > num_tokens:
+        raise ValueError(f"protected_tokens={protected_tokens} must lie in [0, {num_tokens}]")
+    r = _cap_r(r, num_tokens, protected_tokens)
+    if r <= 0:
+        return None
+    removed = r + 1 if fuse else r
+    with torch.no_grad():
+        order = cls_attention[:, protected_tokens:].argsort(dim=1, stable=True)
+        gone = order[:, :removed] + protected_tokens
+        is_gone = torch.zeros(batch, num_tokens, dtype=torch.bool, device=cls_attention.device).scatter(
+            1, gone, torch.ones_like(gone, dtype=torch.bool)
+        )
+        slot = (~is_gone).cumsum(dim=1) - 1
+        target = num_tokens - r - 1 if fuse else 0  # the fused token's slot, or a placeholder
+        dest = torch.where(is_gone, torch.full_like(slot, target), slot)
+    return TokenAssignment(dest, num_tokens - r, None if fuse else ~is_gone)
+
+
+def merge_drop(
+    assignment: TokenAssignment, x: torch.Tensor, size: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token pruning: kept tokens keep their values and sizes; the others are discarded.
+
+    Unlike :func:`merge_prune` (ToMe's "keep one", ToFu), nothing is added to the
+    kept tokens' sizes: the dropped patches are gone from the model's view.
+
+    Args:
+        assignment: From :func:`match_random_drop` or :func:`match_attentive` (``fuse=False``).
+        x: ``(batch, tokens, channels)``.
+        size: ``(batch, tokens, 1)``; ``None`` means all ones.
+
+    Returns:
+        ``(x, size)`` of shapes ``(batch, tokens - r, channels)`` and ``(batch, tokens - r, 1)``.
+
+    Raises:
+        ValueError: if ``assignment`` has no ``kept`` mask.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    return assignment.prune(x), assignment.prune(size)
+
+
+def merge_fuse(
+    assignment: TokenAssignment, x: torch.Tensor, weight: torch.Tensor, size: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EViT's fusion: every group of several tokens becomes their ``weight``-weighted average.
+
+    Tokens alone in their group are returned unchanged (bit for bit); sizes add up
+    over a group, as for merging.
+
+    Args:
+        assignment: Any assignment (from :func:`match_attentive` with ``fuse=True``
+            only the fused group has several members).
+        x: ``(batch, tokens, channels)``.
+        weight: ``(batch, tokens, 1)`` non-negative weights (EViT: the class token's attention).
+        size: ``(batch, tokens, 1)``; ``None`` means all ones.
+
+    Returns:
+        ``(x, size)`` of shapes ``(batch, tokens - r, channels)`` and ``(batch, tokens - r, 1)``.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    weight = weight.to(x.dtype)
+    members = assignment.merge(torch.ones_like(size), mode="sum")
+    fused = assignment.merge(x * weight, mode="sum") / assignment.merge(weight, mode="sum").clamp_min(
+        torch.finfo(x.dtype).tiny
+    )
+    return torch.where(members > 1, fused, assignment.merge(x, mode="sum")), assignment.merge(size, mode="sum")

@@ -45,6 +45,7 @@ __all__ = [
 # Instance attributes that patching adds; removed again by remove_patch.
 _INSTANCE_ATTRS = (
     "_tome_info", "_tome_r", "_tome_block_r", "_tome_rule", "_tome_index", "_tome_protected", "_tome_prop_attn", "_tome_context",
+    "_tome_feature",
     # diffusers
     "_tome_settings", "_tome_lowest_level", "_tome_patch_size", "_tome_spatial", "_tome_block_key", "_tome_role",
     "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at",
@@ -293,7 +294,16 @@ def remove_patch(model: Any) -> Any:
 
 class ToMeAttentionMixin:
     """Patched attention module: with ``tome=AttentionCall(bias)`` it adds the bias to
-    its logits and reports the mean key; without it, it is the original module."""
+    its logits and reports the mean key; without it, it is the original module.
+
+    A family whose attention reports every feature of :data:`ATTENTION_FEATURES`
+    (through :meth:`AttentionCall.report`) lists them in ``_tome_features``, so the
+    ablations that match on queries, values or concatenated keys, or rank tokens by
+    the class token's attention, can run on it; the others report the mean key only.
+    """
+
+    _tome_features: Tuple[str, ...] = ("k",)
+    _tome_feature: str = "k"  # what this module's block asks for (its LayerRule.attention_feature)
 
     def forward(self, *args: Any, tome: Optional[AttentionCall] = None, **kwargs: Any) -> Any:
         if tome is None:
@@ -306,6 +316,33 @@ class ToMeAttentionMixin:
 
 
 _MASK_NAMES = ("attn_mask", "attention_mask", "causal_attention_mask", "is_causal")
+
+_FEATURE_FAMILIES = (
+    "timm VisionTransformer and MAE (timm Attention), torchvision and SWAG ViTs (nn.MultiheadAttention); "
+    "metric='x' and match='random_drop' work with every family"
+)
+
+
+def _check_features(model: nn.Module, method: MergeMethod, rules: Sequence[LayerRule],
+                    attentions: Sequence[Sequence[nn.Module]]) -> None:
+    """Raise ``ValueError`` if a rule needs a feature the model's attention cannot report."""
+    for index, (rule, modules) in enumerate(zip(rules, attentions)):
+        feature = rule.attention_feature
+        if feature == "cls_attn" and model._tome_info["protected_tokens"] < 1:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"method {method} ranks tokens by the class token's attention, but "
+                f"{type(model).__name__} has no protected class token at index 0"
+            )
+        if feature == "k":
+            continue
+        missing = [m for m in modules if feature not in type(m)._tome_features]
+        if not modules or missing:
+            where = type(missing[0]).__name__ if missing else "no patched attention module"
+            raise ValueError(
+                f"method {method} needs the attention of block {index} to report {feature!r}, but "
+                f"{type(model).__name__}'s attention ({where}) reports only the keys averaged over heads. "
+                f"Supported: {_FEATURE_FAMILIES}"
+            )
 
 
 def _masked(args: tuple, kwargs: Dict[str, Any]) -> bool:
@@ -395,7 +432,7 @@ def call_attention(
     Returns:
         The module's output and the metric it reported.
     """
-    call = AttentionCall(bias)
+    call = AttentionCall(bias, getattr(attn, "_tome_feature", "k"))
     out = attn(x, *args, tome=call, **kwargs)
     return out, call.metric  # type: ignore[return-value]
 
@@ -442,8 +479,14 @@ class ToMeModelMixin:
     def tome_method(self, value: Any) -> None:
         method = as_method(value)
         blocks = self._tome_blocks()
-        for index, block in enumerate(blocks):
-            object.__setattr__(block, "_tome_rule", method.rule(index, len(blocks)))
+        rules = [method.rule(index, len(blocks)) for index in range(len(blocks))]
+        attentions = [[m for m in block.modules() if isinstance(m, ToMeAttentionMixin)] for block in blocks]
+        _check_features(self, method, rules, attentions)  # refuse before changing anything
+        for block, rule, modules in zip(blocks, rules, attentions):
+            object.__setattr__(block, "_tome_rule", rule)
+            for module in modules:
+                if module.__dict__.get("_tome_feature", "k") != rule.attention_feature:
+                    object.__setattr__(module, "_tome_feature", rule.attention_feature)
         dict.__setitem__(self._tome_info, "method", method)
 
     def _tome_schedule(self) -> List[int]:

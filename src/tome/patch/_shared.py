@@ -144,14 +144,20 @@ class ToMeState:
 
         Args:
             x: ``(batch, tokens, channels)`` hidden states.
-            metric: ``(batch, tokens, head_dim)`` keys averaged over heads.
+            metric: ``(batch, tokens, head_dim)`` keys averaged over heads (or the
+                feature an ablation rule asked for; see :class:`AttentionCall`).
             r: Tokens to remove (capped by the matching).
             rule: The block's :class:`tome._methods.LayerRule` (ToMe's bipartite
                 matching and size-weighted average unless ``model.tome_method`` says otherwise).
 
         Returns:
             The merged ``(batch, tokens - r, channels)`` tensor and the next state.
-            Sizes always add up over a group, whatever the rule does with the values.
+            Sizes always add up over a group, whatever the rule does with the values
+            (except for the pruning baselines, which drop tokens and their sizes).
+
+        Raises:
+            ValueError: for a pruning rule with ``trace_source``, or an ablation rule
+                the padded state cannot run (see :func:`rule_check`).
         """
         if r <= 0:
             return x, self
@@ -159,6 +165,8 @@ class ToMeState:
             merged, size, groups = merge_tokens(x, metric, self.size, self.groups, r, self.protected_tokens,
                                                 self.trace_source, tuple(rule))
             return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1])
+        if rule is not TOME_RULE:
+            rule_check(rule, self)
         if self.padded:
             metric = _pad_metric(metric, self.sizes(x))
         assignment = rule.assign(metric, r, self.protected_tokens)
@@ -176,14 +184,17 @@ class ToMeState:
             # A token made of padding only has size 0 (and value 0); it stays padding.
             merged = merged / (new_size.clamp_min(1e-6) if self.padded else new_size)
         else:
-            merged, new_size = rule.combine_tokens(assignment, work, size)
+            merged, new_size = rule.combine_tokens(assignment, work, size, metric)
         merged = merged.to(x.dtype)
         groups = self.groups
         if self.trace_source:
             groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device))
         positions = self.positions
         if positions is not None:
-            positions = merge_positions(assignment, positions, size, new_size, self.position_rule)
+            if rule.combine == "drop":  # pruning: the kept tokens keep their own positions
+                positions = assignment.prune(positions)
+            else:
+                positions = merge_positions(assignment, positions, size, new_size, self.position_rule)
         return merged, replace(self, size=new_size, groups=groups, num_tokens=assignment.num_out,
                                positions=positions)
 
@@ -192,6 +203,24 @@ class ToMeState:
         if self.groups is not None:
             return self.groups
         return torch.arange(self.num_tokens, device=device).expand(batch, -1)
+
+
+_PADDING_RULES = (("bipartite", "pitome"), ("wavg", "prune", "mlerp"), ("k",))
+
+
+def rule_check(rule: LayerRule, state: ToMeState) -> None:
+    """Refuse what an ablation rule cannot do with this state (a ``ValueError`` saying why)."""
+    if rule.combine == "drop" and state.trace_source:
+        raise ValueError(
+            f"match={rule.match!r} drops patches, which the source map (trace_source, forward_intermediates, "
+            "tome.vis) cannot represent; use a merging rule or trace_source=False"
+        )
+    if state.padded and (rule.match not in _PADDING_RULES[0] or rule.combine not in _PADDING_RULES[1]
+                         or rule.metric not in _PADDING_RULES[2]):
+        raise ValueError(
+            f"the ablation rule {tuple(rule)} does not support key-padding masks (padding tokens of size 0); "
+            "run it without an attention_mask or use method 'tome', 'pitome' or 'tofu'"
+        )
 
 
 POSITION_RULES = ("mean", "destination")
@@ -280,7 +309,7 @@ def merge_tokens(
     r: int,
     protected_tokens: int,
     trace_source: bool,
-    rule: Tuple[str, str, float, float] = ("bipartite", "wavg", 0.0, 1.0),
+    rule: Tuple[str, str, float, float, str, int] = ("bipartite", "wavg", 0.0, 1.0, "k", 2),
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """:meth:`ToMeState.merge` as one function of tensors, for torch.fx graphs.
 
@@ -302,20 +331,55 @@ def merge_tokens(
 torch.fx.wrap("merge_tokens")
 
 
+ATTENTION_FEATURES = ("k", "q", "v", "k_cat", "cls_attn")
+
+
 class AttentionCall:
     """What a patched block hands its attention module (as the ``tome`` keyword).
 
     Attributes:
         bias: Additive logits bias ``(batch, 1, 1, tokens)`` (``log(size)``), or None.
-        metric: Filled in by the attention module: the keys averaged over heads,
-            ``(batch, tokens, head_dim)``, ToMe's similarity metric (paper, Sec. 3).
+        feature: What the block's merge rule matches on (:attr:`tome._methods.LayerRule.attention_feature`):
+            ``"k"`` (ToMe's default) unless an ablation asks for another one.
+        metric: Filled in by the attention module: by default the keys averaged over heads,
+            ``(batch, tokens, head_dim)``, ToMe's similarity metric (paper, Sec. 3);
+            see :meth:`report` for the others.
     """
 
-    __slots__ = ("bias", "metric")
+    __slots__ = ("bias", "feature", "metric")
 
-    def __init__(self, bias: Optional[torch.Tensor]) -> None:
+    def __init__(self, bias: Optional[torch.Tensor], feature: str = "k") -> None:
         self.bias = bias
+        self.feature = feature
         self.metric: Optional[torch.Tensor] = None
+
+    def report(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> None:
+        """Set :attr:`metric` from the attention's ``q``, ``k``, ``v``, each ``(batch, heads, tokens, head_dim)``
+        (after any qk-norm: what the attention used).
+
+        By :attr:`feature`: ``"k"``, ``"q"``, ``"v"``: averaged over heads, ``(batch, tokens, head_dim)``;
+        ``"k_cat"``: the keys of all heads concatenated, ``(batch, tokens, heads * head_dim)``;
+        ``"cls_attn"``: the attention weights of the query at index 0 (the class token) over all
+        keys, with :attr:`bias` and ``scale`` (``head_dim ** -0.5`` if None) as the attention
+        uses them, averaged over heads, ``(batch, tokens, 1)`` (EViT's token ranking).
+        """
+        feature = self.feature
+        if feature == "k":
+            self.metric = k.mean(dim=1)
+        elif feature == "q":
+            self.metric = q.mean(dim=1)
+        elif feature == "v":
+            self.metric = v.mean(dim=1)
+        elif feature == "k_cat":
+            self.metric = k.transpose(1, 2).flatten(2)
+        elif feature == "cls_attn":
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (batch, heads, 1, tokens)
+            if self.bias is not None:
+                logits = logits + self.bias.to(logits.dtype)
+            self.metric = logits.softmax(dim=-1).mean(dim=1).transpose(1, 2)
+        else:
+            raise ValueError(f"feature={feature!r} is not one of {ATTENTION_FEATURES}")
 
 
 class BlockCall:
@@ -409,12 +473,16 @@ def merge_block(
             attention residual branch (norms, LayerScale, drop path included) and
             the keys averaged over heads, ``(batch, tokens, head_dim)``.
         mlp_branch: ``x -> residual``: the block's whole MLP residual branch.
-        rule: The block's merge rule (from ``model.tome_method`` at its depth).
+        rule: The block's merge rule (from ``model.tome_method`` at its depth); with
+            ``rule.metric == "x"`` the matching compares the block's input ``x``
+            instead of the metric the attention reported.
 
     Returns:
         ``(x, state)`` after the block.
     """
     delta, metric = attn_branch(x, state.attn_bias(x.dtype))
+    if rule.metric == "x":  # ablation: match on the block's input instead of the keys
+        metric = x
     x = x + delta
     x, state = state.merge(x, metric, r, rule)
     x = x + mlp_branch(x)

@@ -26,7 +26,7 @@ from ._lifecycle import (
     register_family,
     supported_families,
 )
-from ._shared import AttentionCall, ToMeState, attention, size_bias, weighted_mean
+from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention, size_bias, weighted_mean
 
 __all__ = ["timm", "apply_to_timm", "is_timm_vit", "is_timm_mae"]
 
@@ -44,6 +44,8 @@ def is_timm_vit(model: nn.Module) -> bool:
 class ToMeTimmAttention(ToMeAttentionMixin):
     """timm ``Attention`` that adds a ``log(size)`` bias and reports the mean key when asked."""
 
+    _tome_features = ATTENTION_FEATURES
+
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -56,7 +58,7 @@ class ToMeTimmAttention(ToMeAttentionMixin):
         out = self.norm(out)
         if gate is not None:
             out = out * gate
-        call.metric = k.mean(dim=1)
+        call.report(q, k, v, self.scale)
         return self.proj_drop(self.proj(out))
 
 

@@ -31,7 +31,7 @@ from ._lifecycle import (
     register_family,
     supported_families,
 )
-from ._shared import AttentionCall, ToMeState, attention
+from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention
 
 __all__ = [
     "torchvision",
@@ -87,6 +87,8 @@ class ToMeMultiheadAttention(ToMeAttentionMixin):
     result is what the module computes (``need_weights=False``) plus the bias; like
     the module, it returns ``(output, None)``."""
 
+    _tome_features = ATTENTION_FEATURES
+
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
         # x is (batch, tokens, channels), batch-first whatever self.batch_first says.
         batch, tokens, channels = x.shape
@@ -96,7 +98,7 @@ class ToMeMultiheadAttention(ToMeAttentionMixin):
         # nn.MultiheadAttention applies its dropout to the attention weights, only in training.
         out = attention(q, k, v, call.bias, dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, tokens, channels)
-        call.metric = k.mean(dim=1)
+        call.report(q, k, v)
         # The module applies out_proj functionally (its hooks never run), so do the same.
         return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
 
