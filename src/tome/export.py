@@ -51,7 +51,7 @@ INT8_MODES = ("dynamic", "static")
 """What :func:`quantize_onnx` accepts as ``mode``."""
 
 # Operator types quantize_onnx's dynamic mode hands to onnxruntime's quantizer. Conv (the patch
-# embedding) is left out: its dynamic form, ConvInteger, ran about 4x slower than the fp32 Conv
+# embedding) is left out: its dynamic form, ConvInteger, ran 2-4x slower than the fp32 Conv
 # in onnxruntime 1.32 on an AVX2 CPU (docs/deployment.md). Gemm is only the classifier head.
 _DYNAMIC_OPS = ("MatMul",)
 _STATIC_OPS = ("MatMul", "Gemm", "Conv")
