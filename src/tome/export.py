@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "Agreement",
+    "DEFAULT_OPSET",
     "Inputs",
     "compare_outputs",
     "export_onnx",
@@ -48,6 +49,17 @@ each with the batch first."""
 
 INT8_MODES = ("dynamic", "static")
 """What :func:`quantize_onnx` accepts as ``mode``."""
+
+# Operator types quantize_onnx's dynamic mode hands to onnxruntime's quantizer. Conv (the patch
+# embedding) is left out: its dynamic form, ConvInteger, ran 2-4x slower than the fp32 Conv
+# in onnxruntime 1.32 on an AVX2 CPU (docs/deployment.md). Gemm is only the classifier head.
+_DYNAMIC_OPS = ("MatMul",)
+_STATIC_OPS = ("MatMul", "Gemm", "Conv")
+
+DEFAULT_OPSET = 20
+"""The opset :func:`export_onnx` writes by default: from opset 20 GELU is one ``Gelu``
+operator (onnxruntime fuses it with the bias into ``BiasGelu``) instead of the five
+elementwise operators of the ``erf`` formula at opset 18."""
 
 _TENSOR_INPUT_NAME = "input"
 _OUTPUT_NAME = "output"
@@ -135,7 +147,7 @@ def export_onnx(
     inputs: Inputs,
     path: Union[str, os.PathLike],
     *,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     optimize: bool = True,
 ) -> Path:
@@ -147,7 +159,7 @@ def export_onnx(
             named ``input`` for a single tensor, else after the dict's keys; the output
             is ``output``, the tensor :func:`main_output` picks (logits, embeddings, ...).
         path: The ``.onnx`` file to write (replaced if it exists).
-        opset: ONNX opset version (18 or later).
+        opset: ONNX opset version (18 or later; default 20, where GELU is one operator).
         dynamic_batch: Leave the batch dimension free (one file for every batch size).
         optimize: Let ``torch.onnx`` fold constants and remove redundant nodes.
 
@@ -289,11 +301,17 @@ def quantize_onnx(
 ) -> Path:
     """int8-quantize an ONNX file with ``onnxruntime.quantization``.
 
-    ``"dynamic"`` is ``quantize_dynamic``: int8 weights, activations quantized on the
-    fly per tensor (only matrix products with a constant weight are quantized; the
-    similarity and attention products of the matching stay fp32). ``"static"`` is
-    ``quantize_static`` in QDQ format with activation ranges calibrated on
-    ``calibration`` batches (int8 activations, per-channel int8 weights).
+    Only products with a constant weight are quantized, with one int8 scale per output
+    channel of the weight; the products between activations (the matching's cosine
+    similarities, which decide what merges, and attention) stay fp32.
+
+    ``"dynamic"`` is ``quantize_dynamic`` of the ``MatMul`` weights: activations are
+    quantized on the fly per tensor (onnxruntime runs each product as one
+    ``DynamicQuantizeMatMul``). The patch embedding's ``Conv`` stays fp32: its dynamic
+    form ``ConvInteger`` is slower on the CPU than the fp32 ``Conv``
+    (docs/deployment.md). ``"static"`` is ``quantize_static`` in QDQ format of the
+    ``MatMul``, ``Gemm`` and ``Conv`` weights, with activation ranges calibrated on
+    ``calibration`` batches (int8 activations too).
 
     Args:
         source: The fp32 ``.onnx`` file.
@@ -315,7 +333,8 @@ def quantize_onnx(
     target = Path(target)
     if mode == "dynamic":
         with _quiet_root_logger():
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=list(_DYNAMIC_OPS))
         return target
     if calibration is None:
         raise ValueError("mode='static' needs calibration batches (calibration=[inputs, ...])")
@@ -336,13 +355,13 @@ def quantize_onnx(
         def rewind(self) -> None:
             self._items = iter(batches)
 
-    # As in dynamic mode, only products with a constant weight are quantized: the matching's
-    # cosine similarities decide which tokens merge and must not be rounded to 8 bits.
+    # As in dynamic mode, only products with a constant weight are quantized (MatMulConstBOnly):
+    # the matching's cosine similarities decide which tokens merge and must not be rounded to 8 bits.
     with _quiet_root_logger():
         quantize_static(
             str(source), str(target), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm", "Conv"], extra_options={"MatMulConstBOnly": True},
+            op_types_to_quantize=list(_STATIC_OPS), extra_options={"MatMulConstBOnly": True},
         )
     return target
 

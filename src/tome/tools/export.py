@@ -22,7 +22,16 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 import tome
-from tome.export import INT8_MODES, Agreement, compare_outputs, export_onnx, onnx_session, quantize_onnx, run_onnx
+from tome.export import (
+    DEFAULT_OPSET,
+    INT8_MODES,
+    Agreement,
+    compare_outputs,
+    export_onnx,
+    onnx_session,
+    quantize_onnx,
+    run_onnx,
+)
 
 from ._common import (
     Schedule,
@@ -133,7 +142,7 @@ def export_and_measure(
     *,
     input_size: Sequence[int],
     batch_size: int = 8,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     int8: Optional[str] = None,
     calibration_batches: int = 4,
     rounds: int = 10,
@@ -277,7 +286,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="the merged model's ONNX file")
     parser.add_argument("--input-size", type=_input_size, metavar="H[xW]",
                         help="image size fixed in the file (default: the model's); the model must accept it")
-    parser.add_argument("--opset", type=positive_int, default=18, help="ONNX opset, 18 or later (default: %(default)s)")
+    parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET,
+                        help="ONNX opset, 18 or later (default: %(default)s, where GELU is one operator)")
     parser.add_argument("--int8", nargs="?", const="dynamic", choices=INT8_MODES,
                         help="also write int8 copies: dynamic (default) or static (calibrated on generated images)")
     parser.add_argument("--calibration-batches", type=positive_int, default=4,
