@@ -10,7 +10,7 @@ import torch
 import tome
 from tome import cli
 from tome.data import CLASSES, SyntheticShapes
-from tome.tools.demo_model import DEMO_MODEL_PATH, load_demo_model
+from tome.tools.demo_model import SHIPPED_MODELS, load_demo_model
 from tome.tools.train import TrainConfig, evaluate, load_model, parse_schedule, save_model, train
 
 # A ViT small enough for a few CPU steps per second: 32x32 images, patch 8 -> 16 tokens + class token.
@@ -241,19 +241,34 @@ def test_train_command(tmp_path, capsys):
 # The model shipped in tome/assets
 
 
-def test_shipped_model_files_are_small_and_described():
-    info = json.loads(DEMO_MODEL_PATH.with_suffix(".json").read_text())
-    assert DEMO_MODEL_PATH.stat().st_size < 8 * 2**20
+@pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))
+def test_shipped_model_files_are_small_and_described(name):
+    path = SHIPPED_MODELS[name]
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert path.stat().st_size < 8 * 2**20
     assert info["pretrained_cfg"]["input_size"] == [3, 64, 64]
     assert "command" in info["training"] and 0 < info["val_accuracy"] <= 1
+    assert info["history"] and info["history"][-1]["val_accuracy"] == info["val_accuracy"]  # the training curve
 
 
-def test_shipped_model_reaches_its_documented_accuracy():
-    model, description = load_demo_model()
-    info = json.loads(DEMO_MODEL_PATH.with_suffix(".json").read_text())
+@pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))
+def test_shipped_model_reaches_its_documented_accuracy(name):
+    model, description = load_demo_model(name)
+    info = json.loads(SHIPPED_MODELS[name].with_suffix(".json").read_text())
     assert isinstance(description, str) and "SyntheticShapes" in description
     assert model.pretrained_cfg["input_size"] == (3, 64, 64) and not model.training
     # A fixed subset: the first 200 validation images (20 per class).
     subset = SyntheticShapes("val", length=200, seed=info["training"]["data_seed"], image_size=info["image_size"])
     accuracy = evaluate(model, subset, batch_size=100)
     assert accuracy >= info["val_accuracy"] - 0.05, (accuracy, info["val_accuracy"])
+
+
+def test_longer_training_made_a_better_model():
+    short, long = (json.loads(SHIPPED_MODELS[n].with_suffix(".json").read_text()) for n in ("shapes", "shapes-long"))
+    assert long["history"][-1]["step"] > short["history"][-1]["step"]
+    assert long["val_accuracy"] > short["val_accuracy"] + 0.05
+
+
+def test_unknown_shipped_model_is_refused():
+    with pytest.raises(ValueError, match=r"'shapes-xl'.*\['shapes', 'shapes-long'\]"):
+        load_demo_model("shapes-xl")
