@@ -332,7 +332,10 @@ class ToMeEva(ToMeTimmHead):
             raise ValueError(_MASK_REFUSAL)
         return True
 
-    def _tome_features(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _tome_features(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # attn_mask is always None here: _tome_masked refuses masks while merging.
         x, state = self._tome_run_rope(images)
         return self.norm(x), state.size
 
