@@ -148,7 +148,7 @@ class ToMeNaFlexVit(ToMeModelMixin):
         grids = calculate_naflex_grid_sizes(patch_coord)
         tables: Dict[Tuple[int, int], torch.Tensor] = {}
         rows = []
-        for index, grid in enumerate(grids):
+        for grid in grids:
             if grid not in tables:
                 tables[grid] = rope_angles(self.rope, grid).to(x.device)
             table = tables[grid]
