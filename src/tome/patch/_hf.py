@@ -4,7 +4,9 @@ Supported, whole models and task heads: ViT, DeiT (class + distillation
 tokens, also ``DeiTForImageClassificationWithTeacher``), DINOv2 (LayerScale),
 DINOv2 with registers, CLIP's vision tower (``CLIPVisionModel``,
 ``CLIPVisionModelWithProjection``, ``CLIPForImageClassification`` and the vision
-side of ``CLIPModel``), SigLIP's vision tower (no class token; attention-pooling
+side of ``CLIPModel``), SigLIP 2's vision tower with NaFlex inputs
+(``Siglip2VisionModel`` and the vision side of ``Siglip2Model``; its
+``pixel_attention_mask`` merges like ``attention_mask`` below), SigLIP's vision tower (no class token; attention-pooling
 head), VideoMAE (tubelet tokens) and the Audio Spectrogram Transformer (AST).
 
 How it is wired. transformers models hand their keyword arguments to every
