@@ -284,6 +284,12 @@ class ToMeEva(ToMeTimmHead):
     def _tome_embed(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
         """Patch embedding, positions and pre-norm, as ``Eva`` does them; also the patch grid."""
         x = self.patch_embed(images)
+        if self.dynamic_img_size and isinstance(x, torch.fx.Proxy) and self.rope is not None and any(self._tome_schedule()):
+            raise TypeError(
+                "torch.fx cannot trace a merging Eva built with dynamic_img_size=True: the patch grid, and so the "
+                "rotary positions merged tokens carry, depend on the input's shape. Build it with "
+                "dynamic_img_size=False for a fixed size, set model.r = 0, or use torch.compile / torch.export"
+            )
         grid = (int(x.shape[1]), int(x.shape[2])) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         x, rope = self._pos_embed(x)
         return self.norm_pre(x), rope, grid  # type: ignore[return-value]
@@ -326,6 +332,9 @@ class ToMeEva(ToMeTimmHead):
 
     def _tome_masked(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
         """Whether to run timm's own code for a masked call; refuses masks while merging."""
+        if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
+            # torch.fx symbolic tracing hands placeholders for the defaults: a merging graph takes no mask.
+            return not any(self._tome_schedule())
         if attn_mask is None and not is_causal:
             return False
         if any(self._tome_schedule()):

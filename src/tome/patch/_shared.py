@@ -197,9 +197,11 @@ class ToMeState:
         if r <= 0:
             return x, self
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the merge is one graph node
-            merged, size, groups = merge_tokens(x, metric, self.size, self.groups, r, self.protected_tokens,
-                                                self.trace_source, tuple(rule))
-            return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1])
+            merged, size, groups, positions = merge_tokens(
+                x, metric, self.size, self.groups, r, self.protected_tokens, self.trace_source, tuple(rule),
+                self.positions, self.position_rule,
+            )
+            return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1], positions=positions)
         if self.padded:
             metric = _pad_metric(metric, self.sizes(x), rule.match == "bipartite")
         assignment = rule.assign(metric, r, self.protected_tokens)
@@ -325,7 +327,9 @@ def merge_tokens(
     protected_tokens: int,
     trace_source: bool,
     rule: Tuple[str, str, float, float] = ("bipartite", "wavg", 0.0, 1.0),
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    positions: Optional[torch.Tensor] = None,
+    position_rule: str = "mean",
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """:meth:`ToMeState.merge` as one function of tensors, for torch.fx graphs.
 
     How many tokens remain depends on the input's token count, so torch.fx must not
@@ -333,14 +337,18 @@ def merge_tokens(
     appears as a single node. It always returns sizes (ones where nothing merged)
     and, when tracing sources, the group index, so the graph's later nodes get tensors.
     ``rule`` is the block's :class:`LayerRule` as a plain tuple (what a graph can record).
+    ``positions`` ``(batch, tokens, k)`` (rotary angles of a RoPE model, or None) are
+    merged by ``position_rule`` as :meth:`ToMeState.merge` merges them.
 
     Returns:
-        ``(merged x, sizes (batch, tokens, 1), groups (batch, original tokens) or None)``.
+        ``(merged x, sizes (batch, tokens, 1), groups (batch, original tokens) or None,
+        positions (batch, tokens - r, k) or None)``.
     """
-    state = ToMeState(size, groups, x.shape[1], protected_tokens, True, trace_source)
+    state = ToMeState(size, groups, x.shape[1], protected_tokens, True, trace_source, positions=positions,
+                      position_rule=position_rule)
     merged, state = state.merge(x, metric, r, LayerRule(*rule))
     out_groups = state.group_index(x.shape[0], x.device) if trace_source else None
-    return merged, state.sizes(merged), out_groups
+    return merged, state.sizes(merged), out_groups, state.positions
 
 
 torch.fx.wrap("merge_tokens")
