@@ -180,6 +180,14 @@ class ToMeTimmHead(ToMeModelMixin):
         return x if pre_logits else self.head(x)
 
 
+def _padding_of(attn_mask: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """First-block sizes from a key-padding ``attn_mask`` over the tokens ``x``; None for no mask
+    (and under torch.fx, whose placeholder for the default stands for no mask)."""
+    if attn_mask is None or isinstance(attn_mask, torch.fx.Proxy):
+        return None
+    return key_padding_from_attn_mask(attn_mask, x.shape[0], x.shape[1])
+
+
 def pool_tokens(x: torch.Tensor, size: torch.Tensor, global_pool: str) -> torch.Tensor:
     """timm's ``"avg"``, ``"max"`` and ``"avgmax"`` pooling of ``(batch, tokens, channels)``, averages weighted by ``size``."""
     if global_pool == "avg":
@@ -236,7 +244,7 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         x = self._tome_embed(x)
-        padding = None if attn_mask is None else key_padding_from_attn_mask(attn_mask, x.shape[0], x.shape[1])
+        padding = _padding_of(attn_mask, x)
         x, state = self._tome_run(x, self.grad_checkpointing, padding=padding)
         return self.norm(x), state.size
 
@@ -281,7 +289,7 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
                 intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
 
         x = self._tome_embed(x)
-        padding = None if attn_mask is None else key_padding_from_attn_mask(attn_mask, x.shape[0], x.shape[1])
+        padding = _padding_of(attn_mask, x)
         x, state = self._tome_run(
             x, self.grad_checkpointing, stop_after=max_index if stop_early else None,
             trace_source=True, after_block=collect, padding=padding,
