@@ -324,8 +324,11 @@ def test_attn_mask():
         tome.apply_patch(model)
         torch.testing.assert_close(model(x, attn_mask=mask), expected, rtol=0, atol=1e-6)
         model.r = 2
-        with pytest.raises(ValueError, match="attn_mask"):
-            model(x, attn_mask=mask)
+        # A key-padding mask merges with the tokens (tests/patch/test_timm_masks.py); others are refused.
+        assert model(x, attn_mask=mask).shape == expected.shape
+        causal = torch.zeros(17, 17).masked_fill(torch.ones(17, 17, dtype=torch.bool).triu(1), float("-inf"))
+        with pytest.raises(ValueError, match="not a key-padding mask"):
+            model(x, attn_mask=causal)
 
 
 @pytest.mark.parametrize(

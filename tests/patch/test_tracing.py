@@ -109,3 +109,28 @@ def test_in_parent_module_refuses_a_forward_that_reads_module_names():
 
     with pytest.raises(TypeError, match=r"may not read module names \['torch'\]"):
         in_parent_module(forward)
+
+
+@pytest.mark.parametrize("name", ["dinov3", "eva02", "eva02_map", "dinov3_token"])
+@pytest.mark.parametrize("r", [0, 3])
+@torch.no_grad()
+def test_fx_graph_of_a_rotary_eva_matches_eager_at_any_batch(name, r):
+    from test_eva import images as eva_images
+    from test_eva import make as make_eva
+
+    model = tome.apply_patch(make_eva(name, dynamic_img_size=False), r=r)
+    graph = torch.fx.symbolic_trace(model)
+    for x in (eva_images(), eva_images(batch=3, seed=5)):
+        torch.testing.assert_close(graph(x), model(x), atol=1e-5, rtol=0)
+    if r:
+        # One node per merge; the merged tokens' rotary positions travel through it.
+        assert sum(node.target is merge_tokens for node in graph.graph.nodes) == 3
+        assert not torch.allclose(graph(eva_images()), tome.remove_patch(model)(eva_images()), atol=1e-3)
+
+
+def test_fx_refuses_a_merging_eva_with_dynamic_image_size():
+    from test_eva import make as make_eva
+
+    model = tome.apply_patch(make_eva("dinov3"), r=3)
+    with pytest.raises(TypeError, match="dynamic_img_size=False"):
+        torch.fx.symbolic_trace(model)

@@ -24,6 +24,7 @@ from ._hf import hf
 from ._hf_dinov3 import hf_dinov3
 from ._lifecycle import families, is_patched, register_family, remove_patch
 from ._mae import mae
+from ._naflex import naflexvit
 from ._swag import swag
 from ._timm import timm
 from ._torchvision import torchvision
@@ -37,6 +38,7 @@ __all__ = [
     "diffusers",
     "eva",
     "hf_dinov3",
+    "naflexvit",
     "FAMILIES",
     "families",
     "family_of",

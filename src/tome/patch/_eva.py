@@ -284,6 +284,12 @@ class ToMeEva(ToMeTimmHead):
     def _tome_embed(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
         """Patch embedding, positions and pre-norm, as ``Eva`` does them; also the patch grid."""
         x = self.patch_embed(images)
+        if self.dynamic_img_size and isinstance(x, torch.fx.Proxy) and self.rope is not None and any(self._tome_schedule()):
+            raise TypeError(
+                "torch.fx cannot trace a merging Eva built with dynamic_img_size=True: the patch grid, and so the "
+                "rotary positions merged tokens carry, depend on the input's shape. Build it with "
+                "dynamic_img_size=False for a fixed size, set model.r = 0, or use torch.compile / torch.export"
+            )
         grid = (int(x.shape[1]), int(x.shape[2])) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         x, rope = self._pos_embed(x)
         return self.norm_pre(x), rope, grid  # type: ignore[return-value]
@@ -326,13 +332,19 @@ class ToMeEva(ToMeTimmHead):
 
     def _tome_masked(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
         """Whether to run timm's own code for a masked call; refuses masks while merging."""
+        if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
+            # torch.fx symbolic tracing hands placeholders for the defaults: a merging graph takes no mask.
+            return not any(self._tome_schedule())
         if attn_mask is None and not is_causal:
             return False
         if any(self._tome_schedule()):
             raise ValueError(_MASK_REFUSAL)
         return True
 
-    def _tome_features(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _tome_features(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # attn_mask is always None here: _tome_masked refuses masks while merging.
         x, state = self._tome_run_rope(images)
         return self.norm(x), state.size
 

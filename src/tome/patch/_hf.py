@@ -4,7 +4,9 @@ Supported, whole models and task heads: ViT, DeiT (class + distillation
 tokens, also ``DeiTForImageClassificationWithTeacher``), DINOv2 (LayerScale),
 DINOv2 with registers, CLIP's vision tower (``CLIPVisionModel``,
 ``CLIPVisionModelWithProjection``, ``CLIPForImageClassification`` and the vision
-side of ``CLIPModel``), SigLIP's vision tower (no class token; attention-pooling
+side of ``CLIPModel``), SigLIP 2's vision tower with NaFlex inputs
+(``Siglip2VisionModel`` and the vision side of ``Siglip2Model``; its
+``pixel_attention_mask`` merges like ``attention_mask`` below), SigLIP's vision tower (no class token; attention-pooling
 head), VideoMAE (tubelet tokens) and the Audio Spectrogram Transformer (AST).
 
 How it is wired. transformers models hand their keyword arguments to every
@@ -206,8 +208,13 @@ class _Ledger:
             active = ToMeForward(info["protected_tokens"], info["prop_attn"], info["trace_source"])
             active.info = info
             # What the user passed, not what the model built. Beside input_ids (CLIP, SigLIP) the
-            # mask is the text tower's padding, and the merging vision tower never sees it.
-            active.caller_mask = None if "input_ids" in kwargs else kwargs.get("attention_mask")
+            # mask is the text tower's padding, and the merging vision tower never sees it; SigLIP 2
+            # names its image padding pixel_attention_mask.
+            padding_arg = _padding_arg(module)
+            if padding_arg == "attention_mask":
+                active.caller_mask = None if "input_ids" in kwargs else kwargs.get("attention_mask")
+            else:
+                active.caller_mask = kwargs.get(padding_arg)
         self.ledger = active
         blocks = module._tome_blocks()
         self.num_blocks = len(blocks)
@@ -268,6 +275,21 @@ class ToMeHFRunner:
             return super().forward(*args, tome=ledger, **kwargs)  # type: ignore[misc]
 
 
+class ToMeSiglip2Runner(ToMeHFRunner):
+    """``Siglip2VisionModel`` as the runner: its NaFlex arguments by name, wherever the caller put them."""
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: Optional[torch.Tensor] = None,
+        spatial_shapes: Optional[torch.Tensor] = None,
+        tome: Optional[ToMeForward] = None,
+        **kwargs: Any,
+    ) -> Any:
+        return super().forward(pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes,
+                               tome=tome, **kwargs)
+
+
 class ToMeSiglipHead:
     """SigLIP's attention-pooling head: every key counts once per patch it stands for."""
 
@@ -278,6 +300,20 @@ class ToMeSiglipHead:
         final = ledger.final if ledger is not None and ledger.info is self._tome_info else None
         if final is None or final.size is None or final.num_tokens != hidden_state.shape[1]:
             return super().forward(hidden_state)  # type: ignore[misc]
+        return siglip_pool(self, hidden_state, final.size)
+
+
+class ToMeSiglip2Head:
+    """SigLIP 2's attention-pooling head: every key counts once per patch it stands for, and
+    padding (size 0) not at all; the model's padding mask covers the tokens before merging."""
+
+    _tome_keep_name = True
+
+    def forward(self, hidden_state: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ledger = _ACTIVE.get()
+        final = ledger.final if ledger is not None and ledger.info is self._tome_info else None
+        if final is None or final.size is None or final.num_tokens != hidden_state.shape[1]:
+            return super().forward(hidden_state, attention_mask)  # type: ignore[misc]
         return siglip_pool(self, hidden_state, final.size)
 
 
@@ -412,6 +448,10 @@ class _RunnerKind:
     # Whether a module on the way is called without keyword arguments, so the ledger
     # travels in a context variable (VideoMAE's encoder, SigLIP's pooling head).
     context: bool = False
+    runner_mixin: type = ToMeHFRunner
+    pooling_mixin: type = ToMeSiglipHead
+    # The keyword of the model's forward that carries a (batch, tokens) key-padding mask.
+    padding_arg: str = "attention_mask"
 
 
 def _class_and_registers(config: Any) -> int:
@@ -447,6 +487,12 @@ _RUNNERS: Dict[str, _RunnerKind] = {
     "siglip": _RunnerKind(
         ("SiglipVisionModel",), "encoder.layers", ("SiglipEncoderLayer",), ToMeCLIPLayer, "self_attn",
         ToMeCLIPAttention, protected_tokens=lambda config: 0, class_token=False, pooling_head="head", context=True,
+    ),
+    # NaFlex inputs: patchified pixel_values, pixel_attention_mask (batch, patches), spatial_shapes.
+    "siglip2": _RunnerKind(
+        ("Siglip2VisionModel",), "encoder.layers", ("Siglip2EncoderLayer",), ToMeCLIPLayer, "self_attn",
+        ToMeCLIPAttention, protected_tokens=lambda config: 0, class_token=False, pooling_head="head", context=True,
+        runner_mixin=ToMeSiglip2Runner, pooling_mixin=ToMeSiglip2Head, padding_arg="pixel_attention_mask",
     ),
     # VideoMAEModel calls its encoder without keyword arguments: the encoder is the runner.
     "videomae": _RunnerKind(
@@ -492,6 +538,8 @@ SUPPORTED_MODELS: Dict[str, _ModelSpec] = {
     "SiglipVisionModel": _ModelSpec(_m("siglip"), "", "siglip"),
     "SiglipModel": _ModelSpec(_m("siglip"), "vision_model", "siglip"),
     "SiglipForImageClassification": _ModelSpec(_m("siglip"), "vision_model", "siglip", _siglip_pool, "vision_model"),
+    "Siglip2VisionModel": _ModelSpec(_m("siglip2"), "", "siglip2"),
+    "Siglip2Model": _ModelSpec(_m("siglip2"), "vision_model", "siglip2"),
     "VideoMAEModel": _ModelSpec(_m("videomae"), "encoder", "videomae"),
     "VideoMAEForVideoClassification": _ModelSpec(
         _m("videomae"), "videomae.encoder", "videomae", _videomae_pool, "videomae"
@@ -499,6 +547,18 @@ SUPPORTED_MODELS: Dict[str, _ModelSpec] = {
     "ASTModel": _ModelSpec(_m("audio_spectrogram_transformer"), "", "ast"),
     "ASTForAudioClassification": _ModelSpec(_m("audio_spectrogram_transformer"), "audio_spectrogram_transformer", "ast"),
 }
+
+
+def _padding_arg(module: nn.Module) -> str:
+    """The keyword under which ``module`` (a supported model or runner) takes a key-padding mask."""
+    name = original_class(module).__name__
+    spec = SUPPORTED_MODELS.get(name)
+    if spec is not None:
+        return _RUNNERS[spec.kind].padding_arg
+    for kind in _RUNNERS.values():
+        if name in kind.runner_classes:
+            return kind.padding_arg
+    return "attention_mask"
 
 
 def _resolve(root: nn.Module, path: str) -> Any:
@@ -600,10 +660,10 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
 
     head_mixin = ToMePoolingHead if spec.pool is not None else ToMeHFModel
     if runner is model:
-        model_mixin: Any = (ToMeHFRunner, head_mixin)
+        model_mixin: Any = (kind.runner_mixin, head_mixin)
     else:
         model_mixin = head_mixin
-        swap_class(runner, ToMeHFRunner)
+        swap_class(runner, kind.runner_mixin)
         _keep_output_capture(runner)
     patch_model(
         model,
@@ -624,6 +684,6 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
         object.__setattr__(module, "_tome_context", kind.context)
     pooling_head = _resolve(runner, kind.pooling_head) if kind.pooling_head else None
     if pooling_head is not None:
-        swap_class(pooling_head, ToMeSiglipHead)
+        swap_class(pooling_head, kind.pooling_mixin)
         object.__setattr__(pooling_head, "_tome_info", model._tome_info)
     return model

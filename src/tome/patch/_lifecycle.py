@@ -13,6 +13,7 @@ import builtins
 import dis
 import inspect
 import types
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
@@ -492,10 +493,23 @@ class ToMeModelMixin:
     def _tome_schedule(self) -> List[int]:
         return parse_r(len(self._tome_blocks()), self._tome_r)
 
-    def _tome_begin(self, x: torch.Tensor, trace_source: Optional[bool] = None) -> ToMeState:
+    def _tome_begin(
+        self, x: torch.Tensor, trace_source: Optional[bool] = None, padding: Optional[torch.Tensor] = None
+    ) -> ToMeState:
+        """The state entering the first block for tokens ``x`` ``(batch, tokens, channels)``.
+
+        ``padding``: ``(batch, tokens, 1)`` float32, 1 for real tokens and 0 for padding
+        (a key-padding mask, carried as token sizes: see ``ToMeState.padded``), or None.
+        """
         info = self._tome_info
         trace = info["trace_source"] if trace_source is None else trace_source
-        return ToMeState.start(x.shape[1], info["protected_tokens"], info["prop_attn"], trace)
+        state = ToMeState.start(x.shape[1], info["protected_tokens"], info["prop_attn"], trace)
+        if padding is None:
+            return state
+        if tuple(padding.shape) != (x.shape[0], x.shape[1], 1):
+            raise ValueError(f"padding of shape {tuple(padding.shape)} does not cover the {x.shape[0]} x "
+                             f"{x.shape[1]} tokens entering the first block")
+        return replace(state, size=padding.to(device=x.device, dtype=torch.float32), padded=True)
 
     def _tome_run(
         self,
@@ -505,6 +519,7 @@ class ToMeModelMixin:
         stop_after: Optional[int] = None,
         trace_source: Optional[bool] = None,
         after_block: Optional[Callable[[int, torch.Tensor, ToMeState], None]] = None,
+        padding: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, ToMeState]:
         """Embedded tokens ``(batch, tokens, channels)`` through the blocks, merging on the schedule.
 
@@ -514,6 +529,7 @@ class ToMeModelMixin:
             stop_after: Run blocks ``0 .. stop_after`` only.
             trace_source: Keep source groups even if ``trace_source`` is off.
             after_block: Passed to :func:`run_blocks`.
+            padding: Key padding as token sizes (see :meth:`_tome_begin`).
 
         Returns:
             The tokens after the last block run and the final state, which is
@@ -523,7 +539,7 @@ class ToMeModelMixin:
         schedule = parse_r(len(blocks), self._tome_r)
         if stop_after is not None:
             blocks = blocks[: stop_after + 1]
-        state = self._tome_begin(x, trace_source)
+        state = self._tome_begin(x, trace_source, padding)
         x, state, removed = run_blocks(blocks, x, state, schedule, grad_checkpointing, after_block)
         if not isinstance(x, torch.fx.Proxy):  # a traced graph's runs do not report here
             self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))

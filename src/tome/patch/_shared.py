@@ -49,23 +49,64 @@ __all__ = [
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _pad_metric(metric: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """The matching metric with every padding token (size 0) replaced by one shared vector.
+def _pad_metric(metric: torch.Tensor, size: torch.Tensor, bipartite: bool = True) -> torch.Tensor:
+    """The matching metric of a padded batch: padding tokens (size 0) never pair with real ones.
 
-    Padding tokens then match each other perfectly (so they merge away first, into
-    each other), and how valid tokens match never depends on what padding holds. The
-    shared vector points away from the valid tokens' mean direction, so valid tokens
-    rarely pick a padding partner.
+    For ToMe's bipartite matching (set A = even positions, set B = odd) every real
+    token's unit metric gets one more channel of value 1 (scaled back to unit
+    length), so two real tokens score ``(cos + 1) / 2`` in ``[0, 1]``: the same order
+    as their cosine, whatever the rest of the batch holds. A padding token in set B
+    points along ``-`` that channel (score ``-1/sqrt(2)`` with every real token), and
+    one in set A along a channel of its own (score 0 with every B token). So a real
+    A token always picks a real B token, every real A token ranks above every
+    padding A token, and a sample merges exactly the pairs it merges when run
+    alone, as long as its real tokens allow r. Only when r exceeds what its real
+    tokens allow do padding A tokens merge, into any B token; having size 0, they
+    add nothing to it.
+
+    For other matchings (PiToMe) every padding token gets one shared vector pointing
+    away from the real tokens' mean direction: padding then pairs with padding first,
+    and how real tokens match never depends on what padding holds.
 
     Args:
         metric: ``(batch, tokens, channels)``.
         size: ``(batch, tokens, 1)``; 0 marks padding.
+        bipartite: Whether the matching splits tokens by even/odd position.
+
+    Returns:
+        ``(batch, tokens, channels + 2)`` for the bipartite matching, else ``(batch, tokens, channels)``.
     """
     valid = size > 0
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    away = -(unit * valid).sum(dim=1, keepdim=True)
-    away = away + 1e-3 * (away.norm(dim=-1, keepdim=True) < 1e-6)  # never the zero vector
-    return torch.where(valid, metric, away.to(metric.dtype).expand_as(metric))
+    if not bipartite:
+        away = -(unit * valid).sum(dim=1, keepdim=True)
+        away = away + 1e-3 * (away.norm(dim=-1, keepdim=True) < 1e-6)  # never the zero vector
+        return torch.where(valid, metric, away.to(metric.dtype).expand_as(metric))
+    batch, tokens, channels = metric.shape
+    ones, zeros = unit.new_ones(batch, tokens, 1), unit.new_zeros(batch, tokens, 1)
+    real = torch.cat([unit, ones, zeros], dim=-1) * (0.5**0.5)
+    in_b = (torch.arange(tokens, device=metric.device) % 2 == 1).view(1, tokens, 1).expand(batch, -1, -1)
+    padding = torch.cat([unit.new_zeros(batch, tokens, channels), -in_b.to(unit.dtype), (~in_b).to(unit.dtype)], dim=-1)
+    return torch.where(valid, real, padding)
+
+
+def _padding_last(assignment: TokenAssignment, size: torch.Tensor, protected_tokens: int) -> TokenAssignment:
+    """The same merge with the merged padding tokens (size 0) moved behind the real ones.
+
+    The real tokens keep their order, so a padded sample's real tokens sit where
+    they would sit were the sample run alone, and the next bipartite split (by
+    position) splits them the same way.
+
+    Args:
+        assignment: The merge step.
+        size: ``(batch, tokens, 1)`` sizes before it; 0 marks padding.
+        protected_tokens: Leading tokens that stay in front whatever their size.
+    """
+    real = (assignment.merge(size, mode="sum") > 0).squeeze(-1)
+    real[:, :protected_tokens] = True
+    num_real = real.sum(dim=1, keepdim=True)
+    slot = torch.where(real, real.cumsum(dim=1) - 1, num_real + (~real).cumsum(dim=1) - 1)
+    return TokenAssignment(slot.gather(1, assignment.dest), assignment.num_out, assignment.kept)
 
 
 def sources_from_groups(groups: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -162,17 +203,21 @@ class ToMeState:
         if r <= 0:
             return x, self
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the merge is one graph node
-            merged, size, groups = merge_tokens(x, metric, self.size, self.groups, r, self.protected_tokens,
-                                                self.trace_source, tuple(rule))
-            return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1])
+            merged, size, groups, positions = merge_tokens(
+                x, metric, self.size, self.groups, r, self.protected_tokens, self.trace_source, tuple(rule),
+                self.positions, self.position_rule,
+            )
+            return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1], positions=positions)
         if rule is not TOME_RULE:
             rule_check(rule, self)
         if self.padded:
-            metric = _pad_metric(metric, self.sizes(x))
+            metric = _pad_metric(metric, self.sizes(x), rule.match == "bipartite")
         assignment = rule.assign(metric, r, self.protected_tokens)
         if assignment is None:
             return x, self
         size = self.sizes(x)
+        if self.padded:
+            assignment = _padding_last(assignment, size, self.protected_tokens)
         # Weighted sums of up to hundreds of tokens can overflow fp16: accumulate in fp32.
         work = x.float() if x.dtype in _LOW_PRECISION else x
         # Padded batches (size-0 tokens) combine by the weighted average whatever the rule: pruning
@@ -249,7 +294,8 @@ def merge_positions(
         ``(batch, tokens - r, k)`` float32.
     """
     if rule == "mean":
-        return assignment.merge(positions * size, mode="sum") / new_size
+        # A token made of padding only (size 0, padded batches) sits at 0 rather than at 0 / 0.
+        return assignment.merge(positions * size, mode="sum") / new_size.clamp_min(1e-6)
     if rule != "destination":
         raise ValueError(f"position_rule={rule!r} is not one of {POSITION_RULES}")
     # Weight 1 for destinations (odd positions) and for tokens left alone, 0 for the
@@ -310,7 +356,9 @@ def merge_tokens(
     protected_tokens: int,
     trace_source: bool,
     rule: Tuple[str, str, float, float, str, int] = ("bipartite", "wavg", 0.0, 1.0, "k", 2),
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    positions: Optional[torch.Tensor] = None,
+    position_rule: str = "mean",
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """:meth:`ToMeState.merge` as one function of tensors, for torch.fx graphs.
 
     How many tokens remain depends on the input's token count, so torch.fx must not
@@ -318,14 +366,18 @@ def merge_tokens(
     appears as a single node. It always returns sizes (ones where nothing merged)
     and, when tracing sources, the group index, so the graph's later nodes get tensors.
     ``rule`` is the block's :class:`LayerRule` as a plain tuple (what a graph can record).
+    ``positions`` ``(batch, tokens, k)`` (rotary angles of a RoPE model, or None) are
+    merged by ``position_rule`` as :meth:`ToMeState.merge` merges them.
 
     Returns:
-        ``(merged x, sizes (batch, tokens, 1), groups (batch, original tokens) or None)``.
+        ``(merged x, sizes (batch, tokens, 1), groups (batch, original tokens) or None,
+        positions (batch, tokens - r, k) or None)``.
     """
-    state = ToMeState(size, groups, x.shape[1], protected_tokens, True, trace_source)
+    state = ToMeState(size, groups, x.shape[1], protected_tokens, True, trace_source, positions=positions,
+                      position_rule=position_rule)
     merged, state = state.merge(x, metric, r, LayerRule(*rule))
     out_groups = state.group_index(x.shape[0], x.device) if trace_source else None
-    return merged, state.sizes(merged), out_groups
+    return merged, state.sizes(merged), out_groups, state.positions
 
 
 torch.fx.wrap("merge_tokens")

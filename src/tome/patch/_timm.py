@@ -84,10 +84,71 @@ class ToMeTimmResPostBlock(ToMeBlockMixin):
         return self.drop_path2(self.norm2(self.mlp(x)))
 
 
-_MASK_REFUSAL = (
-    "attn_mask / is_causal cannot be combined with token merging (r > 0): merged tokens no longer "
-    "line up with the mask. Set model.r = 0 to use a mask."
+_CAUSAL_REFUSAL = (
+    "is_causal=True cannot be combined with token merging (r > 0): a merged token stands for patches "
+    "before and after others. Set model.r = 0 to run causally."
 )
+
+
+def key_padding_from_attn_mask(attn_mask: torch.Tensor, batch: int, tokens: int) -> Optional[torch.Tensor]:
+    """A timm ``attn_mask`` as first-block token sizes, when it is a key-padding mask.
+
+    timm's attention takes a boolean mask (True = attend) or an additive float mask
+    (0 = attend; ``-inf``, or any value at most -1e4, = masked) broadcastable
+    to ``(batch, heads, tokens, tokens)``. ToMe can merge with a mask whose every real
+    query attends to the same set of keys, the real tokens: ``(batch, 1, 1, tokens)``
+    (key-only) or ``(batch, 1, tokens, tokens)`` with ``valid_q & valid_k``
+    (symmetric; what timm's NaFlex ``create_attention_mask`` builds). Rows of padding
+    queries are not looked at.
+
+    Args:
+        attn_mask: The mask, 2-D to 4-D.
+        batch, tokens: Batch size and tokens entering the first block (prefix included).
+
+    Returns:
+        ``(batch, tokens, 1)`` float32, 1 for real tokens and 0 for padding; None when
+        the mask masks nothing (then the model runs as without it).
+
+    Raises:
+        ValueError: naming the mask's shape or values when it is not such a mask
+            (causal, block-diagonal, or a float bias other than 0 / masked).
+    """
+    shape = tuple(attn_mask.shape)
+    if attn_mask.dim() < 2 or attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask of shape {shape} is not a timm attention mask (2-D to 4-D, broadcastable to "
+                         f"(batch={batch}, heads, {tokens}, {tokens}))")
+    if attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    else:
+        # -1e4 and below give a softmax weight of exactly 0 in float32: masked, however it is written.
+        blocked = attn_mask <= -1e4
+        if not bool(((attn_mask == 0) | blocked).all()):
+            raise ValueError(
+                f"attn_mask (float, shape {shape}) holds additive biases other than 0 and -inf; ToMe can merge "
+                "tokens only with a key-padding mask (0 = attend, -inf or <= -1e4 = padding). Set model.r = 0 to use this mask."
+            )
+        allowed = ~blocked
+    allowed = allowed.reshape((1,) * (4 - allowed.dim()) + shape)
+    try:
+        allowed = allowed.expand(batch, allowed.shape[1], allowed.shape[2], tokens)
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {shape} does not broadcast to (batch={batch}, heads, {tokens}, "
+                         f"{tokens}) (prefix tokens included)") from None
+    if allowed.shape[2] not in (1, tokens):
+        raise ValueError(f"attn_mask of shape {shape} has {allowed.shape[2]} query rows; expected 1 or {tokens}")
+    valid = allowed.any(dim=2).any(dim=1)  # (batch, tokens): keys some query attends to
+    rows = valid[:, None, :, None] if allowed.shape[2] == tokens else True  # rows of padding queries: anything
+    if bool(((allowed != valid[:, None, None, :]) & rows).any()):
+        raise ValueError(
+            f"attn_mask of shape {shape} is not a key-padding mask (real queries attend to different sets of keys, "
+            "e.g. a causal or block-diagonal mask); ToMe can merge tokens only with a key-padding mask "
+            "((batch, 1, 1, tokens), or (batch, 1, tokens, tokens) masking padding rows and columns). "
+            "Set model.r = 0 to use this mask."
+        )
+    if bool(valid.all()):
+        return None
+    return valid.to(torch.float32).unsqueeze(-1)
+
 
 class ToMeTimmHead(ToMeModelMixin):
     """The forward, features and head of a timm model whose blocks merge (ViT, Eva).
@@ -102,7 +163,7 @@ class ToMeTimmHead(ToMeModelMixin):
     ) -> torch.Tensor:
         if self._tome_masked(attn_mask, is_causal):
             return self._tome_tag(super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal), None)  # type: ignore[misc]
-        return self._tome_tag(*self._tome_features(x))
+        return self._tome_tag(*self._tome_features(x, attn_mask))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self._tome_head(x, self._tome_sizes_of(x) if self._tome_pools_patches() else None, pre_logits)
@@ -114,7 +175,7 @@ class ToMeTimmHead(ToMeModelMixin):
     def _tome_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
         if self._tome_masked(attn_mask, is_causal):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        return self._tome_head(*self._tome_features(x), False)
+        return self._tome_head(*self._tome_features(x, attn_mask), False)
 
     def _tome_head(self, x: torch.Tensor, size: Optional[torch.Tensor], pre_logits: bool) -> torch.Tensor:
         # Nothing merged, or a head that only reads prefix tokens: the model's own head is exact.
@@ -126,13 +187,26 @@ class ToMeTimmHead(ToMeModelMixin):
         return x if pre_logits else self.head(x)
 
 
+def _padding_of(attn_mask: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """First-block sizes from a key-padding ``attn_mask`` over the tokens ``x``; None for no mask
+    (and under torch.fx, whose placeholder for the default stands for no mask)."""
+    if attn_mask is None or isinstance(attn_mask, torch.fx.Proxy):
+        return None
+    return key_padding_from_attn_mask(attn_mask, x.shape[0], x.shape[1])
+
+
 def pool_tokens(x: torch.Tensor, size: torch.Tensor, global_pool: str) -> torch.Tensor:
     """timm's ``"avg"``, ``"max"`` and ``"avgmax"`` pooling of ``(batch, tokens, channels)``, averages weighted by ``size``."""
     if global_pool == "avg":
         return weighted_mean(x, size)
     if global_pool == "max":
-        return x.amax(dim=1)
-    return 0.5 * (x.amax(dim=1) + weighted_mean(x, size))  # avgmax
+        return _masked_max(x, size)
+    return 0.5 * (_masked_max(x, size) + weighted_mean(x, size))  # avgmax
+
+
+def _masked_max(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Max over the tokens of ``x`` that are not padding (size 0)."""
+    return torch.where(size > 0, x, torch.finfo(x.dtype).min).amax(dim=1)
 
 
 class ToMeTimmVisionTransformer(ToMeTimmHead):
@@ -159,19 +233,26 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
         return self.norm_pre(x)
 
     def _tome_masked(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
-        """Whether to run timm's own code for a masked call; refuses masks while merging."""
+        """Whether to run timm's own code for a masked call (nothing merges). While merging a
+        key-padding ``attn_mask`` is carried as token sizes; ``is_causal`` is refused."""
         if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
             # torch.fx symbolic tracing hands placeholders for the defaults: a merging graph
             # takes no mask (merged tokens would not line up with one).
             return not any(self._tome_schedule())
         if attn_mask is None and not is_causal:
             return False
-        if any(self._tome_schedule()):
-            raise ValueError(_MASK_REFUSAL)
-        return True
+        if not any(self._tome_schedule()):
+            return True
+        if is_causal:
+            raise ValueError(_CAUSAL_REFUSAL)
+        return False
 
-    def _tome_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x, state = self._tome_run(self._tome_embed(x), self.grad_checkpointing)
+    def _tome_features(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x = self._tome_embed(x)
+        padding = _padding_of(attn_mask, x)
+        x, state = self._tome_run(x, self.grad_checkpointing, padding=padding)
         return self.norm(x), state.size
 
     def forward_intermediates(
@@ -214,9 +295,11 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
                 tokens = self.norm(tokens) if norm else tokens
                 intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
 
+        x = self._tome_embed(x)
+        padding = _padding_of(attn_mask, x)
         x, state = self._tome_run(
-            self._tome_embed(x), self.grad_checkpointing, stop_after=max_index if stop_early else None,
-            trace_source=True, after_block=collect,
+            x, self.grad_checkpointing, stop_after=max_index if stop_early else None,
+            trace_source=True, after_block=collect, padding=padding,
         )
         prefix = self.num_prefix_tokens
         prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None

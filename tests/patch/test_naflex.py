@@ -1,0 +1,299 @@
+"""The timm NaFlexVit family: exactness at r=0, padded variable-resolution batches that
+merge per sample (each sample as if run alone), the fixed-size path, lifecycle,
+citizenship and bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import timm
+import torch
+from timm.models.naflexvit import batch_patchify
+
+import tome
+
+from conftest import trained_like_
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)
+
+# name -> (timm architecture, overrides)
+CONFIGS = {
+    "gap": ("naflexvit_base_patch16_gap", {}),  # 4 registers, LayerScale, avg pool, learned pos embed
+    "map": ("naflexvit_base_patch16_map", {}),  # 1 register, attention pooling
+    "siglip": ("naflexvit_base_patch16_siglip", {}),  # no prefix tokens, attention pooling
+    "factorized": ("naflexvit_base_patch16_parfac_gap", {}),  # factorized, aspect-preserving pos embed
+    "token": ("naflexvit_base_patch16_radio_v3", {}),  # class + 7 registers, class-token pooling
+    "max": ("naflexvit_base_patch16_gap", dict(global_pool="max", fc_norm=False)),
+    "dinov3": ("vit_small_patch16_dinov3", dict(use_naflex=True)),  # EvaBlock, RoPE (DINOv3), 4 registers
+    "eva02": ("eva02_tiny_patch14_224", dict(use_naflex=True, ref_feat_shape=(4, 4))),  # RoPE (axial), SwiGLU
+}
+PATCH = TINY["patch_size"]
+
+
+def make(name: str = "gap", seed: int = 0, **overrides) -> torch.nn.Module:
+    architecture, config = CONFIGS[name]
+    model = timm.create_model(architecture, pretrained=False, **{**TINY, **config, **overrides})
+    return trained_like_(model, seed).eval()
+
+
+def image(height: int, width: int, seed: int) -> torch.Tensor:
+    """One image of ``height x width`` patches, ``(1, 3, height * PATCH, width * PATCH)``."""
+    return torch.randn(1, 3, height * PATCH, width * PATCH, generator=torch.Generator().manual_seed(seed))
+
+
+def naflex(images, length=None):
+    """A NaFlex batch as timm's collator lays it out: each image's patches in row-major
+    order, then padding. Returns ``(patches, patch_coord, patch_valid)``."""
+    pieces = []
+    for img in images:
+        patches, (height, width) = batch_patchify(img, (PATCH, PATCH))
+        rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        pieces.append((patches[0], torch.stack([rows, cols], dim=-1).reshape(-1, 2)))
+    length = length or max(p.shape[0] for p, _ in pieces)
+    patches = torch.zeros(len(pieces), length, pieces[0][0].shape[-1])
+    coord = torch.zeros(len(pieces), length, 2, dtype=torch.long)
+    valid = torch.zeros(len(pieces), length, dtype=torch.bool)
+    for index, (p, c) in enumerate(pieces):
+        patches[index, : p.shape[0]], coord[index, : c.shape[0]], valid[index, : p.shape[0]] = p, c, True
+    return patches, coord, valid
+
+
+def alone(model, img):
+    patches, coord, valid = naflex([img])
+    return model(patches, patch_coord=coord, patch_valid=valid)
+
+
+GRIDS = [(4, 4), (3, 3), (2, 5)]  # 16, 9 and 10 real patches, padded to 16
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@torch.no_grad()
+def test_r0_equals_unpatched_bit_for_bit(name):
+    model = make(name)
+    x = image(4, 4, 1).expand(2, -1, -1, -1).contiguous()
+    batch = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    expected = model(x)
+    expected_padded = model(*batch[:1], patch_coord=batch[1], patch_valid=batch[2])
+    tome.apply_patch(model)
+    assert tome.patch.family_of(model) == "naflexvit" and model.r == 0
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(batch[0], patch_coord=batch[1], patch_valid=batch[2]), expected_padded, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["gap", "siglip", "dinov3"])
+@torch.no_grad()
+def test_remove_patch_restores_bit_for_bit(name):
+    model = make(name)
+    reference = copy.deepcopy(model)
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    tome.apply_patch(model, r=3)
+    merged = model(patches, patch_coord=coord, patch_valid=valid)
+    tome.remove_patch(model)
+    assert type(model) is type(reference) and not any(tome.patch.is_patched(m) for m in model.modules())
+    expected = reference(patches, patch_coord=coord, patch_valid=valid)
+    torch.testing.assert_close(model(patches, patch_coord=coord, patch_valid=valid), expected, rtol=0, atol=0)
+    assert (merged - expected).abs().max() > 1e-2  # merging changed the answer
+
+
+# ----------------------------------------------------------------------------- padded batches
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("schedule", [2, [3, 1, 2]])
+@torch.no_grad()
+def test_each_sample_of_a_padded_batch_merges_as_if_alone(name, schedule):
+    model = tome.apply_patch(make(name), r=schedule)
+    images = [image(h, w, i) for i, (h, w) in enumerate(GRIDS)]
+    patches, coord, valid = naflex(images)
+    out = model(patches, patch_coord=coord, patch_valid=valid)
+    for index, img in enumerate(images):
+        torch.testing.assert_close(out[index], alone(model, img)[0], rtol=0, atol=2e-5)
+    model.r = 0
+    assert (model(patches, patch_coord=coord, patch_valid=valid) - out).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["gap", "dinov3"])
+@torch.no_grad()
+def test_padded_batch_as_if_alone_without_proportional_attention(name):
+    model = tome.patch.naflexvit(make(name), prop_attn=False)
+    model.r = [3, 1, 2]  # within what every sample's real tokens allow
+    images = [image(h, w, i) for i, (h, w) in enumerate(GRIDS)]
+    patches, coord, valid = naflex(images)
+    out = model(patches, patch_coord=coord, patch_valid=valid)
+    for index, img in enumerate(images):
+        torch.testing.assert_close(out[index], alone(model, img)[0], rtol=0, atol=2e-5)
+
+
+@torch.no_grad()
+def test_padding_never_merges_with_real_tokens_and_has_no_size():
+    model = tome.apply_patch(make("gap"), r=[3, 2, 2], trace_source=True)
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    model(patches, patch_coord=coord, patch_valid=valid)
+    size, source = model._tome_info["size"], model._tome_info["source"]
+    prefix = model.num_prefix_tokens
+    real = torch.cat([torch.ones(3, prefix, dtype=torch.bool), valid], dim=1).float()
+    # Sizes add up to each sample's real tokens; a token is all real patches or all padding.
+    torch.testing.assert_close(size.sum(dim=(1, 2)), real.sum(1))
+    holds_real = source @ real.unsqueeze(-1)
+    holds_any = source.sum(-1, keepdim=True)
+    assert torch.all((holds_real == 0) | (holds_real == holds_any))
+    torch.testing.assert_close(holds_real, size)
+    # Real tokens first, padding behind them.
+    is_real = (size[..., 0] > 0).int()
+    assert torch.all(is_real[:, 1:] <= is_real[:, :-1])
+
+
+@torch.no_grad()
+def test_what_padding_holds_does_not_matter():
+    model = tome.apply_patch(make("dinov3"), r=3)
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    out = model(patches, patch_coord=coord, patch_valid=valid)
+    scrambled = torch.where(valid[..., None], patches, 10 * torch.randn_like(patches))
+    torch.testing.assert_close(model(scrambled, patch_coord=coord, patch_valid=valid), out, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_sample_with_too_few_real_tokens_for_r():
+    # r = 4 in the first block; 4 registers in front (even), so set A holds a sample's real
+    # patches at even positions. Alone, r is capped at half the real patches.
+    model = tome.apply_patch(make("gap"), r=[4, 0, 0])
+    images = [image(4, 4, 0), image(2, 2, 1), image(1, 5, 2)]
+    patches, coord, valid = naflex(images)
+    out = model(patches, patch_coord=coord, patch_valid=valid)
+    assert torch.isfinite(out).all()
+    # Padding never counts, whatever merged into what.
+    torch.testing.assert_close(model._tome_info["size"].sum(dim=(1, 2)), torch.tensor([20.0, 8.0, 9.0]))
+    torch.testing.assert_close(out[0], alone(model, images[0])[0], rtol=0, atol=2e-5)
+    # 4 patches: both of its set-A patches merge, in the batch (plus 2 padding tokens) as alone (r capped at 2).
+    torch.testing.assert_close(out[1], alone(model, images[1])[0], rtol=0, atol=2e-5)
+    assert model._tome_info["r"] == [2, 0, 0]
+    # 5 patches: alone r is capped at 2, in the batch all 3 of its set-A patches merge: not the same.
+    assert (out[2] - alone(model, images[2])[0]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_key_padding_attn_mask_equals_patch_valid():
+    model = tome.apply_patch(make("gap"), r=2)
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    expected = model(patches, patch_coord=coord, patch_valid=valid)
+    from timm.models.naflexvit import create_attention_mask
+
+    for symmetric in (True, False):
+        mask = create_attention_mask(valid, model.num_prefix_tokens, symmetric=symmetric, q_len=None if symmetric else 1)
+        got = model({"patches": patches, "patch_coord": coord, "patch_valid": valid, "attn_mask": mask})
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    causal = torch.zeros(20, 20).masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1), float("-inf"))
+    with pytest.raises(ValueError, match="not a key-padding mask"):
+        model(patches, patch_coord=coord, patch_valid=valid, attn_mask=causal)
+
+
+# ----------------------------------------------------------------------------- fixed-size path, features
+
+
+@pytest.mark.parametrize("name", ["gap", "map", "token", "max", "dinov3", "eva02"])
+@torch.no_grad()
+def test_fixed_size_images_schedules_and_head(name):
+    model = make(name)
+    x = torch.randn(2, 3, 32, 48)  # 4 x 6 patches
+    base = model(x)
+    tome.apply_patch(model, r=(3, -1.0), trace_source=True)
+    out = model(x)
+    feats = model.forward_features(x)
+    torch.testing.assert_close(model.forward_head(feats), out)
+    assert model._tome_info["r"] == [6, 3, 0]
+    assert feats.shape[1] == 24 + model.num_prefix_tokens - 9
+    assert (out - base).abs().max() > 1e-2
+    size = model._tome_info["size"]
+    assert torch.all(size[:, : model.num_prefix_tokens] == 1)
+    torch.testing.assert_close(size.sum(dim=(1, 2)), torch.full((2,), 24.0 + model.num_prefix_tokens))
+
+
+@pytest.mark.parametrize("name", ["gap", "dinov3"])
+@torch.no_grad()
+def test_forward_intermediates_full_grid_and_naflex_rows(name):
+    model = tome.apply_patch(make(name), r=3, trace_source=True)
+    x = torch.randn(2, 3, 32, 32)
+    final, maps = model.forward_intermediates(x, indices=[0, 2], norm=True)
+    torch.testing.assert_close(model.forward_head(final), model(x))
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 4, 4)] * 2
+    # The last map is the model's own merged output, each patch reading its token.
+    dense = tome.unmerge_tokens(model.forward_features(x), model._tome_info["source"])[:, model.num_prefix_tokens:]
+    torch.testing.assert_close(maps[1].flatten(2).transpose(1, 2), dense)
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    result = model.forward_intermediates({"patches": patches, "patch_coord": coord, "patch_valid": valid},
+                                         indices=1, output_fmt="NLC", output_dict=True)
+    assert [tuple(m.shape) for m in result["image_intermediates"]] == [(3, 16, 32)]
+    assert torch.equal(result["patch_valid"], valid)
+    with pytest.raises(ValueError, match="NLC"):
+        model.forward_intermediates({"patches": patches, "patch_coord": coord, "patch_valid": valid})
+
+
+# ----------------------------------------------------------------------------- lifecycle and citizenship
+
+
+@torch.no_grad()
+def test_hooks_fire_as_unpatched_and_pickling_round_trips():
+    model = make("dinov3")
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    calls = []
+    handles = []
+    for block in model.blocks:
+        handles.append(block.register_forward_hook(lambda m, a, k, out: calls.append(("block", out.shape[1])),
+                                                   with_kwargs=True))
+        handles.append(block.attn.register_forward_hook(lambda m, a, out: calls.append(("attn", out.shape[1]))))
+    tome.apply_patch(model, r=2)
+    expected = model(patches, patch_coord=coord, patch_valid=valid)
+    for handle in handles:
+        handle.remove()
+    assert [kind for kind, _ in calls] == ["attn", "block"] * 3
+    assert [n for kind, n in calls if kind == "block"] == [19, 17, 15]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for restored in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert restored.r == 2 and tome.patch.family_of(restored) == "naflexvit"
+        torch.testing.assert_close(restored(patches, patch_coord=coord, patch_valid=valid), expected, rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_and_training():
+    model = tome.apply_patch(make("gap"), r=3)
+    model.train()
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    losses, grads = [], []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        loss = model(patches, patch_coord=coord, patch_valid=valid).square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unsupported_variants_raise_type_error():
+    rope_attention = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, rope_type="axial", **TINY)
+    with pytest.raises(TypeError, match="AttentionRope"):
+        tome.apply_patch(rope_attention)
+    mixed = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, rope_type="mixed", attn_type="eva", **TINY)
+    with pytest.raises(TypeError, match="RotaryEmbeddingMixed"):
+        tome.apply_patch(mixed)
+    assert not tome.patch.is_patched(mixed)
+
+
+def test_bad_settings_and_training_with_patch_dropout():
+    with pytest.raises(ValueError, match="'middle'"):
+        tome.patch.naflexvit(make("dinov3"), rope_position="middle")
+    model = tome.apply_patch(make("gap", patch_drop_rate=0.25), r=2)
+    model.train()
+    with pytest.raises(ValueError, match="patch dropout"):
+        model(torch.randn(2, 3, 32, 32))
