@@ -417,6 +417,15 @@ class ToMeEva(ToMeTimmHead):
 _BLOCK_MIXINS = {"EvaBlock": ToMeEvaBlock, "EvaBlockPostNorm": ToMeEvaBlockPostNorm}
 
 
+def check_rope_options(rope_position: str, rope_metric: str) -> None:
+    """Raise ``ValueError`` unless ``rope_position`` is one of ``POSITION_RULES`` and
+    ``rope_metric`` one of ``ROPE_METRICS``."""
+    if rope_position not in POSITION_RULES:
+        raise ValueError(f"rope_position={rope_position!r} is not one of {POSITION_RULES}")
+    if rope_metric not in ROPE_METRICS:
+        raise ValueError(f"rope_metric={rope_metric!r} is not one of {ROPE_METRICS}")
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless every part of ``model`` can be run exactly with merging."""
     from timm.models import eva as timm_eva
@@ -486,10 +495,7 @@ def eva(
         TypeError: if the model or one of its parts is not something ToMe can run exactly.
         ValueError: if ``rope_position`` or ``rope_metric`` is not a known value.
     """
-    if rope_position not in POSITION_RULES:
-        raise ValueError(f"rope_position={rope_position!r} is not one of {POSITION_RULES}")
-    if rope_metric not in ROPE_METRICS:
-        raise ValueError(f"rope_metric={rope_metric!r} is not one of {ROPE_METRICS}")
+    check_rope_options(rope_position, rope_metric)
     check_supported(model)
     prop_attn = True if prop_attn is None else prop_attn
     attn_mixin = ToMeEvaAttention if rope_metric == "rotated" else ToMeEvaAttentionPlainKeys

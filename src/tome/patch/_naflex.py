@@ -32,10 +32,10 @@ from .._dense import unmerge_tokens
 from .._schedule import parse_r
 from ._eva import (
     DEFAULT_ROPE_METRIC,
-    ROPE_METRICS,
     ToMeEvaAttention,
     ToMeEvaAttentionPlainKeys,
     ToMeEvaBlock,
+    check_rope_options,
     rope_angles,
 )
 from ._lifecycle import (
@@ -46,8 +46,15 @@ from ._lifecycle import (
     register_family,
     supported_families,
 )
-from ._shared import POSITION_RULES, ToMeState, run_blocks, size_bias
-from ._timm import ToMeTimmAttention, ToMeTimmBlock, ToMeTimmResPostBlock, key_padding_from_attn_mask, pool_tokens
+from ._shared import ToMeState, run_blocks, size_bias
+from ._timm import (
+    ToMeTimmAttention,
+    ToMeTimmBlock,
+    ToMeTimmResPostBlock,
+    key_padding_from_attn_mask,
+    pack_intermediates,
+    pool_tokens,
+)
 
 __all__ = ["naflexvit", "is_timm_naflexvit"]
 
@@ -268,25 +275,11 @@ class ToMeNaFlexVit(ToMeModelMixin):
             patches, patch_coord, patch_valid, attn_mask, stop_after=max_index if stop_early else None,
             trace_source=True, after_block=collect,
         )
-        prefix = self.num_prefix_tokens
-        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
-        intermediates = [y[:, prefix:] for y in intermediates]
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self.embeds.dynamic_feat_size(tuple(patches.shape[-2:]))
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         features = None if intermediates_only else self._tome_tag(self.norm(final), state.size)
-        if output_dict:
-            result: Dict[str, Any] = {"image_intermediates": intermediates}
-            if prefix_tokens is not None and return_prefix_tokens:
-                result["image_intermediates_prefix"] = prefix_tokens
-            if patch_valid is not None:
-                result["patch_valid"] = patch_valid
-            if features is not None:
-                result["image_features"] = features
-            return result
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))  # type: ignore[arg-type]
-        return intermediates if features is None else (features, intermediates)
+        grid = self.embeds.dynamic_feat_size(tuple(patches.shape[-2:])) if output_fmt == "NCHW" else None
+        extra = {"patch_valid": patch_valid} if patch_valid is not None else None
+        return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, output_dict,
+                                  return_prefix_tokens, extra)
 
 
 # ----------------------------------------------------------------------------- checks and registration
@@ -365,10 +358,7 @@ def naflexvit(
         TypeError: if the model or one of its parts is not something ToMe can run exactly.
         ValueError: if ``rope_position`` or ``rope_metric`` is not a known value.
     """
-    if rope_position not in POSITION_RULES:
-        raise ValueError(f"rope_position={rope_position!r} is not one of {POSITION_RULES}")
-    if rope_metric not in ROPE_METRICS:
-        raise ValueError(f"rope_metric={rope_metric!r} is not one of {ROPE_METRICS}")
+    check_rope_options(rope_position, rope_metric)
     check_supported(model)
     from timm.models import eva as timm_eva
 

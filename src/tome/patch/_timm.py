@@ -187,6 +187,43 @@ class ToMeTimmHead(ToMeModelMixin):
         return x if pre_logits else self.head(x)
 
 
+def pack_intermediates(
+    intermediates: List[torch.Tensor],
+    prefix: int,
+    grid: Optional[Tuple[int, int]],
+    features: Optional[torch.Tensor],
+    output_dict: bool,
+    return_prefix_tokens: bool,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Any:
+    """timm's ``forward_intermediates`` result from intermediates with one row per token.
+
+    Args:
+        intermediates: ``(batch, prefix + patches, channels)`` each, already on the patch grid.
+        prefix: Prefix tokens leading each intermediate (split off as timm does).
+        grid: ``(height, width)`` in patches for ``"NCHW"`` maps, None for ``"NLC"``.
+        features: The final (merged) features, or None for ``intermediates_only``.
+        output_dict, return_prefix_tokens: As in timm.
+        extra: More entries of the dictionary output (before ``image_features``).
+    """
+    prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
+    intermediates = [y[:, prefix:] for y in intermediates]
+    if grid is not None:
+        intermediates = [y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                         for y in intermediates]
+    if output_dict:
+        result: Dict[str, Any] = {"image_intermediates": intermediates}
+        if prefix_tokens is not None and return_prefix_tokens:
+            result["image_intermediates_prefix"] = prefix_tokens
+        result.update(extra or {})
+        if features is not None:
+            result["image_features"] = features
+        return result
+    if return_prefix_tokens and prefix_tokens is not None:
+        intermediates = list(zip(intermediates, prefix_tokens))  # type: ignore[arg-type]
+    return intermediates if features is None else (features, intermediates)
+
+
 def _padding_of(attn_mask: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
     """First-block sizes from a key-padding ``attn_mask`` over the tokens ``x``; None for no mask
     (and under torch.fx, whose placeholder for the default stands for no mask)."""
@@ -301,23 +338,10 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
             x, self.grad_checkpointing, stop_after=max_index if stop_early else None,
             trace_source=True, after_block=collect, padding=padding,
         )
-        prefix = self.num_prefix_tokens
-        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
-        intermediates = [y[:, prefix:] for y in intermediates]
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         features = None if intermediates_only else self._tome_tag(self.norm(x), state.size)
-        if output_dict:
-            result: Dict[str, Any] = {"image_intermediates": intermediates}
-            if prefix_tokens is not None and return_prefix_tokens:
-                result["image_intermediates_prefix"] = prefix_tokens
-            if features is not None:
-                result["image_features"] = features
-            return result
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))  # type: ignore[arg-type]
-        return intermediates if features is None else (features, intermediates)
+        grid = self.patch_embed.dynamic_feat_size((height, width)) if output_fmt == "NCHW" else None
+        return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, output_dict,
+                                  return_prefix_tokens)
 
     def _tome_pools_patches(self) -> bool:
         """Whether the head reads more than the (protected) prefix tokens."""
