@@ -338,6 +338,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("docs/ablations.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/ablations.png"))
     parser.add_argument("--markdown", type=Path, default=Path("docs/ablations.md"))
+    parser.add_argument("--section", default="results",
+                        help="write the table between <!-- SECTION:begin --> and <!-- SECTION:end --> "
+                             "(default: %(default)s)")
     parser.add_argument("--from-json", action="store_true", help="only redraw the table and plot from --json")
     args = parser.parse_args(argv)
     if args.from_json:
@@ -351,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = markdown_table(results)
     print(table)
     plot(results, args.plot)
-    write_markdown(args.markdown, table)
+    write_markdown(args.markdown, table, args.section)
     return 0
 
 
