@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dense import unmerge_tokens
 from .._schedule import parse_r
 from ._lifecycle import (
     ToMeAttentionMixin,
@@ -56,7 +55,7 @@ from ._shared import (
     run_blocks,
     size_bias,
 )
-from ._timm import ToMeTimmHead, pool_tokens
+from ._timm import ToMeTimmHead, intermediate_collector, pool_tokens
 
 __all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC"]
 
@@ -379,13 +378,7 @@ class ToMeEva(ToMeTimmHead):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        intermediates: List[torch.Tensor] = []
-
-        def collect(index: int, tokens: torch.Tensor, state: ToMeState) -> None:
-            if index in take_indices:
-                tokens = self.norm(tokens) if norm else tokens
-                intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
-
+        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
         x, state = self._tome_run_rope(
             x, stop_after=max_index if stop_early else None, trace_source=True, after_block=collect
         )

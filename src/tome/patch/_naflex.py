@@ -28,7 +28,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .._dense import unmerge_tokens
 from .._schedule import parse_r
 from ._eva import (
     DEFAULT_ROPE_METRIC,
@@ -51,6 +50,7 @@ from ._timm import (
     ToMeTimmAttention,
     ToMeTimmBlock,
     ToMeTimmResPostBlock,
+    intermediate_collector,
     key_padding_from_attn_mask,
     pack_intermediates,
     pool_tokens,
@@ -264,13 +264,7 @@ class ToMeNaFlexVit(ToMeModelMixin):
                              'vary), use "NLC"')
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch = patches.shape[0]
-        intermediates: List[torch.Tensor] = []
-
-        def collect(index: int, tokens: torch.Tensor, state: ToMeState) -> None:
-            if index in take_indices:
-                tokens = self.norm(tokens) if norm else tokens
-                intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
-
+        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
         final, state = self._tome_run_naflex(
             patches, patch_coord, patch_valid, attn_mask, stop_after=max_index if stop_early else None,
             trace_source=True, after_block=collect,

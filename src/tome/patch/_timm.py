@@ -9,7 +9,7 @@ with a ``TypeError`` at patch time.
 """
 
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -187,6 +187,22 @@ class ToMeTimmHead(ToMeModelMixin):
         return x if pre_logits else self.head(x)
 
 
+def intermediate_collector(
+    take_indices: Sequence[int], norm: Optional[nn.Module], batch: int
+) -> Tuple[List[torch.Tensor], Callable[[int, torch.Tensor, ToMeState], None]]:
+    """A list and an ``after_block`` callback for ``run_blocks`` that fills it: the output of
+    every block in ``take_indices``, normed by ``norm`` (None: as it is) and mapped back to
+    one row per original token, ``(batch, tokens before merging, channels)``."""
+    intermediates: List[torch.Tensor] = []
+
+    def collect(index: int, tokens: torch.Tensor, state: ToMeState) -> None:
+        if index in take_indices:
+            tokens = norm(tokens) if norm is not None else tokens
+            intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
+
+    return intermediates, collect
+
+
 def pack_intermediates(
     intermediates: List[torch.Tensor],
     prefix: int,
@@ -325,13 +341,7 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        intermediates: List[torch.Tensor] = []
-
-        def collect(index: int, tokens: torch.Tensor, state: ToMeState) -> None:
-            if index in take_indices:
-                tokens = self.norm(tokens) if norm else tokens
-                intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
-
+        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
         x = self._tome_embed(x)
         padding = _padding_of(attn_mask, x)
         x, state = self._tome_run(
