@@ -188,6 +188,13 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
     return metric / metric.norm(dim=-1, keepdim=True)
 
 
+def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
+    """``(batch, n)`` with ``even`` at positions 0, 2, ... and ``odd`` at 1, 3, ... (``n`` = both lengths summed)."""
+    paired = odd.shape[1]  # even has paired or paired + 1 columns
+    out = torch.stack((even[:, :paired], odd), dim=2).flatten(1)
+    return torch.cat((out, even[:, paired:]), dim=1) if even.shape[1] > paired else out
+
+
 def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> Optional[TokenAssignment]:
     """Bipartite soft matching that removes ``r`` tokens, as a :class:`TokenAssignment`.
 
@@ -218,37 +225,33 @@ def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> 
         num_a, num_b = a.shape[1], b.shape[1]
         protected_a = (protected_tokens + 1) // 2  # prefix tokens at even positions
         protected_b = protected_tokens // 2  # prefix tokens at odd positions
-        if protected_a:
-            scores[:, :protected_a, :] = -math.inf
-        if protected_b:
-            scores[:, :, :protected_b] = -math.inf
+        device = metric.device
+        # Masks and torch.where rather than assignments into slices: the same values, and an
+        # exported graph without a Transpose/ScatterND/Transpose chain per assignment.
+        a_pos = torch.arange(num_a, device=device)
+        b_pos = torch.arange(num_b, device=device)
+        if protected_tokens:
+            barred = (a_pos < protected_a).unsqueeze(1) | (b_pos < protected_b).unsqueeze(0)
+            scores = scores.masked_fill(barred, -math.inf)
 
         node_max, node_idx = scores.max(dim=-1)
         src_idx = node_max.topk(r, dim=-1).indices  # (batch, r) A tokens that merge away
 
-        device = metric.device
         # A tensor source (not a Python bool) keeps this traceable by torch.jit.trace and ONNX export.
         is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device).scatter(
             1, src_idx, torch.ones_like(src_idx, dtype=torch.bool)
         )
 
         # Output layout: [prefix | kept non-prefix A | non-prefix B], in original order.
-        kept_a = ~is_src
-        kept_a[:, :protected_a] = False
-        rank_a = kept_a.cumsum(dim=1) - 1
+        rank_a = (~is_src & (a_pos >= protected_a)).cumsum(dim=1) - 1
         num_kept_a = num_a - protected_a - r
-        b_pos = torch.arange(num_b, device=device)
-        slot_b = (protected_tokens + num_kept_a + b_pos - protected_b).expand(batch, -1).clone()
-        slot_b[:, :protected_b] = 2 * b_pos[:protected_b] + 1
-        slot_a = protected_tokens + rank_a
-        slot_a[:, :protected_a] = 2 * torch.arange(protected_a, device=device)
+        slot_b = torch.where(b_pos < protected_b, 2 * b_pos + 1, protected_tokens + num_kept_a + b_pos - protected_b)
+        slot_b = slot_b.expand(batch, -1)
+        slot_a = torch.where(a_pos < protected_a, 2 * a_pos, protected_tokens + rank_a)
         slot_a = torch.where(is_src, slot_b.gather(1, node_idx), slot_a)
 
-        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-        dest[:, ::2] = slot_a
-        dest[:, 1::2] = slot_b
-        kept = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
-        kept[:, ::2] = ~is_src
+        dest = _interleave(slot_a, slot_b)
+        kept = _interleave(~is_src, torch.ones_like(slot_b, dtype=torch.bool))
     return TokenAssignment(dest, num_tokens - r, kept)
 
 
