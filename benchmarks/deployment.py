@@ -127,6 +127,52 @@ def speed(model_name: str, schedules, batch: int, rounds: int, threads: int, min
     return rows
 
 
+def export_cost(model_name: str, schedules, batch: int, rounds: int, threads: int, workdir: Path,
+                opset: int = DEFAULT_OPSET):
+    """Seconds per export phase, ONNX node counts, and onnxruntime speed with and without the optimizer."""
+    import onnx
+    import timm
+
+    from tome.export import export_program
+
+    torch.manual_seed(0)
+    model = tome.apply_patch(timm.create_model(model_name, pretrained=False).eval(), r=0)
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(2, 3, 224, 224)
+    rows = []
+    for schedule in schedules:
+        label = schedule_label(schedule)
+        with tome.merging(model, schedule):
+            start = time.perf_counter()
+            program = export_program(model, example)
+            seconds = dict(torch_export=time.perf_counter() - start)
+        start = time.perf_counter()
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, optimize=False, verbose=False)
+        seconds["translate"] = time.perf_counter() - start
+        plain = workdir / f"{model_name}-r{label.replace(':', 'd')}-cost-plain.onnx"
+        onnx_program.save(str(plain))
+        start = time.perf_counter()
+        onnx_program.optimize()
+        seconds["optimize"] = time.perf_counter() - start
+        optimized = plain.with_name(plain.name.replace("-plain", "-optimized"))
+        onnx_program.save(str(optimized))
+        nodes = {kind: len(onnx.load(str(path), load_external_data=False).graph.node)
+                 for kind, path in (("plain", plain), ("optimized", optimized))}
+        rows.append(dict(model=model_name, r=label, seconds=seconds, program_nodes=len(program.graph.nodes),
+                         onnx_nodes=nodes, paths=(optimized, plain)))
+        print(f"  export cost {model_name} r={label}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+              flush=True)
+    sessions = [onnx_session(path, threads=threads) for row in rows for path in row["paths"]]
+    times = time_sessions(sessions, x, rounds=rounds, min_time=0.0)
+    for i, row in enumerate(rows):
+        optimized, plain = times[2 * i], times[2 * i + 1]
+        row["ms_optimized"] = 1000 * statistics.median(optimized)
+        row["ms_plain"] = 1000 * statistics.median(plain)
+        row["plain_over_optimized"] = statistics.median(b / a for a, b in zip(optimized, plain))
+        row["paths"] = [p.name for p in row["paths"]]
+    return rows
+
+
 def accuracy(schedules, images: int, workdir: Path):
     from tome.data import SyntheticShapes
     from tome.tools.demo_model import load_demo_model
@@ -153,20 +199,28 @@ def accuracy(schedules, images: int, workdir: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224")
-    parser.add_argument("--schedules", default="0,8,13,16,16:-1")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--min-time", type=float, default=0.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224",
+                        help="comma-separated timm model names, built with random weights ('' for none)")
+    parser.add_argument("--schedules", default="0,8,13,16,16:-1",
+                        help="comma-separated schedules to time: r, or r:inflection for a decreasing one")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per timed batch")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--min-time", type=float, default=0.0, metavar="SECONDS",
+                        help="repeat each file within a round until this long has passed")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the exports")
     parser.add_argument("--legacy-schedules", default="",
                         help="also time these schedules exported and quantized as before (opset 18, plain quantize_dynamic)")
     parser.add_argument("--profile", type=int, default=0, metavar="RUNS",
                         help="profile every file over RUNS runs: kernel time per operator type")
-    parser.add_argument("--accuracy-schedules", default="0,4,8,8:-1")
-    parser.add_argument("--accuracy-images", type=int, default=1000)
-    parser.add_argument("--json", default="benchmarks/out/deployment-cpu.json")
+    parser.add_argument("--export-cost", default="", metavar="SCHEDULES",
+                        help="time the export of these schedules phase by phase, and the files with and without "
+                             "onnxscript's optimizer")
+    parser.add_argument("--accuracy-schedules", default="0,4,8,8:-1",
+                        help="schedules for the shipped model's fp32/int8 accuracy")
+    parser.add_argument("--accuracy-images", type=int, default=1000,
+                        help="generated validation images for the accuracy section (0 skips it)")
+    parser.add_argument("--json", default="benchmarks/out/deployment-cpu.json", help="where to write the results")
     parser.add_argument("--workdir", default=None,
                         help="keep the ONNX files here and reuse the fp32 exports found there (default: a temporary folder)")
     args = parser.parse_args()
@@ -175,7 +229,8 @@ def main() -> None:
     started = time.time()
     report = dict(command=" ".join(["python", *sys.argv]), machine=platform.processor() or platform.machine(),
                   cpus=os.cpu_count(), threads=args.threads, batch_size=args.batch_size, rounds=args.rounds,
-                  torch=torch.__version__, onnxruntime=onnxruntime.__version__, speed=[], accuracy=[])
+                  torch=torch.__version__, onnxruntime=onnxruntime.__version__, speed=[], export_cost=[],
+                  accuracy=[])
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +239,9 @@ def main() -> None:
             report["speed"] += speed(name, parse_schedules(args.schedules), args.batch_size, args.rounds,
                                      args.threads, args.min_time, workdir, opset=args.opset,
                                      legacy_schedules=legacy, profile_runs=args.profile)
+            if args.export_cost:
+                report["export_cost"] += export_cost(name, parse_schedules(args.export_cost), args.batch_size,
+                                                     args.rounds, args.threads, workdir, opset=args.opset)
         if args.accuracy_images > 0:
             report["demo_model"], report["accuracy"] = accuracy(parse_schedules(args.accuracy_schedules),
                                                                 args.accuracy_images, workdir)
@@ -205,6 +263,16 @@ def main() -> None:
             total = sum(ops.values())
             shares = ", ".join(f"{op} {100 * ms / total:.1f}%" for op, ms in list(ops.items())[:10])
             print(f"| {row['model']} | {row['r']} | {row['precision']} | {row['profile']['wall_ms']:.0f} | {shares} |")
+    if report["export_cost"]:
+        print()
+        print("| model | r | torch.export s | to ONNX s | optimizer s | nodes (program / ONNX / optimized) "
+              "| ms optimized | ms unoptimized | unoptimized / optimized |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row in report["export_cost"]:
+            s, n = row["seconds"], row["onnx_nodes"]
+            print(f"| {row['model']} | {row['r']} | {s['torch_export']:.1f} | {s['translate']:.1f} | {s['optimize']:.1f} "
+                  f"| {row['program_nodes']} / {n['plain']} / {n['optimized']} | {row['ms_optimized']:.0f} "
+                  f"| {row['ms_plain']:.0f} | {row['plain_over_optimized']:.2f}x |")
     print()
     print("| r | precision | top-1 | top-1 same as eager (same r) |")
     print("|---|---|---|---|")
