@@ -47,6 +47,24 @@ def test_export_and_measure_rows(tmp_path):
     assert model.r == 0  # restored
 
 
+def test_export_without_the_optimizer(tmp_path):
+    import onnx
+
+    import tome
+
+    model = tome.apply_patch(tiny_model(), r=0)
+    kwargs = dict(input_size=(3, 32, 32), batch_size=2, rounds=1)
+    optimized = export_and_measure(model, 4, tmp_path / "a.onnx", **kwargs)
+    plain = export_and_measure(model, 4, tmp_path / "b.onnx", optimize=False, **kwargs)
+    for before, after in zip(optimized, plain):
+        # The unoptimized graph keeps the nodes the optimizer folds away, and still matches eager per sample.
+        assert len(onnx.load(str(after.path)).graph.node) > len(onnx.load(str(before.path)).graph.node)
+        assert all(after.agreement.matching), after.agreement.summary()
+    args = cli.build_parser().parse_args(["export", "-o", "m.onnx", "--no-optimize"])
+    assert args.optimize is False
+    assert cli.build_parser().parse_args(["export", "-o", "m.onnx"]).optimize is True
+
+
 def test_generated_images_are_the_shape_task():
     x = generated_images(3, (3, 32, 32))
     assert x.shape == (3, 3, 32, 32)

@@ -149,6 +149,7 @@ def export_and_measure(
     min_time: float = 0.0,
     threads: int = 0,
     progress: bool = False,
+    optimize: bool = True,
 ) -> List[ExportRow]:
     """Export ``model`` merged (``schedule``) and unmerged, optionally int8, check and time them.
 
@@ -165,6 +166,8 @@ def export_and_measure(
         min_time: Least seconds behind each timing.
         threads: onnxruntime intra-op threads (0: its default).
         progress: Progress bars on a terminal.
+        optimize: Run onnxscript's graph optimizer on the fp32 exports (see
+            :func:`tome.export.export_onnx`).
 
     Returns:
         The rows: fp32 unmerged, fp32 merged, then (with ``int8``) int8 unmerged, int8 merged.
@@ -196,7 +199,7 @@ def export_and_measure(
                 calibration = [generated_images(batch_size, input_size, "train", seed) for seed in range(calibration_batches)]
                 quantize_onnx(fp32, row.path, mode=int8, calibration=calibration if int8 == "static" else None)
             else:
-                export_onnx(model, example, row.path, opset=opset)
+                export_onnx(model, example, row.path, opset=opset, optimize=optimize)
     sessions = [onnx_session(row.path, threads=threads) for row in rows]
     for row, session in zip(rows, sessions):
         row.agreement = compare_outputs(eager[schedule_label(row.schedule)], run_onnx(session, x))
@@ -250,7 +253,7 @@ def run_export(args: argparse.Namespace) -> List[ExportRow]:
     rows = export_and_measure(
         model, schedule, output, input_size=size, batch_size=args.batch_size, opset=args.opset, int8=args.int8,
         calibration_batches=args.calibration_batches, rounds=args.runs, min_time=args.min_time,
-        threads=args.threads, progress=True,
+        threads=args.threads, progress=True, optimize=args.optimize,
     )
     print_rows(rows, args.batch_size)
     print("Speed-up: median of per-round ratios (range). FLOP ceiling: eager FLOPs at r=0 / at r. "
@@ -288,6 +291,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="image size fixed in the file (default: the model's); the model must accept it")
     parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET,
                         help="ONNX opset, 18 or later (default: %(default)s, where GELU is one operator)")
+    parser.add_argument("--no-optimize", dest="optimize", action="store_false",
+                        help="skip onnxscript's graph optimizer: a merging model exports sooner (its time grows with "
+                        "the square of the node count), onnxruntime optimizes the graph itself when it loads it, "
+                        "and the file keeps more nodes")
     parser.add_argument("--int8", nargs="?", const="dynamic", choices=INT8_MODES,
                         help="also write int8 copies: dynamic (default) or static (calibrated on generated images)")
     parser.add_argument("--calibration-batches", type=positive_int, default=4,
