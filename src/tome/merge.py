@@ -230,11 +230,11 @@ def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> 
         # exported graph without a Transpose/ScatterND/Transpose chain per assignment.
         a_pos = torch.arange(num_a, device=device)
         b_pos = torch.arange(num_b, device=device)
-        if protected_tokens:
-            barred = (a_pos < protected_a).unsqueeze(1) | (b_pos < protected_b).unsqueeze(0)
-            scores = scores.masked_fill(barred, -math.inf)
-
-        node_max, node_idx = scores.max(dim=-1)
+        # Protected B tokens are never destinations: leave their columns out (a view).
+        node_max, node_idx = scores[:, :, protected_b:].max(dim=-1)
+        node_idx = node_idx + protected_b
+        if protected_a:  # protected A tokens are never sources
+            node_max = node_max.masked_fill(a_pos < protected_a, -math.inf)
         src_idx = node_max.topk(r, dim=-1).indices  # (batch, r) A tokens that merge away
 
         # A tensor source (not a Python bool) keeps this traceable by torch.jit.trace and ONNX export.

@@ -294,7 +294,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-optimize", dest="optimize", action="store_false",
                         help="skip onnxscript's graph optimizer: a merging model exports sooner (its time grows with "
                         "the square of the node count), onnxruntime optimizes the graph itself when it loads it, "
-                        "and the file keeps more nodes")
+                        "and the file keeps more nodes (default: optimize)")
     parser.add_argument("--int8", nargs="?", const="dynamic", choices=INT8_MODES,
                         help="also write int8 copies: dynamic (default) or static (calibrated on generated images)")
     parser.add_argument("--calibration-batches", type=positive_int, default=4,
