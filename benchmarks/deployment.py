@@ -84,7 +84,7 @@ def op_type_times(path: Path, x: torch.Tensor, threads: int, runs: int) -> dict:
 
 
 def speed(model_name: str, schedules, batch: int, rounds: int, threads: int, min_time: float, workdir: Path,
-          opset: int = DEFAULT_OPSET, legacy_schedules=(), profile_runs: int = 0):
+          opset: int = DEFAULT_OPSET, legacy_schedules=(), profile_runs: int = 0, reduce_range: bool = False):
     import timm
 
     torch.manual_seed(0)
@@ -111,6 +111,10 @@ def speed(model_name: str, schedules, batch: int, rounds: int, threads: int, min
             names = ("fp32", "int8")
         rows += [dict(model=model_name, r=label, precision=names[0], path=fp32, ceiling=base_flops / flops),
                  dict(model=model_name, r=label, precision=names[1], path=int8, ceiling=base_flops / flops)]
+        if reduce_range and not legacy:
+            reduced = quantize_onnx(fp32, fp32.with_suffix(".int8-reduce-range.onnx"), reduce_range=True)
+            rows.append(dict(model=model_name, r=label, precision="int8 (reduce_range)", path=reduced,
+                             ceiling=base_flops / flops))
         print(f"  exported {model_name} r={label}{' (legacy)' if legacy else ''} in {time.time() - start:.0f} s", flush=True)
     sessions = [onnx_session(row["path"], threads=threads) for row in rows]
     times = time_sessions(sessions, x, rounds=rounds, min_time=min_time)
@@ -173,7 +177,7 @@ def export_cost(model_name: str, schedules, batch: int, rounds: int, threads: in
     return rows
 
 
-def accuracy(schedules, images: int, workdir: Path):
+def accuracy(schedules, images: int, workdir: Path, reduce_range: bool = False):
     from tome.data import SyntheticShapes
     from tome.tools.demo_model import load_demo_model
 
@@ -189,8 +193,11 @@ def accuracy(schedules, images: int, workdir: Path):
         with tome.merging(model, schedule), torch.no_grad():
             eager = model(x)
             fp32 = export_onnx(model, x[:2], workdir / f"demo-{label.replace(':', 'd')}.onnx")
-        int8 = quantize_onnx(fp32, fp32.with_suffix(".int8.onnx"))
-        for precision, path in (("fp32", fp32), ("int8", int8)):
+        files = [("fp32", fp32), ("int8", quantize_onnx(fp32, fp32.with_suffix(".int8.onnx")))]
+        if reduce_range:
+            files.append(("int8 (reduce_range)",
+                          quantize_onnx(fp32, fp32.with_suffix(".int8-reduce-range.onnx"), reduce_range=True)))
+        for precision, path in files:
             logits = run_onnx(onnx_session(path), x)
             rows.append(dict(r=label, precision=precision, top1=float((logits.argmax(1) == labels).float().mean()),
                              same_as_eager=float((logits.argmax(1) == eager.argmax(1)).float().mean())))
@@ -216,6 +223,8 @@ def main() -> None:
     parser.add_argument("--export-cost", default="", metavar="SCHEDULES",
                         help="time the export of these schedules phase by phase, and the files with and without "
                              "onnxscript's optimizer")
+    parser.add_argument("--reduce-range", action="store_true",
+                        help="also time and check int8 files with 7-bit weights (quantize_onnx(reduce_range=True))")
     parser.add_argument("--accuracy-schedules", default="0,4,8,8:-1",
                         help="schedules for the shipped model's fp32/int8 accuracy")
     parser.add_argument("--accuracy-images", type=int, default=1000,
@@ -238,13 +247,14 @@ def main() -> None:
         for name in filter(None, args.models.split(",")):
             report["speed"] += speed(name, parse_schedules(args.schedules), args.batch_size, args.rounds,
                                      args.threads, args.min_time, workdir, opset=args.opset,
-                                     legacy_schedules=legacy, profile_runs=args.profile)
+                                     legacy_schedules=legacy, profile_runs=args.profile,
+                                     reduce_range=args.reduce_range)
             if args.export_cost:
                 report["export_cost"] += export_cost(name, parse_schedules(args.export_cost), args.batch_size,
                                                      args.rounds, args.threads, workdir, opset=args.opset)
         if args.accuracy_images > 0:
             report["demo_model"], report["accuracy"] = accuracy(parse_schedules(args.accuracy_schedules),
-                                                                args.accuracy_images, workdir)
+                                                                args.accuracy_images, workdir, args.reduce_range)
     report["seconds"] = time.time() - started
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
