@@ -163,7 +163,7 @@ def export_onnx(
         dynamic_batch: Leave the batch dimension free (one file for every batch size).
         optimize: Let ``torch.onnx`` run onnxscript's optimizer (constant folding,
             pattern rewrites, dead nodes). Its pattern matcher takes time that grows with
-            the square of the node count, so a merging model, with about 2.5 times the
+            the square of the node count, so a merging model, with about 3.5 times the
             nodes, spends the largest part of its export there (ViT-B/16 r=16: 19 s of 47);
             ``False`` skips it, and onnxruntime, which optimizes the graph itself when
             it loads it, runs both files equally fast.
