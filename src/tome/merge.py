@@ -184,6 +184,12 @@ def _check_metric(metric: torch.Tensor, protected_tokens: int) -> None:
         )
 
 
+def _checked_r(metric: torch.Tensor, r: int, protected_tokens: int) -> int:
+    """``r`` capped for ``metric``'s length, after :func:`_check_metric`."""
+    _check_metric(metric, protected_tokens)
+    return _cap_r(r, metric.shape[1], protected_tokens)
+
+
 def _normalize(metric: torch.Tensor) -> torch.Tensor:
     return metric / metric.norm(dim=-1, keepdim=True)
 
@@ -212,9 +218,8 @@ def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> 
     Returns:
         The assignment, or ``None`` when nothing is merged (r capped to 0).
     """
-    _check_metric(metric, protected_tokens)
+    r = _checked_r(metric, r, protected_tokens)
     batch, num_tokens, _ = metric.shape
-    r = _cap_r(r, num_tokens, protected_tokens)
     if r <= 0:
         return None
 
@@ -326,9 +331,8 @@ def match_pitome(
     Raises:
         ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
     """
-    _check_metric(metric, protected_tokens)
+    r = _checked_r(metric, r, protected_tokens)
     batch, num_tokens, _ = metric.shape
-    r = _cap_r(r, num_tokens, protected_tokens)
     if r <= 0:
         return None
     with torch.no_grad():
@@ -501,9 +505,8 @@ def match_random(
     Raises:
         ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
     """
-    _check_metric(metric, protected_tokens)
+    r = _checked_r(metric, r, protected_tokens)
     batch, num_tokens, _ = metric.shape
-    r = _cap_r(r, num_tokens, protected_tokens)
     if r <= 0:
         return None
     with torch.no_grad():
@@ -850,9 +853,8 @@ def match_greedy(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> Opt
     Raises:
         ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
     """
-    _check_metric(metric, protected_tokens)
+    r = _checked_r(metric, r, protected_tokens)
     batch, num_tokens, _ = metric.shape
-    r = _cap_r(r, num_tokens, protected_tokens)
     if r <= 0:
         return None
     with torch.no_grad():
@@ -902,9 +904,8 @@ def match_random_drop(
     Raises:
         ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
     """
-    _check_metric(metric, protected_tokens)
+    r = _checked_r(metric, r, protected_tokens)
     batch, num_tokens, _ = metric.shape
-    r = _cap_r(r, num_tokens, protected_tokens)
     if r <= 0:
         return None
     with torch.no_grad():
