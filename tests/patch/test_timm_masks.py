@@ -91,6 +91,39 @@ def test_key_padding_merges_as_if_the_padding_were_not_there(name):
     assert (reference[0] - model(x[:1])[0]).abs().max() > 1e-3  # the padding did change sample 0
 
 
+def run_without_padding(model, x):
+    """Sample 0 alone, its padding cut off after the embedding."""
+    handle = model.norm_pre.register_forward_hook(lambda module, args, out: out[:, :-PADDING])
+    try:
+        return model(x[:1])[0]
+    finally:
+        handle.remove()
+
+
+METHODS = {
+    "tome": "tome",
+    "pitome": "pitome",
+    "tofu": tome.MergeMethod("tofu", prune_layers=2),  # pruning in blocks 0-1, MLERP in block 2
+    "kth": tome.MergeMethod("ablation", match="kth", kth=3),
+    "greedy": tome.MergeMethod("ablation", match="greedy"),
+    "mean": tome.MergeMethod("ablation", combine="mean"),
+    "evit_fuse": tome.MergeMethod("ablation", match="evit_fuse"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", ["class_avg", "registers_map"])
+@torch.no_grad()
+def test_every_method_merges_a_padded_sample_as_without_its_padding(method, name):
+    model = tome.apply_patch(make(name), r=[3, 2, 2], method=METHODS[method])
+    x = images()
+    out = model(x, attn_mask=key_validity(model)[:, None, None, :])
+    torch.testing.assert_close(out[0], run_without_padding(model, x), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out[1], model(x[1:])[0], rtol=0, atol=2e-5)
+    model.r = 0
+    assert (out[0] - run_without_padding(model, x)).abs().max() > 1e-2  # the padded sample merged
+
+
 @torch.no_grad()
 def test_what_padding_holds_does_not_matter():
     model = tome.apply_patch(make("class_avg"), r=3)
