@@ -122,6 +122,19 @@ def test_every_method_merges_each_padded_sample_as_if_alone(method):
         assert (out.pooler_output - model(**inputs).pooler_output).abs().max() > 1e-2  # not ToMe in disguise
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["tome", "pitome", "tofu"])
+@torch.no_grad()
+def test_an_image_of_padding_only_stays_finite(impl, method):
+    model = tome.apply_patch(make_vision(impl=impl), r=[3, 1, 2], method=METHODS[method])
+    inputs = naflex(SAMPLES)
+    inputs["pixel_attention_mask"][1] = 0  # image 1: padding only, not one key to attend to
+    out = model(**inputs)
+    assert torch.isfinite(out.pooler_output).all() and torch.isfinite(out.last_hidden_state).all()
+    assert torch.all(model._tome_info["size"][1] == 0)
+    torch.testing.assert_close(out.pooler_output[0], model(**naflex(SAMPLES[:1])).pooler_output[0], rtol=0, atol=2e-5)
+
+
 @torch.no_grad()
 def test_positional_arguments_and_what_padding_holds():
     model = tome.apply_patch(make_vision(), r=3)

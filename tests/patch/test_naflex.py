@@ -180,6 +180,26 @@ def test_random_ablations_refuse_padded_batches_and_say_why(match):
     assert torch.isfinite(alone(model, image(3, 3, 1))).all()  # no padding: runs
 
 
+@pytest.mark.parametrize("method", ["tome", "pitome", "tofu", "greedy"])
+@torch.no_grad()
+def test_a_sample_of_padding_only_stays_finite_and_average_pooling_matches_r0(method):
+    # Sample 1 is padding only: the "gap" model average-pools no patch at all (timm: 0), the
+    # "siglip" model (no prefix tokens, attention pooling) has not one key to attend to.
+    images = [image(4, 4, 0), image(3, 3, 1)]
+    patches, coord, valid = naflex(images)
+    valid[1] = False
+    for name in ("gap", "siglip"):
+        model = tome.apply_patch(make(name), r=[3, 1, 2], method=METHODS[method])
+        for block in model.blocks:
+            block.attn.fused_attn = False  # the explicit softmax: a row with no key would be 0 / 0
+        out = model(patches, patch_coord=coord, patch_valid=valid)
+        assert torch.isfinite(out).all(), name
+        torch.testing.assert_close(out[0], alone(model, images[0])[0], rtol=0, atol=2e-5)
+        model.r = 0
+        if name == "gap":  # what r = 0 gives, exactly
+            torch.testing.assert_close(out[1], model(patches, patch_coord=coord, patch_valid=valid)[1], rtol=0, atol=0)
+
+
 @torch.no_grad()
 def test_padding_never_merges_with_real_tokens_and_has_no_size():
     model = tome.apply_patch(make("gap"), r=[3, 2, 2], trace_source=True)

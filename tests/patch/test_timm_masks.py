@@ -124,6 +124,22 @@ def test_every_method_merges_a_padded_sample_as_without_its_padding(method, name
     assert (out[0] - run_without_padding(model, x)).abs().max() > 1e-2  # the padded sample merged
 
 
+@pytest.mark.parametrize("method", ["tome", "pitome", "tofu"])
+@pytest.mark.parametrize("name", ["class_avg", "no_class_avg", "registers_map"])
+@pytest.mark.parametrize("fused", [True, False])
+@torch.no_grad()
+def test_a_sample_of_padding_only_stays_finite(method, name, fused):
+    model = tome.apply_patch(make(name), r=[3, 2, 2], method=METHODS[method])
+    for block in model.blocks:
+        block.attn.fused_attn = fused  # explicit softmax: a row with no key to attend to would be 0 / 0
+    x = images()
+    valid = key_validity(model)
+    valid[0] = False  # not one key, prefix tokens included
+    out = model(x, attn_mask=valid[:, None, None, :])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], model(x[1:])[0], rtol=0, atol=2e-5)
+
+
 @torch.no_grad()
 def test_what_padding_holds_does_not_matter():
     model = tome.apply_patch(make("class_avg"), r=3)

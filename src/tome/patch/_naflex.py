@@ -46,7 +46,7 @@ from ._lifecycle import (
     register_family,
     supported_families,
 )
-from ._shared import ToMeState, run_blocks, size_bias
+from ._shared import ToMeState, padding_bias, run_blocks
 from ._timm import (
     ToMeTimmAttention,
     ToMeTimmBlock,
@@ -223,7 +223,7 @@ class ToMeNaFlexVit(ToMeModelMixin):
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.attn_pool is not None:
             # Every key counts once per patch it stands for; padding (size 0) not at all.
-            return self.attn_pool(x, attn_mask=size_bias(size, x.dtype))
+            return self.attn_pool(x, attn_mask=padding_bias(size, x.dtype))
         return pool_tokens(x, size, self.global_pool)
 
     def forward_intermediates(

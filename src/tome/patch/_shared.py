@@ -40,6 +40,7 @@ __all__ = [
     "attention",
     "merge_block",
     "merge_positions",
+    "padding_bias",
     "run_blocks",
     "size_bias",
     "sources_from_groups",
@@ -66,6 +67,29 @@ def _padding_last(assignment: TokenAssignment, real: torch.Tensor, protected_tok
     num_real = real.sum(dim=1, keepdim=True)
     slot = torch.where(real, real.cumsum(dim=1) - 1, num_real + (~real).cumsum(dim=1) - 1)
     return TokenAssignment(slot.gather(1, assignment.dest), assignment.num_out, assignment.kept)
+
+
+def padding_bias(size: torch.Tensor, dtype: torch.dtype, proportional: bool = True) -> torch.Tensor:
+    """Attention bias over keys of sizes ``(batch, tokens, 1)`` in which 0 marks padding.
+
+    ``log(size)`` as :func:`size_bias` (``proportional=False``: 0 for real keys), so
+    padding keys get ``-inf`` and no weight. A sample made of padding only (a batch
+    padded with empty samples) would then attend to no key at all, and a softmax over
+    no key is 0 / 0; such a sample gets 0 on every key instead, so it attends to its
+    tokens as if unmasked and stays finite, as the frameworks' own finite masks keep it.
+
+    Args:
+        size: ``(batch, tokens, 1)`` float sizes, 0 for padding.
+        dtype: dtype of the result.
+        proportional: ``log(size)`` (proportional attention); False: only the padding mask.
+
+    Returns:
+        ``(batch, 1, 1, tokens)`` in ``dtype``.
+    """
+    real = size > 0
+    weight = size if proportional else real.to(torch.float32)
+    has_real = size.amax(dim=1, keepdim=True) > 0  # sizes are never negative
+    return size_bias(torch.where(has_real, weight, torch.ones_like(weight)), dtype)
 
 
 def sources_from_groups(groups: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -124,9 +148,9 @@ class ToMeState:
 
     def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """Proportional-attention bias ``log(size)``, shape ``(batch, 1, 1, tokens)``, or None."""
-        if self.padded and self.size is not None and not self.prop_attn:
-            # Only the padding: 0 for valid keys, -inf for padding keys.
-            return size_bias((self.size > 0).to(torch.float32), dtype)
+        if self.padded and self.size is not None:
+            # log(size), or without proportional attention only the padding (0 valid, -inf padding).
+            return padding_bias(self.size, dtype, self.prop_attn)
         if not self.prop_attn or self.size is None:
             return None
         return size_bias(self.size, dtype)
@@ -573,5 +597,6 @@ def weighted_mean(x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor
     """
     if size is None:
         return x.mean(dim=1)
-    return ((x * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
+    # A sample of padding only (every size 0) has mean 0, as timm's masked pooling gives it.
+    return ((x * size).sum(dim=1) / size.sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)).to(x.dtype)
 
