@@ -586,12 +586,14 @@ def test_hf_refuses_attention_features_but_takes_block_inputs():
     assert model._tome_info["size"].shape[1] == 17 - 12
 
 
-def test_padding_refuses_ablations():
+def test_padding_refuses_random_ablations_only():
     state = ToMeState(torch.ones(1, 6, 1), None, 6, 1, True, False, padded=True)
-    with pytest.raises(ValueError, match="does not support key-padding masks"):
-        state.merge(torch.randn(1, 6, 4), torch.randn(1, 6, 4), 2, LayerRule("greedy"))
-    merged, _ = state.merge(torch.randn(1, 6, 4), torch.randn(1, 6, 4), 2, LayerRule("bipartite", "prune"))
-    assert merged.shape == (1, 4, 4)
+    for match in ("random", "random_drop"):
+        with pytest.raises(ValueError, match=f"does not support key-padding masks.*{match}.*draws its tokens at random"):
+            state.merge(torch.randn(1, 6, 4), torch.randn(1, 6, 4), 2, LayerRule(match, "drop" if "drop" in match else "wavg"))
+    for rule in (LayerRule("greedy"), LayerRule("kth", kth=3), LayerRule("bipartite", "prune"), LayerRule("bipartite", "amax")):
+        merged, _ = state.merge(torch.randn(1, 6, 4), torch.randn(1, 6, 4), 2, rule)
+        assert merged.shape == (1, 4, 4)
 
 
 # ----------------------------------------------------------------------------- the study's script

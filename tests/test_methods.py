@@ -180,6 +180,101 @@ def test_state_merge_in_low_precision(method, dtype):
     assert torch.all(state.size.sum(dim=1) == 33)
 
 
+# ----------------------------------------------------------------------------- padded batches
+
+# Every rule that can run on a padded batch (all but the random matchings), as a block holds it.
+PADDED_RULES = {
+    "tome": LayerRule(),
+    "pitome": LayerRule("pitome", "wavg", 0.5, 1.0),
+    "tofu_prune": LayerRule("bipartite", "prune"),
+    "tofu_mlerp": LayerRule("bipartite", "mlerp"),
+    "kth": LayerRule("kth", kth=3),
+    "greedy": LayerRule("greedy"),
+    "amax": LayerRule("bipartite", "amax"),
+    "mean": LayerRule("bipartite", "mean"),
+    "evit": LayerRule("evit", "drop"),
+    "evit_fuse": LayerRule("evit_fuse", "fuse"),
+}
+
+
+def _metric_of(x, rule, projection):
+    """What a block would match on: a projection of the tokens, or for EViT a positive
+    stand-in for the class token's attention, ``(batch, tokens, 1)``."""
+    metric = x @ projection
+    return metric[..., :1].exp() if rule.match.startswith("evit") else metric
+
+
+@pytest.mark.parametrize("name", list(PADDED_RULES))
+@pytest.mark.parametrize("seed", range(4))
+def test_padded_state_merges_each_sample_as_it_merges_alone(name, seed):
+    rule = PADDED_RULES[name]
+    generator = torch.Generator().manual_seed(seed)
+    lengths, schedule = [23, 16, 13], [4, 3, 2]  # within what the shortest sample allows (1 protected token)
+    x = torch.randn(3, 23, 8, generator=generator, dtype=torch.float64)
+    projection = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    valid = torch.arange(23) < torch.tensor(lengths).unsqueeze(1)
+    x = torch.where(valid.unsqueeze(-1), x, 10 * torch.randn_like(x))  # padding holds anything
+    batch = ToMeState(valid.unsqueeze(-1).double(), None, 23, 1, True, False, padded=True)
+    singles = [ToMeState.start(n, 1, True, False) for n in lengths]
+    merged_batch, merged_singles = x, [x[i : i + 1, :n] for i, n in enumerate(lengths)]
+    for r in schedule:
+        merged_batch, batch = batch.merge(merged_batch, _metric_of(merged_batch, rule, projection), r, rule)
+        for i in range(3):
+            merged_singles[i], singles[i] = singles[i].merge(
+                merged_singles[i], _metric_of(merged_singles[i], rule, projection), r, rule
+            )
+    for i, (alone, state) in enumerate(zip(merged_singles, singles)):
+        real = alone.shape[1]
+        torch.testing.assert_close(merged_batch[i, :real], alone[0])
+        torch.testing.assert_close(batch.size[i, :real], state.sizes(alone)[0].to(batch.size.dtype))
+        assert torch.all(batch.size[i, real:] == 0)  # padding, behind the real tokens
+    assert merged_batch.shape[1] == 23 - sum(schedule)
+
+
+@pytest.mark.parametrize("name", list(PADDED_RULES))
+def test_padded_state_without_padding_is_the_plain_state(name):
+    # SigLIP 2 always passes a mask: with nothing padded, every rule must run as it does unpadded.
+    rule = PADDED_RULES[name]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 21, 8, generator=generator, dtype=torch.float64)
+    metric = _metric_of(x, rule, torch.randn(8, 6, generator=generator, dtype=torch.float64))
+    plain, plain_state = ToMeState.start(21, 1, True, False).merge(x, metric, 6, rule)
+    padded, padded_state = ToMeState(torch.ones(2, 21, 1), None, 21, 1, True, False, padded=True).merge(
+        x, metric, 6, rule
+    )
+    torch.testing.assert_close(padded, plain)
+    torch.testing.assert_close(padded_state.size, plain_state.size.float())
+
+
+def test_a_real_token_without_a_real_partner_keeps_its_value():
+    # Sample 1 holds the protected token and one patch, at an even position (set A) with padding
+    # at every odd one: beyond what its real tokens allow, the patch merges into padding. Whatever
+    # the rule, the merged token is that patch (value and size): padding counts for nothing, and
+    # nothing divides 0 by 0.
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 8, generator=generator, dtype=torch.float64)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1] = False
+    valid[1, [0, 2]] = True
+    for name, rule in PADDED_RULES.items():
+        state = ToMeState(valid.unsqueeze(-1).double(), None, 16, 1, True, False, padded=True)
+        merged, state = state.merge(x, _metric_of(x, rule, torch.eye(8, 6, dtype=torch.float64)), 7, rule)
+        assert torch.isfinite(merged).all(), name
+        if rule.match.startswith("evit"):  # pruning: the patch is dropped (alone, r would be 0)
+            continue
+        torch.testing.assert_close(state.size[1, :, 0], torch.tensor([1.0, 1.0] + [0.0] * 7, dtype=torch.float64))
+        torch.testing.assert_close(merged[1, :2], x[1, [0, 2]], msg=name)
+
+
+def test_matchers_check_the_validity_mask():
+    metric = torch.randn(2, 9, 4)
+    for bad in (torch.ones(2, 9), torch.ones(2, 8, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"valid must be a bool tensor of shape \(batch=2, tokens=9\)"):
+            match_bipartite(metric, 2, 1, bad)
+        with pytest.raises(ValueError, match="valid must be a bool tensor"):
+            match_pitome(metric, 2, 1, valid=bad)
+
+
 # ----------------------------------------------------------------------------- the setting
 
 

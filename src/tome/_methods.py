@@ -93,27 +93,37 @@ class LayerRule(NamedTuple):
             return "cls_attn"
         return self.metric if self.metric in ("q", "v", "k_cat") else "k"
 
-    def assign(self, metric: torch.Tensor, r: int, protected_tokens: int) -> Optional[TokenAssignment]:
+    def assign(
+        self, metric: torch.Tensor, r: int, protected_tokens: int, valid: Optional[torch.Tensor] = None
+    ) -> Optional[TokenAssignment]:
         """The matching of this rule on ``metric`` ``(batch, tokens, channels)``; None if nothing merges.
 
         For ``"evit"``/``"evit_fuse"`` the metric is the class token's attention, ``(batch, tokens, 1)``.
         ``"random"`` and ``"random_drop"`` draw from torch's global generator.
+        ``valid`` ``(batch, tokens)`` bool marks the real tokens of a padded batch (False:
+        padding); every rule but the random ones then matches a sample's real tokens as
+        it does alone (see :mod:`tome.merge`).
+
+        Raises:
+            ValueError: for ``"random"``/``"random_drop"`` with ``valid`` (:data:`RANDOM_MATCHES`).
         """
         match = self.match
         if match == "bipartite":
-            return match_bipartite(metric, r, protected_tokens)
+            return match_bipartite(metric, r, protected_tokens, valid)
         if match == "pitome":
-            return match_pitome(metric, r, protected_tokens, self.margin, self.alpha)
+            return match_pitome(metric, r, protected_tokens, self.margin, self.alpha, valid)
         if match == "kth":
-            return match_kth(metric, r, protected_tokens, self.kth)
+            return match_kth(metric, r, protected_tokens, self.kth, valid)
+        if match in RANDOM_MATCHES and valid is not None:
+            raise ValueError(PADDED_RANDOM_REFUSAL.format(match=match))
         if match == "random":
             return match_random(metric, r, protected_tokens)
         if match == "greedy":
-            return match_greedy(metric, r, protected_tokens)
+            return match_greedy(metric, r, protected_tokens, valid)
         if match == "random_drop":
             return match_random_drop(metric, r, protected_tokens)
         if match in ("evit", "evit_fuse"):
-            return match_attentive(metric[..., 0], r, protected_tokens, fuse=match == "evit_fuse")
+            return match_attentive(metric[..., 0], r, protected_tokens, fuse=match == "evit_fuse", valid=valid)
         raise ValueError(f"match={match!r} is not a matching rule; expected 'bipartite', 'pitome' or one of "
                          f"{list(ABLATION_MATCHES)}")
 
@@ -122,14 +132,15 @@ class LayerRule(NamedTuple):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Combine ``x`` ``(batch, tokens, channels)`` with sizes ``(batch, tokens, 1)``
         by a rule other than the size-weighted average; returns ``(x, size)`` merged.
-        ``metric`` is this block's metric (``"fuse"`` weights by it: the class token's attention)."""
+        ``metric`` is this block's metric (``"fuse"`` weights by it: the class token's attention).
+        Tokens of size 0 (padding) count for nothing in a group that holds a real token."""
         combine = self.combine
         if combine == "prune":
             return merge_prune(assignment, x, size)
         if combine == "mlerp":
             return merge_mlerp(assignment, x, size)
         if combine in ("amax", "mean"):
-            return assignment.merge(x, mode=combine), assignment.merge(size, mode="sum")
+            return _combine_real(assignment, x, size, combine), assignment.merge(size, mode="sum")
         if combine == "drop":
             return merge_drop(assignment, x, size)
         if combine == "fuse" and metric is not None:
@@ -139,6 +150,28 @@ class LayerRule(NamedTuple):
 
 
 TOME_RULE = LayerRule()
+
+# Matchings that draw tokens at random: with padding they cannot match a sample as it is
+# matched alone (the draw depends on the padded length), so padded batches refuse them.
+RANDOM_MATCHES = ("random", "random_drop")
+PADDED_RANDOM_REFUSAL = (
+    "match={match!r} draws its tokens at random, and the draw depends on the padded length of the batch, so a "
+    "padded sample cannot merge as it would alone; run it without a padding mask (one sample at a time, or "
+    "samples of one size) or use a deterministic matching"
+)
+
+
+def _combine_real(assignment: TokenAssignment, x: torch.Tensor, size: torch.Tensor, mode: str) -> torch.Tensor:
+    """Unweighted ``"mean"`` or ``"amax"`` over each group's tokens of nonzero size (all of them
+    without padding); a group of padding only (size 0) combines all of its tokens."""
+    real = size > 0
+    if mode == "mean":
+        weight = real.to(x.dtype)
+        count = assignment.merge(weight, mode="sum")
+        over_real = assignment.merge(x * weight, mode="sum") / count.clamp_min(1)
+        return torch.where(count > 0, over_real, assignment.merge(x, mode="mean"))
+    over_real = assignment.merge(torch.where(real, x, torch.full_like(x, -math.inf)), mode="amax")
+    return torch.where(assignment.merge(real.to(x.dtype), mode="amax") > 0, over_real, assignment.merge(x, mode="amax"))
 
 
 @dataclass(frozen=True)
@@ -176,8 +209,10 @@ class MergeMethod:
         kth: ``"ablation"`` with ``match="kth"`` only: group size (``None``: 4).
 
     ``MergeMethod("ablation")`` with no options is ToMe exactly. Pruning baselines
-    drop patches, so they cannot trace sources (``trace_source``) and cannot run
-    with a key-padding mask; ablations other than the metric ``"k"`` refuse padding too.
+    drop patches, so they cannot trace sources (``trace_source``). With a key-padding
+    mask every method and ablation merges each sample as it would alone, except the
+    random matchings (``"random"``, ``"random_drop"``), which refuse padding: their draw
+    depends on the padded length.
 
     Raises:
         ValueError: for an unknown ``name`` (the valid ones are listed), an option

@@ -194,6 +194,60 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
     return metric / metric.norm(dim=-1, keepdim=True)
 
 
+# ---------------------------------------------------------------------------
+# Padded sequences. A batch of samples of different lengths runs as one padded
+# sequence; ``valid`` ``(batch, tokens)`` marks the real tokens (False: padding).
+# Every matching that takes ``valid`` keeps one promise: a real token never pairs
+# with a padding token while real partners remain, and a sample's real tokens are
+# matched exactly as when it runs alone, as long as its real tokens allow r. Only
+# beyond that (r above half its real, non-protected tokens) does padding merge,
+# which costs nothing when the caller gives padding size 0.
+
+
+def _check_valid(valid: Optional[torch.Tensor], batch: int, num_tokens: int) -> None:
+    if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (batch, num_tokens)):
+        raise ValueError(
+            f"valid must be a bool tensor of shape (batch={batch}, tokens={num_tokens}), got "
+            f"{valid.dtype} of shape {tuple(valid.shape)}"
+        )
+
+
+def _padded_metric(metric: torch.Tensor, valid: torch.Tensor, is_destination: torch.Tensor) -> torch.Tensor:
+    """The metric of a padded sequence for matchings that split tokens into sources and destinations
+    by position (bipartite: odd positions are destinations; k-th bipartite: every k-th).
+
+    Every real token's unit metric gets one more channel of value 1 (scaled back to unit
+    length), so two real tokens score ``(cos + 1) / 2`` in ``[0, 1]``: the order of their
+    cosine, whatever the rest of the batch holds. A padding destination points along ``-``
+    that channel (score ``-1/sqrt(2)`` with every real source) and a padding source along a
+    channel of its own (score 0 with every destination). So a real source picks a real
+    destination whenever one exists, and every real source with a real partner ranks above
+    every padding source.
+
+    Args:
+        metric: ``(batch, tokens, channels)``.
+        valid: ``(batch, tokens)`` bool, False for padding.
+        is_destination: ``(tokens,)`` bool, the destination positions.
+
+    Returns:
+        ``(batch, tokens, channels + 2)``.
+    """
+    batch, tokens, channels = metric.shape
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    ones, zeros = unit.new_ones(batch, tokens, 1), unit.new_zeros(batch, tokens, 1)
+    real = torch.cat([unit, ones, zeros], dim=-1) * (0.5**0.5)
+    destination = is_destination.view(1, tokens, 1).expand(batch, -1, -1).to(unit.dtype)
+    padding = torch.cat([unit.new_zeros(batch, tokens, channels), -destination, 1 - destination], dim=-1)
+    return torch.where(valid.unsqueeze(-1), real, padding)
+
+
+def _normalize_valid(metric: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Unit rows; padding rows (``valid`` False) are 0, whatever they held (zero, NaN)."""
+    if valid is None:
+        return _normalize(metric)
+    return torch.where(valid.unsqueeze(-1), _normalize(metric), torch.zeros_like(metric))
+
+
 def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
     """``(batch, n)`` with ``even`` at positions 0, 2, ... and ``odd`` at 1, 3, ... (``n`` = both lengths summed)."""
     paired = odd.shape[1]  # even has paired or paired + 1 columns
@@ -201,7 +255,9 @@ def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
     return torch.cat((out, even[:, paired:]), dim=1) if even.shape[1] > paired else out
 
 
-def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> Optional[TokenAssignment]:
+def match_bipartite(
+    metric: torch.Tensor, r: int, protected_tokens: int = 0, valid: Optional[torch.Tensor] = None
+) -> Optional[TokenAssignment]:
     """Bipartite soft matching that removes ``r`` tokens, as a :class:`TokenAssignment`.
 
     Tokens at even positions form set A, odd positions set B. The ``r`` A tokens
@@ -214,16 +270,28 @@ def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> 
         metric: ``(batch, tokens, channels)`` similarity features (keys averaged over heads).
         r: Tokens to remove; capped at ``(tokens - protected_tokens) // 2``.
         protected_tokens: Number of leading tokens that must not merge.
+        valid: Optional ``(batch, tokens)`` bool, False for padding. A real A token then
+            merges only into a real B token while one exists, and the A tokens that merge
+            are the ones that merge without the padding, as long as the real tokens allow
+            r; only the rest of r comes out of padding A tokens (into any B token). So
+            with padding at the end of each row, a padded sample merges as it does alone.
 
     Returns:
         The assignment, or ``None`` when nothing is merged (r capped to 0).
+
+    Raises:
+        ValueError: if ``metric`` is not 3-D, ``protected_tokens`` is out of range or
+            ``valid`` is not a ``(batch, tokens)`` bool tensor.
     """
     r = _checked_r(metric, r, protected_tokens)
     batch, num_tokens, _ = metric.shape
+    _check_valid(valid, batch, num_tokens)
     if r <= 0:
         return None
 
     with torch.no_grad():
+        if valid is not None:
+            metric = _padded_metric(metric, valid, torch.arange(num_tokens, device=metric.device) % 2 == 1)
         metric = _normalize(metric)
         a, b = metric[:, ::2], metric[:, 1::2]
         scores = a @ b.transpose(-1, -2)
@@ -267,7 +335,11 @@ def match_bipartite(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> 
 
 
 def pitome_energy(
-    metric: torch.Tensor, margin: float, alpha: float = 1.0, protected_tokens: int = 0
+    metric: torch.Tensor,
+    margin: float,
+    alpha: float = 1.0,
+    protected_tokens: int = 0,
+    valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """PiToMe's energy score of every token in the cosine-similarity graph.
 
@@ -282,19 +354,30 @@ def pitome_energy(
         margin: Similarity above which neighbours count in full.
         alpha: Scale of the (negative, bounded) penalty below the margin.
         protected_tokens: Leading tokens left out of the graph; their energy is ``-inf``.
+        valid: Optional ``(batch, tokens)`` bool, False for padding: padding is left out
+            of the graph too (the mean runs over a sample's real tokens only, so a real
+            token's energy is the one it has without the padding), and its energy is ``-inf``.
 
     Returns:
         ``(batch, tokens)`` energies, in ``metric``'s dtype.
 
     Raises:
-        ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
+        ValueError: if ``metric`` is not 3-D, ``protected_tokens`` is out of range or
+            ``valid`` is not a ``(batch, tokens)`` bool tensor.
     """
     _check_metric(metric, protected_tokens)
+    _check_valid(valid, metric.shape[0], metric.shape[1])
     with torch.no_grad():
-        free = _normalize(metric[:, protected_tokens:])
+        free_valid = None if valid is None else valid[:, protected_tokens:]
+        free = _normalize_valid(metric[:, protected_tokens:], free_valid)
         sim = free @ free.transpose(-1, -2)
         weighted = torch.where(sim >= margin, sim, alpha * torch.expm1(sim - margin))
-        energy = weighted.mean(dim=-1)
+        if free_valid is None:
+            energy = weighted.mean(dim=-1)
+        else:
+            weighted = weighted.masked_fill(~free_valid.unsqueeze(1), 0)
+            count = free_valid.sum(dim=-1, keepdim=True).clamp_min(1).to(weighted.dtype)
+            energy = (weighted.sum(dim=-1) / count).masked_fill(~free_valid, -math.inf)
         if protected_tokens:
             prefix = energy.new_full((metric.shape[0], protected_tokens), -math.inf)
             energy = torch.cat([prefix, energy], dim=1)
@@ -302,7 +385,12 @@ def pitome_energy(
 
 
 def match_pitome(
-    metric: torch.Tensor, r: int, protected_tokens: int = 0, margin: float = 0.9, alpha: float = 1.0
+    metric: torch.Tensor,
+    r: int,
+    protected_tokens: int = 0,
+    margin: float = 0.9,
+    alpha: float = 1.0,
+    valid: Optional[torch.Tensor] = None,
 ) -> Optional[TokenAssignment]:
     """PiToMe's matching: energy-ranked candidates, then bipartite soft matching.
 
@@ -324,26 +412,40 @@ def match_pitome(
         margin: Energy margin (PiToMe uses one that falls with depth; see
             :class:`tome.MergeMethod`).
         alpha: Energy penalty scale below the margin.
+        valid: Optional ``(batch, tokens)`` bool, False for padding. Energies then come
+            from the real tokens only and padding ranks below every real token, so the
+            candidates, and the merges, are those without the padding as long as the real
+            tokens allow r (``2r`` real candidates); beyond that padding fills the
+            candidates, and a real A token merges into a padding B token only when no
+            real B token is left.
 
     Returns:
         The assignment, or ``None`` when nothing is merged (r capped to 0).
 
     Raises:
-        ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
+        ValueError: if ``metric`` is not 3-D, ``protected_tokens`` is out of range or
+            ``valid`` is not a ``(batch, tokens)`` bool tensor.
     """
     r = _checked_r(metric, r, protected_tokens)
     batch, num_tokens, _ = metric.shape
+    _check_valid(valid, batch, num_tokens)
     if r <= 0:
         return None
     with torch.no_grad():
         device = metric.device
-        energy = pitome_energy(metric, margin, alpha, protected_tokens)
-        candidates = energy.argsort(dim=1, descending=True, stable=True)[:, : 2 * r]
+        energy = pitome_energy(metric, margin, alpha, protected_tokens, valid)
+        # Rank the non-protected tokens only: protected and padding energies are both -inf.
+        order = energy[:, protected_tokens:].argsort(dim=1, descending=True, stable=True) + protected_tokens
+        candidates = order[:, : 2 * r]
         a_pos, b_pos = candidates[:, ::2], candidates[:, 1::2]  # (batch, r) each
-        normed = _normalize(metric)
+        normed = _normalize_valid(metric, valid)
         a = normed.gather(1, a_pos.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
         b = normed.gather(1, b_pos.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
-        best = (a @ b.transpose(-1, -2)).argmax(dim=-1)  # (batch, r) index into B
+        scores = a @ b.transpose(-1, -2)
+        if valid is not None:  # a real A token never picks a padding B token while a real one is there
+            real_a, real_b = valid.gather(1, a_pos), valid.gather(1, b_pos)
+            scores = scores.masked_fill(real_a.unsqueeze(-1) & ~real_b.unsqueeze(1), -math.inf)
+        best = scores.argmax(dim=-1)  # (batch, r) index into B
 
         is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter(
             1, a_pos, torch.ones_like(a_pos, dtype=torch.bool)
@@ -360,6 +462,12 @@ def match_pitome(
 # layers, norm-preserving MLERP merging after. Written from the paper.
 
 
+def _weighted_average(merge: Callable, x: torch.Tensor, size: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_wavg`, with a group of size 0 (padding only) averaging to 0 rather than 0 / 0."""
+    new_size = merge(size, mode="sum")
+    return merge(x * size, mode="sum") / new_size.clamp_min(torch.finfo(x.dtype).tiny), new_size
+
+
 def merge_mlerp(
     merge: Callable, x: torch.Tensor, size: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -369,6 +477,9 @@ def merge_mlerp(
     ``a * max_i ||x_i|| / ||a||`` with ``a = sum(s_i x_i) / sum(s_i)``: the
     size-weighted average (as :func:`merge_wavg`) rescaled so that averaging
     does not shrink the feature norm. Unmerged tokens are returned unchanged.
+    Tokens of size 0 (padding, in a padded batch) stand for no patch and count for
+    nothing: not in the average, not in the largest norm, not as members (a real
+    token merged with padding only stays as it is); a group of padding only is 0.
 
     Args:
         merge: A ``merge`` function (or :class:`TokenAssignment`) from a matching.
@@ -380,9 +491,11 @@ def merge_mlerp(
     """
     if size is None:
         size = torch.ones_like(x[..., :1])
-    average, new_size = merge_wavg(merge, x, size)
-    members = merge(torch.ones_like(size), mode="sum")
-    largest = merge(x.norm(dim=-1, keepdim=True), mode="amax")
+    average, new_size = _weighted_average(merge, x, size)
+    real = size > 0
+    members = merge(real.to(x.dtype), mode="sum")
+    largest = merge(torch.where(real, x.norm(dim=-1, keepdim=True), torch.zeros_like(size, dtype=x.dtype)),
+                    mode="amax")
     scale = largest / average.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     return torch.where(members > 1, average * scale, average), new_size
 
@@ -396,6 +509,10 @@ def merge_prune(
     group's sizes: the dropped tokens were its closest matches and it now stands
     for their patches, so proportional attention, size-weighted pooling and the
     source map stay consistent (and for exact duplicates pruning equals merging).
+    A destination of size 0 (padding, in a padded batch) stands for no patch and has
+    no value to keep: if tokens of nonzero size went into it (which a padded matching
+    allows only when a sample's real tokens have no real partner left), the group
+    takes their size-weighted average.
 
     Args:
         assignment: A :class:`TokenAssignment` with a ``kept`` mask.
@@ -410,7 +527,10 @@ def merge_prune(
     """
     if size is None:
         size = torch.ones_like(x[..., :1])
-    return assignment.prune(x), assignment.merge(size, mode="sum")
+    kept = assignment.prune(x)
+    average, new_size = _weighted_average(assignment, x, size)
+    empty_destination = (assignment.prune(size) == 0) & (new_size > 0)
+    return torch.where(empty_destination, average, kept), new_size
 
 
 def _protected_count(class_token: bool, distill_token: bool, protected_tokens: Optional[int]) -> int:
@@ -778,7 +898,9 @@ def _assignment_from_sources(
     return TokenAssignment(dest, num_tokens - r, ~is_src)
 
 
-def match_kth(metric: torch.Tensor, r: int, protected_tokens: int = 0, k: int = 2) -> Optional[TokenAssignment]:
+def match_kth(
+    metric: torch.Tensor, r: int, protected_tokens: int = 0, k: int = 2, valid: Optional[torch.Tensor] = None
+) -> Optional[TokenAssignment]:
     """Ablation: k-th bipartite matching that removes ``r`` tokens.
 
     Every token at a position ``p >= protected_tokens`` with ``p % k == k - 1`` is a
@@ -795,19 +917,25 @@ def match_kth(metric: torch.Tensor, r: int, protected_tokens: int = 0, k: int = 
             so token counts match) and at the number of sources.
         protected_tokens: Leading tokens that never merge.
         k: Group size, an int >= 2.
+        valid: Optional ``(batch, tokens)`` bool, False for padding: as for
+            :func:`match_bipartite`, a real source merges only into a real destination
+            while one exists, and padding sources merge only for the part of r the real
+            tokens do not allow.
 
     Returns:
         The assignment (protected prefix, then every token left, in original order),
         or ``None`` when nothing is merged.
 
     Raises:
-        ValueError: if ``k`` is not an int >= 2, ``metric`` is not 3-D or
-            ``protected_tokens`` is out of range.
+        ValueError: if ``k`` is not an int >= 2, ``metric`` is not 3-D,
+            ``protected_tokens`` is out of range or ``valid`` is not a ``(batch, tokens)``
+            bool tensor.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(f"k must be an int >= 2, got {k!r}")
     _check_metric(metric, protected_tokens)
     batch, num_tokens, _ = metric.shape
+    _check_valid(valid, batch, num_tokens)
     dst_list = [p for p in range(protected_tokens, num_tokens) if p % k == k - 1]
     src_list = [p for p in range(protected_tokens, num_tokens) if p % k != k - 1]
     r = min(_cap_r(r, num_tokens, protected_tokens), len(src_list))
@@ -817,6 +945,9 @@ def match_kth(metric: torch.Tensor, r: int, protected_tokens: int = 0, k: int = 
         device = metric.device
         dst_pos = torch.tensor(dst_list, device=device)
         src_pos = torch.tensor(src_list, device=device)
+        if valid is not None:
+            is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device).index_fill(0, dst_pos, True)
+            metric = _padded_metric(metric, valid, is_dst)
         normed = _normalize(metric)
         scores = normed.index_select(1, src_pos) @ normed.index_select(1, dst_pos).transpose(-1, -2)
         best, best_dst = scores.max(dim=-1)  # (batch, sources)
@@ -829,7 +960,9 @@ def match_kth(metric: torch.Tensor, r: int, protected_tokens: int = 0, k: int = 
     return _assignment_from_sources(is_src, src, dst, num_tokens, r)
 
 
-def match_greedy(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> Optional[TokenAssignment]:
+def match_greedy(
+    metric: torch.Tensor, r: int, protected_tokens: int = 0, valid: Optional[torch.Tensor] = None
+) -> Optional[TokenAssignment]:
     """Ablation: greedy pair matching; repeatedly pair the globally most similar two tokens.
 
     Over all pairs of non-protected tokens (cosine similarity of ``metric``), take
@@ -845,22 +978,32 @@ def match_greedy(metric: torch.Tensor, r: int, protected_tokens: int = 0) -> Opt
         r: Pairs to merge; capped at ``(tokens - protected_tokens) // 2`` (so enough
             disjoint pairs always exist).
         protected_tokens: Leading tokens that never merge.
+        valid: Optional ``(batch, tokens)`` bool, False for padding: every pair of real
+            tokens then ranks above every pair of padding tokens, and those above every
+            pair of one real and one padding token, so a sample pairs its real tokens as
+            it does alone while they allow r.
 
     Returns:
         The assignment (protected prefix, then every token left, in original order),
         or ``None`` when nothing is merged.
 
     Raises:
-        ValueError: if ``metric`` is not 3-D or ``protected_tokens`` is out of range.
+        ValueError: if ``metric`` is not 3-D, ``protected_tokens`` is out of range or
+            ``valid`` is not a ``(batch, tokens)`` bool tensor.
     """
     r = _checked_r(metric, r, protected_tokens)
     batch, num_tokens, _ = metric.shape
+    _check_valid(valid, batch, num_tokens)
     if r <= 0:
         return None
     with torch.no_grad():
         device = metric.device
         normed = _normalize(metric)
         scores = normed @ normed.transpose(-1, -2)
+        if valid is not None:  # cosines lie in [-1, 1]: real pairs first, then padding pairs, then mixed ones
+            real_pair = valid.unsqueeze(-1) & valid.unsqueeze(1)
+            padding_pair = ~valid.unsqueeze(-1) & ~valid.unsqueeze(1)
+            scores = torch.where(real_pair, scores, torch.where(padding_pair, -2.0, -3.0).to(scores.dtype))
         positions = torch.arange(num_tokens, device=device)
         free = positions >= protected_tokens
         allowed = (positions.view(-1, 1) < positions.view(1, -1)) & free.view(-1, 1) & free.view(1, -1)
@@ -916,7 +1059,11 @@ def match_random_drop(
 
 
 def match_attentive(
-    cls_attention: torch.Tensor, r: int, protected_tokens: int = 1, fuse: bool = False
+    cls_attention: torch.Tensor,
+    r: int,
+    protected_tokens: int = 1,
+    fuse: bool = False,
+    valid: Optional[torch.Tensor] = None,
 ) -> Optional[TokenAssignment]:
     """Pruning baseline (EViT, ICLR 2022, sec. 3): keep the tokens the class token attends to most.
 
@@ -934,24 +1081,31 @@ def match_attentive(
         r: Tokens to remove; capped at ``(tokens - protected_tokens) // 2`` as in ToMe.
         protected_tokens: Leading tokens (class token first) that are never dropped.
         fuse: Fuse the dropped tokens into one token instead of discarding them.
+        valid: Optional ``(batch, tokens)`` bool, False for padding: padding then ranks as
+            the most attended (it is removed last), so a sample drops the real tokens it
+            drops alone while they allow r.
 
     Returns:
         The assignment (protected prefix, the kept tokens in original order, then the
         fused token if any), or ``None`` when nothing is removed.
 
     Raises:
-        ValueError: if ``cls_attention`` is not 2-D or ``protected_tokens`` is out of range.
+        ValueError: if ``cls_attention`` is not 2-D, ``protected_tokens`` is out of range or
+            ``valid`` is not a ``(batch, tokens)`` bool tensor.
     """
     if cls_attention.dim() != 2:
         raise ValueError(f"cls_attention must have shape (batch, tokens), got shape {tuple(cls_attention.shape)}")
     batch, num_tokens = cls_attention.shape
     if protected_tokens < 0 or protected_tokens > num_tokens:
         raise ValueError(f"protected_tokens={protected_tokens} must lie in [0, {num_tokens}]")
+    _check_valid(valid, batch, num_tokens)
     r = _cap_r(r, num_tokens, protected_tokens)
     if r <= 0:
         return None
     removed = r + 1 if fuse else r
     with torch.no_grad():
+        if valid is not None:
+            cls_attention = cls_attention.masked_fill(~valid, math.inf)
         order = cls_attention[:, protected_tokens:].argsort(dim=1, stable=True)
         gone = order[:, :removed] + protected_tokens
         is_gone = torch.zeros(batch, num_tokens, dtype=torch.bool, device=cls_attention.device).scatter(

@@ -22,8 +22,8 @@ PATCH_FEATURES = 4 * 4 * 3
 GRIDS = [(4, 4), (3, 3), (2, 5)]  # 16, 9 and 10 real patches, padded to 16
 
 
-def make_vision(seed: int = 0) -> Siglip2VisionModel:
-    return trained_like_(Siglip2VisionModel(Siglip2VisionConfig(**VISION)), seed).eval()
+def make_vision(seed: int = 0, impl: str = "sdpa") -> Siglip2VisionModel:
+    return trained_like_(Siglip2VisionModel(Siglip2VisionConfig(**VISION, attn_implementation=impl)), seed).eval()
 
 
 def make_dual(seed: int = 0) -> Siglip2Model:
@@ -88,6 +88,51 @@ def test_each_sample_of_a_padded_batch_merges_as_if_alone(schedule, prop_attn):
         real = alone.last_hidden_state.shape[1]
         torch.testing.assert_close(out.last_hidden_state[index, :real], alone.last_hidden_state[0], rtol=0, atol=2e-5)
         assert torch.all(size[index, real:] == 0)
+
+
+METHODS = {
+    "tome": "tome",
+    "pitome": "pitome",
+    "tofu": tome.MergeMethod("tofu", prune_layers=2),  # pruning in layers 0-1, MLERP in layer 2
+    "keep": tome.MergeMethod("ablation", combine="keep"),
+    "greedy": tome.MergeMethod("ablation", match="greedy"),
+    "metric_x": tome.MergeMethod("ablation", metric="x"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@torch.no_grad()
+def test_every_method_merges_each_padded_sample_as_if_alone(method):
+    # SigLIP 2 always takes a pixel_attention_mask, so every call runs the padded path; the
+    # method must run there (not fall back to ToMe) and merge each image as it merges alone.
+    model = tome.apply_patch(make_vision(), r=[3, 1, 2], method=METHODS[method])
+    inputs = naflex(SAMPLES)
+    out = model(**inputs)
+    torch.testing.assert_close(model._tome_info["size"].sum(dim=(1, 2)), torch.tensor([16.0, 9.0, 10.0]))
+    for index, one in enumerate(SAMPLES):
+        alone = model(**naflex([one]))
+        torch.testing.assert_close(out.pooler_output[index], alone.pooler_output[0], rtol=0, atol=2e-5)
+        real = alone.last_hidden_state.shape[1]
+        torch.testing.assert_close(out.last_hidden_state[index, :real], alone.last_hidden_state[0], rtol=0, atol=2e-5)
+    model.r = 0
+    unmerged = model(**inputs).pooler_output
+    assert (out.pooler_output - unmerged).abs().amax(dim=1).min() > 1e-2  # every image merged
+    if method != "tome":
+        model.r, model.tome_method = [3, 1, 2], "tome"
+        assert (out.pooler_output - model(**inputs).pooler_output).abs().max() > 1e-2  # not ToMe in disguise
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["tome", "pitome", "tofu"])
+@torch.no_grad()
+def test_an_image_of_padding_only_stays_finite(impl, method):
+    model = tome.apply_patch(make_vision(impl=impl), r=[3, 1, 2], method=METHODS[method])
+    inputs = naflex(SAMPLES)
+    inputs["pixel_attention_mask"][1] = 0  # image 1: padding only, not one key to attend to
+    out = model(**inputs)
+    assert torch.isfinite(out.pooler_output).all() and torch.isfinite(out.last_hidden_state).all()
+    assert torch.all(model._tome_info["size"][1] == 0)
+    torch.testing.assert_close(out.pooler_output[0], model(**naflex(SAMPLES[:1])).pooler_output[0], rtol=0, atol=2e-5)
 
 
 @torch.no_grad()

@@ -130,6 +130,76 @@ def test_padded_batch_as_if_alone_without_proportional_attention(name):
         torch.testing.assert_close(out[index], alone(model, img)[0], rtol=0, atol=2e-5)
 
 
+# Every merge method, and the ablations that can run padded (all but the random matchings).
+METHODS = {
+    "tome": "tome",
+    "pitome": "pitome",
+    "tofu": tome.MergeMethod("tofu", prune_layers=2),  # pruning in blocks 0-1, MLERP in block 2
+    "kth": tome.MergeMethod("ablation", match="kth", kth=3),
+    "greedy": tome.MergeMethod("ablation", match="greedy"),
+    "keep": tome.MergeMethod("ablation", combine="keep"),
+    "amax": tome.MergeMethod("ablation", combine="amax"),
+    "mean": tome.MergeMethod("ablation", combine="mean"),
+    "metric_x": tome.MergeMethod("ablation", metric="x"),
+    "metric_q": tome.MergeMethod("ablation", metric="q"),
+    "evit": tome.MergeMethod("ablation", match="evit"),
+    "evit_fuse": tome.MergeMethod("ablation", match="evit_fuse"),
+}
+METHOD_CASES = [(m, n) for m in ("tome", "pitome", "tofu") for n in ("gap", "siglip", "dinov3")] + [
+    (m, "token") for m in METHODS  # class token (EViT ranks by its attention), 7 registers
+]
+
+
+@pytest.mark.parametrize("method, name", METHOD_CASES)
+@torch.no_grad()
+def test_every_method_merges_each_padded_sample_as_if_alone(method, name):
+    # [3, 1, 2] stays within what every sample's real tokens allow (9 patches: at most 4 in block 0).
+    model = tome.apply_patch(make(name), r=[3, 1, 2], method=METHODS[method])
+    images = [image(h, w, i) for i, (h, w) in enumerate(GRIDS)]
+    patches, coord, valid = naflex(images)
+    out = model(patches, patch_coord=coord, patch_valid=valid)
+    assert model._tome_info["r"] == [3, 1, 2]
+    if not method.startswith("evit"):  # pruning drops patches and their sizes; every merge keeps them
+        torch.testing.assert_close(model._tome_info["size"].sum(dim=(1, 2)),
+                                   valid.sum(1).float() + model.num_prefix_tokens)
+    for index, img in enumerate(images):
+        torch.testing.assert_close(out[index], alone(model, img)[0], rtol=0, atol=2e-5)
+    model.r = 0
+    unmerged = model(patches, patch_coord=coord, patch_valid=valid)
+    for index in (1, 2):  # the samples with padding merge too
+        assert (out[index] - unmerged[index]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("match", ["random", "random_drop"])
+@torch.no_grad()
+def test_random_ablations_refuse_padded_batches_and_say_why(match):
+    model = tome.apply_patch(make("token"), r=2, method=tome.MergeMethod("ablation", match=match))
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    with pytest.raises(ValueError, match=f"{match}.*draws its tokens at random.*padded length"):
+        model(patches, patch_coord=coord, patch_valid=valid)
+    assert torch.isfinite(alone(model, image(3, 3, 1))).all()  # no padding: runs
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "tofu", "greedy"])
+@torch.no_grad()
+def test_a_sample_of_padding_only_stays_finite_and_average_pooling_matches_r0(method):
+    # Sample 1 is padding only: the "gap" model average-pools no patch at all (timm: 0), the
+    # "siglip" model (no prefix tokens, attention pooling) has not one key to attend to.
+    images = [image(4, 4, 0), image(3, 3, 1)]
+    patches, coord, valid = naflex(images)
+    valid[1] = False
+    for name in ("gap", "siglip"):
+        model = tome.apply_patch(make(name), r=[3, 1, 2], method=METHODS[method])
+        for block in model.blocks:
+            block.attn.fused_attn = False  # the explicit softmax: a row with no key would be 0 / 0
+        out = model(patches, patch_coord=coord, patch_valid=valid)
+        assert torch.isfinite(out).all(), name
+        torch.testing.assert_close(out[0], alone(model, images[0])[0], rtol=0, atol=2e-5)
+        model.r = 0
+        if name == "gap":  # what r = 0 gives, exactly
+            torch.testing.assert_close(out[1], model(patches, patch_coord=coord, patch_valid=valid)[1], rtol=0, atol=0)
+
+
 @torch.no_grad()
 def test_padding_never_merges_with_real_tokens_and_has_no_size():
     model = tome.apply_patch(make("gap"), r=[3, 2, 2], trace_source=True)

@@ -91,6 +91,55 @@ def test_key_padding_merges_as_if_the_padding_were_not_there(name):
     assert (reference[0] - model(x[:1])[0]).abs().max() > 1e-3  # the padding did change sample 0
 
 
+def run_without_padding(model, x):
+    """Sample 0 alone, its padding cut off after the embedding."""
+    handle = model.norm_pre.register_forward_hook(lambda module, args, out: out[:, :-PADDING])
+    try:
+        return model(x[:1])[0]
+    finally:
+        handle.remove()
+
+
+METHODS = {
+    "tome": "tome",
+    "pitome": "pitome",
+    "tofu": tome.MergeMethod("tofu", prune_layers=2),  # pruning in blocks 0-1, MLERP in block 2
+    "kth": tome.MergeMethod("ablation", match="kth", kth=3),
+    "greedy": tome.MergeMethod("ablation", match="greedy"),
+    "mean": tome.MergeMethod("ablation", combine="mean"),
+    "evit_fuse": tome.MergeMethod("ablation", match="evit_fuse"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", ["class_avg", "registers_map"])
+@torch.no_grad()
+def test_every_method_merges_a_padded_sample_as_without_its_padding(method, name):
+    model = tome.apply_patch(make(name), r=[3, 2, 2], method=METHODS[method])
+    x = images()
+    out = model(x, attn_mask=key_validity(model)[:, None, None, :])
+    torch.testing.assert_close(out[0], run_without_padding(model, x), rtol=0, atol=2e-5)
+    torch.testing.assert_close(out[1], model(x[1:])[0], rtol=0, atol=2e-5)
+    model.r = 0
+    assert (out[0] - run_without_padding(model, x)).abs().max() > 1e-2  # the padded sample merged
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "tofu"])
+@pytest.mark.parametrize("name", ["class_avg", "no_class_avg", "registers_map"])
+@pytest.mark.parametrize("fused", [True, False])
+@torch.no_grad()
+def test_a_sample_of_padding_only_stays_finite(method, name, fused):
+    model = tome.apply_patch(make(name), r=[3, 2, 2], method=METHODS[method])
+    for block in model.blocks:
+        block.attn.fused_attn = fused  # explicit softmax: a row with no key to attend to would be 0 / 0
+    x = images()
+    valid = key_validity(model)
+    valid[0] = False  # not one key, prefix tokens included
+    out = model(x, attn_mask=valid[:, None, None, :])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], model(x[1:])[0], rtol=0, atol=2e-5)
+
+
 @torch.no_grad()
 def test_what_padding_holds_does_not_matter():
     model = tome.apply_patch(make("class_avg"), r=3)

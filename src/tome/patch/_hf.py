@@ -63,7 +63,7 @@ from ._lifecycle import (
     swap_class,
     with_parent_signature,
 )
-from ._shared import AttentionCall, ToMeForward, attention, size_bias, weighted_mean
+from ._shared import AttentionCall, ToMeForward, attention, padding_bias, weighted_mean
 
 __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
 
@@ -333,7 +333,8 @@ def siglip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) 
     mask = None
     if size is not None:
         # nn.MultiheadAttention adds a float mask of shape (batch * heads, queries, keys) to its logits.
-        mask = size_bias(size, x.dtype).squeeze(1).repeat_interleave(head.attention.num_heads, dim=0)
+        # SigLIP 2's padding (size 0) gets no weight; an image of padding only attends as if unmasked.
+        mask = padding_bias(size, x.dtype).squeeze(1).repeat_interleave(head.attention.num_heads, dim=0)
     pooled = head.attention(probe, x, x, attn_mask=mask)[0]
     residual = pooled
     pooled = residual + head.mlp(head.layernorm(pooled))

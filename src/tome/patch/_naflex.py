@@ -10,7 +10,8 @@ built with ``use_naflex=True``, e.g. DINOv3).
 While merging, ``patch_valid`` (or a key-padding ``attn_mask``) is carried as token
 sizes: padding tokens have size 0, so they add nothing to merged tokens, pools or
 attention. In each block a sample merges exactly the pairs of real tokens it would
-merge were it run alone (see ``tome.patch._shared._pad_metric``), and its real
+merge were it run alone, by any merge method (the ``valid`` mask of the matchers in
+``tome.merge``), and its real
 tokens stay in front of its padding, in the order they would have alone; so each
 sample's output in a padded batch equals its output run alone, as long as its real
 tokens allow the block's r (r at most half its real, non-prefix tokens). A sample
@@ -45,7 +46,7 @@ from ._lifecycle import (
     register_family,
     supported_families,
 )
-from ._shared import ToMeState, run_blocks, size_bias
+from ._shared import ToMeState, padding_bias, run_blocks
 from ._timm import (
     ToMeTimmAttention,
     ToMeTimmBlock,
@@ -222,7 +223,7 @@ class ToMeNaFlexVit(ToMeModelMixin):
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.attn_pool is not None:
             # Every key counts once per patch it stands for; padding (size 0) not at all.
-            return self.attn_pool(x, attn_mask=size_bias(size, x.dtype))
+            return self.attn_pool(x, attn_mask=padding_bias(size, x.dtype))
         return pool_tokens(x, size, self.global_pool)
 
     def forward_intermediates(

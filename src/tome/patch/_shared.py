@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._methods import TOME_RULE, LayerRule
+from .._methods import PADDED_RANDOM_REFUSAL, RANDOM_MATCHES, TOME_RULE, LayerRule
 from ..merge import TokenAssignment
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "attention",
     "merge_block",
     "merge_positions",
+    "padding_bias",
     "run_blocks",
     "size_bias",
     "sources_from_groups",
@@ -49,64 +50,46 @@ __all__ = [
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _pad_metric(metric: torch.Tensor, size: torch.Tensor, bipartite: bool = True) -> torch.Tensor:
-    """The matching metric of a padded batch: padding tokens (size 0) never pair with real ones.
-
-    For ToMe's bipartite matching (set A = even positions, set B = odd) every real
-    token's unit metric gets one more channel of value 1 (scaled back to unit
-    length), so two real tokens score ``(cos + 1) / 2`` in ``[0, 1]``: the same order
-    as their cosine, whatever the rest of the batch holds. A padding token in set B
-    points along ``-`` that channel (score ``-1/sqrt(2)`` with every real token), and
-    one in set A along a channel of its own (score 0 with every B token). So a real
-    A token always picks a real B token, every real A token ranks above every
-    padding A token, and a sample merges exactly the pairs it merges when run
-    alone, as long as its real tokens allow r. Only when r exceeds what its real
-    tokens allow do padding A tokens merge, into any B token; having size 0, they
-    add nothing to it.
-
-    For other matchings (PiToMe) every padding token gets one shared vector pointing
-    away from the real tokens' mean direction: padding then pairs with padding first,
-    and how real tokens match never depends on what padding holds.
-
-    Args:
-        metric: ``(batch, tokens, channels)``.
-        size: ``(batch, tokens, 1)``; 0 marks padding.
-        bipartite: Whether the matching splits tokens by even/odd position.
-
-    Returns:
-        ``(batch, tokens, channels + 2)`` for the bipartite matching, else ``(batch, tokens, channels)``.
-    """
-    valid = size > 0
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    if not bipartite:
-        away = -(unit * valid).sum(dim=1, keepdim=True)
-        away = away + 1e-3 * (away.norm(dim=-1, keepdim=True) < 1e-6)  # never the zero vector
-        return torch.where(valid, metric, away.to(metric.dtype).expand_as(metric))
-    batch, tokens, channels = metric.shape
-    ones, zeros = unit.new_ones(batch, tokens, 1), unit.new_zeros(batch, tokens, 1)
-    real = torch.cat([unit, ones, zeros], dim=-1) * (0.5**0.5)
-    in_b = (torch.arange(tokens, device=metric.device) % 2 == 1).view(1, tokens, 1).expand(batch, -1, -1)
-    padding = torch.cat([unit.new_zeros(batch, tokens, channels), -in_b.to(unit.dtype), (~in_b).to(unit.dtype)], dim=-1)
-    return torch.where(valid, real, padding)
-
-
-def _padding_last(assignment: TokenAssignment, size: torch.Tensor, protected_tokens: int) -> TokenAssignment:
-    """The same merge with the merged padding tokens (size 0) moved behind the real ones.
+def _padding_last(assignment: TokenAssignment, real: torch.Tensor, protected_tokens: int) -> TokenAssignment:
+    """The same merge with the tokens that hold padding only (size 0) moved behind the real ones.
 
     The real tokens keep their order, so a padded sample's real tokens sit where
-    they would sit were the sample run alone, and the next bipartite split (by
-    position) splits them the same way.
+    they would sit were the sample run alone, and the next block's matching (which
+    splits tokens by position) splits them the same way.
 
     Args:
         assignment: The merge step.
-        size: ``(batch, tokens, 1)`` sizes before it; 0 marks padding.
+        real: ``(batch, num_out)`` bool, the merged tokens of nonzero size.
         protected_tokens: Leading tokens that stay in front whatever their size.
     """
-    real = (assignment.merge(size, mode="sum") > 0).squeeze(-1)
+    real = real.clone()
     real[:, :protected_tokens] = True
     num_real = real.sum(dim=1, keepdim=True)
     slot = torch.where(real, real.cumsum(dim=1) - 1, num_real + (~real).cumsum(dim=1) - 1)
     return TokenAssignment(slot.gather(1, assignment.dest), assignment.num_out, assignment.kept)
+
+
+def padding_bias(size: torch.Tensor, dtype: torch.dtype, proportional: bool = True) -> torch.Tensor:
+    """Attention bias over keys of sizes ``(batch, tokens, 1)`` in which 0 marks padding.
+
+    ``log(size)`` as :func:`size_bias` (``proportional=False``: 0 for real keys), so
+    padding keys get ``-inf`` and no weight. A sample made of padding only (a batch
+    padded with empty samples) would then attend to no key at all, and a softmax over
+    no key is 0 / 0; such a sample gets 0 on every key instead, so it attends to its
+    tokens as if unmasked and stays finite, as the frameworks' own finite masks keep it.
+
+    Args:
+        size: ``(batch, tokens, 1)`` float sizes, 0 for padding.
+        dtype: dtype of the result.
+        proportional: ``log(size)`` (proportional attention); False: only the padding mask.
+
+    Returns:
+        ``(batch, 1, 1, tokens)`` in ``dtype``.
+    """
+    real = size > 0
+    weight = size if proportional else real.to(torch.float32)
+    has_real = size.amax(dim=1, keepdim=True) > 0  # sizes are never negative
+    return size_bias(torch.where(has_real, weight, torch.ones_like(weight)), dtype)
 
 
 def sources_from_groups(groups: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -165,9 +148,9 @@ class ToMeState:
 
     def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """Proportional-attention bias ``log(size)``, shape ``(batch, 1, 1, tokens)``, or None."""
-        if self.padded and self.size is not None and not self.prop_attn:
-            # Only the padding: 0 for valid keys, -inf for padding keys.
-            return size_bias((self.size > 0).to(torch.float32), dtype)
+        if self.padded and self.size is not None:
+            # log(size), or without proportional attention only the padding (0 valid, -inf padding).
+            return padding_bias(self.size, dtype, self.prop_attn)
         if not self.prop_attn or self.size is None:
             return None
         return size_bias(self.size, dtype)
@@ -196,9 +179,14 @@ class ToMeState:
             Sizes always add up over a group, whatever the rule does with the values
             (except for the pruning baselines, which drop tokens and their sizes).
 
+        With padding (``padded``) the rule matches only real tokens with real tokens
+        while a sample's real tokens allow r, moves tokens that hold padding only behind
+        the real ones, and combines as the rule says with padding counting for nothing,
+        so a padded sample merges as it would alone (see :mod:`tome.merge`).
+
         Raises:
-            ValueError: for a pruning rule with ``trace_source``, or an ablation rule
-                the padded state cannot run (see :func:`rule_check`).
+            ValueError: for a pruning rule with ``trace_source``, or a random matching
+                with padding (see :func:`rule_check`).
         """
         if r <= 0:
             return x, self
@@ -210,19 +198,17 @@ class ToMeState:
             return merged, replace(self, size=size, groups=groups, num_tokens=merged.shape[1], positions=positions)
         if rule is not TOME_RULE:
             rule_check(rule, self)
-        if self.padded:
-            metric = _pad_metric(metric, self.sizes(x), rule.match == "bipartite")
-        assignment = rule.assign(metric, r, self.protected_tokens)
+        size = self.sizes(x)
+        valid = size[..., 0] > 0 if self.padded else None
+        assignment = rule.assign(metric, r, self.protected_tokens, valid)
         if assignment is None:
             return x, self
-        size = self.sizes(x)
         if self.padded:
-            assignment = _padding_last(assignment, size, self.protected_tokens)
+            holds = assignment.prune(size) if rule.combine == "drop" else assignment.merge(size, mode="sum")
+            assignment = _padding_last(assignment, holds[..., 0] > 0, self.protected_tokens)
         # Weighted sums of up to hundreds of tokens can overflow fp16: accumulate in fp32.
         work = x.float() if x.dtype in _LOW_PRECISION else x
-        # Padded batches (size-0 tokens) combine by the weighted average whatever the rule: pruning
-        # could keep a padding token's value for real patches, and MLERP's norm would count padding.
-        if rule.combine == "wavg" or self.padded:
+        if rule.combine == "wavg":
             # Before the first merge every size is 1: skip multiplying by ones.
             merged = assignment.merge(work if self.size is None else work * size, mode="sum")
             new_size = assignment.merge(size, mode="sum")
@@ -250,9 +236,6 @@ class ToMeState:
         return torch.arange(self.num_tokens, device=device).expand(batch, -1)
 
 
-_PADDING_RULES = (("bipartite", "pitome"), ("wavg", "prune", "mlerp"), ("k",))
-
-
 def rule_check(rule: LayerRule, state: ToMeState) -> None:
     """Refuse what an ablation rule cannot do with this state (a ``ValueError`` saying why)."""
     if rule.combine == "drop" and state.trace_source:
@@ -260,11 +243,10 @@ def rule_check(rule: LayerRule, state: ToMeState) -> None:
             f"match={rule.match!r} drops patches, which the source map (trace_source, forward_intermediates, "
             "tome.vis) cannot represent; use a merging rule or trace_source=False"
         )
-    if state.padded and (rule.match not in _PADDING_RULES[0] or rule.combine not in _PADDING_RULES[1]
-                         or rule.metric not in _PADDING_RULES[2]):
+    if state.padded and rule.match in RANDOM_MATCHES:
         raise ValueError(
-            f"the ablation rule {tuple(rule)} does not support key-padding masks (padding tokens of size 0); "
-            "run it without an attention_mask or use method 'tome', 'pitome' or 'tofu'"
+            f"the ablation rule {tuple(rule)} does not support key-padding masks (padding tokens of size 0): "
+            + PADDED_RANDOM_REFUSAL.format(match=rule.match)
         )
 
 
@@ -615,5 +597,6 @@ def weighted_mean(x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor
     """
     if size is None:
         return x.mean(dim=1)
-    return ((x * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
+    # A sample of padding only (every size 0) has mean 0, as timm's masked pooling gives it.
+    return ((x * size).sum(dim=1) / size.sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)).to(x.dtype)
 

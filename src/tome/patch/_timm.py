@@ -26,7 +26,7 @@ from ._lifecycle import (
     register_family,
     supported_families,
 )
-from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention, size_bias, weighted_mean
+from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention, padding_bias, weighted_mean
 
 __all__ = ["timm", "apply_to_timm", "is_timm_vit", "is_timm_mae"]
 
@@ -361,8 +361,8 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
         if not self.pool_include_prefix:
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.attn_pool is not None:
-            # Attention pooling: every key counts once per patch it stands for.
-            return self.attn_pool(x, attn_mask=size_bias(size, x.dtype))
+            # Attention pooling: every key counts once per patch it stands for (padding: not at all).
+            return self.attn_pool(x, attn_mask=padding_bias(size, x.dtype))
         return pool_tokens(x, size, self.global_pool)
 
 
