@@ -123,6 +123,97 @@ def test_torch_export_program_runs_at_other_batch_sizes(family):
             torch.testing.assert_close(program(*tensors), _call(model, inputs), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["timm", "Dinov2ForImageClassification"])
+def test_a_batch_of_one_exports_with_a_dynamic_batch(family, tmp_path):
+    # torch.export fixes a dimension it traces at size 1; the example is traced as two copies of itself.
+    build, make_inputs = FAMILIES[family]
+    model = tome.apply_patch(build(), r=3)
+    example = make_inputs(1, 1)
+    program = export_program(model, example).module()
+    session = onnx_session(export_onnx(model, example, tmp_path / "model.onnx"), threads=1)
+    for batch in (1, 3):
+        inputs = make_inputs(batch, 30 + batch)
+        expected = _call(model, inputs)
+        tensors = tuple(inputs.values()) if isinstance(inputs, dict) else (inputs,)
+        with torch.no_grad():
+            torch.testing.assert_close(program(*tensors), expected, atol=1e-5, rtol=0)
+        agreement = compare_outputs(expected, run_onnx(session, inputs), atol=1e-4)
+        assert all(agreement.matching), agreement.summary()
+
+
+@pytest.mark.parametrize("method", ["pitome", "tofu"])
+def test_merge_methods_export(method, tmp_path):
+    build, make_inputs = FAMILIES["timm"]
+    model = tome.apply_patch(build(), r=3, method=method)
+    session = onnx_session(export_onnx(model, make_inputs(2, 1), tmp_path / "model.onnx"), threads=1)
+    for batch in (1, 3):
+        inputs = make_inputs(batch, 40 + batch)
+        agreement = compare_outputs(_call(model, inputs), run_onnx(session, inputs), atol=1e-4)
+        assert all(agreement.matching), agreement.summary()
+    inputs = make_inputs(3, 43)
+    with tome.merging(model, 3, method="tome"):  # the file merges by this method, not by ToMe's rule
+        assert not torch.allclose(_call(model, inputs), run_onnx(session, inputs), atol=1e-3)
+
+
+class _StableArgsort(torch.nn.Module):
+    def __init__(self, descending: bool) -> None:
+        super().__init__()
+        self.descending = descending
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argsort(dim=1, descending=self.descending, stable=True)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_stable_sort_keeps_its_tie_order_in_onnx(descending, tmp_path):
+    # PiToMe ranks equal energies by position; ONNX TopK gives ties to the lower index too.
+    generator = torch.Generator().manual_seed(0)
+    module = _StableArgsort(descending).eval()
+    path = export_onnx(module, torch.randint(0, 3, (2, 300), generator=generator).float(), tmp_path / "sort.onnx")
+    session = onnx_session(path, threads=1)
+    for batch in (1, 4):
+        x = torch.randint(0, 3, (batch, 300), generator=generator).float()  # about 100 ties of each value
+        assert torch.equal(run_onnx(session, x), module(x))
+
+
+def test_what_cannot_be_exported_is_refused_up_front(tmp_path, monkeypatch):
+    def traced(*args, **kwargs):
+        raise AssertionError("torch.export was reached")
+
+    monkeypatch.setattr(torch.export, "export", traced)
+    model = tome.apply_patch(timm_models.make("token", depth=1), r=2,
+                             method=tome.MergeMethod("ablation", match="random"))
+    with pytest.raises(ValueError, match="random tokens in every forward.*method='tome', 'pitome' or 'tofu'"):
+        export_onnx(model, _images(2), tmp_path / "m.onnx")
+    with pytest.raises(TypeError, match="must be a torch.nn.Module, got str"):
+        export_program("vit", _images(2))
+
+
+def test_a_diffusers_model_is_refused_with_what_is_supported(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    from test_diffusers import make_unet
+
+    def traced(*args, **kwargs):
+        raise AssertionError("torch.export was reached")
+
+    monkeypatch.setattr(torch.export, "export", traced)
+    unet = tome.apply_patch(make_unet())
+
+    class Denoise(torch.nn.Module):  # a user's wrapper that returns a tensor
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return self.unet(x, torch.tensor(500), context).sample
+
+    for model, inputs in ((unet, torch.randn(2, 4, 16, 16)),
+                          (Denoise(), {"x": torch.randn(2, 4, 16, 16), "context": torch.randn(2, 7, 32)})):
+        with pytest.raises(TypeError, match=r"holds a diffusers model \(UNet2DConditionModel\).*timm, MAE, "
+                                            r"torchvision, SWAG, Hugging Face transformers"):
+            export_onnx(model, inputs, tmp_path / "unet.onnx")
+
+
 def test_int8_quantization_keeps_the_matching_in_fp32(tmp_path):
     import onnx
     from onnx import numpy_helper

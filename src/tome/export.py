@@ -6,7 +6,11 @@ onnxruntime runs the file. Merging is part of the graph: the bipartite matching
 (``TopK``, ``ArgMax``), the scatter that merges and the ``log(size)`` bias of
 proportional attention are ONNX operators, so the file needs nothing from this
 package at run time. The token counts are fixed by the input size the model was
-exported at (one file per input size and schedule); the batch is free.
+exported at (one file per input size and schedule); the batch is free, whatever
+the example's batch (a batch-1 example is traced as two copies of itself). The
+merge methods ``"tome"``, ``"pitome"`` (its stable sort becomes ONNX ``TopK``, whose
+ties go to the lower index, as torch's stable sort) and ``"tofu"`` export; random
+matchings and diffusers models are refused up front.
 
 Matching is a discrete decision: when two candidate partners of a token score
 within rounding error of each other, onnxruntime's kernels (which sum in a
@@ -112,6 +116,40 @@ def _split(inputs: Inputs) -> tuple:
     )
 
 
+def _check_exportable(model: Any) -> None:
+    """Refuse, before any tracing, what :func:`export_program` cannot turn into a faithful program.
+
+    Raises:
+        TypeError: for something that is not an ``nn.Module``, or a diffusers model.
+        ValueError: for a model in training mode, or one merging with a random matching.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    diffusers = next((m for m in model.modules()
+                      if any(c.__module__.split(".")[0] == "diffusers" for c in type(m).__mro__)), None)
+    if diffusers is not None:
+        raise TypeError(
+            f"{type(model).__name__} holds a diffusers model ({type(diffusers).__name__}), which tome.export does not "
+            "export: it exports image, video and audio encoders and classifiers (timm, MAE, torchvision, SWAG, "
+            "Hugging Face transformers); run a patched denoiser in PyTorch")
+    if model.training:
+        raise ValueError("model is in training mode; call model.eval() before exporting")
+    for module in model.modules():
+        info = module.__dict__.get("_tome_info")
+        method = info.get("method") if isinstance(info, Mapping) else None
+        if getattr(method, "match", None) in ("random", "random_drop"):
+            raise ValueError(
+                f"method={method!r} draws random tokens in every forward, which an exported file cannot "
+                "reproduce; export with a deterministic method (method='tome', 'pitome' or 'tofu')")
+
+
+def _batch_of_two(tensors: tuple) -> tuple:
+    """``tensors`` with a batch of 1 repeated to 2 (torch.export fixes a dimension traced at size 1)."""
+    if all(t.dim() > 0 and t.shape[0] == 1 for t in tensors):
+        return tuple(torch.cat([t, t]) for t in tensors)
+    return tensors
+
+
 def export_program(model: nn.Module, inputs: Inputs, *, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` returning its main output, with a dynamic batch.
 
@@ -119,7 +157,9 @@ def export_program(model: nn.Module, inputs: Inputs, *, dynamic_batch: bool = Tr
         model: A model in eval mode, patched with ToMe or not (``model.r`` is read now:
             the schedule is part of the program).
         inputs: Example inputs (see :data:`Inputs`); their shapes other than the batch
-            are fixed in the program.
+            are fixed in the program. A batch of 1 is traced as two copies of itself
+            (torch.export would fix a dimension it sees at size 1), so the program still
+            takes any batch.
         dynamic_batch: Leave the batch dimension (dim 0 of every input) free.
 
     Returns:
@@ -127,12 +167,15 @@ def export_program(model: nn.Module, inputs: Inputs, *, dynamic_batch: bool = Tr
         order) and returns the tensor :func:`main_output` picks.
 
     Raises:
-        ValueError: if ``inputs`` is not a tensor or a dict of tensors, or the model
-            is in training mode.
+        ValueError: if ``inputs`` is not a tensor or a dict of tensors, the model is in
+            training mode, or it merges with a random matching (``MergeMethod("ablation",
+            match="random")``, ``"random_drop"``: no file can reproduce its draws).
+        TypeError: for a diffusers model or pipeline (denoisers are not exported).
     """
-    if model.training:
-        raise ValueError("model is in training mode; call model.eval() before exporting")
+    _check_exportable(model)
     names, tensors = _split(inputs)
+    if dynamic_batch:
+        tensors = _batch_of_two(tensors)
     wrapper = _MainOutput(model, names).eval()
     dynamic_shapes = None
     if dynamic_batch:
@@ -172,7 +215,9 @@ def export_onnx(
         ``path`` as a ``Path``.
 
     Raises:
-        ValueError: for bad ``inputs``, a model in training mode, or ``opset`` < 18.
+        ValueError: for bad ``inputs``, a model in training mode, a random matching
+            (see :func:`export_program`), or ``opset`` < 18.
+        TypeError: for a diffusers model or pipeline.
         ImportError: if onnx or onnxscript is missing (install ``token-merging[export]``).
     """
     if not isinstance(opset, int) or opset < 18:
@@ -183,11 +228,25 @@ def export_onnx(
     input_names = names if names is not None else [_TENSOR_INPUT_NAME]
     onnx_program = torch.onnx.export(
         program, dynamo=True, opset_version=opset, input_names=input_names, output_names=[_OUTPUT_NAME],
-        optimize=optimize, verbose=False,
+        optimize=optimize, verbose=False, custom_translation_table={torch.ops.aten.sort.stable: _stable_sort},
     )
     path = Path(path)
     onnx_program.save(str(path))
     return path
+
+
+def _stable_sort(self: Any, stable: Optional[bool] = None, dim: int = -1, descending: bool = False) -> Any:
+    """ONNX for ``aten.sort.stable`` (PiToMe ranks tokens by energy with it), which torch.onnx lacks.
+
+    ``TopK`` with ``k`` the whole dimension is a sort; ONNX defines its ties to go to
+    the lower index, for the largest and for the smallest values alike, which is the
+    order of a stable sort (ascending or descending).
+    """
+    from onnxscript import opset18 as op
+
+    length = op.Reshape(op.Gather(op.Shape(self), op.Constant(value_int=dim)), op.Constant(value_ints=[1]))
+    values, indices = op.TopK(self, length, axis=dim, largest=int(bool(descending)), sorted=1)
+    return values, indices
 
 
 def _require(*modules: str) -> None:

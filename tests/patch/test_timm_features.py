@@ -112,6 +112,19 @@ def test_forward_head_pools_the_features_it_is_given():
     torch.testing.assert_close(model.forward_head(f0), tome.remove_patch(copy.deepcopy(model))(x1), atol=1e-6, rtol=0)
 
 
+def test_forward_head_of_detached_features_says_what_works():
+    model = tome.apply_patch(make("class_avg"), r=3)
+    x = images(seed=1)
+    features = model.forward_features(x)  # with gradients
+    with pytest.raises(ValueError, match=r"\.detach\(\), a copy.*forward_head\(features\).*torch\.no_grad\(\)"):
+        model.forward_head(features.detach())
+    # What the message offers works, and agrees with the model.
+    expected = model(x).detach()
+    torch.testing.assert_close(model.forward_head(features).detach(), expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), expected, atol=1e-6, rtol=0)
+
+
 @torch.no_grad()
 def test_forward_head_of_a_class_token_model_needs_no_sizes():
     model = tome.apply_patch(make("token"), r=3)

@@ -98,13 +98,53 @@ def test_data_export_and_preview_for_real(tmp_path, capsys):
         cli.main(["data", "export", str(out), "--train", "5", "--val", "0"])
     assert exit_info.value.code == 2
     assert "not empty" in capsys.readouterr().err and len(list((out / "train").rglob("*.png"))) == 10
-    assert cli.main(["data", "export", str(out), "--train", "5", "--val", "0", "--overwrite"]) == 0
-    assert len(list(out.rglob("*.png"))) == 5 and not (out / "val").exists()
+    assert cli.main(["data", "export", str(out), "--train", "5", "--val", "0", "--image-size", "32",
+                     "--overwrite"]) == 0
+    # Only the split written is replaced; --val 0 keeps the earlier val/.
+    assert len(list((out / "train").rglob("*.png"))) == 5 and len(list((out / "val").rglob("*.png"))) == 3
+    assert "kept the earlier val/" in capsys.readouterr().out
     grid = tmp_path / "grid.png"
     assert cli.main(["data", "preview", str(grid), "--rows", "2", "--image-size", "16", "--zoom", "1"]) == 0
     with Image.open(grid) as image:
         assert image.size == (16 * 10, 16 * 2)
     assert str(grid) in capsys.readouterr().out
+
+
+def test_data_export_overwrite_acts_only_on_an_earlier_export(tmp_path, capsys):
+    """--overwrite once deleted any train/ and val/, export or not, and --train 0 deleted train/ for nothing."""
+    import json
+
+    mine = tmp_path / "mine"
+    (mine / "train" / "cats").mkdir(parents=True)
+    (mine / "train" / "cats" / "1.png").write_bytes(b"not generated")
+    (mine / "val").mkdir()
+    for info in (None, "{not json", json.dumps({"task": "my own data"})):
+        if info is not None:
+            (mine / "dataset.json").write_text(info)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["data", "export", str(mine), "--train", "0", "--val", "4", "--overwrite", "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{str(mine)!r} is not empty and is not an earlier tome data export" in err and "Traceback" not in err
+        assert (mine / "train" / "cats" / "1.png").read_bytes() == b"not generated" and (mine / "val").is_dir()
+
+    out = tmp_path / "shapes"
+    assert cli.main(["data", "export", str(out), "--train", "10", "--val", "4", "--image-size", "16",
+                     "--no-progress"]) == 0
+    train_files = sorted(p.relative_to(out) for p in (out / "train").rglob("*.png"))
+    # --train 0 writes val/ again and keeps train/, which dataset.json goes on describing.
+    assert cli.main(["data", "export", str(out), "--train", "0", "--val", "2", "--image-size", "16",
+                     "--overwrite", "--no-progress"]) == 0
+    assert sorted(p.relative_to(out) for p in (out / "train").rglob("*.png")) == train_files
+    assert len(list((out / "val").rglob("*.png"))) == 2
+    info = json.loads((out / "dataset.json").read_text())
+    assert (info["train"], info["val"], info["image_size"], info["complete"]) == (10, 2, 16, True)
+    # A kept split made with another seed or size would make dataset.json wrong: refused, nothing deleted.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "export", str(out), "--train", "0", "--val", "2", "--seed", "1", "--image-size", "16",
+                  "--overwrite", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "train=0 keeps" in capsys.readouterr().err and len(list((out / "val").rglob("*.png"))) == 2
 
 
 def test_data_export_into_a_file_is_named(tmp_path, capsys):

@@ -88,3 +88,27 @@ def test_export_command_rejects_bad_input_size(capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", "-o", "m.onnx", "--input-size", "big"])
     assert "'big' is not an input size" in capsys.readouterr().err
+
+
+def test_export_command_names_an_input_size_the_model_rejects(tmp_path, capsys):
+    # The tiny model is built for 32x32 without dynamic_img_size: 48 is refused before exporting.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", *TINY_ARGS, "-o", str(tmp_path / "m.onnx"), "--input-size", "48", "--runs", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--input-size 48x48 is not a size this model takes" in err and "built for 32x32" in err
+    assert "Traceback" not in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_export_command_with_a_batch_of_one(tmp_path, capsys):
+    # The example is then a batch of one (torch.export used to fix the batch at 1); the files take any batch.
+    from tome.export import onnx_session, run_onnx
+
+    output = tmp_path / "vit.onnx"
+    assert cli.main(["export", *TINY_ARGS, "-r", "4", "-o", str(output), "--batch-size", "1", "--runs", "1",
+                     "--min-time", "0", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "fp32 r=4" in text and "1/1" in text  # checked against eager on its one image
+    x = generated_images(3, (3, 32, 32))
+    for path in (output, tmp_path / "vit.r0.onnx"):
+        assert run_onnx(onnx_session(path, threads=1), x).shape == (3, 4)

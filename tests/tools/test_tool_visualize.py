@@ -149,6 +149,17 @@ def test_visualize_missing_image(tmp_path, capsys):
     assert "nope.png" in capsys.readouterr().err
 
 
+def test_visualize_names_a_directory_as_one(tmp_path, capsys, monkeypatch):
+    # It said "does not exist" of a directory that does.
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["visualize", ".", *TINY_ARGS])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'.' is a directory" in err and "pass an image file, e.g. 'cat.png'" in err and "does not exist" not in err
+
+
 def test_visualize_unreadable_image(tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"no image here")

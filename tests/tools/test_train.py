@@ -216,7 +216,7 @@ def test_every_train_option_has_help_with_its_default():
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = subparsers.choices["train"]
     shown = [a for a in parser._actions if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
-    assert len(shown) == 30
+    assert len(shown) == 31
     missing = [a.option_strings[-1] for a in shown if not a.help or "default" not in a.help]
     assert missing == []
     help_text = " ".join(parser.format_help().split())

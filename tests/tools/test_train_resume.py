@@ -123,6 +123,53 @@ def test_interrupt_prints_the_resume_hint(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err
 
 
+def test_a_fresh_run_into_an_earlier_runs_directory_is_refused(tmp_path, monkeypatch, capsys):
+    """A forgotten --resume must not overwrite the earlier checkpoint nor append to its log."""
+    from tome import cli
+    from tome.tools import train as train_module
+
+    out = tmp_path / "run"
+    train(TrainConfig(**RUN, output_dir=str(out), stop_after=3))
+    checkpoint, log = (out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").read_text()
+    monkeypatch.setattr(train_module, "build_datasets", lambda config: pytest.fail("training started"))
+    with pytest.raises(ValueError, match=r"run'? already holds a run \(checkpoint.pt, log.jsonl\).*--resume auto.*--overwrite"):
+        train(TrainConfig(**RUN, output_dir=str(out)))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--output-dir", str(out), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--resume auto" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint and (out / "log.jsonl").read_text() == log
+    with pytest.raises(ValueError, match="overwrite=True.*resume='auto'.*one of them"):
+        train(TrainConfig(**RUN, output_dir=str(out), resume="auto", overwrite=True))
+
+
+def test_a_finished_run_is_also_protected(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**{**RUN, "epochs": 1, "val_size": 0}, output_dir=str(out)))
+    (out / "checkpoint.pt").unlink()  # the exported model alone is a run too
+    (out / "log.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"already holds a run \(model.safetensors, model.json, model-timm\)"):
+        train(TrainConfig(**{**RUN, "epochs": 1, "val_size": 0}, output_dir=str(out)))
+
+
+def test_overwrite_starts_a_clean_run(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**RUN, output_dir=str(out), stop_after=3))
+    (out / "notes.txt").write_text("mine")
+    straight = train(TrainConfig(**RUN, output_dir=str(tmp_path / "straight")))
+    train(TrainConfig(**RUN, output_dir=str(out), overwrite=True, stop_after=1))
+    assert not (out / "log.jsonl").exists()  # the earlier run's log is gone
+    again = train(TrainConfig(**RUN, output_dir=str(out), resume="auto"))  # a run started with overwrite resumes
+    # One epoch line each: the earlier run's lines are gone, and the result is a fresh run's.
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert _losses(out) == _losses(tmp_path / "straight")
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+    assert (out / "notes.txt").read_text() == "mine"  # nothing else is touched
+    assert (out / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("where", ["file", "under_file"])
 def test_output_dir_that_cannot_hold_files_is_refused_before_training(tmp_path, where, monkeypatch):
     from tome.tools import train as train_module

@@ -318,7 +318,29 @@ def class_directory(label: int) -> str:
     return f"{label:0{width}d}_{CLASSES[label]}"
 
 
-_EXPORT_ENTRIES = ("train", "val", "dataset.json")
+_EXPORT_TASK = "tome synthetic shapes"  # what dataset.json's "task" says in every export
+
+
+def _earlier_export(root: Path) -> Dict[str, Any]:
+    """The ``dataset.json`` of the earlier export in ``root``.
+
+    Raises:
+        ValueError: naming ``root`` when it is not a tome export (no readable ``dataset.json``
+            that says so): ``overwrite`` must not delete anything there.
+    """
+    info_path, info = root / "dataset.json", None
+    if not info_path.is_file():
+        why = "it has no dataset.json"
+    else:
+        try:
+            info = json.loads(info_path.read_text())
+            why = "its dataset.json describes something else"
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            why = f"its dataset.json cannot be read: {error}"
+    if not isinstance(info, dict) or info.get("task") != _EXPORT_TASK:
+        raise ValueError(f"export directory {str(root)!r} is not empty and is not an earlier tome data export ({why}); "
+                         "overwrite=True (--overwrite) replaces only such an export: pick an empty directory")
+    return info
 
 
 def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, image_size: int = 64,
@@ -338,15 +360,18 @@ def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, i
         seed: Seed of the task.
         image_size: Height and width in pixels.
         progress: Show a tqdm progress bar (on a terminal only).
-        overwrite: Replace an earlier export in ``root``: its ``train/``, ``val/`` and
-            ``dataset.json`` are deleted first (nothing else in ``root`` is touched).
+        overwrite: Replace an earlier export in ``root`` (a directory whose ``dataset.json``
+            says it is one): the splits written now (count > 0) are deleted first and
+            ``dataset.json`` is rewritten; a split of count 0 and anything else in ``root``
+            stay as they are.
 
     Returns:
         ``root`` as a ``Path``.
 
     Raises:
-        ValueError: for negative counts, no images at all, a bad image size, or a
-            non-empty ``root`` without ``overwrite``.
+        ValueError: for negative counts, no images at all, a bad image size, a non-empty
+            ``root`` without ``overwrite`` or that is not an earlier export, or a kept split
+            made with another seed or image size (``dataset.json`` could not describe both).
     """
     import shutil
 
@@ -360,16 +385,39 @@ def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, i
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
         raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
     root = Path(root)
+    counts = {"train": train, "val": val}
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
             raise ValueError(f"export directory {str(root)!r} is not empty; pick an empty one or pass "
-                             "overwrite=True (--overwrite) to replace its train/, val/ and dataset.json")
-        for entry in _EXPORT_ENTRIES:
-            path = root / entry
+                             "overwrite=True (--overwrite) to replace an earlier export there")
+        earlier = _earlier_export(root)
+        for split, count in counts.items():
+            if count == 0 and (root / split).exists():  # kept: dataset.json goes on describing it
+                if earlier.get("complete") is False:
+                    raise ValueError(f"{split}=0 would keep {str(root / split)!r} of an earlier export that was "
+                                     f"interrupted; pass a {split} count to write that split again too")
+                if (earlier.get("seed"), earlier.get("image_size")) != (seed, image_size):
+                    raise ValueError(
+                        f"{split}=0 keeps {str(root / split)!r} of the earlier export (seed={earlier.get('seed')!r}, "
+                        f"image_size={earlier.get('image_size')!r}), but this export uses seed={seed!r}, "
+                        f"image_size={image_size!r}; pass the earlier seed and image size, or a {split} count "
+                        "to write that split again too")
+                counts[split] = int(earlier.get(split, 0))
+        for split, count in (("train", train), ("val", val)):
+            path = root / split
+            if count == 0:
+                continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    info = {"task": _EXPORT_TASK, "seed": seed, "image_size": image_size, **counts,
+            "classes": list(CLASSES), "class_directories": [class_directory(i) for i in range(len(CLASSES))],
+            "mean": list(MEAN), "std": list(STD)}
+    # Written first (marked incomplete), so an interrupted export is still known as one and
+    # overwrite=True may replace it.
+    (root / "dataset.json").write_text(json.dumps({**info, "complete": False}, indent=2) + "\n")
     width = max(6, len(str(max(train, val))))
     with tqdm(total=train + val, desc=f"export {root}", disable=None if progress else True, unit="img") as bar:
         for split, count in (("train", train), ("val", val)):
@@ -381,8 +429,5 @@ def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, i
                 array, label = render(index, split, seed, image_size)
                 Image.fromarray(array).save(root / split / class_directory(label) / f"{index:0{width}d}.png")
                 bar.update()
-    info = {"task": "tome synthetic shapes", "seed": seed, "image_size": image_size, "train": train, "val": val,
-            "classes": list(CLASSES), "class_directories": [class_directory(i) for i in range(len(CLASSES))],
-            "mean": list(MEAN), "std": list(STD)}
-    (root / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    (root / "dataset.json").write_text(json.dumps({**info, "complete": True}, indent=2) + "\n")
     return root

@@ -576,11 +576,14 @@ class ToMeModelMixin:
         full = self._tome_full_tokens()
         if features.dim() == 3 and (features.shape[1] == full or (full is None and not any(self._tome_schedule()))):
             return None  # unmerged features: every token is one patch
+        # A detached tensor shares the tagged one's memory but not its attributes; a lookup by shape
+        # could hand it another forward's sizes, so the caller is told what works instead.
         raise ValueError(
             f"forward_head cannot weight these features ({tuple(features.shape)}) by token size: they are "
             "not the tensor this model's forward_features returned (sizes travel with that tensor only; "
-            "a copy, slice or cast loses them). Pass forward_features' output unchanged, or call the "
-            "model itself."
+            ".detach(), a copy, slice or cast loses them). Pass forward_features' output unchanged: "
+            "forward_head(features); to drop gradients, run both under torch.no_grad() instead of "
+            "calling .detach() in between, and detach forward_head's result; or call the model itself."
         )
 
     def extra_repr(self) -> str:

@@ -52,8 +52,11 @@ def _export(args: argparse.Namespace) -> None:
     root = prepare_output_dir(args.directory, "directory")
     root = export_image_folder(root, train=args.train, val=args.val, seed=args.seed, image_size=args.image_size,
                                progress=not args.no_progress, overwrite=args.overwrite)
+    kept = [f"{split}/" for split, count in (("train", args.train), ("val", args.val))
+            if count == 0 and (root / split).exists()]
     print(f"wrote {args.train} train and {args.val} val images to {root} "
-          "(ImageFolder layout, class directories 00_circle, 01_ring, ... in label order)")
+          "(ImageFolder layout, class directories 00_circle, 01_ring, ... in label order)"
+          + (f"; kept the earlier {' and '.join(kept)}" if kept else ""))
 
 
 def _preview(args: argparse.Namespace) -> None:
@@ -78,14 +81,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "DIRECTORY/dataset.json. Class directories are numbered in label order (00_circle, 01_ring, ...), so "
         "ImageFolder readers (tome eval, tome train, torchvision) give the shipped model's labels.",
     )
-    export.add_argument("directory", help="output directory; must be empty unless --overwrite")
+    export.add_argument("directory", help="output directory; must be empty, or an earlier export with --overwrite")
     export.add_argument("--train", type=non_negative_int, default=10_000, help="training images (default: %(default)s)")
     export.add_argument("--val", type=non_negative_int, default=2_000, help="validation images (default: %(default)s)")
     export.add_argument("--seed", type=int, default=0, help="seed of the task (default: %(default)s)")
     export.add_argument("--image-size", type=positive_int, default=64,
                         help="height and width in pixels, at least 16 (default: %(default)s)")
     export.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier export in DIRECTORY (its train/, val/ and dataset.json)")
+                        help="replace an earlier export in DIRECTORY (one whose dataset.json says so): the splits "
+                        "written now and dataset.json; a split of count 0 and other files are kept")
     export.add_argument("--no-progress", action="store_true", help="no progress bar (it is off without a terminal)")
     export.set_defaults(func=_export)
 

@@ -244,7 +244,9 @@ def run_export(args: argparse.Namespace) -> List[ExportRow]:
     schedule = args.r if args.r is not None else (loaded.default_r if loaded.default_r is not None else 16)
     size = input_size_of(model)
     if args.input_size is not None:
+        native = size
         size = (size[0], *args.input_size) if len(args.input_size) == 2 else (size[0], args.input_size[0], args.input_size[0])
+        _check_input_size(model, schedule, size, native)
     threads = args.threads or "onnxruntime's default"
     print(f"Model: {loaded.description}")
     print(f"Exporting r={schedule_label(schedule)} and r=0 at {'x'.join(map(str, size))}, opset {args.opset}, "
@@ -261,6 +263,21 @@ def run_export(args: argparse.Namespace) -> List[ExportRow]:
     for row in rows:
         print(f"Wrote {row.path}")
     return rows
+
+
+def _check_input_size(model: torch.nn.Module, schedule: Schedule, size: Sequence[int], native: Sequence[int]) -> None:
+    """Run one image of ``size`` through ``model`` before exporting, so a size it rejects is named.
+
+    Raises:
+        ValueError: naming the ``--input-size`` value and the model's own size.
+    """
+    given, own = "x".join(map(str, size[1:])), "x".join(map(str, native[1:]))
+    try:
+        with torch.no_grad(), tome.merging(model, schedule):
+            model(torch.zeros(1, *size))
+    except (AssertionError, RuntimeError, ValueError) as error:
+        raise ValueError(f"--input-size {given} is not a size this model takes ({error}); it was built for {own} "
+                         "(a timm model built with dynamic_img_size=True takes other sizes)") from None
 
 
 def _input_size(text: str) -> List[int]:

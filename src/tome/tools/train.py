@@ -97,6 +97,9 @@ class TrainConfig:
             :func:`save_model`, or a training checkpoint ``.pt``.
         output_dir: Where checkpoints, ``log.jsonl`` and the final model go (None: nothing is written).
         resume: A checkpoint to continue from, or ``"auto"`` for ``output_dir/checkpoint.pt`` when it exists.
+        overwrite: Start afresh in an ``output_dir`` that already holds a run: its checkpoint,
+            ``log.jsonl`` and exported model are deleted first. Without it (and without
+            ``resume``) such a directory is refused, so a forgotten ``resume`` loses nothing.
         checkpoint_every: Also checkpoint every this many steps (0: only at the end of each epoch).
         stop_after: Stop once this many steps are done in all (after checkpointing), to split a
             run into slices; continue it with ``resume``. None runs to the end.
@@ -132,6 +135,7 @@ class TrainConfig:
     init: Optional[str] = None
     output_dir: Optional[str] = None
     resume: Optional[str] = None
+    overwrite: bool = False
     checkpoint_every: int = 0
     stop_after: Optional[int] = None
     val_every: int = 1
@@ -210,6 +214,10 @@ class TrainConfig:
             raise ValueError(f"resume checkpoint {self.resume!r} does not exist")
         if self.resume == "auto" and self.output_dir is None:
             raise ValueError("resume='auto' needs output_dir (it looks for output_dir/checkpoint.pt)")
+        if not isinstance(self.overwrite, bool):
+            raise ValueError(f"overwrite must be a bool, got {self.overwrite!r}")
+        if self.overwrite and self.resume is not None:
+            raise ValueError(f"overwrite=True starts afresh and resume={self.resume!r} continues a run; pass one of them")
         if self.init is not None and not Path(self.init).is_file():
             raise ValueError(f"init weights {self.init!r} do not exist")
         if not isinstance(self.export_name, str) or not self.export_name or "/" in self.export_name:
@@ -558,6 +566,37 @@ def _prepare_output_dir(out_dir: Path) -> None:
                          "pass a writable directory") from None
 
 
+def _run_files(out_dir: Path, export_name: str) -> List[Path]:
+    """The files and folders of an earlier run in ``out_dir`` that a new run would replace or extend."""
+    names = (CHECKPOINT_NAME, "log.jsonl", f"{export_name}.safetensors", f"{export_name}.json", f"{export_name}-timm")
+    return [out_dir / name for name in names if (out_dir / name).exists()]
+
+
+def _check_earlier_run(config: TrainConfig, out_dir: Path) -> None:
+    """Refuse to start a fresh run over an earlier one unless ``resume`` or ``overwrite`` says what to do.
+
+    Raises:
+        ValueError: naming ``out_dir`` and the files found, when neither is set.
+    """
+    found = _run_files(out_dir, config.export_name)
+    if found and config.resume is None and not config.overwrite:
+        raise ValueError(
+            f"output_dir {str(out_dir)!r} already holds a run ({', '.join(path.name for path in found)}); "
+            "pass --resume auto (resume='auto') to continue it, or --overwrite (overwrite=True) to delete it "
+            "and start over, or pick another --output-dir")
+
+
+def _clear_earlier_run(out_dir: Path, export_name: str) -> None:
+    """Delete what an earlier run wrote to ``out_dir`` (``overwrite``), so the new run starts a clean log."""
+    import shutil
+
+    for path in _run_files(out_dir, export_name):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def _save_checkpoint(path: Path, run: "_Run", epoch_sums: Tuple[float, float, float],
                      rng_states: Dict[str, List[Optional[torch.Tensor]]]) -> None:
     """Everything a resumed run needs to continue bit for bit, in types ``weights_only`` loading accepts.
@@ -617,7 +656,7 @@ def _config_dict(config: TrainConfig) -> Dict[str, Any]:
 # Settings that say where and how a run goes, not what it computes: a resumed run may change
 # them. Every other field must keep its saved value, or model.json would record a command
 # that does not reproduce the run.
-_RESUME_FREE = ("resume", "stop_after", "device", "progress", "checkpoint_every", "num_workers", "output_dir",
+_RESUME_FREE = ("resume", "overwrite", "stop_after", "device", "progress", "checkpoint_every", "num_workers", "output_dir",
                 "export_name")
 
 
@@ -989,8 +1028,14 @@ def train(config: TrainConfig) -> TrainResult:
         if config.batch_size % world:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes")
         out_dir = Path(config.output_dir) if config.output_dir is not None else None
-        if out_dir is not None and rank == 0:
-            _prepare_output_dir(out_dir)
+        if out_dir is not None:
+            # Every process checks (and refuses) alike; only the first one writes or deletes. No
+            # process reads what is deleted: overwrite and resume exclude each other.
+            _check_earlier_run(config, out_dir)
+            if rank == 0:
+                _prepare_output_dir(out_dir)
+                if config.overwrite:
+                    _clear_earlier_run(out_dir, config.export_name)
         # The checkpoint is read first: a run it cannot continue is refused before any work.
         found = _find_checkpoint(config, out_dir)
         run = _setup(config, device, out_dir, found[1] if found is not None else None, started)
@@ -1019,7 +1064,7 @@ def train(config: TrainConfig) -> TrainResult:
 def config_to_command(config: TrainConfig) -> str:
     """The ``tome train`` command line that runs ``config`` (settings left at their defaults are omitted).
 
-    Where a run goes (``resume``, ``stop_after``, ``device``, progress bars) is left out: it
+    Where a run goes (``resume``, ``overwrite``, ``stop_after``, ``device``, progress bars) is left out: it
     does not change the result.
     """
     defaults = TrainConfig()
@@ -1030,7 +1075,7 @@ def config_to_command(config: TrainConfig) -> str:
             # A string reads back as itself unless it looks like a literal ("32", "True"): then quote it.
             plain = isinstance(value, str) and parse_model_kwargs([f"{key}={value}"])[key] == value
             words.append(f"{key}={value if plain else repr(value)}")
-    skip = {"model_kwargs", "r", "prop_attn", "resume", "stop_after", "device", "progress"}
+    skip = {"model_kwargs", "r", "prop_attn", "resume", "overwrite", "stop_after", "device", "progress"}
     for f in fields(TrainConfig):
         value = getattr(config, f.name)
         if f.name in skip or value == getattr(defaults, f.name):
@@ -1128,7 +1173,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add("--output-dir", default=None,
         help="checkpoints, log.jsonl and the final model go here (default: none, nothing is written)")
     add("--resume", default=None,
-        help="checkpoint to continue, or 'auto' for OUTPUT_DIR/checkpoint.pt when it exists (default: a fresh run)")
+        help="checkpoint to continue, or 'auto' for OUTPUT_DIR/checkpoint.pt when it exists (default: a fresh run; "
+        "an OUTPUT_DIR that already holds a run is then refused)")
+    add("--overwrite", action="store_true",
+        help="start afresh in an OUTPUT_DIR that holds an earlier run: delete its checkpoint, log.jsonl and model "
+        "first (default: refuse such a directory)")
     add("--checkpoint-every", type=int, default=defaults.checkpoint_every,
         help="also checkpoint every this many steps; 0: at the end of each epoch only (default: %(default)s)")
     add("--stop-after", type=int, default=None,

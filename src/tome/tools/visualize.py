@@ -247,6 +247,12 @@ def run_visualize(args: argparse.Namespace) -> Path:
     from tome.data import open_image
 
     path = Path(args.image)
+    if path.is_dir():
+        from tome.data import IMAGE_EXTENSIONS
+
+        example = next((p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()), None)
+        hint = f", e.g. {str(example)!r}" if example is not None else ""
+        raise ValueError(f"{str(path)!r} is a directory; tome visualize draws one image: pass an image file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     output = prepare_output_file(args.output or Path("tome_outputs") / f"{path.stem}_merges.png", "--output")
