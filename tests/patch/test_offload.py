@@ -199,3 +199,45 @@ def test_pipeline_with_model_cpu_offload_merges_in_both_orders(order):
     assert torch.equal(_generate(pipe), unpatched)
     pipe.remove_all_hooks()
     assert torch.equal(_generate(pipe), unpatched)
+
+
+# --- a bypass that cannot be repaired is reported, not silent --------------------------------
+
+
+def test_a_wrapper_that_bypasses_the_patched_denoiser_warns():
+    unet = _unet()
+    unpatched = _call_unet(unet)
+    kept = unet.forward  # a hand-made wrapper around the unpatched forward: nothing can follow it
+    unet.forward = lambda *args, **kwargs: kept(*args, **kwargs)
+    tome.apply_patch(unet, ratio=0.5)
+    with pytest.warns(RuntimeWarning, match=r"UNet2DConditionModel is patched to merge.*did not run"):
+        out = _call_unet(unet)
+    assert torch.equal(out, unpatched)  # what the warning is about
+    unet.ratio = 0.0  # merging nothing is what the user asked for: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _call_unet(unet)
+
+
+def test_wrappers_that_bypass_the_patched_blocks_warn():
+    unet = _unet()
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for block in blocks:
+        kept = block.forward
+        block.forward = (lambda fn: lambda *args, **kwargs: fn(*args, **kwargs))(kept)
+    unpatched = _call_unet(unet)
+    tome.apply_patch(unet, ratio=0.5)
+    with pytest.warns(RuntimeWarning, match=r"none of its patched transformer blocks received"):
+        out = _call_unet(unet)
+    assert torch.equal(out, unpatched)
+
+
+def test_a_patched_model_in_normal_use_does_not_warn():
+    unet = _unet()
+    tome.apply_patch(unet, ratio=0.5)
+    add_hook_to_module(unet, CountingHook())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _call_unet(unet)
+        unet.ratio = 0.0
+        _call_unet(unet)
