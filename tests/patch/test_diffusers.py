@@ -571,6 +571,50 @@ def test_denoiser_forward_reports_the_original_signature():
     assert inspect.signature(unet.forward) == expected and "encoder_hidden_states" in expected.parameters
 
 
+# --- precision: similarities are scored in float32 ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_blocks_pick_the_partners_of_tomesd_in_float32(dtype):
+    """Near-tied scores rounded to fp16/bf16 pick other partners. Scored in float32, a
+    half-precision block input merges exactly as tomesd merges the same values upcast
+    to float32 (and as this block does in float32)."""
+    from tomesd.merge import bipartite_soft_matching_random2d
+
+    from tome.patch._diffusers import _Step
+
+    unet = make_unet()
+    tome.patch.diffusers(unet, ratio=0.5, use_rand=False)
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    step = _Step(unet._tome_settings, 1, 32, 32, None)
+    x = torch.randn(2, 32 * 32, 32, generator=torch.Generator().manual_seed(5)).to(dtype)
+    one_hot = torch.eye(32 * 32).expand(2, -1, -1)  # row i: token i; merged and unmerged, the rows show the groups
+
+    def groups(merge, unmerge):
+        return unmerge(merge(one_hot, mode="mean")) > 0
+
+    merge, unmerge = bipartite_soft_matching_random2d(x.float(), 32, 32, 2, 2, int(32 * 32 * 0.5), no_rand=True)
+    want = groups(merge, unmerge)
+    for inputs in (x, x.float()):
+        plan = block._tome_plan(inputs, step).assignment
+        assert torch.equal(groups(plan.merge, plan.unmerge), want)
+    assert plan.merge(x).dtype == dtype  # the values themselves merge in the model's dtype
+
+
+@pytest.mark.parametrize("mode", ["tokens", "kv"])
+def test_every_matching_of_a_bf16_model_scores_in_float32(mode, monkeypatch):
+    import tome.merge
+
+    seen = []
+    original = tome.merge.match_stride_2d
+    monkeypatch.setattr(tome.merge, "match_stride_2d", lambda metric, *a, **k: seen.append(metric.dtype) or original(metric, *a, **k))
+    model = _duplicated_transformer().to(torch.bfloat16)
+    tome.patch.diffusers(model, ratio=0.5, mode=mode)
+    with torch.no_grad():
+        model(torch.randn(2, 16, 8, 8, dtype=torch.bfloat16))
+    assert seen and set(seen) == {torch.float32}
+
+
 # --- SD3 and Flux ControlNets; a refused pipeline is left as it was ----------------------------
 
 

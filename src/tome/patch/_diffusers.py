@@ -27,6 +27,10 @@ Video Diffusion's UNet, the SD3 and Flux ControlNets) hand the state over in a
 context variable set while their forward runs. A merging module that runs
 without the state of a denoiser set to merge (its patched forward was bypassed)
 warns, and so does a denoiser none of whose merging blocks received it.
+
+Similarities are scored in float32 whatever the model's dtype (see
+:func:`match_stride_2d`), so fp16 and bf16 models pick the partners their inputs
+upcast to float32 would.
 """
 
 import contextvars
@@ -42,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..merge import TokenAssignment, hashed_stride_choice, match_stride_2d, sign_projection
+from .. import merge as _merge
+from ..merge import TokenAssignment, hashed_stride_choice, sign_projection
 from ._lifecycle import register_family, swap_class, with_parent_signature
 
 __all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
@@ -277,6 +282,18 @@ def _set_arg(args: tuple, kwargs: Dict[str, Any], name: str, index: int, value: 
     return args
 
 
+def match_stride_2d(metric: torch.Tensor, height: int, width: int, sx: int, sy: int, r: int,
+                    choice: Optional[torch.Tensor] = None) -> Optional[TokenAssignment]:
+    """:func:`tome.merge.match_stride_2d` with the similarities computed in float32.
+
+    Near-tied scores rounded to fp16 or bf16 pick other partners (a few in every
+    thousand tokens of an SD 1.5 block), so the merge would depend on the precision
+    and on the batch a sample runs in. Scoring in float32 gives fp16 and bf16 models
+    the partners of the same inputs upcast to float32; a float32 metric is used as is.
+    """
+    return _merge.match_stride_2d(metric.float(), height, width, sx, sy, r, choice)
+
+
 # Whether torch.compile is tracing (a constant to it): the runtime checks that warn are
 # skipped there. torch.compiler.is_compiling is torch >= 2.3.
 _compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
@@ -452,9 +469,9 @@ class ToMeDiffusersBlockMixin:
         choice = step.choice(x.shape[0], (height // s.sy, width // s.sx), self._tome_block_key)
         if s.mode == "kv":
             return _Plan(None, (height, width, choice), step)
-        metric = x
+        metric = x.float()  # scored in float32, see match_stride_2d
         if s.match_channels is not None and s.match_channels < x.shape[-1]:
-            metric = x @ sign_projection(x.shape[-1], s.match_channels, x.device, x.dtype)
+            metric = metric @ sign_projection(x.shape[-1], s.match_channels, x.device, torch.float32)
         assignment = match_stride_2d(metric, height, width, s.sx, s.sy, int(x.shape[1] * s.ratio), choice)
         return None if assignment is None else _Plan(assignment, None, step)
 
