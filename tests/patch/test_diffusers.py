@@ -569,3 +569,204 @@ def test_denoiser_forward_reports_the_original_signature():
     expected = inspect.signature(unet.forward)
     tome.patch.diffusers(unet, ratio=0.5)
     assert inspect.signature(unet.forward) == expected and "encoder_hidden_states" in expected.parameters
+
+
+# --- precision: similarities are scored in float32 ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_blocks_pick_the_partners_of_tomesd_in_float32(dtype):
+    """Near-tied scores rounded to fp16/bf16 pick other partners. Scored in float32, a
+    half-precision block input merges exactly as tomesd merges the same values upcast
+    to float32 (and as this block does in float32)."""
+    from tomesd.merge import bipartite_soft_matching_random2d
+
+    from tome.patch._diffusers import _Step
+
+    unet = make_unet()
+    tome.patch.diffusers(unet, ratio=0.5, use_rand=False)
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    step = _Step(unet._tome_settings, 1, 32, 32, None)
+    x = torch.randn(2, 32 * 32, 32, generator=torch.Generator().manual_seed(5)).to(dtype)
+    one_hot = torch.eye(32 * 32).expand(2, -1, -1)  # row i: token i; merged and unmerged, the rows show the groups
+
+    def groups(merge, unmerge):
+        return unmerge(merge(one_hot, mode="mean")) > 0
+
+    merge, unmerge = bipartite_soft_matching_random2d(x.float(), 32, 32, 2, 2, int(32 * 32 * 0.5), no_rand=True)
+    want = groups(merge, unmerge)
+    for inputs in (x, x.float()):
+        plan = block._tome_plan(inputs, step).assignment
+        assert torch.equal(groups(plan.merge, plan.unmerge), want)
+    assert plan.merge(x).dtype == dtype  # the values themselves merge in the model's dtype
+
+
+@pytest.mark.parametrize("mode", ["tokens", "kv"])
+def test_every_matching_of_a_bf16_model_scores_in_float32(mode, monkeypatch):
+    import tome.merge
+
+    seen = []
+    original = tome.merge.match_stride_2d
+    monkeypatch.setattr(tome.merge, "match_stride_2d", lambda metric, *a, **k: seen.append(metric.dtype) or original(metric, *a, **k))
+    model = _duplicated_transformer().to(torch.bfloat16)
+    tome.patch.diffusers(model, ratio=0.5, mode=mode)
+    with torch.no_grad():
+        model(torch.randn(2, 16, 8, 8, dtype=torch.bfloat16))
+    assert seen and set(seen) == {torch.float32}
+
+
+# --- SD3 and Flux ControlNets; a refused pipeline is left as it was ----------------------------
+
+
+def make_sd3_controlnet(**overrides):
+    from diffusers import SD3ControlNetModel
+
+    config = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+                  pos_embed_max_size=16)
+    return _trained_scale(SD3ControlNetModel(**{**config, **overrides}))
+
+
+def make_flux_controlnet():
+    from diffusers import FluxControlNetModel
+
+    return _trained_scale(FluxControlNetModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    ))
+
+
+def _controlnet_samples(model, inputs):
+    args, kwargs = inputs()
+    cond = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(*args, controlnet_cond=cond, **kwargs)
+    samples = list(out.controlnet_block_samples) + list(getattr(out, "controlnet_single_block_samples", None) or ())
+    return torch.cat([s.flatten() for s in samples])
+
+
+@pytest.mark.parametrize("make,inputs,patch_size", [(make_sd3_controlnet, sd3_inputs, 2), (make_flux_controlnet, flux_inputs, 1)],
+                         ids=["sd3", "flux"])
+def test_sd3_and_flux_controlnets_merge_keys_and_values(make, inputs, patch_size):
+    model = make()
+    before = _controlnet_samples(model, inputs)
+    tome.patch.diffusers(model, ratio=0.5)
+    assert model._tome_patch_size == patch_size  # SD3's ControlNet patchifies 2x2 latent pixels, like SD3
+    assert model.mode == "kv" and model._tome_info["merging_blocks"] == 2
+    # A wrong patch size gives a grid that does not cover the image tokens: nothing would merge.
+    assert (_controlnet_samples(model, inputs) - before).abs().max() > 1e-3
+    model.ratio = 0.0
+    assert torch.equal(_controlnet_samples(model, inputs), before)
+    model.ratio = 0.5
+    tome.remove_patch(model)
+    assert torch.equal(_controlnet_samples(model, inputs), before)
+
+
+def _sd3_controlnet_pipeline(controlnet):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3ControlNetPipeline
+
+    return StableDiffusion3ControlNetPipeline(
+        transformer=make_sd3(), controlnet=controlnet, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def test_sd3_and_flux_controlnet_pipelines_are_patched_whole():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
+
+    flux = FluxControlNetPipeline(
+        transformer=make_flux(), controlnet=make_flux_controlnet(), scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    )
+    for pipe in (_sd3_controlnet_pipeline(make_sd3_controlnet()), flux):
+        tome.apply_patch(pipe, ratio=0.5)
+        assert tome.patch.is_patched(pipe.transformer) and tome.patch.is_patched(pipe.controlnet)
+        tome.remove_patch(pipe)
+        assert not tome.patch.is_patched(pipe.transformer) and not tome.patch.is_patched(pipe.controlnet)
+
+
+def test_a_refused_pipeline_is_left_as_it_was():
+    # SD 3.5 Large's ControlNet takes tokens the transformer embedded: no grid, not supported
+    pipe = _sd3_controlnet_pipeline(make_sd3_controlnet(joint_attention_dim=None, use_pos_embed=False))
+    with pytest.raises(TypeError, match="SD3ControlNetModel with SD3SingleTransformerBlocks"):
+        tome.apply_patch(pipe, ratio=0.5)
+    assert not [m for m in pipe.transformer.modules() if tome.patch.is_patched(m)]
+    assert not [k for m in pipe.transformer.modules() for k in vars(m) if k.startswith("_tome")]
+    # An option the second denoiser refuses: this ControlNet has attention in its middle block (x2) only.
+    pipe = _pipeline(controlnet=lambda unet: ControlNetModel(
+        block_out_channels=(32, 32), down_block_types=("DownBlock2D", "DownBlock2D"), layers_per_block=1,
+        cross_attention_dim=CONTEXT, attention_head_dim=8, norm_num_groups=8, conditioning_channels=3,
+        conditioning_embedding_out_channels=(16,)))
+    with pytest.raises(ValueError, match=r"no transformer block of ControlNetModel.*max_downsample=1"):
+        tome.apply_patch(pipe, ratio=0.5, max_downsample=1)
+    assert not tome.patch.is_patched(pipe.unet) and "_tome_lowest_level" not in vars(pipe.unet)
+    tome.apply_patch(pipe, ratio=0.3)  # max_downsample=None: x1 in the UNet, x2 in the ControlNet
+    with pytest.raises(ValueError, match="max_downsample=1"):
+        tome.apply_patch(pipe, ratio=0.6, max_downsample=1)
+    assert pipe.unet.ratio == pipe.controlnet.ratio == 0.3 and pipe.unet.max_downsample is None
+
+
+# --- Stable Video Diffusion ------------------------------------------------------------------
+
+
+def make_svd_unet():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    return _trained_scale(UNetSpatioTemporalConditionModel(
+        sample_size=16, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, cross_attention_dim=16,
+        num_attention_heads=(2, 2), num_frames=3,
+    ))
+
+
+def svd_inputs(frames=3):
+    gen = torch.Generator().manual_seed(7)
+    return (torch.randn(2, frames, 8, 16, 16, generator=gen), torch.tensor(10.0),
+            torch.randn(2, 1, 16, generator=gen), torch.randn(2, 3, generator=gen))
+
+
+def test_stable_video_diffusion_merges_in_its_spatial_blocks_only():
+    unet = make_svd_unet()
+    inputs = svd_inputs()
+    before = run(unet, inputs)
+    spatial, temporal = [], []
+    for name, module in unet.named_modules():
+        if name.endswith("attn1.to_q"):
+            calls = temporal if "temporal_transformer_blocks" in name else spatial
+            module.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(tuple(a[0].shape)))
+    tome.patch.diffusers(unet, ratio=0.5)
+    info = unet._tome_info
+    assert info["mode"] == "tokens" and (info["merging_blocks"], info["blocks"]) == (3, 4)
+    assert len(info["skipped_blocks"]) == 4 and all("temporal_transformer_blocks" in n for n in info["skipped_blocks"])
+    assert "merging in 3 of 4 transformer blocks" in info["description"] and "4 temporal/other blocks" in info["description"]
+    spatial.clear(), temporal.clear()
+    assert (run(unet, inputs) - before).abs().max() > 1e-2
+    # every frame of both samples merges its 16x16 grid to 128 tokens; attention over frames sees all 3
+    assert spatial.count((2 * 3, 128, 32)) == 3 and (2 * 3, 64, 32) in spatial
+    assert temporal and {shape[1] for shape in temporal} == {3}
+    unet.ratio = 0.0
+    assert torch.equal(run(unet, inputs), before)
+    unet.ratio = 0.5
+    tome.remove_patch(unet)
+    assert torch.equal(run(unet, inputs), before)
+
+
+def test_stable_video_diffusion_refuses_gradient_checkpointing_while_merging():
+    unet = make_svd_unet()
+    unet.enable_gradient_checkpointing()
+    tome.patch.diffusers(unet, ratio=0.5)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        unet(*svd_inputs())
+    with torch.no_grad():
+        run(unet, svd_inputs())  # inference does not recompute anything
+
+
+def test_an_unreadable_token_grid_warns_instead_of_merging_silently():
+    model = make_flux()
+    args, kwargs = flux_inputs()
+    tome.patch.diffusers(model, ratio=0.5)
+    kwargs["img_ids"] = kwargs["img_ids"] + torch.tensor([0.0, 1.0, 0.0])  # rows 1..6: no 6x4 grid from 0
+    with pytest.warns(RuntimeWarning, match="could not read the token grid"), torch.no_grad():
+        model(*args, **kwargs)

@@ -22,12 +22,23 @@ turns it into a plan for its own attention modules, which receive it through the
 same dictionary. Every block variant (PixArt's ``ada_norm_single``, positional
 embeddings, GLIGEN, feed-forward chunking) keeps its own forward, and the
 attention processors in use (sdpa, xformers, IP-Adapter, LoRA) keep running.
+Denoisers whose forward does not pass that dictionary to their blocks (Stable
+Video Diffusion's UNet, the SD3 and Flux ControlNets) hand the state over in a
+context variable set while their forward runs. A merging module that runs
+without the state of a denoiser set to merge (its patched forward was bypassed)
+warns, and so does a denoiser none of whose merging blocks received it.
+
+Similarities are scored in float32 whatever the model's dtype (see
+:func:`match_stride_2d`), so fp16 and bf16 models pick the partners their inputs
+upcast to float32 would.
 """
 
+import contextvars
 import dataclasses
 import inspect
 import math
 import re
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -35,8 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..merge import TokenAssignment, hashed_stride_choice, match_stride_2d, sign_projection
-from ._lifecycle import is_patched, register_family, swap_class, with_parent_signature
+from .. import merge as _merge
+from ..merge import TokenAssignment, hashed_stride_choice, sign_projection
+from ._lifecycle import register_family, swap_class, with_parent_signature
 
 __all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
 
@@ -47,11 +59,17 @@ _KEY = "tome"
 
 # Transformers whose BasicTransformerBlocks mix image tokens of one frame (merging
 # is spatial). Blocks of any other owner (AnimateDiff motion modules, temporal
-# transformers of video UNets) attend over frames and are never merged.
+# transformers of video UNets) attend over frames and are never merged; nor are
+# the TemporalBasicTransformerBlocks of Stable Video Diffusion.
 _SPATIAL_OWNERS = (
     "Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
-    "FluxTransformer2DModel",
+    "FluxTransformer2DModel", "SD3ControlNetModel", "FluxControlNetModel", "TransformerSpatioTemporalModel",
 )
+_TEMPORAL_BLOCKS = ("TemporalBasicTransformerBlock",)
+# Denoisers whose forward calls its transformer blocks without the attention kwargs it
+# takes (or takes none): the per-forward state reaches their blocks through a context
+# variable set for the duration of the denoiser's forward instead.
+_VIA_CONTEXT = ("UNetSpatioTemporalConditionModel", "SD3ControlNetModel", "FluxControlNetModel")
 # Block class -> where its joint attention puts the image tokens among the keys
 # ("" for BasicTransformerBlock, whose self-attention sees image tokens only).
 _BLOCKS = {
@@ -145,6 +163,9 @@ class _Step:
     height: int  # token grid of the highest-resolution level (downsample 1)
     width: int
     key: Optional[torch.Tensor]  # seed and timestep mixed; None when destinations are fixed
+    # One entry per merging module that received this state (filled outside torch.compile
+    # only): a forward whose list stays empty ran none of them, see _Owner.
+    received: List[str] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def grid(self, num_tokens: int) -> Optional[Tuple[int, int]]:
         """The ``(height, width)`` of a level with ``num_tokens`` tokens, if it merges."""
@@ -261,21 +282,98 @@ def _set_arg(args: tuple, kwargs: Dict[str, Any], name: str, index: int, value: 
     return args
 
 
+def match_stride_2d(metric: torch.Tensor, height: int, width: int, sx: int, sy: int, r: int,
+                    choice: Optional[torch.Tensor] = None) -> Optional[TokenAssignment]:
+    """:func:`tome.merge.match_stride_2d` with the similarities computed in float32.
+
+    Near-tied scores rounded to fp16 or bf16 pick other partners (a few in every
+    thousand tokens of an SD 1.5 block), so the merge would depend on the precision
+    and on the batch a sample runs in. Scoring in float32 gives fp16 and bf16 models
+    the partners of the same inputs upcast to float32; a float32 metric is used as is.
+    """
+    return _merge.match_stride_2d(metric.float(), height, width, sx, sy, r, choice)
+
+
+# Whether torch.compile is tracing (a constant to it): the runtime checks that warn are
+# skipped there. torch.compiler.is_compiling is torch >= 2.3.
+_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+# The per-forward state of a denoiser that does not hand attention kwargs to its blocks
+# (see _VIA_CONTEXT); set only while that denoiser's forward runs, per thread.
+_CONTEXT_STEP: contextvars.ContextVar[Optional[_Step]] = contextvars.ContextVar("tome_diffusers_step", default=None)
+
+
+class _Owner:
+    """What the merging modules of a patched denoiser know of it, shared by all of them
+    (and updated when an option changes): its class, settings, and how its per-forward
+    state arrives. It lets a module that ran without that state say so."""
+
+    def __init__(self, denoiser: str, settings: DiffusionSettings, via_context: bool) -> None:
+        self.denoiser, self.settings, self.via_context = denoiser, settings, via_context
+
+    def context_step(self) -> Optional[_Step]:
+        return _CONTEXT_STEP.get() if self.via_context else None
+
+    def missed(self, module: nn.Module) -> None:
+        """A merging module ran without the per-forward state of its denoiser: warn if the
+        denoiser is set to merge (its patched forward was bypassed)."""
+        if self.settings.ratio == 0 or _compiling():
+            return
+        warnings.warn(
+            f"{self.denoiser} is patched to merge tokens (ratio={self.settings.ratio}), but its "
+            f"{type(module).__name__} ran without the state that the patched {self.denoiser}.forward hands "
+            f"down, so nothing merges: the denoiser's patched forward did not run. A wrapper or hook that kept "
+            f"the unpatched forward (other than accelerate's and diffusers' hooks, which follow the patch) "
+            f"bypasses it; patch before wrapping, or call the model itself rather than its blocks.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _unreached(denoiser: nn.Module) -> None:
+    if _compiling():
+        return
+    warnings.warn(
+        f"{type(denoiser).__name__} is patched to merge tokens ({denoiser._tome_info['merging_blocks']} merging "
+        f"blocks, ratio={denoiser._tome_settings.ratio}), but none of its patched transformer blocks received "
+        f"the merge state in this forward, so nothing merged: their patched forward was bypassed, for example "
+        f"by a wrapper that kept a block's unpatched forward. Patch before wrapping the blocks.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 class ToMeDiffusersAttentionMixin:
     """An attention module of a merging block: with a plan in its keyword arguments it
     runs on merged tokens (``tokens``) or merged keys and values (``kv``); otherwise it
     is the original module. Its own hooks see its usual input and output."""
 
     _tome_keep_name = True
-    _tome_role: str = "self"  # "self" for a block's attn1, "cross" for attn2, "joint" for SD3/Flux attention
+    # "self" for a block's attn1, "cross" for its attn2, "joint" for the attention modules of
+    # SD3/Flux blocks (which take the per-forward state directly: no block in between)
+    _tome_role: str = "self"
     _tome_image_at: str = "start"  # where the image tokens sit among the keys ("start" or "end")
     _tome_block_key: int = 0
+    _tome_owner: Optional[_Owner] = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = kwargs.pop(_KEY, None)
-        if plan is None:
-            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-        if isinstance(plan, _Step):  # joint attention (SD3, Flux): no block in between
+        if self._tome_role != "joint":
+            if not isinstance(plan, _Plan):  # no plan, or a _Step its block's patched forward never saw
+                return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        else:
+            owner = self._tome_owner
+            if plan is None and owner is not None:
+                plan = owner.context_step()
+            if plan is None:
+                if owner is not None:
+                    owner.missed(self)
+                return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+            if not _compiling():
+                plan.received.append(type(self).__name__)
+            if plan.height * plan.width == 0:  # the denoiser could not read the token grid
+                return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
             s = plan.settings
             cells = (plan.height // s.sy, plan.width // s.sx)
             plan = _Plan(None, (plan.height, plan.width, plan.choice(hidden_states.shape[0], cells, self._tome_block_key)), plan)
@@ -324,14 +422,24 @@ class ToMeDiffusersBlockMixin:
     _tome_keep_name = True
     _tome_spatial: bool = False
     _tome_block_key: int = 0
+    _tome_owner: Optional[_Owner] = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         full = (hidden_states,) + args
         cross, index = _get_arg(self, full, kwargs, "cross_attention_kwargs")  # type: ignore[arg-type]
-        if not cross or _KEY not in cross:
+        cross = dict(cross or {})
+        step: Optional[_Step] = cross.pop(_KEY, None)
+        if step is None and self._tome_spatial:
+            owner = self._tome_owner
+            step = owner.context_step() if owner is not None else None
+            if step is None:
+                if owner is not None:
+                    owner.missed(self)
+                return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if step is None:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-        cross = dict(cross)
-        step: _Step = cross.pop(_KEY)
+        if self._tome_spatial and not _compiling():
+            step.received.append(type(self).__name__)
         plan = self._tome_plan(hidden_states, step) if self._tome_spatial else None
         if plan is not None:
             cross[_KEY] = plan
@@ -361,9 +469,9 @@ class ToMeDiffusersBlockMixin:
         choice = step.choice(x.shape[0], (height // s.sy, width // s.sx), self._tome_block_key)
         if s.mode == "kv":
             return _Plan(None, (height, width, choice), step)
-        metric = x
+        metric = x.float()  # scored in float32, see match_stride_2d
         if s.match_channels is not None and s.match_channels < x.shape[-1]:
-            metric = x @ sign_projection(x.shape[-1], s.match_channels, x.device, x.dtype)
+            metric = metric @ sign_projection(x.shape[-1], s.match_channels, x.device, torch.float32)
         assignment = match_stride_2d(metric, height, width, s.sx, s.sy, int(x.shape[1] * s.ratio), choice)
         return None if assignment is None else _Plan(assignment, None, step)
 
@@ -376,9 +484,10 @@ def _settings_property(name: str) -> property:
         settings = dataclasses.replace(self.__dict__["_tome_settings"], **{name: value})
         if settings.mode is None:
             settings = dataclasses.replace(settings, mode=_default_mode(self))
-        _check_merges(self, settings)
+        _check_merges(self, settings, self._tome_lowest_level)
         self.__dict__["_tome_settings"] = settings
-        self.__dict__["_tome_info"] = _summary(self, settings)
+        self.__dict__["_tome_info"] = _summary(self, settings, self._tome_lowest_level)
+        self._tome_owner.settings = settings
 
     return property(get, set_, doc=f"ToMe option ``{name}`` (see :func:`tome.patch.diffusers`).")
 
@@ -390,6 +499,7 @@ class ToMeDiffusersModelMixin:
     _tome_patch_size: int = 1
     _tome_kwargs_name: str = "cross_attention_kwargs"
     _tome_input: str = "sample"
+    _tome_owner: Optional[_Owner] = None
 
     @with_parent_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -399,21 +509,50 @@ class ToMeDiffusersModelMixin:
         sample, _ = _get_arg(self, args, kwargs, self._tome_input)
         grid = self._tome_grid(sample, args, kwargs)
         if grid is None:
-            return super().forward(*args, **kwargs)  # type: ignore[misc]
+            self._tome_no_grid(sample)
+            grid = (0, 0)  # the blocks still get the state (so they do not report a bypass) and merge nothing
         timestep, _ = _get_arg(self, args, kwargs, "timestep")
         step = _Step(
             settings=settings,
-            max_downsample=_resolve_max_downsample(self, settings),  # type: ignore[arg-type]
+            max_downsample=_resolve_max_downsample(settings, self._tome_lowest_level),  # type: ignore[attr-defined]
             height=grid[0],
             width=grid[1],
-            key=_step_key(settings, timestep, sample.device) if settings.use_rand else None,
+            key=_step_key(settings, timestep, sample.device) if settings.use_rand and grid[0] else None,
         )
-        name = self._tome_kwargs_name
-        extra, index = _get_arg(self, args, kwargs, name)
-        extra = dict(extra or {})
-        extra[_KEY] = step
-        args = _set_arg(args, kwargs, name, index, extra)
-        return super().forward(*args, **kwargs)  # type: ignore[misc]
+        if self._tome_owner.via_context:  # type: ignore[union-attr]
+            if torch.is_grad_enabled() and self.is_gradient_checkpointing:  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"{type(self).__name__} does not pass attention kwargs to its transformer blocks, so the merge "
+                    "state reaches them only while its forward runs, not when gradient checkpointing recomputes "
+                    "them in backward; disable gradient checkpointing or set ratio=0 for training"
+                )
+            token = _CONTEXT_STEP.set(step)
+            try:
+                out = super().forward(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                _CONTEXT_STEP.reset(token)
+        else:
+            name = self._tome_kwargs_name
+            extra, index = _get_arg(self, args, kwargs, name)
+            extra = dict(extra or {})
+            extra[_KEY] = step
+            args = _set_arg(args, kwargs, name, index, extra)
+            out = super().forward(*args, **kwargs)  # type: ignore[misc]
+        if not step.received:
+            _unreached(self)
+        return out
+
+    def _tome_no_grid(self, sample: Any) -> None:
+        if _compiling():
+            return
+        shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+        warnings.warn(
+            f"{type(self).__name__} is patched to merge tokens (ratio={self._tome_settings.ratio}), but could not "
+            f"read the token grid of this call ({self._tome_input} {shape}; packed tokens need img_ids whose "
+            "height x width covers every one of them), so nothing merged in this call",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _tome_grid(self, sample: Any, args: tuple, kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
         """The token grid ``(height, width)`` at full resolution, from the input latent
@@ -494,10 +633,10 @@ def _blocks(denoiser: nn.Module) -> Iterator[Tuple[str, nn.Module, bool, int]]:
         yield name, module, spatial, levels.get(stage, 1)
 
 
-def _summary(denoiser: nn.Module, settings: DiffusionSettings) -> Dict[str, Any]:
-    max_downsample = _resolve_max_downsample(denoiser, settings)
+def _summary(denoiser: nn.Module, settings: DiffusionSettings, lowest_level: int) -> Dict[str, Any]:
+    max_downsample = _resolve_max_downsample(settings, lowest_level)
     per_level: Dict[int, List[int]] = {}
-    skipped = []
+    skipped = [name for name, module in denoiser.named_modules() if type(module).__name__ in _TEMPORAL_BLOCKS]
     for name, _, spatial, downsample in _blocks(denoiser):
         if not spatial:
             skipped.append(name)
@@ -534,11 +673,11 @@ def _summary(denoiser: nn.Module, settings: DiffusionSettings) -> Dict[str, Any]
     }
 
 
-def _check_merges(denoiser: nn.Module, settings: DiffusionSettings) -> None:
+def _check_merges(denoiser: nn.Module, settings: DiffusionSettings, lowest_level: int) -> None:
     settings.validate()
     if settings.mode == "tokens" and not settings.merge_attn and not settings.merge_crossattn and not settings.merge_mlp:
         raise ValueError("merge_attn, merge_crossattn and merge_mlp are all False: nothing would be merged")
-    summary = _summary(denoiser, settings)
+    summary = _summary(denoiser, settings, lowest_level)
     if summary["merging_blocks"] == 0:
         levels = sorted(summary["levels"])
         raise ValueError(
@@ -548,18 +687,19 @@ def _check_merges(denoiser: nn.Module, settings: DiffusionSettings) -> None:
         )
 
 
-def _resolve_max_downsample(denoiser: nn.Module, settings: DiffusionSettings) -> int:
+def _resolve_max_downsample(settings: DiffusionSettings, lowest_level: int) -> int:
     """``max_downsample``, with ``None`` meaning the highest-resolution level that has attention."""
     if settings.max_downsample is not None:
         return settings.max_downsample
-    return denoiser._tome_lowest_level
+    return lowest_level
 
 
-def _swap_attention(attn: nn.Module, role: str, image_at: str, key: int) -> None:
+def _swap_attention(attn: nn.Module, role: str, image_at: str, key: int, owner: _Owner) -> None:
     swap_class(attn, ToMeDiffusersAttentionMixin)
     object.__setattr__(attn, "_tome_role", role)
     object.__setattr__(attn, "_tome_image_at", image_at)
     object.__setattr__(attn, "_tome_block_key", key)
+    object.__setattr__(attn, "_tome_owner", owner)
 
 
 def _default_mode(denoiser: nn.Module) -> str:
@@ -568,10 +708,36 @@ def _default_mode(denoiser: nn.Module) -> str:
     return "tokens" if kinds == {"BasicTransformerBlock"} else "kv"
 
 
-def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Module:
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """Everything patching one denoiser needs, worked out (and checked) before anything changes."""
+
+    denoiser: nn.Module
+    settings: DiffusionSettings
+    blocks: List[Tuple[str, nn.Module, bool, int]]
+    lowest_level: int
+    patch_size: int
+    via_context: bool
+
+
+def _prepare(denoiser: nn.Module, settings: DiffusionSettings) -> _Prepared:
+    """Check that ``denoiser`` can be patched with ``settings``; change nothing.
+
+    Raises:
+        TypeError: if it is not a diffusers model or has no transformer block over image tokens.
+        ValueError: if no block would merge under ``settings``.
+    """
+    if not _is_diffusers_model(denoiser):
+        raise TypeError(f"{type(denoiser).__name__} is not a diffusers model")
     blocks = list(_blocks(denoiser))
     spatial_levels = sorted({d for _, _, spatial, d in blocks if spatial})
     if not spatial_levels:
+        if any(type(m).__name__ == "SD3SingleTransformerBlock" for m in denoiser.modules()):
+            raise TypeError(
+                f"{type(denoiser).__name__} with SD3SingleTransformerBlocks (the SD 3.5 Large ControlNet) takes "
+                "tokens the transformer already embedded, so their grid cannot be read and they are not merged; "
+                "supported ControlNets: ControlNetModel, SD3ControlNetModel with its own pos_embed, FluxControlNetModel"
+            )
         raise TypeError(
             f"{type(denoiser).__name__} has no transformer block over image tokens "
             f"(looked for {', '.join(_BLOCKS)} inside {', '.join(_SPATIAL_OWNERS)}); nothing to merge"
@@ -583,20 +749,25 @@ def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Modu
             f"mode='tokens' needs BasicTransformerBlocks; {type(denoiser).__name__} uses joint attention "
             "(SD3, Flux): use mode='kv' (or mode=None)"
         )
-    if "controlnet_cond" in inspect.signature(type(denoiser).forward).parameters or hasattr(denoiser, "down_blocks"):
+    _check_merges(denoiser, settings, spatial_levels[0])
+    if hasattr(denoiser, "down_blocks"):  # UNets and their ControlNets: one token per latent pixel
         patch_size = 1
-    else:
+    else:  # DiTs and their ControlNets (SD3's patchifies 2 x 2 latent pixels into a token)
         patch_size = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
-    was_patched = is_patched(denoiser)
-    denoiser.__dict__["_tome_lowest_level"] = spatial_levels[0]
-    try:
-        _check_merges(denoiser, settings)
-    except ValueError:
-        if not was_patched:
-            denoiser.__dict__.pop("_tome_lowest_level")
-        raise
+    parameters = _parameters(denoiser)
+    via_context = type(denoiser).__name__ in _VIA_CONTEXT or not (
+        {"cross_attention_kwargs", "joint_attention_kwargs"} & set(parameters)
+    )
+    return _Prepared(denoiser, settings, blocks, spatial_levels[0], patch_size, via_context)
+
+
+def _patch_denoiser(prepared: _Prepared) -> nn.Module:
+    denoiser, settings = prepared.denoiser, prepared.settings
+    owner = _Owner(type(denoiser).__name__, settings, prepared.via_context)
     swap_class(denoiser, ToMeDiffusersModelMixin)
-    object.__setattr__(denoiser, "_tome_patch_size", patch_size)
+    denoiser.__dict__["_tome_lowest_level"] = prepared.lowest_level
+    object.__setattr__(denoiser, "_tome_patch_size", prepared.patch_size)
+    object.__setattr__(denoiser, "_tome_owner", owner)
     parameters = _parameters(denoiser)
     object.__setattr__(denoiser, "_tome_input", parameters[0])
     kwargs_name = "joint_attention_kwargs" if "joint_attention_kwargs" in parameters else "cross_attention_kwargs"
@@ -604,28 +775,29 @@ def _patch_denoiser(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Modu
     object.__setattr__(
         denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", "img_ids", kwargs_name)
     )
-    for key, (_, block, spatial, _) in enumerate(blocks):
+    for key, (_, block, spatial, _) in enumerate(prepared.blocks):
         image_at = _BLOCKS[_block_kind(block)]  # type: ignore[index]
         if image_at:  # joint attention: the attention modules take the per-forward state directly
-            for role, attr in (("joint", "attn"), ("self", "attn2")):
+            for attr, where in (("attn", image_at), ("attn2", "start")):  # attn2: SD3.5's image self-attention
                 attn = getattr(block, attr, None)
                 if spatial and attn is not None:
-                    _swap_attention(attn, role, image_at if role == "joint" else "start", key)
+                    _swap_attention(attn, "joint", where, key, owner)
             continue
         swap_class(block, ToMeDiffusersBlockMixin)
         object.__setattr__(block, "_tome_arg_index", _positions(block, "cross_attention_kwargs"))
         object.__setattr__(block, "_tome_spatial", spatial)
         object.__setattr__(block, "_tome_block_key", key)
+        object.__setattr__(block, "_tome_owner", owner)
         if not spatial:
             continue
         for role, attr in (("self", "attn1"), ("cross", "attn2")):
             attn = getattr(block, attr, None)
             if attn is not None:
-                _swap_attention(attn, role, "start", key)
+                _swap_attention(attn, role, "start", key, owner)
         if getattr(block, "ff", None) is not None:
             swap_class(block.ff, ToMeDiffusersFeedForwardMixin)
     denoiser.__dict__["_tome_settings"] = settings
-    denoiser.__dict__["_tome_info"] = _summary(denoiser, settings)
+    denoiser.__dict__["_tome_info"] = _summary(denoiser, settings, prepared.lowest_level)
     return denoiser
 
 
@@ -666,15 +838,17 @@ def diffusers(
     ToMe for Stable Diffusion (Bolya & Hoffman, CVPRW 2023) with ``mode="tokens"``;
     key/value merging with proportional attention with ``mode="kv"`` (see the
     module docstring and ``docs/diffusion.md``). A pipeline has each denoiser it
-    holds patched (``unet``, ``transformer`` and every ``controlnet``). The options
+    holds patched (``unet``, ``transformer`` and every ``controlnet``); each is
+    checked before any is changed, so a refused pipeline is left as it was. The options
     stay readable and settable on every patched denoiser (``pipe.unet.ratio = 0.3``);
     ``denoiser._tome_info`` and ``print(denoiser)`` say which blocks merge.
     Patching again only changes the options; ``tome.remove_patch`` undoes it exactly.
 
     Args:
         model: A ``DiffusionPipeline`` or a diffusers model (``UNet2DConditionModel``,
-            ``ControlNetModel``, ``UNetMotionModel``, ``PixArtTransformer2DModel``,
-            ``Transformer2DModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``).
+            ``ControlNetModel``, ``UNetMotionModel``, ``UNetSpatioTemporalConditionModel``,
+            ``PixArtTransformer2DModel``, ``Transformer2DModel``, ``SD3Transformer2DModel``,
+            ``SD3ControlNetModel``, ``FluxTransformer2DModel``, ``FluxControlNetModel``).
         ratio: Fraction of a level's tokens merged away, in ``[0, 1)``; ``r = int(tokens * ratio)``,
             capped at the non-destination tokens (``1 - 1/(sx*sy)`` of them). 0 is the unpatched model.
         max_downsample: Merge in levels at most this far below the latent (1, 2, 4, 8, as
@@ -698,9 +872,10 @@ def diffusers(
         ``model``, patched.
 
     Raises:
-        TypeError: if ``model`` is not a diffusers pipeline or model with transformer blocks.
-        ValueError: for an invalid option, or when no block would merge (for example
-            ``max_downsample=1`` on SDXL, whose highest-resolution level has no attention).
+        TypeError: if ``model`` (or a denoiser of the pipeline) is not a diffusers model with
+            transformer blocks over image tokens.
+        ValueError: for an invalid option, or when no block of some denoiser would merge (for
+            example ``max_downsample=1`` on SDXL, whose highest-resolution level has no attention).
     """
     if not is_diffusers(model):
         raise TypeError(
@@ -722,8 +897,7 @@ def diffusers(
         match_channels=match_channels,
     )
     settings.validate()
-    for denoiser in _denoisers(model):
-        if not _is_diffusers_model(denoiser):
-            raise TypeError(f"{type(denoiser).__name__} is not a diffusers model")
-        _patch_denoiser(denoiser, settings)
+    # Every denoiser is checked before any is changed: a refused pipeline stays as it was.
+    for prepared in [_prepare(denoiser, settings) for denoiser in _denoisers(model)]:
+        _patch_denoiser(prepared)
     return model

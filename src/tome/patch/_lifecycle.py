@@ -49,7 +49,7 @@ _INSTANCE_ATTRS = (
     "_tome_feature",
     # diffusers
     "_tome_settings", "_tome_lowest_level", "_tome_patch_size", "_tome_spatial", "_tome_block_key", "_tome_role",
-    "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at",
+    "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at", "_tome_owner",
 )
 
 _CLASS_CACHE: Dict[Tuple[Tuple[type, ...], type], type] = {}
@@ -251,24 +251,66 @@ def _rebuild_swapped(parent: type, mixins: Tuple[type, ...]) -> nn.Module:
     return module
 
 
+def _bound_forwards(module: nn.Module) -> List[Tuple[Any, str]]:
+    """``(holder, attribute)`` of every place a hook library keeps ``module``'s own forward.
+
+    A hook added to a module replaces its ``forward`` by an instance attribute and keeps
+    the forward it replaced, bound to the module's class at that time, to call it from
+    the hook: accelerate in ``module._old_forward`` (``add_hook_to_module``, used by
+    ``cpu_offload_with_hook``, ``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``
+    and ``dispatch_model``), diffusers in the first link of its hook registry
+    (``module._diffusers_hook``: group offloading, caches, layerwise casting). A hook
+    removed again leaves that bound forward in ``module.forward``.
+    """
+    holders: List[Tuple[Any, str]] = [(module, "_old_forward"), (module, "forward")]
+    registry = module.__dict__.get("_diffusers_hook")
+    for ref in getattr(registry, "_fn_refs", None) or ():
+        holders += [(ref, "forward"), (ref, "original_forward")]
+    return holders
+
+
+def _set_class(module: nn.Module, cls: type) -> None:
+    """``module.__class__ = cls``, with every forward a hook kept for ``module`` following it.
+
+    Without this, a hook added before patching keeps calling the forward of the class the
+    module had then, so a patched model would run unpatched while saying it merges (and
+    after ``remove_patch`` a hook added while patched would call a mixin's forward on the
+    restored class). Only forwards bound to this very module and equal to its class's
+    ``forward`` are rebound; any other wrapper is left alone.
+    """
+    old = getattr(type(module), "forward", None)
+    module.__class__ = cls
+    new = getattr(cls, "forward", None)
+    if old is None or new is None or old is new:
+        return
+    for holder, name in _bound_forwards(module):
+        bound = (holder.__dict__ if isinstance(holder, nn.Module) else vars(holder)).get(name)
+        if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is old:
+            object.__setattr__(holder, name, types.MethodType(new, module))
+
+
 def swap_class(module: nn.Module, mixins: Union[type, Tuple[type, ...]]) -> None:
     """Give ``module`` the class ``(*mixins, type(module))``; no-op if already patched.
 
     The new class records its parent (for :func:`remove_patch`) and pickles as
     the parent plus the mixins, so patched models survive ``torch.save(model)``,
-    ``copy.deepcopy`` and multiprocessing.
+    ``copy.deepcopy`` and multiprocessing. Hooks added to the module before
+    (accelerate's offloading and ``device_map`` dispatch, diffusers' hook registry)
+    call the new class's forward from then on.
     """
     if is_patched(module):
         return
     mixins = mixins if isinstance(mixins, tuple) else (mixins,)
-    module.__class__ = _runtime_class(mixins, type(module))
+    _set_class(module, _runtime_class(mixins, type(module)))
 
 
 def remove_patch(model: Any) -> Any:
     """Undo any ToMe patch in place: original classes back, ToMe attributes gone.
 
-    Outputs are then bit-identical to a model that was never patched. Calling it
-    on an unpatched model does nothing.
+    Outputs are then bit-identical to a model that was never patched. Hooks that
+    accelerate or diffusers added to its modules (before or after patching) keep
+    working and call the original forward again. Calling it on an unpatched model
+    does nothing.
 
     Args:
         model: A model patched by any ``tome.patch`` function, or a diffusers
@@ -287,7 +329,7 @@ def remove_patch(model: Any) -> Any:
         return model
     for module in model.modules():
         while is_patched(module):
-            module.__class__ = type(module).__dict__["_tome_parent"]
+            _set_class(module, type(module).__dict__["_tome_parent"])
         for attr in _INSTANCE_ATTRS:
             module.__dict__.pop(attr, None)
     return model
