@@ -403,12 +403,12 @@ register(FamilySpec(
     priority=20,
     exports=True,
     examples=lambda: (
+        Example("siglip_images", tiny_timm("naflexvit_base_patch16_siglip"), example_images, requires=("timm",)),
         # timm's NaFlex embedding of padded batches is compiled with a graph break (torch.compiler.disable)
         # and does not export (its sizes depend on the data): unpatched either.
         Example("gap_padded", tiny_timm("naflexvit_base_patch16_gap"), _padded_batch, requires=("timm",),
                 fullgraph=False, exports=False),
         Example("dinov3_padded", tiny_timm("vit_small_patch16_dinov3", use_naflex=True), _padded_batch,
                 requires=("timm",), fullgraph=False, exports=False),
-        Example("siglip_images", tiny_timm("naflexvit_base_patch16_siglip"), example_images, requires=("timm",)),
     ),
 ))
