@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._schedule import parse_r
+from ._checks import check_attention_pool, check_family, check_own_methods, has_class, refuse_position_augmentation
 from ._lifecycle import (
     ToMeAttentionMixin,
     ToMeBlockMixin,
@@ -44,7 +45,6 @@ from ._lifecycle import (
     original_class,
     patch_model,
     register_family,
-    supported_families,
 )
 from ._shared import (
     POSITION_RULES,
@@ -75,7 +75,7 @@ _MASK_REFUSAL = (
 
 def is_timm_eva(model: nn.Module) -> bool:
     """Whether ``model`` is a timm ``Eva`` (checked by class name and module; timm is not imported)."""
-    return any(cls.__name__ == "Eva" and cls.__module__ == "timm.models.eva" for cls in type(model).__mro__)
+    return has_class(model, "Eva", "timm.models.eva")
 
 
 # ----------------------------------------------------------------------------- rotary positions
@@ -315,12 +315,7 @@ class ToMeEva(ToMeTimmHead):
             blocks = blocks[: stop_after + 1]
         state = self._tome_begin(x, trace_source)
         if rope is not None and any(schedule[: len(blocks)]):
-            if self.training and (self.patch_drop is not None or getattr(self.rope, "aug_active", False)):
-                raise ValueError(
-                    "token merging (r > 0) cannot follow patch dropout or rotary coordinate augmentation "
-                    f"(patch_drop={self.patch_drop}, rope augmentation={getattr(self.rope, 'aug_active', False)}) "
-                    "while training; call model.eval() or set model.r = 0"
-                )
+            refuse_position_augmentation(self)  # type: ignore[arg-type]
             state = replace(state, positions=self._tome_positions(x, grid),
                             position_rule=self._tome_info["rope_position"])
         x, state, removed = run_blocks(blocks, x, state, schedule, self.grad_checkpointing, after_block,
@@ -423,24 +418,13 @@ def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless every part of ``model`` can be run exactly with merging."""
     from timm.models import eva as timm_eva
 
-    name = type(model).__name__
-    if not is_timm_eva(model):
-        raise TypeError(f"tome.patch.eva expects a timm Eva (timm.models.eva), got {name}. "
-                        f"Supported families: {supported_families()}")
+    check_family(model, "eva", is_timm_eva, "a timm Eva (timm.models.eva)")
     own = original_class(model)
-    for method in ("forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool"):
-        if getattr(own, method) is not getattr(timm_eva.Eva, method):
-            raise TypeError(
-                f"{own.__name__} overrides Eva.{method} (defined in {own.__module__}); ToMe runs timm's own "
-                f"{method} with merging and cannot know what the override does"
-            )
+    methods = ("forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool")
+    check_own_methods(model, timm_eva.Eva, methods)
     if model.global_pool not in _SUPPORTED_POOLS:
         raise TypeError(f"{own.__name__} uses global_pool={model.global_pool!r}; supported: {_SUPPORTED_POOLS}")
-    if model.attn_pool is not None and (
-        type(model.attn_pool).__name__ != "AttentionPoolLatent" or getattr(model.attn_pool, "pos_embed", None) is not None
-    ):
-        raise TypeError(f"attention pooling {type(model.attn_pool).__name__} is not supported; "
-                        "supported: AttentionPoolLatent without pos_embed ('map')")
+    check_attention_pool(model)
     if getattr(model, "rope_mixed", False) or (model.rope is not None and type(model.rope).__name__ not in _SUPPORTED_ROPES):
         raise TypeError(
             f"{own.__name__} uses rotary embedding {type(model.rope).__name__}; ToMe supports {_SUPPORTED_ROPES} "

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .._schedule import parse_r
+from ._checks import check_attention_pool, check_family, check_own_methods, has_class, refuse_position_augmentation
 from ._eva import (
     DEFAULT_ROPE_METRIC,
     ToMeEvaAttention,
@@ -44,7 +45,6 @@ from ._lifecycle import (
     original_class,
     patch_model,
     register_family,
-    supported_families,
 )
 from ._shared import ToMeState, padding_bias, run_blocks
 from ._timm import (
@@ -64,9 +64,7 @@ _SUPPORTED_ROPES = ("RotaryEmbeddingDinoV3", "RotaryEmbeddingCat")
 
 def is_timm_naflexvit(model: nn.Module) -> bool:
     """Whether ``model`` is a timm ``NaFlexVit`` (checked by class name and module; timm is not imported)."""
-    return any(
-        cls.__name__ == "NaFlexVit" and cls.__module__ == "timm.models.naflexvit" for cls in type(model).__mro__
-    )
+    return has_class(model, "NaFlexVit", "timm.models.naflexvit")
 
 
 def _unpack(x: Any, patch_coord: Any, patch_valid: Any, attn_mask: Any) -> Tuple[Any, Any, Any, Any]:
@@ -99,12 +97,7 @@ class ToMeNaFlexVit(ToMeModelMixin):
         after_block: Any = None,
     ) -> Tuple[torch.Tensor, ToMeState]:
         """Embeddings and blocks, merging on the schedule; returns the last tokens and state."""
-        if self.training and (self.patch_drop is not None or getattr(self.rope, "aug_active", False)):
-            raise ValueError(
-                "token merging (r > 0) cannot follow patch dropout or rotary coordinate augmentation "
-                f"(patch_drop={self.patch_drop}, rope augmentation={getattr(self.rope, 'aug_active', False)}) "
-                "while training; call model.eval() or set model.r = 0"
-            )
+        refuse_position_augmentation(self)  # type: ignore[arg-type]
         # patch_valid=None: the embedding step builds no (batch, tokens, tokens) mask we would not use.
         embeds = self._forward_embeds(patches, patch_coord=patch_coord, patch_valid=None, attn_mask=None)
         x, rope = embeds["patches"], embeds["rope_embeds"]
@@ -293,19 +286,11 @@ def check_supported(model: nn.Module) -> None:
     from timm.models import eva as timm_eva
     from timm.models import naflexvit as timm_naflex
 
-    if not is_timm_naflexvit(model):
-        raise TypeError(f"tome.patch.naflexvit expects a timm NaFlexVit (timm.models.naflexvit), got "
-                        f"{type(model).__name__}. Supported families: {supported_families()}")
+    check_family(model, "naflexvit", is_timm_naflexvit, "a timm NaFlexVit (timm.models.naflexvit)")
     own = original_class(model)
-    for method in ("forward_features", "forward", "forward_head", "forward_intermediates", "_forward_embeds", "_pool"):
-        if getattr(own, method) is not getattr(timm_naflex.NaFlexVit, method):
-            raise TypeError(f"{own.__name__} overrides NaFlexVit.{method} (defined in {own.__module__}); ToMe runs "
-                            f"timm's own {method} with merging and cannot know what the override does")
-    if model.attn_pool is not None and (
-        type(model.attn_pool).__name__ != "AttentionPoolLatent" or getattr(model.attn_pool, "pos_embed", None) is not None
-    ):
-        raise TypeError(f"attention pooling {type(model.attn_pool).__name__} is not supported; "
-                        "supported: AttentionPoolLatent without pos_embed ('map')")
+    methods = ("forward_features", "forward", "forward_head", "forward_intermediates", "_forward_embeds", "_pool")
+    check_own_methods(model, timm_naflex.NaFlexVit, methods)
+    check_attention_pool(model)
     if model.rope is not None and (model.rope_is_mixed or type(model.rope).__name__ not in _SUPPORTED_ROPES):
         raise TypeError(f"{own.__name__} uses rotary embedding {type(model.rope).__name__}; ToMe supports "
                         f"{_SUPPORTED_ROPES} (rope_type 'axial' and 'dinov3'; not 'mixed' or 'mrope')")

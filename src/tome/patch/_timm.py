@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._dense import unmerge_tokens
+from ._checks import check_attention_pool, check_family, check_own_methods, has_class
 from ._lifecycle import (
     ToMeAttentionMixin,
     ToMeBlockMixin,
@@ -24,7 +25,6 @@ from ._lifecycle import (
     original_class,
     patch_model,
     register_family,
-    supported_families,
 )
 from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention, padding_bias, weighted_mean
 
@@ -35,10 +35,7 @@ _SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 
 def is_timm_vit(model: nn.Module) -> bool:
     """Whether ``model`` is a timm ``VisionTransformer`` (checked by class, timm not imported otherwise)."""
-    return any(
-        cls.__name__ == "VisionTransformer" and cls.__module__ == "timm.models.vision_transformer"
-        for cls in type(model).__mro__
-    )
+    return has_class(model, "VisionTransformer", "timm.models.vision_transformer")
 
 
 class ToMeTimmAttention(ToMeAttentionMixin):
@@ -373,40 +370,23 @@ def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless every part of ``model`` can be run exactly with merging."""
     from timm.models import vision_transformer as vt
 
-    name = type(model).__name__
-    if not is_timm_vit(model):
-        raise TypeError(
-            f"tome.patch.timm expects a timm VisionTransformer (vision_transformer.py, deit.py), "
-            f"got {name}. Supported families: {supported_families()}"
-        )
+    check_family(model, "timm", is_timm_vit, "a timm VisionTransformer (vision_transformer.py, deit.py)")
     own = original_class(model)
-    for method in ("forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool"):
-        impl = getattr(own, method)
-        allowed = (getattr(vt.VisionTransformer, method),)
-        if own.__name__ == "VisionTransformerDistilled" and method in ("forward_head", "_pos_embed"):
-            allowed = (impl,)
-        if impl not in allowed:
-            hint = (
-                " It looks like the MAE code base's ViT (boolean global_pool): use tome.patch.mae(model)."
-                if isinstance(getattr(model, "global_pool", None), bool)
-                else " Supported: timm's VisionTransformer and subclasses that keep its forward methods."
-            )
-            raise TypeError(
-                f"{own.__name__} overrides VisionTransformer.{method} (defined in {own.__module__}); ToMe "
-                f"runs timm's own {method} with merging and cannot know what the override does.{hint}"
-            )
+    methods = ["forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool"]
+    if own.__name__ == "VisionTransformerDistilled":  # its own head and position embedding for two prefix tokens
+        methods = [method for method in methods if method not in ("forward_head", "_pos_embed")]
+    hint = (
+        " It looks like the MAE code base's ViT (boolean global_pool): use tome.patch.mae(model)."
+        if isinstance(getattr(model, "global_pool", None), bool)
+        else " Supported: timm's VisionTransformer and subclasses that keep its forward methods."
+    )
+    check_own_methods(model, vt.VisionTransformer, methods, hint)
     if model.global_pool not in _SUPPORTED_POOLS:
         raise TypeError(
             f"{own.__name__} uses global_pool={model.global_pool!r}, which ToMe cannot weight by token "
             f"size; supported: {_SUPPORTED_POOLS}"
         )
-    if model.attn_pool is not None:
-        if type(model.attn_pool).__name__ != "AttentionPoolLatent" or getattr(model.attn_pool, "pos_embed", None) is not None:
-            raise TypeError(
-                f"attention pooling {type(model.attn_pool).__name__} (with position embedding: "
-                f"{getattr(model.attn_pool, 'pos_embed', None) is not None}) is not supported; "
-                "supported: AttentionPoolLatent without pos_embed ('map')"
-            )
+    check_attention_pool(model)
     check_blocks(model)
 
 
