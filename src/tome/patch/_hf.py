@@ -63,6 +63,7 @@ from ._lifecycle import (
     swap_class,
     with_parent_signature,
 )
+from ._rope import RotaryPositions
 from ._shared import AttentionCall, ToMeForward, attention, padding_bias, weighted_mean
 
 __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
@@ -197,7 +198,10 @@ def _refuse_unsupported_outputs(module: nn.Module, kwargs: Dict[str, Any]) -> No
 class _Ledger:
     """Context for one forward: reuse the active ledger of this model, or start (and record) one."""
 
-    def __init__(self, module: nn.Module, given: Optional[ToMeForward], kwargs: Dict[str, Any]) -> None:
+    def __init__(
+        self, module: nn.Module, given: Optional[ToMeForward], kwargs: Dict[str, Any],
+        positions: Optional[RotaryPositions] = None,
+    ) -> None:
         info = module._tome_info
         # Only models with a module that is called without keyword arguments use the context
         # variable: torch.compile cannot trace ContextVar.set (it would break the graph).
@@ -218,11 +222,13 @@ class _Ledger:
         self.ledger = active
         blocks = module._tome_blocks()
         self.num_blocks = len(blocks)
-        if self.own and active.caller_mask is not None and any(b._tome_block_r > 0 for b in blocks):
-            # While merging, a key-padding mask rides along as token sizes (padding: size 0), so
-            # it merges with the tokens; the masks the model builds from it need not line up.
-            active.padding = key_padding(active.caller_mask)
-            active.caller_mask = None
+        if self.own and any(b._tome_block_r > 0 for b in blocks):
+            active.positions = positions  # carried from the first layer on
+            if active.caller_mask is not None:
+                # While merging, a key-padding mask rides along as token sizes (padding: size 0), so
+                # it merges with the tokens; the masks the model builds from it need not line up.
+                active.padding = key_padding(active.caller_mask)
+                active.caller_mask = None
 
     def __enter__(self) -> ToMeForward:
         if self.use_context:
@@ -359,8 +365,12 @@ class ToMeHFModel(ToMeModelMixin):
     def forward(self, *args: Any, tome: Optional[ToMeForward] = None, **kwargs: Any) -> Any:
         if any(self._tome_schedule()):
             _refuse_unsupported_outputs(self, kwargs)  # type: ignore[arg-type]
-        with _Ledger(self, tome, kwargs) as ledger:  # type: ignore[arg-type]
+        with _Ledger(self, tome, kwargs, self._tome_positions(args, kwargs)) as ledger:  # type: ignore[arg-type]
             return super().forward(*args, tome=ledger, **kwargs)  # type: ignore[misc]
+
+    def _tome_positions(self, args: tuple, kwargs: Dict[str, Any]) -> Optional[RotaryPositions]:
+        """The rotary positions of this forward's tokens (None: the model has no rotary embeddings)."""
+        return None
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

@@ -23,22 +23,14 @@ Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv 2210.09461)
 Dehghani et al., "Patch n' Pack: NaViT", NeurIPS 2023 (arXiv 2307.06304).
 """
 
-from dataclasses import replace
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .._schedule import parse_r
 from ._checks import check_attention_pool, check_family, check_own_methods, has_class, refuse_position_augmentation
-from ._eva import (
-    DEFAULT_ROPE_METRIC,
-    ToMeEvaAttention,
-    ToMeEvaAttentionPlainKeys,
-    ToMeEvaBlock,
-    check_rope_options,
-    rope_angles,
-)
+from ._eva import ToMeEvaAttention, ToMeEvaAttentionPlainKeys, ToMeEvaBlock, rope_angles
 from ._lifecycle import (
     ToMeModelMixin,
     is_patched,
@@ -46,7 +38,8 @@ from ._lifecycle import (
     patch_model,
     register_family,
 )
-from ._shared import ToMeState, padding_bias, run_blocks
+from ._rope import DEFAULT_ROPE_METRIC, RotaryPositions, check_rope_options, token_angles
+from ._shared import ToMeState, padding_bias
 from ._timm import (
     ToMeTimmAttention,
     ToMeTimmBlock,
@@ -101,20 +94,14 @@ class ToMeNaFlexVit(ToMeModelMixin):
         # patch_valid=None: the embedding step builds no (batch, tokens, tokens) mask we would not use.
         embeds = self._forward_embeds(patches, patch_coord=patch_coord, patch_valid=None, attn_mask=None)
         x, rope = embeds["patches"], embeds["rope_embeds"]
-        batch, tokens = x.shape[:2]
-        padding = self._tome_padding(patch_valid, attn_mask, batch, tokens)
-        blocks = list(self.blocks)
-        schedule = parse_r(len(blocks), self._tome_r)
-        if stop_after is not None:
-            blocks = blocks[: stop_after + 1]
-        state = self._tome_begin(x, trace_source, padding)
-        if rope is not None and any(schedule[: len(blocks)]):
-            state = replace(state, positions=self._tome_positions(x, patches, patch_coord),
-                            position_rule=self._tome_info["rope_position"])
-        x, state, removed = run_blocks(blocks, x, state, schedule, self.grad_checkpointing, after_block,
-                                       block_kwargs=None if rope is None else {"rope": rope})
-        self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
-        return x, state
+        padding = self._tome_padding(patch_valid, attn_mask, *x.shape[:2])
+        positions = None
+        if rope is not None:
+            angles = functools.partial(self._tome_positions, patches=patches, patch_coord=patch_coord)
+            positions = RotaryPositions(angles, self._tome_info["rope_position"])
+        return self._tome_run(x, self.grad_checkpointing, stop_after=stop_after, trace_source=trace_source,
+                              after_block=after_block, padding=padding, positions=positions,
+                              block_kwargs=None if rope is None else {"rope": rope})
 
     def _tome_padding(
         self, patch_valid: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor], batch: int, tokens: int
@@ -142,8 +129,7 @@ class ToMeNaFlexVit(ToMeModelMixin):
         prefix = self.num_prefix_tokens
         if patch_coord is None:
             grid = self.embeds.dynamic_feat_size(tuple(patches.shape[-2:]))
-            table = rope_angles(self.rope, grid).to(x.device)
-            return torch.cat([table.new_zeros(prefix, table.shape[1]), table]).unsqueeze(0).expand(x.shape[0], -1, -1)
+            return token_angles(rope_angles(self.rope, grid).to(x.device), prefix, x.shape[0])
         from timm.models.naflexvit import calculate_naflex_grid_sizes
 
         grids = calculate_naflex_grid_sizes(patch_coord)

@@ -22,7 +22,7 @@ model, and a block's hooks see tensors in and out, as they always did.
 
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .._methods import PADDED_RANDOM_REFUSAL, RANDOM_MATCHES, TOME_RULE, LayerRule
 from ..merge import TokenAssignment
+
+if TYPE_CHECKING:
+    from ._rope import RotaryPositions
 
 __all__ = [
     "AttentionCall",
@@ -459,6 +462,9 @@ class ToMeForward:
         # A key-padding mask folded into the first state's sizes: (batch, tokens, 1) float32,
         # 1 for valid tokens and 0 for padding (see ToMeState.padded).
         self.padding: Optional[torch.Tensor] = None
+        # The tokens' rotary positions, carried from the first state on (set by a model with
+        # rotary embeddings when a block merges; see tome.patch._rope).
+        self.positions: Optional["RotaryPositions"] = None
 
     def enter(self, index: int, x: torch.Tensor, r: int) -> BlockCall:
         """The call for block ``index`` on ``x`` ``(batch, tokens, channels)`` with its ``r``."""
@@ -476,6 +482,8 @@ class ToMeForward:
                         "of that shape, or set model.r = 0"
                     )
                 state = self._states[0] = replace(state, size=self.padding, padded=True)
+            if self.positions is not None:
+                state = self._states[0] = self.positions.start(state, x)
         return BlockCall(state, r)
 
     def leave(self, index: int, call: BlockCall) -> None:
