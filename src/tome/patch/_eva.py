@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._attention_body import packed_heads, split_heads
 from ._checks import check_attention_pool, check_family, check_own_methods, has_class, refuse_position_augmentation
 from ._lifecycle import (
     call_attention,
@@ -43,10 +44,9 @@ from ._rope import (
     ToMeRotaryBlockMixin,
     check_rope_options,
     rope_table,
-    rotate_patches,
     token_angles,
 )
-from ._shared import AttentionCall, ToMeState, attention, size_bias
+from ._shared import AttentionCall, ToMeState, size_bias
 from ._timm import ToMeTimmHead, intermediate_collector, pack_intermediates, pool_tokens
 
 __all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC"]
@@ -117,36 +117,34 @@ class ToMeEvaAttention(ToMeRotaryAttentionMixin):
     def _tome_rope_attention(self, x: torch.Tensor, rope: Optional[torch.Tensor], call: AttentionCall) -> torch.Tensor:
         from timm.layers import apply_rot_embed_cat
 
-        batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        if self.qkv is not None:
-            if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                if self.qkv_bias_separate:
-                    qkv = self.qkv(x)
-                    qkv += qkv_bias
-                else:
-                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-            q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q = self.q_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
-            k = self.k_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
-            v = self.v_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
+        q, k, v = self._tome_qkv(x)
         q, k = self.q_norm(q), self.k_norm(k)
-        plain_k = k
+        rotate = None
         if rope is not None:
             rotate = functools.partial(apply_rot_embed_cat, emb=rope, half=getattr(self, "rotate_half", False))
-            q = rotate_patches(q, self.num_prefix_tokens, rotate).type_as(v)
-            k = rotate_patches(k, self.num_prefix_tokens, rotate).type_as(v)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=self.scale, fused=self.fused_attn)
-        out = self.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
+        out = self._tome_attend(call, q, k, v, self.num_prefix_tokens, rotate, dropout_p=dropout_p,
+                                scale=self.scale, fused=self.fused_attn)
+        out = self.norm(out)
         if gate is not None:
             out = out * gate
-        call.metric = (k if self._tome_rotated_metric else plain_k).mean(dim=1)
         return self.proj_drop(self.proj(out))
+
+    def _tome_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``(batch, heads, tokens, head_dim)`` as ``EvaAttention`` projects them."""
+        if self.qkv is None:
+            return tuple(split_heads(proj(x), heads=self.num_heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x)
+                qkv += qkv_bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        return packed_heads(qkv, self.num_heads)
 
 
 class ToMeEvaAttentionPlainKeys(ToMeEvaAttention):

@@ -50,6 +50,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
+from ._attention_body import attend, split_heads
 from ._lifecycle import (
     ToMeAttentionMixin,
     ToMeBlockMixin,
@@ -64,7 +65,7 @@ from ._lifecycle import (
     with_parent_signature,
 )
 from ._rope import RotaryPositions
-from ._shared import AttentionCall, ToMeForward, attention, padding_bias, weighted_mean
+from ._shared import AttentionCall, ToMeForward, padding_bias, weighted_mean
 
 __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
 
@@ -94,19 +95,18 @@ class ToMeHFAttention(ToMeAttentionMixin):
 
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
         q_name, k_name, v_name, out_name, dim_name, scale_name, dropout_name = self._tome_attrs
-        batch, tokens, _ = x.shape
-        shape = (batch, tokens, -1, getattr(self, dim_name))
-        q = getattr(self, q_name)(x).view(shape).transpose(1, 2)
-        k = getattr(self, k_name)(x).view(shape).transpose(1, 2)
-        v = getattr(self, v_name)(x).view(shape).transpose(1, 2)
-        # Models loaded with attn_implementation="eager" get the explicit softmax; every
-        # other implementation gets scaled_dot_product_attention (which takes the bias).
-        fused = getattr(self.config, "_attn_implementation", "sdpa") != "eager"
+        head_dim = getattr(self, dim_name)
+        q, k, v = (split_heads(getattr(self, name)(x), head_dim=head_dim) for name in (q_name, k_name, v_name))
         dropout_p = getattr(self, dropout_name) if self.training else 0.0
-        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=getattr(self, scale_name), fused=fused)
-        out = out.transpose(1, 2).reshape(batch, tokens, -1)
-        call.metric = k.mean(dim=1)
+        out = attend(call, q, k, v, dropout_p=dropout_p, scale=getattr(self, scale_name), fused=fused_attention(self))
         return (getattr(self, out_name)(out) if out_name else out), None
+
+
+def fused_attention(attn: nn.Module) -> bool:
+    """Whether a transformers attention module runs fused attention: models loaded with
+    ``attn_implementation="eager"`` get the explicit softmax; every other implementation
+    gets ``scaled_dot_product_attention`` (which takes the bias)."""
+    return getattr(attn.config, "_attn_implementation", "sdpa") != "eager"
 
 
 class ToMeCLIPAttention(ToMeHFAttention):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import _hf
+from ._attention_body import split_heads
 from ._checks import check_family
 from ._lifecycle import call_attention, is_patched, original_class, patch_model, register_family, swap_class
 from ._rope import (
@@ -34,10 +35,9 @@ from ._rope import (
     ToMeRotaryBlockMixin,
     check_rope_options,
     cos_sin,
-    rotate_patches,
     token_angles,
 )
-from ._shared import AttentionCall, attention
+from ._shared import AttentionCall
 
 __all__ = ["hf_dinov3", "is_hf_dinov3"]
 
@@ -64,21 +64,13 @@ class ToMeDINOv3Attention(ToMeRotaryAttentionMixin):
     def _tome_rope_attention(
         self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], call: AttentionCall
     ) -> Tuple[torch.Tensor, None]:
-        batch, tokens, _ = x.shape
-        shape = (batch, tokens, -1, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        plain_k = k
+        q, k, v = (split_heads(proj(x), head_dim=self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         cos, sin = rope
-        prefix = tokens - cos.shape[-2]  # class and register tokens are not rotated
-        q = rotate_patches(q, prefix, lambda t: t * cos + _rotate_half(t) * sin)
-        k = rotate_patches(k, prefix, lambda t: t * cos + _rotate_half(t) * sin)
-        fused = getattr(self.config, "_attn_implementation", "sdpa") != "eager"
-        dropout_p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=self.scaling, fused=fused)
-        call.metric = (k if self._tome_rotated_metric else plain_k).mean(dim=1)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), None
+        prefix = x.shape[1] - cos.shape[-2]  # class and register tokens are not rotated
+        out = self._tome_attend(call, q, k, v, prefix, lambda t: t * cos + _rotate_half(t) * sin,
+                                dropout_p=self.dropout if self.training else 0.0, scale=self.scaling,
+                                fused=_hf.fused_attention(self))
+        return self.o_proj(out), None
 
 
 class ToMeDINOv3Layer(ToMeRotaryBlockMixin, _hf.ToMeHFLayer):

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from ._attention_body import attend
 from ._lifecycle import ToMeAttentionMixin, ToMeBlockMixin
 from ._shared import POSITION_RULES, AttentionCall, ToMeState
 
@@ -197,3 +198,22 @@ class ToMeRotaryAttentionMixin(ToMeAttentionMixin):
         """Attention of ``x`` ``(batch, tokens, channels)`` rotated by ``rope``, with ``call.bias``;
         sets ``call.metric``."""
         raise NotImplementedError
+
+    def _tome_attend(
+        self,
+        call: AttentionCall,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix_tokens: int,
+        rotate: Optional[Callable[[torch.Tensor], torch.Tensor]],
+        **options: Any,
+    ) -> torch.Tensor:
+        """:func:`~tome.patch._attention_body.attend` after rotating the queries and keys of the
+        tokens after ``prefix_tokens`` by ``rotate`` (None: no rotation), reporting the rotated
+        or the plain keys as :attr:`_tome_rotated_metric` says. ``options``: ``attend``'s."""
+        plain_k = k
+        if rotate is not None:
+            q = rotate_patches(q, prefix_tokens, rotate).type_as(v)
+            k = rotate_patches(k, prefix_tokens, rotate).type_as(v)
+        return attend(call, q, k, v, metric_keys=None if self._tome_rotated_metric else plain_k, **options)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._dense import unmerge_tokens
+from ._attention_body import attend, packed_heads
 from ._checks import check_attention_pool, check_family, check_own_methods, has_class
 from ._lifecycle import (
     ToMeAttentionMixin,
@@ -26,7 +27,7 @@ from ._lifecycle import (
     patch_model,
     register_family,
 )
-from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention, padding_bias, weighted_mean
+from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, padding_bias, weighted_mean
 
 __all__ = ["timm", "apply_to_timm", "is_timm_vit", "is_timm_mae"]
 
@@ -44,18 +45,13 @@ class ToMeTimmAttention(ToMeAttentionMixin):
     _tome_features = ATTENTION_FEATURES
 
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = packed_heads(self.qkv(x), self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=self.scale, fused=self.fused_attn)
-        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        out = self.norm(out)
+        out = self.norm(attend(call, q, k, v, dropout_p=dropout_p, scale=self.scale, fused=self.fused_attn))
         if gate is not None:
             out = out * gate
-        call.report(q, k, v, self.scale)
         return self.proj_drop(self.proj(out))
 
 

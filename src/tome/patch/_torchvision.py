@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._attention_body import attend, packed_heads
 from ._checks import check_family, check_own_methods, has_class
 from ._lifecycle import (
     ToMeAttentionMixin,
@@ -31,7 +32,7 @@ from ._lifecycle import (
     patch_model,
     register_family,
 )
-from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention
+from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState
 
 __all__ = [
     "torchvision",
@@ -91,14 +92,9 @@ class ToMeMultiheadAttention(ToMeAttentionMixin):
 
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
         # x is (batch, tokens, channels), batch-first whatever self.batch_first says.
-        batch, tokens, channels = x.shape
-        heads = self.num_heads
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = packed_heads(F.linear(x, self.in_proj_weight, self.in_proj_bias), self.num_heads)
         # nn.MultiheadAttention applies its dropout to the attention weights, only in training.
-        out = attention(q, k, v, call.bias, dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(batch, tokens, channels)
-        call.report(q, k, v)
+        out = attend(call, q, k, v, dropout_p=self.dropout if self.training else 0.0)
         # The module applies out_proj functionally (its hooks never run), so do the same.
         return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
 
