@@ -47,7 +47,7 @@ from ._rope import (
     token_angles,
 )
 from ._shared import AttentionCall, ToMeState, size_bias
-from ._timm import ToMeTimmHead, intermediate_collector, pack_intermediates, pool_tokens
+from ._timm import ToMeTimmHead, pool_tokens
 
 __all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC"]
 
@@ -230,22 +230,16 @@ class ToMeEva(ToMeTimmHead):
         refuse_position_augmentation(self)  # type: ignore[arg-type]
         return token_angles(rope_angles(self.rope, grid).to(x.device), self.num_prefix_tokens, x.shape[0])
 
-    def _tome_run_rope(
-        self,
-        images: torch.Tensor,
-        *,
-        stop_after: Optional[int] = None,
-        trace_source: Optional[bool] = None,
-        after_block: Any = None,
+    def _tome_encode(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **options: Any
     ) -> Tuple[torch.Tensor, ToMeState]:
-        """Images through the embedding and the blocks, merging on the schedule."""
+        # attn_mask is always None here: _tome_masked refuses masks while merging.
         x, rope, grid = self._tome_embed(images)
         positions = None
         if rope is not None:
             angles = functools.partial(self._tome_positions, grid=grid)
             positions = RotaryPositions(angles, self._tome_info["rope_position"])
-        return self._tome_run(x, self.grad_checkpointing, stop_after=stop_after, trace_source=trace_source,
-                              after_block=after_block, positions=positions, block_kwargs={"rope": rope})
+        return self._tome_run(x, self.grad_checkpointing, positions=positions, block_kwargs={"rope": rope}, **options)
 
     def _tome_masked(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
         """Whether to run timm's own code for a masked call; refuses masks while merging."""
@@ -257,13 +251,6 @@ class ToMeEva(ToMeTimmHead):
         if any(self._tome_schedule()):
             raise ValueError(_MASK_REFUSAL)
         return True
-
-    def _tome_features(
-        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        # attn_mask is always None here: _tome_masked refuses masks while merging.
-        x, state = self._tome_run_rope(images)
-        return self.norm(x), state.size
 
     def forward_intermediates(
         self,
@@ -290,19 +277,8 @@ class ToMeEva(ToMeTimmHead):
                 output_fmt=output_fmt, intermediates_only=intermediates_only, attn_mask=attn_mask,
                 is_causal=is_causal,
             )
-        from timm.models._features import feature_take_indices
-
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
-        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
-        x, state = self._tome_run_rope(
-            x, stop_after=max_index if stop_early else None, trace_source=True, after_block=collect
-        )
-        features = None if intermediates_only else self._tome_tag(self.norm(x), state.size)
-        grid = self.patch_embed.dynamic_feat_size((height, width)) if output_fmt == "NCHW" else None
-        return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, False, return_prefix_tokens)
+        return self._tome_intermediates(x, attn_mask, indices, norm, stop_early, output_fmt, intermediates_only,
+                                        False, return_prefix_tokens)
 
     def _tome_pools_patches(self) -> bool:
         """Whether the head reads more than the (protected) class token."""

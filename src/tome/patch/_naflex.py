@@ -44,10 +44,10 @@ from ._timm import (
     ToMeTimmAttention,
     ToMeTimmBlock,
     ToMeTimmResPostBlock,
-    intermediate_collector,
     key_padding_from_attn_mask,
     pack_intermediates,
     pool_tokens,
+    run_intermediates,
 )
 
 __all__ = ["naflexvit", "is_timm_naflexvit"]
@@ -233,23 +233,12 @@ class ToMeNaFlexVit(ToMeModelMixin):
                 output_fmt=output_fmt, intermediates_only=intermediates_only, output_dict=output_dict,
                 patch_coord=patch_coord, patch_valid=patch_valid, attn_mask=attn_mask,
             )
-        from timm.models._features import feature_take_indices
-
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        naflex = isinstance(x, dict)
-        patches, patch_coord, patch_valid, attn_mask = _unpack(x, patch_coord, patch_valid, attn_mask)
-        if naflex and output_fmt == "NCHW":
+        if isinstance(x, dict) and output_fmt == "NCHW":
             raise ValueError('output_fmt="NCHW" is not supported for NaFlex (dict) inputs (per-sample grids '
                              'vary), use "NLC"')
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch = patches.shape[0]
-        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
-        final, state = self._tome_run_naflex(
-            patches, patch_coord, patch_valid, attn_mask, stop_after=max_index if stop_early else None,
-            trace_source=True, after_block=collect,
-        )
-        features = None if intermediates_only else self._tome_tag(self.norm(final), state.size)
+        patches, patch_coord, patch_valid, attn_mask = _unpack(x, patch_coord, patch_valid, attn_mask)
+        run = functools.partial(self._tome_run_naflex, patches, patch_coord, patch_valid, attn_mask)
+        intermediates, features = run_intermediates(self, run, indices, norm, stop_early, output_fmt, intermediates_only)
         grid = self.embeds.dynamic_feat_size(tuple(patches.shape[-2:])) if output_fmt == "NCHW" else None
         extra = {"patch_valid": patch_valid} if patch_valid is not None else None
         return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, output_dict,

@@ -9,6 +9,7 @@ with a ``TypeError`` at patch time.
 """
 
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -148,8 +149,33 @@ class ToMeTimmHead(ToMeModelMixin):
 
     ``forward_features`` returns the merged tokens with their sizes attached, so
     ``forward_head`` pools exactly those, weighted by size. A family supplies
-    ``_tome_masked``, ``_tome_features``, ``_tome_pools_patches`` and ``_tome_pool``.
+    ``_tome_masked``, ``_tome_encode``, ``_tome_pools_patches`` and ``_tome_pool``.
     """
+
+    def _tome_encode(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **options: Any
+    ) -> Tuple[torch.Tensor, ToMeState]:
+        """Images through the embedding and the blocks, merging on the schedule: the tokens
+        after the last block run and the final state. ``options``: ``_tome_run``'s."""
+        raise NotImplementedError
+
+    def _tome_features(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x, state = self._tome_encode(images, attn_mask)
+        return self.norm(x), state.size
+
+    def _tome_intermediates(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor], indices: Optional[Union[int, List[int]]],
+        norm: bool, stop_early: bool, output_fmt: str, intermediates_only: bool, output_dict: bool,
+        return_prefix_tokens: bool,
+    ) -> Any:
+        """The merging ``forward_intermediates``: intermediates on the patch grid, features merged."""
+        run = functools.partial(self._tome_encode, images, attn_mask)
+        intermediates, features = run_intermediates(self, run, indices, norm, stop_early, output_fmt, intermediates_only)
+        grid = self.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])) if output_fmt == "NCHW" else None
+        return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, output_dict,
+                                  return_prefix_tokens)
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
@@ -180,20 +206,46 @@ class ToMeTimmHead(ToMeModelMixin):
         return x if pre_logits else self.head(x)
 
 
-def intermediate_collector(
-    take_indices: Sequence[int], norm: Optional[nn.Module], batch: int
-) -> Tuple[List[torch.Tensor], Callable[[int, torch.Tensor, ToMeState], None]]:
-    """A list and an ``after_block`` callback for ``run_blocks`` that fills it: the output of
-    every block in ``take_indices``, normed by ``norm`` (None: as it is) and mapped back to
-    one row per original token, ``(batch, tokens before merging, channels)``."""
+def run_intermediates(
+    model: nn.Module,
+    run: Callable[..., Tuple[torch.Tensor, ToMeState]],
+    indices: Optional[Union[int, List[int]]],
+    norm: bool,
+    stop_early: bool,
+    output_fmt: str,
+    intermediates_only: bool,
+) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+    """The merging part of a timm model's ``forward_intermediates``.
+
+    Args:
+        model: The patched model (``blocks``, ``norm``).
+        run: ``run(stop_after=, trace_source=, after_block=) -> (tokens, state)``: the
+            model's embedding and block loop (``ToMeModelMixin._tome_run`` or a caller of it).
+        indices, norm, stop_early, output_fmt, intermediates_only: As in timm.
+
+    Returns:
+        The output of every block in ``indices`` (normed by ``model.norm`` if ``norm``)
+        mapped back to one row per original token, ``(batch, tokens before merging,
+        channels)``, and the final features (merged, their sizes attached), or None
+        for ``intermediates_only``.
+
+    Raises:
+        ValueError: for an ``output_fmt`` other than ``"NCHW"`` or ``"NLC"``.
+    """
+    from timm.models._features import feature_take_indices
+
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    take_indices, max_index = feature_take_indices(len(model.blocks), indices)
     intermediates: List[torch.Tensor] = []
 
     def collect(index: int, tokens: torch.Tensor, state: ToMeState) -> None:
         if index in take_indices:
-            tokens = norm(tokens) if norm is not None else tokens
-            intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
+            tokens = model.norm(tokens) if norm else tokens
+            intermediates.append(unmerge_tokens(tokens, state.group_index(tokens.shape[0], tokens.device)))
 
-    return intermediates, collect
+    x, state = run(stop_after=max_index if stop_early else None, trace_source=True, after_block=collect)
+    return intermediates, None if intermediates_only else model._tome_tag(model.norm(x), state.size)
 
 
 def pack_intermediates(
@@ -293,13 +345,11 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
             raise ValueError(_CAUSAL_REFUSAL)
         return False
 
-    def _tome_features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x = self._tome_embed(x)
-        padding = _padding_of(attn_mask, x)
-        x, state = self._tome_run(x, self.grad_checkpointing, padding=padding)
-        return self.norm(x), state.size
+    def _tome_encode(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **options: Any
+    ) -> Tuple[torch.Tensor, ToMeState]:
+        x = self._tome_embed(images)
+        return self._tome_run(x, self.grad_checkpointing, padding=_padding_of(attn_mask, x), **options)
 
     def forward_intermediates(
         self,
@@ -328,23 +378,8 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
                 output_fmt=output_fmt, intermediates_only=intermediates_only, output_dict=output_dict,
                 attn_mask=attn_mask, is_causal=is_causal,
             )
-        from timm.models._features import feature_take_indices
-
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
-        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
-        x = self._tome_embed(x)
-        padding = _padding_of(attn_mask, x)
-        x, state = self._tome_run(
-            x, self.grad_checkpointing, stop_after=max_index if stop_early else None,
-            trace_source=True, after_block=collect, padding=padding,
-        )
-        features = None if intermediates_only else self._tome_tag(self.norm(x), state.size)
-        grid = self.patch_embed.dynamic_feat_size((height, width)) if output_fmt == "NCHW" else None
-        return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, output_dict,
-                                  return_prefix_tokens)
+        return self._tome_intermediates(x, attn_mask, indices, norm, stop_early, output_fmt, intermediates_only,
+                                        output_dict, return_prefix_tokens)
 
     def _tome_pools_patches(self) -> bool:
         """Whether the head reads more than the (protected) prefix tokens."""
