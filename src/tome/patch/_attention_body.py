@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch import nn
 
 from ._shared import AttentionCall, attention
 
-__all__ = ["attend", "packed_heads", "split_heads"]
+__all__ = ["attend", "fused_attention", "packed_heads", "split_heads"]
 
 
 def packed_heads(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,3 +69,10 @@ def attend(
     out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=scale, fused=fused)
     call.report(q, k if metric_keys is None else metric_keys, v, scale)
     return out.transpose(1, 2).flatten(2)
+
+
+def fused_attention(attn: nn.Module) -> bool:
+    """Whether a transformers attention module runs fused attention: models loaded with
+    ``attn_implementation="eager"`` get the explicit softmax; every other implementation
+    gets ``scaled_dot_product_attention`` (which takes the bias)."""
+    return getattr(attn.config, "_attn_implementation", "sdpa") != "eager"

@@ -16,6 +16,7 @@ from ._lifecycle import original_class, supported_families
 
 __all__ = [
     "check_attention_pool",
+    "check_class",
     "check_family",
     "check_own_methods",
     "has_class",
@@ -23,13 +24,30 @@ __all__ = [
 ]
 
 
+def _defined_in(cls: type, module: str) -> bool:
+    return cls.__module__ == module or cls.__module__.startswith(module + ".")
+
+
 def has_class(obj: object, name: str, module: str) -> bool:
     """Whether ``type(obj)`` is, or derives from, a class called ``name`` defined in ``module``
     (or a submodule of it). Reads names only: the library is not imported."""
-    return any(
-        cls.__name__ == name and (cls.__module__ == module or cls.__module__.startswith(module + "."))
-        for cls in type(obj).__mro__
-    )
+    return any(cls.__name__ == name and _defined_in(cls, module) for cls in type(obj).__mro__)
+
+
+def check_class(module: nn.Module, where: str, expected: Sequence[str], library: str, layout: str = "") -> None:
+    """Raise ``TypeError`` unless ``module``'s class (before any ToMe swap) is one of the classes
+    named ``expected`` defined in ``library`` (a module or package).
+
+    Args:
+        module: A part of the model (its runner, a block, an attention module).
+        where: Its path in the model, for the message.
+        expected: The class names ToMe runs exactly.
+        library: Where those classes are defined, e.g. ``"transformers"``.
+        layout: Appended to the message (which version's layout is supported).
+    """
+    own = original_class(module)
+    if own.__name__ not in expected or not _defined_in(own, library):
+        raise TypeError(f"{where} is a {own.__name__} ({own.__module__}); ToMe expects {' or '.join(expected)}{layout}")
 
 
 def check_family(model: nn.Module, family: str, detector: Callable[[nn.Module], bool], expected: str) -> None:

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from . import _hf
-from ._attention_body import split_heads
-from ._checks import check_family
+from ._attention_body import fused_attention, split_heads
+from ._checks import check_class, check_family
 from ._lifecycle import call_attention, is_patched, original_class, patch_model, register_family, swap_class
 from ._rope import (
     DEFAULT_ROPE_METRIC,
@@ -69,7 +69,7 @@ class ToMeDINOv3Attention(ToMeRotaryAttentionMixin):
         prefix = x.shape[1] - cos.shape[-2]  # class and register tokens are not rotated
         out = self._tome_attend(call, q, k, v, prefix, lambda t: t * cos + _rotate_half(t) * sin,
                                 dropout_p=self.dropout if self.training else 0.0, scale=self.scaling,
-                                fused=_hf.fused_attention(self))
+                                fused=fused_attention(self))
         return self.o_proj(out), None
 
 
@@ -128,34 +128,23 @@ class ToMeDINOv3Model(_hf.ToMeHFModel):
         angles = (2 * math.pi * coords[:, :, None] * rope.inv_freq[None, None, :]).flatten(1, 2)
         return token_angles(angles.to(x.device), 1 + self.config.num_register_tokens, x.shape[0])
 
-    @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """The original class's ``from_pretrained``, patched again (``r = 0``)."""
-        parent = cls.__dict__.get("_tome_parent")
-        if parent is None:
-            return super().from_pretrained(*args, **kwargs)
-        loaded = parent.from_pretrained(*args, **kwargs)
-        if isinstance(loaded, tuple):  # output_loading_info=True
-            return (hf_dinov3(loaded[0]),) + loaded[1:]
-        return hf_dinov3(loaded)
+    @staticmethod
+    def _tome_patch_again(model: nn.Module) -> nn.Module:
+        return hf_dinov3(model)
 
 
 def _check(model: nn.Module) -> None:
     """The encoder, layers, attention and rotary modules must be transformers 5.x's DINOv3 classes."""
-    parts = [("model", model.model, "DINOv3ViTEncoder"), ("rope_embeddings", model.rope_embeddings,
-                                                            "DINOv3ViTRopePositionEmbedding")]
+    parts = [("model", model.model, "DINOv3ViTEncoder"),
+             ("rope_embeddings", model.rope_embeddings, "DINOv3ViTRopePositionEmbedding")]
     for index, layer in enumerate(model.model.layer):
         parts += [(f"model.layer[{index}]", layer, "DINOv3ViTLayer"),
                   (f"model.layer[{index}].attention", layer.attention, "DINOv3ViTAttention")]
     for where, module, expected in parts:
-        own = original_class(module)
-        if own.__name__ != expected or own.__module__ != _MODULE:
-            raise TypeError(f"DINOv3ViTModel.{where} is a {own.__name__} ({own.__module__}); ToMe expects "
-                            f"{expected} (the layout of transformers 5.x)")
+        check_class(module, f"DINOv3ViTModel.{where}", (expected,), _MODULE, _hf.LAYOUT)
     missing = [name for name in ToMeDINOv3Attention._tome_attrs if not hasattr(model.model.layer[0].attention, name)]
     if missing or not hasattr(model.rope_embeddings, "inv_freq"):
-        raise TypeError(f"DINOv3ViTModel's attention lacks {missing or ['rope_embeddings.inv_freq']}; ToMe "
-                        "supports the layout of transformers 5.x")
+        raise TypeError(f"DINOv3ViTModel's attention lacks {missing or ['rope_embeddings.inv_freq']};{_hf.LAYOUT}")
 
 
 def is_hf_dinov3(model: nn.Module) -> bool:

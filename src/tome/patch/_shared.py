@@ -220,17 +220,19 @@ class ToMeState:
         else:
             merged, new_size = rule.combine_tokens(assignment, work, size, metric)
         merged = merged.to(x.dtype)
-        groups = self.groups
-        if self.trace_source:
-            groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device))
-        positions = self.positions
-        if positions is not None:
-            if rule.combine == "drop":  # pruning: the kept tokens keep their own positions
-                positions = assignment.prune(positions)
-            else:
-                positions = merge_positions(assignment, positions, size, new_size, self.position_rule)
+        groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device)) if self.trace_source else self.groups
         return merged, replace(self, size=new_size, groups=groups, num_tokens=assignment.num_out,
-                               positions=positions)
+                               positions=self._merged_positions(assignment, rule, size, new_size))
+
+    def _merged_positions(
+        self, assignment: TokenAssignment, rule: LayerRule, size: torch.Tensor, new_size: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """The carried positions after a merge step (None when none are carried)."""
+        if self.positions is None:
+            return None
+        if rule.combine == "drop":  # pruning: the kept tokens keep their own positions
+            return assignment.prune(self.positions)
+        return merge_positions(assignment, self.positions, size, new_size, self.position_rule)
 
     def group_index(self, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch, original tokens)`` group index, the identity when nothing merged."""
