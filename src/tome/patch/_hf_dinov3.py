@@ -105,8 +105,10 @@ class ToMeDINOv3Model(_hf.ToMeHFModel):
     def _tome_blocks(self) -> Sequence[nn.Module]:
         return list(self.model.layer)
 
-    def _tome_positions(self, args: tuple, kwargs: Dict[str, Any]) -> RotaryPositions:
-        pixel_values = args[0] if args else kwargs["pixel_values"]
+    def _tome_positions(self, args: tuple, kwargs: Dict[str, Any]) -> Optional[RotaryPositions]:
+        pixel_values = args[0] if args else kwargs.get("pixel_values")
+        if pixel_values is None:
+            return None  # the model's own forward says what is missing
         angles = functools.partial(self._tome_angles, pixel_values.shape[-2:])
         return RotaryPositions(angles, self._tome_info["rope_position"])
 
