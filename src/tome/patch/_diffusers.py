@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import merge as _merge
 from ..merge import TokenAssignment, hashed_stride_choice, sign_projection
+from ._checks import has_class
 from ._lifecycle import register_family, swap_class, with_parent_signature
 
 __all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
@@ -86,9 +87,7 @@ def _class_names(obj: Any) -> List[str]:
 
 
 def _is_diffusers_model(obj: Any) -> bool:
-    return isinstance(obj, nn.Module) and any(
-        cls.__name__ == "ModelMixin" and cls.__module__.startswith("diffusers") for cls in type(obj).__mro__
-    )
+    return isinstance(obj, nn.Module) and has_class(obj, "ModelMixin", "diffusers")
 
 
 def _is_pipeline(obj: Any) -> bool:

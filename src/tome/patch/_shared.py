@@ -22,7 +22,7 @@ model, and a block's hooks see tensors in and out, as they always did.
 
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .._methods import PADDED_RANDOM_REFUSAL, RANDOM_MATCHES, TOME_RULE, LayerRule
 from ..merge import TokenAssignment
+
+if TYPE_CHECKING:
+    from ._rope import RotaryPositions
 
 __all__ = [
     "AttentionCall",
@@ -217,17 +220,19 @@ class ToMeState:
         else:
             merged, new_size = rule.combine_tokens(assignment, work, size, metric)
         merged = merged.to(x.dtype)
-        groups = self.groups
-        if self.trace_source:
-            groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device))
-        positions = self.positions
-        if positions is not None:
-            if rule.combine == "drop":  # pruning: the kept tokens keep their own positions
-                positions = assignment.prune(positions)
-            else:
-                positions = merge_positions(assignment, positions, size, new_size, self.position_rule)
+        groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device)) if self.trace_source else self.groups
         return merged, replace(self, size=new_size, groups=groups, num_tokens=assignment.num_out,
-                               positions=positions)
+                               positions=self._merged_positions(assignment, rule, size, new_size))
+
+    def _merged_positions(
+        self, assignment: TokenAssignment, rule: LayerRule, size: torch.Tensor, new_size: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """The carried positions after a merge step (None when none are carried)."""
+        if self.positions is None:
+            return None
+        if rule.combine == "drop":  # pruning: the kept tokens keep their own positions
+            return assignment.prune(self.positions)
+        return merge_positions(assignment, self.positions, size, new_size, self.position_rule)
 
     def group_index(self, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch, original tokens)`` group index, the identity when nothing merged."""
@@ -459,6 +464,9 @@ class ToMeForward:
         # A key-padding mask folded into the first state's sizes: (batch, tokens, 1) float32,
         # 1 for valid tokens and 0 for padding (see ToMeState.padded).
         self.padding: Optional[torch.Tensor] = None
+        # The tokens' rotary positions, carried from the first state on (set by a model with
+        # rotary embeddings when a block merges; see tome.patch._rope).
+        self.positions: Optional["RotaryPositions"] = None
 
     def enter(self, index: int, x: torch.Tensor, r: int) -> BlockCall:
         """The call for block ``index`` on ``x`` ``(batch, tokens, channels)`` with its ``r``."""
@@ -476,6 +484,8 @@ class ToMeForward:
                         "of that shape, or set model.r = 0"
                     )
                 state = self._states[0] = replace(state, size=self.padding, padded=True)
+            if self.positions is not None:
+                state = self._states[0] = self.positions.start(state, x)
         return BlockCall(state, r)
 
     def leave(self, index: int, call: BlockCall) -> None:

@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._lifecycle import original_class, register_family, supported_families
+from ._checks import check_family
+from ._lifecycle import original_class, register_family
 from ._shared import BlockCall, ToMeState, weighted_mean
 from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, ToMeSwagEncoder, check_mha, patch_encoder_vit
 
@@ -103,12 +104,7 @@ class ToMeSwagVisionTransformer(ToMeEncoderModel):
 
 def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless ``model`` has SWAG's ViT layout that ToMe can run exactly."""
-    name = type(model).__name__
-    if not is_swag_vit(model):
-        raise TypeError(
-            f"tome.patch.swag expects a SWAG VisionTransformer from torch.hub (facebookresearch/swag), "
-            f"got {name} ({type(model).__module__}). Supported families: {supported_families()}"
-        )
+    check_family(model, "swag", is_swag_vit, "a SWAG VisionTransformer from torch.hub (facebookresearch/swag)")
     own = original_class(model)
     name = own.__name__
     if _defined_by(own, "forward") != "VisionTransformer":

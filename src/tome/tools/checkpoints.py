@@ -365,10 +365,9 @@ def _unwrap_state_dict(loaded: Any, source: str) -> Dict[str, torch.Tensor]:
 
 
 def _is_timm_vit(model: nn.Module) -> bool:
-    return any(
-        cls.__name__ == "VisionTransformer" and cls.__module__ == "timm.models.vision_transformer"
-        for cls in type(model).__mro__
-    )
+    from ..patch._timm import is_timm_vit
+
+    return is_timm_vit(model)
 
 
 def load_checkpoint(model: nn.Module, source: str) -> str:
