@@ -60,6 +60,7 @@ def test_folded_head_size_is_a_multiple_of_8_and_the_logits_carry_the_bias():
     qf, kf, vf = fold_key_bias(q, k, v, bias, 0.25)
     assert qf.shape[-1] == kf.shape[-1] == vf.shape[-1] == 16
     torch.testing.assert_close(0.25 * qf @ kf.transpose(-1, -2), 0.25 * q @ k.transpose(-1, -2) + bias)
+    assert (vf[..., 13:] == 0).all() and torch.equal(vf[..., :13], v)
 
 
 def test_per_head_bias_other_value_size_and_gradients():

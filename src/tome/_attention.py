@@ -9,9 +9,10 @@ FlashAttention backend on CUDA. A bias of the key alone fits into the product it
 
 so one extra channel on the queries (all ones) and on the keys (``b_j / scale``), with
 ``scale`` passed explicitly, gives the same logits, and the kernel sees no mask. Head
-sizes are zero-padded to a multiple of :data:`HEAD_DIM_MULTIPLE` (what the fused CUDA
-kernels ask for); the padding adds 0 to every product, and the values' padding is cut
-off the output.
+sizes must be a multiple of :data:`HEAD_DIM_MULTIPLE` for the fused CUDA kernels, so
+``pad`` channels are added (64 -> 72), the bias spread evenly over them
+(``b_j / (scale * pad)`` each); the values are zero-padded to the same size and their
+padding is cut off the output.
 
 Pure tensor functions: imports torch only, no module state.
 """
@@ -58,6 +59,10 @@ def fold_key_bias(
     """Queries, keys and values whose plain scaled product carries a key-only bias.
 
     ``scale * q'_i . k'_j == scale * q_i . k_j + bias_j`` for every query ``i`` and key ``j``.
+    The ``pad`` channels added (``head_dim + pad`` is the next multiple of
+    :data:`HEAD_DIM_MULTIPLE` above ``head_dim``) hold ones in ``q'`` and
+    ``bias / (scale * pad)`` in ``k'``: one constant pad for the queries, one concatenation
+    for the keys, and no channel that is zero in one and not the other.
 
     Args:
         q: ``(batch, heads, queries, head_dim)``.
@@ -69,24 +74,22 @@ def fold_key_bias(
         scale: The softmax scale the attention will be called with; not 0.
 
     Returns:
-        ``(q', k', v')``: ``q`` and ``k`` padded to ``head_dim + 1`` channels rounded up to
-        a multiple of :data:`HEAD_DIM_MULTIPLE`, with ones in channel ``head_dim`` of ``q'``
-        and ``bias / scale`` in that channel of ``k'``; ``v`` zero-padded to the same size
-        when ``value_dim == head_dim`` (kernels that need equal sizes get them), else unchanged.
+        ``(q', k', v')``: ``q`` and ``k`` with ``head_dim + pad`` channels; ``v`` zero-padded
+        to the same size when ``value_dim == head_dim`` (kernels that need equal sizes get
+        them; the output's extra channels are then 0), else unchanged.
     """
     head_dim = q.shape[-1]
     pad = _padded(head_dim + 1) - head_dim
     batch, heads, keys = k.shape[0], k.shape[1], k.shape[2]
-    # (batch, heads, keys, 1): the bias as a column of the keys, divided by scale in fp32
-    # (the mask path casts the bias to the attention dtype; this rounds bias / scale once instead).
-    column = (bias.float() / scale).reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).transpose(-1, -2)
-    column = column.expand(batch, heads, keys, 1).to(k.dtype)
-    ones = q.new_ones(1, 1, 1, 1).expand(*q.shape[:-1], 1)
-    q_folded = torch.cat([q, ones, q.new_zeros(1, 1, 1, 1).expand(*q.shape[:-1], pad - 1)], dim=-1)
-    k_folded = torch.cat([k, column, k.new_zeros(1, 1, 1, 1).expand(*k.shape[:-1], pad - 1)], dim=-1)
+    # (batch, heads, keys, pad): the bias as columns of the keys, divided in fp32 and rounded
+    # once to the attention dtype (the mask path rounds the bias itself to that dtype).
+    column = (bias.float() / (scale * pad)).reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).transpose(-1, -2)
+    column = column.to(k.dtype).expand(batch, heads, keys, pad)
+    q = F.pad(q, (0, pad), value=1.0)
+    k = torch.cat([k, column], dim=-1)
     if v.shape[-1] == head_dim:
         v = F.pad(v, (0, pad))
-    return q_folded, k_folded, v
+    return q, k, v
 
 
 def key_bias_attention(
