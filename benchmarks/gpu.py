@@ -322,8 +322,9 @@ def _vit_variants(base: torch.nn.Module, tokens: int, x: torch.Tensor) -> List[V
 
 
 def run_vit(preset: Preset, device: torch.device, dtypes: Sequence[str], args: argparse.Namespace, budget: Budget,
-            skipped: List[str]) -> List[dict]:
-    rows = []
+            skipped: List[str], rows: List[dict], save: Callable[[], None]) -> List[dict]:
+    """``rows`` grows and ``save`` runs after each group (a run cut short keeps what it measured)."""
+    backends: Dict[tuple, Dict[str, Any]] = {}
     for model_key in args.vit_models or preset.vit_models:
         base, spec = build_vit(model_key, device, preset.vit_depth)
         for dtype_name in dtypes:
@@ -341,7 +342,11 @@ def run_vit(preset: Preset, device: torch.device, dtypes: Sequence[str], args: a
                     for variant in variants:
                         with variant.context():
                             outputs[variant.label] = variant.forward().float()
-                            variant.info.update(sdpa_backends(variant.forward, device))
+                            # SDPA picks its backend by dtype, head size, mask: profiled at one batch per model and dtype.
+                            key = (model_key, dtype_name, variant.label)
+                            if key not in backends:
+                                backends[key] = sdpa_backends(variant.forward, device)
+                            variant.info.update(backends[key])
                     for variant in variants:
                         out = outputs[variant.label]
                         variant.info["max_abs_logit_diff_vs_timm"] = (out - outputs["timm"]).abs().max().item()
@@ -354,6 +359,7 @@ def run_vit(preset: Preset, device: torch.device, dtypes: Sequence[str], args: a
                     rows.append(row)
                 print(f"  {group}: " + ", ".join(f"{r['variant']} {r['speedup']:.2f}x" for r in rows[-len(variants):]),
                       flush=True)
+                save()
         del base
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -478,8 +484,9 @@ def run_flux(preset: Preset, device: torch.device, args: argparse.Namespace) -> 
 
 
 def run_compile(preset: Preset, device: torch.device, args: argparse.Namespace, budget: Budget,
-                skipped: List[str]) -> List[dict]:
-    """timm and r = 16 compiled (batch 1: CUDA graphs), and r switched on the compiled model."""
+                skipped: List[str], rows: List[dict], save: Callable[[], None]) -> List[dict]:
+    """timm and r = 16 compiled (batch 1: CUDA graphs), and r switched on the compiled model
+    (at batch 1, where CUDA graphs make it matter); ``rows`` grows and ``save`` runs after each batch."""
     from torch._dynamo.utils import counters
 
     from tome_bench.models import patched_twin
@@ -487,7 +494,6 @@ def run_compile(preset: Preset, device: torch.device, args: argparse.Namespace, 
     dtype = DTYPES[preset.compile_dtype]
     base, spec = build_vit(preset.compile_model, device, preset.vit_depth)
     base.to(dtype)
-    rows = []
     for batch in preset.compile_batches:
         # Three cold inductor compilations of ViT-B take a minute or two on a 16-core host.
         if budget.left() < (120 if device.type == "cuda" else 0):
@@ -513,24 +519,25 @@ def run_compile(preset: Preset, device: torch.device, args: argparse.Namespace, 
                     fn(x)
                 synchronize(device)
                 compile_s[label] = time.perf_counter() - start
-            # r switched back and forth on the compiled model: one compilation per schedule, then none.
-            twin.r = 8
-            start = time.perf_counter()
-            for _ in range(3):
-                compiled_twin(x)
-            synchronize(device)
-            compile_s["tome r=8 compiled"] = time.perf_counter() - start
-            frames = counters["stats"]["unique_graphs"]
-            switch_times = []
-            for r in (16, 8, 16, 8):
-                twin.r = r
-                synchronize(device)
+            recompiles, switch_times = None, []
+            if batch == min(preset.compile_batches):
+                # r switched back and forth on the compiled model: one compilation per schedule, then none.
+                twin.r = 8
                 start = time.perf_counter()
-                compiled_twin(x)
+                for _ in range(3):
+                    compiled_twin(x)
                 synchronize(device)
-                switch_times.append(time.perf_counter() - start)
-            recompiles = counters["stats"]["unique_graphs"] - frames
-            twin.r = 16
+                compile_s["tome r=8 compiled"] = time.perf_counter() - start
+                frames = counters["stats"]["unique_graphs"]
+                for r in (16, 8, 16, 8):
+                    twin.r = r
+                    synchronize(device)
+                    start = time.perf_counter()
+                    compiled_twin(x)
+                    synchronize(device)
+                    switch_times.append(time.perf_counter() - start)
+                recompiles = counters["stats"]["unique_graphs"] - frames
+                twin.r = 16
             difference = (compiled_twin(x).float() - twin(x).float()).abs().max().item()
         variants = [
             Variant("timm eager", lambda: base(x)),
@@ -546,10 +553,11 @@ def run_compile(preset: Preset, device: torch.device, args: argparse.Namespace, 
         for row in summarize(variants, batch):
             row.update(model=preset.compile_model, dtype=preset.compile_dtype, batch=batch, mode=mode,
                        recompiles_on_r_switch=recompiles, r_switch_call_s=switch_times,
-                       compiled_vs_eager_max_abs_diff=difference, compile_s_r8=compile_s["tome r=8 compiled"])
+                       compiled_vs_eager_max_abs_diff=difference, compile_s_r8=compile_s.get("tome r=8 compiled"))
             rows.append(row)
         print(f"  compile batch {batch} ({mode}): " + ", ".join(f"{r['variant']} {r['speedup']:.2f}x"
               for r in rows[-4:]) + f"; recompiles on r switch: {recompiles}", flush=True)
+        save()
     torch._dynamo.reset()
     return rows
 
@@ -599,9 +607,10 @@ def markdown(report: dict) -> str:
                   "recompiles on r switch | SDPA |", "|---|---|---:|---|---|---:|---|---:|---:|---|"]
         for row in report["compile"]:
             compile_s = f"{row['compile_s']:.1f}" if row.get("compile_s") is not None else "-"
+            recompiles = row["recompiles_on_r_switch"]
             lines.append(f"| {row['model']} | {row['dtype']} | {row['batch']} | {row['mode']} | {row['variant']} | "
-                         f"{row['per_s']:.1f} | {_speedup(row)} | {compile_s} | {row['recompiles_on_r_switch']} | "
-                         f"{row['sdpa']} |")
+                         f"{row['per_s']:.1f} | {_speedup(row)} | {compile_s} | "
+                         f"{'-' if recompiles is None else recompiles} | {row['sdpa']} |")
         lines.append("")
     lines.append(f"Vision-language prefill: {report['vlm']}")
     if report["skipped"]:
@@ -697,13 +706,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
             if section == "attention":
                 report["attention"] = run_attention(preset, device, dtypes, args)
             elif section == "vit":
-                report["vit"] = run_vit(preset, device, dtypes, args, budget, report["skipped"])
+                run_vit(preset, device, dtypes, args, budget, report["skipped"], report["vit"], save)
             elif section == "unet":
                 report["unet"] = run_unet(preset, device, args, budget, report["skipped"])
             elif section == "flux":
                 report["flux"] = run_flux(preset, device, args)
             elif section == "compile":
-                report["compile"] = run_compile(preset, device, args, budget, report["skipped"])
+                run_compile(preset, device, args, budget, report["skipped"], report["compile"], save)
         except Exception as error:  # one section failing must not lose the others' numbers
             report["errors"].append(f"{section}: {type(error).__name__}: {error}")
             traceback.print_exc()

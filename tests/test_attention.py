@@ -14,7 +14,19 @@ import tome
 from tome._attention import fold_key_bias, is_key_bias, key_bias_attention
 from tome.patch._shared import ToMeState, attention, finite_key_bias, is_finite_key_bias
 
-from conftest import trained_like_  # noqa: E402
+
+def _trained_like():
+    """tests/conftest.py's trained_like_, loaded by path (the module name "conftest" is also tests/tools')."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("_root_conftest", pathlib.Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.trained_like_
+
+
+trained_like_ = _trained_like()
 
 
 class RecordSDPA(TorchFunctionMode):

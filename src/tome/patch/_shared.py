@@ -331,8 +331,10 @@ def set_prop_attn_kernel(kernel: str) -> None:
       backend stays eligible; the head size grows to the next multiple of 8
       (64 -> 72).
     - ``"auto"`` (the default): ``"channel"`` on CUDA, ``"mask"`` elsewhere. On CPU the
-      mask is the faster form (measured in ``docs/benchmarks.md``: the channel form
-      took about 3x the attention time of the mask at ViT-B/16 sizes).
+      mask is the faster form (measured in ``docs/benchmarks.md``: at ViT-B/16 sizes the
+      channel form took 2.4-5.9x the attention time of the mask, which cost nothing over
+      no bias). On CUDA the channel form is the choice until ``benchmarks/gpu.py`` has
+      measured both there.
 
     Both forms give the same outputs up to rounding (1e-6 relative in fp32). Biases
     that mask keys out (padding tokens, -inf) always use the mask: they cannot be
