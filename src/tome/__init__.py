@@ -21,6 +21,7 @@ from ._dense import unmerge_tokens
 from ._methods import METHODS, MergeMethod, as_method
 from ._schedule import RSchedule, parse_r
 from .patch import remove_patch
+from .patch._shared import get_prop_attn_kernel, prop_attn_kernel, set_prop_attn_kernel
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,9 @@ __all__ = [
     "apply_patch",
     "remove_patch",
     "merging",
+    "set_prop_attn_kernel",
+    "get_prop_attn_kernel",
+    "prop_attn_kernel",
     "MergeMethod",
     "METHODS",
     "parse_r",

@@ -141,8 +141,9 @@ def time_interleaved(
 ) -> List[List[float]]:
     """Seconds per forward for each merge setting, measured round-robin.
 
-    Each round times every setting once, so slow changes of the machine (other
-    jobs, clocks, heat) affect all settings alike: compare settings round by round
+    Each round times every setting once, in an order rotated from round to round, so
+    slow changes of the machine (other jobs, clocks, heat) affect all settings alike:
+    compare settings round by round
     (:func:`speedup_stats`) or take the median of each list. One measurement
     repeats the forward until it has run for at least ``min_time`` seconds (the
     number of repeats per setting is found before the timed rounds, by doubling),
@@ -188,9 +189,11 @@ def time_interleaved(
             for i, setting in enumerate(settings):
                 while run(setting, repeats[i]) < min_time:
                     repeats[i] *= 2
-        for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
-            for i, setting in enumerate(settings):
-                times[i].append(run(setting, repeats[i]) / repeats[i])
+        for round_index in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
+            # Rotate which setting goes first, so none always runs just after the same neighbour.
+            offset = round_index % len(settings)
+            for i in [*range(offset, len(settings)), *range(offset)]:
+                times[i].append(run(settings[i], repeats[i]) / repeats[i])
     return times
 
 
