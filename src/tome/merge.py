@@ -191,6 +191,12 @@ def _checked_r(metric: torch.Tensor, r: int, protected_tokens: int) -> int:
 
 
 def _normalize(metric: torch.Tensor) -> torch.Tensor:
+    """Unit rows, in float32 for fp16/bf16 metrics: near-tied similarities rounded to 8 or 11
+    mantissa bits pick other partners than the same metric in float32 (and than the same
+    sample in another batch), so every matcher scores in float32; the tokens themselves
+    still merge in their own dtype."""
+    if metric.dtype in (torch.float16, torch.bfloat16):
+        metric = metric.float()
     return metric / metric.norm(dim=-1, keepdim=True)
 
 
