@@ -269,6 +269,20 @@ def test_longer_training_made_a_better_model():
     assert long["val_accuracy"] > short["val_accuracy"] + 0.05
 
 
+def test_the_default_shipped_model_is_the_better_trained_one():
+    from tome.tools._common import load_model as load_for_tools
+    from tome.tools.demo_model import DEFAULT_MODEL, DEMO_MODEL_PATH
+
+    assert DEFAULT_MODEL == "shapes-long" and DEMO_MODEL_PATH == SHIPPED_MODELS["shapes-long"]
+    default, description = load_demo_model()
+    assert description.startswith("shipped model shapes-long ") and "95.85% val top-1" in description
+    expected = load_model(SHIPPED_MODELS["shapes-long"])[0].state_dict()
+    for loaded in (default, load_for_tools(default_to_demo=True).model):  # what tome demo, visualize, eval use
+        assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
+    short, _ = load_demo_model("shapes")  # still there by name
+    assert not torch.equal(short.head.weight, default.head.weight)
+
+
 def test_unknown_shipped_model_is_refused():
     with pytest.raises(ValueError, match=r"'shapes-xl'.*\['shapes', 'shapes-long'\]"):
         load_demo_model("shapes-xl")

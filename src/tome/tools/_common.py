@@ -367,13 +367,15 @@ def load_model(
     """Build a timm model by name, with weights from timm, a checkpoint, or none.
 
     Args:
-        name: timm model name (``vit_base_patch16_224``); may be left out when
-            ``checkpoint`` names a published ToMe checkpoint (its architecture is known)
-            or when ``default_to_demo`` is set.
+        name: timm model name (``vit_base_patch16_224``) or the name of a shipped model
+            (``"shapes-long"``, ``"shapes"``: see :data:`tome.tools.demo_model.SHIPPED_MODELS`);
+            may be left out when ``checkpoint`` names a published ToMe checkpoint (its
+            architecture is known) or when ``default_to_demo`` is set.
         model_kwargs: Extra keyword arguments for ``timm.create_model``.
         pretrained: Load timm's own pretrained weights (fails fast when offline).
         checkpoint: A known checkpoint name (``deit_S_r13``), a local file or a URL.
-        default_to_demo: Without ``name``, use :func:`tome.tools.demo_model.load_demo_model`.
+        default_to_demo: Without ``name``, use the default shipped model
+            (:func:`tome.tools.demo_model.load_demo_model`: ``"shapes-long"``).
 
     Returns:
         The model in eval mode and what is known about it.
@@ -398,14 +400,17 @@ def load_model(
             raise ValueError(f"--pretrained and --checkpoint {checkpoint!r} both give weights; pick one")
         name = known.architecture
         model_kwargs = {**known.model_kwargs, **model_kwargs}
-    if name is None:
-        if not default_to_demo:
+    from .demo_model import SHIPPED_MODELS
+
+    if name is None or name in SHIPPED_MODELS:
+        if name is None and not default_to_demo:
             raise ValueError("--model is required (a timm model name, e.g. vit_base_patch16_224)")
         if model_kwargs or pretrained:
-            raise ValueError("--model-kwargs and --pretrained need --model")
+            raise ValueError(f"--model-kwargs and --pretrained need a timm --model, not the shipped model {name!r}"
+                             if name else "--model-kwargs and --pretrained need --model")
         from .demo_model import load_demo_model
 
-        model, description = load_demo_model()
+        model, description = load_demo_model() if name is None else load_demo_model(name)
         loaded = LoadedModel(model, description)
     else:
         import timm
@@ -440,8 +445,8 @@ def load_model(
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool = False, demo_default: bool = False) -> None:
     """``--model``, ``--model-kwargs``, ``--pretrained``, ``--checkpoint`` on a command."""
-    default_help = "the embedded demo model" if demo_default else None
-    help_text = "timm model name, e.g. vit_base_patch16_224"
+    default_help = "the shipped model shapes-long" if demo_default else None
+    help_text = "timm model name, e.g. vit_base_patch16_224, or a shipped model: shapes-long, shapes"
     if default_help:
         help_text += f" (default: {default_help})"
     parser.add_argument("--model", required=model_required, help=help_text)
