@@ -270,7 +270,7 @@ def test_longer_training_made_a_better_model():
 
 
 def test_the_default_shipped_model_is_the_better_trained_one():
-    from tome.tools._common import load_model as load_for_tools
+    from tome.tools._models import load_model as load_for_tools
     from tome.tools.demo_model import DEFAULT_MODEL, DEMO_MODEL_PATH
 
     assert DEFAULT_MODEL == "shapes-long" and DEMO_MODEL_PATH == SHIPPED_MODELS["shapes-long"]

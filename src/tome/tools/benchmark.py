@@ -1,6 +1,7 @@
 """Throughput and FLOPs of a ToMe model: ``tome.utils.benchmark`` and ``tome bench``.
 
-``benchmark`` keeps the signature of the original release's ``tome.utils.benchmark``.
+``benchmark`` is the original release's ``tome.utils.benchmark`` (kept in ``tome._benchmark``,
+below the tools, with the timing core these measurements share).
 ``tome bench`` measures several r values on one model: throughput from rounds
 interleaved across r values (so that slow drifts of the machine hit every r alike),
 each timing repeating the forward for at least ``--min-time`` seconds; the speed-up
@@ -15,24 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 import tome
+from tome._benchmark import autocast, benchmark, resolve_device, time_calls
 
 from ._common import (
     SCHEDULE_HELP,
     Schedule,
     add_method_argument,
-    add_model_arguments,
     expand_settings,
     format_table,
-    input_size_of,
-    load_model_from_args,
     non_negative_float,
     non_negative_int,
     parse_dtype,
@@ -42,9 +40,8 @@ from ._common import (
     schedule_json,
     schedule_label,
     schedules_arg,
-    synchronize,
 )
-from ._runtime import autocast, resolve_device
+from ._models import add_model_arguments, input_size_of, load_model_from_args
 
 MIN_TIME = 0.3
 """Default least seconds of forwards behind one timing (``--min-time``)."""
@@ -59,57 +56,6 @@ __all__ = [
     "save_plot",
     "add_parser",
 ]
-
-
-def benchmark(
-    model: nn.Module,
-    device: Union[int, str, torch.device] = 0,
-    input_size: Sequence[int] = (3, 224, 224),
-    batch_size: int = 64,
-    runs: int = 40,
-    throw_out: float = 0.25,
-    use_fp16: bool = False,
-    verbose: bool = False,
-) -> float:
-    """Images per second of ``model`` on random input.
-
-    Args:
-        model: Any image model; it is put in eval mode and moved to ``device``.
-        device: CUDA index, device string or ``torch.device`` (CPU when CUDA is absent).
-        input_size: ``(channels, height, width)`` of one image.
-        batch_size: Images per forward.
-        runs: Forwards in all.
-        throw_out: Fraction of the runs, at the start, treated as warm-up and not timed.
-        use_fp16: Run under fp16 autocast (bf16 on CPU, where fp16 matmuls are slow).
-        verbose: Print the result.
-
-    Returns:
-        Throughput in images per second over the timed runs.
-    """
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs!r}")
-    if not 0 <= throw_out < 1:
-        raise ValueError(f"throw_out must lie in [0, 1), got {throw_out!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    dev = resolve_device(device)
-    model = model.eval().to(dev)
-    x = torch.rand(batch_size, *input_size, device=dev)
-    warmup = min(int(runs * throw_out), runs - 1)
-    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-    elapsed = 0.0
-    with torch.inference_mode(), autocast(dev, dtype if use_fp16 else torch.float32):
-        for i in range(runs):
-            synchronize(dev)
-            start = time.perf_counter()
-            model(x)
-            synchronize(dev)
-            if i >= warmup:
-                elapsed += time.perf_counter() - start
-    throughput = (runs - warmup) * batch_size / elapsed
-    if verbose:
-        print(f"Throughput: {throughput:.2f} im/s")
-    return throughput
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -165,32 +111,45 @@ def time_interleaved(
     _check_patched(model)
     if min_time < 0:
         raise ValueError(f"min_time must not be negative, got {min_time!r}")
-    device = x.device
-    times: List[List[float]] = [[] for _ in schedules]
-    repeats = [1 for _ in schedules]
     settings = list(zip(schedules, methods if methods is not None else [None] * len(schedules)))
 
-    def run(setting: Tuple[Schedule, Optional[str]], count: int) -> float:
-        with tome.merging(model, *setting):
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(count):
-                model(x)
-            synchronize(device)
-        return time.perf_counter() - start
+    def run(index: int, count: int) -> float:
+        with tome.merging(model, *settings[index]):
+            return time_calls(lambda: model(x), x.device, count)
 
-    with torch.inference_mode(), autocast(device, dtype):
-        for _ in range(warmup):
-            for setting in settings:
-                run(setting, 1)
-        if min_time > 0:
-            # Double the forwards until they last min_time: that many stand behind each timing.
-            for i, setting in enumerate(settings):
-                while run(setting, repeats[i]) < min_time:
-                    repeats[i] *= 2
-        for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
-            for i, setting in enumerate(settings):
-                times[i].append(run(setting, repeats[i]) / repeats[i])
+    with torch.inference_mode(), autocast(x.device, dtype):
+        return time_rounds(run, len(settings), rounds=rounds, warmup=warmup, min_time=min_time, progress=progress)
+
+
+def time_rounds(run: Callable[[int, int], float], settings: int, *, rounds: int, warmup: int, min_time: float,
+                progress: bool = False) -> List[List[float]]:
+    """Seconds per call of each of ``settings`` settings, measured round-robin (see :func:`time_interleaved`).
+
+    Args:
+        run: ``run(setting index, count)`` makes ``count`` calls at that setting and returns their seconds.
+        settings: How many settings there are.
+        rounds: Timed rounds; each times every setting once.
+        warmup: Untimed rounds first.
+        min_time: Least seconds behind each timing: the calls per timing are doubled until a
+            timing lasts this long, before the timed rounds.
+        progress: Show a progress bar over the rounds (on a terminal only).
+
+    Returns:
+        One list of ``rounds`` timings (seconds per call) per setting.
+    """
+    times: List[List[float]] = [[] for _ in range(settings)]
+    repeats = [1] * settings
+    for _ in range(warmup):
+        for i in range(settings):
+            run(i, 1)
+    if min_time > 0:
+        # Double the calls until they last min_time: that many stand behind each timing.
+        for i in range(settings):
+            while run(i, repeats[i]) < min_time:
+                repeats[i] *= 2
+    for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
+        for i in range(settings):
+            times[i].append(run(i, repeats[i]) / repeats[i])
     return times
 
 
@@ -264,27 +223,41 @@ def measure_schedules(
         methods.insert(0, None)
     model.eval().to(device)
     size = tuple(input_size) if input_size is not None else input_size_of(model)
-    rows: List[Dict[str, Any]] = []
-    single = torch.rand(1, *size, device=device)
-    for schedule, method in zip(schedules, methods):
-        with tome.merging(model, schedule, method):
-            flops = count_flops(model, single)
-        tokens = model._tome_info["size"].shape[1]
-        per_layer = model._tome_info["r"]
-        rows.append(
-            {
-                "r": schedule_json(schedule),
-                "label": schedule_label(schedule),
-                "method": method,
-                "schedule": list(per_layer) if per_layer is not None else None,
-                "tokens_left": int(tokens),
-                "gflops": flops / 1e9,
-            }
-        )
+    rows = _flop_rows(model, schedules, methods, torch.rand(1, *size, device=device))
     x = torch.rand(batch_size, *size, device=device)
     times = time_interleaved(model, x, schedules, rounds=rounds, warmup=warmup, dtype=dtype, progress=progress,
                              min_time=min_time, methods=methods)
-    base = schedules.index(0)
+    add_timings(rows, times, schedules.index(0), batch_size)
+    for schedule, method, row in zip(schedules, methods, rows):
+        row["peak_memory_mib"] = None
+        if device.type == "cuda":
+            with torch.inference_mode(), autocast(device, dtype), tome.merging(model, schedule, method):
+                row["peak_memory_mib"] = peak_memory_mib(lambda: model(x), device)
+    return rows
+
+
+def _flop_rows(model: nn.Module, schedules: Sequence[Schedule], methods: Sequence[Optional[str]],
+               single: torch.Tensor) -> List[Dict[str, Any]]:
+    """One row per setting: its labels, per-layer r, tokens left and GFLOPs per image (on ``single``)."""
+    rows = []
+    for schedule, method in zip(schedules, methods):
+        with tome.merging(model, schedule, method):
+            flops = count_flops(model, single)
+        per_layer = model._tome_info["r"]
+        rows.append({
+            "r": schedule_json(schedule),
+            "label": schedule_label(schedule),
+            "method": method,
+            "schedule": list(per_layer) if per_layer is not None else None,
+            "tokens_left": int(model._tome_info["size"].shape[1]),
+            "gflops": flops / 1e9,
+        })
+    return rows
+
+
+def add_timings(rows: Sequence[Dict[str, Any]], times: Sequence[Sequence[float]], base: int, batch_size: int) -> None:
+    """Fill each row's ``seconds_per_batch``, ``images_per_s``, ``speedup`` (with its range),
+    ``flops_ratio`` and ``noisy`` from :func:`time_interleaved`'s ``times`` (``base``: the r=0 row)."""
     base_flops = rows[base]["gflops"]
     for row, seconds, (speedup, low, high) in zip(rows, times, speedup_stats(times, base)):
         median = statistics.median(seconds)
@@ -293,17 +266,15 @@ def measure_schedules(
         row["speedup"], row["speedup_low"], row["speedup_high"] = speedup, low, high
         row["flops_ratio"] = row["gflops"] / base_flops if base_flops else float("nan")
         row["noisy"] = bool(row["flops_ratio"] > 0 and speedup > 1 / row["flops_ratio"])
-        row["peak_memory_mib"] = None
-    if device.type == "cuda":
-        with torch.inference_mode(), autocast(device, dtype):
-            for schedule, method, row in zip(schedules, methods, rows):
-                with tome.merging(model, schedule, method):
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    model(x)
-                    torch.cuda.synchronize(device)
-                row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return rows
+
+
+def peak_memory_mib(call: Callable[[], Any], device: torch.device) -> float:
+    """Peak CUDA memory of one ``call``, in MiB."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "") -> Path:

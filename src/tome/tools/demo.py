@@ -17,14 +17,11 @@ import tome
 
 from ._common import (
     Schedule,
-    add_model_arguments,
-    input_size_of,
-    load_model,
-    load_model_from_args,
     positive_int,
     prepare_output_dir,
     schedule_label,
 )
+from ._models import add_model_arguments, input_size_of, load_model, load_model_from_args
 from ._runtime import resolve_device
 from .benchmark import MIN_TIME, add_timing_arguments, measure_schedules, print_rows
 from .sample_image import sample_image

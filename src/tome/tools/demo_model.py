@@ -45,7 +45,7 @@ def load_demo_model(name: str = DEFAULT_MODEL) -> Tuple[nn.Module, str]:
     Raises:
         ValueError: for a name that is not a shipped model.
     """
-    from .train import load_model
+    from .model_io import load_model
 
     if name not in SHIPPED_MODELS:
         raise ValueError(f"no shipped model is called {name!r}; choose one of {sorted(SHIPPED_MODELS)}")

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -23,18 +22,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import tome
+from tome._benchmark import autocast, time_calls
 
 from . import _runtime as runtime
 from ._common import (
     SCHEDULE_HELP,
     Schedule,
     add_method_argument,
-    add_model_arguments,
-    data_config_of,
     expand_settings,
     format_table,
-    input_size_of,
-    load_model_from_args,
     non_negative_int,
     parse_dtype,
     positive_int,
@@ -43,9 +39,8 @@ from ._common import (
     schedule_json,
     schedule_label,
     schedules_arg,
-    synchronize,
 )
-from ._runtime import autocast
+from ._models import add_model_arguments, data_config_of, input_size_of, load_model_from_args
 
 __all__ = ["EvalResult", "SkippingImageFolder", "evaluate", "image_folder", "add_parser"]
 
@@ -233,24 +228,10 @@ def count_correct(
         for images, labels, unreadable in batches:
             skipped += len(unreadable)
             examples += unreadable[: max(0, _SHOWN_SKIPS - len(examples))]
-            if images is None:
-                continue
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            for result in results:
-                with (tome.merging(model, result.r, result.method) if result.r is not None
-                      else contextlib.nullcontext()):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    with autocast(device, dtype):
-                        logits = model(images)
-                    synchronize(device)
-                result.seconds += time.perf_counter() - start
-                # Top-1 is the argmax (the first of tied maxima); top-5 any of the 5 highest.
-                result.correct1 += int((logits.argmax(dim=-1) == labels).sum())
-                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                result.correct5 += int((top == labels[:, None]).any(dim=-1).sum())
-                result.total += int(labels.numel())
+            if images is not None:
+                for result in results:
+                    _count_batch(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                 result, device, dtype)
     counts = runtime.all_sum([float(n) for r in results for n in (r.correct1, r.correct5, r.total)] + [float(skipped)],
                              device)
     seconds = runtime.all_max([r.seconds for r in results], device)
@@ -259,6 +240,25 @@ def count_correct(
         result.seconds = seconds[index]
     examples = [name for part in runtime.all_gather(examples) for name in part][:_SHOWN_SKIPS]
     return results, int(counts[-1]), examples
+
+
+def _count_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, result: EvalResult,
+                 device: torch.device, dtype: Optional[torch.dtype]) -> None:
+    """Run one batch at ``result``'s setting, timed, and add its hits to ``result``."""
+    outputs: List[torch.Tensor] = []
+
+    def forward() -> None:
+        with autocast(device, dtype):
+            outputs.append(model(images))
+
+    with tome.merging(model, result.r, result.method) if result.r is not None else contextlib.nullcontext():
+        result.seconds += time_calls(forward, device)
+    logits = outputs[0]
+    # Top-1 is the argmax (the first of tied maxima); top-5 any of the 5 highest.
+    result.correct1 += int((logits.argmax(dim=-1) == labels).sum())
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    result.correct5 += int((top == labels[:, None]).any(dim=-1).sum())
+    result.total += int(labels.numel())
 
 
 def evaluate(
