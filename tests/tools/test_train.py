@@ -159,8 +159,8 @@ def test_parse_schedule():
     assert parse_schedule("8:-1") == (8, -1.0)
     assert parse_schedule("4/2") == [4, 2]
     assert parse_schedule("[4, 2]") == [4, 2]
-    with pytest.warns(FutureWarning, match="8:-1"):
-        assert parse_schedule("8,-1") == (8, -1.0)  # the old tome train spelling still works
+    with pytest.raises(ValueError, match="write 8:-1"):  # the old tome train spelling: one grammar everywhere now
+        parse_schedule("8,-1")
     with pytest.raises(ValueError, match="not a schedule"):
         parse_schedule("eight")
 

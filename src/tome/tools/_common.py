@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -69,24 +68,23 @@ _SCHEDULE_ITEM = re.compile(r"\s*(\[[^\]]*\]|[^,\[]+)\s*(?:,|$)")
 def parse_schedule(text: str) -> Schedule:
     """One merge schedule from the command line (see :data:`SCHEDULE_GRAMMAR`).
 
-    ``"16"`` -> ``16``; ``"16:-1"`` -> ``(16, -1.0)``; ``"8/8/4"`` -> ``[8, 8, 4]``.
-    Also read, so that older command lines keep working: ``"[8,8,4]"`` (a bracketed
-    list, as in Python) and ``"8,-1"`` (r, inflection with a comma, the old ``tome
-    train`` spelling; it warns with a ``FutureWarning``: write ``8:-1``).
+    ``"16"`` -> ``16``; ``"16:-1"`` -> ``(16, -1.0)``; ``"8/8/4"`` -> ``[8, 8, 4]``; a
+    bracketed list as in Python, ``"[8,8,4]"``, is read too. A comma separates
+    schedules in every command, so ``"8,-1"`` (once ``tome train``'s and ``tome export``'s
+    spelling of ``(8, -1.0)``) is two schedules, refused here with what to write.
 
     Raises:
         ValueError: quoting ``text`` and the grammar when it is no schedule, or
             several of them, or its values are out of range.
     """
     items = _split_schedules(text)
-    if (len(items) == 2 and re.fullmatch(_INT, items[0]) and re.fullmatch(_NUMBER, items[1])
-            and -1 <= float(items[1]) <= 1):
-        # "8,-1": the old (r, inflection) spelling of tome train; one schedule, not two.
-        legacy = f"{items[0]}:{items[1]}"
-        warnings.warn(f"r {text!r} is the old spelling of {legacy}; write {legacy}", FutureWarning, stacklevel=2)
-        return _parse_one(legacy, text)
     if len(items) != 1:
-        raise ValueError(f"r {text!r} lists {len(items)} schedules where one is expected; {SCHEDULE_GRAMMAR}")
+        hint = ""
+        if len(items) == 2 and re.fullmatch(_INT, items[0]) and re.fullmatch(_NUMBER, items[1]):
+            first, second = items
+            per_block = f", or {first}/{second} for r per block" if re.fullmatch(_INT, second) else ""
+            hint = f" (write {first}:{second} for r={first} with inflection {second}, the R:INFLECTION form{per_block})"
+        raise ValueError(f"r {text!r} lists {len(items)} schedules where one is expected{hint}; {SCHEDULE_GRAMMAR}")
     return _parse_one(items[0], text)
 
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,14 +33,16 @@ from ._common import (
     non_negative_float,
     non_negative_int,
     parse_dtype,
+    parse_schedules,
     positive_int,
     prepare_output_file,
-    progress_bar,
     schedule_json,
     schedule_label,
     schedules_arg,
 )
-from ._models import add_model_arguments, input_size_of, load_model_from_args
+from ._denoisers import ratios_arg
+from ._models import add_model_arguments, input_size_of, load_model_from_args, model_form
+from ._timing import add_timings, count_call_flops, peak_memory_mib, speedup_stats, time_rounds
 
 MIN_TIME = 0.3
 """Default least seconds of forwards behind one timing (``--min-time``)."""
@@ -50,7 +51,9 @@ __all__ = [
     "benchmark",
     "resolve_device",
     "count_flops",
+    "count_call_flops",
     "time_interleaved",
+    "time_rounds",
     "speedup_stats",
     "measure_schedules",
     "save_plot",
@@ -65,12 +68,7 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     figure many papers call GFLOPs). Merging's own bookkeeping (scatter, gather,
     sort) is not counted; its similarity matmul is.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(x)
-    return int(counter.get_total_flops())
+    return count_call_flops(lambda: model(x))
 
 
 def time_interleaved(
@@ -119,55 +117,6 @@ def time_interleaved(
 
     with torch.inference_mode(), autocast(x.device, dtype):
         return time_rounds(run, len(settings), rounds=rounds, warmup=warmup, min_time=min_time, progress=progress)
-
-
-def time_rounds(run: Callable[[int, int], float], settings: int, *, rounds: int, warmup: int, min_time: float,
-                progress: bool = False) -> List[List[float]]:
-    """Seconds per call of each of ``settings`` settings, measured round-robin (see :func:`time_interleaved`).
-
-    Args:
-        run: ``run(setting index, count)`` makes ``count`` calls at that setting and returns their seconds.
-        settings: How many settings there are.
-        rounds: Timed rounds; each times every setting once.
-        warmup: Untimed rounds first.
-        min_time: Least seconds behind each timing: the calls per timing are doubled until a
-            timing lasts this long, before the timed rounds.
-        progress: Show a progress bar over the rounds (on a terminal only).
-
-    Returns:
-        One list of ``rounds`` timings (seconds per call) per setting.
-    """
-    times: List[List[float]] = [[] for _ in range(settings)]
-    repeats = [1] * settings
-    for _ in range(warmup):
-        for i in range(settings):
-            run(i, 1)
-    if min_time > 0:
-        # Double the calls until they last min_time: that many stand behind each timing.
-        for i in range(settings):
-            while run(i, repeats[i]) < min_time:
-                repeats[i] *= 2
-    for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
-        for i in range(settings):
-            times[i].append(run(i, repeats[i]) / repeats[i])
-    return times
-
-
-def speedup_stats(times: Sequence[Sequence[float]], base: int = 0) -> List[Tuple[float, float, float]]:
-    """``(median, lowest, highest)`` speed-up of each setting over setting ``base``, round by round.
-
-    The speed-up of a round is ``base time / setting time`` within that round (both
-    saw the same machine state); the median and the range are over rounds.
-
-    Args:
-        times: What :func:`time_interleaved` returns.
-        base: Index of the reference setting (r=0).
-    """
-    stats = []
-    for setting in times:
-        ratios = [b / t for b, t in zip(times[base], setting)]
-        stats.append((statistics.median(ratios), min(ratios), max(ratios)))
-    return stats
 
 
 def _check_patched(model: nn.Module) -> None:
@@ -255,30 +204,10 @@ def _flop_rows(model: nn.Module, schedules: Sequence[Schedule], methods: Sequenc
     return rows
 
 
-def add_timings(rows: Sequence[Dict[str, Any]], times: Sequence[Sequence[float]], base: int, batch_size: int) -> None:
-    """Fill each row's ``seconds_per_batch``, ``images_per_s``, ``speedup`` (with its range),
-    ``flops_ratio`` and ``noisy`` from :func:`time_interleaved`'s ``times`` (``base``: the r=0 row)."""
-    base_flops = rows[base]["gflops"]
-    for row, seconds, (speedup, low, high) in zip(rows, times, speedup_stats(times, base)):
-        median = statistics.median(seconds)
-        row["seconds_per_batch"] = median
-        row["images_per_s"] = batch_size / median
-        row["speedup"], row["speedup_low"], row["speedup_high"] = speedup, low, high
-        row["flops_ratio"] = row["gflops"] / base_flops if base_flops else float("nan")
-        row["noisy"] = bool(row["flops_ratio"] > 0 and speedup > 1 / row["flops_ratio"])
-
-
-def peak_memory_mib(call: Callable[[], Any], device: torch.device) -> float:
-    """Peak CUDA memory of one ``call``, in MiB."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    call()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "") -> Path:
-    """Throughput and GFLOPs against r, side by side, as a PNG (1000 x 400 pixels).
+def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "",
+              xlabel: str = "r (tokens merged per layer)") -> Path:
+    """Throughput and GFLOPs against the merge setting (each row's ``label``), side by side, as a PNG
+    (1000 x 400 pixels).
 
     Uses matplotlib's Agg canvas directly, so no global backend is changed.
 
@@ -307,7 +236,7 @@ def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str
             axis.annotate(note, (position, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
         axis.set_xticks(positions)
         axis.set_xticklabels(labels)
-        axis.set_xlabel("r (tokens merged per layer)")
+        axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     if title:
@@ -350,46 +279,77 @@ def default_dtype(device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
+DEFAULT_SCHEDULES = "0,8,13,16"
+"""``-r`` of ``tome bench`` when none is given."""
+
+
 def run_bench(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """``tome bench``: measure, print, and optionally write JSON and a plot."""
+    diffusion = model_form(args.model) == "diffusers"
+    if diffusion and args.r is not None:
+        raise ValueError(f"--model {args.model!r} merges a fraction of each level's tokens: pass --ratio (e.g. "
+                         "--ratio 0.5, or several: --ratio 0.3,0.5), not -r, which counts tokens per block")
+    if not diffusion and args.ratio is not None:
+        raise ValueError("--ratio is the merge setting of diffusers:FOLDER models; for "
+                         f"--model {args.model or 'shapes-long'!r} give -r (e.g. -r 0,8,16)")
     # Output paths are checked before minutes of measuring, not after.
     json_path = prepare_output_file(args.json, "--json") if args.json else None
     plot_path = prepare_output_file(args.plot, "--plot") if args.plot else None
     device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype(device)
-    dtype = parse_dtype(dtype_name)
-    batch_size = args.batch_size or default_batch_size(device)
-    loaded = load_model_from_args(args)
+    loaded = load_model_from_args(args, forms=("timm", "shipped", "hf", "diffusers"))
     model = loaded.patch()
-    size = input_size_of(model)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"Model: {loaded.description}")
-    print(f"Device: {device}{threads}, {dtype_name}, batch {batch_size} x {size}, {args.runs} interleaved rounds "
-          f"of at least {args.min_time:g} s per r", flush=True)
-    schedules, methods = expand_settings(args.r, args.method)
-    rows = measure_schedules(
-        model, schedules, batch_size=batch_size, device=device, dtype=dtype, rounds=args.runs,
-        warmup=args.warmup, progress=True, min_time=args.min_time, methods=methods,
-    )
-    print_rows(rows)
+    if diffusion:
+        rows, report = _bench_ratios(model, args, device, dtype_name, threads)
+    else:
+        rows, report = _bench_schedules(model, args, device, dtype_name, threads)
     print("FLOPs: torch FlopCounterMode, 2 per multiply-add.")
     if json_path is not None:
-        report = {
-            "model": loaded.description,
-            "device": str(device),
-            "dtype": dtype_name,
-            "batch_size": batch_size,
-            "input_size": list(size),
-            "rounds": args.runs,
-            "min_time": args.min_time,
-            "torch": torch.__version__,
-            "results": rows,
-        }
+        report = {"model": loaded.description, "device": str(device), "dtype": dtype_name, **report,
+                  "rounds": args.runs, "min_time": args.min_time, "torch": torch.__version__, "results": rows}
         json_path.write_text(json.dumps(report, indent=2))
         print(f"Wrote {json_path}")
     if plot_path is not None:
-        print(f"Wrote {save_plot(rows, plot_path, title=loaded.description)}")
+        xlabel = "ratio (fraction of tokens merged)" if diffusion else "r (tokens merged per layer)"
+        print(f"Wrote {save_plot(rows, plot_path, title=loaded.description, xlabel=xlabel)}")
     return rows
+
+
+def _bench_schedules(model: nn.Module, args: argparse.Namespace, device: torch.device, dtype_name: str,
+                     threads: str) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """``tome bench`` of an encoder or classifier at each ``-r`` schedule (and ``--method``)."""
+    batch_size = args.batch_size or default_batch_size(device)
+    size = input_size_of(model)
+    print(f"Device: {device}{threads}, {dtype_name}, batch {batch_size} x {size}, {args.runs} interleaved rounds "
+          f"of at least {args.min_time:g} s per r", flush=True)
+    schedules, methods = expand_settings(args.r if args.r is not None else parse_schedules(DEFAULT_SCHEDULES),
+                                         args.method)
+    rows = measure_schedules(
+        model, schedules, batch_size=batch_size, device=device, dtype=parse_dtype(dtype_name), rounds=args.runs,
+        warmup=args.warmup, progress=True, min_time=args.min_time, methods=methods,
+    )
+    print_rows(rows)
+    return rows, {"batch_size": batch_size, "input_size": list(size)}
+
+
+def _bench_ratios(model: nn.Module, args: argparse.Namespace, device: torch.device, dtype_name: str,
+                  threads: str) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """``tome bench`` of a diffusers denoiser at each ``--ratio``: one denoiser step per timing."""
+    from ._denoisers import measure_ratios, print_ratio_rows
+
+    if args.method != ["tome"]:
+        raise ValueError(f"--method {','.join(args.method)}: diffusers models merge with ToMe for Stable Diffusion's "
+                         "rule only; leave --method out")
+    batch_size = args.batch_size or 2
+    print(f"Device: {device}{threads}, {dtype_name}, one denoiser step on a batch of {batch_size}, {args.runs} "
+          f"interleaved rounds of at least {args.min_time:g} s per ratio", flush=True)
+    rows = measure_ratios(model, args.ratio or [0.5], batch_size=batch_size, device=device,
+                          dtype=parse_dtype(dtype_name), rounds=args.runs, warmup=args.warmup, progress=True,
+                          min_time=args.min_time)
+    print_ratio_rows(rows)
+    return rows, {"batch_size": batch_size}
 
 
 def add_timing_arguments(parser: argparse.ArgumentParser, *, runs: int, what: str = "timed rounds") -> None:
@@ -405,13 +365,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="throughput, speed-up, GFLOPs, tokens left and memory for several r",
-        description="Measure a timm ViT with token merging for several r values.",
+        description="Measure a model with token merging for several r values (timm, shipped and hf: models), "
+        "or a diffusers denoiser for several merge ratios (--model diffusers:FOLDER --ratio 0.3,0.5).",
     )
-    add_model_arguments(parser)
-    parser.add_argument("-r", "--r", type=schedules_arg, default=schedules_arg("0,8,13,16"),
-                        help=f"{SCHEDULE_HELP} (default: 0,8,13,16)")
+    add_model_arguments(parser, diffusers=True)
+    parser.add_argument("-r", "--r", type=schedules_arg, default=None,
+                        help=f"{SCHEDULE_HELP} (default: {DEFAULT_SCHEDULES})")
+    parser.add_argument("--ratio", type=ratios_arg, default=None, metavar="RATIOS",
+                        help="for diffusers: models, instead of -r: fractions of each level's tokens merged away, "
+                        "comma-separated, each in [0, 1); 0 is measured as the baseline (default: 0.5)")
     add_method_argument(parser, "each r > 0 is measured with each method, interleaved")
-    parser.add_argument("--batch-size", type=positive_int, help="images per forward (default: 64 on CUDA, 8 on CPU)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="images per forward (default: 64 on CUDA, 8 on CPU; diffusers: models 2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp16 on CUDA, fp32 on CPU)")
     add_timing_arguments(parser, runs=10)

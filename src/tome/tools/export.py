@@ -28,6 +28,7 @@ from tome.export import (
     Agreement,
     compare_outputs,
     export_onnx,
+    main_output,
     onnx_session,
     quantize_onnx,
     run_onnx,
@@ -45,7 +46,8 @@ from ._common import (
     schedule_label,
 )
 from ._models import add_model_arguments, input_size_of, load_model_from_args
-from .benchmark import count_flops, speedup_stats, time_rounds
+from ._timing import speedup_stats, time_rounds
+from .benchmark import count_flops
 
 __all__ = ["ExportRow", "generated_images", "time_sessions", "export_and_measure", "add_parser"]
 
@@ -209,7 +211,7 @@ def _write_files(model: torch.nn.Module, rows: Sequence[ExportRow], x: torch.Ten
         with tome.merging(model, row.schedule):
             if key not in eager:
                 with torch.no_grad():
-                    eager[key] = model(x)
+                    eager[key] = main_output(model(x))  # what the file returns: logits, embeddings, ...
                 flops[key] = count_flops(model, x)
             if row.int8:
                 fp32 = next(r.path for r in rows if not r.int8 and r.schedule == row.schedule)
@@ -306,8 +308,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser, demo_default=True)
     parser.add_argument("-r", "--r", type=schedule_arg, default=None,
-                        help="merge schedule of the deployed file: R, R:INFLECTION (16:-1) or R/R/R "
-                        "(default: the checkpoint's r, else 16)")
+                        help="the one merge schedule of the deployed file, in the grammar of every command: R (16), "
+                        "R:INFLECTION (16:-1; 16:1 increases) or R/R/R (8/8/4) (default: the checkpoint's r, else 16)")
     parser.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="the merged model's ONNX file")
     parser.add_argument("--input-size", type=_input_size, metavar="H[xW]",
                         help="image size fixed in the file (default: the model's); the model must accept it")

@@ -99,7 +99,8 @@ def _add_recipe(add: Callable[..., Any], defaults: TrainConfig) -> None:
         help="clip the global gradient norm to this; 0 disables (default: %(default)s)")
     add("--drop-path", type=float, default=defaults.drop_path, help="stochastic depth rate (default: %(default)s)")
     add("-r", "--r", default="0",
-        help="ToMe schedule while training: 8, '8,-1' (decreasing) or '[8,8,4]' (default: %(default)s)")
+        help="the one merge schedule while training, in the grammar of every command: R (8), R:INFLECTION "
+        "(8:-1, decreasing) or R/R/R (8/8/4) (default: %(default)s)")
     add("--no-prop-attn", dest="prop_attn", action="store_false",
         help="train without proportional attention (default: with it)")
     add("--amp", choices=runtime.AMP_CHOICES, default=defaults.amp,
