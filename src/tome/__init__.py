@@ -165,9 +165,9 @@ def merging(
 
 
 def __getattr__(name: str) -> Any:
-    # The tools layer is imported only when asked for, so `import tome` stays light.
+    # Drawing needs PIL and numpy: imported only when asked for, so `import tome` stays light.
     if name == "make_visualization":
-        from .tools.visualize import make_visualization
+        from .vis import make_visualization
 
         return make_visualization
     if name == "vis":  # the original release's module: `import tome; tome.vis.make_visualization`

@@ -8,8 +8,9 @@ of the tokens merged in a procedurally drawn sample image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -17,15 +18,12 @@ import tome
 
 from ._common import (
     Schedule,
-    add_model_arguments,
-    input_size_of,
-    load_model,
-    load_model_from_args,
     non_negative_int,
     positive_int,
     prepare_output_dir,
     schedule_label,
 )
+from ._models import add_model_arguments, input_size_of, load_model, load_model_from_args
 from ._runtime import resolve_device
 from .benchmark import MIN_TIME, add_timing_arguments, measure_schedules, print_rows
 from .sample_image import sample_image
@@ -74,6 +72,19 @@ def demo_schedules(num_tokens: int, protected_tokens: int, depth: int) -> List[i
     return sorted({0, *(min(most, max(1, round(r * scale))) for r in PAPER_SCHEDULES)})
 
 
+@contextlib.contextmanager
+def _threads(threads: int) -> Iterator[int]:
+    """Run the block with ``threads`` CPU threads (0: leave torch's setting); yields the
+    number in use and restores the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_demo(
     args: Optional[argparse.Namespace] = None,
     *,
@@ -117,19 +128,13 @@ def run_demo(
     info = model._tome_info
     schedules: Sequence[Schedule] = demo_schedules(int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"]))
 
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        used = torch.get_num_threads()
+    with _threads(threads) as used:
         print(f"ToMe demo on {loaded.description}")
         print(f"Input {size[1]}x{size[2]}, batch {batch_size}, {used} CPU thread{'s' if used != 1 else ''}"
               f"{' (--threads)' if threads else ''}, {rounds} interleaved rounds of at least {min_time:g} s per r; "
               f"r = tokens merged away in each of {len(info['r'])} blocks", flush=True)
         rows = measure_schedules(model, schedules, batch_size=batch_size, device=device, rounds=rounds, warmup=1,
                                  progress=True, min_time=min_time)
-    finally:
-        torch.set_num_threads(previous_threads)
     print_rows(rows)
 
     shown = [s for s in schedules if s != 0] or [0]
