@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -70,6 +71,17 @@ def demo_schedules(num_tokens: int, protected_tokens: int, depth: int) -> List[i
         return [0]
     scale = (patches / 196) * (12 / depth)
     return sorted({0, *(min(most, max(1, round(r * scale))) for r in PAPER_SCHEDULES)})
+
+
+def _write_outputs(out: Path, model: Any, shown: Sequence[Schedule], report: Dict[str, Any]) -> Tuple[Path, Path]:
+    """Write the merge picture for the schedules ``shown`` and the JSON ``report``; print where."""
+    vis_path = out / "demo_merges.png"
+    render_merges(sample_image(), model, shown).save(vis_path)
+    json_path = out / "demo_benchmark.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    print(f"Merged tokens of a sample image for r = {', '.join(schedule_label(s) for s in shown)}: {vis_path}")
+    print(f"Benchmark results: {json_path}")
+    return vis_path, json_path
 
 
 @contextlib.contextmanager
@@ -138,15 +150,9 @@ def run_demo(
     print_rows(rows)
 
     shown = [s for s in schedules if s != 0] or [0]
-    canvas = render_merges(sample_image(), model, shown)
-    vis_path = out / "demo_merges.png"
-    canvas.save(vis_path)
-    json_path = out / "demo_benchmark.json"
-    json_path.write_text(json.dumps({"model": loaded.description, "batch_size": batch_size, "input_size": list(size),
-                                     "rounds": rounds, "min_time": min_time, "threads": used, "results": rows},
-                                    indent=2))
-    print(f"Merged tokens of a sample image for r = {', '.join(schedule_label(s) for s in shown)}: {vis_path}")
-    print(f"Benchmark results: {json_path}")
+    vis_path, json_path = _write_outputs(out, model, shown, {
+        "model": loaded.description, "batch_size": batch_size, "input_size": list(size), "rounds": rounds,
+        "min_time": min_time, "threads": used, "results": rows})
     print("Next: tome bench --model vit_base_patch16_224 | tome visualize IMAGE | tome eval --model NAME --data DIR "
           "| tome tune --model NAME --target-speedup 2")
     return {"rows": rows, "visualization": vis_path, "json": json_path}
