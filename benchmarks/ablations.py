@@ -328,7 +328,7 @@ def _ints(text: str) -> List[int]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=SHIPPED,
-                        help="a model saved by tome train (default: the shipped one)")
+                        help="a model saved by tome train (default: the short shipped model shapes)")
     parser.add_argument("--constant", default="4,8,10,12", help="constant r values (default: %(default)s)")
     parser.add_argument("--decreasing", default="8", help="r of (r, -1) schedules (default: %(default)s)")
     parser.add_argument("--val-size", type=int, default=2000)

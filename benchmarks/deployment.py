@@ -11,7 +11,7 @@ r=0 over FLOPs at r) beside each row. ``--legacy-schedules`` adds, in the same r
 files made the way this project made them before (opset 18, ``quantize_dynamic`` with
 its default operator types and per-tensor weights), so the two can be compared side by
 side; ``--profile`` adds onnxruntime's per-operator-type kernel time of every file.
-The accuracy section runs the shipped model (``tome.tools.demo_model``) on the
+The accuracy section runs the short shipped model (``load_demo_model("shapes")``) on the
 generated shape task's validation images for fp32/int8 x r (``--accuracy-images 0``
 skips it). Writes ``--json`` and prints markdown tables (docs/deployment.md).
 Random weights for the timing models (speed does not depend on them).
@@ -181,7 +181,7 @@ def accuracy(schedules, images: int, workdir: Path, reduce_range: bool = False):
     from tome.data import SyntheticShapes
     from tome.tools.demo_model import load_demo_model
 
-    model, description = load_demo_model()
+    model, description = load_demo_model("shapes")  # the model docs/deployment.md's accuracy table was measured on
     tome.apply_patch(model, r=0)
     size = model.pretrained_cfg["input_size"][1]
     data = SyntheticShapes("val", length=images, image_size=size)

@@ -153,9 +153,27 @@ def _tiny_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(torchvision.models, name, build)
 
 
+def _root_conftest_as_conftest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import conftest`` give tests/conftest.py (test_swag imports ``trained_like_`` from it).
+
+    pytest keeps the conftest it loaded last under that name: after tests/tools/ ran, that one.
+    """
+    import importlib.util
+    import sys
+
+    path = ROOT / "tests" / "conftest.py"
+    if getattr(sys.modules.get("conftest"), "__file__", None) == str(path):
+        return
+    spec = importlib.util.spec_from_file_location("conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "conftest", module)
+
+
 def _tiny_swag(monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch.hub.load("facebookresearch/swag", model=...)``: the tiny SWAG-layout ViT of tests/patch/test_swag.py."""
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "patch"))
+    _root_conftest_as_conftest(monkeypatch)
     test_swag = importlib.import_module("test_swag")  # the module name pytest itself gives that file
 
     def load(repo_or_dir: str, model: str, *args, **kwargs):

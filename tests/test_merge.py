@@ -188,3 +188,18 @@ def test_random_bipartite(shape, r, protected, seed):
     # The generator controls the draw.
     again, _ = random_bipartite_soft_matching(metric, r, torch.Generator().manual_seed(seed), protected_tokens=protected)
     assert torch.equal(again(x), merge(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_metrics_pick_the_float32_partners(dtype):
+    # Keys of a ViT-B block (197 tokens, 64 channels) have many near-tied similarities: scored in
+    # fp16/bf16 they round together and other partners win. Every matcher scores in float32, so a
+    # half-precision model merges the tokens its float32-upcast keys would merge.
+    generator = torch.Generator().manual_seed(0)
+    metric = torch.randn(32, 197, 64, generator=generator).to(dtype)
+    low = match_bipartite(metric, 16, protected_tokens=1)
+    high = match_bipartite(metric.float(), 16, protected_tokens=1)
+    assert torch.equal(low.dest, high.dest)
+    x = torch.randn(32, 197, 8, generator=generator).to(dtype)
+    merge, _ = bipartite_soft_matching(metric, 16, class_token=True)
+    assert merge(x).dtype == dtype  # the tokens merge in their own dtype

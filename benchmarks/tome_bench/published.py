@@ -51,7 +51,10 @@ def _merge_sum(x: torch.Tensor, r: int, kept_a: torch.Tensor, src_a: torch.Tenso
     return torch.cat([kept, b], dim=1)
 
 
-def _published_merge(self: _shared.ToMeState, x: torch.Tensor, metric: torch.Tensor, r: int) -> Tuple[torch.Tensor, _shared.ToMeState]:
+def _published_merge(
+    self: _shared.ToMeState, x: torch.Tensor, metric: torch.Tensor, r: int, rule: object = None
+) -> Tuple[torch.Tensor, _shared.ToMeState]:
+    # ``rule`` (the block's merge rule, always ToMe's here) is taken so the signature is ToMeState.merge's.
     if self.trace_source or self.protected_tokens > 1:
         raise ValueError("the published-style baseline supports trace_source=False and at most a class token")
     r = max(0, min(r, (x.shape[1] - self.protected_tokens) // 2))

@@ -19,6 +19,7 @@ from ._dense import unmerge_tokens
 from ._methods import METHODS, MergeMethod
 from ._schedule import RSchedule, parse_r
 from .patch import KEEP, ForwardReport, last_forward, remove_patch
+from .patch._shared import get_prop_attn_kernel, prop_attn_kernel, set_prop_attn_kernel
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,9 @@ __all__ = [
     "last_forward",
     "list_families",
     "ForwardReport",
+    "set_prop_attn_kernel",
+    "get_prop_attn_kernel",
+    "prop_attn_kernel",
     "MergeMethod",
     "METHODS",
     "parse_r",
@@ -125,9 +129,9 @@ def merging(model: Any, r: RSchedule = KEEP, method: Union[str, MergeMethod, Non
 
 
 def __getattr__(name: str) -> Any:
-    # The tools layer is imported only when asked for, so `import tome` stays light.
+    # Drawing needs PIL and numpy: imported only when asked for, so `import tome` stays light.
     if name == "make_visualization":
-        from .tools.visualize import make_visualization
+        from .vis import make_visualization
 
         return make_visualization
     if name == "vis":  # the original release's module: `import tome; tome.vis.make_visualization`

@@ -5,7 +5,9 @@ Commands: ``demo`` (offline tour), ``bench`` (throughput and FLOPs for several r
 for several processes), ``tune`` (find r for a speed-up or FLOPs target), ``train``
 (train or fine-tune with merging active), ``data`` (export or preview the generated
 shape task), ``export`` (ONNX export, checked and timed in onnxruntime, optionally
-int8). See docs/tools.md and docs/deployment.md.
+int8). ``--model`` takes a timm name, a shipped model, ``hf:<id or folder>`` and, for
+``bench``, ``diffusers:<folder>`` (with ``--ratio``); ``-r`` has one grammar everywhere.
+See docs/tools.md and docs/deployment.md.
 """
 
 from __future__ import annotations

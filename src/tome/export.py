@@ -398,22 +398,33 @@ def quantize_onnx(
     if mode not in INT8_MODES:
         raise ValueError(f"mode={mode!r} is not an int8 mode; expected one of {INT8_MODES}")
     _require("onnx", "onnxruntime")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     target = Path(target)
     if mode == "dynamic":
-        with _quiet_root_logger():
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                             reduce_range=reduce_range, op_types_to_quantize=list(_DYNAMIC_OPS))
+        _quantize_dynamic(source, target, reduce_range)
         return target
     if calibration is None:
         raise ValueError("mode='static' needs calibration batches (calibration=[inputs, ...])")
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     session = onnx_session(source)
     batches = [_feeds(session, inputs) for inputs in calibration]
     if not batches:
         raise ValueError("calibration holds no batches; give at least one")
+    _quantize_static(source, target, batches, reduce_range)
+    return target
+
+
+def _quantize_dynamic(source: Union[str, os.PathLike], target: Path, reduce_range: bool) -> None:
+    """``quantize_dynamic`` of the ``MatMul`` weights, per output channel."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_logger():
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=reduce_range, op_types_to_quantize=list(_DYNAMIC_OPS))
+
+
+def _quantize_static(source: Union[str, os.PathLike], target: Path, batches: List[Dict[str, Any]],
+                     reduce_range: bool) -> None:
+    """``quantize_static`` in QDQ format, activation ranges calibrated on ``batches`` (onnxruntime feeds)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -433,7 +444,6 @@ def quantize_onnx(
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
             op_types_to_quantize=list(_STATIC_OPS), extra_options={"MatMulConstBOnly": True},
         )
-    return target
 
 
 @contextlib.contextmanager

@@ -191,6 +191,12 @@ def _checked_r(metric: torch.Tensor, r: int, protected_tokens: int) -> int:
 
 
 def _normalize(metric: torch.Tensor) -> torch.Tensor:
+    """Unit rows, in float32 for fp16/bf16 metrics: near-tied similarities rounded to 8 or 11
+    mantissa bits pick other partners than the same metric in float32 (and than the same
+    sample in another batch), so every matcher scores in float32; the tokens themselves
+    still merge in their own dtype."""
+    if metric.dtype in (torch.float16, torch.bfloat16):
+        metric = metric.float()
     return metric / metric.norm(dim=-1, keepdim=True)
 
 
@@ -301,30 +307,39 @@ def match_bipartite(
         device = metric.device
         # Masks and torch.where rather than assignments into slices: the same values, and an
         # exported graph without a Transpose/ScatterND/Transpose chain per assignment.
-        a_pos = torch.arange(num_a, device=device)
-        b_pos = torch.arange(num_b, device=device)
         # Protected B tokens are never destinations: leave their columns out (a view).
         node_max, node_idx = scores[:, :, protected_b:].max(dim=-1)
-        node_idx = node_idx + protected_b
+        if protected_b:
+            node_idx = node_idx + protected_b
         if protected_a:  # protected A tokens are never sources
-            node_max = node_max.masked_fill(a_pos < protected_a, -math.inf)
+            node_max = node_max.masked_fill(torch.arange(num_a, device=device) < protected_a, -math.inf)
         src_idx = node_max.topk(r, dim=-1).indices  # (batch, r) A tokens that merge away
 
         # A tensor source (not a Python bool) keeps this traceable by torch.jit.trace and ONNX export.
         is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device).scatter(
             1, src_idx, torch.ones_like(src_idx, dtype=torch.bool)
         )
+        unmerged_a = ~is_src
 
         # Output layout: [prefix | kept non-prefix A | non-prefix B], in original order.
-        rank_a = (~is_src & (a_pos >= protected_a)).cumsum(dim=1) - 1
-        num_kept_a = num_a - protected_a - r
-        slot_b = torch.where(b_pos < protected_b, 2 * b_pos + 1, protected_tokens + num_kept_a + b_pos - protected_b)
+        first_b = protected_tokens + num_a - protected_a - r  # slot of the first non-prefix B token
+        if protected_tokens <= 1:
+            # No prefix, or the class token alone (A[0], slot 0): an unmerged A token's slot is its
+            # rank among the unmerged A tokens, and B tokens follow them. The same slots as below,
+            # in a third of the operations (what a merge step costs at small batch is mostly their count).
+            slot_a = unmerged_a.cumsum(dim=1) - 1
+            slot_b = torch.arange(first_b, first_b + num_b, device=device)
+        else:
+            a_pos = torch.arange(num_a, device=device)
+            b_pos = torch.arange(num_b, device=device)
+            rank_a = (unmerged_a & (a_pos >= protected_a)).cumsum(dim=1) - 1
+            slot_b = torch.where(b_pos < protected_b, 2 * b_pos + 1, first_b + b_pos - protected_b)
+            slot_a = torch.where(a_pos < protected_a, 2 * a_pos, protected_tokens + rank_a)
         slot_b = slot_b.expand(batch, -1)
-        slot_a = torch.where(a_pos < protected_a, 2 * a_pos, protected_tokens + rank_a)
         slot_a = torch.where(is_src, slot_b.gather(1, node_idx), slot_a)
 
         dest = _interleave(slot_a, slot_b)
-        kept = _interleave(~is_src, torch.ones_like(slot_b, dtype=torch.bool))
+        kept = _interleave(unmerged_a, torch.ones_like(slot_b, dtype=torch.bool))
     return TokenAssignment(dest, num_tokens - r, kept)
 
 

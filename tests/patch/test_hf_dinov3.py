@@ -145,3 +145,23 @@ def test_bad_input():
     augmented.train()
     with pytest.raises(ValueError, match="augmentation"):
         augmented(images())
+
+
+def test_patched_class_from_pretrained_gives_a_patched_model(tmp_path):
+    model = tome.patch.hf_dinov3(make())
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert tome.patch.is_patched(loaded) and loaded.r == 0 and type(loaded).__name__ == "DINOv3ViTModel"
+    loaded.r = model.r = 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images()).last_hidden_state, model(images()).last_hidden_state)
+
+
+def test_encoder_run_on_its_own_says_to_call_the_whole_model():
+    # The model's forward starts the rotary positions merged tokens carry; its encoder alone cannot.
+    model = tome.apply_patch(make(), r=2)
+    x = images()
+    with torch.no_grad():
+        hidden, pair = model.embeddings(x), model.rope_embeddings(x)
+        with pytest.raises(RuntimeError, match="call the whole model"):
+            model.model(hidden, position_embeddings=pair)

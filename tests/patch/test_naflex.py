@@ -286,6 +286,21 @@ def test_forward_intermediates_full_grid_and_naflex_rows(name):
         model.forward_intermediates({"patches": patches, "patch_coord": coord, "patch_valid": valid})
 
 
+@torch.no_grad()
+def test_padded_rope_batch_stopping_before_the_first_merge():
+    # The blocks run (stop_early) merge nothing, but padding already makes the state carry sizes:
+    # the rotary positions must be carried all the same (they were not, and block 0 raised).
+    model = tome.apply_patch(make("dinov3"), r=[0, 0, 2])
+    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
+    inputs = {"patches": patches, "patch_coord": coord, "patch_valid": valid}
+    early = model.forward_intermediates(inputs, indices=[0], stop_early=True, output_fmt="NLC", intermediates_only=True)
+    full = model.forward_intermediates(inputs, indices=[0], output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(early[0], full[0], rtol=0, atol=0)
+    model.r = 0  # nothing merges before block 2: block 0's real rows are the unpatched model's
+    expected = model.forward_intermediates(inputs, indices=[0], output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(early[0][valid], expected[0][valid], rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -11,7 +11,7 @@ import torch
 
 from tome import cli
 from tome.tools import checkpoints
-from tome.tools._common import load_model
+from tome.tools._models import load_model
 
 from tools_helpers import TINY_ARGS, TINY_KWARGS, TINY_NAME, tiny_model
 

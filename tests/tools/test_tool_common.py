@@ -38,13 +38,16 @@ def test_labels_round_trip():
     assert schedule_json([8, 4]) == [8, 4] and schedule_json((16, -1.0)) == [16, -1.0]
 
 
-def test_old_train_spelling_is_one_schedule_with_a_warning():
-    # tome train's parser read "8,-1" as (r, inflection); it still does, but says how to write it.
-    with pytest.warns(FutureWarning, match="8:-1"):
-        assert parse_schedule("8,-1") == (8, -1.0)
-    # In a list of schedules the same text is an error that says how to write it.
-    with pytest.raises(ValueError, match="8:-1"):
+def test_old_comma_spelling_is_refused_with_what_to_write():
+    # tome train and tome export once read "8,-1" and "16,1" as (r, inflection); a comma separates
+    # schedules in every command now, so where one is expected it is refused, saying what to write.
+    with pytest.raises(ValueError, match=r"'8,-1' lists 2 schedules where one is expected \(write 8:-1 for r=8 with inflection -1, the R:INFLECTION form\)"):
+        parse_schedule("8,-1")
+    with pytest.raises(ValueError, match=r"'16,1' lists 2 schedules where one is expected \(write 16:1 .*or 16/1 for r per block"):
+        parse_schedule("16,1")
+    with pytest.raises(ValueError, match="8:-1"):  # in a list of schedules "-1" is no schedule
         parse_schedules("8,-1")
+    assert parse_schedules("16,1") == [16, 1]
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,12 @@ def test_demo_command(tiny_demo_model, tmp_path, capsys):
         assert image.size == (panels * 32 * scale + (panels - 1) * PANEL_GAP, 32 * scale + LABEL_HEIGHT)
 
 
+def test_demo_runs_shapes_long_by_default(tmp_path, capsys):
+    cli.main(["demo", "-o", str(tmp_path), "--runs", "1", "--batch-size", "2", "--min-time", "0"])
+    text = capsys.readouterr().out
+    assert "ToMe demo on shipped model shapes-long " in text and "95.85% val top-1" in text
+
+
 def test_demo_default_output_dir(tiny_demo_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_demo(batch_size=1, rounds=1, min_time=0)

@@ -148,7 +148,7 @@ def test_sixteen_bit_images_read_like_eight_bit(tmp_path):
 
 
 def test_eval_of_the_shipped_model_on_an_export(tmp_path, capsys):
-    """The exported folder's labels are the shipped model's: accuracy far above chance (10%)."""
+    """The exported folder's labels are the shipped model's; without --model that is shapes-long."""
     from tome.data import export_image_folder
 
     root = export_image_folder(tmp_path / "shapes", train=0, val=60, progress=False)
@@ -156,8 +156,22 @@ def test_eval_of_the_shipped_model_on_an_export(tmp_path, capsys):
     cli.main(["eval", "--data", str(root / "val"), "-r", "0", "--workers", "0", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["results"][0]["total"] == 60
-    assert report["results"][0]["top1"] > 40  # the shipped model reaches ~65% on this task
-    assert "matched to the model's class names" in capsys.readouterr().out
+    # The default shapes-long reaches ~96% on this task (the short shapes model ~65%).
+    assert report["results"][0]["top1"] > 85
+    text = capsys.readouterr().out
+    assert "matched to the model's class names" in text and "shipped model shapes-long" in text
+
+
+def test_eval_takes_the_short_shipped_model_by_name(tmp_path, capsys):
+    from tome.data import export_image_folder
+
+    root = export_image_folder(tmp_path / "shapes", train=0, val=60, progress=False)
+    out = tmp_path / "eval.json"
+    cli.main(["eval", "--model", "shapes", "--data", str(root / "val"), "-r", "0", "--workers", "0",
+              "--json", str(out)])
+    top1 = json.loads(out.read_text())["results"][0]["top1"]
+    assert 40 < top1 < 85  # the short model: ~65%
+    assert "shipped model shapes " in capsys.readouterr().out
 
 
 def test_eval_matches_class_names_in_an_unnumbered_folder(tmp_path):

@@ -142,6 +142,13 @@ def test_visualize_uses_the_demo_model_by_default(picture, tmp_path, monkeypatch
     assert output.is_file()
 
 
+def test_visualize_draws_with_shapes_long_by_default(picture, tmp_path, capsys):
+    output = tmp_path / "out.png"
+    cli.main(["visualize", str(picture), "-r", "2", "-o", str(output)])
+    assert output.is_file()
+    assert "Model: shipped model shapes-long " in capsys.readouterr().out
+
+
 def test_visualize_missing_image(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["visualize", str(tmp_path / "nope.png"), *TINY_ARGS])

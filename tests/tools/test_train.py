@@ -159,8 +159,8 @@ def test_parse_schedule():
     assert parse_schedule("8:-1") == (8, -1.0)
     assert parse_schedule("4/2") == [4, 2]
     assert parse_schedule("[4, 2]") == [4, 2]
-    with pytest.warns(FutureWarning, match="8:-1"):
-        assert parse_schedule("8,-1") == (8, -1.0)  # the old tome train spelling still works
+    with pytest.raises(ValueError, match="write 8:-1"):  # the old tome train spelling: one grammar everywhere now
+        parse_schedule("8,-1")
     with pytest.raises(ValueError, match="not a schedule"):
         parse_schedule("eight")
 
@@ -267,6 +267,20 @@ def test_longer_training_made_a_better_model():
     short, long = (json.loads(SHIPPED_MODELS[n].with_suffix(".json").read_text()) for n in ("shapes", "shapes-long"))
     assert long["history"][-1]["step"] > short["history"][-1]["step"]
     assert long["val_accuracy"] > short["val_accuracy"] + 0.05
+
+
+def test_the_default_shipped_model_is_the_better_trained_one():
+    from tome.tools._models import load_model as load_for_tools
+    from tome.tools.demo_model import DEFAULT_MODEL, DEMO_MODEL_PATH
+
+    assert DEFAULT_MODEL == "shapes-long" and DEMO_MODEL_PATH == SHIPPED_MODELS["shapes-long"]
+    default, description = load_demo_model()
+    assert description.startswith("shipped model shapes-long ") and "95.85% val top-1" in description
+    expected = load_model(SHIPPED_MODELS["shapes-long"])[0].state_dict()
+    for loaded in (default, load_for_tools(default_to_demo=True).model):  # what tome demo, visualize, eval use
+        assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
+    short, _ = load_demo_model("shapes")  # still there by name
+    assert not torch.equal(short.head.weight, default.head.weight)
 
 
 def test_unknown_shipped_model_is_refused():

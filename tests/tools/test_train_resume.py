@@ -109,12 +109,12 @@ def test_a_step_without_readable_images_is_skipped(tmp_path):
 
 def test_interrupt_prints_the_resume_hint(tmp_path, monkeypatch, capsys):
     from tome import cli
-    from tome.tools import train as train_module
+    from tome.tools.train import cli as train_cli  # where `tome train` calls train()
 
     def interrupted(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "train", interrupted)
+    monkeypatch.setattr(train_cli, "train", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--output-dir", str(tmp_path / "run"), "--no-progress"])
     assert exit_info.value.code == 130
@@ -126,12 +126,12 @@ def test_interrupt_prints_the_resume_hint(tmp_path, monkeypatch, capsys):
 def test_a_fresh_run_into_an_earlier_runs_directory_is_refused(tmp_path, monkeypatch, capsys):
     """A forgotten --resume must not overwrite the earlier checkpoint nor append to its log."""
     from tome import cli
-    from tome.tools import train as train_module
+    from tome.tools.train import loop as train_loop  # where a run builds its datasets
 
     out = tmp_path / "run"
     train(TrainConfig(**RUN, output_dir=str(out), stop_after=3))
     checkpoint, log = (out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").read_text()
-    monkeypatch.setattr(train_module, "build_datasets", lambda config: pytest.fail("training started"))
+    monkeypatch.setattr(train_loop, "build_datasets", lambda config: pytest.fail("training started"))
     with pytest.raises(ValueError, match=r"run'? already holds a run \(checkpoint.pt, log.jsonl\).*--resume auto.*--overwrite"):
         train(TrainConfig(**RUN, output_dir=str(out)))
     with pytest.raises(SystemExit) as exit_info:
@@ -172,11 +172,11 @@ def test_overwrite_starts_a_clean_run(tmp_path):
 
 @pytest.mark.parametrize("where", ["file", "under_file"])
 def test_output_dir_that_cannot_hold_files_is_refused_before_training(tmp_path, where, monkeypatch):
-    from tome.tools import train as train_module
+    from tome.tools.train import loop as train_loop  # where a run builds its datasets
 
     (tmp_path / "taken").write_text("a file")
     out = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "run"
-    monkeypatch.setattr(train_module, "build_datasets", lambda config: pytest.fail("training started"))
+    monkeypatch.setattr(train_loop, "build_datasets", lambda config: pytest.fail("training started"))
     with pytest.raises(ValueError, match="output_dir.*taken"):
         train(TrainConfig(**RUN, output_dir=str(out)))
 

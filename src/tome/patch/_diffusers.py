@@ -48,7 +48,9 @@ from torch.overrides import TorchFunctionMode
 
 from .. import merge as _merge
 from ..merge import TokenAssignment, hashed_stride_choice, sign_projection
+from ._checks import has_class
 from ._lifecycle import KEEP, Example, FamilySpec, configure, register, setting, swap_class, with_parent_signature
+from ._shared import attention, finite_key_bias
 
 __all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
 
@@ -86,9 +88,7 @@ def _class_names(obj: Any) -> List[str]:
 
 
 def _is_diffusers_model(obj: Any) -> bool:
-    return isinstance(obj, nn.Module) and any(
-        cls.__name__ == "ModelMixin" and cls.__module__.startswith("diffusers") for cls in type(obj).__mro__
-    )
+    return isinstance(obj, nn.Module) and has_class(obj, "ModelMixin", "diffusers")
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -245,11 +245,17 @@ class _MergedKeysAttention(TorchFunctionMode):
             part = assignment.merge(part, mode="mean").view(batch, assignment.num_out, heads, -1).transpose(1, 2)
             return torch.cat([t[:, :, :start], part, t[:, :, start + image :]], dim=2)
 
-        bias = assignment.sizes(dtype=query.dtype).log()
+        bias = assignment.sizes().log()  # float32; cast (mask) or divided by the scale (channel) later
         text = total - image
         pad = bias.new_zeros(batch, text)
-        bias = torch.cat([pad[:, : start], bias, pad[:, start:]] if start else [bias, pad], dim=1)
-        return func(query, merged(key), merged(value), bias[:, None, None, :], **kwargs)
+        bias = torch.cat([pad[:, : start], bias, pad[:, start:]] if start else [bias, pad], dim=1)[:, None, None, :]
+        if set(kwargs) <= {"dropout_p", "scale", "is_causal", "enable_gqa"} and not kwargs.get("enable_gqa"):
+            # Sizes are >= 1, so the bias is finite: attention() folds it into a query/key
+            # channel where tome.set_prop_attn_kernel says so (CUDA by default), keeping every
+            # SDPA backend eligible. This call runs inside the mode, so it does not come back here.
+            return attention(query, merged(key), merged(value), finite_key_bias(bias),
+                             dropout_p=kwargs.get("dropout_p", 0.0), scale=kwargs.get("scale"))
+        return func(query, merged(key), merged(value), bias.to(query.dtype), **kwargs)
 
 
 def _parameters(module: nn.Module) -> List[str]:

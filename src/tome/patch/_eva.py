@@ -7,18 +7,12 @@ the same parts (``vit_*_rope_*``, with or without class token, avg / token / map
 pooling, ``dynamic_img_size``).
 
 Rotary embeddings rotate the queries and keys of the patch tokens by their 2-D
-position in every block. A token that stands for several patches needs a
-position too. The rotary angles are linear in the patch coordinates, so this
-family carries the angles of every token through the blocks in
-:class:`~tome.patch._shared.ToMeState` (``positions``) and merges them like the
-features: by default a merged token sits at the size-weighted mean of its
-patches' coordinates (``rope_position="mean"``), and its rotary rows are
-recomputed from that fractional position with the model's own frequencies
-(RoPE is defined for any real position). ``rope_position="destination"`` keeps
-the position of the token the others merged into. The matching compares the
-keys after the rotation by default (``rope_metric="rotated"``). Prefix tokens (class,
-registers) never merge and are never rotated, as in the model itself.
-``docs/backbones.md`` has the measurements behind the defaults.
+position in every block; merged tokens carry their rotary angles through the
+blocks and are rotated by tables recomputed from them (:mod:`tome.patch._rope`:
+``rope_position`` says where a merged token sits, ``rope_metric`` whether the
+matching compares the keys after the rotation, the default, or before it).
+Prefix tokens (class, registers) never merge and are never rotated, as in the
+model itself. ``docs/backbones.md`` has the measurements behind the defaults.
 
 Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv 2210.09461);
 Heo et al., "Rotary Position Embedding for Vision Transformer", ECCV 2024;
@@ -27,22 +21,20 @@ Siméoni et al., "DINOv3", 2025 (arXiv 2508.10104); Fang et al., "EVA-02", 2023.
 
 import functools
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._schedule import parse_r
+from ._attention_body import packed_heads, split_heads
+from ._checks import check_attention_pool, check_family, check_own_methods, has_class, refuse_position_augmentation
 from ._lifecycle import (
     KEEP,
     Example,
     FamilySpec,
-    ToMeAttentionMixin,
-    ToMeBlockMixin,
     ToMeSettings,
-    _masked,
     call_attention,
     check_choice,
     configure,
@@ -51,28 +43,23 @@ from ._lifecycle import (
     patch_model,
     register,
     setting,
-    supported_families,
 )
-from ._shared import (
-    POSITION_RULES,
-    AttentionCall,
-    ToMeState,
-    attention,
-    merge_block,
-    run_blocks,
-    size_bias,
+from ._rope import (
+    DEFAULT_ROPE_METRIC,
+    ROPE_METRICS,
+    RotaryPositions,
+    ToMeRotaryAttentionMixin,
+    ToMeRotaryBlockMixin,
+    rope_table,
+    token_angles,
 )
-from ._timm import ToMeTimmHead, intermediate_collector, pool_tokens, tiny_timm
+from ._shared import POSITION_RULES, AttentionCall, ToMeState, size_bias
+from ._timm import ToMeTimmHead, pool_tokens, tiny_timm
 
 __all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC", "RopeSettings"]
 
 _SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 _SUPPORTED_ROPES = ("RotaryEmbeddingDinoV3", "RotaryEmbeddingCat")
-# Which keys the bipartite matching compares: after the rotation (what attention sees,
-# position included) or before it (content only).
-ROPE_METRICS = ("rotated", "plain")
-DEFAULT_ROPE_METRIC = "rotated"
-_BLOCK_ARGS = ("rope", "attn_mask", "is_causal")  # EvaBlock.forward's arguments after x
 
 _MASK_REFUSAL = (
     "attn_mask / is_causal cannot be combined with token merging (r > 0): merged tokens no longer "
@@ -82,7 +69,7 @@ _MASK_REFUSAL = (
 
 def is_timm_eva(model: nn.Module) -> bool:
     """Whether ``model`` is a timm ``Eva`` (checked by class name and module; timm is not imported)."""
-    return any(cls.__name__ == "Eva" and cls.__module__ == "timm.models.eva" for cls in type(model).__mro__)
+    return has_class(model, "Eva", "timm.models.eva")
 
 
 # ----------------------------------------------------------------------------- rotary positions
@@ -123,39 +110,10 @@ def rope_angles(rope: nn.Module, grid: Tuple[int, int]) -> torch.Tensor:
     return (coords * bands).flatten(-2).flatten(0, -2).float()
 
 
-def rope_table(angles: torch.Tensor, rotate_half: bool) -> torch.Tensor:
-    """timm's concatenated ``[sin, cos]`` rotary table from angles.
-
-    Args:
-        angles: ``(batch, tokens, head_dim // 2)`` rotary angles.
-        rotate_half: The attention's layout: ``[f0, f1, .., f0, f1, ..]`` if True,
-            interleaved ``[f0, f0, f1, f1, ..]`` otherwise.
-
-    Returns:
-        ``(batch, 1, tokens, 2 * head_dim)``, broadcast over heads by timm's
-        ``apply_rot_embed_cat``.
-    """
-    sin, cos = angles.sin(), angles.cos()
-    if rotate_half:
-        sin, cos = torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
-    else:
-        sin, cos = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
-    return torch.cat([sin, cos], dim=-1).unsqueeze(1)
-
-
-def _rope_for(state: ToMeState, rope: Optional[torch.Tensor], rotate_half: bool) -> Optional[torch.Tensor]:
-    """The rotary table for the tokens this state describes."""
-    if rope is None or state.size is None:
-        return rope  # nothing merged yet: the model's own table
-    if state.positions is None:
-        raise RuntimeError("tokens were merged but their rotary positions were not carried")
-    return rope_table(state.positions[:, state.protected_tokens:], rotate_half)
-
-
 # ----------------------------------------------------------------------------- attention and blocks
 
 
-class ToMeEvaAttention(ToMeAttentionMixin):
+class ToMeEvaAttention(ToMeRotaryAttentionMixin):
     """timm ``EvaAttention`` that adds a ``log(size)`` bias and reports the keys when asked.
 
     The metric is the keys averaged over heads after the rotation (what attention
@@ -163,54 +121,37 @@ class ToMeEvaAttention(ToMeAttentionMixin):
     before it.
     """
 
-    _tome_rotated_metric = True
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: Optional[torch.Tensor] = None,
-        attn_mask: Optional[torch.Tensor] = None,
-        is_causal: bool = False,
-        tome: Optional[AttentionCall] = None,
-    ) -> torch.Tensor:
-        if tome is None:
-            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        return self._tome_rope_attention(x, rope, tome)
-
     def _tome_rope_attention(self, x: torch.Tensor, rope: Optional[torch.Tensor], call: AttentionCall) -> torch.Tensor:
         from timm.layers import apply_rot_embed_cat
 
-        batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        if self.qkv is not None:
-            if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                if self.qkv_bias_separate:
-                    qkv = self.qkv(x)
-                    qkv += qkv_bias
-                else:
-                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-            q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q = self.q_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
-            k = self.k_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
-            v = self.v_proj(x).reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
+        q, k, v = self._tome_qkv(x)
         q, k = self.q_norm(q), self.k_norm(k)
-        plain_k = k
+        rotate = None
         if rope is not None:
-            prefix = self.num_prefix_tokens
-            half = getattr(self, "rotate_half", False)
-            q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
-            k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
+            rotate = functools.partial(apply_rot_embed_cat, emb=rope, half=getattr(self, "rotate_half", False))
         dropout_p = self.attn_drop.p if self.training else 0.0
-        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=self.scale, fused=self.fused_attn)
-        out = self.norm(out.transpose(1, 2).reshape(batch, tokens, -1))
+        out = self._tome_attend(call, q, k, v, self.num_prefix_tokens, rotate, dropout_p=dropout_p,
+                                scale=self.scale, fused=self.fused_attn)
+        out = self.norm(out)
         if gate is not None:
             out = out * gate
-        call.metric = (k if self._tome_rotated_metric else plain_k).mean(dim=1)
         return self.proj_drop(self.proj(out))
+
+    def _tome_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``(batch, heads, tokens, head_dim)`` as ``EvaAttention`` projects them."""
+        if self.qkv is None:
+            return tuple(split_heads(proj(x), heads=self.num_heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x)
+                qkv += qkv_bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        return packed_heads(qkv, self.num_heads)
 
 
 class ToMeEvaAttentionPlainKeys(ToMeEvaAttention):
@@ -219,22 +160,13 @@ class ToMeEvaAttentionPlainKeys(ToMeEvaAttention):
     _tome_rotated_metric = False
 
 
-class _ToMeEvaBlockBase(ToMeBlockMixin):
+class _ToMeEvaBlockBase(ToMeRotaryBlockMixin):
     """An Eva block: the rotary table of the current tokens goes to its attention."""
 
-    def _tome_call(
-        self, x: torch.Tensor, args: tuple, kwargs: Dict[str, Any], call: Any, masks_mask_nothing: bool = False
-    ) -> Any:
-        kwargs = {**dict(zip(_BLOCK_ARGS, args)), **kwargs}
-        if call.r <= 0 and call.state.size is None and not isinstance(x, torch.fx.Proxy):
-            return super()._tome_call(x, (), kwargs, call, masks_mask_nothing)  # the block's own forward
-        masks = {name: value for name, value in kwargs.items() if name != "rope"}
-        if not masks_mask_nothing and _masked((), masks):
-            raise ValueError(_MASK_REFUSAL)
-        rope = _rope_for(call.state, kwargs.get("rope"), bool(getattr(self.attn, "rotate_half", False)))
-        attn_branch = functools.partial(self._tome_attn_branch, rope=rope)
-        x, call.out = merge_block(x, call.state, call.r, attn_branch, self._tome_mlp_branch, self._tome_rule)
-        return x
+    _tome_block_args = ("rope", "attn_mask", "is_causal")  # EvaBlock.forward's arguments after x
+
+    def _tome_table(self, angles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return rope_table(angles, bool(getattr(self.attn, "rotate_half", False)))
 
 
 class ToMeEvaBlock(_ToMeEvaBlockBase):
@@ -302,39 +234,19 @@ class ToMeEva(ToMeTimmHead):
 
     def _tome_positions(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """``(batch, tokens, head_dim // 2)`` rotary angles of every token (zeros for the prefix)."""
-        angles = rope_angles(self.rope, grid).to(x.device)
-        prefix = angles.new_zeros(self.num_prefix_tokens, angles.shape[1])
-        return torch.cat([prefix, angles]).unsqueeze(0).expand(x.shape[0], -1, -1)
+        refuse_position_augmentation(self)  # type: ignore[arg-type]
+        return token_angles(rope_angles(self.rope, grid).to(x.device), self.num_prefix_tokens, x.shape[0])
 
-    def _tome_run_rope(
-        self,
-        images: torch.Tensor,
-        *,
-        stop_after: Optional[int] = None,
-        trace_source: Optional[bool] = None,
-        after_block: Any = None,
+    def _tome_encode(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **options: Any
     ) -> Tuple[torch.Tensor, ToMeState]:
-        """Images through the embedding and the blocks, merging on the schedule."""
+        # attn_mask is always None here: _tome_masked refuses masks while merging.
         x, rope, grid = self._tome_embed(images)
-        blocks = list(self.blocks)
-        schedule = parse_r(len(blocks), self._tome_r)
-        if stop_after is not None:
-            blocks = blocks[: stop_after + 1]
-        state = self._tome_begin(x, trace_source)
-        if rope is not None and any(schedule[: len(blocks)]):
-            if self.training and (self.patch_drop is not None or getattr(self.rope, "aug_active", False)):
-                raise ValueError(
-                    "token merging (r > 0) cannot follow patch dropout or rotary coordinate augmentation "
-                    f"(patch_drop={self.patch_drop}, rope augmentation={getattr(self.rope, 'aug_active', False)}) "
-                    "while training; call model.eval() or set model.r = 0"
-                )
-            state = replace(state, positions=self._tome_positions(x, grid),
-                            position_rule=self._tome_info["rope_position"])
-        x, state, removed = run_blocks(blocks, x, state, schedule, self.grad_checkpointing, after_block,
-                                       block_kwargs={"rope": rope})
-        if not isinstance(x, torch.fx.Proxy):
-            self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
-        return x, state
+        positions = None
+        if rope is not None:
+            angles = functools.partial(self._tome_positions, grid=grid)
+            positions = RotaryPositions(angles, self._tome_info["rope_position"])
+        return self._tome_run(x, self.grad_checkpointing, positions=positions, block_kwargs={"rope": rope}, **options)
 
     def _tome_masked(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
         """Whether to run timm's own code for a masked call; refuses masks while merging."""
@@ -346,13 +258,6 @@ class ToMeEva(ToMeTimmHead):
         if any(self._tome_schedule()):
             raise ValueError(_MASK_REFUSAL)
         return True
-
-    def _tome_features(
-        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        # attn_mask is always None here: _tome_masked refuses masks while merging.
-        x, state = self._tome_run_rope(images)
-        return self.norm(x), state.size
 
     def forward_intermediates(
         self,
@@ -379,27 +284,8 @@ class ToMeEva(ToMeTimmHead):
                 output_fmt=output_fmt, intermediates_only=intermediates_only, attn_mask=attn_mask,
                 is_causal=is_causal,
             )
-        from timm.models._features import feature_take_indices
-
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
-        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
-        x, state = self._tome_run_rope(
-            x, stop_after=max_index if stop_early else None, trace_source=True, after_block=collect
-        )
-        prefix = self.num_prefix_tokens
-        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
-        intermediates = [y[:, prefix:] for y in intermediates]
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))  # type: ignore[arg-type]
-        if intermediates_only:
-            return intermediates
-        return self._tome_tag(self.norm(x), state.size), intermediates
+        return self._tome_intermediates(x, attn_mask, indices, norm, stop_early, output_fmt, intermediates_only,
+                                        False, return_prefix_tokens)
 
     def _tome_pools_patches(self) -> bool:
         """Whether the head reads more than the (protected) class token."""
@@ -421,24 +307,13 @@ def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless every part of ``model`` can be run exactly with merging."""
     from timm.models import eva as timm_eva
 
-    name = type(model).__name__
-    if not is_timm_eva(model):
-        raise TypeError(f"tome.patch.eva expects a timm Eva (timm.models.eva), got {name}. "
-                        f"Supported families: {supported_families()}")
+    check_family(model, "eva", is_timm_eva, "a timm Eva (timm.models.eva)")
     own = original_class(model)
-    for method in ("forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool"):
-        if getattr(own, method) is not getattr(timm_eva.Eva, method):
-            raise TypeError(
-                f"{own.__name__} overrides Eva.{method} (defined in {own.__module__}); ToMe runs timm's own "
-                f"{method} with merging and cannot know what the override does"
-            )
+    methods = ("forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool")
+    check_own_methods(model, timm_eva.Eva, methods)
     if model.global_pool not in _SUPPORTED_POOLS:
         raise TypeError(f"{own.__name__} uses global_pool={model.global_pool!r}; supported: {_SUPPORTED_POOLS}")
-    if model.attn_pool is not None and (
-        type(model.attn_pool).__name__ != "AttentionPoolLatent" or getattr(model.attn_pool, "pos_embed", None) is not None
-    ):
-        raise TypeError(f"attention pooling {type(model.attn_pool).__name__} is not supported; "
-                        "supported: AttentionPoolLatent without pos_embed ('map')")
+    check_attention_pool(model)
     if getattr(model, "rope_mixed", False) or (model.rope is not None and type(model.rope).__name__ not in _SUPPORTED_ROPES):
         raise TypeError(
             f"{own.__name__} uses rotary embedding {type(model.rope).__name__}; ToMe supports {_SUPPORTED_ROPES} "

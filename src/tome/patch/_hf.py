@@ -22,23 +22,11 @@ SigLIP's attention-pooling head adds ``log(size)`` to its key logits. Adding a
 model is one row in ``_RUNNERS`` (and ``SUPPORTED_MODELS``) plus whatever is
 really different about it (its layer's branches, its attention's attribute names).
 
-Output semantics with merging (``model.r`` > 0):
-
-- ``logits``, ``pooler_output``, ``image_embeds`` and the like keep their meaning.
-- ``last_hidden_state`` has fewer tokens: prefix tokens (class, distillation,
-  registers) first, then the merged tokens. ``model._tome_info["size"]`` gives
-  how many patches each stands for and, with ``trace_source=True``,
-  ``model._tome_info["source"]`` which ones; :func:`tome.unmerge_tokens` maps
-  the tokens back to one row per original token.
-- ``output_hidden_states=True`` returns the layer inputs and outputs as usual
-  (embedding output first), each with the token count it had at that point:
-  ``hidden_states[i]`` has as many tokens as entered layer ``i``.
-- ``output_attentions=True`` raises ``ValueError``: merged layers run fused
-  attention. Set ``model.r = 0`` to get attention maps.
-- ``attention_mask``: a ``(batch, tokens)`` key-padding mask over the tokens entering
-  the first layer (1 = keep) is carried as token sizes: padding tokens have size 0,
-  so they add nothing to merged tokens, pools or attention, and a merged token is
-  valid if any of its members is. Other mask shapes raise ``ValueError``.
+What changes in the outputs with merging (``model.r`` > 0): ``last_hidden_state``
+and ``hidden_states`` have fewer tokens (``model._tome_info["size"]`` and, with
+``trace_source=True``, ``["source"]`` describe them), ``output_attentions=True`` is
+refused, and a ``(batch, tokens)`` key-padding ``attention_mask`` is carried as token
+sizes; ``docs/huggingface.md`` says it in full.
 """
 
 from __future__ import annotations
@@ -50,6 +38,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
+from ._attention_body import attend, fused_attention, split_heads
+from ._checks import check_class
 from ._lifecycle import (
     KEEP,
     Example,
@@ -69,9 +59,12 @@ from ._lifecycle import (
     swap_class,
     with_parent_signature,
 )
-from ._shared import AttentionCall, ToMeForward, attention, padding_bias, weighted_mean
+from ._rope import RotaryPositions
+from ._shared import AttentionCall, ToMeForward, padding_bias, weighted_mean
 
 __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
+
+LAYOUT = " (ToMe supports the layout of transformers 5.x)"
 
 # The forward under way in this thread, for modules the model calls without its keyword
 # arguments (VideoMAE's encoder, SigLIP's pooling head). Only read where the forward's own
@@ -79,9 +72,7 @@ __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
 _ACTIVE: contextvars.ContextVar[Optional[ToMeForward]] = contextvars.ContextVar("tome_hf_forward", default=None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Attention modules and layers: the attention-then-merge step for each layer layout.
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- attention modules and layers
 
 
 class ToMeHFAttention(ToMeAttentionMixin):
@@ -99,18 +90,10 @@ class ToMeHFAttention(ToMeAttentionMixin):
 
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
         q_name, k_name, v_name, out_name, dim_name, scale_name, dropout_name = self._tome_attrs
-        batch, tokens, _ = x.shape
-        shape = (batch, tokens, -1, getattr(self, dim_name))
-        q = getattr(self, q_name)(x).view(shape).transpose(1, 2)
-        k = getattr(self, k_name)(x).view(shape).transpose(1, 2)
-        v = getattr(self, v_name)(x).view(shape).transpose(1, 2)
-        # Models loaded with attn_implementation="eager" get the explicit softmax; every
-        # other implementation gets scaled_dot_product_attention (which takes the bias).
-        fused = getattr(self.config, "_attn_implementation", "sdpa") != "eager"
+        head_dim = getattr(self, dim_name)
+        q, k, v = (split_heads(getattr(self, name)(x), head_dim=head_dim) for name in (q_name, k_name, v_name))
         dropout_p = getattr(self, dropout_name) if self.training else 0.0
-        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=getattr(self, scale_name), fused=fused)
-        out = out.transpose(1, 2).reshape(batch, tokens, -1)
-        call.metric = k.mean(dim=1)
+        out = attend(call, q, k, v, dropout_p=dropout_p, scale=getattr(self, scale_name), fused=fused_attention(self))
         return (getattr(self, out_name)(out) if out_name else out), None
 
 
@@ -180,9 +163,7 @@ class ToMeVideoMAELayer(ToMeHFLayer):
         return self.output.dropout(self.output.dense(self.intermediate(self.layernorm_after(x))))
 
 
-# ----------------------------------------------------------------------------------------------
-# The forward: one ledger per forward, handed to the layers through the model's keyword arguments.
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- the forward: one ledger each
 
 
 def _refuse_unsupported_outputs(module: nn.Module, kwargs: Dict[str, Any]) -> None:
@@ -203,7 +184,10 @@ def _refuse_unsupported_outputs(module: nn.Module, kwargs: Dict[str, Any]) -> No
 class _Ledger:
     """Context for one forward: reuse the active ledger of this model, or start (and record) one."""
 
-    def __init__(self, module: nn.Module, given: Optional[ToMeForward], kwargs: Dict[str, Any]) -> None:
+    def __init__(
+        self, module: nn.Module, given: Optional[ToMeForward], kwargs: Dict[str, Any],
+        positions: Optional[RotaryPositions] = None,
+    ) -> None:
         info = module._tome_info
         # Only models with a module that is called without keyword arguments use the context
         # variable: torch.compile cannot trace ContextVar.set (it would break the graph).
@@ -217,18 +201,18 @@ class _Ledger:
             # mask is the text tower's padding, and the merging vision tower never sees it; SigLIP 2
             # names its image padding pixel_attention_mask.
             padding_arg = _padding_arg(module)
-            if padding_arg == "attention_mask":
-                active.caller_mask = None if "input_ids" in kwargs else kwargs.get("attention_mask")
-            else:
-                active.caller_mask = kwargs.get(padding_arg)
+            text_padding = padding_arg == "attention_mask" and "input_ids" in kwargs
+            active.caller_mask = None if text_padding else kwargs.get(padding_arg)
         self.ledger = active
         blocks = module._tome_blocks()
         self.num_blocks = len(blocks)
-        if self.own and active.caller_mask is not None and any(b._tome_block_r > 0 for b in blocks):
-            # While merging, a key-padding mask rides along as token sizes (padding: size 0), so
-            # it merges with the tokens; the masks the model builds from it need not line up.
-            active.padding = key_padding(active.caller_mask)
-            active.caller_mask = None
+        if self.own and any(b._tome_block_r > 0 for b in blocks):
+            active.positions = positions  # carried from the first layer on
+            if active.caller_mask is not None:
+                # While merging, a key-padding mask rides along as token sizes (padding: size 0), so
+                # it merges with the tokens; the masks the model builds from it need not line up.
+                active.padding = key_padding(active.caller_mask)
+                active.caller_mask = None
 
     def __enter__(self) -> ToMeForward:
         if self.use_context:
@@ -297,29 +281,16 @@ class ToMeSiglip2Runner(ToMeHFRunner):
 
 
 class ToMeSiglipHead:
-    """SigLIP's attention-pooling head: every key counts once per patch it stands for."""
+    """SigLIP's and SigLIP 2's attention-pooling head: every key counts once per patch it stands
+    for, and padding (size 0) not at all (SigLIP 2's padding mask covers the tokens before merging)."""
 
     _tome_keep_name = True
 
-    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_state: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ledger = _ACTIVE.get()
         final = ledger.final if ledger is not None and ledger.info is self._tome_info else None
         if final is None or final.size is None or final.num_tokens != hidden_state.shape[1]:
-            return super().forward(hidden_state)  # type: ignore[misc]
-        return siglip_pool(self, hidden_state, final.size)
-
-
-class ToMeSiglip2Head:
-    """SigLIP 2's attention-pooling head: every key counts once per patch it stands for, and
-    padding (size 0) not at all; the model's padding mask covers the tokens before merging."""
-
-    _tome_keep_name = True
-
-    def forward(self, hidden_state: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        ledger = _ACTIVE.get()
-        final = ledger.final if ledger is not None and ledger.info is self._tome_info else None
-        if final is None or final.size is None or final.num_tokens != hidden_state.shape[1]:
-            return super().forward(hidden_state, attention_mask)  # type: ignore[misc]
+            return super().forward(hidden_state, *args, **kwargs)  # type: ignore[misc]
         return siglip_pool(self, hidden_state, final.size)
 
 
@@ -347,9 +318,7 @@ def siglip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) 
     return pooled[:, 0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Models and task heads.
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- models and task heads
 
 
 class ToMeHFModel(ToMeModelMixin):
@@ -365,8 +334,12 @@ class ToMeHFModel(ToMeModelMixin):
     def forward(self, *args: Any, tome: Optional[ToMeForward] = None, **kwargs: Any) -> Any:
         if any(self._tome_schedule()):
             _refuse_unsupported_outputs(self, kwargs)  # type: ignore[arg-type]
-        with _Ledger(self, tome, kwargs) as ledger:  # type: ignore[arg-type]
+        with _Ledger(self, tome, kwargs, self._tome_positions(args, kwargs)) as ledger:  # type: ignore[arg-type]
             return super().forward(*args, tome=ledger, **kwargs)  # type: ignore[misc]
+
+    def _tome_positions(self, args: tuple, kwargs: Dict[str, Any]) -> Optional[RotaryPositions]:
+        """The rotary positions of this forward's tokens (None: the model has no rotary embeddings)."""
+        return None
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -377,8 +350,12 @@ class ToMeHFModel(ToMeModelMixin):
             return super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
         loaded = parent.from_pretrained(*args, **kwargs)
         if isinstance(loaded, tuple):  # output_loading_info=True
-            return (hf(loaded[0]),) + loaded[1:]
-        return hf(loaded)
+            return (cls._tome_patch_again(loaded[0]),) + loaded[1:]
+        return cls._tome_patch_again(loaded)
+
+    @staticmethod
+    def _tome_patch_again(model: nn.Module) -> nn.Module:
+        return hf(model)
 
 
 class ToMePoolingHead(ToMeHFModel):
@@ -420,11 +397,7 @@ def _dinov2_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor])
 
 
 def _clip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
-    return _mean_after(x, size, 1)  # the patch tokens
-
-
-def _siglip_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
-    return _mean_after(x, size, 0)  # every token (SigLIP has no class token)
+    return _mean_after(x, size, 1)  # the patch tokens; SigLIP (no class token): _mean_after(x, size, 0)
 
 
 def _videomae_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
@@ -433,9 +406,7 @@ def _videomae_pool(head: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor
     return x[:, 0]  # protected from merging in this configuration
 
 
-# ----------------------------------------------------------------------------------------------
-# What is supported, and where its parts live.
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- what is supported, and where
 
 
 @dataclass(frozen=True)
@@ -499,7 +470,7 @@ _RUNNERS: Dict[str, _RunnerKind] = {
     "siglip2": _RunnerKind(
         ("Siglip2VisionModel",), "encoder.layers", ("Siglip2EncoderLayer",), ToMeCLIPLayer, "self_attn",
         ToMeCLIPAttention, protected_tokens=lambda config: 0, class_token=False, pooling_head="head", context=True,
-        runner_mixin=ToMeSiglip2Runner, pooling_mixin=ToMeSiglip2Head, padding_arg="pixel_attention_mask",
+        runner_mixin=ToMeSiglip2Runner, padding_arg="pixel_attention_mask",
     ),
     # VideoMAEModel calls its encoder without keyword arguments: the encoder is the runner.
     "videomae": _RunnerKind(
@@ -544,7 +515,8 @@ SUPPORTED_MODELS: Dict[str, _ModelSpec] = {
     "CLIPForImageClassification": _ModelSpec(_m("clip"), "vision_model", "clip", _clip_pool, "vision_model"),
     "SiglipVisionModel": _ModelSpec(_m("siglip"), "", "siglip"),
     "SiglipModel": _ModelSpec(_m("siglip"), "vision_model", "siglip"),
-    "SiglipForImageClassification": _ModelSpec(_m("siglip"), "vision_model", "siglip", _siglip_pool, "vision_model"),
+    "SiglipForImageClassification": _ModelSpec(_m("siglip"), "vision_model", "siglip",
+                                               lambda head, x, size: _mean_after(x, size, 0), "vision_model"),
     "Siglip2VisionModel": _ModelSpec(_m("siglip2"), "", "siglip2"),
     "Siglip2Model": _ModelSpec(_m("siglip2"), "vision_model", "siglip2"),
     "VideoMAEModel": _ModelSpec(_m("videomae"), "encoder", "videomae"),
@@ -597,26 +569,14 @@ def _check(model: nn.Module, spec: _ModelSpec, runner: nn.Module, layers: Sequen
     """The runner, layers and attention modules must be the transformers classes the table names."""
     kind = _RUNNERS[spec.kind]
     name = original_class(model).__name__
-    runner_cls = original_class(runner)
-    if runner_cls.__name__ not in kind.runner_classes or not runner_cls.__module__.startswith("transformers."):
-        raise TypeError(
-            f"{name}.{spec.runner or '<self>'} is a {runner_cls.__name__}; ToMe expects one of "
-            f"{kind.runner_classes} (the layout of transformers 5.x)"
-        )
+    check_class(runner, f"{name}.{spec.runner or '<self>'}", kind.runner_classes, "transformers", LAYOUT)
     where = f"{name}.{spec.runner}." if spec.runner else f"{name}."
     for index, layer in enumerate(layers):
-        layer_cls = original_class(layer)
-        if layer_cls.__name__ not in kind.layer_classes or not layer_cls.__module__.startswith("transformers."):
-            raise TypeError(
-                f"{where}{kind.layers}[{index}] is a {layer_cls.__name__}; ToMe expects one of {kind.layer_classes}"
-            )
+        check_class(layer, f"{where}{kind.layers}[{index}]", kind.layer_classes, "transformers", LAYOUT)
         attn = _resolve(layer, kind.attention)
         missing = [attr for attr in kind.attention_mixin._tome_attrs if attr and not hasattr(attn, attr)]
         if missing:
-            raise TypeError(
-                f"{where}{kind.layers}[{index}]: {type(attn).__name__} lacks {missing}; ToMe supports the "
-                "layer layout of transformers 5.x"
-            )
+            raise TypeError(f"{where}{kind.layers}[{index}]: {type(attn).__name__} lacks {missing};{LAYOUT}")
 
 
 def _keep_output_capture(module: nn.Module) -> None:

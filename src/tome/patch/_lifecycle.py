@@ -14,7 +14,19 @@ import dis
 import inspect
 import types
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import torch
 from torch import nn
@@ -22,6 +34,9 @@ from torch import nn
 from .._methods import TOME_RULE, LayerRule, MergeMethod, as_method
 from .._schedule import RSchedule, check_r, parse_r
 from ._shared import AttentionCall, BlockCall, ToMeForward, ToMeState, merge_block, run_blocks, sources_from_groups
+
+if TYPE_CHECKING:
+    from ._rope import RotaryPositions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -897,10 +912,16 @@ class ToMeBlockMixin:
                 "an attention mask (attention_mask / attn_mask / is_causal) cannot be combined with token "
                 "merging: merged tokens no longer line up with the mask. Set model.r = 0 to use a mask."
             )
-        x, call.out = merge_block(
-            x, call.state, call.r, self._tome_attn_branch, self._tome_mlp_branch, self._tome_rule
-        )
+        attn_branch = self._tome_attn_branch_for(call.state, x, kwargs)
+        x, call.out = merge_block(x, call.state, call.r, attn_branch, self._tome_mlp_branch, self._tome_rule)
         return x
+
+    def _tome_attn_branch_for(
+        self, state: ToMeState, x: torch.Tensor, kwargs: Dict[str, Any]
+    ) -> Callable[[torch.Tensor, Optional[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]:
+        """The attention branch for a merging call with the block's keyword arguments ``kwargs``
+        (a block whose attention takes more than ``x`` and the bias binds it here)."""
+        return self._tome_attn_branch
 
     def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(x, bias) -> (residual, metric)``: the whole attention residual branch."""
@@ -1036,6 +1057,8 @@ class ToMeModelMixin:
         trace_source: Optional[bool] = None,
         after_block: Optional[Callable[[int, torch.Tensor, ToMeState], None]] = None,
         padding: Optional[torch.Tensor] = None,
+        positions: Optional[RotaryPositions] = None,
+        block_kwargs: Optional[Dict[str, Any]] = None,
     ) -> Tuple[torch.Tensor, ToMeState]:
         """Embedded tokens ``(batch, tokens, channels)`` through the blocks, merging on the schedule.
 
@@ -1046,6 +1069,9 @@ class ToMeModelMixin:
             trace_source: Keep source groups even if ``trace_source`` is off.
             after_block: Passed to :func:`run_blocks`.
             padding: Key padding as token sizes (see :meth:`_tome_begin`).
+            positions: The tokens' rotary positions, carried from the first block on when
+                a block of the run merges or tokens are padded (:mod:`tome.patch._rope`).
+            block_kwargs: Passed to every block, as the framework's own loop passes them.
 
         Returns:
             The tokens after the last block run and the final state, which is
@@ -1056,7 +1082,9 @@ class ToMeModelMixin:
         if stop_after is not None:
             blocks = blocks[: stop_after + 1]
         state = self._tome_begin(x, trace_source, padding)
-        x, state, removed = run_blocks(blocks, x, state, schedule, grad_checkpointing, after_block)
+        if positions is not None and (state.padded or any(schedule[: len(blocks)])):
+            state = positions.start(state, x)
+        x, state, removed = run_blocks(blocks, x, state, schedule, grad_checkpointing, after_block, block_kwargs)
         if not isinstance(x, torch.fx.Proxy):  # a traced graph's runs do not report here
             self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
         return x, state

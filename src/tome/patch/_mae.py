@@ -46,7 +46,7 @@ class ToMeMAEVisionTransformer(ToMeTimmVisionTransformer):
     """The MAE code base's ViT: ``forward_features`` returns the pooled feature."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x, state = self._tome_run(self._tome_embed(x), self.grad_checkpointing)
+        x, state = self._tome_encode(x)
         return self._tome_mae_pool(x, state.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

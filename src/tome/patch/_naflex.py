@@ -23,13 +23,13 @@ Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv 2210.09461)
 Dehghani et al., "Patch n' Pack: NaViT", NeurIPS 2023 (arXiv 2307.06304).
 """
 
-from dataclasses import replace
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .._schedule import parse_r
+from ._checks import check_attention_pool, check_family, check_own_methods, has_class, refuse_position_augmentation
 from ._eva import (
     RopeSettings,
     ToMeEvaAttention,
@@ -48,17 +48,17 @@ from ._lifecycle import (
     original_class,
     patch_model,
     register,
-    supported_families,
 )
-from ._shared import ToMeState, padding_bias, run_blocks
+from ._rope import RotaryPositions, token_angles
+from ._shared import ToMeState, padding_bias
 from ._timm import (
     ToMeTimmAttention,
     ToMeTimmBlock,
     ToMeTimmResPostBlock,
-    intermediate_collector,
     key_padding_from_attn_mask,
     pack_intermediates,
     pool_tokens,
+    run_intermediates,
     tiny_timm,
 )
 
@@ -69,9 +69,7 @@ _SUPPORTED_ROPES = ("RotaryEmbeddingDinoV3", "RotaryEmbeddingCat")
 
 def is_timm_naflexvit(model: nn.Module) -> bool:
     """Whether ``model`` is a timm ``NaFlexVit`` (checked by class name and module; timm is not imported)."""
-    return any(
-        cls.__name__ == "NaFlexVit" and cls.__module__ == "timm.models.naflexvit" for cls in type(model).__mro__
-    )
+    return has_class(model, "NaFlexVit", "timm.models.naflexvit")
 
 
 def _unpack(x: Any, patch_coord: Any, patch_valid: Any, attn_mask: Any) -> Tuple[Any, Any, Any, Any]:
@@ -104,29 +102,18 @@ class ToMeNaFlexVit(ToMeModelMixin):
         after_block: Any = None,
     ) -> Tuple[torch.Tensor, ToMeState]:
         """Embeddings and blocks, merging on the schedule; returns the last tokens and state."""
-        if self.training and (self.patch_drop is not None or getattr(self.rope, "aug_active", False)):
-            raise ValueError(
-                "token merging (r > 0) cannot follow patch dropout or rotary coordinate augmentation "
-                f"(patch_drop={self.patch_drop}, rope augmentation={getattr(self.rope, 'aug_active', False)}) "
-                "while training; call model.eval() or set model.r = 0"
-            )
+        refuse_position_augmentation(self)  # type: ignore[arg-type]
         # patch_valid=None: the embedding step builds no (batch, tokens, tokens) mask we would not use.
         embeds = self._forward_embeds(patches, patch_coord=patch_coord, patch_valid=None, attn_mask=None)
         x, rope = embeds["patches"], embeds["rope_embeds"]
-        batch, tokens = x.shape[:2]
-        padding = self._tome_padding(patch_valid, attn_mask, batch, tokens)
-        blocks = list(self.blocks)
-        schedule = parse_r(len(blocks), self._tome_r)
-        if stop_after is not None:
-            blocks = blocks[: stop_after + 1]
-        state = self._tome_begin(x, trace_source, padding)
-        if rope is not None and any(schedule[: len(blocks)]):
-            state = replace(state, positions=self._tome_positions(x, patches, patch_coord),
-                            position_rule=self._tome_info["rope_position"])
-        x, state, removed = run_blocks(blocks, x, state, schedule, self.grad_checkpointing, after_block,
-                                       block_kwargs=None if rope is None else {"rope": rope})
-        self._tome_info.record(state, x, removed + [0] * (len(schedule) - len(removed)))
-        return x, state
+        padding = self._tome_padding(patch_valid, attn_mask, *x.shape[:2])
+        positions = None
+        if rope is not None:
+            angles = functools.partial(self._tome_positions, patches=patches, patch_coord=patch_coord)
+            positions = RotaryPositions(angles, self._tome_info["rope_position"])
+        return self._tome_run(x, self.grad_checkpointing, stop_after=stop_after, trace_source=trace_source,
+                              after_block=after_block, padding=padding, positions=positions,
+                              block_kwargs=None if rope is None else {"rope": rope})
 
     def _tome_padding(
         self, patch_valid: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor], batch: int, tokens: int
@@ -154,8 +141,7 @@ class ToMeNaFlexVit(ToMeModelMixin):
         prefix = self.num_prefix_tokens
         if patch_coord is None:
             grid = self.embeds.dynamic_feat_size(tuple(patches.shape[-2:]))
-            table = rope_angles(self.rope, grid).to(x.device)
-            return torch.cat([table.new_zeros(prefix, table.shape[1]), table]).unsqueeze(0).expand(x.shape[0], -1, -1)
+            return token_angles(rope_angles(self.rope, grid).to(x.device), prefix, x.shape[0])
         from timm.models.naflexvit import calculate_naflex_grid_sizes
 
         grids = calculate_naflex_grid_sizes(patch_coord)
@@ -259,23 +245,12 @@ class ToMeNaFlexVit(ToMeModelMixin):
                 output_fmt=output_fmt, intermediates_only=intermediates_only, output_dict=output_dict,
                 patch_coord=patch_coord, patch_valid=patch_valid, attn_mask=attn_mask,
             )
-        from timm.models._features import feature_take_indices
-
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        naflex = isinstance(x, dict)
-        patches, patch_coord, patch_valid, attn_mask = _unpack(x, patch_coord, patch_valid, attn_mask)
-        if naflex and output_fmt == "NCHW":
+        if isinstance(x, dict) and output_fmt == "NCHW":
             raise ValueError('output_fmt="NCHW" is not supported for NaFlex (dict) inputs (per-sample grids '
                              'vary), use "NLC"')
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch = patches.shape[0]
-        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
-        final, state = self._tome_run_naflex(
-            patches, patch_coord, patch_valid, attn_mask, stop_after=max_index if stop_early else None,
-            trace_source=True, after_block=collect,
-        )
-        features = None if intermediates_only else self._tome_tag(self.norm(final), state.size)
+        patches, patch_coord, patch_valid, attn_mask = _unpack(x, patch_coord, patch_valid, attn_mask)
+        run = functools.partial(self._tome_run_naflex, patches, patch_coord, patch_valid, attn_mask)
+        intermediates, features = run_intermediates(self, run, indices, norm, stop_early, output_fmt, intermediates_only)
         grid = self.embeds.dynamic_feat_size(tuple(patches.shape[-2:])) if output_fmt == "NCHW" else None
         extra = {"patch_valid": patch_valid} if patch_valid is not None else None
         return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, output_dict,
@@ -298,19 +273,11 @@ def check_supported(model: nn.Module) -> None:
     from timm.models import eva as timm_eva
     from timm.models import naflexvit as timm_naflex
 
-    if not is_timm_naflexvit(model):
-        raise TypeError(f"tome.patch.naflexvit expects a timm NaFlexVit (timm.models.naflexvit), got "
-                        f"{type(model).__name__}. Supported families: {supported_families()}")
+    check_family(model, "naflexvit", is_timm_naflexvit, "a timm NaFlexVit (timm.models.naflexvit)")
     own = original_class(model)
-    for method in ("forward_features", "forward", "forward_head", "forward_intermediates", "_forward_embeds", "_pool"):
-        if getattr(own, method) is not getattr(timm_naflex.NaFlexVit, method):
-            raise TypeError(f"{own.__name__} overrides NaFlexVit.{method} (defined in {own.__module__}); ToMe runs "
-                            f"timm's own {method} with merging and cannot know what the override does")
-    if model.attn_pool is not None and (
-        type(model.attn_pool).__name__ != "AttentionPoolLatent" or getattr(model.attn_pool, "pos_embed", None) is not None
-    ):
-        raise TypeError(f"attention pooling {type(model.attn_pool).__name__} is not supported; "
-                        "supported: AttentionPoolLatent without pos_embed ('map')")
+    methods = ("forward_features", "forward", "forward_head", "forward_intermediates", "_forward_embeds", "_pool")
+    check_own_methods(model, timm_naflex.NaFlexVit, methods)
+    check_attention_pool(model)
     if model.rope is not None and (model.rope_is_mixed or type(model.rope).__name__ not in _SUPPORTED_ROPES):
         raise TypeError(f"{own.__name__} uses rotary embedding {type(model.rope).__name__}; ToMe supports "
                         f"{_SUPPORTED_ROPES} (rope_type 'axial' and 'dinov3'; not 'mixed' or 'mrope')")

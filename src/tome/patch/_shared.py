@@ -21,16 +21,21 @@ model, and a block's hooks see tensors in and out, as they always did.
 """
 
 
+import contextlib
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .._attention import is_key_bias, key_bias_attention
 from .._methods import PADDED_RANDOM_REFUSAL, RANDOM_MATCHES, TOME_RULE, LayerRule
 from ..merge import TokenAssignment
+
+if TYPE_CHECKING:
+    from ._rope import RotaryPositions
 
 __all__ = [
     "AttentionCall",
@@ -38,6 +43,10 @@ __all__ = [
     "ToMeForward",
     "ToMeState",
     "attention",
+    "finite_key_bias",
+    "get_prop_attn_kernel",
+    "prop_attn_kernel",
+    "set_prop_attn_kernel",
     "merge_block",
     "merge_positions",
     "padding_bias",
@@ -153,7 +162,8 @@ class ToMeState:
             return padding_bias(self.size, dtype, self.prop_attn)
         if not self.prop_attn or self.size is None:
             return None
-        return size_bias(self.size, dtype)
+        # Not padded, so every size is >= 1 and the bias is finite: attention() may fold it.
+        return finite_key_bias(size_bias(self.size, dtype))
 
     def sizes(self, like: torch.Tensor) -> torch.Tensor:
         """``(batch, tokens, 1)`` float32 sizes, ones when nothing was merged yet."""
@@ -217,17 +227,19 @@ class ToMeState:
         else:
             merged, new_size = rule.combine_tokens(assignment, work, size, metric)
         merged = merged.to(x.dtype)
-        groups = self.groups
-        if self.trace_source:
-            groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device))
-        positions = self.positions
-        if positions is not None:
-            if rule.combine == "drop":  # pruning: the kept tokens keep their own positions
-                positions = assignment.prune(positions)
-            else:
-                positions = merge_positions(assignment, positions, size, new_size, self.position_rule)
+        groups = assignment.dest.gather(1, self.group_index(x.shape[0], x.device)) if self.trace_source else self.groups
         return merged, replace(self, size=new_size, groups=groups, num_tokens=assignment.num_out,
-                               positions=positions)
+                               positions=self._merged_positions(assignment, rule, size, new_size))
+
+    def _merged_positions(
+        self, assignment: TokenAssignment, rule: LayerRule, size: torch.Tensor, new_size: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """The carried positions after a merge step (None when none are carried)."""
+        if self.positions is None:
+            return None
+        if rule.combine == "drop":  # pruning: the kept tokens keep their own positions
+            return assignment.prune(self.positions)
+        return merge_positions(assignment, self.positions, size, new_size, self.position_rule)
 
     def group_index(self, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch, original tokens)`` group index, the identity when nothing merged."""
@@ -290,6 +302,94 @@ def merge_positions(
     return assignment.merge(positions * weight, mode="sum") / assignment.merge(weight, mode="sum")
 
 
+PROP_ATTN_KERNELS = ("auto", "mask", "channel")
+_prop_attn_kernel = "auto"
+
+
+def set_prop_attn_kernel(kernel: str) -> None:
+    """Choose how proportional attention hands its ``log(size)`` bias to
+    ``scaled_dot_product_attention``, for every patched model in the process.
+
+    - ``"mask"``: as a float ``attn_mask`` of shape ``(batch, 1, 1, tokens)``. On CUDA
+      a mask rules out the FlashAttention backend.
+    - ``"channel"``: folded into one extra channel of the queries and keys
+      (:func:`tome._attention.key_bias_attention`), with no mask, so every SDPA
+      backend stays eligible; the head size grows to the next multiple of 8
+      (64 -> 72).
+    - ``"auto"`` (the default): ``"channel"`` on CUDA, ``"mask"`` elsewhere. On CPU the
+      mask is the faster form (measured in ``docs/benchmarks.md``: at ViT-B/16 sizes the
+      channel form took 2.4-5.9x the attention time of the mask, which cost nothing over
+      no bias). On CUDA the channel form is the choice until ``benchmarks/gpu.py`` has
+      measured both there.
+
+    Both forms give the same outputs up to rounding (1e-6 relative in fp32). Biases
+    that mask keys out (padding tokens, -inf) always use the mask: they cannot be
+    folded. A process-wide setting, like ``torch.backends.cuda.enable_flash_sdp``:
+    threads running at the same time see the same kernel. ``torch.compile`` guards on
+    it, so changing it recompiles once per kernel.
+
+    Args:
+        kernel: One of ``"auto"``, ``"mask"``, ``"channel"``.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    global _prop_attn_kernel
+    if kernel not in PROP_ATTN_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {PROP_ATTN_KERNELS}")
+    _prop_attn_kernel = kernel
+
+
+def get_prop_attn_kernel() -> str:
+    """The setting of :func:`set_prop_attn_kernel` (``"auto"``, ``"mask"`` or ``"channel"``)."""
+    return _prop_attn_kernel
+
+
+@contextlib.contextmanager
+def prop_attn_kernel(kernel: str) -> Iterator[None]:
+    """:func:`set_prop_attn_kernel` for the duration of a ``with`` block, then the previous setting.
+
+    ::
+
+        with tome.prop_attn_kernel("mask"):
+            logits = model(images)
+
+    Raises:
+        ValueError: for a kernel other than ``"auto"``, ``"mask"``, ``"channel"``.
+    """
+    previous = _prop_attn_kernel
+    set_prop_attn_kernel(kernel)
+    try:
+        yield
+    finally:
+        set_prop_attn_kernel(previous)
+
+
+def _fold_bias(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether :func:`attention` folds ``bias`` into a channel (see :func:`set_prop_attn_kernel`)."""
+    kernel = _prop_attn_kernel
+    if kernel == "mask" or not isinstance(q, torch.Tensor) or not is_finite_key_bias(bias):
+        return False  # torch.fx proxies (symbolic tracing) keep the mask: no data-dependent shapes
+    if kernel == "auto" and q.device.type != "cuda":
+        return False
+    return is_key_bias(bias, q, k)
+
+
+def finite_key_bias(bias: torch.Tensor) -> torch.Tensor:
+    """Mark ``bias`` as a finite, key-only bias that :func:`attention` may fold into a channel.
+
+    A bias holding ``-inf`` (masked keys) must never be marked. The mark is an attribute
+    on the tensor object, so it holds for this tensor only (not for copies or casts).
+    """
+    bias._tome_finite_key_bias = True
+    return bias
+
+
+def is_finite_key_bias(bias: Any) -> bool:
+    """Whether ``bias`` was marked by :func:`finite_key_bias`."""
+    return isinstance(bias, torch.Tensor) and getattr(bias, "_tome_finite_key_bias", False) is True
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -301,6 +401,12 @@ def attention(
     fused: bool = True,
 ) -> torch.Tensor:
     """Multi-head attention with an optional additive bias.
+
+    With ``fused`` and a bias marked by :func:`finite_key_bias` (proportional attention's
+    ``log(size)`` of a batch without padding), the bias goes into an extra query/key
+    channel instead of a mask where :func:`set_prop_attn_kernel` says so (on CUDA by
+    default), so that ``scaled_dot_product_attention`` may pick FlashAttention. Without a
+    bias this is ``scaled_dot_product_attention(q, k, v)``, unchanged.
 
     Args:
         q, k, v: ``(batch, heads, tokens, head_dim)``.
@@ -314,6 +420,8 @@ def attention(
     Returns:
         ``(batch, heads, tokens, head_dim)``.
     """
+    if bias is not None and fused and _fold_bias(q, k, bias):
+        return key_bias_attention(q, k, v, bias, scale=scale, dropout_p=dropout_p)
     if bias is not None:
         bias = bias.to(q.dtype)
     if fused:
@@ -459,6 +567,9 @@ class ToMeForward:
         # A key-padding mask folded into the first state's sizes: (batch, tokens, 1) float32,
         # 1 for valid tokens and 0 for padding (see ToMeState.padded).
         self.padding: Optional[torch.Tensor] = None
+        # The tokens' rotary positions, carried from the first state on (set by a model with
+        # rotary embeddings when a block merges; see tome.patch._rope).
+        self.positions: Optional["RotaryPositions"] = None
 
     def enter(self, index: int, x: torch.Tensor, r: int) -> BlockCall:
         """The call for block ``index`` on ``x`` ``(batch, tokens, channels)`` with its ``r``."""
@@ -476,6 +587,8 @@ class ToMeForward:
                         "of that shape, or set model.r = 0"
                     )
                 state = self._states[0] = replace(state, size=self.padding, padded=True)
+            if self.positions is not None:
+                state = self._states[0] = self.positions.start(state, x)
         return BlockCall(state, r)
 
     def leave(self, index: int, call: BlockCall) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from ._checks import check_family
 from ._lifecycle import (
     KEEP,
     Example,
@@ -31,7 +32,6 @@ from ._lifecycle import (
     example_images,
     original_class,
     register,
-    supported_families,
 )
 from ._shared import BlockCall, ToMeState, weighted_mean
 from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, ToMeSwagEncoder, check_mha, patch_encoder_vit
@@ -113,12 +113,7 @@ class ToMeSwagVisionTransformer(ToMeEncoderModel):
 
 def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless ``model`` has SWAG's ViT layout that ToMe can run exactly."""
-    name = type(model).__name__
-    if not is_swag_vit(model):
-        raise TypeError(
-            f"tome.patch.swag expects a SWAG VisionTransformer from torch.hub (facebookresearch/swag), "
-            f"got {name} ({type(model).__module__}). Supported families: {supported_families()}"
-        )
+    check_family(model, "swag", is_swag_vit, "a SWAG VisionTransformer from torch.hub (facebookresearch/swag)")
     own = original_class(model)
     name = own.__name__
     if _defined_by(own, "forward") != "VisionTransformer":

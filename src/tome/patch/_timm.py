@@ -9,12 +9,15 @@ with a ``TypeError`` at patch time.
 """
 
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._dense import unmerge_tokens
+from ._attention_body import attend, packed_heads
+from ._checks import check_attention_pool, check_family, check_own_methods, has_class
 from ._lifecycle import (
     KEEP,
     Example,
@@ -30,9 +33,8 @@ from ._lifecycle import (
     original_class,
     patch_model,
     register,
-    supported_families,
 )
-from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention, padding_bias, weighted_mean
+from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, padding_bias, weighted_mean
 
 __all__ = ["timm", "apply_to_timm", "is_timm_vit", "is_timm_mae", "tiny_timm"]
 
@@ -41,10 +43,7 @@ _SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 
 def is_timm_vit(model: nn.Module) -> bool:
     """Whether ``model`` is a timm ``VisionTransformer`` (checked by class, timm not imported otherwise)."""
-    return any(
-        cls.__name__ == "VisionTransformer" and cls.__module__ == "timm.models.vision_transformer"
-        for cls in type(model).__mro__
-    )
+    return has_class(model, "VisionTransformer", "timm.models.vision_transformer")
 
 
 class ToMeTimmAttention(ToMeAttentionMixin):
@@ -53,18 +52,13 @@ class ToMeTimmAttention(ToMeAttentionMixin):
     _tome_features = ATTENTION_FEATURES
 
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = packed_heads(self.qkv(x), self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        out = attention(q, k, v, call.bias, dropout_p=dropout_p, scale=self.scale, fused=self.fused_attn)
-        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        out = self.norm(out)
+        out = self.norm(attend(call, q, k, v, dropout_p=dropout_p, scale=self.scale, fused=self.fused_attn))
         if gate is not None:
             out = out * gate
-        call.report(q, k, v, self.scale)
         return self.proj_drop(self.proj(out))
 
 
@@ -161,8 +155,33 @@ class ToMeTimmHead(ToMeModelMixin):
 
     ``forward_features`` returns the merged tokens with their sizes attached, so
     ``forward_head`` pools exactly those, weighted by size. A family supplies
-    ``_tome_masked``, ``_tome_features``, ``_tome_pools_patches`` and ``_tome_pool``.
+    ``_tome_masked``, ``_tome_encode``, ``_tome_pools_patches`` and ``_tome_pool``.
     """
+
+    def _tome_encode(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **options: Any
+    ) -> Tuple[torch.Tensor, ToMeState]:
+        """Images through the embedding and the blocks, merging on the schedule: the tokens
+        after the last block run and the final state. ``options``: ``_tome_run``'s."""
+        raise NotImplementedError
+
+    def _tome_features(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x, state = self._tome_encode(images, attn_mask)
+        return self.norm(x), state.size
+
+    def _tome_intermediates(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor], indices: Optional[Union[int, List[int]]],
+        norm: bool, stop_early: bool, output_fmt: str, intermediates_only: bool, output_dict: bool,
+        return_prefix_tokens: bool,
+    ) -> Any:
+        """The merging ``forward_intermediates``: intermediates on the patch grid, features merged."""
+        run = functools.partial(self._tome_encode, images, attn_mask)
+        intermediates, features = run_intermediates(self, run, indices, norm, stop_early, output_fmt, intermediates_only)
+        grid = self.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])) if output_fmt == "NCHW" else None
+        return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, output_dict,
+                                  return_prefix_tokens)
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
@@ -193,20 +212,46 @@ class ToMeTimmHead(ToMeModelMixin):
         return x if pre_logits else self.head(x)
 
 
-def intermediate_collector(
-    take_indices: Sequence[int], norm: Optional[nn.Module], batch: int
-) -> Tuple[List[torch.Tensor], Callable[[int, torch.Tensor, ToMeState], None]]:
-    """A list and an ``after_block`` callback for ``run_blocks`` that fills it: the output of
-    every block in ``take_indices``, normed by ``norm`` (None: as it is) and mapped back to
-    one row per original token, ``(batch, tokens before merging, channels)``."""
+def run_intermediates(
+    model: nn.Module,
+    run: Callable[..., Tuple[torch.Tensor, ToMeState]],
+    indices: Optional[Union[int, List[int]]],
+    norm: bool,
+    stop_early: bool,
+    output_fmt: str,
+    intermediates_only: bool,
+) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+    """The merging part of a timm model's ``forward_intermediates``.
+
+    Args:
+        model: The patched model (``blocks``, ``norm``).
+        run: ``run(stop_after=, trace_source=, after_block=) -> (tokens, state)``: the
+            model's embedding and block loop (``ToMeModelMixin._tome_run`` or a caller of it).
+        indices, norm, stop_early, output_fmt, intermediates_only: As in timm.
+
+    Returns:
+        The output of every block in ``indices`` (normed by ``model.norm`` if ``norm``)
+        mapped back to one row per original token, ``(batch, tokens before merging,
+        channels)``, and the final features (merged, their sizes attached), or None
+        for ``intermediates_only``.
+
+    Raises:
+        ValueError: for an ``output_fmt`` other than ``"NCHW"`` or ``"NLC"``.
+    """
+    from timm.models._features import feature_take_indices
+
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    take_indices, max_index = feature_take_indices(len(model.blocks), indices)
     intermediates: List[torch.Tensor] = []
 
     def collect(index: int, tokens: torch.Tensor, state: ToMeState) -> None:
         if index in take_indices:
-            tokens = norm(tokens) if norm is not None else tokens
-            intermediates.append(unmerge_tokens(tokens, state.group_index(batch, tokens.device)))
+            tokens = model.norm(tokens) if norm else tokens
+            intermediates.append(unmerge_tokens(tokens, state.group_index(tokens.shape[0], tokens.device)))
 
-    return intermediates, collect
+    x, state = run(stop_after=max_index if stop_early else None, trace_source=True, after_block=collect)
+    return intermediates, None if intermediates_only else model._tome_tag(model.norm(x), state.size)
 
 
 def pack_intermediates(
@@ -306,13 +351,11 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
             raise ValueError(_CAUSAL_REFUSAL)
         return False
 
-    def _tome_features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x = self._tome_embed(x)
-        padding = _padding_of(attn_mask, x)
-        x, state = self._tome_run(x, self.grad_checkpointing, padding=padding)
-        return self.norm(x), state.size
+    def _tome_encode(
+        self, images: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **options: Any
+    ) -> Tuple[torch.Tensor, ToMeState]:
+        x = self._tome_embed(images)
+        return self._tome_run(x, self.grad_checkpointing, padding=_padding_of(attn_mask, x), **options)
 
     def forward_intermediates(
         self,
@@ -341,23 +384,8 @@ class ToMeTimmVisionTransformer(ToMeTimmHead):
                 output_fmt=output_fmt, intermediates_only=intermediates_only, output_dict=output_dict,
                 attn_mask=attn_mask, is_causal=is_causal,
             )
-        from timm.models._features import feature_take_indices
-
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
-        intermediates, collect = intermediate_collector(take_indices, self.norm if norm else None, batch)
-        x = self._tome_embed(x)
-        padding = _padding_of(attn_mask, x)
-        x, state = self._tome_run(
-            x, self.grad_checkpointing, stop_after=max_index if stop_early else None,
-            trace_source=True, after_block=collect, padding=padding,
-        )
-        features = None if intermediates_only else self._tome_tag(self.norm(x), state.size)
-        grid = self.patch_embed.dynamic_feat_size((height, width)) if output_fmt == "NCHW" else None
-        return pack_intermediates(intermediates, self.num_prefix_tokens, grid, features, output_dict,
-                                  return_prefix_tokens)
+        return self._tome_intermediates(x, attn_mask, indices, norm, stop_early, output_fmt, intermediates_only,
+                                        output_dict, return_prefix_tokens)
 
     def _tome_pools_patches(self) -> bool:
         """Whether the head reads more than the (protected) prefix tokens."""
@@ -379,40 +407,23 @@ def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless every part of ``model`` can be run exactly with merging."""
     from timm.models import vision_transformer as vt
 
-    name = type(model).__name__
-    if not is_timm_vit(model):
-        raise TypeError(
-            f"tome.patch.timm expects a timm VisionTransformer (vision_transformer.py, deit.py), "
-            f"got {name}. Supported families: {supported_families()}"
-        )
+    check_family(model, "timm", is_timm_vit, "a timm VisionTransformer (vision_transformer.py, deit.py)")
     own = original_class(model)
-    for method in ("forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool"):
-        impl = getattr(own, method)
-        allowed = (getattr(vt.VisionTransformer, method),)
-        if own.__name__ == "VisionTransformerDistilled" and method in ("forward_head", "_pos_embed"):
-            allowed = (impl,)
-        if impl not in allowed:
-            hint = (
-                " It looks like the MAE code base's ViT (boolean global_pool): use tome.patch.mae(model)."
-                if isinstance(getattr(model, "global_pool", None), bool)
-                else " Supported: timm's VisionTransformer and subclasses that keep its forward methods."
-            )
-            raise TypeError(
-                f"{own.__name__} overrides VisionTransformer.{method} (defined in {own.__module__}); ToMe "
-                f"runs timm's own {method} with merging and cannot know what the override does.{hint}"
-            )
+    methods = ["forward_features", "forward", "forward_head", "forward_intermediates", "_pos_embed", "pool"]
+    if own.__name__ == "VisionTransformerDistilled":  # its own head and position embedding for two prefix tokens
+        methods = [method for method in methods if method not in ("forward_head", "_pos_embed")]
+    hint = (
+        " It looks like the MAE code base's ViT (boolean global_pool): use tome.patch.mae(model)."
+        if isinstance(getattr(model, "global_pool", None), bool)
+        else " Supported: timm's VisionTransformer and subclasses that keep its forward methods."
+    )
+    check_own_methods(model, vt.VisionTransformer, methods, hint)
     if model.global_pool not in _SUPPORTED_POOLS:
         raise TypeError(
             f"{own.__name__} uses global_pool={model.global_pool!r}, which ToMe cannot weight by token "
             f"size; supported: {_SUPPORTED_POOLS}"
         )
-    if model.attn_pool is not None:
-        if type(model.attn_pool).__name__ != "AttentionPoolLatent" or getattr(model.attn_pool, "pos_embed", None) is not None:
-            raise TypeError(
-                f"attention pooling {type(model.attn_pool).__name__} (with position embedding: "
-                f"{getattr(model.attn_pool, 'pos_embed', None) is not None}) is not supported; "
-                "supported: AttentionPoolLatent without pos_embed ('map')"
-            )
+    check_attention_pool(model)
     check_blocks(model)
 
 

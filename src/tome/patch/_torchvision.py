@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._attention_body import attend, packed_heads
+from ._checks import check_family, check_own_methods, has_class
 from ._lifecycle import (
     KEEP,
     Example,
@@ -35,9 +37,8 @@ from ._lifecycle import (
     original_class,
     patch_model,
     register,
-    supported_families,
 )
-from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, attention
+from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState
 
 __all__ = [
     "torchvision",
@@ -54,7 +55,7 @@ _TV_MODULE = "torchvision.models.vision_transformer"
 
 def is_torchvision_vit(model: nn.Module) -> bool:
     """Whether ``model`` is a torchvision ``VisionTransformer`` (checked by class, torchvision not imported)."""
-    return any(cls.__name__ == "VisionTransformer" and cls.__module__ == _TV_MODULE for cls in type(model).__mro__)
+    return has_class(model, "VisionTransformer", _TV_MODULE)
 
 
 def check_mha(attn: nn.Module, where: str, batch_first: bool) -> None:
@@ -97,14 +98,9 @@ class ToMeMultiheadAttention(ToMeAttentionMixin):
 
     def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
         # x is (batch, tokens, channels), batch-first whatever self.batch_first says.
-        batch, tokens, channels = x.shape
-        heads = self.num_heads
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = packed_heads(F.linear(x, self.in_proj_weight, self.in_proj_bias), self.num_heads)
         # nn.MultiheadAttention applies its dropout to the attention weights, only in training.
-        out = attention(q, k, v, call.bias, dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(batch, tokens, channels)
-        call.report(q, k, v)
+        out = attend(call, q, k, v, dropout_p=self.dropout if self.training else 0.0)
         # The module applies out_proj functionally (its hooks never run), so do the same.
         return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
 
@@ -200,20 +196,13 @@ def patch_encoder_vit(
 
 def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` unless ``model`` is a torchvision ViT that ToMe can run exactly."""
-    if not is_torchvision_vit(model):
-        raise TypeError(
-            f"tome.patch.torchvision expects a torchvision.models.VisionTransformer (vit_b_16 ... vit_h_14), "
-            f"got {type(model).__name__} ({type(model).__module__}). Supported families: {supported_families()}"
-        )
+    check_family(model, "torchvision", is_torchvision_vit,
+                 "a torchvision.models.VisionTransformer (vit_b_16 ... vit_h_14)")
     from torchvision.models import vision_transformer as tv
 
     own = original_class(model)
-    for method in ("forward", "_process_input"):
-        if getattr(own, method) is not getattr(tv.VisionTransformer, method):
-            raise TypeError(
-                f"{own.__name__} overrides VisionTransformer.{method}; ToMe cannot patch it exactly "
-                "(supported: torchvision's VisionTransformer and subclasses that only change __init__)"
-            )
+    check_own_methods(model, tv.VisionTransformer, ("forward", "_process_input"),
+                      " Supported: torchvision's VisionTransformer and subclasses that only change __init__.")
     encoder = model.encoder
     if not isinstance(encoder, tv.Encoder) or original_class(encoder).forward is not tv.Encoder.forward:
         raise TypeError(

@@ -8,32 +8,22 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 import json
 import math
 import os
 import re
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 
 import tome
 
 __all__ = [
-    "LoadedModel",
     "add_method_argument",
     "expand_settings",
     "parse_methods",
-    "add_model_arguments",
-    "data_config_of",
     "format_table",
-    "input_size_of",
-    "load_model",
-    "load_model_from_args",
     "SCHEDULE_GRAMMAR",
     "SCHEDULE_HELP",
     "parse_dtype",
@@ -44,7 +34,6 @@ __all__ = [
     "parse_model_kwargs",
     "parse_schedule",
     "parse_schedules",
-    "patch_size_of",
     "schedule_label",
     "schedule_json",
 ]
@@ -79,24 +68,23 @@ _SCHEDULE_ITEM = re.compile(r"\s*(\[[^\]]*\]|[^,\[]+)\s*(?:,|$)")
 def parse_schedule(text: str) -> Schedule:
     """One merge schedule from the command line (see :data:`SCHEDULE_GRAMMAR`).
 
-    ``"16"`` -> ``16``; ``"16:-1"`` -> ``(16, -1.0)``; ``"8/8/4"`` -> ``[8, 8, 4]``.
-    Also read, so that older command lines keep working: ``"[8,8,4]"`` (a bracketed
-    list, as in Python) and ``"8,-1"`` (r, inflection with a comma, the old ``tome
-    train`` spelling; it warns with a ``FutureWarning``: write ``8:-1``).
+    ``"16"`` -> ``16``; ``"16:-1"`` -> ``(16, -1.0)``; ``"8/8/4"`` -> ``[8, 8, 4]``; a
+    bracketed list as in Python, ``"[8,8,4]"``, is read too. A comma separates
+    schedules in every command, so ``"8,-1"`` (once ``tome train``'s and ``tome export``'s
+    spelling of ``(8, -1.0)``) is two schedules, refused here with what to write.
 
     Raises:
         ValueError: quoting ``text`` and the grammar when it is no schedule, or
             several of them, or its values are out of range.
     """
     items = _split_schedules(text)
-    if (len(items) == 2 and re.fullmatch(_INT, items[0]) and re.fullmatch(_NUMBER, items[1])
-            and -1 <= float(items[1]) <= 1):
-        # "8,-1": the old (r, inflection) spelling of tome train; one schedule, not two.
-        legacy = f"{items[0]}:{items[1]}"
-        warnings.warn(f"r {text!r} is the old spelling of {legacy}; write {legacy}", FutureWarning, stacklevel=2)
-        return _parse_one(legacy, text)
     if len(items) != 1:
-        raise ValueError(f"r {text!r} lists {len(items)} schedules where one is expected; {SCHEDULE_GRAMMAR}")
+        hint = ""
+        if len(items) == 2 and re.fullmatch(_INT, items[0]) and re.fullmatch(_NUMBER, items[1]):
+            first, second = items
+            per_block = f", or {first}/{second} for r per block" if re.fullmatch(_INT, second) else ""
+            hint = f" (write {first}:{second} for r={first} with inflection {second}, the R:INFLECTION form{per_block})"
+        raise ValueError(f"r {text!r} lists {len(items)} schedules where one is expected{hint}; {SCHEDULE_GRAMMAR}")
     return _parse_one(items[0], text)
 
 
@@ -243,12 +231,6 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA work so wall-clock timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------- model kwargs
 
 
@@ -289,30 +271,7 @@ model_kwarg_arg = _argparse_type(parse_model_kwarg)
 """argparse type for one ``KEY=VALUE`` model argument."""
 
 
-# ----------------------------------------------------------------------------- models
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for the tools, with what is known about how to run it.
-
-    Attributes:
-        model: The model in eval mode (not yet patched).
-        description: One line naming the architecture and its weights.
-        default_r: The r the weights were trained for (known ToMe checkpoints), else None.
-        prop_attn: Proportional attention setting to patch with; None for the family default.
-        data_overrides: Preprocessing settings that replace the model's timm data config.
-    """
-
-    model: nn.Module
-    description: str
-    default_r: Optional[int] = None
-    prop_attn: Optional[bool] = None
-    data_overrides: Dict[str, Any] = field(default_factory=dict)
-
-    def patch(self, trace_source: bool = False, method: Any = "tome") -> nn.Module:
-        """Patch the model for token merging with the right settings (r starts at 0)."""
-        return tome.apply_patch(self.model, r=0, trace_source=trace_source, prop_attn=self.prop_attn, method=method)
+# ----------------------------------------------------------------------------- merge methods
 
 
 def parse_methods(text: str) -> List[str]:
@@ -354,161 +313,6 @@ def expand_settings(
             out_schedules.append(schedule)
             out_methods.append(method)
     return out_schedules, out_methods
-
-
-def load_model(
-    name: Optional[str] = None,
-    *,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-    pretrained: bool = False,
-    checkpoint: Optional[str] = None,
-    default_to_demo: bool = False,
-) -> LoadedModel:
-    """Build a timm model by name, with weights from timm, a checkpoint, or none.
-
-    Args:
-        name: timm model name (``vit_base_patch16_224``); may be left out when
-            ``checkpoint`` names a published ToMe checkpoint (its architecture is known)
-            or when ``default_to_demo`` is set.
-        model_kwargs: Extra keyword arguments for ``timm.create_model``.
-        pretrained: Load timm's own pretrained weights (fails fast when offline).
-        checkpoint: A known checkpoint name (``deit_S_r13``), a local file or a URL.
-        default_to_demo: Without ``name``, use :func:`tome.tools.demo_model.load_demo_model`.
-
-    Returns:
-        The model in eval mode and what is known about it.
-
-    Raises:
-        ValueError: for an unknown model name, a checkpoint that contradicts ``name``,
-            or a missing ``name``.
-        ConnectionError: if pretrained weights are neither cached nor reachable.
-    """
-    from . import checkpoints
-
-    model_kwargs = dict(model_kwargs or {})
-    known = checkpoints.known_checkpoint(checkpoint) if checkpoint else None
-    loaded: LoadedModel
-    if known is not None:
-        if name is not None and name != known.architecture:
-            raise ValueError(
-                f"--checkpoint {checkpoint!r} is a {known.architecture} checkpoint but --model is {name!r}; "
-                "leave --model out to use the checkpoint's architecture"
-            )
-        if pretrained:
-            raise ValueError(f"--pretrained and --checkpoint {checkpoint!r} both give weights; pick one")
-        name = known.architecture
-        model_kwargs = {**known.model_kwargs, **model_kwargs}
-    if name is None:
-        if not default_to_demo:
-            raise ValueError("--model is required (a timm model name, e.g. vit_base_patch16_224)")
-        if model_kwargs or pretrained:
-            raise ValueError("--model-kwargs and --pretrained need --model")
-        from .demo_model import load_demo_model
-
-        model, description = load_demo_model()
-        loaded = LoadedModel(model, description)
-    else:
-        import timm
-
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
-            hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
-            raise ValueError(f"model {name!r} is not a timm model name{hint}")
-        # Random weights are drawn from a fixed seed (reproducible runs, identical on every
-        # torchrun process) without touching the caller's random state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            try:
-                if pretrained:
-                    model = checkpoints.create_pretrained(name, **model_kwargs)
-                else:
-                    model = timm.create_model(name, pretrained=False, **model_kwargs)
-            except TypeError as error:
-                raise ValueError(f"--model-kwargs {model_kwargs!r} do not fit {name}: {error}") from None
-        weights = "timm pretrained weights" if pretrained else "random weights" if checkpoint is None else "checkpoint weights"
-        loaded = LoadedModel(model, f"{name} ({weights})")
-    if checkpoint is not None:
-        source = checkpoints.load_checkpoint(loaded.model, checkpoint)
-        loaded.description = f"{name or 'demo model'} (weights: {source})"
-        if known is not None:
-            loaded.default_r = known.r
-            loaded.prop_attn = known.prop_attn
-            loaded.data_overrides = dict(known.data_config)
-    loaded.model.eval()
-    return loaded
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool = False, demo_default: bool = False) -> None:
-    """``--model``, ``--model-kwargs``, ``--pretrained``, ``--checkpoint`` on a command."""
-    default_help = "the embedded demo model" if demo_default else None
-    help_text = "timm model name, e.g. vit_base_patch16_224"
-    if default_help:
-        help_text += f" (default: {default_help})"
-    parser.add_argument("--model", required=model_required, help=help_text)
-    parser.add_argument(
-        "--model-kwargs",
-        nargs="+",
-        metavar="KEY=VALUE",
-        help="extra timm.create_model arguments, e.g. img_size=384 global_pool=avg",
-    )
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true", help="timm's own pretrained weights (needs internet or a cache)")
-    weights.add_argument(
-        "--checkpoint",
-        metavar="PATH_OR_URL",
-        help="weights from a .pth/.safetensors file, a URL, or a published ToMe checkpoint name "
-        "(deit_S_r13, deit_T_r13, vit_B_16_r16, vit_L_16_r8, vit_H_14_r7)",
-    )
-
-
-def load_model_from_args(args: argparse.Namespace, *, default_to_demo: bool = False) -> LoadedModel:
-    """:func:`load_model` with the values of :func:`add_model_arguments`."""
-    return load_model(
-        args.model,
-        model_kwargs=parse_model_kwargs(args.model_kwargs),
-        pretrained=args.pretrained,
-        checkpoint=args.checkpoint,
-        default_to_demo=default_to_demo,
-    )
-
-
-def input_size_of(model: nn.Module) -> Tuple[int, int, int]:
-    """``(channels, height, width)`` the model was built for.
-
-    Reads the patch embedding (which knows ``img_size=`` overrides) before the
-    pretrained config (which describes the original weights).
-    """
-    embed = getattr(model, "patch_embed", None)
-    img_size = getattr(embed, "img_size", None)
-    if img_size is not None:
-        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        proj = getattr(embed, "proj", None)
-        channels = getattr(proj, "in_channels", 3)
-        return int(channels), int(height), int(width)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
-    if size is None:
-        raise ValueError(f"cannot tell the input size of {type(model).__name__}; it has no patch_embed.img_size")
-    return tuple(int(v) for v in size)  # type: ignore[return-value]
-
-
-def patch_size_of(model: nn.Module) -> Tuple[int, int]:
-    """``(height, width)`` of one patch."""
-    embed = getattr(model, "patch_embed", None)
-    size = getattr(embed, "patch_size", None)
-    if size is None:
-        raise ValueError(f"cannot tell the patch size of {type(model).__name__}; it has no patch_embed.patch_size")
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def data_config_of(model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The model's timm data config (mean, std, crop), at the size the model was built for."""
-    import timm.data
-
-    config = timm.data.resolve_data_config({}, model=model)
-    config["input_size"] = input_size_of(model)
-    config.update(overrides or {})
-    return config
 
 
 # ----------------------------------------------------------------------------- output

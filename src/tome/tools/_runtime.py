@@ -1,7 +1,8 @@
 """Where the tools run: devices, mixed precision, and torchrun's process group.
 
 One place for what ``tome train``, ``tome eval``, ``tome bench`` and ``tome tune`` share:
-turning a ``--device`` value into a ``torch.device``, reading torchrun's environment
+turning a ``--device`` value into a ``torch.device`` (:func:`resolve_device` and
+:func:`autocast` come from ``tome._benchmark``, below the tools), reading torchrun's environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), starting and stopping the process group (gloo
 on CPU, NCCL on CUDA), and the few collectives the tools use. In a single process every
 collective is a no-op that returns its input.
@@ -15,6 +16,8 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+
+from tome._benchmark import autocast, resolve_device
 
 __all__ = [
     "AMP_CHOICES",
@@ -38,28 +41,6 @@ AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------- devices
-
-
-def resolve_device(device: DeviceArg) -> torch.device:
-    """Turn ``0`` / ``"cuda"`` / ``"cpu"`` / None into a device, falling back to CPU.
-
-    An integer means a CUDA index when CUDA is available (the original API
-    defaulted to ``device=0``), else the CPU. None picks CUDA when available.
-
-    Raises:
-        ValueError: quoting a string that is no device, or CUDA asked for without CUDA.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, int) and not isinstance(device, bool):
-        return torch.device("cuda", device) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 0)") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asks for CUDA, which is not available on this machine")
-    return resolved
 
 
 def process_device(device: DeviceArg) -> torch.device:
@@ -181,16 +162,3 @@ def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "fp16" and device.type != "cuda":
         raise ValueError(f"amp='fp16' needs a CUDA device (got {device}); use amp='bf16' on CPU")
     return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Iterator[None]:
-    """Mixed precision in ``dtype`` (weights stay fp32, as in the original benchmark).
-
-    None or ``torch.float32`` runs in full precision.
-    """
-    if dtype is None or dtype == torch.float32:
-        yield
-        return
-    with torch.autocast(device.type, dtype=dtype):
-        yield

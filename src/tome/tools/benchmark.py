@@ -1,6 +1,7 @@
 """Throughput and FLOPs of a ToMe model: ``tome.utils.benchmark`` and ``tome bench``.
 
-``benchmark`` keeps the signature of the original release's ``tome.utils.benchmark``.
+``benchmark`` is the original release's ``tome.utils.benchmark`` (kept in ``tome._benchmark``,
+below the tools, with the timing core these measurements share).
 ``tome bench`` measures several r values on one model: throughput from rounds
 interleaved across r values (so that slow drifts of the machine hit every r alike),
 each timing repeating the forward for at least ``--min-time`` seconds; the speed-up
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,28 +22,27 @@ import torch
 from torch import nn
 
 import tome
+from tome._benchmark import autocast, benchmark, resolve_device, time_calls
 
 from ._common import (
     SCHEDULE_HELP,
     Schedule,
     add_method_argument,
-    add_model_arguments,
     expand_settings,
     format_table,
-    input_size_of,
-    load_model_from_args,
     non_negative_float,
     non_negative_int,
     parse_dtype,
+    parse_schedules,
     positive_int,
     prepare_output_file,
-    progress_bar,
     schedule_json,
     schedule_label,
     schedules_arg,
-    synchronize,
 )
-from ._runtime import autocast, resolve_device
+from ._denoisers import ratios_arg
+from ._models import add_model_arguments, input_size_of, load_model_from_args, model_form
+from ._timing import add_timings, count_call_flops, peak_memory_mib, speedup_stats, time_rounds
 
 MIN_TIME = 0.3
 """Default least seconds of forwards behind one timing (``--min-time``)."""
@@ -53,63 +51,14 @@ __all__ = [
     "benchmark",
     "resolve_device",
     "count_flops",
+    "count_call_flops",
     "time_interleaved",
+    "time_rounds",
     "speedup_stats",
     "measure_schedules",
     "save_plot",
     "add_parser",
 ]
-
-
-def benchmark(
-    model: nn.Module,
-    device: Union[int, str, torch.device] = 0,
-    input_size: Sequence[int] = (3, 224, 224),
-    batch_size: int = 64,
-    runs: int = 40,
-    throw_out: float = 0.25,
-    use_fp16: bool = False,
-    verbose: bool = False,
-) -> float:
-    """Images per second of ``model`` on random input.
-
-    Args:
-        model: Any image model; it is put in eval mode and moved to ``device``.
-        device: CUDA index, device string or ``torch.device`` (CPU when CUDA is absent).
-        input_size: ``(channels, height, width)`` of one image.
-        batch_size: Images per forward.
-        runs: Forwards in all.
-        throw_out: Fraction of the runs, at the start, treated as warm-up and not timed.
-        use_fp16: Run under fp16 autocast (bf16 on CPU, where fp16 matmuls are slow).
-        verbose: Print the result.
-
-    Returns:
-        Throughput in images per second over the timed runs.
-    """
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs!r}")
-    if not 0 <= throw_out < 1:
-        raise ValueError(f"throw_out must lie in [0, 1), got {throw_out!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    dev = resolve_device(device)
-    model = model.eval().to(dev)
-    x = torch.rand(batch_size, *input_size, device=dev)
-    warmup = min(int(runs * throw_out), runs - 1)
-    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-    elapsed = 0.0
-    with torch.inference_mode(), autocast(dev, dtype if use_fp16 else torch.float32):
-        for i in range(runs):
-            synchronize(dev)
-            start = time.perf_counter()
-            model(x)
-            synchronize(dev)
-            if i >= warmup:
-                elapsed += time.perf_counter() - start
-    throughput = (runs - warmup) * batch_size / elapsed
-    if verbose:
-        print(f"Throughput: {throughput:.2f} im/s")
-    return throughput
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -119,12 +68,7 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     figure many papers call GFLOPs). Merging's own bookkeeping (scatter, gather,
     sort) is not counted; its similarity matmul is.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(x)
-    return int(counter.get_total_flops())
+    return count_call_flops(lambda: model(x))
 
 
 def time_interleaved(
@@ -141,8 +85,9 @@ def time_interleaved(
 ) -> List[List[float]]:
     """Seconds per forward for each merge setting, measured round-robin.
 
-    Each round times every setting once, so slow changes of the machine (other
-    jobs, clocks, heat) affect all settings alike: compare settings round by round
+    Each round times every setting once, in an order rotated from round to round, so
+    slow changes of the machine (other jobs, clocks, heat) affect all settings alike:
+    compare settings round by round
     (:func:`speedup_stats`) or take the median of each list. One measurement
     repeats the forward until it has run for at least ``min_time`` seconds (the
     number of repeats per setting is found before the timed rounds, by doubling),
@@ -165,50 +110,14 @@ def time_interleaved(
     _check_patched(model)
     if min_time < 0:
         raise ValueError(f"min_time must not be negative, got {min_time!r}")
-    device = x.device
-    times: List[List[float]] = [[] for _ in schedules]
-    repeats = [1 for _ in schedules]
     settings = list(zip(schedules, methods if methods is not None else [None] * len(schedules)))
 
-    def run(setting: Tuple[Schedule, Optional[str]], count: int) -> float:
-        with tome.merging(model, *setting):
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(count):
-                model(x)
-            synchronize(device)
-        return time.perf_counter() - start
+    def run(index: int, count: int) -> float:
+        with tome.merging(model, *settings[index]):
+            return time_calls(lambda: model(x), x.device, count)
 
-    with torch.inference_mode(), autocast(device, dtype):
-        for _ in range(warmup):
-            for setting in settings:
-                run(setting, 1)
-        if min_time > 0:
-            # Double the forwards until they last min_time: that many stand behind each timing.
-            for i, setting in enumerate(settings):
-                while run(setting, repeats[i]) < min_time:
-                    repeats[i] *= 2
-        for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
-            for i, setting in enumerate(settings):
-                times[i].append(run(setting, repeats[i]) / repeats[i])
-    return times
-
-
-def speedup_stats(times: Sequence[Sequence[float]], base: int = 0) -> List[Tuple[float, float, float]]:
-    """``(median, lowest, highest)`` speed-up of each setting over setting ``base``, round by round.
-
-    The speed-up of a round is ``base time / setting time`` within that round (both
-    saw the same machine state); the median and the range are over rounds.
-
-    Args:
-        times: What :func:`time_interleaved` returns.
-        base: Index of the reference setting (r=0).
-    """
-    stats = []
-    for setting in times:
-        ratios = [b / t for b, t in zip(times[base], setting)]
-        stats.append((statistics.median(ratios), min(ratios), max(ratios)))
-    return stats
+    with torch.inference_mode(), autocast(x.device, dtype):
+        return time_rounds(run, len(settings), rounds=rounds, warmup=warmup, min_time=min_time, progress=progress)
 
 
 def _check_patched(model: nn.Module) -> None:
@@ -264,50 +173,42 @@ def measure_schedules(
         methods.insert(0, None)
     model.eval().to(device)
     size = tuple(input_size) if input_size is not None else input_size_of(model)
-    rows: List[Dict[str, Any]] = []
-    single = torch.rand(1, *size, device=device)
-    for schedule, method in zip(schedules, methods):
-        with tome.merging(model, schedule, method):
-            flops = count_flops(model, single)
-        tokens = model._tome_info["size"].shape[1]
-        per_layer = model._tome_info["r"]
-        rows.append(
-            {
-                "r": schedule_json(schedule),
-                "label": schedule_label(schedule),
-                "method": method,
-                "schedule": list(per_layer) if per_layer is not None else None,
-                "tokens_left": int(tokens),
-                "gflops": flops / 1e9,
-            }
-        )
+    rows = _flop_rows(model, schedules, methods, torch.rand(1, *size, device=device))
     x = torch.rand(batch_size, *size, device=device)
     times = time_interleaved(model, x, schedules, rounds=rounds, warmup=warmup, dtype=dtype, progress=progress,
                              min_time=min_time, methods=methods)
-    base = schedules.index(0)
-    base_flops = rows[base]["gflops"]
-    for row, seconds, (speedup, low, high) in zip(rows, times, speedup_stats(times, base)):
-        median = statistics.median(seconds)
-        row["seconds_per_batch"] = median
-        row["images_per_s"] = batch_size / median
-        row["speedup"], row["speedup_low"], row["speedup_high"] = speedup, low, high
-        row["flops_ratio"] = row["gflops"] / base_flops if base_flops else float("nan")
-        row["noisy"] = bool(row["flops_ratio"] > 0 and speedup > 1 / row["flops_ratio"])
+    add_timings(rows, times, schedules.index(0), batch_size)
+    for schedule, method, row in zip(schedules, methods, rows):
         row["peak_memory_mib"] = None
-    if device.type == "cuda":
-        with torch.inference_mode(), autocast(device, dtype):
-            for schedule, method, row in zip(schedules, methods, rows):
-                with tome.merging(model, schedule, method):
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    model(x)
-                    torch.cuda.synchronize(device)
-                row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda":
+            with torch.inference_mode(), autocast(device, dtype), tome.merging(model, schedule, method):
+                row["peak_memory_mib"] = peak_memory_mib(lambda: model(x), device)
     return rows
 
 
-def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "") -> Path:
-    """Throughput and GFLOPs against r, side by side, as a PNG (1000 x 400 pixels).
+def _flop_rows(model: nn.Module, schedules: Sequence[Schedule], methods: Sequence[Optional[str]],
+               single: torch.Tensor) -> List[Dict[str, Any]]:
+    """One row per setting: its labels, per-layer r, tokens left and GFLOPs per image (on ``single``)."""
+    rows = []
+    for schedule, method in zip(schedules, methods):
+        with tome.merging(model, schedule, method):
+            flops = count_flops(model, single)
+        per_layer = model._tome_info["r"]
+        rows.append({
+            "r": schedule_json(schedule),
+            "label": schedule_label(schedule),
+            "method": method,
+            "schedule": list(per_layer) if per_layer is not None else None,
+            "tokens_left": int(model._tome_info["size"].shape[1]),
+            "gflops": flops / 1e9,
+        })
+    return rows
+
+
+def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str = "",
+              xlabel: str = "r (tokens merged per layer)") -> Path:
+    """Throughput and GFLOPs against the merge setting (each row's ``label``), side by side, as a PNG
+    (1000 x 400 pixels).
 
     Uses matplotlib's Agg canvas directly, so no global backend is changed.
 
@@ -336,7 +237,7 @@ def save_plot(rows: Sequence[Dict[str, Any]], path: Union[str, Path], title: str
             axis.annotate(note, (position, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
         axis.set_xticks(positions)
         axis.set_xticklabels(labels)
-        axis.set_xlabel("r (tokens merged per layer)")
+        axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     if title:
@@ -379,46 +280,77 @@ def default_dtype(device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
+DEFAULT_SCHEDULES = "0,8,13,16"
+"""``-r`` of ``tome bench`` when none is given."""
+
+
 def run_bench(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """``tome bench``: measure, print, and optionally write JSON and a plot."""
+    diffusion = model_form(args.model) == "diffusers"
+    if diffusion and args.r is not None:
+        raise ValueError(f"--model {args.model!r} merges a fraction of each level's tokens: pass --ratio (e.g. "
+                         "--ratio 0.5, or several: --ratio 0.3,0.5), not -r, which counts tokens per block")
+    if not diffusion and args.ratio is not None:
+        raise ValueError("--ratio is the merge setting of diffusers:FOLDER models; for "
+                         f"--model {args.model or 'shapes-long'!r} give -r (e.g. -r 0,8,16)")
     # Output paths are checked before minutes of measuring, not after.
     json_path = prepare_output_file(args.json, "--json") if args.json else None
     plot_path = prepare_output_file(args.plot, "--plot") if args.plot else None
     device = resolve_device(args.device)
     dtype_name = args.dtype or default_dtype(device)
-    dtype = parse_dtype(dtype_name)
-    batch_size = args.batch_size or default_batch_size(device)
-    loaded = load_model_from_args(args)
+    loaded = load_model_from_args(args, forms=("timm", "shipped", "hf", "diffusers"))
     model = loaded.patch()
-    size = input_size_of(model)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"Model: {loaded.description}")
-    print(f"Device: {device}{threads}, {dtype_name}, batch {batch_size} x {size}, {args.runs} interleaved rounds "
-          f"of at least {args.min_time:g} s per r", flush=True)
-    schedules, methods = expand_settings(args.r, args.method)
-    rows = measure_schedules(
-        model, schedules, batch_size=batch_size, device=device, dtype=dtype, rounds=args.runs,
-        warmup=args.warmup, progress=True, min_time=args.min_time, methods=methods,
-    )
-    print_rows(rows)
+    if diffusion:
+        rows, report = _bench_ratios(model, args, device, dtype_name, threads)
+    else:
+        rows, report = _bench_schedules(model, args, device, dtype_name, threads)
     print("FLOPs: torch FlopCounterMode, 2 per multiply-add.")
     if json_path is not None:
-        report = {
-            "model": loaded.description,
-            "device": str(device),
-            "dtype": dtype_name,
-            "batch_size": batch_size,
-            "input_size": list(size),
-            "rounds": args.runs,
-            "min_time": args.min_time,
-            "torch": torch.__version__,
-            "results": rows,
-        }
+        report = {"model": loaded.description, "device": str(device), "dtype": dtype_name, **report,
+                  "rounds": args.runs, "min_time": args.min_time, "torch": torch.__version__, "results": rows}
         json_path.write_text(json.dumps(report, indent=2))
         print(f"Wrote {json_path}")
     if plot_path is not None:
-        print(f"Wrote {save_plot(rows, plot_path, title=loaded.description)}")
+        xlabel = "ratio (fraction of tokens merged)" if diffusion else "r (tokens merged per layer)"
+        print(f"Wrote {save_plot(rows, plot_path, title=loaded.description, xlabel=xlabel)}")
     return rows
+
+
+def _bench_schedules(model: nn.Module, args: argparse.Namespace, device: torch.device, dtype_name: str,
+                     threads: str) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """``tome bench`` of an encoder or classifier at each ``-r`` schedule (and ``--method``)."""
+    batch_size = args.batch_size or default_batch_size(device)
+    size = input_size_of(model)
+    print(f"Device: {device}{threads}, {dtype_name}, batch {batch_size} x {size}, {args.runs} interleaved rounds "
+          f"of at least {args.min_time:g} s per r", flush=True)
+    schedules, methods = expand_settings(args.r if args.r is not None else parse_schedules(DEFAULT_SCHEDULES),
+                                         args.method)
+    rows = measure_schedules(
+        model, schedules, batch_size=batch_size, device=device, dtype=parse_dtype(dtype_name), rounds=args.runs,
+        warmup=args.warmup, progress=True, min_time=args.min_time, methods=methods,
+    )
+    print_rows(rows)
+    return rows, {"batch_size": batch_size, "input_size": list(size)}
+
+
+def _bench_ratios(model: nn.Module, args: argparse.Namespace, device: torch.device, dtype_name: str,
+                  threads: str) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """``tome bench`` of a diffusers denoiser at each ``--ratio``: one denoiser step per timing."""
+    from ._denoisers import measure_ratios, print_ratio_rows
+
+    if args.method != ["tome"]:
+        raise ValueError(f"--method {','.join(args.method)}: diffusers models merge with ToMe for Stable Diffusion's "
+                         "rule only; leave --method out")
+    batch_size = args.batch_size or 2
+    print(f"Device: {device}{threads}, {dtype_name}, one denoiser step on a batch of {batch_size}, {args.runs} "
+          f"interleaved rounds of at least {args.min_time:g} s per ratio", flush=True)
+    rows = measure_ratios(model, args.ratio or [0.5], batch_size=batch_size, device=device,
+                          dtype=parse_dtype(dtype_name), rounds=args.runs, warmup=args.warmup, progress=True,
+                          min_time=args.min_time)
+    print_ratio_rows(rows)
+    return rows, {"batch_size": batch_size}
 
 
 def add_timing_arguments(parser: argparse.ArgumentParser, *, runs: int, what: str = "timed rounds") -> None:
@@ -434,13 +366,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="throughput, speed-up, GFLOPs, tokens left and memory for several r",
-        description="Measure a timm ViT with token merging for several r values.",
+        description="Measure a model with token merging for several r values (timm, shipped and hf: models), "
+        "or a diffusers denoiser for several merge ratios (--model diffusers:FOLDER --ratio 0.3,0.5).",
     )
-    add_model_arguments(parser)
-    parser.add_argument("-r", "--r", type=schedules_arg, default=schedules_arg("0,8,13,16"),
-                        help=f"{SCHEDULE_HELP} (default: 0,8,13,16)")
+    add_model_arguments(parser, diffusers=True)
+    parser.add_argument("-r", "--r", type=schedules_arg, default=None,
+                        help=f"{SCHEDULE_HELP} (default: {DEFAULT_SCHEDULES})")
+    parser.add_argument("--ratio", type=ratios_arg, default=None, metavar="RATIOS",
+                        help="for diffusers: models, instead of -r: fractions of each level's tokens merged away, "
+                        "comma-separated, each in [0, 1); 0 is measured as the baseline (default: 0.5)")
     add_method_argument(parser, "each r > 0 is measured with each method, interleaved")
-    parser.add_argument("--batch-size", type=positive_int, help="images per forward (default: 64 on CUDA, 8 on CPU)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="images per forward (default: 64 on CUDA, 8 on CPU; diffusers: models 2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="autocast dtype (default: fp16 on CUDA, fp32 on CPU)")
     add_timing_arguments(parser, runs=10)

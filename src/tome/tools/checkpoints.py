@@ -27,6 +27,8 @@ __all__ = [
     "create_pretrained",
     "known_checkpoint",
     "load_checkpoint",
+    "load_safetensors",
+    "load_weights_only",
     "read_state_dict",
 ]
 
@@ -242,7 +244,7 @@ def create_pretrained(name: str, **model_kwargs: Any) -> nn.Module:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _torch_load(path: Any) -> Any:
+def load_weights_only(path: Any) -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
 
     Raises:
@@ -279,7 +281,7 @@ def _torch_load(path: Any) -> Any:
             ) from None
 
 
-def _safetensors_load(path: Any) -> Dict[str, torch.Tensor]:
+def load_safetensors(path: Any) -> Dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file.
 
     Raises:
@@ -340,9 +342,9 @@ def read_state_dict(source: str) -> Dict[str, torch.Tensor]:
                 f"({', '.join(KNOWN_CHECKPOINTS)})"
             )
     if path.endswith(".safetensors"):
-        loaded: Any = _safetensors_load(path)
+        loaded: Any = load_safetensors(path)
     else:
-        loaded = _torch_load(path)
+        loaded = load_weights_only(path)
     return _unwrap_state_dict(loaded, source)
 
 
@@ -365,10 +367,9 @@ def _unwrap_state_dict(loaded: Any, source: str) -> Dict[str, torch.Tensor]:
 
 
 def _is_timm_vit(model: nn.Module) -> bool:
-    return any(
-        cls.__name__ == "VisionTransformer" and cls.__module__ == "timm.models.vision_transformer"
-        for cls in type(model).__mro__
-    )
+    from ..patch._timm import is_timm_vit
+
+    return is_timm_vit(model)
 
 
 def load_checkpoint(model: nn.Module, source: str) -> str:

@@ -8,8 +8,10 @@ of the tokens merged in a procedurally drawn sample image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,14 +19,12 @@ import tome
 
 from ._common import (
     Schedule,
-    add_model_arguments,
-    input_size_of,
-    load_model,
-    load_model_from_args,
+    non_negative_int,
     positive_int,
     prepare_output_dir,
     schedule_label,
 )
+from ._models import add_model_arguments, input_size_of, load_model, load_model_from_args
 from ._runtime import resolve_device
 from .benchmark import MIN_TIME, add_timing_arguments, measure_schedules, print_rows
 from .sample_image import sample_image
@@ -33,6 +33,21 @@ from .visualize import render_merges
 __all__ = ["run_demo", "demo_schedules", "add_parser"]
 
 DEFAULT_OUTPUT_DIR = "tome_outputs"
+
+DEMO_BATCH = 256
+"""Images per timed forward. The demo model is small (64 patches of width 128): at batch 64
+a forward lasted a few milliseconds, Python and thread scheduling set its time, and five
+runs on a quiet machine gave 1.35-1.94x at the largest r. At 256 the matrix products set it."""
+
+DEMO_RUNS = 7
+"""Interleaved rounds; the speed-up shown is the median of the per-round ratios."""
+
+DEMO_THREADS = 1
+"""CPU threads for the timings. On a machine shared with other work, the threads of one
+forward wait for each other whenever one is descheduled, and the merged model (more,
+smaller operations) suffers more: on two busy cores the demo's largest r measured 0.87x
+(0.61-1.25x over rounds) with two threads and 1.76x and 1.83x with one. Merging removes
+arithmetic, so its speed-up does not need parallel threads to show."""
 
 
 PAPER_SCHEDULES = (8, 13, 16)
@@ -58,29 +73,57 @@ def demo_schedules(num_tokens: int, protected_tokens: int, depth: int) -> List[i
     return sorted({0, *(min(most, max(1, round(r * scale))) for r in PAPER_SCHEDULES)})
 
 
+def _write_outputs(out: Path, model: Any, shown: Sequence[Schedule], report: Dict[str, Any]) -> Tuple[Path, Path]:
+    """Write the merge picture for the schedules ``shown`` and the JSON ``report``; print where."""
+    vis_path = out / "demo_merges.png"
+    render_merges(sample_image(), model, shown).save(vis_path)
+    json_path = out / "demo_benchmark.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    print(f"Merged tokens of a sample image for r = {', '.join(schedule_label(s) for s in shown)}: {vis_path}")
+    print(f"Benchmark results: {json_path}")
+    return vis_path, json_path
+
+
+@contextlib.contextmanager
+def _threads(threads: int) -> Iterator[int]:
+    """Run the block with ``threads`` CPU threads (0: leave torch's setting); yields the
+    number in use and restores the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_demo(
     args: Optional[argparse.Namespace] = None,
     *,
     output_dir: str = DEFAULT_OUTPUT_DIR,
-    batch_size: int = 64,
-    rounds: int = 5,
+    batch_size: int = DEMO_BATCH,
+    rounds: int = DEMO_RUNS,
     min_time: float = MIN_TIME,
+    threads: int = DEMO_THREADS,
 ) -> Dict[str, Any]:
     """Print a throughput table and write a visualisation of the merges.
 
     Args:
         args: Parsed ``tome demo`` arguments (model options, ``output_dir``,
-            ``batch_size``, ``runs``, ``min_time``); None for the defaults.
+            ``batch_size``, ``runs``, ``min_time``, ``threads``); None for the defaults.
         output_dir: Where the files go (when ``args`` is None).
         batch_size: Images per timed forward (when ``args`` is None).
         rounds: Timed rounds (when ``args`` is None).
         min_time: Least seconds behind each timing (when ``args`` is None).
+        threads: CPU threads for the timings, 0 for torch's default (when ``args`` is None);
+            the previous setting is restored afterwards.
 
     Returns:
         ``{"rows": benchmark rows, "visualization": path, "json": path}``.
     """
     if args is not None:
         output_dir, batch_size, rounds, min_time = args.output_dir, args.batch_size, args.runs, args.min_time
+        threads = args.threads
     out = prepare_output_dir(output_dir, "--output-dir")
     if args is not None:
         loaded = load_model_from_args(args, default_to_demo=True)
@@ -97,23 +140,19 @@ def run_demo(
     info = model._tome_info
     schedules: Sequence[Schedule] = demo_schedules(int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"]))
 
-    print(f"ToMe demo on {loaded.description}")
-    print(f"Input {size[1]}x{size[2]}, batch {batch_size}, {torch.get_num_threads()} CPU threads, "
-          f"{rounds} interleaved rounds of at least {min_time:g} s per r; "
-          f"r = tokens merged away in each of {len(info['r'])} blocks", flush=True)
-    rows = measure_schedules(model, schedules, batch_size=batch_size, device=device, rounds=rounds, warmup=1,
-                             progress=True, min_time=min_time)
+    with _threads(threads) as used:
+        print(f"ToMe demo on {loaded.description}")
+        print(f"Input {size[1]}x{size[2]}, batch {batch_size}, {used} CPU thread{'s' if used != 1 else ''}"
+              f"{' (--threads)' if threads else ''}, {rounds} interleaved rounds of at least {min_time:g} s per r; "
+              f"r = tokens merged away in each of {len(info['r'])} blocks", flush=True)
+        rows = measure_schedules(model, schedules, batch_size=batch_size, device=device, rounds=rounds, warmup=1,
+                                 progress=True, min_time=min_time)
     print_rows(rows)
 
     shown = [s for s in schedules if s != 0] or [0]
-    canvas = render_merges(sample_image(), model, shown)
-    vis_path = out / "demo_merges.png"
-    canvas.save(vis_path)
-    json_path = out / "demo_benchmark.json"
-    json_path.write_text(json.dumps({"model": loaded.description, "batch_size": batch_size, "input_size": list(size),
-                                     "rounds": rounds, "min_time": min_time, "results": rows}, indent=2))
-    print(f"Merged tokens of a sample image for r = {', '.join(schedule_label(s) for s in shown)}: {vis_path}")
-    print(f"Benchmark results: {json_path}")
+    vis_path, json_path = _write_outputs(out, model, shown, {
+        "model": loaded.description, "batch_size": batch_size, "input_size": list(size), "rounds": rounds,
+        "min_time": min_time, "threads": used, "results": rows})
     print("Next: tome bench --model vit_base_patch16_224 | tome visualize IMAGE | tome eval --model NAME --data DIR "
           "| tome tune --model NAME --target-speedup 2")
     return {"rows": rows, "visualization": vis_path, "json": json_path}
@@ -128,6 +167,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser, demo_default=True)
     parser.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, help="where to write files (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per timed forward (default: %(default)s)")
-    add_timing_arguments(parser, runs=5)
+    parser.add_argument("--batch-size", type=positive_int, default=DEMO_BATCH,
+                        help="images per timed forward (default: %(default)s)")
+    add_timing_arguments(parser, runs=DEMO_RUNS)
+    parser.add_argument("--threads", type=non_negative_int, default=DEMO_THREADS,
+                        help="CPU threads for the timings, 0 for torch's default (default: %(default)s: steady "
+                             "on a machine shared with other work)")
     parser.set_defaults(func=run_demo)

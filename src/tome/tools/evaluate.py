@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -23,18 +22,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import tome
+from tome._benchmark import autocast, time_calls
+from tome.export import main_output
 
 from . import _runtime as runtime
 from ._common import (
     SCHEDULE_HELP,
     Schedule,
     add_method_argument,
-    add_model_arguments,
-    data_config_of,
     expand_settings,
     format_table,
-    input_size_of,
-    load_model_from_args,
     non_negative_int,
     parse_dtype,
     positive_int,
@@ -43,9 +40,15 @@ from ._common import (
     schedule_json,
     schedule_label,
     schedules_arg,
-    synchronize,
 )
-from ._runtime import autocast
+from ._models import (
+    add_model_arguments,
+    data_config_of,
+    input_size_of,
+    label_names_of,
+    load_model_from_args,
+    num_classes_of,
+)
 
 __all__ = ["EvalResult", "SkippingImageFolder", "evaluate", "image_folder", "add_parser"]
 
@@ -115,15 +118,14 @@ def image_folder(root: str, model: nn.Module, overrides: Optional[Dict[str, Any]
     """The image folder at ``root``, preprocessed with the model's own timm data config.
 
     When the model names its classes (``pretrained_cfg["label_names"]``, as models
-    from ``tome train`` do) and the folder's classes are among them, labels follow
-    the model's order.
+    from ``tome train`` do, or a Hugging Face ``config.id2label``) and the folder's
+    classes are among them, labels follow the model's order.
     """
     import timm.data
 
     config = data_config_of(model, overrides)
     transform = timm.data.create_transform(**config, is_training=False)
-    label_names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
-    return SkippingImageFolder(root, transform, label_names=label_names)
+    return SkippingImageFolder(root, transform, label_names=label_names_of(model))
 
 
 @dataclass
@@ -233,24 +235,10 @@ def count_correct(
         for images, labels, unreadable in batches:
             skipped += len(unreadable)
             examples += unreadable[: max(0, _SHOWN_SKIPS - len(examples))]
-            if images is None:
-                continue
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            for result in results:
-                with (tome.merging(model, result.r, result.method) if result.r is not None
-                      else contextlib.nullcontext()):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    with autocast(device, dtype):
-                        logits = model(images)
-                    synchronize(device)
-                result.seconds += time.perf_counter() - start
-                # Top-1 is the argmax (the first of tied maxima); top-5 any of the 5 highest.
-                result.correct1 += int((logits.argmax(dim=-1) == labels).sum())
-                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                result.correct5 += int((top == labels[:, None]).any(dim=-1).sum())
-                result.total += int(labels.numel())
+            if images is not None:
+                for result in results:
+                    _count_batch(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                 result, device, dtype)
     counts = runtime.all_sum([float(n) for r in results for n in (r.correct1, r.correct5, r.total)] + [float(skipped)],
                              device)
     seconds = runtime.all_max([r.seconds for r in results], device)
@@ -259,6 +247,25 @@ def count_correct(
         result.seconds = seconds[index]
     examples = [name for part in runtime.all_gather(examples) for name in part][:_SHOWN_SKIPS]
     return results, int(counts[-1]), examples
+
+
+def _count_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, result: EvalResult,
+                 device: torch.device, dtype: Optional[torch.dtype]) -> None:
+    """Run one batch at ``result``'s setting, timed, and add its hits to ``result``."""
+    outputs: List[torch.Tensor] = []
+
+    def forward() -> None:
+        with autocast(device, dtype):
+            outputs.append(main_output(model(images)))  # Hugging Face models return an output object
+
+    with tome.merging(model, result.r, result.method) if result.r is not None else contextlib.nullcontext():
+        result.seconds += time_calls(forward, device)
+    logits = outputs[0]
+    # Top-1 is the argmax (the first of tied maxima); top-5 any of the 5 highest.
+    result.correct1 += int((logits.argmax(dim=-1) == labels).sum())
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    result.correct5 += int((top == labels[:, None]).any(dim=-1).sum())
+    result.total += int(labels.numel())
 
 
 def evaluate(
@@ -349,11 +356,14 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
         if args.json:
             prepare_output_file(args.json, "--json")
         loaded = load_model_from_args(args, default_to_demo=True)
+        if loaded.classifier is False:
+            raise ValueError(f"tome eval measures classifiers; --model {args.model!r} is a {type(loaded.model).__name__}, "
+                             "which has no classification head (an hf: folder of a ...ForImageClassification model has)")
         schedules = args.r if args.r is not None else ([0, loaded.default_r] if loaded.default_r else [0, 8, 16])
         model = loaded.patch()
         schedules, methods = expand_settings(schedules, args.method)
         dataset = image_folder(args.data, model, loaded.data_overrides)
-        num_classes = getattr(model, "num_classes", None)
+        num_classes = num_classes_of(model)
         if num_classes and not dataset.matches_model and len(dataset.classes) > num_classes:
             raise ValueError(
                 f"--data {args.data!r} has {len(dataset.classes)} classes but the model predicts {num_classes}"
@@ -382,7 +392,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="top-1/top-5 and throughput on an image folder for several r (torchrun for several processes)",
-        description="Evaluate a timm ViT with token merging on an ImageFolder (root/<class>/<image>). "
+        description="Evaluate a classifier with token merging (a timm model, a shipped model, or hf:<id or folder>) "
+        "on an ImageFolder (root/<class>/<image>). "
         "Run under torchrun --nproc_per_node N for several processes.",
     )
     add_model_arguments(parser, demo_default=True)

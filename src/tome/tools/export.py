@@ -28,6 +28,7 @@ from tome.export import (
     Agreement,
     compare_outputs,
     export_onnx,
+    main_output,
     onnx_session,
     quantize_onnx,
     run_onnx,
@@ -35,10 +36,7 @@ from tome.export import (
 
 from ._common import (
     Schedule,
-    add_model_arguments,
     format_table,
-    input_size_of,
-    load_model_from_args,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -47,7 +45,9 @@ from ._common import (
     schedule_arg,
     schedule_label,
 )
-from .benchmark import count_flops, speedup_stats
+from ._models import add_model_arguments, input_size_of, load_model_from_args
+from ._timing import speedup_stats, time_rounds
+from .benchmark import count_flops
 
 __all__ = ["ExportRow", "generated_images", "time_sessions", "export_and_measure", "add_parser"]
 
@@ -109,7 +109,6 @@ def time_sessions(
         One list of ``rounds`` timings per session.
     """
     feeds = [{session.get_inputs()[0].name: x.numpy()} for session in sessions]
-    repeats = [1 for _ in sessions]
 
     def run(i: int, count: int) -> float:
         start = time.perf_counter()
@@ -117,18 +116,7 @@ def time_sessions(
             sessions[i].run(None, feeds[i])
         return time.perf_counter() - start
 
-    for _ in range(warmup):
-        for i in range(len(sessions)):
-            run(i, 1)
-    if min_time > 0:
-        for i in range(len(sessions)):
-            while run(i, repeats[i]) < min_time:
-                repeats[i] *= 2
-    times: List[List[float]] = [[] for _ in sessions]
-    for _ in progress_bar(range(rounds), enabled=progress, desc="timing", unit="round", leave=False):
-        for i in range(len(sessions)):
-            times[i].append(run(i, repeats[i]) / repeats[i])
-    return times
+    return time_rounds(run, len(sessions), rounds=rounds, warmup=warmup, min_time=min_time, progress=progress)
 
 
 def _sibling(path: Path, suffix: str) -> Path:
@@ -178,28 +166,11 @@ def export_and_measure(
     if int8 is not None and int8 not in INT8_MODES:
         raise ValueError(f"int8={int8!r} is not an int8 mode; expected one of {INT8_MODES}")
     x = generated_images(batch_size, input_size)
-    example = x[: min(2, batch_size)]
-    rows = [ExportRow("fp32 r=0", _sibling(output, ".r0"), 0, False),
-            ExportRow(f"fp32 r={schedule_label(schedule)}", output, schedule, False)]
-    if int8 is not None:
-        rows += [ExportRow(f"int8 r=0 ({int8})", _sibling(output, ".r0.int8"), 0, True),
-                 ExportRow(f"int8 r={schedule_label(schedule)} ({int8})", _sibling(output, ".int8"), schedule, True)]
-    eager: Dict[str, torch.Tensor] = {}
-    flops: Dict[str, int] = {}
-    steps = progress_bar(rows, enabled=progress, desc="exporting", unit="file", leave=False)
-    for row in steps:
-        key = schedule_label(row.schedule)
-        with tome.merging(model, row.schedule):
-            if key not in eager:
-                with torch.no_grad():
-                    eager[key] = model(x)
-                flops[key] = count_flops(model, x)
-            if row.int8:
-                fp32 = next(r.path for r in rows if not r.int8 and r.schedule == row.schedule)
-                calibration = [generated_images(batch_size, input_size, "train", seed) for seed in range(calibration_batches)]
-                quantize_onnx(fp32, row.path, mode=int8, calibration=calibration if int8 == "static" else None)
-            else:
-                export_onnx(model, example, row.path, opset=opset, optimize=optimize)
+    rows = _planned_rows(schedule, output, int8)
+    calibration = ([generated_images(batch_size, input_size, "train", seed) for seed in range(calibration_batches)]
+                   if int8 == "static" else None)
+    eager, flops = _write_files(model, rows, x, opset=opset, int8=int8, calibration=calibration,
+                                progress=progress, optimize=optimize)
     sessions = [onnx_session(row.path, threads=threads) for row in rows]
     for row, session in zip(rows, sessions):
         row.agreement = compare_outputs(eager[schedule_label(row.schedule)], run_onnx(session, x))
@@ -212,6 +183,42 @@ def export_and_measure(
         base = 2 if row.int8 else 0
         row.speedup_same_precision = statistics.median(b / t for b, t in zip(times[base], times[i]))
     return rows
+
+
+def _planned_rows(schedule: Schedule, output: Path, int8: Optional[str]) -> List[ExportRow]:
+    """The files to write: fp32 unmerged and merged, then (with ``int8``) their int8 copies."""
+    rows = [ExportRow("fp32 r=0", _sibling(output, ".r0"), 0, False),
+            ExportRow(f"fp32 r={schedule_label(schedule)}", output, schedule, False)]
+    if int8 is not None:
+        rows += [ExportRow(f"int8 r=0 ({int8})", _sibling(output, ".r0.int8"), 0, True),
+                 ExportRow(f"int8 r={schedule_label(schedule)} ({int8})", _sibling(output, ".int8"), schedule, True)]
+    return rows
+
+
+def _write_files(model: torch.nn.Module, rows: Sequence[ExportRow], x: torch.Tensor, *, opset: int,
+                 int8: Optional[str], calibration: Optional[List[torch.Tensor]], progress: bool,
+                 optimize: bool) -> tuple:
+    """Export (fp32) or quantize (int8) every row's file.
+
+    Returns:
+        ``(eager outputs, eager FLOPs)`` on ``x``, each by schedule label.
+    """
+    example = x[: min(2, x.shape[0])]
+    eager: Dict[str, torch.Tensor] = {}
+    flops: Dict[str, int] = {}
+    for row in progress_bar(rows, enabled=progress, desc="exporting", unit="file", leave=False):
+        key = schedule_label(row.schedule)
+        with tome.merging(model, row.schedule):
+            if key not in eager:
+                with torch.no_grad():
+                    eager[key] = main_output(model(x))  # what the file returns: logits, embeddings, ...
+                flops[key] = count_flops(model, x)
+            if row.int8:
+                fp32 = next(r.path for r in rows if not r.int8 and r.schedule == row.schedule)
+                quantize_onnx(fp32, row.path, mode=int8, calibration=calibration)
+            else:
+                export_onnx(model, example, row.path, opset=opset, optimize=optimize)
+    return eager, flops
 
 
 def print_rows(rows: Sequence[ExportRow], batch_size: int) -> None:
@@ -301,8 +308,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser, demo_default=True)
     parser.add_argument("-r", "--r", type=schedule_arg, default=None,
-                        help="merge schedule of the deployed file: R, R:INFLECTION (16:-1) or R/R/R "
-                        "(default: the checkpoint's r, else 16)")
+                        help="the one merge schedule of the deployed file, in the grammar of every command: R (16), "
+                        "R:INFLECTION (16:-1; 16:1 increases) or R/R/R (8/8/4) (default: the checkpoint's r, else 16)")
     parser.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="the merged model's ONNX file")
     parser.add_argument("--input-size", type=_input_size, metavar="H[xW]",
                         help="image size fixed in the file (default: the model's); the model must accept it")

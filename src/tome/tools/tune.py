@@ -23,9 +23,6 @@ import tome
 from ._common import (
     Schedule,
     add_method_argument,
-    add_model_arguments,
-    input_size_of,
-    load_model_from_args,
     non_negative_int,
     parse_dtype,
     positive_int,
@@ -33,6 +30,7 @@ from ._common import (
     schedule_json,
     schedule_label,
 )
+from ._models import add_model_arguments, input_size_of, load_model_from_args
 from ._runtime import resolve_device
 from .benchmark import (
     add_timing_arguments,
@@ -265,13 +263,7 @@ def run_tune(args: argparse.Namespace) -> TuneResult:
     dtype_name = args.dtype or default_dtype(device)
     dtype = parse_dtype(dtype_name)
     batch_size = args.batch_size or default_batch_size(device)
-    if args.max_flops_ratio is not None and not 0 < args.max_flops_ratio < 1:
-        raise ValueError(f"--max-flops-ratio must lie in (0, 1), got {args.max_flops_ratio!r}")
-    if args.target_speedup is not None and not args.target_speedup > 1:
-        raise ValueError(f"--target-speedup must be above 1, got {args.target_speedup!r}")
-    if len(args.method) > 1 and not args.data:
-        raise ValueError(f"--method {','.join(args.method)}: picking among several methods needs --data "
-                         "(accuracy decides; their FLOPs at one r are the same)")
+    _check_targets(args)
     json_path = prepare_output_file(args.json, "--json") if args.json else None
     loaded = load_model_from_args(args)
     model = loaded.patch()
@@ -288,23 +280,56 @@ def run_tune(args: argparse.Namespace) -> TuneResult:
     target = (f"FLOPs ratio <= {args.max_flops_ratio:g}" if args.max_flops_ratio is not None
               else f"speed-up >= {args.target_speedup:g}x")
     report: Dict[str, Any] = {"model": loaded.description, "device": str(device), "target": target}
+    result = results[0]
     if args.data:
-        from .evaluate import evaluate, image_folder, print_report
-
-        dataset = image_folder(args.data, model, loaded.data_overrides)
-        schedules: List[Schedule] = [0] + [result.schedule for result in results if result.r]
-        methods: List[Optional[str]] = [None] + [result.method for result in results if result.r]
-        eval_report = evaluate(model, dataset, schedules, batch_size=batch_size, workers=args.workers,
-                               device=device, dtype=dtype, methods=methods)
-        print_report(eval_report)
-        report["accuracy"] = eval_report.as_dict()
-        top1 = {result.method: result.top1 for result in eval_report.results[1:]}
-        # The method picked: among those meeting the target, the best top-1 (earlier listed wins ties).
-        ranked = sorted(results, key=lambda result: (not result.reached, -top1.get(result.method, float("-inf"))))
-        result = ranked[0]
-    else:
-        result = results[0]
+        result = _pick_by_accuracy(model, loaded, results, args, report, device=device, dtype=dtype,
+                                   batch_size=batch_size)
     model.tome_method = result.method
+    _print_result(result, target, args, device)
+    report.update(result.as_dict())
+    if len(results) > 1:
+        report["methods"] = [candidate.as_dict() for candidate in results]
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2))
+        print(f"Wrote {json_path}")
+    if not result.reached:
+        raise SystemExit(1)
+    return result
+
+
+def _check_targets(args: argparse.Namespace) -> None:
+    """Refuse targets that cannot be met in principle, before loading anything."""
+    if args.max_flops_ratio is not None and not 0 < args.max_flops_ratio < 1:
+        raise ValueError(f"--max-flops-ratio must lie in (0, 1), got {args.max_flops_ratio!r}")
+    if args.target_speedup is not None and not args.target_speedup > 1:
+        raise ValueError(f"--target-speedup must be above 1, got {args.target_speedup!r}")
+    if len(args.method) > 1 and not args.data:
+        raise ValueError(f"--method {','.join(args.method)}: picking among several methods needs --data "
+                         "(accuracy decides; their FLOPs at one r are the same)")
+
+
+def _pick_by_accuracy(model: nn.Module, loaded: Any, results: List[TuneResult], args: argparse.Namespace,
+                      report: Dict[str, Any], *, device: torch.device, dtype: torch.dtype,
+                      batch_size: int) -> TuneResult:
+    """Evaluate r=0 and each method's result on ``--data`` (into ``report``); the method to use.
+
+    Among the methods meeting the target, the best top-1 (the earlier listed wins ties).
+    """
+    from .evaluate import evaluate, image_folder, print_report
+
+    dataset = image_folder(args.data, model, loaded.data_overrides)
+    schedules: List[Schedule] = [0] + [result.schedule for result in results if result.r]
+    methods: List[Optional[str]] = [None] + [result.method for result in results if result.r]
+    eval_report = evaluate(model, dataset, schedules, batch_size=batch_size, workers=args.workers,
+                           device=device, dtype=dtype, methods=methods)
+    print_report(eval_report)
+    report["accuracy"] = eval_report.as_dict()
+    top1 = {result.method: result.top1 for result in eval_report.results[1:]}
+    return sorted(results, key=lambda result: (not result.reached, -top1.get(result.method, float("-inf"))))[0]
+
+
+def _print_result(result: TuneResult, target: str, args: argparse.Namespace, device: torch.device) -> None:
+    """The setting found, whether it meets the target, and how to use it."""
     label = repr(result.schedule)
     status = "meets" if result.reached else "CANNOT meet"
     method_note = f" with method {result.method}" if len(args.method) > 1 or result.method != "tome" else ""
@@ -319,15 +344,6 @@ def run_tune(args: argparse.Namespace) -> TuneResult:
               f"{cli_method}")
     else:
         print(f"That is the most merging this model allows ({args.schedule} schedule); relax the target.")
-    report.update(result.as_dict())
-    if len(results) > 1:
-        report["methods"] = [candidate.as_dict() for candidate in results]
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2))
-        print(f"Wrote {json_path}")
-    if not result.reached:
-        raise SystemExit(1)
-    return result
 
 
 def _tune_one(model: nn.Module, args: argparse.Namespace, *, device: torch.device, dtype: torch.dtype,
