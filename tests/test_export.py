@@ -1,7 +1,8 @@
 """tome.export: every family exports with merging on, and onnxruntime reproduces eager outputs.
 
-Each model is a tiny random one (trained-like weights, see conftest), patched with
-r > 0, exported once with a dynamic batch (torch.export, then torch.onnx dynamo) and
+Each model is a tiny random one (trained-like weights, see conftest): every model of
+every registered family that declares it exports (``FamilySpec.exports``), patched with
+merging on, exported once with a dynamic batch (torch.export, then torch.onnx dynamo) and
 run in onnxruntime at batch sizes other than the example's. Matching is a discrete
 decision, so outputs are compared per sample; with these inputs no sample sits on a
 near-tie, and every sample must agree to rounding.
@@ -31,29 +32,30 @@ from tome.export import (  # noqa: E402
     run_onnx,
 )
 
-# The tiny model builders of the family tests. They import trained_like_ from `conftest`,
-# a name tests/tools/conftest.py also has: when pytest loaded that one first (both
-# directories on one command line), point the name back at tests/conftest.py.
+# The tiny models of the registered families, and the builders of the family tests. They
+# import trained_like_ from `conftest`, a name tests/tools/conftest.py also has: when pytest
+# loaded that one first (both directories on one command line), point the name back at
+# tests/conftest.py.
 _TESTS = Path(__file__).resolve().parent
 if not hasattr(sys.modules.get("conftest"), "trained_like_"):
     _spec = importlib.util.spec_from_file_location("conftest", _TESTS / "conftest.py")
     sys.modules["conftest"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["conftest"])
 sys.path.insert(0, str(_TESTS / "patch"))
-from test_mae import TINY as MAE_TINY  # noqa: E402
-from test_mae import MAEStyleViT  # noqa: E402
-
+import registry_cases  # noqa: E402
 import test_hf as hf_models  # noqa: E402
 import test_timm as timm_models  # noqa: E402
-from conftest import trained_like_  # noqa: E402
-from test_swag import make_swag  # noqa: E402
-from test_torchvision import make_vit as make_torchvision  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
 
 def _images(batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _registered(family: str, name: str) -> Tuple[Callable[[], torch.nn.Module], Callable[[int, int], Any]]:
+    example = next(e for e in tome.patch.family_spec(family).examples() if e.name == name)
+    return (lambda: registry_cases.build(example)), example.inputs
 
 
 def _hf(name: str) -> Tuple[Callable[[], torch.nn.Module], Callable[[int, int], Dict[str, torch.Tensor]]]:
@@ -64,26 +66,11 @@ def _hf(name: str) -> Tuple[Callable[[], torch.nn.Module], Callable[[int, int], 
     return (lambda: hf_models.make(name)), inputs
 
 
-def _mae() -> torch.nn.Module:
-    return trained_like_(MAEStyleViT(global_pool=True, **{**MAE_TINY, "depth": 2})).eval()
-
-
-FAMILIES: Dict[str, Tuple[Callable[[], torch.nn.Module], Callable[[int, int], Any]]] = {
-    "timm": (lambda: timm_models.make("registers", depth=2), _images),
-    "timm-map": (lambda: timm_models.make("map", depth=2), _images),
-    "mae": (_mae, _images),
-    "torchvision": (make_torchvision, _images),
-    "swag": (lambda: make_swag("token"), _images),
-    **{name: _hf(name) for name in (
-        "ViTForImageClassification",
-        "DeiTForImageClassificationWithTeacher",
-        "Dinov2ForImageClassification",
-        "Dinov2WithRegistersModel",
-        "CLIPVisionModelWithProjection",
-        "SiglipVisionModel",
-        "VideoMAEForVideoClassification",
-        "ASTForAudioClassification",
-    )},
+# Models of the tests below that are about one model, not every family.
+MODELS: Dict[str, Tuple[Callable[[], torch.nn.Module], Callable[[int, int], Any]]] = {
+    "timm": _registered("timm", "registers"),
+    "Dinov2ForImageClassification": _hf("Dinov2ForImageClassification"),
+    "ASTForAudioClassification": _hf("ASTForAudioClassification"),
 }
 
 
@@ -92,28 +79,26 @@ def _call(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
         return main_output(model(**inputs) if isinstance(inputs, dict) else model(inputs))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_exports_with_dynamic_batch_and_onnxruntime_agrees(family, tmp_path):
-    build, make_inputs = FAMILIES[family]
-    model = tome.apply_patch(build(), r=3)
-    example = make_inputs(2, 1)
-    path = export_onnx(model, example, tmp_path / "model.onnx")
+@pytest.mark.parametrize("spec, example", registry_cases.cases(exports=True))
+def test_family_exports_with_dynamic_batch_and_onnxruntime_agrees(spec, example, tmp_path):
+    model = registry_cases.patch(spec, example, registry_cases.build(example))
+    path = export_onnx(model, example.inputs(2, 1), tmp_path / "model.onnx")
     session = onnx_session(path, threads=1)
     for batch in (1, 5):
-        inputs = make_inputs(batch, 10 + batch)
+        inputs = example.inputs(batch, 10 + batch)
         expected = _call(model, inputs)
         agreement = compare_outputs(expected, run_onnx(session, inputs), atol=1e-4)
         assert all(agreement.matching), agreement.summary()
     # Merging happened in the exported graph: the unmerged model computes something else.
-    inputs = make_inputs(5, 15)
-    with tome.merging(model, 0):
+    inputs = example.inputs(5, 15)
+    with tome.merging(model, **spec.no_merging):
         unmerged = _call(model, inputs)
     assert not torch.allclose(unmerged, run_onnx(session, inputs), atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["timm", "Dinov2ForImageClassification", "ASTForAudioClassification"])
 def test_torch_export_program_runs_at_other_batch_sizes(family):
-    build, make_inputs = FAMILIES[family]
+    build, make_inputs = MODELS[family]
     model = tome.apply_patch(build(), r=(3, -1.0))  # decreasing schedule
     program = export_program(model, make_inputs(2, 1)).module()
     for batch in (1, 3):
@@ -126,7 +111,7 @@ def test_torch_export_program_runs_at_other_batch_sizes(family):
 @pytest.mark.parametrize("family", ["timm", "Dinov2ForImageClassification"])
 def test_a_batch_of_one_exports_with_a_dynamic_batch(family, tmp_path):
     # torch.export fixes a dimension it traces at size 1; the example is traced as two copies of itself.
-    build, make_inputs = FAMILIES[family]
+    build, make_inputs = MODELS[family]
     model = tome.apply_patch(build(), r=3)
     example = make_inputs(1, 1)
     program = export_program(model, example).module()
@@ -143,7 +128,7 @@ def test_a_batch_of_one_exports_with_a_dynamic_batch(family, tmp_path):
 
 @pytest.mark.parametrize("method", ["pitome", "tofu"])
 def test_merge_methods_export(method, tmp_path):
-    build, make_inputs = FAMILIES["timm"]
+    build, make_inputs = MODELS["timm"]
     model = tome.apply_patch(build(), r=3, method=method)
     session = onnx_session(export_onnx(model, make_inputs(2, 1), tmp_path / "model.onnx"), threads=1)
     for batch in (1, 3):
@@ -218,7 +203,7 @@ def test_int8_quantization_keeps_the_matching_in_fp32(tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    build, make_inputs = FAMILIES["timm"]
+    build, make_inputs = MODELS["timm"]
     model = tome.apply_patch(build(), r=3)
     fp32 = export_onnx(model, make_inputs(2, 1), tmp_path / "model.onnx")
     # The default opset (20) writes GELU as one operator, not as erf and four elementwise ones.
@@ -291,7 +276,7 @@ def test_bad_arguments_raise_value_error(tmp_path):
 @pytest.mark.parametrize("name", ["ASTForAudioClassification", "Dinov2ForImageClassification"])
 def test_padding_mask_exports_as_an_input(name, tmp_path):
     # Batched inputs of different lengths: the key-padding mask is an ONNX input too.
-    build, make_inputs = FAMILIES[name]
+    build, make_inputs = MODELS[name]
     model = tome.apply_patch(build(), r=2)
     tokens = hf_models.NUM_TOKENS[hf_models.family(name)]
 
@@ -312,7 +297,7 @@ def test_padding_mask_exports_as_an_input(name, tmp_path):
 def test_openvino_runs_the_exported_file(tmp_path):
     ov = pytest.importorskip("openvino", reason="openvino is not installed (it is not in the lock): "
                              "pip install openvino to run the exported file there too")
-    build, make_inputs = FAMILIES["timm"]
+    build, make_inputs = MODELS["timm"]
     model = tome.apply_patch(build(), r=3)
     path = export_onnx(model, make_inputs(2, 1), tmp_path / "model.onnx")
     compiled = ov.Core().compile_model(str(path), "CPU")

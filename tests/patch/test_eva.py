@@ -1,13 +1,11 @@
 """The timm Eva family (DINOv3, EVA-02): exactness at r=0, agreement with a plain
-reference at r>0 (rotary positions of merged tokens included), lifecycle, dense
-features, citizenship and bad input."""
+reference at r>0 (rotary positions of merged tokens included), the rotary settings,
+dense features, training and bad input. What every family must do (hooks, pickling,
+remove_patch, compile, settings) is in test_conformance.py."""
 
 from __future__ import annotations
 
-import copy
-import io
 import math
-import pickle
 
 import pytest
 import timm
@@ -144,21 +142,6 @@ def test_r0_equals_unpatched_bit_for_bit(name):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_remove_patch_restores_bit_for_bit(name):
-    model = make(name)
-    reference = copy.deepcopy(model)
-    x = images()
-    with torch.no_grad():
-        tome.apply_patch(model, r=3)
-        merged = model(x)
-        tome.remove_patch(model)
-        assert type(model) is type(reference) and not tome.patch.is_patched(model)
-        assert not any(tome.patch.is_patched(m) for m in model.modules())
-        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
-    assert (merged - reference(x)).abs().max() > 1e-2  # merging changed the answer
-
-
 @pytest.mark.parametrize("name", REFERENCE_CONFIGS)
 @pytest.mark.parametrize("position", ["mean", "destination"])
 @pytest.mark.parametrize("metric", ["plain", "rotated"])
@@ -265,7 +248,7 @@ def test_forward_intermediates_full_grid_consistent_with_forward(name):
         model.forward_intermediates(x, output_fmt="NHWC")
 
 
-# ----------------------------------------------------------------------------- lifecycle and citizenship
+# ----------------------------------------------------------------------------- settings and training
 
 
 def test_block_called_on_its_own_merges_with_the_table_it_is_given():
@@ -279,31 +262,6 @@ def test_block_called_on_its_own_merges_with_the_table_it_is_given():
         model.r = 3
         merged = block(tokens, rope=rope)
     assert merged.shape[1] == tokens.shape[1] - 3
-
-
-def test_hooks_fire_as_unpatched_and_pickling_round_trips():
-    model = make("dinov3")
-    x = images()
-    calls = []
-    handles = []
-    for block in model.blocks:
-        handles.append(block.register_forward_hook(lambda m, a, k, out: calls.append(("block", out.shape[1])),
-                                                   with_kwargs=True))
-        handles.append(block.attn.register_forward_hook(lambda m, a, out: calls.append(("attn", out.shape[1]))))
-    tome.apply_patch(model, r=2)
-    with torch.no_grad():
-        expected = model(x)
-    for handle in handles:
-        handle.remove()
-    assert [kind for kind, _ in calls] == ["attn", "block"] * 3
-    assert [n for kind, n in calls if kind == "block"] == [19, 17, 15]
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    for restored in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)):
-        assert restored.r == 2 and restored._tome_info["rope_position"] == "mean"
-        with torch.no_grad():
-            torch.testing.assert_close(restored(x), expected, rtol=0, atol=1e-6)
 
 
 def test_repatching_changes_the_metric_and_keeps_r():
@@ -330,18 +288,6 @@ def test_gradient_checkpointing_and_training():
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(grads[0], grads[1])
-
-
-def test_torch_compile_matches_eager():
-    if not hasattr(torch, "compile"):
-        pytest.skip("torch.compile is not available")
-    torch._dynamo.reset()
-    model = tome.apply_patch(make("dinov3"), r=(3, -1.0))
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    x = images()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -767,7 +767,7 @@ def test_torch_export_of_a_merging_model():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["ViTForImageClassification", "Dinov2ForImageClassification", "CLIPVisionModel"])
+@pytest.mark.parametrize("name", ["CLIPVisionModel"])  # ViT's runner: test_conformance.py
 @torch.no_grad()
 def test_compiles_without_graph_breaks(name):
     torch._dynamo.reset()

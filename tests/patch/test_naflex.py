@@ -1,12 +1,9 @@
 """The timm NaFlexVit family: exactness at r=0, padded variable-resolution batches that
-merge per sample (each sample as if run alone), the fixed-size path, lifecycle,
-citizenship and bad input."""
+merge per sample (each sample as if run alone), the fixed-size path, training and bad
+input. What every family must do (hooks, pickling, remove_patch, compile, settings) is
+in test_conformance.py."""
 
 from __future__ import annotations
-
-import copy
-import io
-import pickle
 
 import pytest
 import timm
@@ -84,21 +81,6 @@ def test_r0_equals_unpatched_bit_for_bit(name):
     assert tome.patch.family_of(model) == "naflexvit" and model.r == 0
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     torch.testing.assert_close(model(batch[0], patch_coord=batch[1], patch_valid=batch[2]), expected_padded, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("name", ["gap", "siglip", "dinov3"])
-@torch.no_grad()
-def test_remove_patch_restores_bit_for_bit(name):
-    model = make(name)
-    reference = copy.deepcopy(model)
-    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
-    tome.apply_patch(model, r=3)
-    merged = model(patches, patch_coord=coord, patch_valid=valid)
-    tome.remove_patch(model)
-    assert type(model) is type(reference) and not any(tome.patch.is_patched(m) for m in model.modules())
-    expected = reference(patches, patch_coord=coord, patch_valid=valid)
-    torch.testing.assert_close(model(patches, patch_coord=coord, patch_valid=valid), expected, rtol=0, atol=0)
-    assert (merged - expected).abs().max() > 1e-2  # merging changed the answer
 
 
 # ----------------------------------------------------------------------------- padded batches
@@ -319,31 +301,7 @@ def test_padded_rope_batch_stopping_before_the_first_merge():
     torch.testing.assert_close(early[0][valid], expected[0][valid], rtol=0, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- lifecycle and citizenship
-
-
-@torch.no_grad()
-def test_hooks_fire_as_unpatched_and_pickling_round_trips():
-    model = make("dinov3")
-    patches, coord, valid = naflex([image(h, w, i) for i, (h, w) in enumerate(GRIDS)])
-    calls = []
-    handles = []
-    for block in model.blocks:
-        handles.append(block.register_forward_hook(lambda m, a, k, out: calls.append(("block", out.shape[1])),
-                                                   with_kwargs=True))
-        handles.append(block.attn.register_forward_hook(lambda m, a, out: calls.append(("attn", out.shape[1]))))
-    tome.apply_patch(model, r=2)
-    expected = model(patches, patch_coord=coord, patch_valid=valid)
-    for handle in handles:
-        handle.remove()
-    assert [kind for kind, _ in calls] == ["attn", "block"] * 3
-    assert [n for kind, n in calls if kind == "block"] == [19, 17, 15]
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    for restored in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)):
-        assert restored.r == 2 and tome.patch.family_of(restored) == "naflexvit"
-        torch.testing.assert_close(restored(patches, patch_coord=coord, patch_valid=valid), expected, rtol=0, atol=1e-6)
+# ----------------------------------------------------------------------------- training
 
 
 def test_gradient_checkpointing_and_training():

@@ -163,6 +163,17 @@ def test_remove_patch_is_bit_identical():
     tome.remove_patch(model)  # harmless on an unpatched model
 
 
+def test_pre_hook_can_change_a_block_input():
+    model = tome.apply_patch(make("token"), r=2)
+    x = images()
+    with torch.no_grad():
+        base = model(x)
+        handle = model.blocks[1].register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+        changed = model(x)
+        handle.remove()
+    assert not torch.allclose(base, changed)
+
+
 def test_patching_twice_is_harmless():
     model = make("token")
     tome.apply_patch(model, r=3)

@@ -10,24 +10,23 @@ import torch
 import tome
 from tome.patch._shared import merge_tokens
 
-from test_swag import make_swag
+from registry_cases import build, call, cases, output, patch
 from test_timm import images, make
-from test_torchvision import make_vit as make_torchvision
 
 # torch marks jit.trace / jit.script as deprecated; users still call them.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-@pytest.mark.parametrize("build", [lambda: make("token"), lambda: make("class_avg"), make_torchvision])
+@pytest.mark.parametrize("spec, example", cases(traceable=True, first_only=True))
 @torch.no_grad()
-def test_jit_trace_records_the_merge(build):
-    model = tome.apply_patch(build(), r=3)
-    x = images()
+def test_jit_trace_records_the_merge(spec, example):
+    model = patch(spec, example, build(example))
+    x = example.inputs(2, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, x)
-    torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=0)
-    assert not torch.allclose(traced(x), tome.remove_patch(model)(x), atol=1e-3)
+    torch.testing.assert_close(traced(x), output(example, call(model, x)), atol=1e-5, rtol=0)
+    assert not torch.allclose(traced(x), output(example, call(tome.remove_patch(model), x)), atol=1e-3)
 
 
 @torch.no_grad()
@@ -42,19 +41,22 @@ def test_jit_script_at_r0_scripts_the_original_and_refuses_merging():
         torch.jit.script(model)
 
 
-@pytest.mark.parametrize(
-    "build", [lambda: make("token"), lambda: make("class_avg"), lambda: make("map"), make_torchvision, make_swag]
-)
-@pytest.mark.parametrize("r", [0, 3])
+@pytest.mark.parametrize("merging", [False, True])
+@pytest.mark.parametrize("spec, example", cases(traceable=True))
 @torch.no_grad()
-def test_fx_graph_matches_eager_at_any_batch(build, r):
-    model = tome.apply_patch(build(), r=r)
+def test_fx_graph_matches_eager_at_any_batch(spec, example, merging):
+    model = patch(spec, example, build(example), merging=merging)
     graph = torch.fx.symbolic_trace(model)
-    # The merge is one graph node, so the graph is not tied to the traced shapes.
-    for x in (images(), images(batch=3, seed=5)):
-        torch.testing.assert_close(graph(x), model(x), atol=1e-5, rtol=0)
-    if r:
-        assert any(node.target is merge_tokens for node in graph.graph.nodes)
+    # The merge is one graph node per merging block, so the graph is not tied to the traced shapes.
+    for inputs in (example.inputs(2, 1), example.inputs(3, 5)):
+        torch.testing.assert_close(output(example, call(graph, inputs)), output(example, call(model, inputs)),
+                                   atol=1e-5, rtol=0)
+    merges = sum(node.target is merge_tokens for node in graph.graph.nodes)
+    assert merges == (sum(r > 0 for r in tome.parse_r(len(model._tome_blocks()), model.r)) if merging else 0)
+    if merging:
+        inputs = example.inputs(2, 1)
+        assert not torch.allclose(output(example, call(graph, inputs)),
+                                  output(example, call(tome.remove_patch(model), inputs)), atol=1e-3)
 
 
 def test_timm_feature_extractor_traces_a_merging_model():
@@ -109,23 +111,6 @@ def test_in_parent_module_refuses_a_forward_that_reads_module_names():
 
     with pytest.raises(TypeError, match=r"may not read module names \['torch'\]"):
         in_parent_module(forward)
-
-
-@pytest.mark.parametrize("name", ["dinov3", "eva02", "eva02_map", "dinov3_token"])
-@pytest.mark.parametrize("r", [0, 3])
-@torch.no_grad()
-def test_fx_graph_of_a_rotary_eva_matches_eager_at_any_batch(name, r):
-    from test_eva import images as eva_images
-    from test_eva import make as make_eva
-
-    model = tome.apply_patch(make_eva(name, dynamic_img_size=False), r=r)
-    graph = torch.fx.symbolic_trace(model)
-    for x in (eva_images(), eva_images(batch=3, seed=5)):
-        torch.testing.assert_close(graph(x), model(x), atol=1e-5, rtol=0)
-    if r:
-        # One node per merge; the merged tokens' rotary positions travel through it.
-        assert sum(node.target is merge_tokens for node in graph.graph.nodes) == 3
-        assert not torch.allclose(graph(eva_images()), tome.remove_patch(model)(eva_images()), atol=1e-3)
 
 
 def test_fx_refuses_a_merging_eva_with_dynamic_image_size():

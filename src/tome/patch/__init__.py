@@ -1,28 +1,48 @@
 """Integrations: one patch function per model family.
 
-Each ``tome.patch.<family>(model, trace_source=False, prop_attn=...)`` swaps the
-classes of the model, its blocks and their attention modules in place so that
-every block merges ``model.r`` tokens between its attention and its MLP.
-``tome.remove_patch`` undoes it. Optional libraries are only imported by the
-family that needs them.
+Each ``tome.patch.<family>(model, **settings)`` swaps the classes of the model, its
+blocks and their attention modules in place so that every block merges
+``model.r`` tokens between its attention and its MLP; called again, it changes
+only the settings passed. ``tome.remove_patch`` undoes it. Optional libraries
+are only imported by the family that needs them.
 
-A family registers its patch function with
-``@register_family(name, detector, priority)`` (see ``docs/families.md``,
-"Adding a family"); ``tome.apply_patch`` asks the detectors in priority order.
+A family is one declaration, a :class:`FamilySpec` given to :func:`register`
+(see ``docs/families.md``, "Adding a family"): its detector, its patch function,
+its settings (a dataclass) and the tiny models the conformance suite runs on.
+``tome.apply_patch`` asks the detectors in priority order.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Iterator, Mapping, Tuple
 
 from torch import nn
 
 # Importing the family modules registers them.
-from ._diffusers import diffusers
-from ._eva import eva
+from ._diffusers import DiffusionSettings, diffusers
+from ._eva import RopeSettings, eva
 from ._hf import hf
 from ._hf_dinov3 import hf_dinov3
-from ._lifecycle import families, is_patched, register_family, remove_patch
+from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
+    ForwardReport,
+    ToMeSettings,
+    configure,
+    default_prop_attn,
+    families,
+    family_spec,
+    is_patched,
+    last_forward,
+    list_families,
+    passed,
+    patched_parts,
+    register,
+    register_family,
+    registered,
+    remove_patch,
+)
 from ._mae import mae
 from ._naflex import naflexvit
 from ._swag import swag
@@ -40,15 +60,51 @@ __all__ = [
     "hf_dinov3",
     "naflexvit",
     "FAMILIES",
+    "KEEP",
+    "DiffusionSettings",
+    "Example",
+    "FamilySpec",
+    "ForwardReport",
+    "RopeSettings",
+    "ToMeSettings",
+    "configure",
+    "default_prop_attn",
     "families",
     "family_of",
+    "family_spec",
     "is_patched",
+    "last_forward",
+    "list_families",
+    "passed",
+    "patched_parts",
+    "register",
     "register_family",
+    "registered",
     "remove_patch",
 ]
 
-# name -> (detector, patch function), in the order the detectors are asked.
-FAMILIES: Dict[str, Tuple[Callable[[nn.Module], bool], Callable[..., nn.Module]]] = families()
+
+class _Families(Mapping):
+    """``name -> (detector, patch function)`` of the registered families, read from the
+    registry on every access (a family registered later appears), in detection order."""
+
+    def __getitem__(self, name: str) -> Tuple[Callable[[Any], bool], Callable[..., Any]]:
+        spec = family_spec(name) if name in list_families() else None
+        if spec is None:
+            raise KeyError(name)
+        return spec.detector, spec.apply
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list_families())
+
+    def __len__(self) -> int:
+        return len(list_families())
+
+    def __repr__(self) -> str:
+        return f"FAMILIES({list_families()})"
+
+
+FAMILIES: Mapping[str, Tuple[Callable[[Any], bool], Callable[..., Any]]] = _Families()
 
 
 def family_of(model: nn.Module) -> str:
@@ -57,11 +113,10 @@ def family_of(model: nn.Module) -> str:
     Raises:
         TypeError: naming the model's class and the supported families.
     """
-    registered = families()
-    for name, (detector, _) in registered.items():
-        if detector(model):
-            return name
+    for spec in registered():
+        if spec.detector(model):
+            return spec.name
     raise TypeError(
         f"{type(model).__name__} ({type(model).__module__}) is not a model ToMe can patch. "
-        f"Supported families: {', '.join(registered)}"
+        f"Supported families: {', '.join(list_families())}"
     )

@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 from .. import merge as _merge
 from ..merge import TokenAssignment, hashed_stride_choice, sign_projection
 from ._checks import has_class
-from ._lifecycle import register_family, swap_class, with_parent_signature
+from ._lifecycle import KEEP, Example, FamilySpec, configure, register, setting, swap_class, with_parent_signature
 from ._shared import attention, finite_key_bias
 
 __all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
@@ -106,17 +106,17 @@ class DiffusionSettings:
     """The options of :func:`diffusers`, kept on a patched denoiser and readable and
     settable as its attributes (``unet.ratio = 0.3``). See :func:`diffusers` for their meaning."""
 
-    ratio: float = 0.5
-    max_downsample: Optional[int] = None
-    sx: int = 2
-    sy: int = 2
+    ratio: float = dataclasses.field(default=0.5, metadata={"example": 0.3})
+    max_downsample: Optional[int] = dataclasses.field(default=None, metadata={"example": 2})
+    sx: int = dataclasses.field(default=2, metadata={"example": 3})
+    sy: int = dataclasses.field(default=2, metadata={"example": 1})
     use_rand: bool = True
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
-    mode: Optional[str] = None
-    seed: int = 0
-    match_channels: Optional[int] = None
+    mode: Optional[str] = dataclasses.field(default=None, metadata={"choices": MODES})
+    seed: int = dataclasses.field(default=0, metadata={"example": 1})
+    match_channels: Optional[int] = dataclasses.field(default=None, metadata={"example": 8})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid option."""
@@ -482,22 +482,6 @@ class ToMeDiffusersBlockMixin:
         return None if assignment is None else _Plan(assignment, None, step)
 
 
-def _settings_property(name: str) -> property:
-    def get(self: nn.Module) -> Any:
-        return getattr(self.__dict__["_tome_settings"], name)
-
-    def set_(self: nn.Module, value: Any) -> None:
-        settings = dataclasses.replace(self.__dict__["_tome_settings"], **{name: value})
-        if settings.mode is None:
-            settings = dataclasses.replace(settings, mode=_default_mode(self))
-        _check_merges(self, settings, self._tome_lowest_level)
-        self.__dict__["_tome_settings"] = settings
-        self.__dict__["_tome_info"] = _summary(self, settings, self._tome_lowest_level)
-        self._tome_owner.settings = settings
-
-    return property(get, set_, doc=f"ToMe option ``{name}`` (see :func:`tome.patch.diffusers`).")
-
-
 class ToMeDiffusersModelMixin:
     """A patched denoiser: makes the per-forward :class:`_Step` and passes it down."""
 
@@ -583,7 +567,8 @@ class ToMeDiffusersModelMixin:
 
 
 for _name in (f.name for f in dataclasses.fields(DiffusionSettings)):
-    setattr(ToMeDiffusersModelMixin, _name, _settings_property(_name))
+    setattr(ToMeDiffusersModelMixin, _name, setting(_name, f"ToMe option ``{_name}`` (see :func:`tome.patch.diffusers`); "
+                                                             "setting it re-patches with only this option changed."))
 
 
 def _step_key(settings: DiffusionSettings, timestep: Any, device: torch.device) -> torch.Tensor:
@@ -824,20 +809,19 @@ def _denoisers(obj: Any) -> List[nn.Module]:
     return found
 
 
-@register_family("diffusers", is_diffusers, priority=5)
 def diffusers(
     model: Any,
-    ratio: float = 0.5,
-    max_downsample: Optional[int] = None,
-    sx: int = 2,
-    sy: int = 2,
-    use_rand: bool = True,
-    merge_attn: bool = True,
-    merge_crossattn: bool = False,
-    merge_mlp: bool = False,
-    mode: Optional[str] = None,
-    seed: int = 0,
-    match_channels: Optional[int] = None,
+    ratio: float = KEEP,
+    max_downsample: Optional[int] = KEEP,
+    sx: int = KEEP,
+    sy: int = KEEP,
+    use_rand: bool = KEEP,
+    merge_attn: bool = KEEP,
+    merge_crossattn: bool = KEEP,
+    merge_mlp: bool = KEEP,
+    mode: Optional[str] = KEEP,
+    seed: int = KEEP,
+    match_channels: Optional[int] = KEEP,
 ) -> Any:
     """Patch a diffusers pipeline or denoiser in place for token merging.
 
@@ -848,7 +832,8 @@ def diffusers(
     checked before any is changed, so a refused pipeline is left as it was. The options
     stay readable and settable on every patched denoiser (``pipe.unet.ratio = 0.3``);
     ``denoiser._tome_info`` and ``print(denoiser)`` say which blocks merge.
-    Patching again only changes the options; ``tome.remove_patch`` undoes it exactly.
+    Patching again changes only the options given (a first patch takes
+    :class:`DiffusionSettings`' defaults for the others); ``tome.remove_patch`` undoes it exactly.
 
     Args:
         model: A ``DiffusionPipeline`` or a diffusers model (``UNet2DConditionModel``,
@@ -883,27 +868,78 @@ def diffusers(
         ValueError: for an invalid option, or when no block of some denoiser would merge (for
             example ``max_downsample=1`` on SDXL, whose highest-resolution level has no attention).
     """
+    options = {name: value for name, value in locals().items() if name != "model"}
+    return configure(model, family="diffusers", caller="tome.patch.diffusers", **options)
+
+
+def _patch(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Module:
+    return _patch_denoiser(_prepare(denoiser, settings))
+
+
+def _parts(model: Any) -> List[nn.Module]:
     if not is_diffusers(model):
         raise TypeError(
             f"{type(model).__name__} is not a diffusers pipeline or model; tome.patch.diffusers patches "
             "DiffusionPipeline objects and diffusers denoisers (UNet2DConditionModel, ControlNetModel, "
             "PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel, ...)"
         )
-    settings = DiffusionSettings(
-        ratio=ratio,
-        max_downsample=max_downsample,
-        sx=sx,
-        sy=sy,
-        use_rand=use_rand,
-        merge_attn=merge_attn,
-        merge_crossattn=merge_crossattn,
-        merge_mlp=merge_mlp,
-        mode=mode,
-        seed=seed,
-        match_channels=match_channels,
-    )
-    settings.validate()
-    # Every denoiser is checked before any is changed: a refused pipeline stays as it was.
-    for prepared in [_prepare(denoiser, settings) for denoiser in _denoisers(model)]:
-        _patch_denoiser(prepared)
-    return model
+    return _denoisers(model)
+
+
+def _tiny_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    levels = ("CrossAttnDownBlock2D", "DownBlock2D")  # SD 1.x's layout in two levels: no attention at the lowest
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32,) * 2,
+        down_block_types=levels, up_block_types=tuple(t.replace("Down", "Up") for t in reversed(levels)),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+
+
+def _unet_inputs(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    # The timestep varies with the seed: random destinations (use_rand) depend on it.
+    return {"sample": torch.randn(batch, 4, 16, 16, generator=generator), "timestep": torch.tensor(100 * seed + 200),
+            "encoder_hidden_states": torch.randn(batch, 7, 32, generator=generator)}
+
+
+def _tiny_sd3() -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+
+
+def _sd3_inputs(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 4, 16, 12, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, 5, 16, generator=generator),
+            "pooled_projections": torch.randn(batch, 16, generator=generator), "timestep": torch.tensor([10] * batch)}
+
+
+def _sample(out: Any) -> torch.Tensor:
+    return out.sample
+
+
+register(FamilySpec(
+    name="diffusers",
+    detector=is_diffusers,
+    patch=_patch,
+    settings=DiffusionSettings,
+    priority=5,
+    instance_attrs=(
+        "_tome_settings", "_tome_lowest_level", "_tome_patch_size", "_tome_spatial", "_tome_block_key", "_tome_role",
+        "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at", "_tome_owner",
+    ),
+    no_merging={"ratio": 0.0},
+    parts=_parts,
+    read=lambda denoiser: denoiser.__dict__["_tome_settings"],
+    examples=lambda: (
+        Example("unet", _tiny_unet, _unet_inputs, merging={"ratio": 0.5}, output=_sample, requires=("diffusers",)),
+        Example("sd3", _tiny_sd3, _sd3_inputs, merging={"ratio": 0.5}, output=_sample, requires=("diffusers",)),
+    ),
+))

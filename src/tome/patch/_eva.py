@@ -21,6 +21,7 @@ Siméoni et al., "DINOv3", 2025 (arXiv 2508.10104); Fang et al., "EVA-02", 2023.
 
 import functools
 import math
+from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,11 +31,18 @@ from torch import nn
 from ._attention_body import packed_heads, split_heads
 from ._checks import check_attention_pool, check_family, check_own_methods, has_class, refuse_position_augmentation
 from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
+    ToMeSettings,
     call_attention,
-    is_patched,
+    check_choice,
+    configure,
+    example_images,
     original_class,
     patch_model,
-    register_family,
+    register,
+    setting,
 )
 from ._rope import (
     DEFAULT_ROPE_METRIC,
@@ -42,14 +50,13 @@ from ._rope import (
     RotaryPositions,
     ToMeRotaryAttentionMixin,
     ToMeRotaryBlockMixin,
-    check_rope_options,
     rope_table,
     token_angles,
 )
-from ._shared import AttentionCall, ToMeState, size_bias
-from ._timm import ToMeTimmHead, pool_tokens
+from ._shared import POSITION_RULES, AttentionCall, ToMeState, size_bias
+from ._timm import ToMeTimmHead, pool_tokens, tiny_timm
 
-__all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC"]
+__all__ = ["eva", "is_timm_eva", "rope_angles", "rope_table", "ROPE_METRICS", "DEFAULT_ROPE_METRIC", "RopeSettings"]
 
 _SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 _SUPPORTED_ROPES = ("RotaryEmbeddingDinoV3", "RotaryEmbeddingCat")
@@ -324,57 +331,90 @@ def check_supported(model: nn.Module) -> None:
             )
 
 
-@register_family("eva", is_timm_eva, priority=20)
-def eva(
-    model: nn.Module,
-    trace_source: bool = False,
-    prop_attn: Optional[bool] = None,
-    rope_position: str = "mean",
-    rope_metric: str = DEFAULT_ROPE_METRIC,
-) -> nn.Module:
+@dataclass
+class RopeSettings(ToMeSettings):
+    """The settings of the rotary families (timm Eva, NaFlexViT, Hugging Face DINOv3):
+    those of :class:`tome.patch.ToMeSettings` and two for rotary positions.
+
+    Args:
+        rope_position: A merged token's rotary position: ``"mean"`` (size-weighted mean
+            of its patches' coordinates) or ``"destination"`` (the position of the token
+            the others merged into).
+        rope_metric: The keys the matching compares: ``"rotated"`` (after the rotation,
+            as attention compares them; the default, measured better) or ``"plain"``
+            (before it). ``docs/backbones.md`` has the measurements.
+    """
+
+    rope_position: str = field(default="mean", metadata={"choices": POSITION_RULES})
+    rope_metric: str = field(default=DEFAULT_ROPE_METRIC, metadata={"choices": ROPE_METRICS})
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("rope_position", self.rope_position, POSITION_RULES)
+        check_choice("rope_metric", self.rope_metric, ROPE_METRICS)
+
+
+def rope_setting_properties(model_mixin: type) -> None:
+    """Give a rotary family's model mixin the ``rope_position`` and ``rope_metric`` properties."""
+    for name in ("rope_position", "rope_metric"):
+        setattr(model_mixin, name, setting(name, f"The ``{name}`` setting (see :class:`RopeSettings`); setting "
+                                                 "it re-patches with only this setting changed."))
+
+
+def eva(model: nn.Module, trace_source: bool = KEEP, prop_attn: Optional[bool] = KEEP, **settings: Any) -> nn.Module:
     """Patch a timm ``Eva`` (DINOv3, EVA-02, RoPE ViTs) in place to merge tokens; set ``model.r`` after.
+
+    Called on a patched model, it changes only the settings given.
 
     Args:
         model: A ``timm.models.eva.Eva``.
         trace_source: Track which original patches each token contains; read
-            ``model._tome_info["source"]`` after a forward.
+            ``tome.last_forward(model).source`` after a forward.
         prop_attn: Proportional attention (``log(size)`` added to attention logits);
-            None: on.
-        rope_position: A merged token's rotary position: ``"mean"`` (size-weighted
-            mean of its patches' coordinates) or ``"destination"`` (the position of
-            the token the others merged into).
-        rope_metric: The keys the matching compares: ``"rotated"`` (after the rotation,
-            as attention compares them; the default, measured better) or ``"plain"``
-            (before it).
+            None: the default rule (on: :func:`tome.patch.default_prop_attn`).
+        **settings: ``rope_position``, ``rope_metric``, ``r`` and ``method``
+            (:class:`RopeSettings`).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
 
     Raises:
         TypeError: if the model or one of its parts is not something ToMe can run exactly.
-        ValueError: if ``rope_position`` or ``rope_metric`` is not a known value.
+        ValueError: for an unknown setting or an invalid value (``rope_position``, ``rope_metric``, ...).
     """
-    check_rope_options(rope_position, rope_metric)
-    check_supported(model)
-    prop_attn = True if prop_attn is None else prop_attn
-    attn_mixin = ToMeEvaAttention if rope_metric == "rotated" else ToMeEvaAttentionPlainKeys
-    if is_patched(model) and any(type(block.attn).__dict__.get("_tome_mixins") != (attn_mixin,) for block in model.blocks):
-        r = model.r
-        from ._lifecycle import remove_patch
+    return configure(model, family="eva", caller="tome.patch.eva", trace_source=trace_source, prop_attn=prop_attn,
+                     **settings)
 
-        remove_patch(model)  # another metric: swap the attention classes again
-        model.__dict__["_tome_r"] = r
-    patch_model(
+
+def _patch(model: nn.Module, settings: RopeSettings) -> nn.Module:
+    check_supported(model)
+    attn_mixin = ToMeEvaAttention if settings.rope_metric == "rotated" else ToMeEvaAttentionPlainKeys
+    return patch_model(
         model,
         ToMeEva,
         list(model.blocks),
         lambda block: _BLOCK_MIXINS[original_class(block).__name__],
         attention=lambda block: (block.attn, attn_mixin),
+        settings=settings,
         protected_tokens=model.num_prefix_tokens,
-        trace_source=trace_source,
-        prop_attn=prop_attn,
         class_token=model.cls_token is not None,
     )
-    dict.__setitem__(model._tome_info, "rope_position", rope_position)
-    dict.__setitem__(model._tome_info, "rope_metric", rope_metric)
-    return model
+
+
+rope_setting_properties(ToMeEva)
+register(FamilySpec(
+    name="eva",
+    detector=is_timm_eva,
+    patch=_patch,
+    settings=RopeSettings,
+    priority=20,
+    exports=True,
+    traceable=True,
+    examples=lambda: (
+        # A fixed image size: torch.fx follows a merging Eva only then (tests/patch/test_tracing.py).
+        Example("dinov3", tiny_timm("vit_small_patch16_dinov3", dynamic_img_size=False), example_images,
+                requires=("timm",)),
+        Example("eva02", tiny_timm("eva02_tiny_patch14_224", ref_feat_shape=(4, 4)), example_images,
+                requires=("timm",), exports=False),  # exports as "dinov3" does (tested once, to keep it fast)
+    ),
+))

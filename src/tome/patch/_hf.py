@@ -41,14 +41,20 @@ from torch import nn
 from ._attention_body import attend, fused_attention, split_heads
 from ._checks import check_class
 from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
     ToMeAttentionMixin,
     ToMeBlockMixin,
     ToMeModelMixin,
+    ToMeSettings,
     call_attention,
+    configure,
+    example_images,
     is_patched,
     original_class,
     patch_model,
-    register_family,
+    register,
     supported_families,
     swap_class,
     with_parent_signature,
@@ -588,18 +594,20 @@ def _keep_output_capture(module: nn.Module) -> None:
     _CAN_RECORD_REGISTRY[module] = type(module)._can_record_outputs
 
 
-@register_family("hf", is_hf_vision, priority=50)
-def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+def hf(model: nn.Module, trace_source: bool = KEEP, prop_attn: Optional[bool] = KEEP, **settings: Any) -> nn.Module:
     """Patch a Hugging Face transformers vision model in place to merge tokens; set ``model.r`` after.
+
+    Called on a patched model, it changes only the settings given.
 
     Args:
         model: One of ``tome.patch._hf.SUPPORTED_MODELS``: ViT, DeiT (incl. with
             teacher), DINOv2 (incl. registers), CLIP and SigLIP vision towers and
             their dual-encoder models, VideoMAE, AST; base models and task heads.
         trace_source: Track which original tokens each token contains; read
-            ``model._tome_info["source"]`` ``(batch, tokens, original tokens)`` after a forward.
+            ``tome.last_forward(model).source`` ``(batch, tokens, original tokens)`` after a forward.
         prop_attn: Proportional attention (``log(size)`` added to attention logits;
-            paper, Sec. 3); keep it on for models trained without ToMe.
+            paper, Sec. 3); None: the default rule (on: :func:`tome.patch.default_prop_attn`).
+        **settings: The other settings, ``r`` and ``method`` (:class:`tome.patch.ToMeSettings`).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
@@ -607,7 +615,13 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
     Raises:
         TypeError: if the model (naming its class and the supported ones) or one
             of its layers is not something ToMe can run exactly.
+        ValueError: for an unknown setting or an invalid value.
     """
+    return configure(model, family="hf", caller="tome.patch.hf", trace_source=trace_source, prop_attn=prop_attn,
+                     **settings)
+
+
+def _patch(model: nn.Module, settings: ToMeSettings) -> nn.Module:
     spec = _spec_of(model)
     if is_patched(model) and not isinstance(model, ToMeHFModel):
         raise TypeError(
@@ -633,8 +647,7 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
         lambda layer: kind.layer_mixin,
         attention=lambda layer: (_resolve(layer, kind.attention), kind.attention_mixin),
         protected_tokens=kind.protected_tokens(runner.config),
-        trace_source=trace_source,
-        prop_attn=prop_attn,
+        settings=settings,
         class_token=kind.class_token,
         distill_token=kind.distill_token,
     )
@@ -648,3 +661,68 @@ def hf(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> 
         swap_class(pooling_head, kind.pooling_mixin)
         object.__setattr__(pooling_head, "_tome_info", model._tome_info)
     return model
+
+
+_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2)
+
+
+def _tiny(model_class: str, config_class: str, **config: Any) -> Callable[[], nn.Module]:
+    """A builder of a tiny random transformers model from its config."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        return getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
+
+    return build
+
+
+def _pixels(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+    return {"pixel_values": example_images(batch, seed)}
+
+
+def _video(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, 4, 3, 32, 32, generator=generator)}
+
+
+def _audio(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+    return {"input_values": torch.randn(batch, 32, 32, generator=torch.Generator().manual_seed(seed))}
+
+
+def _naflex_patches(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+    """SigLIP 2's inputs for a 4 x 4 grid of 4 x 4-pixel patches, no padding."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, 16, 48, generator=generator),
+            "pixel_attention_mask": torch.ones(batch, 16, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[4, 4]] * batch)}
+
+
+def _examples() -> Sequence[Example]:
+    """One tiny model per runner kind of ``_RUNNERS``."""
+    need = ("transformers",)
+    return (
+        Example("vit", _tiny("ViTForImageClassification", "ViTConfig", num_labels=5, **_VISION), _pixels,
+                requires=need),
+        Example("deit_teacher", _tiny("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=5, **_VISION),
+                _pixels, requires=need),
+        Example("dinov2_registers", _tiny("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", mlp_ratio=2,
+                                          num_register_tokens=2, layerscale_value=0.5, **_VISION),
+                _pixels, requires=need),
+        Example("clip", _tiny("CLIPVisionModelWithProjection", "CLIPVisionConfig", projection_dim=16, **_VISION),
+                _pixels, requires=need),
+        Example("siglip", _tiny("SiglipVisionModel", "SiglipVisionConfig", **_VISION), _pixels, requires=need),
+        # transformers' SigLIP 2 fixes the batch size when exported (unpatched too).
+        Example("siglip2", _tiny("Siglip2VisionModel", "Siglip2VisionConfig", hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2, patch_size=4, num_patches=16),
+                _naflex_patches, requires=need, exports=False),
+        Example("videomae", _tiny("VideoMAEForVideoClassification", "VideoMAEConfig", num_frames=4, tubelet_size=2,
+                                  num_labels=5, use_mean_pooling=True, **_VISION), _video, requires=need),
+        Example("ast", _tiny("ASTForAudioClassification", "ASTConfig", patch_size=8, frequency_stride=8, time_stride=8,
+                             num_mel_bins=32, max_length=32, num_labels=5, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=2), _audio, requires=need),
+    )
+
+
+register(FamilySpec(name="hf", detector=is_hf_vision, patch=_patch, priority=50, exports=True, examples=_examples))

@@ -27,13 +27,25 @@ from torch import nn
 from . import _hf
 from ._attention_body import fused_attention, split_heads
 from ._checks import check_class, check_family
-from ._lifecycle import call_attention, is_patched, original_class, patch_model, register_family, swap_class
+from ._eva import RopeSettings, rope_setting_properties
+from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
+    call_attention,
+    configure,
+    example_images,
+    is_patched,
+    original_class,
+    patch_model,
+    register,
+    swap_class,
+)
 from ._rope import (
     DEFAULT_ROPE_METRIC,
     RotaryPositions,
     ToMeRotaryAttentionMixin,
     ToMeRotaryBlockMixin,
-    check_rope_options,
     cos_sin,
     token_angles,
 )
@@ -155,35 +167,35 @@ def is_hf_dinov3(model: nn.Module) -> bool:
     return own.__name__ == "DINOv3ViTModel" and own.__module__ == _MODULE
 
 
-@register_family("hf_dinov3", is_hf_dinov3, priority=45)
 def hf_dinov3(
-    model: nn.Module,
-    trace_source: bool = False,
-    prop_attn: bool = True,
-    rope_position: str = "mean",
-    rope_metric: str = DEFAULT_ROPE_METRIC,
+    model: nn.Module, trace_source: bool = KEEP, prop_attn: Optional[bool] = KEEP, **settings: Any
 ) -> nn.Module:
     """Patch a transformers ``DINOv3ViTModel`` in place to merge tokens; set ``model.r`` after.
+
+    Called on a patched model, it changes only the settings given.
 
     Args:
         model: A ``DINOv3ViTModel``.
         trace_source: Track which original patches each token contains
-            (``model._tome_info["source"]``; :func:`tome.unmerge_tokens` maps
+            (``tome.last_forward(model).source``; :func:`tome.unmerge_tokens` maps
             ``last_hidden_state`` back to the patch grid).
-        prop_attn: Proportional attention (``log(size)`` added to attention logits).
-        rope_position: A merged token's rotary position: ``"mean"`` (size-weighted
-            mean of its patches' coordinates) or ``"destination"``.
-        rope_metric: The keys the matching compares: ``"rotated"`` (after the
-            rotation, the default) or ``"plain"`` (before it).
+        prop_attn: Proportional attention (``log(size)`` added to attention logits);
+            None: the default rule (on: :func:`tome.patch.default_prop_attn`).
+        **settings: ``rope_position``, ``rope_metric`` (as in :func:`tome.patch.eva`),
+            ``r`` and ``method`` (:class:`tome.patch.RopeSettings`).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
 
     Raises:
         TypeError: if the model is not a ``DINOv3ViTModel`` with the layout of transformers 5.x.
-        ValueError: if ``rope_position`` or ``rope_metric`` is not a known value.
+        ValueError: for an unknown setting or an invalid value (``rope_position``, ``rope_metric``, ...).
     """
-    check_rope_options(rope_position, rope_metric)
+    return configure(model, family="hf_dinov3", caller="tome.patch.hf_dinov3", trace_source=trace_source,
+                     prop_attn=prop_attn, **settings)
+
+
+def _patch(model: nn.Module, settings: RopeSettings) -> nn.Module:
     check_family(model, "hf_dinov3", is_hf_dinov3, "a transformers DINOv3ViTModel")
     if is_patched(model) and not isinstance(model, ToMeDINOv3Model):
         raise TypeError(f"{type(model).__name__} is already patched by another family; call tome.remove_patch first")
@@ -197,16 +209,34 @@ def hf_dinov3(
         list(encoder.layer),
         lambda layer: ToMeDINOv3Layer,
         attention=lambda layer: (layer.attention, ToMeDINOv3Attention),
+        settings=settings,
         protected_tokens=1 + model.config.num_register_tokens,
-        trace_source=trace_source,
-        prop_attn=prop_attn,
         class_token=True,
     )
     _hf._keep_output_capture(model)
     # The encoder reports into the same record as the model the user holds; the attention
-    # modules read the rope_metric setting from it.
+    # modules read the rope_metric setting from it (patch_model records the settings there).
     for module in [encoder] + [layer.attention for layer in encoder.layer]:
         object.__setattr__(module, "_tome_info", model._tome_info)
-    dict.__setitem__(model._tome_info, "rope_position", rope_position)
-    dict.__setitem__(model._tome_info, "rope_metric", rope_metric)
     return model
+
+
+def _tiny_dinov3() -> nn.Module:
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    config = DINOv3ViTConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2,
+                             patch_size=8, image_size=32, num_register_tokens=4)
+    return DINOv3ViTModel(config).eval()
+
+
+rope_setting_properties(ToMeDINOv3Model)
+register(FamilySpec(
+    name="hf_dinov3",
+    detector=is_hf_dinov3,
+    patch=_patch,
+    settings=RopeSettings,
+    priority=45,
+    exports=True,
+    examples=lambda: (Example("dinov3", _tiny_dinov3, lambda batch, seed: {"pixel_values": example_images(batch, seed)},
+                              requires=("transformers",)),),
+))

@@ -13,14 +13,26 @@ import builtins
 import dis
 import inspect
 import types
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import torch
 from torch import nn
 
 from .._methods import TOME_RULE, LayerRule, MergeMethod, as_method
-from .._schedule import RSchedule, parse_r
+from .._schedule import RSchedule, check_r, parse_r
 from ._shared import AttentionCall, BlockCall, ToMeForward, ToMeState, merge_block, run_blocks, sources_from_groups
 
 if TYPE_CHECKING:
@@ -29,6 +41,23 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
+    "KEEP",
+    "Example",
+    "FamilySpec",
+    "ForwardReport",
+    "ToMeSettings",
+    "configure",
+    "default_prop_attn",
+    "detect",
+    "example_images",
+    "family_spec",
+    "last_forward",
+    "list_families",
+    "register",
+    "passed",
+    "patched_parts",
+    "registered",
+    "setting",
     "ToMeInfo",
     "ToMeModelMixin",
     "ToMeBlockMixin",
@@ -46,13 +75,11 @@ __all__ = [
     "patch_model",
 ]
 
-# Instance attributes that patching adds; removed again by remove_patch.
+# Instance attributes the core adds; removed again by remove_patch (with each family's own,
+# FamilySpec.instance_attrs).
 _INSTANCE_ATTRS = (
-    "_tome_info", "_tome_r", "_tome_block_r", "_tome_rule", "_tome_index", "_tome_protected", "_tome_prop_attn", "_tome_context",
-    "_tome_feature",
-    # diffusers
-    "_tome_settings", "_tome_lowest_level", "_tome_patch_size", "_tome_spatial", "_tome_block_key", "_tome_role",
-    "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at", "_tome_owner",
+    "_tome_info", "_tome_r", "_tome_block_r", "_tome_rule", "_tome_index", "_tome_protected", "_tome_prop_attn",
+    "_tome_context", "_tome_feature", "_tome_family",
 )
 
 _CLASS_CACHE: Dict[Tuple[Tuple[type, ...], type], type] = {}
@@ -113,6 +140,13 @@ class ToMeInfo(dict):
             value = bool(value)
         dict.__setitem__(self, key, value)
 
+    def report(self) -> Optional["ForwardReport"]:
+        """What the last forward did, or None before the first forward (see :func:`last_forward`)."""
+        if self._report is None:
+            return None
+        return ForwardReport(r=list(dict.get(self, "r") or []), size=self._computed("size"),
+                             source=self._computed("source"))
+
     def __deepcopy__(self, memo: dict) -> "ToMeInfo":
         copied = ToMeInfo(dict(self))
         return copied
@@ -121,43 +155,468 @@ class ToMeInfo(dict):
         return (ToMeInfo, (dict(self),))
 
 
+@dataclass(frozen=True)
+class ForwardReport:
+    """What a patched model's last forward did: :func:`tome.last_forward`.
+
+    Args:
+        r: Tokens each block removed, one entry per block (the schedule as it ran,
+            each layer's r capped by its tokens).
+        size: ``(batch, tokens, 1)``: how many original tokens (patches) each output
+            token stands for (0 for padding).
+        source: ``(batch, tokens, original tokens)`` 0/1 map of which original tokens
+            each output token holds, with ``trace_source`` on; else None.
+    """
+
+    r: List[int]
+    size: torch.Tensor
+    source: Optional[torch.Tensor]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the last block put out (prefix tokens included)."""
+        return int(self.size.shape[1])
+
+
+def last_forward(model: nn.Module) -> Optional[ForwardReport]:
+    """What the last forward of a patched model did: per-layer r, sizes, sources.
+
+    ``model._tome_info["size"]``, ``["source"]`` and ``["r"]`` hold the same. With
+    several threads running one model, this describes whichever forward finished last.
+
+    Args:
+        model: A model patched by a family that merges tokens for good.
+
+    Returns:
+        A :class:`ForwardReport`, or None before the model's first forward.
+
+    Raises:
+        TypeError: for an unpatched model, or a diffusion denoiser (it unmerges inside
+            every block, so its forward leaves no merged tokens to report).
+    """
+    info = model.__dict__.get("_tome_info") if isinstance(model, nn.Module) else None
+    if not isinstance(info, ToMeInfo):
+        state = "not patched" if info is None else "patched by a family that unmerges inside its blocks"
+        raise TypeError(f"tome.last_forward needs a model whose blocks merge tokens; {type(model).__name__} is {state}")
+    return info.report()
+
+
 def original_class(module: nn.Module) -> type:
     """The module's class before any ToMe swap (its own class when unpatched)."""
     cls = type(module)
     return cls.__dict__.get("_tome_parent", cls)
 
 
+# ----------------------------------------------------------------------------- settings
+
+
+class _Keep:
+    """The default of every option of a patch function: leave the setting as it is
+    (a first patch takes the option's default)."""
+
+    _instance: Optional["_Keep"] = None
+
+    def __new__(cls) -> "_Keep":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+    def __reduce__(self) -> tuple:
+        return (_Keep, ())
+
+
+KEEP: Any = _Keep()
+
+
+def passed(**options: Any) -> Dict[str, Any]:
+    """The options that were given (not :data:`KEEP`)."""
+    return {name: value for name, value in options.items() if value is not KEEP}
+
+
+def check_flag(name: str, value: Any, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is True or False (or None when ``optional``)."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        expected = "True, False or None" if optional else "True or False"
+        raise ValueError(f"{name}={value!r} must be {expected}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
+
+
+@dataclass
+class ToMeSettings:
+    """The settings of every family whose blocks merge tokens for good (all but diffusion).
+
+    Each is an argument of :func:`tome.apply_patch`, of the family's patch function
+    (``tome.patch.timm(model, ...)``) and of :func:`tome.merging`, and a property of the
+    patched model: ``model.r``, ``model.tome_method`` (for ``method``),
+    ``model.trace_source``, ``model.prop_attn``. Patching a patched model again
+    changes only the settings passed. A family with options of its own subclasses
+    this (see ``RopeSettings`` in ``tome/patch/_eva.py``).
+
+    Args:
+        r: Tokens removed per layer: an int, a per-layer list (padded with zeros) or
+            ``(r, inflection)`` with inflection in [-1, 1]; see :func:`tome.parse_r`.
+            Each layer caps its r at half of its non-protected tokens.
+        method: The merge rule of every block: ``"tome"`` (bipartite soft matching,
+            size-weighted average), ``"pitome"``, ``"tofu"``, or a
+            :class:`tome.MergeMethod` with options (docs/methods.md).
+        trace_source: Track which original patches each token contains
+            (:func:`tome.last_forward` ``.source`` after a forward).
+        prop_attn: Proportional attention: ``log(size)`` added to the attention logits,
+            so a merged token counts as the patches it holds (ToMe, Sec. 3). ``None``
+            takes the default rule, :func:`default_prop_attn`: on, off for MAE weights.
+    """
+
+    r: RSchedule = field(default=0, metadata={"example": (2, -1.0)})
+    method: Union[str, MergeMethod] = field(default="tome", metadata={"example": "pitome"})
+    trace_source: bool = False
+    prop_attn: Optional[bool] = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid setting (the depth is checked at patch time)."""
+        check_r(self.r)
+        as_method(self.method)
+        check_flag("trace_source", self.trace_source)
+        check_flag("prop_attn", self.prop_attn, optional=True)
+
+
 # ----------------------------------------------------------------------------- families
 
-_FAMILIES: Dict[str, Tuple[int, Callable[[nn.Module], bool], Callable[..., nn.Module]]] = {}
+
+@dataclass(frozen=True)
+class Example:
+    """A tiny model of a family, built from a config with random weights, and its inputs:
+    what the conformance suite (``tests/patch/test_conformance.py``) checks the family on.
+
+    Args:
+        name: Names the example in test ids.
+        build: ``() -> model``: a small randomly initialised model in eval mode
+            (the suite re-draws its weights at a trained-like scale). Imports what it needs.
+        inputs: ``(batch, seed) -> inputs``: a tensor (called as ``model(x)``) or a dict of
+            keyword arguments (``model(**inputs)``).
+        merging: Settings under which the model merges (``{"r": 2}``).
+        output: ``model output -> tensor`` the user reads (None: the tensor, else ``logits``,
+            ``image_embeds``, ``pooler_output``, ``last_hidden_state`` or ``sample``).
+        requires: Modules the example needs; the suite skips it where one is missing.
+        exports: Whether the export tests export it (None: the family's ``exports``): False
+            for a model that does not export, or one whose export another example covers.
+        fullgraph: Whether ``torch.compile(fullgraph=True)`` compiles it without a graph break.
+        idle_atol: How far outputs may move with nothing merged; 0 is bit for bit.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, int], Any]
+    merging: Mapping[str, Any] = field(default_factory=lambda: {"r": 2})
+    output: Optional[Callable[[Any], torch.Tensor]] = None
+    requires: Tuple[str, ...] = ()
+    exports: Optional[bool] = None
+    fullgraph: bool = True
+    idle_atol: float = 0.0
 
 
-def register_family(name: str, detector: Callable[[nn.Module], bool], priority: int = 100) -> Callable[[F], F]:
-    """Decorator registering a family's patch function, as timm registers its models.
+def example_images(batch: int, seed: int, height: int = 32, width: int = 32) -> torch.Tensor:
+    """``(batch, 3, height, width)`` random images drawn from ``seed``: the inputs of most examples."""
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _no_examples() -> Sequence[Example]:
+    return ()
+
+
+def _one_part(obj: Any) -> List[nn.Module]:
+    return [obj]
+
+
+def _read_info(model: nn.Module, settings: type) -> Any:
+    """The current settings of a model patched through :func:`patch_model`: ``r`` is
+    ``model._tome_r``, the method ``_tome_info["method"]``, every other one ``_tome_info[name]``."""
+    info = model.__dict__["_tome_info"]
+    values: Dict[str, Any] = {}
+    for option in fields(settings):
+        if option.name == "r":
+            values["r"] = model.__dict__.get("_tome_r", 0)
+        elif option.name == "method":
+            values["method"] = info.get("method") or MergeMethod()
+        else:
+            values[option.name] = info.get(option.name, option.default)
+    return settings(**values)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A model family: everything ``tome`` needs to patch it, in one declaration.
+
+    Registered with :func:`register`, as timm registers models: ``tome.apply_patch``
+    asks the detectors in priority order, ``tome.patch.FAMILIES`` and
+    :func:`tome.list_families` list it, every setting of ``settings`` becomes an
+    argument of ``tome.apply_patch`` and ``tome.merging``, and the conformance suite
+    runs on its ``examples``.
 
     Args:
         name: The family's name (``tome.apply_patch(model, family=name)``).
         detector: ``model -> bool``; looks at class names and modules only, so no
             optional library is imported to answer "is this one of yours?".
+        patch: ``(model, settings) -> model``: swap the classes of a checked model (or
+            update a patched one) for the complete, validated ``settings``; raise
+            ``TypeError`` naming what cannot run exactly before changing anything.
+        settings: The options, a dataclass with ``validate()`` (:class:`ToMeSettings`
+            or a subclass for families that merge tokens for good).
         priority: Lower is asked first (a more specific family before its base).
+        prop_attn_default: The family's proportional-attention default (see
+            :func:`default_prop_attn`), and ``prop_attn_reason`` why, when off.
+        instance_attrs: Instance attributes the family adds to modules beyond the
+            core's; :func:`remove_patch` removes them.
+        exports: Whether ``tome.export`` exports its models.
+        traceable: Whether ``torch.fx.symbolic_trace`` and ``torch.jit.trace`` follow the merge.
+        no_merging: Settings under which nothing merges (the unpatched outputs).
+        examples: ``() -> [Example]``: its tiny models, for the conformance suite.
+        parts: ``obj -> [module]``: the modules a patch applies to, each with its own
+            settings (a diffusers pipeline: its denoisers); default ``[obj]``.
+        read: ``module -> settings`` of a part this family patched; default: from
+            ``_tome_r`` and ``_tome_info``, as :func:`patch_model` records them.
     """
 
-    def register(patch_fn: F) -> F:
-        _FAMILIES[name] = (priority, detector, patch_fn)
-        return patch_fn
+    name: str
+    detector: Callable[[Any], bool]
+    patch: Callable[[Any, Any], Any]
+    settings: type = ToMeSettings
+    priority: int = 100
+    prop_attn_default: bool = True
+    prop_attn_reason: str = ""
+    instance_attrs: Tuple[str, ...] = ()
+    exports: bool = False
+    traceable: bool = False
+    no_merging: Mapping[str, Any] = field(default_factory=lambda: {"r": 0})
+    examples: Callable[[], Sequence[Example]] = _no_examples
+    parts: Callable[[Any], List[nn.Module]] = _one_part
+    read: Optional[Callable[[nn.Module], Any]] = None
 
-    return register
+    def option_names(self) -> List[str]:
+        """The names of the family's options, in declaration order."""
+        return [option.name for option in fields(self.settings)]
+
+    def check_names(self, options: Mapping[str, Any], caller: str = "apply_patch") -> None:
+        """Raise ``ValueError`` naming the options the family does not take, and the ones it does."""
+        unknown = sorted(set(options) - set(self.option_names()))
+        if unknown:
+            raise ValueError(
+                f"{caller}() got {'options' if len(unknown) > 1 else 'an option'} the {self.name} family does not "
+                f"take: {', '.join(unknown)}; its options are {', '.join(self.option_names())}"
+            )
+
+    def current(self, part: nn.Module) -> Any:
+        """The settings of ``part`` if this family patched it, else None."""
+        if not isinstance(part, nn.Module) or part.__dict__.get("_tome_family") != self.name:
+            return None
+        return self.read(part) if self.read is not None else _read_info(part, self.settings)
+
+    def apply(self, model: Any, **options: Any) -> Any:
+        """``tome.apply_patch(model, family=self.name, **options)``."""
+        return configure(model, family=self.name, **options)
 
 
-def families() -> Dict[str, Tuple[Callable[[nn.Module], bool], Callable[..., nn.Module]]]:
+_REGISTRY: Dict[str, FamilySpec] = {}
+
+
+def register(spec: FamilySpec) -> FamilySpec:
+    """Register a family (replacing one of the same name); returns ``spec``.
+
+    Raises:
+        TypeError: if ``spec.settings`` is not a dataclass with a ``validate`` method.
+    """
+    if not (is_dataclass(spec.settings) and callable(getattr(spec.settings, "validate", None))):
+        raise TypeError(f"the settings of family {spec.name!r} must be a dataclass with validate(), "
+                        f"got {spec.settings!r}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def registered() -> List[FamilySpec]:
+    """The registered families, in the order their detectors are asked."""
+    return sorted(_REGISTRY.values(), key=lambda spec: spec.priority)
+
+
+def family_spec(name: str) -> FamilySpec:
+    """The registered family called ``name``.
+
+    Raises:
+        ValueError: for an unknown name (the registered ones are listed).
+    """
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise ValueError(f"family={name!r} is unknown; expected one of {list_families()}")
+    return spec
+
+
+def detect(model: Any) -> Optional[FamilySpec]:
+    """The first family (by priority) whose detector recognises ``model``, or None."""
+    return next((spec for spec in registered() if spec.detector(model)), None)
+
+
+def list_families() -> List[str]:
+    """Names of the registered families, in the order ``tome.apply_patch`` asks them."""
+    return [spec.name for spec in registered()]
+
+
+def families() -> Dict[str, Tuple[Callable[[Any], bool], Callable[..., Any]]]:
     """Registered families in the order they are asked: ``name -> (detector, patch function)``."""
-    ordered = sorted(_FAMILIES.items(), key=lambda item: item[1][0])
-    return {name: (detector, patch_fn) for name, (_, detector, patch_fn) in ordered}
+    return {spec.name: (spec.detector, spec.apply) for spec in registered()}
 
 
 def supported_families() -> str:
     """Comma-separated names of the families ``tome.apply_patch`` knows, for error messages."""
-    return ", ".join(families())
+    return ", ".join(list_families())
+
+
+def register_family(name: str, detector: Callable[[nn.Module], bool], priority: int = 100) -> Callable[[F], F]:
+    """Decorator registering a patch function ``fn(model, trace_source, prop_attn)`` as a
+    family with the settings of :class:`ToMeSettings` (a thin wrapper over :func:`register`).
+
+    ``fn`` swaps the classes (usually through :func:`patch_model`); ``r`` and the
+    method are set on the model after it. New families declare a :class:`FamilySpec`.
+    """
+
+    def decorate(patch_fn: F) -> F:
+        def patch(model: nn.Module, settings: ToMeSettings) -> nn.Module:
+            patch_fn(model, trace_source=settings.trace_source, prop_attn=settings.prop_attn)
+            model.r = settings.r  # type: ignore[attr-defined]
+            model.tome_method = settings.method  # type: ignore[attr-defined]
+            return model
+
+        register(FamilySpec(name=name, detector=detector, patch=patch, priority=priority))
+        return patch_fn
+
+    return decorate
+
+
+def default_prop_attn(model: Any, family: Optional[str] = None) -> Tuple[bool, str]:
+    """The proportional-attention default, one rule for every family: ``(on, why)``.
+
+    On: a model trained without merging sees a merged token as one token unless its
+    key counts once per patch it holds, so ``log(size)`` is added to the logits
+    (ToMe, Sec. 3). Off where a family declares ``prop_attn_default=False`` (MAE:
+    its weights were fine-tuned with average pooling and are better without it),
+    both for a model patched as that family and for one that family recognises
+    (``tome.patch.timm`` on timm's ``.mae`` weights).
+    """
+    specs = ([family_spec(family)] if family is not None else []) + [detect(model)]
+    for spec in specs:
+        if spec is not None and not spec.prop_attn_default:
+            return False, spec.prop_attn_reason
+    return True, ""
+
+
+def _resolved(spec: FamilySpec, part: nn.Module, settings: Any) -> Any:
+    """``settings`` with ``prop_attn=None`` replaced by the default rule's value."""
+    if getattr(settings, "prop_attn", False) is None:
+        settings = replace(settings, prop_attn=default_prop_attn(part, spec.name)[0])
+    return settings
+
+
+def _spec_for(obj: Any, family: Optional[str]) -> FamilySpec:
+    if family is not None:
+        return family_spec(family)
+    recorded = obj.__dict__.get("_tome_family") if isinstance(obj, nn.Module) else None
+    spec = family_spec(recorded) if recorded in _REGISTRY else detect(obj)
+    if spec is None:
+        raise TypeError(
+            f"{type(obj).__name__} ({type(obj).__module__}) is not a model ToMe can patch. "
+            f"Supported families: {supported_families()}"
+        )
+    return spec
+
+
+def configure(
+    obj: Any, family: Optional[str] = None, caller: str = "apply_patch", in_place: bool = False, **options: Any
+) -> Any:
+    """Patch ``obj`` for token merging, or change the settings of a patched one: the one
+    path every setting takes (``tome.apply_patch``, the ``tome.patch`` functions, the
+    model's setting properties and ``tome.merging`` all come here).
+
+    Options that are not given (or are :data:`KEEP`) keep their current value, or
+    their default on a first patch. All or nothing: when a part refuses, the parts
+    already changed are put back as they were.
+
+    Args:
+        obj: A model, or an object the family patches in parts (a diffusers pipeline).
+        family: Force a family instead of the one that patched ``obj`` or detects it.
+        caller: Named in the error for an unknown option.
+        in_place: Change only ``r`` and ``method`` of a patched model, through its setters,
+            without patching it again (``tome.merging``: as fast as ``model.r = ...``).
+        **options: Settings of the family (its ``settings`` dataclass's fields).
+
+    Returns:
+        ``obj``.
+
+    Raises:
+        TypeError: if no family recognises ``obj`` or it holds parts ToMe cannot run.
+        ValueError: naming an option the family does not take (and the ones it does),
+            or an invalid value.
+    """
+    spec = _spec_for(obj, family)
+    options = passed(**options)
+    spec.check_names(options, caller)
+    done: List[Tuple[nn.Module, Any, bool]] = []
+    try:
+        for part in spec.parts(obj):
+            before = spec.current(part)
+            done.append((part, before, is_patched(part)))
+            if in_place and isinstance(before, ToMeSettings) and options.keys() <= {"r", "method"}:
+                for name, value in options.items():
+                    setattr(part, "tome_method" if name == "method" else name, value)
+                continue
+            base = before if before is not None else spec.settings()
+            settings = _resolved(spec, part, replace(base, **options))
+            settings.validate()
+            spec.patch(part, settings)
+            part.__dict__["_tome_family"] = spec.name
+    except BaseException:
+        for part, before, was_patched in reversed(done):
+            if not was_patched:
+                remove_patch(part)
+            elif before is not None:
+                spec.patch(part, before)
+        raise
+    return obj
+
+
+def patched_parts(obj: Any, caller: str = "tome.merging") -> Tuple[FamilySpec, List[nn.Module]]:
+    """The family that patched ``obj`` and the parts it patched (``[obj]`` for a model).
+
+    Raises:
+        TypeError: if ``obj`` (or one of its parts) is not patched.
+    """
+    try:
+        spec: Optional[FamilySpec] = _spec_for(obj, None)
+        parts = spec.parts(obj)  # type: ignore[union-attr]
+    except TypeError:
+        spec, parts = None, []
+    if spec is None or not parts or any(spec.current(part) is None for part in parts):
+        raise TypeError(
+            f"{caller} needs a patched model, got an unpatched {type(obj).__name__}; call tome.apply_patch(model) first"
+        )
+    return spec, parts
+
+
+def setting(name: str, doc: str) -> property:
+    """A property reading and setting one option of the family that patched the model;
+    setting it goes through :func:`configure`, so it is checked as the argument is."""
+
+    def get(self: nn.Module) -> Any:
+        return getattr(_spec_for(self, None).current(self), name)
+
+    def set_(self: nn.Module, value: Any) -> None:
+        configure(self, caller=f"{type(self).__name__}.{name} =", **{name: value})
+
+    return property(get, set_, doc=doc)
 
 
 # ----------------------------------------------------------------------------- class swaps
@@ -293,7 +752,10 @@ def _set_class(module: nn.Module, cls: type) -> None:
 
 
 def swap_class(module: nn.Module, mixins: Union[type, Tuple[type, ...]]) -> None:
-    """Give ``module`` the class ``(*mixins, type(module))``; no-op if already patched.
+    """Give ``module`` the class ``(*mixins, original class)``; no-op if it has that class already.
+
+    A module patched with other mixins (a re-patch that changes, say, the attention
+    class an option selects) gets its original class back first.
 
     The new class records its parent (for :func:`remove_patch`) and pickles as
     the parent plus the mixins, so patched models survive ``torch.save(model)``,
@@ -301,9 +763,11 @@ def swap_class(module: nn.Module, mixins: Union[type, Tuple[type, ...]]) -> None
     (accelerate's offloading and ``device_map`` dispatch, diffusers' hook registry)
     call the new class's forward from then on.
     """
-    if is_patched(module):
-        return
     mixins = mixins if isinstance(mixins, tuple) else (mixins,)
+    if is_patched(module):
+        if type(module).__dict__["_tome_mixins"] == mixins:
+            return
+        _set_class(module, original_class(module))
     _set_class(module, _runtime_class(mixins, type(module)))
 
 
@@ -330,10 +794,11 @@ def remove_patch(model: Any) -> Any:
             if isinstance(component, nn.Module):
                 remove_patch(component)
         return model
+    attrs = set(_INSTANCE_ATTRS).union(*(spec.instance_attrs for spec in _REGISTRY.values()))
     for module in model.modules():
         while is_patched(module):
             _set_class(module, type(module).__dict__["_tome_parent"])
-        for attr in _INSTANCE_ATTRS:
+        for attr in attrs:
             module.__dict__.pop(attr, None)
     return model
 
@@ -541,6 +1006,27 @@ class ToMeModelMixin:
                     object.__setattr__(module, "_tome_feature", rule.attention_feature)
         dict.__setitem__(self._tome_info, "method", method)
 
+    @property
+    def trace_source(self) -> bool:
+        """Whether forwards track which original patches each token contains (see
+        :func:`tome.last_forward`). Setting it re-patches with only this setting changed."""
+        return self._tome_info["trace_source"]
+
+    @trace_source.setter
+    def trace_source(self, value: bool) -> None:
+        configure(self, trace_source=value)
+
+    @property
+    def prop_attn(self) -> bool:
+        """Whether proportional attention is on (``log(size)`` added to the attention logits).
+        Setting it re-patches with only this setting changed; ``None`` takes the default rule
+        (:func:`tome.patch.default_prop_attn`)."""
+        return self._tome_info["prop_attn"]
+
+    @prop_attn.setter
+    def prop_attn(self, value: Optional[bool]) -> None:
+        configure(self, prop_attn=value)
+
     def _tome_schedule(self) -> List[int]:
         return parse_r(len(self._tome_blocks()), self._tome_r)
 
@@ -647,8 +1133,9 @@ class ToMeModelMixin:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         info = self._tome_info
-        why = info.get("defaults")
-        prop = f"prop_attn={info['prop_attn']}" + (f" ({why})" if why else "")
+        family = self.__dict__.get("_tome_family")
+        default, why = default_prop_attn(self, family if family in _REGISTRY else None)
+        prop = f"prop_attn={info['prop_attn']}" + (f" ({why})" if why and info["prop_attn"] == default else "")
         tome = f"tome: r={self._tome_r!r}, {prop}, trace_source={info['trace_source']}"
         method = info.get("method")
         if method is not None and method.name != "tome":
@@ -665,11 +1152,11 @@ def patch_model(
     attention: Optional[Callable[[nn.Module], Tuple[nn.Module, type]]] = None,
     encoder: Optional[Tuple[nn.Module, type]] = None,
     protected_tokens: int,
-    trace_source: bool,
-    prop_attn: bool,
     class_token: bool,
     distill_token: bool = False,
-    defaults: str = "",
+    settings: Optional[ToMeSettings] = None,
+    trace_source: Optional[bool] = None,
+    prop_attn: Optional[bool] = None,
 ) -> nn.Module:
     """Swap the classes of a model, its blocks and their attention modules; record the settings.
 
@@ -682,15 +1169,27 @@ def patch_model(
         encoder: ``(module, mixin)`` for a module between the model and its blocks
             that the model calls (so its hooks fire) to run the block loop.
         protected_tokens: Leading tokens that never merge.
-        trace_source, prop_attn: Settings recorded in ``model._tome_info``.
         class_token, distill_token: Recorded for code written against the original release.
-        defaults: Why the family chose its defaults, shown by ``print(model)``.
+        settings: The family's settings, complete (``prop_attn`` decided): what a
+            :class:`FamilySpec`'s ``patch`` is handed. ``r`` becomes ``model.r``, ``method``
+            ``model.tome_method`` and every other one ``model._tome_info[name]``.
+        trace_source, prop_attn: Instead of ``settings``, for patch functions registered
+            with :func:`register_family`: these two change, everything else is kept.
 
-    Re-patching an already patched model only updates the settings and keeps
-    ``model.r`` and ``model.tome_method``.
+    Re-patching keeps the model's ``_tome_info`` (and what its last forward left there).
+
+    Raises:
+        ValueError: if ``settings.r`` does not fit the blocks or the method cannot run
+            on them (the model is then as it was, unless it was unpatched: see :func:`configure`).
     """
-    previous_r = model.__dict__.get("_tome_r", 0)
-    previous_method = getattr(model.__dict__.get("_tome_info"), "get", lambda key: None)("method")
+    info = model.__dict__.get("_tome_info")
+    if settings is None:  # a register_family patch function: keep what it does not pass
+        current = _read_info(model, ToMeSettings) if isinstance(info, ToMeInfo) else ToMeSettings()
+        settings = replace(current, **passed(trace_source=KEEP if trace_source is None else trace_source,
+                                             prop_attn=KEEP if prop_attn is None else prop_attn))
+        if settings.prop_attn is None:
+            settings = replace(settings, prop_attn=True)
+    parse_r(len(blocks), settings.r)  # a bad r raises before anything changes
     swap_class(model, model_mixin)
     if encoder is not None:
         swap_class(*encoder)
@@ -701,20 +1200,16 @@ def patch_model(
             attn, attn_mixin = attention(block)
             swap_class(attn, attn_mixin)
         object.__setattr__(block, "_tome_protected", protected_tokens)
-        object.__setattr__(block, "_tome_prop_attn", bool(prop_attn))
-    info = ToMeInfo(
-        r=None,
-        size=None,
-        source=None,
-        trace_source=bool(trace_source),
-        prop_attn=bool(prop_attn),
-        class_token=bool(class_token),
-        distill_token=bool(distill_token),
-        protected_tokens=int(protected_tokens),
-        defaults=defaults,
-        method=MergeMethod(),
-    )
-    object.__setattr__(model, "_tome_info", info)
-    model.r = previous_r  # type: ignore[attr-defined]
-    model.tome_method = previous_method  # type: ignore[attr-defined]
+        object.__setattr__(block, "_tome_prop_attn", bool(settings.prop_attn))
+    if not isinstance(info, ToMeInfo):
+        info = ToMeInfo(r=None, size=None, source=None, method=MergeMethod())
+        object.__setattr__(model, "_tome_info", info)
+    for key, value in (("class_token", bool(class_token)), ("distill_token", bool(distill_token)),
+                       ("protected_tokens", int(protected_tokens))):
+        dict.__setitem__(info, key, value)
+    for option in fields(settings):
+        if option.name not in ("r", "method"):
+            dict.__setitem__(info, option.name, getattr(settings, option.name))
+    model.r = settings.r  # type: ignore[attr-defined]
+    model.tome_method = settings.method  # type: ignore[attr-defined]
     return model

@@ -12,14 +12,22 @@ found them better without it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ._lifecycle import original_class, register_family
+from ._lifecycle import KEEP, Example, FamilySpec, ToMeSettings, configure, example_images, original_class, register
 from ._shared import weighted_mean
-from ._timm import ToMeTimmVisionTransformer, apply_to_timm, check_blocks, check_supported, is_timm_mae, is_timm_vit
+from ._timm import (
+    ToMeTimmVisionTransformer,
+    apply_to_timm,
+    check_blocks,
+    check_supported,
+    is_timm_mae,
+    is_timm_vit,
+    tiny_timm,
+)
 
 __all__ = ["mae", "is_mae", "is_mae_codebase"]
 
@@ -59,25 +67,57 @@ def _check_mae_codebase(model: nn.Module) -> None:
         raise TypeError(f"{name} has global_pool=True but no fc_norm; not the MAE code base's layout")
 
 
-@register_family("mae", is_mae, priority=10)
-def mae(model: nn.Module, trace_source: bool = False, prop_attn: bool = False) -> nn.Module:
+def mae(model: nn.Module, trace_source: bool = KEEP, prop_attn: Optional[bool] = KEEP, **settings: Any) -> nn.Module:
     """Patch an MAE fine-tuned ViT in place to merge tokens; set ``model.r`` after.
+
+    Called on a patched model, it changes only the settings given.
 
     Args:
         model: A timm ViT (usually ``global_pool="avg"``) or the MAE code base's
             ``models_vit.VisionTransformer``.
         trace_source: Track which original patches each token contains.
-        prop_attn: Proportional attention; off by default for MAE models.
+        prop_attn: Proportional attention; None: the default rule, off for MAE
+            models (:func:`tome.patch.default_prop_attn`).
+        **settings: The other settings, ``r`` and ``method`` (:class:`tome.patch.ToMeSettings`).
 
     Returns:
         The same model, patched.
 
     Raises:
         TypeError: if the model is not a ViT ToMe can run exactly.
+        ValueError: for an unknown setting or an invalid value.
     """
-    defaults = "off by default for MAE models" if not prop_attn else ""
+    return configure(model, family="mae", caller="tome.patch.mae", trace_source=trace_source, prop_attn=prop_attn,
+                     **settings)
+
+
+def _patch(model: nn.Module, settings: ToMeSettings) -> nn.Module:
     if is_mae_codebase(model):
         _check_mae_codebase(model)
-        return apply_to_timm(model, trace_source, prop_attn, ToMeMAEVisionTransformer, defaults)
+        return apply_to_timm(model, settings, ToMeMAEVisionTransformer)
     check_supported(model)
-    return apply_to_timm(model, trace_source, prop_attn, ToMeTimmVisionTransformer, defaults)
+    return apply_to_timm(model, settings, ToMeTimmVisionTransformer)
+
+
+def _tiny_codebase() -> nn.Module:
+    from ._mae_layout import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()
+
+
+register(FamilySpec(
+    name="mae",
+    detector=is_mae,
+    patch=_patch,
+    priority=10,
+    prop_attn_default=False,
+    prop_attn_reason="off by default for MAE weights",
+    exports=True,
+    traceable=True,
+    examples=lambda: (
+        Example("codebase", _tiny_codebase, example_images, requires=("timm",)),
+        # timm's layout: the ".mae" tag (kept without weights) marks MAE weights; it exports as the timm family does.
+        Example("timm_avg", tiny_timm("vit_base_patch16_224.mae", global_pool="avg"), example_images,
+                requires=("timm",), exports=False),
+    ),
+))

@@ -30,15 +30,26 @@ import torch
 from torch import nn
 
 from ._checks import check_attention_pool, check_family, check_own_methods, has_class, refuse_position_augmentation
-from ._eva import ToMeEvaAttention, ToMeEvaAttentionPlainKeys, ToMeEvaBlock, rope_angles
+from ._eva import (
+    RopeSettings,
+    ToMeEvaAttention,
+    ToMeEvaAttentionPlainKeys,
+    ToMeEvaBlock,
+    rope_angles,
+    rope_setting_properties,
+)
 from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
     ToMeModelMixin,
-    is_patched,
+    configure,
+    example_images,
     original_class,
     patch_model,
-    register_family,
+    register,
 )
-from ._rope import DEFAULT_ROPE_METRIC, RotaryPositions, check_rope_options, token_angles
+from ._rope import RotaryPositions, token_angles
 from ._shared import ToMeState, padding_bias
 from ._timm import (
     ToMeTimmAttention,
@@ -48,6 +59,7 @@ from ._timm import (
     pack_intermediates,
     pool_tokens,
     run_intermediates,
+    tiny_timm,
 )
 
 __all__ = ["naflexvit", "is_timm_naflexvit"]
@@ -281,67 +293,89 @@ def check_supported(model: nn.Module) -> None:
                             f"supports {wanted.__name__} in a {block_cls.__name__} (attn_type='rope' is not supported)")
 
 
-@register_family("naflexvit", is_timm_naflexvit, priority=20)
 def naflexvit(
-    model: nn.Module,
-    trace_source: bool = False,
-    prop_attn: Optional[bool] = None,
-    rope_position: str = "mean",
-    rope_metric: str = DEFAULT_ROPE_METRIC,
+    model: nn.Module, trace_source: bool = KEEP, prop_attn: Optional[bool] = KEEP, **settings: Any
 ) -> nn.Module:
     """Patch a timm ``NaFlexVit`` in place to merge tokens; set ``model.r`` after.
 
     Padded NaFlex batches (``patch_valid``) merge per sample: padding never merges
     with real tokens and never counts in a merged token's size, and each sample's
     output equals its output run alone while its real tokens allow r (module docstring).
+    Called on a patched model, it changes only the settings given.
 
     Args:
         model: A ``timm.models.naflexvit.NaFlexVit`` (``naflexvit_*``, or an Eva model
             built with ``use_naflex=True``).
         trace_source: Track which original patches each token contains; read
-            ``model._tome_info["source"]`` after a forward.
+            ``tome.last_forward(model).source`` after a forward.
         prop_attn: Proportional attention (``log(size)`` added to attention logits;
-            paper, Sec. 3); None: on.
-        rope_position, rope_metric: For models with rotary embeddings, as in
-            :func:`tome.patch.eva`: a merged token's position (``"mean"`` or
-            ``"destination"``) and the keys the matching compares (``"rotated"`` or ``"plain"``).
+            paper, Sec. 3); None: the default rule (on: :func:`tome.patch.default_prop_attn`).
+        **settings: ``rope_position`` and ``rope_metric`` for models with rotary embeddings,
+            as in :func:`tome.patch.eva`, ``r`` and ``method`` (:class:`tome.patch.RopeSettings`).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
 
     Raises:
         TypeError: if the model or one of its parts is not something ToMe can run exactly.
-        ValueError: if ``rope_position`` or ``rope_metric`` is not a known value.
+        ValueError: for an unknown setting or an invalid value (``rope_position``, ``rope_metric``, ...).
     """
-    check_rope_options(rope_position, rope_metric)
+    return configure(model, family="naflexvit", caller="tome.patch.naflexvit", trace_source=trace_source,
+                     prop_attn=prop_attn, **settings)
+
+
+def _patch(model: nn.Module, settings: RopeSettings) -> nn.Module:
     check_supported(model)
     from timm.models import eva as timm_eva
 
-    eva_attn = ToMeEvaAttention if rope_metric == "rotated" else ToMeEvaAttentionPlainKeys
+    eva_attn = ToMeEvaAttention if settings.rope_metric == "rotated" else ToMeEvaAttentionPlainKeys
     mixins = _block_mixins()
-
-    def attention(block: nn.Module) -> Tuple[nn.Module, type]:
-        return block.attn, eva_attn if original_class(block) is timm_eva.EvaBlock else ToMeTimmAttention
-
-    if is_patched(model) and any(
-        type(block.attn).__dict__.get("_tome_mixins") != (attention(block)[1],) for block in model.blocks
-    ):
-        r = model.r
-        from ._lifecycle import remove_patch
-
-        remove_patch(model)  # another metric: swap the attention classes again
-        model.__dict__["_tome_r"] = r
-    patch_model(
+    return patch_model(
         model,
         ToMeNaFlexVit,
         list(model.blocks),
         lambda block: mixins[original_class(block)],
-        attention=attention,
+        attention=lambda block: (block.attn, eva_attn if original_class(block) is timm_eva.EvaBlock else ToMeTimmAttention),
+        settings=settings,
         protected_tokens=model.num_prefix_tokens,
-        trace_source=trace_source,
-        prop_attn=True if prop_attn is None else prop_attn,
         class_token=bool(model.has_class_token),
     )
-    dict.__setitem__(model._tome_info, "rope_position", rope_position)
-    dict.__setitem__(model._tome_info, "rope_metric", rope_metric)
-    return model
+
+
+_GRIDS = ((4, 4), (3, 3), (2, 5))  # patches per sample of the example batches: 16, 9 and 10, padded to 16
+
+
+def _padded_batch(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+    """A NaFlex batch of 8 x 8-pixel patches as timm's collator lays it out: each sample's
+    patches in row-major order, then padding (``patch_valid`` False)."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = torch.zeros(batch, 16, 8 * 8 * 3)
+    coord = torch.zeros(batch, 16, 2, dtype=torch.long)
+    valid = torch.zeros(batch, 16, dtype=torch.bool)
+    for index in range(batch):
+        height, width = _GRIDS[index % len(_GRIDS)]
+        rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        patches[index, : height * width] = torch.randn(height * width, 8 * 8 * 3, generator=generator)
+        coord[index, : height * width] = torch.stack([rows, cols], dim=-1).reshape(-1, 2)
+        valid[index, : height * width] = True
+    return {"x": patches, "patch_coord": coord, "patch_valid": valid}
+
+
+rope_setting_properties(ToMeNaFlexVit)
+register(FamilySpec(
+    name="naflexvit",
+    detector=is_timm_naflexvit,
+    patch=_patch,
+    settings=RopeSettings,
+    priority=20,
+    exports=True,
+    examples=lambda: (
+        Example("siglip_images", tiny_timm("naflexvit_base_patch16_siglip"), example_images, requires=("timm",)),
+        # timm's NaFlex embedding of padded batches is compiled with a graph break (torch.compiler.disable)
+        # and does not export (its sizes depend on the data): unpatched either.
+        Example("gap_padded", tiny_timm("naflexvit_base_patch16_gap"), _padded_batch, requires=("timm",),
+                fullgraph=False, exports=False),
+        Example("dinov3_padded", tiny_timm("vit_small_patch16_dinov3", use_naflex=True), _padded_batch,
+                requires=("timm",), fullgraph=False, exports=False),
+    ),
+))

@@ -17,13 +17,22 @@ the protected class token; "gap" models average all tokens weighted by size.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ._checks import check_family
-from ._lifecycle import original_class, register_family
+from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
+    ToMeSettings,
+    configure,
+    example_images,
+    original_class,
+    register,
+)
 from ._shared import BlockCall, ToMeState, weighted_mean
 from ._torchvision import ToMeEncoderBlock, ToMeEncoderModel, ToMeSwagEncoder, check_mha, patch_encoder_vit
 
@@ -142,17 +151,19 @@ def check_supported(model: nn.Module) -> None:
         check_mha(block.self_attention, f"{where}.self_attention", batch_first=False)
 
 
-@register_family("swag", is_swag_vit, priority=40)
-def swag(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+def swag(model: nn.Module, trace_source: bool = KEEP, prop_attn: Optional[bool] = KEEP, **settings: Any) -> nn.Module:
     """Patch a SWAG Vision Transformer in place to merge tokens; set ``model.r`` after.
+
+    Called on a patched model, it changes only the settings given.
 
     Args:
         model: A SWAG ``VisionTransformer``, e.g.
             ``torch.hub.load("facebookresearch/swag", model="vit_b16_in1k")``.
         trace_source: Track which original patches each token contains; read
-            ``model._tome_info["source"]`` after a forward.
+            ``tome.last_forward(model).source`` after a forward.
         prop_attn: Proportional attention (``log(size)`` added to attention logits);
-            keep it on for models trained without ToMe.
+            None: the default rule (on: :func:`tome.patch.default_prop_attn`).
+        **settings: The other settings, ``r`` and ``method`` (:class:`tome.patch.ToMeSettings`).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
@@ -160,9 +171,36 @@ def swag(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -
     Raises:
         TypeError: if the model does not have SWAG's layout, uses an unknown
             classifier, or an attention layer ToMe cannot rerun exactly.
+        ValueError: for an unknown setting or an invalid value.
     """
+    return configure(model, family="swag", caller="tome.patch.swag", trace_source=trace_source, prop_attn=prop_attn,
+                     **settings)
+
+
+def _patch(model: nn.Module, settings: ToMeSettings) -> nn.Module:
     check_supported(model)
     return patch_encoder_vit(
-        model, ToMeSwagVisionTransformer, ToMeSwagEncoderBlock, model.classifier == "token", trace_source, prop_attn,
-        ToMeSwagEncoder,
+        model, ToMeSwagVisionTransformer, ToMeSwagEncoderBlock, model.classifier == "token", settings, ToMeSwagEncoder,
     )
+
+
+def _tiny_swag(classifier: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from ._swag_layout import VisionTransformer
+
+        return VisionTransformer(classifier=classifier).eval()
+
+    return build
+
+
+register(FamilySpec(
+    name="swag",
+    detector=is_swag_vit,
+    patch=_patch,
+    priority=40,
+    exports=True,
+    traceable=True,
+    # Batch-first inside the patched model, sequence-first in SWAG's: other reduction orders.
+    examples=lambda: (Example("gap", _tiny_swag("gap"), example_images, idle_atol=1e-5, exports=False),  # as "token"
+                      Example("token", _tiny_swag("token"), example_images, idle_atol=1e-5)),
+))

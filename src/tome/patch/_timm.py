@@ -19,18 +19,24 @@ from .._dense import unmerge_tokens
 from ._attention_body import attend, packed_heads
 from ._checks import check_attention_pool, check_family, check_own_methods, has_class
 from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
     ToMeAttentionMixin,
     ToMeBlockMixin,
     ToMeModelMixin,
+    ToMeSettings,
     call_attention,
+    configure,
+    example_images,
     in_parent_module,
     original_class,
     patch_model,
-    register_family,
+    register,
 )
 from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState, padding_bias, weighted_mean
 
-__all__ = ["timm", "apply_to_timm", "is_timm_vit", "is_timm_mae"]
+__all__ = ["timm", "apply_to_timm", "is_timm_vit", "is_timm_mae", "tiny_timm"]
 
 _SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "", "map")
 
@@ -441,9 +447,7 @@ def check_blocks(model: nn.Module) -> None:
             )
 
 
-def apply_to_timm(
-    model: nn.Module, trace_source: bool, prop_attn: bool, model_mixin: type, defaults: str = ""
-) -> nn.Module:
+def apply_to_timm(model: nn.Module, settings: ToMeSettings, model_mixin: type) -> nn.Module:
     """Patch a checked timm ViT with ``model_mixin`` (used by the timm and MAE families)."""
     return patch_model(
         model,
@@ -451,10 +455,8 @@ def apply_to_timm(
         list(model.blocks),
         lambda block: _BLOCK_MIXINS[original_class(block).__name__],
         attention=lambda block: (block.attn, ToMeTimmAttention),
-        defaults=defaults,
+        settings=settings,
         protected_tokens=model.num_prefix_tokens,
-        trace_source=trace_source,
-        prop_attn=prop_attn,
         class_token=bool(getattr(model, "has_class_token", model.cls_token is not None)),
         distill_token=getattr(model, "dist_token", None) is not None,
     )
@@ -469,18 +471,20 @@ def is_timm_mae(model: nn.Module) -> bool:
     return "mae" in tag.split("_") or tag == "mae" or str(cfg.get("hf_hub_id") or "").endswith(".mae")
 
 
-@register_family("timm", is_timm_vit, priority=20)
-def timm(model: nn.Module, trace_source: bool = False, prop_attn: Optional[bool] = None) -> nn.Module:
+def timm(model: nn.Module, trace_source: bool = KEEP, prop_attn: Optional[bool] = KEEP, **settings: Any) -> nn.Module:
     """Patch a timm Vision Transformer in place to merge tokens; set ``model.r`` after.
+
+    Called on a patched model, it changes only the settings given.
 
     Args:
         model: A ``timm.models.VisionTransformer`` (also DeiT, distilled DeiT,
             DeiT-III, DINOv2, register and class-token-free variants).
         trace_source: Track which original patches each token contains; read
-            ``model._tome_info["source"]`` after a forward.
+            ``tome.last_forward(model).source`` after a forward.
         prop_attn: Proportional attention (``log(size)`` added to attention logits;
-            paper, Sec. 3); None: on, except for timm's MAE weights (``.mae``
-            tags), which the paper found better without it.
+            paper, Sec. 3); None: the default rule (on, except for timm's MAE
+            weights, ``.mae`` tags: :func:`tome.patch.default_prop_attn`).
+        **settings: The other settings, ``r`` and ``method`` (:class:`tome.patch.ToMeSettings`).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
@@ -488,10 +492,42 @@ def timm(model: nn.Module, trace_source: bool = False, prop_attn: Optional[bool]
     Raises:
         TypeError: if the model, one of its blocks, attention layers or its pooling
             is not something ToMe can run exactly.
+        ValueError: for an unknown setting or an invalid value.
     """
+    return configure(model, family="timm", caller="tome.patch.timm", trace_source=trace_source,
+                     prop_attn=prop_attn, **settings)
+
+
+def _patch(model: nn.Module, settings: ToMeSettings) -> nn.Module:
     check_supported(model)
-    defaults = ""
-    if prop_attn is None:
-        prop_attn = not is_timm_mae(model)
-        defaults = "off by default for MAE weights" if not prop_attn else ""
-    return apply_to_timm(model, trace_source, prop_attn, ToMeTimmVisionTransformer, defaults)
+    return apply_to_timm(model, settings, ToMeTimmVisionTransformer)
+
+
+_TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+
+
+def tiny_timm(architecture: str, **config: Any) -> Callable[[], nn.Module]:
+    """A builder of a tiny random timm model (32 x 32 images, 8 x 8 patches, 2 blocks) for examples."""
+
+    def build() -> nn.Module:
+        from timm import create_model
+
+        return create_model(architecture, pretrained=False, **{**_TINY, **config}).eval()
+
+    return build
+
+
+register(FamilySpec(
+    name="timm",
+    detector=is_timm_vit,
+    patch=_patch,
+    priority=20,
+    exports=True,
+    traceable=True,
+    examples=lambda: (
+        Example("registers", tiny_timm("vit_tiny_patch16_224", reg_tokens=2, init_values=0.1), example_images,
+                requires=("timm",)),
+        Example("map", tiny_timm("vit_tiny_patch16_224", global_pool="map", qk_norm=True), example_images,
+                requires=("timm",)),
+    ),
+))

@@ -15,7 +15,7 @@ blocks have the same layout but run sequence-first.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +24,19 @@ from torch import nn
 from ._attention_body import attend, packed_heads
 from ._checks import check_family, check_own_methods, has_class
 from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
     ToMeAttentionMixin,
     ToMeBlockMixin,
     ToMeModelMixin,
+    ToMeSettings,
     call_attention,
+    configure,
+    example_images,
     original_class,
     patch_model,
-    register_family,
+    register,
 )
 from ._shared import ATTENTION_FEATURES, AttentionCall, ToMeState
 
@@ -171,8 +177,7 @@ def patch_encoder_vit(
     model_mixin: type,
     block_mixin: type,
     class_token: bool,
-    trace_source: bool,
-    prop_attn: bool,
+    settings: ToMeSettings,
     encoder_mixin: type = ToMeEncoder,
 ) -> nn.Module:
     """Patch a checked torchvision- or SWAG-layout ViT (``encoder.layers`` of ``EncoderBlock``s)."""
@@ -183,9 +188,8 @@ def patch_encoder_vit(
         lambda block: block_mixin,
         attention=lambda block: (block.self_attention, ToMeMultiheadAttention),
         encoder=(model.encoder, encoder_mixin),
+        settings=settings,
         protected_tokens=int(class_token),
-        trace_source=trace_source,
-        prop_attn=prop_attn,
         class_token=class_token,
     )
 
@@ -214,17 +218,21 @@ def check_supported(model: nn.Module) -> None:
         check_mha(block.self_attention, f"{own.__name__}.encoder.layers[{index}].self_attention", batch_first=True)
 
 
-@register_family("torchvision", is_torchvision_vit, priority=30)
-def torchvision(model: nn.Module, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+def torchvision(
+    model: nn.Module, trace_source: bool = KEEP, prop_attn: Optional[bool] = KEEP, **settings: Any
+) -> nn.Module:
     """Patch a torchvision Vision Transformer in place to merge tokens; set ``model.r`` after.
+
+    Called on a patched model, it changes only the settings given.
 
     Args:
         model: A ``torchvision.models.VisionTransformer`` (``vit_b_16``, ``vit_b_32``,
             ``vit_l_16``, ``vit_l_32``, ``vit_h_14``, any weights).
         trace_source: Track which original patches each token contains; read
-            ``model._tome_info["source"]`` after a forward.
+            ``tome.last_forward(model).source`` after a forward.
         prop_attn: Proportional attention (``log(size)`` added to attention logits);
-            keep it on for models trained without ToMe.
+            None: the default rule (on: :func:`tome.patch.default_prop_attn`).
+        **settings: The other settings, ``r`` and ``method`` (:class:`tome.patch.ToMeSettings`).
 
     Returns:
         The same model, patched. ``model.r`` starts at 0 (no merging).
@@ -232,6 +240,32 @@ def torchvision(model: nn.Module, trace_source: bool = False, prop_attn: bool = 
     Raises:
         TypeError: if the model, its encoder, a block or an attention layer is not
             something ToMe can run exactly (e.g. separate q/k/v projections).
+        ValueError: for an unknown setting or an invalid value.
     """
+    return configure(model, family="torchvision", caller="tome.patch.torchvision", trace_source=trace_source,
+                     prop_attn=prop_attn, **settings)
+
+
+def _patch(model: nn.Module, settings: ToMeSettings) -> nn.Module:
     check_supported(model)
-    return patch_encoder_vit(model, ToMeTorchvisionVisionTransformer, ToMeEncoderBlock, True, trace_source, prop_attn)
+    return patch_encoder_vit(model, ToMeTorchvisionVisionTransformer, ToMeEncoderBlock, True, settings)
+
+
+def _tiny_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=5).eval()
+
+
+register(FamilySpec(
+    name="torchvision",
+    detector=is_torchvision_vit,
+    patch=_patch,
+    priority=30,
+    exports=True,
+    traceable=True,
+    # Gradients off, nn.MultiheadAttention takes its fused fast path, another kernel than the
+    # patched model's scaled_dot_product_attention: equal to about 5e-7 (docs/families.md).
+    examples=lambda: (Example("vit", _tiny_vit, example_images, requires=("torchvision",), idle_atol=1e-5),),
+))
