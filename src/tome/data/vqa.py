@@ -46,6 +46,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "VQASample",
     "make_sample",
+    "answer_of",
     "prompt_text",
     "build_tokenizer",
     "build_qwen2_5_vl_processor",
@@ -209,6 +210,29 @@ def _scene_spec(rng: np.random.Generator, slice_name: str, answer: str) -> Tuple
     raise AssertionError(slice_name)
 
 
+def _draw_answer(index: int, split: str, seed: int) -> Tuple[str, str, np.random.Generator]:
+    """The slice and answer of sample ``index`` (the first draw of its stream), and the stream."""
+    slice_name = SLICES[index % len(SLICES)]
+    # Stream 1000 + split keeps this task's randomness apart from the shapes task's.
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 1000 + _shapes.SPLITS[split], index])
+    answers = ANSWERS[slice_name]
+    return slice_name, answers[int(rng.integers(len(answers)))], rng
+
+
+def answer_of(index: int, split: str = "train", seed: int = 0) -> Tuple[str, str]:
+    """``(slice, answer)`` of sample ``index`` without drawing its image (as :func:`make_sample` gives them).
+
+    Raises:
+        ValueError: for a negative index or an unknown split.
+    """
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"index must be a non-negative int, got {index!r}")
+    if split not in _shapes.SPLITS:
+        raise ValueError(f"split must be one of {list(_shapes.SPLITS)}, got {split!r}")
+    slice_name, answer, _ = _draw_answer(int(index), split, seed)
+    return slice_name, answer
+
+
 def make_sample(index: int, split: str = "train", seed: int = 0, image_size: int = 224) -> VQASample:
     """Generate sample ``index`` of the task: an image, a question and its one-word answer.
 
@@ -232,11 +256,7 @@ def make_sample(index: int, split: str = "train", seed: int = 0, image_size: int
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 64:
         raise ValueError(f"image_size must be an int >= 64, got {image_size!r}")
     index, size = int(index), int(image_size)
-    slice_name = SLICES[index % len(SLICES)]
-    # Stream 1000 + split keeps this task's randomness apart from the shapes task's.
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 1000 + _shapes.SPLITS[split], index])
-    answers = ANSWERS[slice_name]
-    answer = answers[int(rng.integers(len(answers)))]
+    slice_name, answer, rng = _draw_answer(index, split, seed)
     number = str(int(rng.integers(10))) if slice_name != "read" else answer
 
     image, _, _ = _shapes._background(rng, size)

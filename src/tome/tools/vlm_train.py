@@ -194,7 +194,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                unit="step")
     stopped_early = False
     while step < args.steps:
-        if time.time() > deadline:
+        if time.time() > deadline or (args.stop_at_step and step >= args.stop_at_step):
             stopped_early = True
             break
         first = step * args.batch_size
@@ -272,6 +272,8 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="minutes after which training stops and the final folder is written (0: none)")
+    parser.add_argument("--stop-at-step", type=int, default=0,
+                        help="stop this session at this step, as --time-limit does (0: run to --steps)")
     parser.add_argument("--resume", default="", help="'auto' (DIR/checkpoint.pt if present) or a checkpoint path")
     parser.add_argument("--overwrite", action="store_true", help="delete a run already in --output-dir")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
