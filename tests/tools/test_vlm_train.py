@@ -83,3 +83,16 @@ def test_add_parser_registers_vlm_train():
     vlm_train.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["vlm-train", "--arch", "llava", "--output-dir", "x"])
     assert args.func is vlm_train._run and args.steps > 0
+
+
+def test_resume_with_other_steps_stretches_the_schedule(tmp_path):
+    vlm_train.main(_argv(tmp_path, "llava", "--stop-at-step", "2"))
+    vlm_train.main(_argv(tmp_path, "llava", "--resume", "auto", "--steps", "6", "--val-every", "6"))
+    history = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    resumed = [e for e in history if e.get("event") == "resume"]
+    assert resumed and resumed[0]["schedule_steps"] == [4, 6] and resumed[0]["step"] == 2
+    steps = [e["step"] for e in history if "loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # At step 4 of 6 the cosine has not reached its floor (it would have, at the end of a 4-step run).
+    lr = {e["step"]: e["lr"] for e in history if "lr" in e}
+    assert lr[4] > lr[6] > 0

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .. import vlm_models
 from ..data import vqa
 
-__all__ = ["answer_questions", "add_parser", "main"]
+__all__ = ["answer_questions", "save_example_grid", "add_parser", "main"]
 
 
 def answer_questions(model: Any, processor: Any, indices: Sequence[int], seed: int = 0) -> List[Dict[str, Any]]:
@@ -46,6 +46,35 @@ def answer_questions(model: Any, processor: Any, indices: Sequence[int], seed: i
         rows.append({"index": index, "slice": sample.slice, "question": sample.question, "answer": sample.answer,
                      "predicted": predicted, "correct": predicted == sample.answer})
     return rows
+
+
+def save_example_grid(path: str, per_slice: int = 2, image_size: int = 224, seed: int = 0) -> None:
+    """Save a PNG of validation samples: one column per slice, each image captioned with its question and answer.
+
+    Args:
+        path: PNG file to write.
+        per_slice: Rows (samples per slice).
+        image_size: Image side in pixels.
+        seed: Seed of the task.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()  # PIL's built-in bitmap font: no font file needed
+    caption = 30
+    cell_w, cell_h = image_size + 8, image_size + caption + 8
+    grid = Image.new("RGB", (cell_w * len(vqa.SLICES), cell_h * per_slice), "white")
+    draw = ImageDraw.Draw(grid)
+    for column in range(len(vqa.SLICES)):
+        indices = range(column, column + per_slice * len(vqa.SLICES), len(vqa.SLICES))  # slice = index % 5
+        for row, index in enumerate(indices):
+            sample = vqa.make_sample(index, "val", seed, image_size)
+            x, y = column * cell_w + 4, row * cell_h + 4
+            grid.paste(vqa.to_pil(sample), (x, y))
+            words = sample.question.split()
+            lines = [" ".join(words[: (len(words) + 1) // 2]), " ".join(words[(len(words) + 1) // 2:])]
+            draw.text((x, y + image_size + 2), lines[0], fill="black", font=font)
+            draw.text((x, y + image_size + 15), f"{lines[1]}  -> {sample.answer}", fill="black", font=font)
+    grid.quantize(colors=256, dither=Image.Dither.NONE).save(path, optimize=True)  # a palette PNG: docs-sized
 
 
 def _run(args: argparse.Namespace) -> int:

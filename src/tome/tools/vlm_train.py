@@ -166,6 +166,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         step = int(state["step"])
+    # A resume with another --steps keeps the weights and the optimizer but stretches (or
+    # shortens) the cosine to the new length; the same --steps continues the run exactly.
+    rescheduled = resume is not None and scheduler.t_initial != args.steps
+    old_steps = scheduler.t_initial
+    scheduler.t_initial = args.steps
     scheduler.step_update(step)
 
     val = [vqa.make_sample(i, "val", args.seed, args.image_size) for i in range(args.val_samples)]
@@ -186,7 +191,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         log({"event": "start", "command": command, "args": {k: v for k, v in vars(args).items() if k != "argv"},
              "parameters": sum(p.numel() for p in model.parameters())})
     else:
-        log({"event": "resume", "step": step, "command": command})
+        log({"event": "resume", "step": step, "command": command,
+             **({"schedule_steps": [old_steps, args.steps]} if rescheduled else {})})
     model.train()
     deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
     window_loss, window_count, window_start = 0.0, 0, time.time()
