@@ -96,3 +96,16 @@ def test_resume_with_other_steps_stretches_the_schedule(tmp_path):
     # At step 4 of 6 the cosine has not reached its floor (it would have, at the end of a 4-step run).
     lr = {e["step"]: e["lr"] for e in history if "lr" in e}
     assert lr[4] > lr[6] > 0
+
+
+def test_history_plot_and_example_grid(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from tome.tools.vlm_demo import plot_history, save_example_grid
+
+    vlm_train.main(_argv(tmp_path / "run", "llava", "--steps", "2", "--val-every", "1"))
+    plot_history({"llava": str(tmp_path / "run" / "log.jsonl")}, str(tmp_path / "history.png"))
+    save_example_grid(str(tmp_path / "grid.png"), per_slice=1, image_size=64)
+    assert Image.open(tmp_path / "history.png").size[0] > 100
+    assert Image.open(tmp_path / "grid.png").size == (5 * (64 + 8), 64 + 30 + 8)

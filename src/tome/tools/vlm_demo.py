@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .. import vlm_models
 from ..data import vqa
 
-__all__ = ["answer_questions", "save_example_grid", "add_parser", "main"]
+__all__ = ["answer_questions", "save_example_grid", "plot_history", "add_parser", "main"]
 
 
 def answer_questions(model: Any, processor: Any, indices: Sequence[int], seed: int = 0) -> List[Dict[str, Any]]:
@@ -75,6 +75,37 @@ def save_example_grid(path: str, per_slice: int = 2, image_size: int = 224, seed
             draw.text((x, y + image_size + 2), lines[0], fill="black", font=font)
             draw.text((x, y + image_size + 15), f"{lines[1]}  -> {sample.answer}", fill="black", font=font)
     grid.quantize(colors=256, dither=Image.Dither.NONE).save(path, optimize=True)  # a palette PNG: docs-sized
+
+
+def plot_history(logs: Dict[str, str], path: str) -> None:
+    """Plot validation accuracy per slice against the training step, one panel per run.
+
+    Args:
+        logs: Panel title -> a run's ``log.jsonl`` (from :mod:`tome.tools.vlm_train`).
+        path: PNG file to write (needs matplotlib, the ``plot`` extra).
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(logs), figsize=(5.5 * len(logs), 3.6), squeeze=False)
+    for axis, (title, log) in zip(axes[0], logs.items()):
+        entries = [json.loads(line) for line in open(log)]
+        validations = {e["step"]: e["val"] for e in entries if "val" in e}  # a resumed step's last one wins
+        steps = sorted(validations)
+        for name in vqa.SLICES:
+            axis.plot(steps, [100 * validations[s]["slices"][name] for s in steps], marker=".", label=name)
+            axis.axhline(100 / len(vqa.ANSWERS[name]), color=axis.lines[-1].get_color(), lw=0.6, ls=":")
+        axis.plot(steps, [100 * validations[s]["overall"] for s in steps], color="black", lw=2, label="overall")
+        axis.set(title=title, xlabel="training step (16 questions each)", ylabel="val accuracy %", ylim=(0, 100))
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _run(args: argparse.Namespace) -> int:
