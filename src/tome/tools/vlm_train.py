@@ -1,0 +1,316 @@
+"""Train a small VLM (:mod:`tome.vlm_models`) on the generated question task (:mod:`tome.data.vqa`).
+
+``python -m tome.tools.vlm_train --arch qwen2_5_vl --output-dir DIR --steps N`` trains with
+AdamW and a warm-up + cosine schedule (``timm.scheduler.CosineLRScheduler``), the loss on the
+answer word and ``<eos>`` only (teacher forcing), validation accuracy per slice every
+``--val-every`` steps, checkpoints that resume exactly (``--resume auto``), a tqdm progress bar
+and a ``log.jsonl`` history. At the end ``DIR/final`` is a ``save_pretrained`` folder
+(safetensors, config, tokenizer and processor files, and a model card ``README.md`` with the
+command and the accuracy per slice) that ``from_pretrained`` loads offline.
+
+Training batch ``s`` holds samples ``s * batch_size ... (s + 1) * batch_size - 1`` of the
+train split, so the data order is a function of the step alone and a resumed run sees the
+samples the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .. import vlm_models
+from ..data import vqa
+
+__all__ = ["train", "evaluate", "add_parser", "main"]
+
+_CHECKPOINT = "checkpoint.pt"
+
+
+def _batch(processor: Any, arch: str, samples: Sequence[vqa.VQASample], with_answers: bool) -> Dict[str, torch.Tensor]:
+    """Processor inputs for ``samples``; with answers, ``labels`` are -100 except the answer word and ``<eos>``."""
+    texts = [vqa.prompt_text(s.question, arch, s.answer if with_answers else None) for s in samples]
+    inputs = processor(text=texts, images=[vqa.to_pil(s) for s in samples], return_tensors="pt", padding=True)
+    if with_answers:
+        labels = torch.full_like(inputs["input_ids"], -100)
+        # Left padding: the answer word and <eos> are the last two tokens of every row.
+        labels[:, -2:] = inputs["input_ids"][:, -2:]
+        inputs["labels"] = labels
+    return dict(inputs)
+
+
+@torch.no_grad()
+def evaluate(model: Any, processor: Any, arch: str, samples: Sequence[vqa.VQASample], batch_size: int = 32,
+             generate: bool = False) -> Dict[str, Any]:
+    """Accuracy per slice on ``samples``: the greedy first answer token against the answer.
+
+    Args:
+        model: A model of :mod:`tome.vlm_models`.
+        processor: Its processor.
+        arch: ``"qwen2_5_vl"`` or ``"llava"``.
+        samples: Questions of the task.
+        batch_size: Questions per forward.
+        generate: Answer through ``model.generate`` (2 new tokens, greedy) instead of one
+            forward's last logits (the same first token; slower, the real path).
+
+    Returns:
+        ``{"overall": accuracy, "slices": {slice: accuracy}, "count": {slice: questions}}``.
+    """
+    was_training = model.training
+    model.eval()
+    correct: Dict[str, int] = {}
+    total: Dict[str, int] = {}
+    tokenizer = processor.tokenizer
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        inputs = _batch(processor, arch, chunk, with_answers=False)
+        if generate:
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            predicted = [tokenizer.decode(row[inputs["input_ids"].shape[1]:][:1]).strip() for row in out]
+        else:
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+            predicted = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        for sample, answer in zip(chunk, predicted):
+            total[sample.slice] = total.get(sample.slice, 0) + 1
+            correct[sample.slice] = correct.get(sample.slice, 0) + int(answer == sample.answer)
+    model.train(was_training)
+    slices = {name: correct[name] / total[name] for name in vqa.SLICES if name in total}
+    overall = sum(correct.values()) / max(1, sum(total.values()))
+    return {"overall": overall, "slices": slices, "count": {name: total[name] for name in slices}}
+
+
+def _rng_state() -> Dict[str, torch.Tensor]:
+    return {"torch": torch.get_rng_state()}
+
+
+def _model_card(args: argparse.Namespace, history: List[Dict[str, Any]], final: Dict[str, Any],
+                command: str) -> str:
+    rows = "\n".join(f"| {name} | {100 * final['slices'][name]:.1f} | {100 / len(vqa.ANSWERS[name]):.1f} | "
+                     f"{final['count'][name]} |" for name in final["slices"])
+    steps = max((entry["step"] for entry in history if "loss" in entry), default=0)
+    arch_name = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
+    return f"""# {args.arch} on the tome generated question task
+
+A `{arch_name[args.arch]}` of size `{args.size}` (tome.vlm_models.SIZES), trained from random weights
+on CPU on `tome.data.vqa` (seed {args.seed}, {args.image_size} px images), by:
+
+```
+{command}
+```
+
+{steps} optimizer steps of {args.batch_size} questions (the run's history is `log.jsonl`).
+Validation: {sum(final['count'].values())} questions of the val split, greedy answer through `model.generate`.
+
+Overall accuracy: **{100 * final['overall']:.1f} %**
+
+| slice | accuracy % | chance % | questions |
+|---|---|---|---|
+{rows}
+
+Load offline with `tome.vlm_models.load_demo_vlm(...)` or `from_pretrained(this folder)`;
+prompts are `tome.data.vqa.prompt_text(question, "{args.arch}")`.
+"""
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run (or resume) one training run as ``args`` (from :func:`add_parser`'s options) says.
+
+    Returns:
+        The final validation result (:func:`evaluate`, through ``generate``).
+
+    Raises:
+        ValueError: for an output directory that holds a run, without ``--resume`` or
+            ``--overwrite``; for ``--resume`` of a checkpoint that is not there.
+    """
+    from timm.scheduler import CosineLRScheduler
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    checkpoint_path = out / _CHECKPOINT
+    resume: Optional[Path] = None
+    if args.resume == "auto":
+        resume = checkpoint_path if checkpoint_path.is_file() else None
+    elif args.resume:
+        resume = Path(args.resume)
+        if not resume.is_file():
+            raise ValueError(f"--resume {args.resume!r}: no checkpoint file there")
+    if resume is None and out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise ValueError(f"output directory {str(out)!r} already holds a run; pass --resume auto to continue "
+                             "it or --overwrite to start over")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model = vlm_models.build_model(args.arch, args.size, seed=args.seed)
+    processor = vlm_models.build_processor(args.arch, args.image_size)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
+                                  warmup_lr_init=args.lr * 0.01, t_in_epochs=False)
+    step = 0
+    if resume is not None:
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step = int(state["step"])
+    # A resume with another --steps keeps the weights and the optimizer but stretches (or
+    # shortens) the cosine to the new length; the same --steps continues the run exactly.
+    rescheduled = resume is not None and scheduler.t_initial != args.steps
+    old_steps = scheduler.t_initial
+    scheduler.t_initial = args.steps
+    scheduler.step_update(step)
+
+    val = [vqa.make_sample(i, "val", args.seed, args.image_size) for i in range(args.val_samples)]
+    log_path = out / "log.jsonl"
+    command = "python -m tome.tools.vlm_train " + " ".join(shlex.quote(a) for a in args.argv)
+
+    def log(entry: Dict[str, Any]) -> None:
+        with log_path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def save() -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step}
+        torch.save(state, checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+
+    if resume is None:
+        log({"event": "start", "command": command, "args": {k: v for k, v in vars(args).items() if k != "argv"},
+             "parameters": sum(p.numel() for p in model.parameters())})
+    else:
+        log({"event": "resume", "step": step, "command": command,
+             **({"schedule_steps": [old_steps, args.steps]} if rescheduled else {})})
+    model.train()
+    deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
+    window_loss, window_count, window_start = 0.0, 0, time.time()
+    bar = tqdm(total=args.steps, initial=step, desc=f"train {args.arch}", disable=None if args.progress else True,
+               unit="step")
+    stopped_early = False
+    while step < args.steps:
+        if time.time() > deadline or (args.stop_at_step and step >= args.stop_at_step):
+            stopped_early = True
+            break
+        first = step * args.batch_size
+        samples = [vqa.make_sample(first + i, "train", args.seed, args.image_size) for i in range(args.batch_size)]
+        inputs = _batch(processor, args.arch, samples, with_answers=True)
+        loss = model(**inputs).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        step += 1
+        scheduler.step_update(step)
+        window_loss += loss.item()
+        window_count += 1
+        bar.update()
+        if step % args.log_every == 0 or step == args.steps:
+            elapsed = time.time() - window_start
+            entry = {"step": step, "loss": window_loss / window_count, "lr": optimizer.param_groups[0]["lr"],
+                     "samples_per_s": window_count * args.batch_size / elapsed, "time": time.time()}
+            log(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", sps=f"{entry['samples_per_s']:.1f}")
+            window_loss, window_count, window_start = 0.0, 0, time.time()
+        if step % args.val_every == 0 or step == args.steps:
+            result = evaluate(model, processor, args.arch, val, args.eval_batch_size)
+            log({"step": step, "val": result, "time": time.time()})
+            bar.write(f"step {step}: val {100 * result['overall']:.1f}% "
+                      + " ".join(f"{k} {100 * v:.0f}" for k, v in result["slices"].items()))
+            window_start = time.time()  # validation time is not training throughput
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save()
+    bar.close()
+    save()
+    final = evaluate(model, processor, args.arch, val, args.eval_batch_size, generate=True)
+    log({"event": "final", "step": step, "val_generate": final, "stopped_early": stopped_early,
+         "time": time.time()})
+    folder = out / "final"
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    history = [json.loads(line) for line in log_path.read_text().splitlines()]
+    (folder / "README.md").write_text(_model_card(args, history, final, command))
+    shutil.copy(log_path, folder / "log.jsonl")
+    (folder / "val_accuracy.json").write_text(json.dumps({"step": step, **final}, indent=2) + "\n")
+    return final
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--arch", choices=vlm_models.ARCHS, required=True, help="model architecture")
+    parser.add_argument("--output-dir", required=True, help="run directory (checkpoint, log.jsonl, final/)")
+    parser.add_argument("--size", choices=tuple(vlm_models.SIZES), default="small",
+                        help="model widths (default: %(default)s; tiny is for tests)")
+    parser.add_argument("--steps", type=_positive_int, default=3000, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="questions per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
+    parser.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (default: %(default)s)")
+    parser.add_argument("--image-size", type=_positive_int, default=224,
+                        help="image side in px; a multiple of 28 for qwen2_5_vl, 224 for llava (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task and the initial weights")
+    parser.add_argument("--val-samples", type=_positive_int, default=250,
+                        help="validation questions (default: %(default)s)")
+    parser.add_argument("--val-every", type=_positive_int, default=250, help="steps between validations")
+    parser.add_argument("--eval-batch-size", type=_positive_int, default=50, help="questions per validation forward")
+    parser.add_argument("--log-every", type=_positive_int, default=25, help="steps between log.jsonl entries")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=0.0,
+                        help="minutes after which training stops and the final folder is written (0: none)")
+    parser.add_argument("--stop-at-step", type=int, default=0,
+                        help="stop this session at this step, as --time-limit does (0: run to --steps)")
+    parser.add_argument("--resume", default="", help="'auto' (DIR/checkpoint.pt if present) or a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true", help="delete a run already in --output-dir")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not hasattr(args, "argv"):
+        args.argv = []
+    final = train(args)
+    print(json.dumps(final))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``tome vlm-train`` (the lead wires it into ``tome.cli``)."""
+    parser = subparsers.add_parser("vlm-train", help="train a small VLM on the generated question task",
+                                   description=__doc__.split("\n\n")[0])
+    _build_parser(parser)
+    parser.set_defaults(func=_run)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m tome.tools.vlm_train ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(argparse.ArgumentParser(prog="python -m tome.tools.vlm_train",
+                                                   description=__doc__.split("\n\n")[0]))
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return _run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

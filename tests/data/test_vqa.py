@@ -1,0 +1,157 @@
+"""The generated question task, its tokenizer and its processors (tome.data.vqa)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tome.data import vqa
+
+pytest.importorskip("transformers")
+
+
+def _digest(sample: vqa.VQASample) -> str:
+    return hashlib.md5(sample.image.tobytes() + f"{sample.question}|{sample.answer}".encode()).hexdigest()
+
+
+def test_a_sample_is_a_pure_function_of_seed_split_and_index():
+    first = vqa.make_sample(7, "train", seed=3, image_size=112)
+    again = vqa.make_sample(7, "train", seed=3, image_size=112)
+    assert _digest(first) == _digest(again) and first.objects == again.objects
+    assert first.image.shape == (112, 112, 3) and first.image.dtype == np.uint8
+    assert _digest(vqa.make_sample(7, "train", seed=4, image_size=112)) != _digest(first)
+    assert _digest(vqa.make_sample(12, "train", seed=3, image_size=112)) != _digest(first)
+
+
+def test_splits_never_share_a_sample():
+    train = {_digest(vqa.make_sample(i, "train", image_size=64)) for i in range(15)}
+    val = {_digest(vqa.make_sample(i, "val", image_size=64)) for i in range(15)}
+    assert len(train) == len(val) == 15 and not train & val
+
+
+def test_slices_rotate_and_answers_are_balanced():
+    drawn = [vqa.answer_of(i, "val") for i in range(5000)]
+    assert [s for s, _ in drawn[:10]] == list(vqa.SLICES) * 2
+    for name in vqa.SLICES:
+        counts = Counter(answer for s, answer in drawn if s == name)
+        assert set(counts) == set(vqa.ANSWERS[name]), name
+        expected = 1000 / len(vqa.ANSWERS[name])
+        # Binomial spread: within 4 standard deviations of a uniform draw.
+        assert all(abs(c - expected) < 4 * np.sqrt(expected) for c in counts.values()), (name, counts)
+    # answer_of is what make_sample answers, without drawing the image.
+    for i in (0, 1, 2, 3, 4, 123):
+        sample = vqa.make_sample(i, "val", image_size=64)
+        assert (sample.slice, sample.answer) == vqa.answer_of(i, "val")
+
+
+def test_every_answer_is_true_of_its_scene():
+    for i in range(40):
+        s = vqa.make_sample(i, "train", seed=1, image_size=112)
+        by_shape = {shape: (colour, x, y) for shape, colour, x, y, _ in s.objects}
+        assert len(by_shape) == len(s.objects)  # shapes are distinct, "the circle" is unique
+        assert 1 <= len(s.objects) <= 4 and set(s.question.split()) <= set(vqa.VOCAB)
+        words = s.question.split()
+        if s.slice == "count":
+            assert s.answer == str(len(s.objects))
+        elif s.slice == "exist":
+            colour, shape = words[3], words[4]
+            present = by_shape.get(shape, (None,))[0] == colour
+            assert s.answer == ("yes" if present else "no")
+            if not present:  # adversarial: the shape or the colour is in the scene
+                assert shape in by_shape or colour in {c for c, _, _ in by_shape.values()}
+        elif s.slice == "colour":
+            assert by_shape[words[4]][0] == s.answer
+        elif s.slice == "spatial":
+            (_, x0, y0), (_, x1, y1) = by_shape[words[3]], by_shape[words[7]]
+            dx, dy = x0 - x1, y0 - y1
+            along = {"left": -dx, "right": dx, "above": -dy, "below": dy}[s.answer]
+            across = abs(dy) if s.answer in ("left", "right") else abs(dx)
+            assert along > 0 and 2 * across <= along
+        else:
+            assert s.slice == "read" and s.answer == s.number and s.answer in vqa.ANSWERS["read"]
+
+
+def test_the_number_plate_is_drawn_with_the_bitmap_font():
+    # The same scene with another digit differs only inside the small plate.
+    sample = vqa.make_sample(4, "val", image_size=224)  # a read question
+    assert sample.slice == "read"
+    image = sample.image.astype(np.float32) / 255
+    bright = (image.min(axis=2) > 0.85)
+    ys, xs = np.nonzero(bright)
+    # The ink is a 3x5 glyph at 3 px per font pixel: at most 9 x 15 px of near-white pixels.
+    assert len(ys) > 0 and ys.max() - ys.min() < 15 + 1 and xs.max() - xs.min() < 9 + 1
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="index"):
+        vqa.make_sample(-1)
+    with pytest.raises(ValueError, match="split"):
+        vqa.make_sample(0, "test")
+    with pytest.raises(ValueError, match="image_size"):
+        vqa.make_sample(0, image_size=32)
+    with pytest.raises(ValueError, match="arch"):
+        vqa.prompt_text("how many shapes are there ?", "blip")
+    with pytest.raises(ValueError, match="multiple of 28"):
+        vqa.build_qwen2_5_vl_processor(100)
+    with pytest.raises(ValueError, match="image_token"):
+        vqa.build_tokenizer("<img>")
+
+
+def test_the_tokenizer_is_word_level_with_special_tokens():
+    tokenizer = vqa.build_tokenizer()
+    assert len(tokenizer) == len(vqa.VOCAB) and tokenizer.pad_token_id == 0
+    ids = tokenizer(vqa.prompt_text("what colour is the star ?", "qwen2_5_vl", "red")).input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == [vqa.VISION_START, vqa.IMAGE_TOKEN, vqa.VISION_END, "what",
+                                                    "colour", "is", "the", "star", "?", "red", vqa.EOS]
+    assert tokenizer.decode(ids[3:9]) == "what colour is the star ?"
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a zebra").input_ids) == ["a", vqa.UNK]
+    assert tokenizer.image_token == vqa.IMAGE_TOKEN
+    assert vqa.build_tokenizer(vqa.LLAVA_IMAGE_TOKEN).image_token == vqa.LLAVA_IMAGE_TOKEN
+
+
+@pytest.mark.parametrize("image_size, tokens", [(224, 64), (448, 256)])
+def test_qwen_processor_expands_the_placeholder_to_the_merged_grid(image_size, tokens):
+    processor = vqa.build_qwen2_5_vl_processor(image_size)
+    samples = [vqa.make_sample(i, "val", image_size=image_size) for i in range(2)]
+    inputs = processor(text=[vqa.prompt_text(s.question, "qwen2_5_vl") for s in samples],
+                       images=[vqa.to_pil(s) for s in samples], return_tensors="pt", padding=True)
+    side = image_size // 14
+    assert inputs["image_grid_thw"].tolist() == [[1, side, side]] * 2
+    assert tuple(inputs["pixel_values"].shape) == (2 * side * side, 3 * 2 * 14 * 14)
+    image_id = processor.tokenizer.convert_tokens_to_ids(vqa.IMAGE_TOKEN)
+    is_image = inputs["input_ids"] == image_id
+    assert is_image.sum(dim=1).tolist() == [tokens, tokens]
+    # mm_token_type_ids marks exactly the placeholders (1 = image); Qwen's 3-D positions come from it.
+    assert inputs["mm_token_type_ids"].tolist() == is_image.long().tolist()
+    # Left padding: the prompts end together.
+    assert (inputs["input_ids"][:, -1] == processor.tokenizer.convert_tokens_to_ids("?")).all()
+
+
+def test_llava_processor_expands_the_placeholder_to_the_patch_grid():
+    processor = vqa.build_llava_processor(224, patch_size=28)
+    sample = vqa.make_sample(0, "val", image_size=224)
+    inputs = processor(text=vqa.prompt_text(sample.question, "llava"), images=vqa.to_pil(sample), return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 224, 224)
+    image_id = processor.tokenizer.convert_tokens_to_ids(vqa.LLAVA_IMAGE_TOKEN)
+    assert int((inputs["input_ids"] == image_id).sum()) == 64
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_processor_round_trips_through_a_folder(tmp_path, arch):
+    from transformers import AutoProcessor
+
+    processor = vqa.build_qwen2_5_vl_processor(224) if arch == "qwen2_5_vl" else vqa.build_llava_processor(224)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    assert type(loaded) is type(processor)
+    sample = vqa.make_sample(3, "val", image_size=224)
+    text = vqa.prompt_text(sample.question, arch, sample.answer)
+    before = processor(text=text, images=vqa.to_pil(sample), return_tensors="pt")
+    after = loaded(text=text, images=vqa.to_pil(sample), return_tensors="pt")
+    assert set(before) == set(after)
+    for key in before:
+        assert before[key].equal(after[key]), key
+    assert loaded.tokenizer.padding_side == "left" and len(loaded.tokenizer) == len(vqa.VOCAB)

@@ -1,0 +1,111 @@
+"""Training a tiny VLM on the question task: resume is exact, runs are not overwritten, the final folder loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+from tome.tools import vlm_train  # noqa: E402
+
+
+def _argv(out, arch="qwen2_5_vl", *extra):
+    size = "112" if arch == "qwen2_5_vl" else "224"
+    return ["--arch", arch, "--size", "tiny", "--output-dir", str(out), "--steps", "4", "--batch-size", "2",
+            "--image-size", size, "--val-samples", "5", "--val-every", "2", "--log-every", "1",
+            "--checkpoint-every", "1", "--warmup", "1", "--eval-batch-size", "5", "--no-progress", *extra]
+
+
+def _weights(path):
+    return torch.load(path / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, arch, capsys):
+    vlm_train.main(_argv(tmp_path / "whole", arch))
+    vlm_train.main(_argv(tmp_path / "split", arch, "--stop-at-step", "2"))
+    assert _weights(tmp_path / "split")["step"] == 2
+    vlm_train.main(_argv(tmp_path / "split", arch, "--resume", "auto"))
+    whole, split = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert whole["step"] == split["step"] == 4
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    assert whole["optimizer"]["state"][0]["exp_avg"].equal(split["optimizer"]["state"][0]["exp_avg"])
+    # The weights did move, and the losses of steps 3-4 are the same in both histories.
+    losses = [{e["step"]: e["loss"] for e in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())
+               if "loss" in e} for d in ("whole", "split")]
+    assert losses[0][3] == losses[1][3] and losses[0][4] == losses[1][4]
+    assert losses[0][4] != losses[0][1]
+
+
+def test_final_folder_loads_offline_and_generates(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tome.data import vqa
+
+    vlm_train.main(_argv(tmp_path, "qwen2_5_vl"))
+    folder = tmp_path / "final"
+    card = (folder / "README.md").read_text()
+    assert "python -m tome.tools.vlm_train --arch qwen2_5_vl" in card
+    for name in vqa.SLICES:
+        assert f"| {name} |" in card
+    assert (folder / "model.safetensors").is_file() and (folder / "log.jsonl").is_file()
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    sample = vqa.make_sample(0, "val", image_size=112)
+    inputs = processor(text=vqa.prompt_text(sample.question, "qwen2_5_vl"), images=vqa.to_pil(sample),
+                       return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 2
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 16  # 112 px: 4 x 4 merged tokens
+    recorded = json.loads((folder / "val_accuracy.json").read_text())
+    assert recorded["step"] == 4 and set(recorded["slices"]) == set(vqa.SLICES)
+
+
+def test_a_run_is_never_overwritten_by_accident(tmp_path):
+    vlm_train.main(_argv(tmp_path, "llava", "--steps", "1", "--val-every", "1"))
+    with pytest.raises(ValueError, match="--resume auto.*--overwrite"):
+        vlm_train.main(_argv(tmp_path, "llava", "--steps", "1"))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        vlm_train.main(_argv(tmp_path, "llava", "--resume", str(tmp_path / "missing.pt")))
+    vlm_train.main(_argv(tmp_path, "llava", "--steps", "1", "--val-every", "1", "--overwrite"))
+    starts = [e for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if e.get("event") == "start"]
+    assert len(starts) == 1  # the old history went with the old run
+
+
+def test_add_parser_registers_vlm_train():
+    parser = argparse.ArgumentParser()
+    vlm_train.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["vlm-train", "--arch", "llava", "--output-dir", "x"])
+    assert args.func is vlm_train._run and args.steps > 0
+
+
+def test_resume_with_other_steps_stretches_the_schedule(tmp_path):
+    vlm_train.main(_argv(tmp_path, "llava", "--stop-at-step", "2"))
+    vlm_train.main(_argv(tmp_path, "llava", "--resume", "auto", "--steps", "6", "--val-every", "6"))
+    history = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    resumed = [e for e in history if e.get("event") == "resume"]
+    assert resumed and resumed[0]["schedule_steps"] == [4, 6] and resumed[0]["step"] == 2
+    steps = [e["step"] for e in history if "loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # At step 4 of 6 the cosine has not reached its floor (it would have, at the end of a 4-step run).
+    lr = {e["step"]: e["lr"] for e in history if "lr" in e}
+    assert lr[4] > lr[6] > 0
+
+
+def test_history_plot_and_example_grid(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from tome.tools.vlm_demo import plot_history, save_example_grid
+
+    vlm_train.main(_argv(tmp_path / "run", "llava", "--steps", "2", "--val-every", "1"))
+    plot_history({"llava": str(tmp_path / "run" / "log.jsonl")}, str(tmp_path / "history.png"))
+    save_example_grid(str(tmp_path / "grid.png"), per_slice=1, image_size=64)
+    assert Image.open(tmp_path / "history.png").size[0] > 100
+    assert Image.open(tmp_path / "grid.png").size == (5 * (64 + 8), 64 + 30 + 8)
