@@ -68,6 +68,7 @@ def test_final_folder_loads_offline_and_generates(tmp_path):
 
 
 def test_a_run_is_never_overwritten_by_accident(tmp_path):
+    (tmp_path / "notes.txt").write_text("the user's own file")
     vlm_train.main(_argv(tmp_path, "llava", "--steps", "1", "--val-every", "1"))
     with pytest.raises(ValueError, match="--resume auto.*--overwrite"):
         vlm_train.main(_argv(tmp_path, "llava", "--steps", "1"))
@@ -76,6 +77,7 @@ def test_a_run_is_never_overwritten_by_accident(tmp_path):
     vlm_train.main(_argv(tmp_path, "llava", "--steps", "1", "--val-every", "1", "--overwrite"))
     starts = [e for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if e.get("event") == "start"]
     assert len(starts) == 1  # the old history went with the old run
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"  # --overwrite deletes the run's files only
 
 
 def test_add_parser_registers_vlm_train():

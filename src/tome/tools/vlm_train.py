@@ -16,6 +16,8 @@ samples the uninterrupted run would.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import shlex
@@ -23,7 +25,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -120,6 +122,76 @@ prompts are `tome.data.vqa.prompt_text(question, "{args.arch}")`.
 """
 
 
+_RUN_FILES = (_CHECKPOINT, "log.jsonl", "final")
+"""What a run writes into its output directory: all that ``--overwrite`` deletes."""
+
+
+def _prepare_output(args: argparse.Namespace) -> Tuple[Path, Optional[Path]]:
+    """The output directory (created) and the checkpoint to resume from, if any.
+
+    Raises:
+        ValueError: for a directory that holds a run without ``--resume``/``--overwrite``,
+            or a ``--resume`` path that is not a file.
+    """
+    out = Path(args.output_dir)
+    checkpoint_path = out / _CHECKPOINT
+    resume: Optional[Path] = None
+    if args.resume == "auto":
+        resume = checkpoint_path if checkpoint_path.is_file() else None
+    elif args.resume:
+        resume = Path(args.resume)
+        if not resume.is_file():
+            raise ValueError(f"--resume {args.resume!r}: no checkpoint file there")
+    found = [name for name in _RUN_FILES if (out / name).exists()]
+    if resume is None and found:
+        if not args.overwrite:
+            raise ValueError(f"output directory {str(out)!r} already holds a run ({', '.join(found)}); pass "
+                             "--resume auto to continue it or --overwrite to start over")
+        for name in found:  # only the run's own files: anything else in the directory stays
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, resume
+
+
+def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no weight decay on vectors and embeddings) and timm's cosine schedule with warmup."""
+    from timm.scheduler import CosineLRScheduler
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
+                                  warmup_lr_init=args.lr * 0.01, t_in_epochs=False)
+    return optimizer, scheduler
+
+
+def _restore(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    """Load a checkpoint (weights only) into the run; returns its step."""
+    state = torch.load(resume, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["step"])
+
+
+def _save_final(out: Path, args: argparse.Namespace, model: Any, processor: Any, final: Dict[str, Any],
+                step: int, command: str) -> None:
+    """The ``final/`` folder: save_pretrained weights and processor, model card, history, accuracy."""
+    folder = out / "final"
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    log_path = out / "log.jsonl"
+    history = [json.loads(line) for line in log_path.read_text().splitlines()]
+    (folder / "README.md").write_text(_model_card(args, history, final, command))
+    shutil.copy(log_path, folder / "log.jsonl")
+    (folder / "val_accuracy.json").write_text(json.dumps({"step": step, **final}, indent=2) + "\n")
+
+
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run (or resume) one training run as ``args`` (from :func:`add_parser`'s options) says.
 
@@ -130,42 +202,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         ValueError: for an output directory that holds a run, without ``--resume`` or
             ``--overwrite``; for ``--resume`` of a checkpoint that is not there.
     """
-    from timm.scheduler import CosineLRScheduler
-    from tqdm import tqdm
-
     torch.set_num_threads(args.threads)
-    out = Path(args.output_dir)
-    checkpoint_path = out / _CHECKPOINT
-    resume: Optional[Path] = None
-    if args.resume == "auto":
-        resume = checkpoint_path if checkpoint_path.is_file() else None
-    elif args.resume:
-        resume = Path(args.resume)
-        if not resume.is_file():
-            raise ValueError(f"--resume {args.resume!r}: no checkpoint file there")
-    if resume is None and out.is_dir() and any(out.iterdir()):
-        if not args.overwrite:
-            raise ValueError(f"output directory {str(out)!r} already holds a run; pass --resume auto to continue "
-                             "it or --overwrite to start over")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    out, resume = _prepare_output(args)
     model = vlm_models.build_model(args.arch, args.size, seed=args.seed)
     processor = vlm_models.build_processor(args.arch, args.image_size)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
-                                  warmup_lr_init=args.lr * 0.01, t_in_epochs=False)
-    step = 0
-    if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        step = int(state["step"])
+    optimizer, scheduler = _optimizer(model, args)
+    step = 0 if resume is None else _restore(resume, model, optimizer, scheduler)
     # A resume with another --steps keeps the weights and the optimizer but stretches (or
     # shortens) the cosine to the new length; the same --steps continues the run exactly.
     rescheduled = resume is not None and scheduler.t_initial != args.steps
@@ -174,78 +216,101 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     scheduler.step_update(step)
 
     val = [vqa.make_sample(i, "val", args.seed, args.image_size) for i in range(args.val_samples)]
-    log_path = out / "log.jsonl"
     command = "python -m tome.tools.vlm_train " + " ".join(shlex.quote(a) for a in args.argv)
-
-    def log(entry: Dict[str, Any]) -> None:
-        with log_path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-
-    def save() -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step}
-        torch.save(state, checkpoint_path.with_suffix(".tmp"))
-        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
-
+    log = functools.partial(_log, out / "log.jsonl")
     if resume is None:
         log({"event": "start", "command": command, "args": {k: v for k, v in vars(args).items() if k != "argv"},
              "parameters": sum(p.numel() for p in model.parameters())})
     else:
         log({"event": "resume", "step": step, "command": command,
              **({"schedule_steps": [old_steps, args.steps]} if rescheduled else {})})
-    model.train()
-    deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
-    window_loss, window_count, window_start = 0.0, 0, time.time()
-    bar = tqdm(total=args.steps, initial=step, desc=f"train {args.arch}", disable=None if args.progress else True,
-               unit="step")
-    stopped_early = False
-    while step < args.steps:
-        if time.time() > deadline or (args.stop_at_step and step >= args.stop_at_step):
-            stopped_early = True
-            break
-        first = step * args.batch_size
-        samples = [vqa.make_sample(first + i, "train", args.seed, args.image_size) for i in range(args.batch_size)]
-        inputs = _batch(processor, args.arch, samples, with_answers=True)
-        loss = model(**inputs).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
-        step += 1
-        scheduler.step_update(step)
-        window_loss += loss.item()
-        window_count += 1
-        bar.update()
-        if step % args.log_every == 0 or step == args.steps:
-            elapsed = time.time() - window_start
-            entry = {"step": step, "loss": window_loss / window_count, "lr": optimizer.param_groups[0]["lr"],
-                     "samples_per_s": window_count * args.batch_size / elapsed, "time": time.time()}
-            log(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", sps=f"{entry['samples_per_s']:.1f}")
-            window_loss, window_count, window_start = 0.0, 0, time.time()
-        if step % args.val_every == 0 or step == args.steps:
-            result = evaluate(model, processor, args.arch, val, args.eval_batch_size)
-            log({"step": step, "val": result, "time": time.time()})
-            bar.write(f"step {step}: val {100 * result['overall']:.1f}% "
-                      + " ".join(f"{k} {100 * v:.0f}" for k, v in result["slices"].items()))
-            window_start = time.time()  # validation time is not training throughput
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            save()
-    bar.close()
-    save()
+    run = _Run(args, model, processor, optimizer, scheduler, out / _CHECKPOINT, val, log)
+    step, stopped_early = run.loop(step)
     final = evaluate(model, processor, args.arch, val, args.eval_batch_size, generate=True)
     log({"event": "final", "step": step, "val_generate": final, "stopped_early": stopped_early,
          "time": time.time()})
-    folder = out / "final"
-    if folder.exists():
-        shutil.rmtree(folder)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    history = [json.loads(line) for line in log_path.read_text().splitlines()]
-    (folder / "README.md").write_text(_model_card(args, history, final, command))
-    shutil.copy(log_path, folder / "log.jsonl")
-    (folder / "val_accuracy.json").write_text(json.dumps({"step": step, **final}, indent=2) + "\n")
+    _save_final(out, args, model, processor, final, step, command)
     return final
+
+
+def _log(path: Path, entry: Dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the training loop works on."""
+
+    args: argparse.Namespace
+    model: Any
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    checkpoint_path: Path
+    val: List[Any]
+    log: Callable[[Dict[str, Any]], None]
+
+    def save(self, step: int) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": step}
+        torch.save(state, self.checkpoint_path.with_suffix(".tmp"))
+        self.checkpoint_path.with_suffix(".tmp").replace(self.checkpoint_path)
+
+    def step(self, step: int) -> float:
+        """One optimizer step on the batch of training questions at ``step``; returns the loss."""
+        args = self.args
+        first = step * args.batch_size
+        samples = [vqa.make_sample(first + i, "train", args.seed, args.image_size) for i in range(args.batch_size)]
+        loss = self.model(**_batch(self.processor, args.arch, samples, with_answers=True)).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step_update(step + 1)
+        return loss.item()
+
+    def loop(self, step: int) -> Tuple[int, bool]:
+        """Train from ``step`` to ``--steps`` (or the time limit / ``--stop-at-step``), logging,
+        validating and checkpointing on the way; returns the step reached and whether it stopped early."""
+        from tqdm import tqdm
+
+        args = self.args
+        self.model.train()
+        deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
+        window_loss, window_count, window_start = 0.0, 0, time.time()
+        bar = tqdm(total=args.steps, initial=step, desc=f"train {args.arch}", disable=None if args.progress else True,
+                   unit="step")
+        stopped_early = False
+        while step < args.steps:
+            if time.time() > deadline or (args.stop_at_step and step >= args.stop_at_step):
+                stopped_early = True
+                break
+            window_loss += self.step(step)
+            step += 1
+            window_count += 1
+            bar.update()
+            if step % args.log_every == 0 or step == args.steps:
+                elapsed = time.time() - window_start
+                entry = {"step": step, "loss": window_loss / window_count, "lr": self.optimizer.param_groups[0]["lr"],
+                         "samples_per_s": window_count * args.batch_size / elapsed, "time": time.time()}
+                self.log(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", sps=f"{entry['samples_per_s']:.1f}")
+                window_loss, window_count, window_start = 0.0, 0, time.time()
+            if step % args.val_every == 0 or step == args.steps:
+                self.validate(step, bar)
+                window_start = time.time()  # validation time is not training throughput
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                self.save(step)
+        bar.close()
+        self.save(step)
+        return step, stopped_early
+
+    def validate(self, step: int, bar: Any) -> None:
+        result = evaluate(self.model, self.processor, self.args.arch, self.val, self.args.eval_batch_size)
+        self.log({"step": step, "val": result, "time": time.time()})
+        bar.write(f"step {step}: val {100 * result['overall']:.1f}% "
+                  + " ".join(f"{k} {100 * v:.0f}" for k, v in result["slices"].items()))
 
 
 def _positive_int(text: str) -> int:
