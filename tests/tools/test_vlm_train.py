@@ -111,3 +111,14 @@ def test_history_plot_and_example_grid(tmp_path):
     save_example_grid(str(tmp_path / "grid.png"), per_slice=1, image_size=64)
     assert Image.open(tmp_path / "history.png").size[0] > 100
     assert Image.open(tmp_path / "grid.png").size == (5 * (64 + 8), 64 + 30 + 8)
+
+
+def test_tome_cli_runs_vlm_train_and_vlm_demo(tmp_path, capsys):
+    from tome import cli
+
+    assert cli.main(["vlm-train", *_argv(tmp_path, "llava", "--steps", "1", "--val-every", "1")]) == 0
+    start = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["args"]["arch"] == "llava" and "func" not in start["args"]
+    assert (tmp_path / "final" / "val_accuracy.json").is_file()
+    assert cli.main(["vlm-demo", "--model", "vqa-llava", "--count", "2"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("/2 correct")

@@ -122,6 +122,9 @@ prompts are `tome.data.vqa.prompt_text(question, "{args.arch}")`.
 """
 
 
+_NOT_SETTINGS = ("argv", "func", "command")
+"""Namespace entries that are not training settings (the tome CLI adds ``func`` and ``command``)."""
+
 _RUN_FILES = (_CHECKPOINT, "log.jsonl", "final")
 """What a run writes into its output directory: all that ``--overwrite`` deletes."""
 
@@ -219,7 +222,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     command = "python -m tome.tools.vlm_train " + " ".join(shlex.quote(a) for a in args.argv)
     log = functools.partial(_log, out / "log.jsonl")
     if resume is None:
-        log({"event": "start", "command": command, "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        log({"event": "start", "command": command, "args": {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS},
              "parameters": sum(p.numel() for p in model.parameters())})
     else:
         log({"event": "resume", "step": step, "command": command,
@@ -336,24 +339,25 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the initial weights")
     parser.add_argument("--val-samples", type=_positive_int, default=250,
                         help="validation questions (default: %(default)s)")
-    parser.add_argument("--val-every", type=_positive_int, default=250, help="steps between validations")
-    parser.add_argument("--eval-batch-size", type=_positive_int, default=50, help="questions per validation forward")
-    parser.add_argument("--log-every", type=_positive_int, default=25, help="steps between log.jsonl entries")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints")
+    parser.add_argument("--val-every", type=_positive_int, default=250, help="steps between validations (default: %(default)s)")
+    parser.add_argument("--eval-batch-size", type=_positive_int, default=50, help="questions per validation forward (default: %(default)s)")
+    parser.add_argument("--log-every", type=_positive_int, default=25, help="steps between log.jsonl entries (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints (default: %(default)s)")
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="minutes after which training stops and the final folder is written (0: none)")
     parser.add_argument("--stop-at-step", type=int, default=0,
                         help="stop this session at this step, as --time-limit does (0: run to --steps)")
-    parser.add_argument("--resume", default="", help="'auto' (DIR/checkpoint.pt if present) or a checkpoint path")
+    parser.add_argument("--resume", default=None, help="'auto' (DIR/checkpoint.pt if present) or a checkpoint path")
     parser.add_argument("--overwrite", action="store_true", help="delete a run already in --output-dir")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (default: a bar on a terminal)")
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not hasattr(args, "argv"):
-        args.argv = []
+    if not hasattr(args, "argv"):  # called as `tome vlm-train ...`: record what followed the command
+        args.argv = sys.argv[sys.argv.index("vlm-train") + 1:] if "vlm-train" in sys.argv else []
     final = train(args)
     print(json.dumps(final))
     return 0
