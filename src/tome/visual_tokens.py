@@ -73,7 +73,7 @@ __all__ = [
     "register_method",
     "resolve_budget",
     "selection",
-    "tome",
+    "tome_merge",
     "visionzip",
 ]
 
@@ -234,7 +234,8 @@ def reduce_tokens(method: str, features: torch.Tensor, budget: int,
         raise ValueError(f"method={method!r} is not a visual-token method; expected one of {sorted(METHODS)}")
     if features.dim() != 2:
         raise ValueError(f"features must be (tokens, channels), got shape {tuple(features.shape)}")
-    if isinstance(budget, bool) or int(budget) != budget or budget < 1:
+    if (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget)
+            or int(budget) != budget or budget < 1):
         raise ValueError(f"budget={budget!r} is not valid; expected an int >= 1")
     context = context if context is not None else VisualContext()
     num_tokens = features.shape[0]
@@ -413,7 +414,7 @@ def _merge_time(metric: torch.Tensor, size: torch.Tensor, where: torch.Tensor,
 
 
 @register_method("tome")
-def tome(features: torch.Tensor, budget: int, context: VisualContext) -> Reduction:
+def tome_merge(features: torch.Tensor, budget: int, context: VisualContext) -> Reduction:
     """Merge tokens by bipartite soft matching, round after round, down to ``budget``.
 
     Each round is ToMe's bipartite soft matching (:func:`tome.merge.match_bipartite`):
@@ -433,6 +434,9 @@ def tome(features: torch.Tensor, budget: int, context: VisualContext) -> Reducti
     pairs merges, the merged frames are paired again. Only when one frame is left does
     spatial matching take over. A video of identical frames thus reduces to one frame's
     tokens exactly.
+
+    Registered as ``"tome"`` (the function is not named ``tome``, so that a star import
+    does not hide the package).
 
     Source: Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023 (arXiv
     2210.09461), sec. 3 (bipartite soft matching, size-weighted averages). Here it runs
