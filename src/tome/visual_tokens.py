@@ -591,21 +591,23 @@ def conditional_dpp(unit: torch.Tensor, quality: torch.Tensor, budget: int) -> t
     """
     num = unit.shape[0]
     chosen = torch.empty(budget, dtype=torch.long, device=unit.device)
+    valid = torch.empty(budget, dtype=torch.bool, device=unit.device)
     factors = unit.new_zeros(budget, num)  # rows of the incremental Cholesky factor
     gain = quality * quality  # diag(L): the gain of each item while nothing is chosen
-    floor = 1e-6 * float(gain.max())
-    picked = 0
+    floor = 1e-6 * gain.max()
+    # No host synchronisation inside the loop (tensors, not Python numbers): on a GPU it
+    # runs as queued kernels. Once no gain exceeds the floor, the picks are marked invalid
+    # (gains only shrink, so the valid picks are a prefix) and replaced below.
     for i in range(budget):
-        j = int(gain.argmax())
-        if not float(gain[j]) > floor:
-            break
+        j = gain.argmax()
+        valid[i] = gain[j] > floor
         row = quality[j] * quality * (unit @ unit[j])  # L[j, :]
-        factor = (row - factors[:i, j] @ factors[:i]) / gain[j].sqrt()
+        factor = (row - factors[:i, j] @ factors[:i]) / gain[j].clamp_min(floor).sqrt()
         factors[i] = factor
         gain = gain - factor * factor
         gain[j] = -math.inf
         chosen[i] = j
-        picked = i + 1
+    picked = int(valid.cumprod(0).sum())
     if picked < budget:
         rest = torch.ones(num, dtype=torch.bool, device=unit.device)
         rest[chosen[:picked]] = False
