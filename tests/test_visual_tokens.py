@@ -118,6 +118,24 @@ def test_random_depends_on_the_generator_only():
     assert len(draws) > 1
 
 
+def test_random_is_uniform():
+    # every token kept with probability budget / N: 4 of 16 over 2000 draws
+    x = _tokens(16)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(16)
+    for _ in range(2000):
+        counts[reduce_tokens("random", x, 4, VisualContext(generator=g)).index] += 1
+    assert (counts / 2000 - 0.25).abs().max() < 0.04  # 4 standard errors
+
+
+def test_pool_averages_the_quadrants():
+    x = _tokens(16)
+    out = reduce_tokens("pool", x, 4, VisualContext(grid=(1, 4, 4)))
+    quadrants = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    assert [sorted(row.nonzero().squeeze(1).tolist()) for row in out.source] == quadrants
+    torch.testing.assert_close(out.features, torch.stack([x[q].mean(0) for q in quadrants]))
+
+
 # ---------------------------------------------------------------------------
 # tome
 

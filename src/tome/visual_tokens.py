@@ -305,10 +305,8 @@ def pool(features: torch.Tensor, budget: int, context: VisualContext) -> Reducti
     # to output (i * m) // n of m (a partition, unlike adaptive pooling's overlapping windows).
     axes = [(torch.arange(n, device=features.device) * m) // n for n, m in zip(grid, out)]
     cell = (axes[0][:, None, None] * out[1] + axes[1][None, :, None]) * out[2] + axes[2][None, None, :]
-    source = F.one_hot(cell.reshape(-1), math.prod(out)).t().to(features.dtype)
-    pooled = (source @ features) / source.sum(-1, keepdim=True)
-    order = torch.argmax(source, dim=-1).argsort()  # first member of each cell, ascending
-    return Reduction(features=pooled[order], source=source[order], index=None)
+    # Every output cell holds at least one input cell (each axis shrinks, never grows).
+    return _merged(features, cell.reshape(-1), math.prod(out))
 
 
 # ---------------------------------------------------------------------------
