@@ -70,6 +70,23 @@ def test_invariants(method, grid, budget):
     num_tokens = math.prod(grid)
     x = _tokens(num_tokens)
     out = reduce_tokens(method, x, budget, _context(num_tokens, x.shape[1], grid))
+    _check(method, x, budget, out)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_invariants_on_a_blank_video(method):
+    # every token the same: all similarities tie, the DPP has rank 1, relevance is flat
+    x = torch.ones(2 * 6 * 6, 16)
+    context = _context(72, 16, (2, 6, 6), metric=torch.ones(72, 4), attention=torch.ones(72), text=torch.ones(3, 16))
+    for budget in (1, 7, 40):
+        out = reduce_tokens(method, x, budget, context)
+        _check(method, x, budget, out)
+        assert torch.equal(out.features, torch.ones_like(out.features))
+
+
+def _check(method, x, budget, out):
+    """The promises of every Reduction (see the module docstring)."""
+    num_tokens = x.shape[0]
     k = out.features.shape[0]
     if method == "pool":
         assert 1 <= k <= budget
@@ -308,6 +325,19 @@ def test_cdpruner_follows_the_instruction():
     relevance = instruction_relevance(x, a[None])
     assert relevance[:20].mean() > relevance[20:].mean() + 0.3
     assert relevance.min() == 0 and relevance.max() == 1
+
+
+def test_cdpruner_with_equally_relevant_tokens_is_a_plain_dpp():
+    # text orthogonal to every token: the relevance is flat, so the choice is pure
+    # diversity (one token per cluster), not the first tokens
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g)
+    label = torch.arange(40) // 10
+    x = torch.cat([centres[label] + 0.05 * torch.randn(40, 8, generator=g), torch.zeros(40, 8)], dim=1)
+    text = torch.cat([torch.zeros(3, 8), torch.randn(3, 8, generator=g)], dim=1)
+    assert torch.equal(instruction_relevance(x, text), torch.ones(40))
+    out = reduce_tokens("cdpruner", x, 4, VisualContext(text=text))
+    assert sorted(label[out.index].tolist()) == [0, 1, 2, 3]
 
 
 def test_instruction_relevance_theta_mixing():

@@ -345,19 +345,27 @@ def _merged(features: torch.Tensor, group: torch.Tensor, num_groups: int) -> Red
     """
     num_tokens = features.shape[0]
     device = features.device
-    positions = torch.arange(num_tokens, device=device)
-    first = torch.full((num_groups,), num_tokens, dtype=torch.long, device=device)
+    row = _first_source_rank(group, num_groups)[group]
+    source = torch.zeros(num_groups, num_tokens, dtype=features.dtype, device=device)
+    source[row, torch.arange(num_tokens, device=device)] = 1
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    total = torch.zeros(num_groups, features.shape[1], dtype=dtype, device=device)
+    total.index_add_(0, row, features.to(dtype))
+    size = torch.zeros(num_groups, dtype=dtype, device=device)
+    size.index_add_(0, row, torch.ones(num_tokens, dtype=dtype, device=device))
+    return Reduction(features=(total / size[:, None]).to(features.dtype), source=source, index=None)
+
+
+def _first_source_rank(group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``(num_groups,)`` each group's rank when groups are ordered by their first member
+    (original token ``j`` is in group ``group[j]``; every group non-empty)."""
+    num_tokens = group.shape[0]
+    positions = torch.arange(num_tokens, device=group.device)
+    first = torch.full((num_groups,), num_tokens, dtype=torch.long, device=group.device)
     first = first.scatter_reduce(0, group, positions, reduce="amin")
     rank = torch.empty_like(first)
-    rank[first.argsort()] = torch.arange(num_groups, device=device)
-    row = rank[group]
-    source = torch.zeros(num_groups, num_tokens, dtype=features.dtype, device=device)
-    source[row, positions] = 1
-    total = torch.zeros(num_groups, features.shape[1], dtype=torch.float32, device=device)
-    total.index_add_(0, row, features.float())
-    size = torch.zeros(num_groups, dtype=torch.float32, device=device)
-    size.index_add_(0, row, torch.ones(num_tokens, dtype=torch.float32, device=device))
-    return Reduction(features=(total / size[:, None]).to(features.dtype), source=source, index=None)
+    rank[first.argsort()] = torch.arange(num_groups, device=group.device)
+    return rank
 
 
 # ---------------------------------------------------------------------------
@@ -464,11 +472,9 @@ def tome_merge(features: torch.Tensor, budget: int, context: VisualContext) -> R
         metric, size = merge_wavg(assignment, metric, size)
         where = assignment.dest[0][where]
         # Back to the order of each token's first source token, for the next round's split.
-        first = torch.full((metric.shape[1],), num_tokens, dtype=torch.long, device=where.device)
-        first = first.scatter_reduce(0, where, torch.arange(num_tokens, device=where.device), reduce="amin")
-        order = first.argsort()
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.shape[0], device=order.device)
+        rank = _first_source_rank(where, metric.shape[1])
+        order = torch.empty_like(rank)
+        order[rank] = torch.arange(rank.shape[0], device=rank.device)
         metric, size, where = metric[:, order], size[:, order], rank[where]
     return _merged(features, where, metric.shape[1])
 
