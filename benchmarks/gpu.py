@@ -24,13 +24,19 @@ Sections, in the order they run (the most wanted numbers first, so a run cut sho
 - ``compile``: ViT-B/16 fp16 compiled, batch 256 (default mode) and batch 1
   (``mode="reduce-overhead"``, CUDA graphs), timm against r = 16, and r switched
   16 -> 8 -> 16 -> 8 on the compiled model, counting recompilations.
+- ``vlm``: vision-language prefill (``benchmarks/vlm_speed.py``'s groups): a Qwen2.5-VL with
+  Qwen2.5-VL-3B's widths at 4 + 4 layers (2 + 2 with ``--quick``), random weights, bf16, one
+  896 px image (1024 visual tokens) and one 8-frame 448 px video: the vision tower alone,
+  the language model's prefill unreduced and for every wired method at 50 / 25 / 11 / 5 %
+  of the visual tokens beside its FLOP ceiling, each method's selection as a share of
+  prefill, and ``generate``'s time to first token, decode tokens/s and KV-cache bytes.
 
 Every group times its variants in interleaved rounds (the order rotating), each
 timing repeating the forward for at least ``--min-time`` seconds; a speed-up is the
 median over rounds of the per-round ratio ``t_reference / t_variant``, with its
 quartiles. Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (tables ready for
 docs/benchmarks.md). Models are built from configs with random weights: nothing is
-downloaded. Vision-language prefill rows come once that work lands.
+downloaded.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ import tome  # noqa: E402
 from tome._attention import key_bias_attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SECTIONS = ("attention", "vit", "unet", "flux", "compile")
+SECTIONS = ("attention", "vit", "unet", "flux", "compile", "vlm")
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5, unet/config.json
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -562,6 +568,22 @@ def run_compile(preset: Preset, device: torch.device, args: argparse.Namespace, 
     return rows
 
 
+def run_vlm(preset: Preset, device: torch.device, args: argparse.Namespace) -> Dict[str, Any]:
+    """``benchmarks/vlm_speed.py``'s groups in bf16: Qwen2.5-VL-3B widths at 4 + 4 layers
+    (its quick preset with ``--quick``), ``--rounds`` / ``--warmup`` as for the other sections."""
+    import dataclasses
+
+    import vlm_speed
+
+    if preset is PRESETS["quick"]:
+        setup = vlm_speed.PRESETS["quick"]
+    else:
+        setup = dataclasses.replace(vlm_speed.PRESETS["full"], lm_layers=4, tower_layers=4, decode_tokens=16)
+    setup = dataclasses.replace(setup, dtype="bf16", rounds=args.rounds or preset.rounds,
+                                warmup=args.warmup if args.warmup is not None else preset.warmup)
+    return vlm_speed.measure(setup, device, progress=lambda line: print(line, flush=True))
+
+
 # --- report -------------------------------------------------------------------------------
 
 
@@ -612,7 +634,13 @@ def markdown(report: dict) -> str:
                          f"{row['per_s']:.1f} | {_speedup(row)} | {compile_s} | "
                          f"{'-' if recompiles is None else recompiles} | {row['sdpa']} |")
         lines.append("")
-    lines.append(f"Vision-language prefill: {report['vlm']}")
+    if isinstance(report["vlm"], dict):
+        import vlm_speed
+
+        lines += ["### Vision-language prefill, decode and KV cache (benchmarks/vlm_speed.py's groups)", "",
+                  vlm_speed.markdown(report["vlm"])]
+    else:
+        lines.append(f"Vision-language prefill: {report['vlm']}")
     if report["skipped"]:
         lines += ["", "Not run: " + "; ".join(report["skipped"])]
     if report["errors"]:
@@ -681,7 +709,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "prop_attn_kernel_default": tome.get_prop_attn_kernel(), "rounds": args.rounds or preset.rounds,
         "warmup": args.warmup, "min_time": args.min_time, "budget_s": budget.seconds,
         "attention": [], "vit": [], "unet": [], "flux": [], "compile": [], "skipped": [], "errors": [],
-        "vlm": "not measured yet: the vision-language work has not landed",
+        "vlm": "not run (section vlm not asked for)",
         "section_s": {},
     }
     print(f"machine: {report['machine']}", flush=True)
@@ -713,6 +741,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 report["flux"] = run_flux(preset, device, args)
             elif section == "compile":
                 run_compile(preset, device, args, budget, report["skipped"], report["compile"], save)
+            elif section == "vlm":
+                report["vlm"] = run_vlm(preset, device, args)
         except Exception as error:  # one section failing must not lose the others' numbers
             report["errors"].append(f"{section}: {type(error).__name__}: {error}")
             traceback.print_exc()

@@ -67,3 +67,11 @@ def test_quick_cpu_run_covers_every_section(tmp_path):
     assert compiled["tome r=16 compiled"]["recompiles_on_r_switch"] == 0
     assert compiled["tome r=16 compiled"]["compiled_vs_eager_max_abs_diff"] < 1e-4
     assert "Vision-language prefill" in table and "### torch.compile" in table
+
+    vlm = saved["vlm"]  # benchmarks/vlm_speed.py's groups (tests/test_vlm_speed.py checks their numbers)
+    assert vlm["setup"]["dtype"] == "bf16" and [group["kind"] for group in vlm["prefill"]] == ["image", "video"]
+    for group in vlm["prefill"]:
+        assert {(row["method"], row["budget"]) for row in group["rows"]} == {("-", 1.0)} | {
+            (m, b) for m in vlm["methods"] for b in vlm["setup"]["budgets"]}
+    assert len(vlm["generate"]["rows"]) == 1 + len(vlm["setup"]["budgets"])
+    assert "### Prefill, one image" in table and "decode tokens/s" in table
