@@ -1,6 +1,6 @@
 """Speed and memory of visual-token reduction: prefill, the method's own selection, decoding, KV cache.
 
-    uv run python benchmarks/vlm_speed.py            # the default grid, about 10 min on 2 loaded CPU cores
+    uv run python benchmarks/vlm_speed.py            # the default grid (37 min on 2 CPU cores at load 10-17)
     uv run python benchmarks/vlm_speed.py --quick    # tiny widths, the same code paths in about a minute
 
 The model is a Qwen2.5-VL built from a config with random weights (nothing is downloaded):
