@@ -329,6 +329,20 @@ def test_renumbering_3d_positions_and_unwired_methods_are_refused(monkeypatch):
     assert not any(tome.patch.is_patched(m) for m in model.modules())
 
 
+def test_labels_with_reduction_are_refused_and_the_signature_is_the_models():
+    import inspect
+
+    model = model_of("llava")
+    signature = inspect.signature(model.forward)
+    tome.apply_patch(model, visual_tokens=4)
+    assert inspect.signature(model.forward) == signature
+    inputs = inputs_of("llava", model)
+    with pytest.raises(ValueError, match="labels cannot be used while visual tokens are reduced"):
+        model(**inputs, labels=inputs["input_ids"])
+    model.visual_tokens = None
+    assert model(**inputs, labels=inputs["input_ids"]).loss is not None
+
+
 def test_a_text_only_model_is_refused_naming_its_class_and_the_families():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -38,7 +38,17 @@ import torch
 from torch import nn
 
 from .. import visual_tokens as vt
-from ._lifecycle import Example, FamilySpec, ToMeInfo, check_choice, check_flag, register, setting, swap_class
+from ._lifecycle import (
+    Example,
+    FamilySpec,
+    ToMeInfo,
+    check_choice,
+    check_flag,
+    register,
+    setting,
+    swap_class,
+    with_parent_signature,
+)
 
 __all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS"]
 
@@ -234,6 +244,14 @@ class ToMeVLMMixin:
     """The patched model ``tome.apply_patch`` was given: its settings are properties."""
 
     _tome_keep_name = True  # transformers looks classes up by name (pipelines, from_pretrained)
+
+    @with_parent_signature  # generate and Trainer read what the forward takes from its signature
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("labels") is not None and self.__dict__["_tome_settings"].visual_tokens is not None:
+            raise ValueError("labels cannot be used while visual tokens are reduced: the logits follow the "
+                             "shortened sequence and the labels are not shortened (not supported yet); "
+                             "set model.visual_tokens = None to compute a loss")
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
 
 
 for _option in fields(VisualTokenSettings):
