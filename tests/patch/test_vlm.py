@@ -380,3 +380,10 @@ def test_inputs_embeds_instead_of_input_ids_reduce_alike():
     # the new left padding differs (zeros, not the pad token's embedding) and is masked: the last
     # tokens, which both samples have, agree
     torch.testing.assert_close(got[:, -10:], expected[:, -10:], atol=1e-5, rtol=1e-5)
+
+
+def test_tome_patch_vlm_is_the_family_function():
+    model = tome.patch.vlm(model_of("llava"), visual_tokens=3, positions="renumber")
+    assert (model.visual_tokens, model.positions, model.tome_method) == (3, "renumber", "pool")
+    tome.patch.vlm(model, method="random")  # only what is given changes
+    assert (model.visual_tokens, model.positions, model.tome_method) == (3, "renumber", "random")

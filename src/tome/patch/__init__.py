@@ -50,7 +50,7 @@ from ._naflex import naflexvit
 from ._swag import swag
 from ._timm import timm
 from ._torchvision import torchvision
-from ._vlm import VisualTokenSettings
+from ._vlm import VisualTokenSettings, vlm
 
 __all__ = [
     "timm",
@@ -62,6 +62,7 @@ __all__ = [
     "eva",
     "hf_dinov3",
     "naflexvit",
+    "vlm",
     "FAMILIES",
     "KEEP",
     "DiffusionSettings",

@@ -39,18 +39,20 @@ from torch import nn
 
 from .. import visual_tokens as vt
 from ._lifecycle import (
+    KEEP,
     Example,
     FamilySpec,
     ToMeInfo,
     check_choice,
     check_flag,
+    configure,
     register,
     setting,
     swap_class,
     with_parent_signature,
 )
 
-__all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS"]
+__all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS", "vlm"]
 
 POSITIONS = ("keep", "renumber")
 
@@ -551,6 +553,29 @@ def _decode(inner: nn.Module, adapter: VLMAdapter, layout: _Layout, call: Dict[s
 
 
 # ----------------------------------------------------------------------------- patching
+
+
+def vlm(model: nn.Module, visual_tokens: Optional[Union[int, float]] = KEEP, method: str = KEEP,
+        trace_source: bool = KEEP, positions: str = KEEP, fastv_layer: int = KEEP, seed: Optional[int] = KEEP) -> nn.Module:
+    """Patch a transformers VLM in place so that each image and video passes at most
+    ``visual_tokens`` tokens to its language model (``tome.apply_patch`` detects it too).
+
+    Patching again changes only the options given; see :class:`VisualTokenSettings` for each
+    option and ``docs/vlm_reduction.md`` for positions and decoding.
+
+    Args:
+        model: ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+            ``LlavaForConditionalGeneration`` or their inner ``...Model``.
+
+    Returns:
+        ``model``, patched.
+
+    Raises:
+        TypeError: if ``model`` is not a supported VLM (its class and the supported ones named).
+        ValueError: for an invalid option (named, with what is valid).
+    """
+    options = {name: value for name, value in locals().items() if name != "model"}
+    return configure(model, family="vlm", caller="tome.patch.vlm", **options)
 
 
 def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:
