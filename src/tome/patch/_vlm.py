@@ -382,85 +382,99 @@ def _pad_id(inner: nn.Module, taken: Sequence[int]) -> int:
     return next(i for i in range(len(taken) + 1) if i not in taken)
 
 
-def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
-             visual: List[Modality], run: Callable[..., Any]) -> Any:
-    cache = call.get("past_key_values")
+@dataclass
+class _Plan:
+    """What the reductions of one prefill decided, on the full ``(B, L)`` sequence."""
+
+    real: torch.Tensor  # (B, L) bool: not padding
+    keep: torch.Tensor  # (B, L) bool: passed on (each passed-on token at its first member's place)
+    full: torch.Tensor  # (D, B, L): the full sequence's positions
+    positions: torch.Tensor  # (D, B, L): the positions the passed-on tokens take
+    reduced: Dict[str, List[vt.Reduction]] = field(default_factory=dict)
+    items: List[Dict[str, Any]] = field(default_factory=list)
+    sources: List[torch.Tensor] = field(default_factory=list)
+
+
+def _check_prefill(call: Dict[str, Any]) -> None:
+    cache, mask = call.get("past_key_values"), call.get("attention_mask")
     if cache is not None and (getattr(cache, "_tome_vlm_layout", None) is not None or cache.get_seq_length() > 0):
         raise ValueError("visual-token reduction of a prefill that continues a KV cache is not supported; "
                          "start from an empty cache (or set model.visual_tokens = None)")
-    if isinstance(call.get("attention_mask"), dict) or (call.get("attention_mask") is not None
-                                                        and call["attention_mask"].dim() != 2):
+    if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
         raise ValueError("visual-token reduction needs a 2-D attention_mask (batch, tokens) or None; "
                          "a prepared 4-D mask or mask dict cannot be shortened")
-    given = call.get("mm_encoder_outputs") or {}
-    outputs = {m.name: given.get(m.name) if given.get(m.name) is not None else m.encode(inner, call) for m in visual}
-    generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+
+
+def _plan(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
+          outputs: Dict[str, Any]) -> _Plan:
+    """Reduce every image and video, in batch order, and mark what the sequence keeps."""
     reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
     batch, length = reference.shape[:2]
-    device = reference.device
     mask = call.get("attention_mask")
-    real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
-    keep = real.clone()  # the tokens passed on (the original padding is dropped and made anew)
-    text = _TextContext(inner, call, [_placeholders(inner, call, getattr(inner.config, m.token)) for m in adapter.modalities])
+    real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=reference.device)
     full = adapter.positions(inner, call, batch, length)  # (D, B, L)
-    positions = full.clone()
-    items: List[Dict[str, Any]] = []
-    sources: List[torch.Tensor] = []
-    reduced: Dict[str, List[vt.Reduction]] = {}
-    slots_of: List[Tuple[int, torch.Tensor, vt.Reduction]] = []
-    for modality in visual:
+    plan = _Plan(real=real, keep=real.clone(), full=full, positions=full.clone())
+    generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+    text = _TextContext(inner, call, [_placeholders(inner, call, getattr(inner.config, m.token)) for m in adapter.modalities])
+    for modality in (m for m in adapter.modalities if m.name in outputs):
         features = list(outputs[modality.name].pooler_output)
         slots = _placeholders(inner, call, getattr(inner.config, modality.token)).reshape(-1).nonzero()[:, 0]
         counts = [int(f.shape[0]) for f in features]
         if slots.numel() != sum(counts):
             raise ValueError(f"{modality.name} features and {modality.name} tokens do not match: "
                              f"{slots.numel()} placeholder tokens, {sum(counts)} features")
-        reduced[modality.name] = []
+        plan.reduced[modality.name] = []
         for index, (feats, item_slots) in enumerate(zip(features, slots.split(counts))):
             sample = int(item_slots[0]) // length
             columns = item_slots - sample * length
-            num = feats.shape[0]
-            budget = vt.resolve_budget(settings.visual_tokens, num)
             item_positions = full[:, sample, columns].t()
-            context = vt.VisualContext(grid=modality.grid(inner, call, index, num, item_positions), text=text(sample),
-                                       generator=generator)
-            reduction = _in_order(vt.reduce_tokens(settings.method, feats, budget, context))
-            reduced[modality.name].append(reduction)
-            first = reduction.source.argmax(-1).to(device)
-            keep[sample, columns] = False
-            keep[sample, columns[first]] = True
-            if not settings.positions == "renumber":
-                mean = reduction.positions(item_positions.to(torch.float32)).t()
-                if reduction.index is None or positions.is_floating_point():
-                    positions = positions.to(torch.float32)
-                positions[:, sample, columns[first]] = mean.to(positions.dtype)
-            slots_of.append((sample, columns, reduction))
-            items.append({"modality": modality.name, "sample": sample, "tokens": num, "budget": budget,
-                          "passed": int(reduction.features.shape[0]), "reduced": budget < num})
-            if settings.trace_source:
-                sources.append(reduction.source)
-    info = inner.__dict__["_tome_info"]
-    if not any(item["reduced"] for item in items):  # nothing reduced: the model's own forward, as unpatched
-        info.update(items=items, source=sources if settings.trace_source else None, length=(length, length))
-        call = dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual})
-        return run(**call)
-    dropped = real & ~keep
-    if settings.positions == "renumber":
-        positions = positions - dropped.cumsum(1).unsqueeze(0).to(positions.dtype)
-    lengths = keep.sum(1)
-    short = int(lengths.max())
-    index = torch.zeros(batch, short, dtype=torch.long, device=device)
-    valid = torch.zeros(batch, short, dtype=torch.bool, device=device)
-    for row in range(batch):
+            context = vt.VisualContext(grid=modality.grid(inner, call, index, feats.shape[0], item_positions),
+                                       text=text(sample), generator=generator)
+            _reduce_item(plan, settings, modality.name, feats, sample, columns, context)
+    return plan
+
+
+def _reduce_item(plan: _Plan, settings: VisualTokenSettings, modality: str, features: torch.Tensor, sample: int,
+                 columns: torch.Tensor, context: vt.VisualContext) -> None:
+    """Reduce one image's (or video's) ``features`` and record it in ``plan``."""
+    num = features.shape[0]
+    budget = vt.resolve_budget(settings.visual_tokens, num)
+    reduction = _in_order(vt.reduce_tokens(settings.method, features, budget, context))
+    plan.reduced[modality].append(reduction)
+    first = columns[reduction.source.argmax(-1).to(columns.device)]
+    plan.keep[sample, columns] = False
+    plan.keep[sample, first] = True
+    if settings.positions != "renumber":
+        mean = reduction.positions(plan.full[:, sample, columns].t().to(torch.float32)).t()
+        if reduction.index is None:  # merged tokens sit at their members' mean position
+            plan.positions = plan.positions.to(torch.float32)
+        plan.positions[:, sample, first] = mean.to(plan.positions.dtype)
+    plan.items.append({"modality": modality, "sample": sample, "tokens": num, "budget": budget,
+                       "passed": int(reduction.features.shape[0]), "reduced": budget < num})
+    if settings.trace_source:
+        plan.sources.append(reduction.source)
+
+
+def _left_padded(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(index, valid)`` ``(B, L')``: the kept columns of each row, left-padded to the longest."""
+    short = int(keep.sum(1).max())
+    index = torch.zeros(keep.shape[0], short, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(keep.shape[0], short, dtype=torch.bool, device=keep.device)
+    for row in range(keep.shape[0]):
         kept = keep[row].nonzero()[:, 0]
         index[row, short - kept.numel():] = kept
         valid[row, short - kept.numel():] = True
-    padded = not bool(valid.all())
-    new = dict(call)
-    for m in visual:
-        new[m.pixels] = None
-    new["mm_encoder_outputs"] = {name: _reduced_output(outputs[name], reduced[name], adapter.item_fields)
-                                 for name in outputs}
+    return index, valid
+
+
+def _shortened(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
+               outputs: Dict[str, Any], plan: _Plan, index: torch.Tensor, valid: torch.Tensor) -> Dict[str, Any]:
+    """The call of the model's own forward on the shortened sequence."""
+    new = dict(call, mm_encoder_outputs={name: _reduced_output(outputs[name], plan.reduced[name], adapter.item_fields)
+                                         for name in outputs})
+    for modality in adapter.modalities:
+        if modality.name in outputs:
+            new[modality.pixels] = None
     taken = [getattr(inner.config, m.token) for m in adapter.modalities]
     if call.get("input_ids") is not None:
         ids = call["input_ids"].gather(1, index)
@@ -471,24 +485,44 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     if call.get("mm_token_type_ids") is not None:
         types = call["mm_token_type_ids"].gather(1, index)
         new["mm_token_type_ids"] = torch.where(valid, types, torch.zeros_like(types))
-    gapped = not adapter.mrope and settings.positions == "keep"
+    mask = call.get("attention_mask")
     if mask is not None:
         new["attention_mask"] = torch.where(valid, mask.gather(1, index), torch.zeros_like(mask[:, :1]))
-    elif padded or gapped:  # 1-D positions with gaps must not read as packed sequences
-        new["attention_mask"] = valid.to(torch.long)
-    short_positions = positions.gather(2, index.unsqueeze(0).expand(positions.shape[0], -1, -1))
-    short_positions = torch.where(valid.unsqueeze(0), short_positions, torch.ones_like(short_positions))
-    new["position_ids"] = short_positions if adapter.mrope else short_positions[0]
-    out = run(**new)
-    if adapter.finish is not None:
-        top = torch.where(real.unsqueeze(0), full, torch.zeros_like(full)).amax(dim=(0, 2))
-        adapter.finish(inner, (top + 1 - (keep & real).sum(1)).unsqueeze(1))
-    layout = _Layout(length, index, valid, dropped.sum(1), settings.positions == "renumber", not adapter.mrope)
-    returned = getattr(out, "past_key_values", None)
-    for holder in (returned, cache):
+    elif not bool(valid.all()) or (not adapter.mrope and settings.positions == "keep"):
+        new["attention_mask"] = valid.to(torch.long)  # 1-D positions with gaps must not read as packed sequences
+    positions = plan.positions
+    if settings.positions == "renumber":
+        positions = positions - (plan.real & ~plan.keep).cumsum(1).unsqueeze(0).to(positions.dtype)
+    short = positions.gather(2, index.unsqueeze(0).expand(positions.shape[0], -1, -1))
+    short = torch.where(valid.unsqueeze(0), short, torch.ones_like(short))
+    new["position_ids"] = short if adapter.mrope else short[0]
+    return new
+
+
+def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
+             visual: List[Modality], run: Callable[..., Any]) -> Any:
+    _check_prefill(call)
+    given = call.get("mm_encoder_outputs") or {}
+    outputs = {m.name: given.get(m.name) if given.get(m.name) is not None else m.encode(inner, call) for m in visual}
+    plan = _plan(inner, adapter, settings, call, outputs)
+    info = inner.__dict__["_tome_info"]
+    source = plan.sources if settings.trace_source else None
+    length = plan.keep.shape[1]
+    if not any(item["reduced"] for item in plan.items):  # nothing reduced: the model's own forward, as unpatched
+        info.update(items=plan.items, source=source, length=(length, length))
+        return run(**dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual}))
+    index, valid = _left_padded(plan.keep)
+    out = run(**_shortened(inner, adapter, settings, call, outputs, plan, index, valid))
+    passed = (plan.keep & plan.real).sum(1)
+    if adapter.finish is not None:  # the largest position + 1 - the tokens kept: decoding continues as unreduced
+        top = torch.where(plan.real.unsqueeze(0), plan.full, torch.zeros_like(plan.full)).amax(dim=(0, 2))
+        adapter.finish(inner, (top + 1 - passed).unsqueeze(1))
+    layout = _Layout(length, index, valid, (plan.real & ~plan.keep).sum(1), settings.positions == "renumber",
+                     not adapter.mrope)
+    for holder in (getattr(out, "past_key_values", None), call.get("past_key_values")):
         if holder is not None:
             holder._tome_vlm_layout = layout
-    info.update(items=items, source=sources if settings.trace_source else None, length=(length, short))
+    info.update(items=plan.items, source=source, length=(length, index.shape[1]))
     return out
 
 
