@@ -83,3 +83,129 @@ def test_onevision_units_mark_the_image_newlines():
     for unit, (sample, pos) in zip(case.units, cases.unit_positions(case)):
         is_newline = (embeds[sample, pos] == newline.to(embeds.dtype)).all(-1)
         assert is_newline.nonzero().squeeze(-1).tolist() == list(unit.separators)
+
+
+# --- the patched models ----------------------------------------------------------------------
+
+import tome  # noqa: E402
+
+
+def _unit_sources(case: cases.FamilyCase, sources):
+    """Per unit, its ``(K, N)`` source: the core's items of one unit (SmolVLM: one per crop;
+    LLaVA-OneVision: an any-res image's base view and grid) are consecutive."""
+    out, items = [], iter(sources)
+    for unit in case.units:
+        blocks, columns = [], 0
+        while columns < unit.length:
+            blocks.append(next(items))
+            columns += blocks[-1].shape[1]
+        assert columns == unit.length
+        out.append(torch.block_diag(*blocks))
+    assert next(items, None) is None
+    return out
+
+
+def _reference_for(case, sources, positions="original"):
+    """The reference for what the patched model reports it passed on."""
+    per_unit = _unit_sources(case, sources)
+    kept = [s.argmax(-1) for s in per_unit]  # the slot of a token: its first member's
+    if all(bool((s.sum(-1) == 1).all()) for s in per_unit):
+        return cases.reference_logits(case, kept, positions=positions)
+    embeds = cases.full_embeds(case)
+    features, values = [], []
+    for s, (sample, pos) in zip(per_unit, cases.unit_positions(case)):
+        weights = s.to(torch.float32)
+        size = weights.sum(-1, keepdim=True)
+        features.append(weights @ embeds[sample, pos] / size)
+        values.append((weights @ pos.to(torch.float32)[:, None] / size)[:, 0])
+    return cases.reference_logits(case, kept, features=features, positions=positions, position_values=values)
+
+
+@pytest.mark.parametrize("method", ["random", "pool"])
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_patched_equals_the_reference(name, method):
+    case = _build(name)
+    with torch.no_grad():
+        full = case.model(**case.inputs).logits
+        tome.apply_patch(case.model, visual_tokens=5, method=method, seed=0, trace_source=True)
+        logits = case.model(**case.inputs).logits
+        expected, real = _reference_for(case, case.model._tome_info["source"])
+    assert logits.shape == expected.shape and logits.shape[1] < full.shape[1]
+    if method == "random":
+        assert torch.equal(logits[real], expected[real])
+    else:
+        torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert (logits[:, -1] - full[:, -1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_patched_renumbered_positions_equal_the_reference(name):
+    case = _build(name)
+    with torch.no_grad():
+        tome.apply_patch(case.model, visual_tokens=5, method="random", seed=1, trace_source=True,
+                         positions="renumber")
+        logits = case.model(**case.inputs).logits
+        expected, real = _reference_for(case, case.model._tome_info["source"], positions="consecutive")
+        kept, _ = _reference_for(case, case.model._tome_info["source"], positions="original")
+    assert torch.equal(logits[real], expected[real])
+    assert (logits[real] - kept[real]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_identity_and_exact_removal(name):
+    case = _build(name)
+    original = type(case.model)
+    with torch.no_grad():
+        expected = case.model(**case.inputs).logits
+        tome.apply_patch(case.model, visual_tokens=None)
+        assert torch.equal(case.model(**case.inputs).logits, expected)
+        case.model.visual_tokens = 10 ** 6  # at least every unit's tokens: nothing to reduce
+        assert torch.equal(case.model(**case.inputs).logits, expected)
+        assert not any(item["reduced"] for item in case.model._tome_info["items"])
+        case.model.visual_tokens = 3
+        reduced = case.model(**case.inputs).logits
+        assert reduced.shape[1] < expected.shape[1]
+        tome.remove_patch(case.model)
+        assert type(case.model) is original
+        assert torch.equal(case.model(**case.inputs).logits, expected)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_greedy_generate_batched_equals_each_sample_alone(name):
+    case = _build(name)
+    tome.apply_patch(case.model, visual_tokens=5, method="pool")
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=cases.PAD, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        out = case.model.generate(**case.inputs, **kwargs)
+        batched = out.sequences[:, -4:]
+        for sample in range(batched.shape[0]):
+            alone = case.model.generate(**cases.sample_inputs(case, sample), **kwargs).sequences[:, -4:]
+            assert torch.equal(alone[0], batched[sample]), (sample, alone, batched)
+        tome.remove_patch(case.model)
+        unpatched = case.model.generate(**case.inputs, **kwargs)
+    # the reduction reaches every decoding step (the tokens may still agree)
+    for step, (reduced, full) in enumerate(zip(out.logits, unpatched.logits)):
+        assert (reduced - full).abs().max() > 1e-3, step
+
+
+def test_smolvlm_budget_is_per_crop():
+    case = _build("smolvlm")
+    tome.apply_patch(case.model, visual_tokens=5, method="random", seed=0)
+    with torch.no_grad():
+        case.model(**case.inputs)
+    items = case.model._tome_info["items"]
+    assert len(items) == len(case.units) == 9 and all(item["passed"] == 5 for item in items)
+
+
+def test_onevision_newlines_are_passed_on_unmerged():
+    case = _build("llava_onevision")
+    tome.apply_patch(case.model, visual_tokens=4, method="pool", trace_source=True)
+    with torch.no_grad():
+        case.model(**case.inputs)
+    for unit, source in zip(case.units, _unit_sources(case, case.model._tome_info["source"])):
+        rows = source[:, list(unit.separators)]
+        assert (rows.sum(0) == 1).all()  # every newline passed on
+        assert (source[rows.sum(-1) > 0].sum(-1) == 1).all()  # alone
+        visual = source.shape[0] - len(unit.separators)
+        assert 1 <= visual <= 4 * (2 if len(unit.separators) > 1 else 1)

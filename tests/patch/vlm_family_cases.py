@@ -129,6 +129,7 @@ def gemma3(seed: int = 0, images_per_sample: Sequence[int] = (1, 2), text_length
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=4),
         mm_tokens_per_image=16, image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI,
+        tie_word_embeddings=False,  # tied, a random model mostly repeats its last token
     )
     torch.manual_seed(seed)
     model = _finish(Gemma3ForConditionalGeneration(config), seed)
@@ -196,7 +197,7 @@ def _idefics(cls_name: str, seed: int, splits_per_sample: Sequence[Sequence[Tupl
                          max_position_embeddings=512),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=4),
-        scale_factor=2, image_token_id=IMAGE, pad_token_id=PAD,
+        scale_factor=2, image_token_id=IMAGE,
     )
     torch.manual_seed(seed)
     model = _finish(getattr(transformers, cls_name)(config), seed)
@@ -264,7 +265,7 @@ def internvl(seed: int = 0, tiles_per_sample: Sequence[Sequence[int]] = ((3,), (
                          max_position_embeddings=512),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=[32, 32], patch_size=[4, 4]),
-        image_token_id=IMAGE, image_seq_length=16, downsample_ratio=0.5,
+        image_token_id=IMAGE, image_seq_length=16, downsample_ratio=0.5, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = _finish(InternVLForConditionalGeneration(config), seed)
@@ -401,6 +402,7 @@ def unit_positions(case: FamilyCase, input_ids: Optional[torch.Tensor] = None) -
 
 def reference_logits(case: FamilyCase, kept: Optional[Sequence[torch.Tensor]] = None,
                      features: Optional[Sequence[Optional[torch.Tensor]]] = None, positions: str = "original",
+                     position_values: Optional[Sequence[Optional[torch.Tensor]]] = None,
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Logits of the language model on the shorter sequence.
 
@@ -412,7 +414,10 @@ def reference_logits(case: FamilyCase, kept: Optional[Sequence[torch.Tensor]] = 
             tokens); None (or a None entry) keeps the model's own rows.
         positions: ``"original"``: each kept token keeps the 1-D position it had in the full
             sequence (``arange`` over the padded length, what the unpatched forward uses);
-            ``"consecutive"``: ``arange`` over the shorter padded length.
+            ``"consecutive"``: renumbered ``0, 1, ...`` over each sample's remaining tokens
+            (its own left padding included, as in the full sequence).
+        position_values: per unit, float positions of the passed-on tokens (a merged
+            token's mean position) instead of their slots' (with ``"original"``).
 
     Returns:
         ``(logits (B, L', V), real (B, L') bool)``: the shorter sequences are left-padded to
@@ -425,18 +430,21 @@ def reference_logits(case: FamilyCase, kept: Optional[Sequence[torch.Tensor]] = 
     batch, length = input_ids.shape
     embeds = full_embeds(case)
     keep = torch.ones(batch, length, dtype=torch.bool)
+    original = torch.arange(length, dtype=torch.float32).expand(batch, length).clone()
     for u, (sample, pos) in enumerate(unit_positions(case)):
         index = torch.arange(pos.shape[0]) if kept is None else kept[u]
         keep[sample, pos] = False
         keep[sample, pos[index]] = True
         if features is not None and features[u] is not None:
             embeds[sample, pos[index]] = features[u].to(embeds.dtype)
+        if position_values is not None and position_values[u] is not None:
+            original[sample, pos[index]] = position_values[u].to(torch.float32)
     attention_mask = inputs.get("attention_mask")
     short = int(keep.sum(-1).max())
     new_embeds = embeds.new_zeros(batch, short, embeds.shape[-1])
     new_ids = input_ids.new_full((batch, short), PAD)
     new_mask = torch.zeros(batch, short, dtype=torch.long)
-    new_pos = torch.zeros(batch, short, dtype=torch.long)
+    new_pos = torch.zeros(batch, short, dtype=torch.float32)
     real = torch.zeros(batch, short, dtype=torch.bool)
     for b in range(batch):
         where = keep[b].nonzero().squeeze(-1)
@@ -444,13 +452,34 @@ def reference_logits(case: FamilyCase, kept: Optional[Sequence[torch.Tensor]] = 
         new_embeds[b, short - n:] = embeds[b, where]
         new_ids[b, short - n:] = input_ids[b, where]
         new_mask[b, short - n:] = 1 if attention_mask is None else attention_mask[b, where]
-        new_pos[b, short - n:] = where
+        new_pos[b, short - n:] = original[b, where] if positions == "original" else torch.arange(n)
         real[b, short - n:] = True
-    if positions == "consecutive":
-        new_pos = torch.arange(short).expand(batch, short)
+    if position_values is None or all(v is None for v in position_values):
+        new_pos = new_pos.long()
     all_kept = bool(keep.all())
     # With gaps in the positions, an attention mask must be passed, or transformers reads the
     # gaps as packed sequences (masking_utils.find_packed_sequence_indices).
     mask_arg = None if (all_kept and attention_mask is None) else new_mask
     logits = case.language_model(case, new_embeds, mask_arg, new_pos, new_ids)
     return logits, real
+
+
+def sample_inputs(case: FamilyCase, sample: int) -> Dict[str, torch.Tensor]:
+    """The inputs of one sample of the batch alone (its left padding removed)."""
+    inputs = case.inputs
+    real = inputs["attention_mask"][sample].bool()
+    out = {"input_ids": inputs["input_ids"][sample][real][None]}
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    if "token_type_ids" in inputs:
+        out["token_type_ids"] = inputs["token_type_ids"][sample][real][None]
+    samples = [s for s, _ in unit_positions(case)]
+    if case.name in ("gemma3", "internvl"):
+        rows = [1 if case.name == "gemma3" else unit.grid[0] for unit in case.units]
+        start = sum(r for r, s in zip(rows, samples) if s < sample)
+        count = sum(r for r, s in zip(rows, samples) if s == sample)
+        out["pixel_values"] = inputs["pixel_values"][start:start + count]
+    else:
+        for key in ("pixel_values", "image_sizes", "pixel_values_videos"):
+            if key in inputs:
+                out[key] = inputs[key][sample:sample + 1]
+    return out

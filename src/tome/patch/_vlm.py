@@ -101,7 +101,16 @@ class Modality:
         token: The config attribute of its placeholder token id (``"image_token_id"``).
         encode: ``(inner model, call) -> encoder output`` whose ``pooler_output`` holds one
             ``(N, C)`` tensor per image or video, through the model's own method.
-        grid: ``(inner model, call, item index, N) -> (t, h, w)`` or None.
+        grid: ``(inner model, call, item index, N) -> (t, h, w)`` or None (``N``: the item's
+            reducible tokens, its protected ones left out).
+        split: ``(inner model, call, encoder output) -> [(N, C), ...]`` the items when they
+            are not the entries of ``pooler_output`` (a tensor of tiles, a list per sample).
+        join: ``[(K, C), ...] -> pooler_output`` in the form the model's forward reads back
+            (default: a tuple of the items).
+        separators: ``(inner model, call, item index, features (N, C)) -> (indices (P,), grid)``:
+            an item's tokens that are structure, not image content (LLaVA-OneVision's
+            ``image_newline``), always passed on, never merged, not counted in the budget; and
+            the grid of its other ``N - P`` tokens (used instead of ``grid``). None: no such tokens.
     """
 
     name: str
@@ -109,6 +118,10 @@ class Modality:
     token: str
     encode: Callable[[nn.Module, Dict[str, Any]], Any]
     grid: Callable[[nn.Module, Dict[str, Any], int, int], Optional[Tuple[int, int, int]]]
+    split: Optional[Callable[[nn.Module, Dict[str, Any], Any], List[torch.Tensor]]] = None
+    join: Optional[Callable[[List[torch.Tensor]], Any]] = None
+    separators: Optional[Callable[[nn.Module, Dict[str, Any], int, torch.Tensor],
+                                  Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]] = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,8 @@ class VLMAdapter:
             of per-item tensors to reduce alike (Qwen3-VL's ``deepstack_features``).
         finish: ``(inner, rope_deltas (batch, 1)) -> None`` after a reduced prefill (Qwen:
             store ``rope_deltas`` so decoding without explicit positions continues right).
+        token_fields: Other ``(batch, tokens)`` forward arguments shortened with the sequence
+            (Gemma 3's ``token_type_ids``, which make each image attend to itself both ways).
     """
 
     name: str
@@ -139,6 +154,7 @@ class VLMAdapter:
     mrope: bool = False
     item_fields: Tuple[str, ...] = ()
     finish: Optional[Callable[[nn.Module, torch.Tensor], None]] = None
+    token_fields: Tuple[str, ...] = ()
 
 
 _ADAPTERS: Dict[str, VLMAdapter] = {}
@@ -328,10 +344,27 @@ def _in_order(reduction: vt.Reduction) -> vt.Reduction:
     return vt.Reduction(features=reduction.features[order], source=reduction.source[order], index=index)
 
 
-def _reduced_output(output: Any, reductions: List[vt.Reduction], item_fields: Sequence[str]) -> Any:
+def _with_protected(reduction: vt.Reduction, free: torch.Tensor, protected: torch.Tensor,
+                    features: torch.Tensor) -> vt.Reduction:
+    """An item's reduction from that of its free tokens (``free``: their indices) plus its
+    protected tokens passed on as they are, in the model's order."""
+    num = features.shape[0]
+    source = reduction.source.new_zeros(reduction.source.shape[0] + protected.numel(), num)
+    source[: reduction.source.shape[0], free.to(source.device)] = reduction.source
+    source[torch.arange(protected.numel(), device=source.device) + reduction.source.shape[0],
+           protected.to(source.device)] = 1
+    index = None if reduction.index is None else torch.cat([free.to(reduction.index.device)[reduction.index],
+                                                             protected.to(reduction.index.device)])
+    return _in_order(vt.Reduction(features=torch.cat([reduction.features, features[protected]]),
+                                  source=source, index=index))
+
+
+def _reduced_output(output: Any, reductions: List[vt.Reduction], item_fields: Sequence[str],
+                    join: Optional[Callable[[List[torch.Tensor]], Any]] = None) -> Any:
     """A copy of an encoder output with every per-item field reduced."""
     new = type(output)(**dict(output.items()))
-    new.pooler_output = tuple(r.features for r in reductions)
+    features = [r.features for r in reductions]
+    new.pooler_output = join(features) if join is not None else tuple(features)
     for name in item_fields:
         layers = getattr(output, name, None)
         if layers is not None:
@@ -383,7 +416,8 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     reduced: Dict[str, List[vt.Reduction]] = {}
     slots_of: List[Tuple[int, torch.Tensor, vt.Reduction]] = []
     for modality in visual:
-        features = list(outputs[modality.name].pooler_output)
+        output = outputs[modality.name]
+        features = modality.split(inner, call, output) if modality.split else list(output.pooler_output)
         slots = _placeholders(inner, call, getattr(inner.config, modality.token)).reshape(-1).nonzero()[:, 0]
         counts = [int(f.shape[0]) for f in features]
         if slots.numel() != sum(counts):
@@ -394,10 +428,23 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
             sample = int(item_slots[0]) // length
             columns = item_slots - sample * length
             num = feats.shape[0]
-            budget = vt.resolve_budget(settings.visual_tokens, num)
-            context = vt.VisualContext(grid=modality.grid(inner, call, index, num), text=text(sample),
-                                       generator=generator)
-            reduction = _in_order(vt.reduce_tokens(settings.method, feats, budget, context))
+            free = None
+            if modality.separators is not None:
+                protected, grid = modality.separators(inner, call, index, feats)
+                protected = protected.to(feats.device)
+                is_free = torch.ones(num, dtype=torch.bool, device=feats.device)
+                is_free[protected] = False
+                free = is_free.nonzero()[:, 0]
+            count = num if free is None else free.numel()
+            if free is None:
+                grid = modality.grid(inner, call, index, count)
+            budget = vt.resolve_budget(settings.visual_tokens, count)
+            context = vt.VisualContext(grid=grid, text=text(sample), generator=generator)
+            if free is None:
+                reduction = _in_order(vt.reduce_tokens(settings.method, feats, budget, context))
+            else:
+                reduction = _with_protected(vt.reduce_tokens(settings.method, feats[free], budget, context),
+                                            free, protected, feats)
             reduced[modality.name].append(reduction)
             first = reduction.source.argmax(-1).to(device)
             keep[sample, columns] = False
@@ -409,7 +456,7 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
                 positions[:, sample, columns[first]] = mean.to(positions.dtype)
             slots_of.append((sample, columns, reduction))
             items.append({"modality": modality.name, "sample": sample, "tokens": num, "budget": budget,
-                          "passed": int(reduction.features.shape[0]), "reduced": budget < num})
+                          "passed": int(reduction.features.shape[0]), "reduced": budget < count})
             if settings.trace_source:
                 sources.append(reduction.source)
     info = inner.__dict__["_tome_info"]
@@ -432,8 +479,8 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     new = dict(call)
     for m in visual:
         new[m.pixels] = None
-    new["mm_encoder_outputs"] = {name: _reduced_output(outputs[name], reduced[name], adapter.item_fields)
-                                 for name in outputs}
+    new["mm_encoder_outputs"] = {m.name: _reduced_output(outputs[m.name], reduced[m.name], adapter.item_fields,
+                                                         m.join) for m in visual}
     taken = [getattr(inner.config, m.token) for m in adapter.modalities]
     if call.get("input_ids") is not None:
         ids = call["input_ids"].gather(1, index)
@@ -441,9 +488,10 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     if call.get("inputs_embeds") is not None:
         embeds = call["inputs_embeds"].gather(1, index[..., None].expand(-1, -1, call["inputs_embeds"].shape[-1]))
         new["inputs_embeds"] = embeds * valid[..., None].to(embeds.dtype)
-    if call.get("mm_token_type_ids") is not None:
-        types = call["mm_token_type_ids"].gather(1, index)
-        new["mm_token_type_ids"] = torch.where(valid, types, torch.zeros_like(types))
+    for name in ("mm_token_type_ids",) + adapter.token_fields:
+        if call.get(name) is not None:
+            types = call[name].gather(1, index)
+            new[name] = torch.where(valid, types, torch.zeros_like(types))
     gapped = not adapter.mrope and settings.positions == "keep"
     if mask is not None:
         new["attention_mask"] = torch.where(valid, mask.gather(1, index), torch.zeros_like(mask[:, :1]))
