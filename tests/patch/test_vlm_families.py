@@ -198,6 +198,23 @@ def test_smolvlm_budget_is_per_crop():
     assert len(items) == len(case.units) == 9 and all(item["passed"] == 5 for item in items)
 
 
+@pytest.mark.parametrize("method", ["random", "pool"])
+def test_onevision_multi_image_prompt_equals_the_reference(method):
+    """Images of a multi-image prompt have no any-res crops (a base view and one newline each);
+    a sample's single image has them (the batch mixes both)."""
+    case = cases.llava_onevision(image_sizes=((40, 60), (32, 32), (32, 32)), images_per_sample=(2, 1))
+    assert [len(u.separators) for u in case.units] == [1, 1, 8]
+    with torch.no_grad():
+        expected_full = case.model(**case.inputs).logits
+        tome.apply_patch(case.model, visual_tokens=0.25, method=method, seed=0, trace_source=True)
+        logits = case.model(**case.inputs).logits
+        expected, real = _reference_for(case, case.model._tome_info["source"])
+    # a quarter of 64 (+ the newline); the any-res image: its base view, its grid (+ 8 newlines)
+    assert [item["passed"] for item in case.model._tome_info["items"]] == [17, 17, 16, 24]
+    assert logits.shape[1] < expected_full.shape[1]
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
 def test_onevision_newlines_are_passed_on_unmerged():
     case = _build("llava_onevision")
     tome.apply_patch(case.model, visual_tokens=4, method="pool", trace_source=True)

@@ -291,11 +291,13 @@ def _internvl_visual(case: FamilyCase, inputs: Dict[str, torch.Tensor]) -> Dict[
 # --- LLaVA-OneVision -------------------------------------------------------------------------
 
 def llava_onevision(seed: int = 0, image_sizes: Sequence[Tuple[int, int]] = ((40, 60), (32, 32)),
-                    video_frames: int = 0, text_lengths: Sequence[int] = (5, 3)) -> FamilyCase:
+                    video_frames: int = 0, text_lengths: Sequence[int] = (5, 3),
+                    images_per_sample: Optional[Sequence[int]] = None) -> FamilyCase:
     """LLaVA-OneVision: 32 px crops, 4 px patches (8 x 8 per crop); one image per sample at the
     given ``(height, width)`` (any-res crops from pinpoints up to 64 x 64), and with
     ``video_frames`` a video of that many frames in every sample (4 x 4 per frame after the
-    2x pooling)."""
+    2x pooling). With ``images_per_sample`` (a multi-image prompt: ``batch_num_images``),
+    the images are shared out in order and a sample of several has no any-res crops."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
@@ -318,14 +320,21 @@ def llava_onevision(seed: int = 0, image_sizes: Sequence[Tuple[int, int]] = ((40
     for i, count in enumerate(patches):
         pixel_values[i, :count] = _pixels(generator, count, 3, 32, 32)
     inputs = dict(pixel_values=pixel_values, image_sizes=sizes)
+    counts = [1] * len(text_lengths) if images_per_sample is None else list(images_per_sample)
+    if images_per_sample is not None:
+        inputs["batch_num_images"] = torch.tensor(counts)
     with torch.no_grad():
-        packed = model.model.get_image_features(pixel_values, sizes, return_dict=True).pooler_output
+        packed = model.model.get_image_features(pixel_values, sizes, batch_num_images=inputs.get("batch_num_images"),
+                                                return_dict=True).pooler_output
     units = [_onevision_image_unit(model, f.shape[0], s) for f, s in zip(packed, sizes.tolist())]
     if video_frames:
         inputs["pixel_values_videos"] = _pixels(generator, len(image_sizes), video_frames, 3, 32, 32)
     rows = []
+    images = iter(units)
     for i, length in enumerate(text_lengths):
-        row = _text(generator, 2) + [IMAGE] * units[i].length + _text(generator, 1)
+        row = _text(generator, 2)
+        for _ in range(counts[i]):
+            row += [IMAGE] * next(images).length + _text(generator, 1)
         if video_frames:
             row += [VIDEO] * (16 * video_frames + 1) + _text(generator, 1)
         rows.append(row + _text(generator, length))
@@ -355,8 +364,9 @@ def _onevision_image_unit(model: nn.Module, length: int, size: List[int]) -> Uni
 
 def _onevision_visual(case: FamilyCase, inputs: Dict[str, torch.Tensor]) -> Dict[int, torch.Tensor]:
     inner = case.model.model
-    out = {IMAGE: torch.cat(list(inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
-                                                          return_dict=True).pooler_output), dim=0)}
+    images = inner.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                      batch_num_images=inputs.get("batch_num_images"), return_dict=True)
+    out = {IMAGE: torch.cat(list(images.pooler_output), dim=0)}
     if inputs.get("pixel_values_videos") is not None:
         video = inner.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output
         out[VIDEO] = video.flatten(0, 1)
@@ -472,6 +482,8 @@ def sample_inputs(case: FamilyCase, sample: int) -> Dict[str, torch.Tensor]:
     out["attention_mask"] = torch.ones_like(out["input_ids"])
     if "token_type_ids" in inputs:
         out["token_type_ids"] = inputs["token_type_ids"][sample][real][None]
+    if "batch_num_images" in inputs:
+        raise NotImplementedError("one sample of a multi-image batch")
     samples = [s for s, _ in unit_positions(case)]
     if case.name in ("gemma3", "internvl"):
         rows = [1 if case.name == "gemma3" else unit.grid[0] for unit in case.units]

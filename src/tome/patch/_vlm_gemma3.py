@@ -28,7 +28,7 @@ def _image(inner: nn.Module, call: Dict[str, Any]) -> Any:
     return inner.get_image_features(call["pixel_values"], return_dict=True)
 
 
-def _pooled_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int) -> Optional[Tuple[int, int, int]]:
+def _pooled_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int, *_: Any) -> Optional[Tuple[int, int, int]]:
     """The projector's square output grid, ``(1, s, s)`` with ``s * s = mm_tokens_per_image``."""
     side = math.isqrt(num)
     return (1, side, side) if side * side == num else None

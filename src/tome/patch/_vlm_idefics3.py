@@ -39,7 +39,7 @@ def _crops(inner: nn.Module, call: Dict[str, Any], output: Any) -> List[torch.Te
     return [crop for sample in output.pooler_output for crop in sample.split(per_crop)]
 
 
-def _crop_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int) -> Optional[Tuple[int, int, int]]:
+def _crop_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int, *_: Any) -> Optional[Tuple[int, int, int]]:
     side = math.isqrt(num)
     return (1, side, side) if side * side == num else None
 

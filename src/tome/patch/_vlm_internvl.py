@@ -54,7 +54,7 @@ def _images(inner: nn.Module, call: Dict[str, Any], output: Any) -> List[torch.T
     return list(tiles.flatten(0, 1).split(runs))
 
 
-def _tile_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int) -> Optional[Tuple[int, int, int]]:
+def _tile_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int, *_: Any) -> Optional[Tuple[int, int, int]]:
     """``(tiles, s, s)`` of one image, from the tower's patch grid and the pixel shuffle."""
     vision = inner.config.vision_config
     size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]

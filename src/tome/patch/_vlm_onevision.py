@@ -92,7 +92,7 @@ def _batched(items: List[torch.Tensor]) -> torch.Tensor:
     return torch.cat(items)[None]
 
 
-def _no_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int) -> None:
+def _no_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int, *_: Any) -> None:
     return None
 
 
