@@ -413,7 +413,7 @@ def unit_positions(case: FamilyCase, input_ids: Optional[torch.Tensor] = None) -
 def reference_logits(case: FamilyCase, kept: Optional[Sequence[torch.Tensor]] = None,
                      features: Optional[Sequence[Optional[torch.Tensor]]] = None, positions: str = "original",
                      position_values: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+                     drop_padding: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Logits of the language model on the shorter sequence.
 
     Args:
@@ -428,6 +428,9 @@ def reference_logits(case: FamilyCase, kept: Optional[Sequence[torch.Tensor]] = 
             (its own left padding included, as in the full sequence).
         position_values: per unit, float positions of the passed-on tokens (a merged
             token's mean position) instead of their slots' (with ``"original"``).
+        drop_padding: leave each sample's own left padding out too and pad the shorter
+            sequences anew (as the patched model does); False keeps it where it was (the
+            unpatched model's layout: exact at keep-all).
 
     Returns:
         ``(logits (B, L', V), real (B, L') bool)``: the shorter sequences are left-padded to
@@ -450,6 +453,9 @@ def reference_logits(case: FamilyCase, kept: Optional[Sequence[torch.Tensor]] = 
         if position_values is not None and position_values[u] is not None:
             original[sample, pos[index]] = position_values[u].to(torch.float32)
     attention_mask = inputs.get("attention_mask")
+    rank = keep.long().cumsum(-1) - 1  # renumbered over the remaining tokens, padding included
+    if drop_padding and attention_mask is not None:
+        keep &= attention_mask.bool()
     short = int(keep.sum(-1).max())
     new_embeds = embeds.new_zeros(batch, short, embeds.shape[-1])
     new_ids = input_ids.new_full((batch, short), PAD)
@@ -462,14 +468,13 @@ def reference_logits(case: FamilyCase, kept: Optional[Sequence[torch.Tensor]] = 
         new_embeds[b, short - n:] = embeds[b, where]
         new_ids[b, short - n:] = input_ids[b, where]
         new_mask[b, short - n:] = 1 if attention_mask is None else attention_mask[b, where]
-        new_pos[b, short - n:] = original[b, where] if positions == "original" else torch.arange(n)
+        new_pos[b, short - n:] = original[b, where] if positions == "original" else rank[b, where]
         real[b, short - n:] = True
     if position_values is None or all(v is None for v in position_values):
         new_pos = new_pos.long()
-    all_kept = bool(keep.all())
     # With gaps in the positions, an attention mask must be passed, or transformers reads the
     # gaps as packed sequences (masking_utils.find_packed_sequence_indices).
-    mask_arg = None if (all_kept and attention_mask is None) else new_mask
+    mask_arg = None if (bool(keep.all()) and attention_mask is None) else new_mask
     logits = case.language_model(case, new_embeds, mask_arg, new_pos, new_ids)
     return logits, real
 
