@@ -194,6 +194,25 @@ def test_greedy_generate_batched_equals_each_sample_alone(name):
         assert (reduced - full).abs().max() > 1e-3, step
 
 
+@pytest.mark.parametrize("method", ["random", "pool"])
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_decoding_continues_the_reference(name, method):
+    """Every decoding step's logits are the reference's on the shortened prompt plus the tokens
+    generated so far (positions continue where the unreduced prompt ends)."""
+    case = _build(name)
+    tome.apply_patch(case.model, visual_tokens=5, method=method, seed=0, trace_source=True)
+    steps = 3
+    with torch.no_grad():
+        out = case.model.generate(**case.inputs, max_new_tokens=steps, do_sample=False, pad_token_id=cases.PAD,
+                                  output_logits=True, return_dict_in_generate=True)
+        sources = case.model._tome_info["source"]
+        tome.remove_patch(case.model)
+        generated = out.sequences[:, -steps:]
+        expected, real = _reference_for(cases.extended(case, generated[:, :-1]), sources)
+    for step in range(steps):
+        torch.testing.assert_close(out.logits[step], expected[:, step - steps], atol=1e-4, rtol=1e-4)
+
+
 def test_smolvlm_budget_is_per_crop():
     case = _build("smolvlm")
     tome.apply_patch(case.model, visual_tokens=5, method="random", seed=0)

@@ -500,3 +500,14 @@ def sample_inputs(case: FamilyCase, sample: int) -> Dict[str, torch.Tensor]:
             if key in inputs:
                 out[key] = inputs[key][sample:sample + 1]
     return out
+
+
+def extended(case: FamilyCase, tokens: torch.Tensor) -> FamilyCase:
+    """The case with ``tokens`` (B, T) appended to every sample as text (what decoding adds)."""
+    inputs = dict(case.inputs)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], tokens], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], dim=1)
+    if "token_type_ids" in inputs:
+        inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(tokens)], dim=1)
+    return FamilyCase(case.name, case.model, inputs, case.units, case.visual_embeds, case.language_model,
+                      dict(case.extra))
