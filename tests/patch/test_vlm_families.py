@@ -250,3 +250,16 @@ def test_onevision_newlines_are_passed_on_unmerged():
         assert (source[rows.sum(-1) > 0].sum(-1) == 1).all()  # alone
         visual = source.shape[0] - len(unit.separators)
         assert 1 <= visual <= 4 * (2 if len(unit.separators) > 1 else 1)
+
+
+def test_text_only_gemma3_is_refused_naming_the_supported_classes():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(TypeError, match="Gemma3ForCausalLM") as error:
+        tome.patch.family_spec("vlm").patch(model, tome.patch.VisualTokenSettings(visual_tokens=4))
+    for name in ("Gemma3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                 "Idefics3ForConditionalGeneration", "InternVLForConditionalGeneration",
+                 "LlavaOnevisionForConditionalGeneration"):
+        assert name in str(error.value)
