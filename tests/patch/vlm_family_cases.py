@@ -216,8 +216,11 @@ def _idefics(cls_name: str, seed: int, splits_per_sample: Sequence[Sequence[Tupl
     for i, count in enumerate(crops):
         pixel_values[i, :count] = _pixels(generator, count, 3, 32, 32)
     units = [Unit(IMAGE, 16, (1, 4, 4)) for _ in range(sum(crops))]
+    # as the processor gives it: 1 on real pixels, 0 on the padding crops
+    pixel_attention_mask = (pixel_values != 0).any(2)
     case = FamilyCase(cls_name.replace("ForConditionalGeneration", "").lower(), model,
-                      dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values),
+                      dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                           pixel_attention_mask=pixel_attention_mask),
                       units, _idefics_visual, _plain_language_model)
     case.extra["splits"] = [list(s) for s in splits_per_sample]
     return case
@@ -496,7 +499,7 @@ def sample_inputs(case: FamilyCase, sample: int) -> Dict[str, torch.Tensor]:
         count = sum(r for r, s in zip(rows, samples) if s == sample)
         out["pixel_values"] = inputs["pixel_values"][start:start + count]
     else:
-        for key in ("pixel_values", "image_sizes", "pixel_values_videos"):
+        for key in ("pixel_values", "pixel_attention_mask", "image_sizes", "pixel_values_videos"):
             if key in inputs:
                 out[key] = inputs[key][sample:sample + 1]
     return out
