@@ -337,3 +337,19 @@ def test_a_text_only_model_is_refused_naming_its_class_and_the_families():
         tome.apply_patch(model, visual_tokens=4)
     with pytest.raises(TypeError, match=r"Qwen2ForCausalLM.*Qwen2_5_VLForConditionalGeneration"):
         tome.apply_patch(model, family="vlm", visual_tokens=4)
+
+
+def test_the_inner_model_patches_alone_and_a_compiled_language_model_runs_inside():
+    model = model_of("qwen2_5_vl")
+    inputs = inputs_of("qwen2_5_vl", model)
+    with torch.no_grad():
+        expected = tome.apply_patch(copy.deepcopy(model), visual_tokens=5).model(**inputs).last_hidden_state
+    inner = tome.apply_patch(model.model, visual_tokens=5)  # Qwen2_5_VLModel: no generation head
+    assert type(inner).__name__ == "Qwen2_5_VLModel" and inner.visual_tokens == 5
+    torch._dynamo.reset()
+    try:
+        inner.language_model.compile(backend="eager")
+        with torch.no_grad():
+            torch.testing.assert_close(inner(**inputs).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()

@@ -69,7 +69,7 @@ class VisualTokenSettings:
         seed: Seed of ``"random"``, drawn afresh every forward (None: torch's global generator).
     """
 
-    visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 4})
+    visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 0.5})
     method: str = field(default="pool", metadata={"example": "random"})
     trace_source: bool = False
     positions: str = field(default="keep", metadata={"choices": POSITIONS})
@@ -279,6 +279,9 @@ class ToMeVLMInnerMixin:
 
     _tome_keep_name = True
 
+    # The bookkeeping is data-dependent (which tokens, how many per sample): torch.compile of the
+    # whole model runs it eagerly; the language model and the vision tower compile on their own.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parent = type(self).__dict__["_tome_parent"]
         call = _bind(parent, args, kwargs)
