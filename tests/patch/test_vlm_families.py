@@ -213,13 +213,17 @@ def test_decoding_continues_the_reference(name, method):
         torch.testing.assert_close(out.logits[step], expected[:, step - steps], atol=1e-4, rtol=1e-4)
 
 
-def test_smolvlm_budget_is_per_crop():
-    case = _build("smolvlm")
-    tome.apply_patch(case.model, visual_tokens=5, method="random", seed=0)
+@pytest.mark.parametrize("name, units", [("smolvlm", 9), ("idefics3", 9), ("internvl", 6)])
+def test_budget_is_per_crop_or_tile(name, units):
+    """SmolVLM / Idefics3 crops and InternVL tiles are the units: K tokens each, and "pool"
+    never averages tokens of two tiles."""
+    case = _build(name)
+    tome.apply_patch(case.model, visual_tokens=5, method="pool", trace_source=True)
     with torch.no_grad():
         case.model(**case.inputs)
     items = case.model._tome_info["items"]
-    assert len(items) == len(case.units) == 9 and all(item["passed"] == 5 for item in items)
+    assert len(items) == len(case.units) == units and all(item["passed"] <= 5 for item in items)
+    assert all(source.shape[1] == 16 for source in case.model._tome_info["source"])
 
 
 @pytest.mark.parametrize("method", ["random", "pool"])

@@ -23,7 +23,7 @@ Facts per family (transformers 5.23, read from ``models/<name>/modeling_*.py``):
   -> pixel shuffle by ``downsample_ratio`` -> MLP projector: ``image_seq_length`` tokens per
   tile, row-major. ``pixel_values`` is ``(tiles, 3, H, W)`` for all images; one image is
   ``<img> <IMG_CONTEXT>*(tiles * image_seq_length) </img>``: one run per image (tiles then
-  the thumbnail). 1-D positions.
+  the thumbnail); a unit here is a tile. 1-D positions.
 - **LLaVA-OneVision**: SigLIP tower -> MLP projector. ``pack_image_features`` lays out one
   image as the base view (``s*s`` tokens) followed by the unpadded any-res grid of its crops,
   each grid row ended by the learned ``image_newline`` (a multi-image sample's images are one
@@ -278,7 +278,7 @@ def internvl(seed: int = 0, tiles_per_sample: Sequence[Sequence[int]] = ((3,), (
         row = _text(generator, 2)
         for count in tiles:
             row += [BOI] + [IMAGE] * (16 * count) + [EOI] + _text(generator, 1)
-            units.append(Unit(IMAGE, 16 * count, (count, 4, 4)))
+            units += [Unit(IMAGE, 16, (1, 4, 4)) for _ in range(count)]  # one unit per tile
         rows.append(row + _text(generator, length))
     input_ids, attention_mask = _left_pad(rows)
     total = sum(sum(t) for t in tiles_per_sample)
@@ -494,9 +494,8 @@ def sample_inputs(case: FamilyCase, sample: int) -> Dict[str, torch.Tensor]:
         raise NotImplementedError("one sample of a multi-image batch")
     samples = [s for s, _ in unit_positions(case)]
     if case.name in ("gemma3", "internvl"):
-        rows = [1 if case.name == "gemma3" else unit.grid[0] for unit in case.units]
-        start = sum(r for r, s in zip(rows, samples) if s < sample)
-        count = sum(r for r, s in zip(rows, samples) if s == sample)
+        start = sum(1 for s in samples if s < sample)  # one pixel row per unit: an image, a tile
+        count = sum(1 for s in samples if s == sample)
         out["pixel_values"] = inputs["pixel_values"][start:start + count]
     else:
         for key in ("pixel_values", "pixel_attention_mask", "image_sizes", "pixel_values_videos"):
