@@ -10,6 +10,9 @@ import pytest
 import torch
 import vlm_family_cases as cases
 
+import tome
+from tome import visual_tokens as vt
+
 FAMILY_NAMES = sorted(cases.FAMILIES)
 
 
@@ -92,9 +95,6 @@ def test_onevision_units_mark_the_image_newlines():
 
 # --- the patched models ----------------------------------------------------------------------
 
-import tome  # noqa: E402
-
-
 def _unit_sources(case: cases.FamilyCase, sources):
     """Per unit, its ``(K, N)`` source: the core's items of one unit (SmolVLM: one per crop;
     LLaVA-OneVision: an any-res image's base view and grid) are consecutive."""
@@ -141,6 +141,42 @@ def test_patched_equals_the_reference(name, method):
     else:
         torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
     assert (logits[:, -1] - full[:, -1]).abs().max() > 1e-2
+
+
+def _expected_items(case: cases.FamilyCase):
+    """Per item of the core: its features, the grid the builder knows it has, and its separators."""
+    embeds = cases.full_embeds(case)
+    for unit, (sample, pos) in zip(case.units, cases.unit_positions(case)):
+        features = embeds[sample, pos]
+        if case.name != "llava_onevision":
+            yield features, unit.grid, []
+        elif unit.token_id == cases.VIDEO:
+            yield features, ((unit.length - 1) // 16, 4, 4), [unit.length - 1]
+        elif unit.length == 65:  # an image of a multi-image prompt: base view and newline
+            yield features, (1, 8, 8), [64]
+        else:  # an any-res image: the base view, then the grid ended by newlines
+            yield features[:64], (1, 8, 8), []
+            rows = [i - 64 for i in unit.separators]
+            yield features[64:], (1, len(rows), rows[0]), rows
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_pool_sees_each_units_grid(name):
+    """The grid each family hands to the method is the connector's output grid: the pooled
+    cells are those of ``pool`` on that grid (a wrong grid pools other tokens together)."""
+    case = _build(name)
+    with torch.no_grad():
+        tome.apply_patch(case.model, visual_tokens=5, method="pool", trace_source=True)
+        case.model(**case.inputs)
+        sources = case.model._tome_info["source"]
+        expected = list(_expected_items(case))
+    assert len(sources) == len(expected)
+    for source, (features, grid, separators) in zip(sources, expected):
+        free = [i for i in range(features.shape[0]) if i not in separators]
+        cells = vt.reduce_tokens("pool", features[free], 5, vt.VisualContext(grid=grid)).source
+        content = source[:, free]
+        assert torch.equal(content[content.sum(-1) > 0], cells)
+        assert source[:, separators].sum() == len(separators)  # each separator passed on
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
