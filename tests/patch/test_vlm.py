@@ -353,3 +353,16 @@ def test_the_inner_model_patches_alone_and_a_compiled_language_model_runs_inside
             torch.testing.assert_close(inner(**inputs).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def test_inputs_embeds_instead_of_input_ids_reduce_alike():
+    model = tome.apply_patch(model_of("llava"), visual_tokens=5)
+    inputs = inputs_of("llava", model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        got = model(**{k: v for k, v in inputs.items() if k != "input_ids"}, inputs_embeds=embeds).logits
+    assert got.shape == expected.shape
+    # the new left padding differs (zeros, not the pad token's embedding) and is masked: the last
+    # tokens, which both samples have, agree
+    torch.testing.assert_close(got[:, -10:], expected[:, -10:], atol=1e-5, rtol=1e-5)

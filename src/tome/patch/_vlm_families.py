@@ -59,8 +59,8 @@ def _grid_from_positions(positions: torch.Tensor, num: int) -> Optional[Tuple[in
     frame = positions[positions[:, 0] == positions[0, 0]]
     height = int(frame[:, 1].max() - frame[:, 1].min()) + 1
     width = int(frame[:, 2].max() - frame[:, 2].min()) + 1
-    if frame.shape[0] != height * width or num % (height * width):
-        return None
+    if frame.shape[0] != height * width or num % (height * width) or (height * width == 1 and num > 1):
+        return None  # not a grid (1-D positions: Qwen without mm_token_type_ids falls back to them)
     return (num // (height * width), height, width)
 
 
