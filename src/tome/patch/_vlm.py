@@ -104,7 +104,8 @@ class Modality:
         grid: ``(inner model, call, item index, N, positions (N, D)) -> (t, h, w)`` or None
             (``positions``: the item's tokens' positions in the full sequence).
         split: ``(inner model, call, encoder output) -> [(N, C), ...]`` the items when they
-            are not the entries of ``pooler_output`` (a tensor of tiles, a list per sample).
+            are not the entries of ``pooler_output`` (SmolVLM: one tensor per sample, split
+            into crops; LLaVA-OneVision: an image, split into its views).
         join: ``[(K, C), ...] -> pooler_output`` in the form the model's forward reads back
             (default: a tuple of the items).
         separators: ``(inner model, call, item index, features (N, C)) -> (indices (P,), grid)``:
