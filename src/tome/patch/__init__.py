@@ -18,7 +18,13 @@ from typing import Any, Callable, Iterator, Mapping, Tuple
 
 from torch import nn
 
-from . import _vlm_families  # noqa: F401  (registers the VLM adapters)
+from . import (  # noqa: F401  (register the VLM adapters)
+    _vlm_families,
+    _vlm_gemma3,
+    _vlm_idefics3,
+    _vlm_internvl,
+    _vlm_onevision,
+)
 
 # Importing the family modules registers them.
 from ._diffusers import DiffusionSettings, diffusers

@@ -115,6 +115,15 @@ class Modality:
             ``(N, C)`` tensor per image or video, through the model's own method.
         grid: ``(inner model, call, item index, N, positions (N, D)) -> (t, h, w)`` or None
             (``positions``: the item's tokens' positions in the full sequence).
+        split: ``(inner model, call, encoder output) -> [(N, C), ...]`` the items when they
+            are not the entries of ``pooler_output`` (SmolVLM: one tensor per sample, split
+            into crops; LLaVA-OneVision: an image, split into its views).
+        join: ``[(K, C), ...] -> pooler_output`` in the form the model's forward reads back
+            (default: a tuple of the items).
+        separators: ``(inner model, call, item index, features (N, C)) -> (indices (P,), grid)``:
+            an item's tokens that are structure, not image content (LLaVA-OneVision's
+            ``image_newline``), always passed on, never merged, not counted in the budget; and
+            the grid of its other ``N - P`` tokens (used instead of ``grid``). None: no such tokens.
     """
 
     name: str
@@ -122,6 +131,10 @@ class Modality:
     token: str
     encode: Callable[[nn.Module, Dict[str, Any]], Any]
     grid: Callable[[nn.Module, Dict[str, Any], int, int, torch.Tensor], Optional[Tuple[int, int, int]]]
+    split: Optional[Callable[[nn.Module, Dict[str, Any], Any], List[torch.Tensor]]] = None
+    join: Optional[Callable[[List[torch.Tensor]], Any]] = None
+    separators: Optional[Callable[[nn.Module, Dict[str, Any], int, torch.Tensor],
+                                  Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]] = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,8 @@ class VLMAdapter:
             of per-item tensors to reduce alike (Qwen3-VL's ``deepstack_features``).
         finish: ``(inner, rope_deltas (batch, 1)) -> None`` after a reduced prefill (Qwen:
             store ``rope_deltas`` so decoding without explicit positions continues right).
+        token_fields: Other ``(batch, tokens)`` forward arguments shortened with the sequence
+            (Gemma 3's ``token_type_ids``, which make each image attend to itself both ways).
     """
 
     name: str
@@ -152,6 +167,7 @@ class VLMAdapter:
     mrope: bool = False
     item_fields: Tuple[str, ...] = ()
     finish: Optional[Callable[[nn.Module, torch.Tensor], None]] = None
+    token_fields: Tuple[str, ...] = ()
 
 
 _ADAPTERS: Dict[str, VLMAdapter] = {}
@@ -352,10 +368,27 @@ def _in_order(reduction: vt.Reduction) -> vt.Reduction:
     return vt.Reduction(features=reduction.features[order], source=reduction.source[order], index=index)
 
 
-def _reduced_output(output: Any, reductions: List[vt.Reduction], item_fields: Sequence[str]) -> Any:
+def _with_protected(reduction: vt.Reduction, free: torch.Tensor, protected: torch.Tensor,
+                    features: torch.Tensor) -> vt.Reduction:
+    """An item's reduction from that of its free tokens (``free``: their indices) plus its
+    protected tokens passed on as they are, in the model's order."""
+    num = features.shape[0]
+    source = reduction.source.new_zeros(reduction.source.shape[0] + protected.numel(), num)
+    source[: reduction.source.shape[0], free.to(source.device)] = reduction.source
+    source[torch.arange(protected.numel(), device=source.device) + reduction.source.shape[0],
+           protected.to(source.device)] = 1
+    index = None if reduction.index is None else torch.cat([free.to(reduction.index.device)[reduction.index],
+                                                             protected.to(reduction.index.device)])
+    return _in_order(vt.Reduction(features=torch.cat([reduction.features, features[protected]]),
+                                  source=source, index=index))
+
+
+def _reduced_output(output: Any, reductions: List[vt.Reduction], item_fields: Sequence[str],
+                    join: Optional[Callable[[List[torch.Tensor]], Any]] = None) -> Any:
     """A copy of an encoder output with every per-item field reduced."""
     new = type(output)(**dict(output.items()))
-    new.pooler_output = tuple(r.features for r in reductions)
+    features = [r.features for r in reductions]
+    new.pooler_output = join(features) if join is not None else tuple(features)
     for name in item_fields:
         layers = getattr(output, name, None)
         if layers is not None:
@@ -417,7 +450,8 @@ def _plan(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, 
     generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
     text = _TextContext(inner, call, [_placeholders(inner, call, getattr(inner.config, m.token)) for m in adapter.modalities])
     for modality in (m for m in adapter.modalities if m.name in outputs):
-        features = list(outputs[modality.name].pooler_output)
+        output = outputs[modality.name]
+        features = modality.split(inner, call, output) if modality.split else list(output.pooler_output)
         slots = _placeholders(inner, call, getattr(inner.config, modality.token)).reshape(-1).nonzero()[:, 0]
         counts = [int(f.shape[0]) for f in features]
         if slots.numel() != sum(counts):
@@ -428,18 +462,38 @@ def _plan(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, 
             sample = int(item_slots[0]) // length
             columns = item_slots - sample * length
             item_positions = full[:, sample, columns].t()
-            context = vt.VisualContext(grid=modality.grid(inner, call, index, feats.shape[0], item_positions),
-                                       text=text(sample), generator=generator)
-            _reduce_item(plan, settings, modality.name, feats, sample, columns, context)
+            free, protected, grid = _free_tokens(inner, call, modality, index, feats, item_positions)
+            context = vt.VisualContext(grid=grid, text=text(sample), generator=generator)
+            _reduce_item(plan, settings, modality.name, feats, sample, columns, context, free, protected)
     return plan
 
 
+def _free_tokens(inner: nn.Module, call: Dict[str, Any], modality: Modality, index: int, features: torch.Tensor,
+                 positions: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Any]:
+    """``(free, protected, grid)`` of one item: the indices of the tokens the budget applies to and
+    of its separators (None, None when it has none), and the grid of the free tokens."""
+    if modality.separators is None:
+        return None, None, modality.grid(inner, call, index, features.shape[0], positions)
+    protected, grid = modality.separators(inner, call, index, features)
+    protected = protected.to(features.device)
+    is_free = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    is_free[protected] = False
+    return is_free.nonzero()[:, 0], protected, grid
+
+
 def _reduce_item(plan: _Plan, settings: VisualTokenSettings, modality: str, features: torch.Tensor, sample: int,
-                 columns: torch.Tensor, context: vt.VisualContext) -> None:
-    """Reduce one image's (or video's) ``features`` and record it in ``plan``."""
+                 columns: torch.Tensor, context: vt.VisualContext, free: Optional[torch.Tensor] = None,
+                 protected: Optional[torch.Tensor] = None) -> None:
+    """Reduce one image's (or video's) ``features`` (only its ``free`` tokens when given; the
+    ``protected`` ones pass on as they are) and record it in ``plan``."""
     num = features.shape[0]
-    budget = vt.resolve_budget(settings.visual_tokens, num)
-    reduction = _in_order(vt.reduce_tokens(settings.method, features, budget, context))
+    count = num if free is None else free.numel()
+    budget = vt.resolve_budget(settings.visual_tokens, count)
+    if free is None:
+        reduction = _in_order(vt.reduce_tokens(settings.method, features, budget, context))
+    else:
+        reduction = _with_protected(vt.reduce_tokens(settings.method, features[free], budget, context),
+                                    free, protected, features)
     plan.reduced[modality].append(reduction)
     first = columns[reduction.source.argmax(-1).to(columns.device)]
     plan.keep[sample, columns] = False
@@ -450,7 +504,7 @@ def _reduce_item(plan: _Plan, settings: VisualTokenSettings, modality: str, feat
             plan.positions = plan.positions.to(torch.float32)
         plan.positions[:, sample, first] = mean.to(plan.positions.dtype)
     plan.items.append({"modality": modality, "sample": sample, "tokens": num, "budget": budget,
-                       "passed": int(reduction.features.shape[0]), "reduced": budget < num})
+                       "passed": int(reduction.features.shape[0]), "reduced": budget < count})
     if settings.trace_source:
         plan.sources.append(reduction.source)
 
@@ -470,11 +524,12 @@ def _left_padded(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _shortened(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
                outputs: Dict[str, Any], plan: _Plan, index: torch.Tensor, valid: torch.Tensor) -> Dict[str, Any]:
     """The call of the model's own forward on the shortened sequence."""
-    new = dict(call, mm_encoder_outputs={name: _reduced_output(outputs[name], plan.reduced[name], adapter.item_fields)
-                                         for name in outputs})
+    new = dict(call)
     for modality in adapter.modalities:
         if modality.name in outputs:
             new[modality.pixels] = None
+    new["mm_encoder_outputs"] = {m.name: _reduced_output(outputs[m.name], plan.reduced[m.name], adapter.item_fields,
+                                                         m.join) for m in adapter.modalities if m.name in outputs}
     taken = [getattr(inner.config, m.token) for m in adapter.modalities]
     if call.get("input_ids") is not None:
         ids = call["input_ids"].gather(1, index)
@@ -482,9 +537,10 @@ def _shortened(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetti
     if call.get("inputs_embeds") is not None:
         embeds = call["inputs_embeds"].gather(1, index[..., None].expand(-1, -1, call["inputs_embeds"].shape[-1]))
         new["inputs_embeds"] = embeds * valid[..., None].to(embeds.dtype)
-    if call.get("mm_token_type_ids") is not None:
-        types = call["mm_token_type_ids"].gather(1, index)
-        new["mm_token_type_ids"] = torch.where(valid, types, torch.zeros_like(types))
+    for name in ("mm_token_type_ids",) + adapter.token_fields:
+        if call.get(name) is not None:
+            types = call[name].gather(1, index)
+            new[name] = torch.where(valid, types, torch.zeros_like(types))
     mask = call.get("attention_mask")
     if mask is not None:
         new["attention_mask"] = torch.where(valid, mask.gather(1, index), torch.zeros_like(mask[:, :1]))
