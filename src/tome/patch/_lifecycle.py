@@ -1143,6 +1143,33 @@ class ToMeModelMixin:
         return f"{base}, {tome}" if base else tome
 
 
+def _kept_settings(model: nn.Module, info: Any, trace_source: Optional[bool],
+                   prop_attn: Optional[bool]) -> ToMeSettings:
+    """The settings of a re-patch by a :func:`register_family` patch function: the model's
+    current ones, with ``trace_source`` and ``prop_attn`` changed where given (not None);
+    proportional attention on when nothing decided it yet."""
+    current = _read_info(model, ToMeSettings) if isinstance(info, ToMeInfo) else ToMeSettings()
+    settings = replace(current, **passed(trace_source=KEEP if trace_source is None else trace_source,
+                                         prop_attn=KEEP if prop_attn is None else prop_attn))
+    if settings.prop_attn is None:
+        settings = replace(settings, prop_attn=True)
+    return settings
+
+
+def _swap_blocks(blocks: Sequence[nn.Module], block_mixin: Callable[[nn.Module], type],
+                 attention: Optional[Callable[[nn.Module], Tuple[nn.Module, type]]],
+                 protected_tokens: int, prop_attn: bool) -> None:
+    """Swap the class of every block (and its attention module) and tell it its index and settings."""
+    for index, block in enumerate(blocks):
+        swap_class(block, block_mixin(block))
+        object.__setattr__(block, "_tome_index", index)
+        if attention is not None:
+            attn, attn_mixin = attention(block)
+            swap_class(attn, attn_mixin)
+        object.__setattr__(block, "_tome_protected", protected_tokens)
+        object.__setattr__(block, "_tome_prop_attn", prop_attn)
+
+
 def patch_model(
     model: nn.Module,
     model_mixin: Union[type, Tuple[type, ...]],
@@ -1184,23 +1211,12 @@ def patch_model(
     """
     info = model.__dict__.get("_tome_info")
     if settings is None:  # a register_family patch function: keep what it does not pass
-        current = _read_info(model, ToMeSettings) if isinstance(info, ToMeInfo) else ToMeSettings()
-        settings = replace(current, **passed(trace_source=KEEP if trace_source is None else trace_source,
-                                             prop_attn=KEEP if prop_attn is None else prop_attn))
-        if settings.prop_attn is None:
-            settings = replace(settings, prop_attn=True)
+        settings = _kept_settings(model, info, trace_source, prop_attn)
     parse_r(len(blocks), settings.r)  # a bad r raises before anything changes
     swap_class(model, model_mixin)
     if encoder is not None:
         swap_class(*encoder)
-    for index, block in enumerate(blocks):
-        swap_class(block, block_mixin(block))
-        object.__setattr__(block, "_tome_index", index)
-        if attention is not None:
-            attn, attn_mixin = attention(block)
-            swap_class(attn, attn_mixin)
-        object.__setattr__(block, "_tome_protected", protected_tokens)
-        object.__setattr__(block, "_tome_prop_attn", bool(settings.prop_attn))
+    _swap_blocks(blocks, block_mixin, attention, protected_tokens, bool(settings.prop_attn))
     if not isinstance(info, ToMeInfo):
         info = ToMeInfo(r=None, size=None, source=None, method=MergeMethod())
         object.__setattr__(model, "_tome_info", info)
