@@ -208,3 +208,15 @@ def test_the_tools_use_the_root_implementations(name):
         assert tools.benchmark is tome.utils.benchmark
     else:
         assert tools.make_visualization is tome.vis.make_visualization is tome.make_visualization
+
+
+def test_tools_read_a_forward_through_the_public_api():
+    # Sizes and sources of the last forward come from tome.last_forward, as a user reads them.
+    import re
+
+    private_read = re.compile(r"""_tome_info\s*(\[\s*|\.get\(\s*)["'](size|source)["']""")
+    files = [*sorted(TOOLS.rglob("*.py")), PACKAGE / "vis.py", PACKAGE / "cli.py"]
+    found = [f"{path.relative_to(PACKAGE)}:{number}" for path in files
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if private_read.search(line) and "last_forward" not in line]
+    assert not found, found
