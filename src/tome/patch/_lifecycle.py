@@ -376,6 +376,10 @@ class FamilySpec:
             core's; :func:`remove_patch` removes them.
         exports: Whether ``tome.export`` exports its models.
         traceable: Whether ``torch.fx.symbolic_trace`` and ``torch.jit.trace`` follow the merge.
+        attention_features: Where the family's attention reports more than the keys averaged
+            over heads (queries, values, the class token's attention: what ablation methods
+            match on), e.g. ``"timm Attention"``; empty when it does not. An error for a
+            method that needs them names the families that declare it.
         no_merging: Settings under which nothing merges (the unpatched outputs).
         examples: ``() -> [Example]``: its tiny models, for the conformance suite.
         parts: ``obj -> [module]``: the modules a patch applies to, each with its own
@@ -394,6 +398,7 @@ class FamilySpec:
     instance_attrs: Tuple[str, ...] = ()
     exports: bool = False
     traceable: bool = False
+    attention_features: str = ""
     no_merging: Mapping[str, Any] = field(default_factory=lambda: {"r": 0})
     examples: Callable[[], Sequence[Example]] = _no_examples
     parts: Callable[[Any], List[nn.Module]] = _one_part
@@ -828,10 +833,10 @@ class ToMeAttentionMixin:
 
 _MASK_NAMES = ("attn_mask", "attention_mask", "causal_attention_mask", "is_causal")
 
-_FEATURE_FAMILIES = (
-    "timm VisionTransformer and MAE (timm Attention), torchvision and SWAG ViTs (nn.MultiheadAttention); "
-    "metric='x' and match='random_drop' work with every family"
-)
+def _families_with_features() -> str:
+    """The registered families whose attention reports more than the keys, for an error message."""
+    declared = [f"{spec.name} ({spec.attention_features})" for spec in registered() if spec.attention_features]
+    return ", ".join(declared or ["none registered"]) + "; metric='x' and match='random_drop' work with every family"
 
 
 def _check_features(model: nn.Module, method: MergeMethod, rules: Sequence[LayerRule],
@@ -852,7 +857,7 @@ def _check_features(model: nn.Module, method: MergeMethod, rules: Sequence[Layer
             raise ValueError(
                 f"method {method} needs the attention of block {index} to report {feature!r}, but "
                 f"{type(model).__name__}'s attention ({where}) reports only the keys averaged over heads. "
-                f"Supported: {_FEATURE_FAMILIES}"
+                f"Supported: {_families_with_features()}"
             )
 
 
