@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Mapping, Tuple
 
 from torch import nn
 
+from . import _vlm_families  # noqa: F401  (registers the VLM adapters)
+
 # Importing the family modules registers them.
 from ._diffusers import DiffusionSettings, diffusers
 from ._eva import RopeSettings, eva
@@ -48,6 +50,7 @@ from ._naflex import naflexvit
 from ._swag import swag
 from ._timm import timm
 from ._torchvision import torchvision
+from ._vlm import VisualTokenSettings
 
 __all__ = [
     "timm",
@@ -66,6 +69,7 @@ __all__ = [
     "FamilySpec",
     "ForwardReport",
     "RopeSettings",
+    "VisualTokenSettings",
     "ToMeSettings",
     "configure",
     "default_prop_attn",

@@ -1,0 +1,575 @@
+"""Visual-token reduction in Hugging Face vision-language models: the core of the ``vlm`` family.
+
+A VLM turns each image (and video) into visual tokens that enter its language model in place
+of placeholder tokens. Patched, the model passes at most ``visual_tokens`` of them per image
+or video: each image's tokens, as they leave the projector / patch merger (so spatial merges
+inside the model still see their grid), go through a method of :mod:`tome.visual_tokens`,
+and the sequence shrinks with them (input ids, embeddings, attention mask, token types,
+positions). The user keeps calling ``model(**inputs)`` and ``model.generate(**inputs)``.
+
+What is wrapped, not copied: the inner model's own ``get_image_features`` /
+``get_video_features`` compute the features (hooks on the vision tower fire), its own
+position code (``compute_3d_position_ids`` / ``get_rope_index`` for M-RoPE models) gives
+the positions of the full sequence, and its own ``forward`` runs on the shortened inputs,
+with the reduced features handed in as ``mm_encoder_outputs`` (so its own placeholder check
+and scatter run, on matching counts) and explicit ``position_ids``.
+
+Positions: kept tokens keep the position they had in the full sequence (M-RoPE: all three
+rows), text tokens keep theirs, and decoding continues at the positions of the unreduced
+model (``rope_deltas`` is recomputed for the shortened sequence). A merged token gets the
+size-weighted mean of its members' positions (float: the rotary embeddings of these models
+take float positions). 1-D models may instead renumber consecutively (``positions="renumber"``).
+
+Between a prefill and its decoding steps the layout of the shortened prefill travels on the
+KV cache object (``past_key_values._tome_vlm_layout``): a decoding step's attention mask,
+which ``generate`` keeps at the full length, is shortened to match the cache.
+
+The per-family part is a :class:`VLMAdapter` (``_vlm_families.py``): which classes, where
+the features come from, their grid, the placeholder token ids, and how positions are computed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .. import visual_tokens as vt
+from ._lifecycle import Example, FamilySpec, ToMeInfo, check_choice, check_flag, register, setting, swap_class
+
+__all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS"]
+
+POSITIONS = ("keep", "renumber")
+
+# Methods that need more than the features and what they need; refused at patch time.
+_UNWIRED = {
+    "visionzip": "the attention each token receives in the vision tower",
+    "fastv": "a drop inside the language model",
+}
+
+
+@dataclass
+class VisualTokenSettings:
+    """The options of the ``vlm`` family: arguments of ``tome.apply_patch`` and ``tome.merging``,
+    and properties of the patched model (``model.visual_tokens``, ``model.tome_method`` for
+    ``method``, ``model.trace_source``, ``model.positions``, ``model.fastv_layer``, ``model.seed``).
+
+    Args:
+        visual_tokens: Tokens each image or video passes on: an int ``K >= 1``, a float in
+            ``(0, 1]`` (the fraction kept, rounded up), or None (all: the unpatched model).
+        method: A method of :data:`tome.visual_tokens.METHODS` (``"pool"``, ``"random"``, ...).
+        trace_source: After a forward, ``model._tome_info["source"]`` is a list with one
+            ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
+        positions: 1-D models: ``"keep"`` (each kept token keeps its position in the full
+            sequence) or ``"renumber"`` (consecutive). M-RoPE models keep theirs.
+        fastv_layer: The language-model layer at which ``"fastv"`` drops (not wired yet).
+        seed: Seed of ``"random"``, drawn afresh every forward (None: torch's global generator).
+    """
+
+    visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 4})
+    method: str = field(default="pool", metadata={"example": "random"})
+    trace_source: bool = False
+    positions: str = field(default="keep", metadata={"choices": POSITIONS})
+    fastv_layer: int = field(default=2, metadata={"example": 1})
+    seed: Optional[int] = field(default=None, metadata={"example": 0})
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid option."""
+        vt.check_budget(self.visual_tokens)
+        if not isinstance(self.method, str) or self.method not in vt.METHODS:
+            raise ValueError(f"method={self.method!r} is not a visual-token method; expected one of {sorted(vt.METHODS)}")
+        check_flag("trace_source", self.trace_source)
+        check_choice("positions", self.positions, POSITIONS)
+        for name, low in (("fastv_layer", 0),):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an int >= {low} (a language-model layer index)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed={self.seed!r} must be None or an int")
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One kind of visual input of a family (images, videos).
+
+    Args:
+        name: ``"image"`` or ``"video"`` (the key of ``mm_encoder_outputs``).
+        pixels: The forward argument holding its pixels (``"pixel_values"``).
+        token: The config attribute of its placeholder token id (``"image_token_id"``).
+        encode: ``(inner model, call) -> encoder output`` whose ``pooler_output`` holds one
+            ``(N, C)`` tensor per image or video, through the model's own method.
+        grid: ``(inner model, call, item index, N) -> (t, h, w)`` or None.
+    """
+
+    name: str
+    pixels: str
+    token: str
+    encode: Callable[[nn.Module, Dict[str, Any]], Any]
+    grid: Callable[[nn.Module, Dict[str, Any], int, int], Optional[Tuple[int, int, int]]]
+
+
+@dataclass(frozen=True)
+class VLMAdapter:
+    """What the core must know about one VLM family.
+
+    Args:
+        name: The family's name in messages (``"qwen2_5_vl"``).
+        models: Class names of the inner model: the one with ``get_image_features`` whose
+            ``forward`` takes ``mm_encoder_outputs`` (``Qwen2_5_VLModel``).
+        wrappers: Class names of models that hold the inner one as ``.model``
+            (``Qwen2_5_VLForConditionalGeneration``).
+        modalities: Its visual inputs.
+        positions: ``(inner, call, batch, length) -> (D, batch, length)`` positions of the full
+            sequence as the unpatched model computes them (``D`` = 3 for M-RoPE, 1 for 1-D).
+        mrope: Whether positions are M-RoPE's 3 rows (else 1-D, ``positions`` may renumber).
+        item_fields: Encoder-output fields besides ``pooler_output`` that hold per-layer lists
+            of per-item tensors to reduce alike (Qwen3-VL's ``deepstack_features``).
+        finish: ``(inner, rope_deltas (batch, 1)) -> None`` after a reduced prefill (Qwen:
+            store ``rope_deltas`` so decoding without explicit positions continues right).
+    """
+
+    name: str
+    models: Tuple[str, ...]
+    wrappers: Tuple[str, ...]
+    modalities: Tuple[Modality, ...]
+    positions: Callable[[nn.Module, Dict[str, Any], int, int], torch.Tensor]
+    mrope: bool = False
+    item_fields: Tuple[str, ...] = ()
+    finish: Optional[Callable[[nn.Module, torch.Tensor], None]] = None
+
+
+_ADAPTERS: Dict[str, VLMAdapter] = {}
+
+
+def register_adapter(adapter: VLMAdapter) -> VLMAdapter:
+    """Register a VLM family adapter (replacing one of the same name)."""
+    _ADAPTERS[adapter.name] = adapter
+    return adapter
+
+
+def adapters() -> List[VLMAdapter]:
+    """The registered adapters."""
+    return list(_ADAPTERS.values())
+
+
+def _names(obj: Any) -> List[str]:
+    return [cls.__name__ for cls in type(obj).__mro__]
+
+
+def find_adapter(model: Any) -> Optional[Tuple[VLMAdapter, nn.Module]]:
+    """``(adapter, inner model)`` for a supported VLM, by class names only; else None."""
+    names = _names(model)
+    for adapter in _ADAPTERS.values():
+        if any(name in adapter.models for name in names):
+            return adapter, model
+        inner = getattr(model, "model", None) if any(name in adapter.wrappers for name in names) else None
+        if isinstance(inner, nn.Module) and any(name in adapter.models for name in _names(inner)):
+            return adapter, inner
+    return None
+
+
+def is_vlm(model: Any) -> bool:
+    """Whether ``model`` is a VLM the ``vlm`` family supports (by class name; nothing is imported)."""
+    return isinstance(model, nn.Module) and find_adapter(model) is not None
+
+
+def supported_vlms() -> str:
+    """The supported classes, for messages."""
+    return ", ".join(name for adapter in _ADAPTERS.values() for name in adapter.wrappers + adapter.models)
+
+
+# ----------------------------------------------------------------------------- what a forward did
+
+
+@dataclass(frozen=True)
+class VisualTokenReport:
+    """What the last forward of a patched VLM did (:func:`tome.last_forward`).
+
+    Attributes:
+        items: One dict per image or video, in batch order: ``modality``, ``sample`` (batch
+            index), ``tokens`` (before), ``budget``, ``passed`` (tokens passed on), ``reduced``
+            (False when the budget was at least the image's tokens: nothing was reduced).
+        source: With ``trace_source``, one ``(passed, tokens)`` 0/1 tensor per item; else None.
+        length: ``(before, after)`` the sequence length entering the language model.
+    """
+
+    items: List[Dict[str, Any]]
+    source: Optional[List[torch.Tensor]]
+    length: Tuple[int, int]
+
+
+class VisualTokenInfo(ToMeInfo):
+    """``model._tome_info`` of a patched VLM: a plain dict of what the last forward did
+    (``"items"``, ``"source"``, ``"length"``); :func:`tome.last_forward` reads it."""
+
+    def __getitem__(self, key: str) -> Any:
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict.get(self, key, default)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        dict.__setitem__(self, key, value)
+
+    def report(self) -> Optional[VisualTokenReport]:  # type: ignore[override]
+        if dict.get(self, "items") is None:
+            return None
+        return VisualTokenReport(items=list(self["items"]), source=self.get("source"), length=self["length"])
+
+    def __deepcopy__(self, memo: dict) -> "VisualTokenInfo":
+        return VisualTokenInfo(dict(self))
+
+    def __reduce__(self):  # type: ignore[override]
+        return (VisualTokenInfo, (dict(self),))
+
+
+# ----------------------------------------------------------------------------- the patched classes
+
+
+class ToMeVLMMixin:
+    """The patched model ``tome.apply_patch`` was given: its settings are properties."""
+
+    _tome_keep_name = True  # transformers looks classes up by name (pipelines, from_pretrained)
+
+
+for _option in fields(VisualTokenSettings):
+    setattr(ToMeVLMMixin, "tome_method" if _option.name == "method" else _option.name,
+            setting(_option.name, f"Visual-token option ``{_option.name}`` (see ``VisualTokenSettings``); "
+                                  "setting it re-patches with only this option changed."))
+
+
+_SIGNATURES: Dict[type, Tuple[inspect.Signature, Optional[str]]] = {}
+
+
+def _bind(parent: type, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The call's arguments by name (the parent forward's signature; extra keywords merged)."""
+    if parent not in _SIGNATURES:
+        signature = inspect.signature(parent.forward)
+        var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        _SIGNATURES[parent] = (signature, var_kw)
+    signature, var_kw = _SIGNATURES[parent]
+    call = dict(signature.bind(None, *args, **kwargs).arguments)
+    call.pop(next(iter(signature.parameters)))  # self
+    if var_kw is not None:
+        call.update(call.pop(var_kw, {}))
+    return call
+
+
+class ToMeVLMInnerMixin:
+    """The inner model (the one whose forward scatters the visual features): reduces them."""
+
+    _tome_keep_name = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        parent = type(self).__dict__["_tome_parent"]
+        call = _bind(parent, args, kwargs)
+        settings: VisualTokenSettings = self.__dict__["_tome_settings"]
+        adapter = _ADAPTERS[self.__dict__["_tome_adapter"]]
+        run = super().forward  # type: ignore[misc]
+        cache = call.get("past_key_values")
+        layout = getattr(cache, "_tome_vlm_layout", None) if cache is not None else None
+        visual = [m for m in adapter.modalities if call.get(m.pixels) is not None
+                  or (call.get("mm_encoder_outputs") or {}).get(m.name) is not None]
+        if visual and settings.visual_tokens is not None:
+            return _prefill(self, adapter, settings, call, visual, run)
+        if layout is not None and not visual:
+            return _decode(self, adapter, layout, call, run)
+        if visual:
+            self.__dict__["_tome_info"].update(items=None, source=None, length=None)
+        return run(**call)
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+@dataclass
+class _Layout:
+    """How a reduced prefill shortened the sequence (kept on the KV cache for decoding)."""
+
+    full_length: int  # L: the prefill's length before
+    index: torch.Tensor  # (B, L') long: the full-sequence column of each shortened slot (0 for padding)
+    valid: torch.Tensor  # (B, L') bool: False for the left padding the shortening added
+    dropped: torch.Tensor  # (B,) long: tokens removed from each sample
+    renumber: bool  # 1-D positions renumbered consecutively (else the full sequence's kept)
+    one_d: bool  # 1-D positions the core computes at decoding (else the model's own M-RoPE code)
+
+    def expanded(self, batch: int) -> "_Layout":
+        """The layout for ``batch`` rows (beam search repeats each sample's rows)."""
+        rows = self.index.shape[0]
+        if batch == rows:
+            return self
+        if batch % rows:
+            raise ValueError(f"a decoding step of batch {batch} does not continue the reduced prefill of batch {rows}")
+        k = batch // rows
+        return _Layout(self.full_length, self.index.repeat_interleave(k, 0), self.valid.repeat_interleave(k, 0),
+                       self.dropped.repeat_interleave(k, 0), self.renumber, self.one_d)
+
+
+def _apply(reduction: vt.Reduction, x: torch.Tensor) -> torch.Tensor:
+    """Another per-token tensor ``(N, ...)`` of the same image reduced alike: the kept rows,
+    or each merged token's members' mean."""
+    if reduction.index is not None:
+        return x[reduction.index.to(x.device)]
+    weights = reduction.source.to(device=x.device, dtype=x.dtype)
+    flat = weights @ x.reshape(x.shape[0], -1)
+    return (flat / weights.sum(-1, keepdim=True).clamp(min=1)).reshape((weights.shape[0],) + tuple(x.shape[1:]))
+
+
+def _in_order(reduction: vt.Reduction) -> vt.Reduction:
+    """The reduction with its rows in the order of their first member (the model's order)."""
+    first = reduction.source.argmax(-1)
+    order = first.argsort()
+    if bool((order == torch.arange(len(order), device=order.device)).all()):
+        return reduction
+    index = None if reduction.index is None else reduction.index[order]
+    return vt.Reduction(features=reduction.features[order], source=reduction.source[order], index=index)
+
+
+def _reduced_output(output: Any, reductions: List[vt.Reduction], item_fields: Sequence[str]) -> Any:
+    """A copy of an encoder output with every per-item field reduced."""
+    new = type(output)(**dict(output.items()))
+    new.pooler_output = tuple(r.features for r in reductions)
+    for name in item_fields:
+        layers = getattr(output, name, None)
+        if layers is not None:
+            setattr(new, name, [tuple(_apply(r, x) for r, x in zip(reductions, layer)) for layer in layers])
+    return new
+
+
+def _placeholders(inner: nn.Module, call: Dict[str, Any], token_id: int) -> torch.Tensor:
+    """``(B, L)`` where the placeholder tokens are (from the ids, or the embeddings as the models do)."""
+    if call.get("input_ids") is not None:
+        return call["input_ids"] == token_id
+    embeds = call["inputs_embeds"]
+    token = inner.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
+    return (embeds == token).all(-1)
+
+
+def _pad_id(inner: nn.Module, taken: Sequence[int]) -> int:
+    """A token id for the left padding the shortening adds (masked; never a placeholder)."""
+    config = inner.config
+    for candidate in (getattr(getattr(config, "text_config", None), "pad_token_id", None),
+                      getattr(config, "pad_token_id", None)):
+        if isinstance(candidate, int) and candidate not in taken:
+            return candidate
+    return next(i for i in range(len(taken) + 1) if i not in taken)
+
+
+def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
+             visual: List[Modality], run: Callable[..., Any]) -> Any:
+    cache = call.get("past_key_values")
+    if cache is not None and (getattr(cache, "_tome_vlm_layout", None) is not None or cache.get_seq_length() > 0):
+        raise ValueError("visual-token reduction of a prefill that continues a KV cache is not supported; "
+                         "start from an empty cache (or set model.visual_tokens = None)")
+    if isinstance(call.get("attention_mask"), dict) or (call.get("attention_mask") is not None
+                                                        and call["attention_mask"].dim() != 2):
+        raise ValueError("visual-token reduction needs a 2-D attention_mask (batch, tokens) or None; "
+                         "a prepared 4-D mask or mask dict cannot be shortened")
+    given = call.get("mm_encoder_outputs") or {}
+    outputs = {m.name: given.get(m.name) if given.get(m.name) is not None else m.encode(inner, call) for m in visual}
+    generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+    reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
+    batch, length = reference.shape[:2]
+    device = reference.device
+    keep = torch.ones(batch, length, dtype=torch.bool, device=device)
+    text = _TextContext(inner, call, [_placeholders(inner, call, getattr(inner.config, m.token)) for m in adapter.modalities])
+    full = adapter.positions(inner, call, batch, length)  # (D, B, L)
+    positions = full.clone()
+    items: List[Dict[str, Any]] = []
+    sources: List[torch.Tensor] = []
+    reduced: Dict[str, List[vt.Reduction]] = {}
+    slots_of: List[Tuple[int, torch.Tensor, vt.Reduction]] = []
+    for modality in visual:
+        features = list(outputs[modality.name].pooler_output)
+        slots = _placeholders(inner, call, getattr(inner.config, modality.token)).reshape(-1).nonzero()[:, 0]
+        counts = [int(f.shape[0]) for f in features]
+        if slots.numel() != sum(counts):
+            raise ValueError(f"{modality.name} features and {modality.name} tokens do not match: "
+                             f"{slots.numel()} placeholder tokens, {sum(counts)} features")
+        reduced[modality.name] = []
+        for index, (feats, item_slots) in enumerate(zip(features, slots.split(counts))):
+            sample = int(item_slots[0]) // length
+            columns = item_slots - sample * length
+            num = feats.shape[0]
+            budget = vt.resolve_budget(settings.visual_tokens, num)
+            context = vt.VisualContext(grid=modality.grid(inner, call, index, num), text=text(sample),
+                                       generator=generator)
+            reduction = _in_order(vt.reduce_tokens(settings.method, feats, budget, context))
+            reduced[modality.name].append(reduction)
+            first = reduction.source.argmax(-1).to(device)
+            keep[sample, columns] = False
+            keep[sample, columns[first]] = True
+            if not settings.positions == "renumber":
+                mean = reduction.positions(full[:, sample, columns].t().to(torch.float32)).t()
+                if reduction.index is None or positions.is_floating_point():
+                    positions = positions.to(torch.float32)
+                positions[:, sample, columns[first]] = mean.to(positions.dtype)
+            slots_of.append((sample, columns, reduction))
+            items.append({"modality": modality.name, "sample": sample, "tokens": num, "budget": budget,
+                          "passed": int(reduction.features.shape[0]), "reduced": budget < num})
+            if settings.trace_source:
+                sources.append(reduction.source)
+    info = inner.__dict__["_tome_info"]
+    if not any(item["reduced"] for item in items):  # nothing reduced: the model's own forward, as unpatched
+        info.update(items=items, source=sources if settings.trace_source else None, length=(length, length))
+        call = dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual})
+        return run(**call)
+    mask = call.get("attention_mask")
+    if settings.positions == "renumber":
+        positions = positions - (~keep).cumsum(1).unsqueeze(0).to(positions.dtype)
+    lengths = keep.sum(1)
+    short = int(lengths.max())
+    index = torch.zeros(batch, short, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, short, dtype=torch.bool, device=device)
+    for row in range(batch):
+        kept = keep[row].nonzero()[:, 0]
+        index[row, short - kept.numel():] = kept
+        valid[row, short - kept.numel():] = True
+    padded = not bool(valid.all())
+    new = dict(call)
+    for m in visual:
+        new[m.pixels] = None
+    new["mm_encoder_outputs"] = {name: _reduced_output(outputs[name], reduced[name], adapter.item_fields)
+                                 for name in outputs}
+    taken = [getattr(inner.config, m.token) for m in adapter.modalities]
+    if call.get("input_ids") is not None:
+        ids = call["input_ids"].gather(1, index)
+        new["input_ids"] = torch.where(valid, ids, torch.full_like(ids, _pad_id(inner, taken)))
+    if call.get("inputs_embeds") is not None:
+        embeds = call["inputs_embeds"].gather(1, index[..., None].expand(-1, -1, call["inputs_embeds"].shape[-1]))
+        new["inputs_embeds"] = embeds * valid[..., None].to(embeds.dtype)
+    if call.get("mm_token_type_ids") is not None:
+        types = call["mm_token_type_ids"].gather(1, index)
+        new["mm_token_type_ids"] = torch.where(valid, types, torch.zeros_like(types))
+    gapped = not adapter.mrope and settings.positions == "keep"
+    if mask is not None:
+        new["attention_mask"] = torch.where(valid, mask.gather(1, index), torch.zeros_like(mask[:, :1]))
+    elif padded or gapped:  # 1-D positions with gaps must not read as packed sequences
+        new["attention_mask"] = valid.to(torch.long)
+    short_positions = positions.gather(2, index.unsqueeze(0).expand(positions.shape[0], -1, -1))
+    short_positions = torch.where(valid.unsqueeze(0), short_positions, torch.ones_like(short_positions))
+    new["position_ids"] = short_positions if adapter.mrope else short_positions[0]
+    out = run(**new)
+    real = mask.bool() if mask is not None else torch.ones_like(keep)
+    if adapter.finish is not None:
+        top = torch.where(real.unsqueeze(0), full, torch.zeros_like(full)).amax(dim=(0, 2))
+        adapter.finish(inner, (top + 1 - (keep & real).sum(1)).unsqueeze(1))
+    layout = _Layout(length, index, valid, (~keep).sum(1), settings.positions == "renumber", not adapter.mrope)
+    returned = getattr(out, "past_key_values", None)
+    for holder in (returned, cache):
+        if holder is not None:
+            holder._tome_vlm_layout = layout
+    info.update(items=items, source=sources if settings.trace_source else None, length=(length, short))
+    return out
+
+
+class _TextContext:
+    """The instruction's embeddings of each sample (its real, non-visual tokens), made when asked."""
+
+    def __init__(self, inner: nn.Module, call: Dict[str, Any], placeholders: List[torch.Tensor]) -> None:
+        self.inner, self.call, self.cache = inner, call, {}
+        visual = placeholders[0].clone()
+        for other in placeholders[1:]:
+            visual |= other
+        self.text = ~visual
+        if call.get("attention_mask") is not None:
+            self.text &= call["attention_mask"].bool()
+
+    def __call__(self, sample: int) -> Optional[torch.Tensor]:
+        if sample not in self.cache:
+            if self.call.get("inputs_embeds") is not None:
+                self.cache[sample] = self.call["inputs_embeds"][sample][self.text[sample]]
+            else:
+                ids = self.call["input_ids"][sample][self.text[sample]]
+                with torch.no_grad():
+                    self.cache[sample] = self.inner.get_input_embeddings()(ids)
+        return self.cache[sample]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _decode(inner: nn.Module, adapter: VLMAdapter, layout: _Layout, call: Dict[str, Any],
+            run: Callable[..., Any]) -> Any:
+    cache = call["past_key_values"]
+    reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
+    batch, steps = reference.shape[:2]
+    layout = layout.expanded(batch)
+    short = layout.index.shape[1]
+    cached = cache.get_seq_length()
+    new = dict(call)
+    mask = call.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ValueError("decoding after a reduced prefill needs a 2-D attention_mask (batch, tokens) or None "
+                             "(a static cache's prepared masks cannot be shortened)")
+        if mask.shape[1] - layout.full_length != cached - short + steps:
+            raise ValueError(f"attention_mask of length {mask.shape[1]} does not continue the reduced prefill "
+                             f"({layout.full_length} tokens before reduction, {cached} cached, {steps} new)")
+        head = torch.where(layout.valid, mask[:, : layout.full_length].gather(1, layout.index),
+                           torch.zeros_like(mask[:, :1]))
+        new["attention_mask"] = torch.cat([head, mask[:, layout.full_length:]], dim=1)
+    elif not bool(layout.valid.all()):
+        tail = torch.ones(batch, cached - short + steps, dtype=torch.long, device=layout.valid.device)
+        new["attention_mask"] = torch.cat([layout.valid.to(torch.long), tail], dim=1)
+    if layout.one_d:
+        positions = call.get("position_ids")
+        if positions is None:  # the unpatched model's default: the full sequence's next positions
+            start = cached + layout.full_length - short
+            positions = (torch.arange(steps, device=reference.device) + start).expand(batch, -1)
+        if layout.renumber:
+            positions = positions - layout.dropped[:, None].to(positions.device)
+        new["position_ids"] = positions
+    return run(**new)
+
+
+# ----------------------------------------------------------------------------- patching
+
+
+def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:
+    found = find_adapter(model)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} ({type(model).__module__}) is not a vision-language model the vlm "
+                        f"family supports; supported: {supported_vlms()}")
+    adapter, inner = found
+    if settings.method in _UNWIRED:
+        raise ValueError(f"method={settings.method!r} needs {_UNWIRED[settings.method]}, which is not wired for the "
+                         f"{adapter.name} family yet; choose one of "
+                         f"{sorted(set(vt.METHODS) - set(_UNWIRED))}")
+    if adapter.mrope and settings.positions != "keep":
+        raise ValueError(f"positions={settings.positions!r} applies to 1-D positions; {adapter.name} keeps each "
+                         "token's 3-D M-RoPE position (use positions='keep')")
+    if inner is model:
+        swap_class(model, (ToMeVLMMixin, ToMeVLMInnerMixin))
+    else:
+        swap_class(model, ToMeVLMMixin)
+        swap_class(inner, ToMeVLMInnerMixin)
+    info = model.__dict__.get("_tome_info")
+    if not isinstance(info, VisualTokenInfo):
+        info = VisualTokenInfo(items=None, source=None, length=None)
+    for module in {id(model): model, id(inner): inner}.values():
+        for name, value in (("_tome_settings", settings), ("_tome_info", info), ("_tome_adapter", adapter.name)):
+            object.__setattr__(module, name, value)
+    return model
+
+
+def _examples() -> Sequence[Example]:
+    from ._vlm_families import examples
+
+    return examples()
+
+
+register(FamilySpec(
+    name="vlm",
+    detector=is_vlm,
+    patch=_patch,
+    settings=VisualTokenSettings,
+    priority=8,
+    instance_attrs=("_tome_settings", "_tome_adapter"),
+    no_merging={"visual_tokens": None},
+    read=lambda model: model.__dict__["_tome_settings"],
+    examples=_examples,
+))
