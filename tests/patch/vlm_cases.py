@@ -82,10 +82,11 @@ def _words(generator: torch.Generator, count: int) -> List[int]:
 
 def qwen_inputs(model: nn.Module, samples: Sequence[Sequence[Tuple[int, int]]], seed: int = 0,
                 videos: Optional[Sequence[Sequence[Tuple[int, int, int]]]] = None, pad: str = "left",
-                prompt: Tuple[int, int] = (3, 4)) -> Dict[str, torch.Tensor]:
+                prompt: Tuple[int, int] = (3, 4), frames_apart: bool = False) -> Dict[str, torch.Tensor]:
     """Inputs of a tiny Qwen VLM: per sample, a list of images as ``(h, w)`` patch grids (even
     numbers; ``h * w / 4`` tokens each) and optionally videos as ``(t, h, w)``; text around them;
-    left padding. Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, the pixel
+    left padding (``frames_apart``: each video frame in its own ``<start> ... <end>`` after a
+    timestamp word, as Qwen3-VL writes videos). Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, the pixel
     values and grids."""
     generator = torch.Generator().manual_seed(seed)
     vision = model.config.vision_config
@@ -101,8 +102,9 @@ def qwen_inputs(model: nn.Module, samples: Sequence[Sequence[Tuple[int, int]]], 
             image_grids.append([1, h, w])
             images.append(torch.randn(h * w, channels, generator=generator))
         for (t, h, w) in sample_videos:
-            ids += [START] + [VIDEO] * (t * h * w // 4) + [END] + _words(generator, 1)
-            kinds += [0] + [2] * (t * h * w // 4) + [0, 0]
+            for frames in ([1] * t if frames_apart else [t]):
+                ids += _words(generator, 1) + [START] + [VIDEO] * (frames * h * w // 4) + [END]
+                kinds += [0, 0] + [2] * (frames * h * w // 4) + [0]
             video_grids.append([t, h, w])
             clips.append(torch.randn(t * h * w, channels, generator=generator))
         ids += _words(generator, prompt[1])

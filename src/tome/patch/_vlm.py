@@ -101,14 +101,15 @@ class Modality:
         token: The config attribute of its placeholder token id (``"image_token_id"``).
         encode: ``(inner model, call) -> encoder output`` whose ``pooler_output`` holds one
             ``(N, C)`` tensor per image or video, through the model's own method.
-        grid: ``(inner model, call, item index, N) -> (t, h, w)`` or None.
+        grid: ``(inner model, call, item index, N, positions (N, D)) -> (t, h, w)`` or None
+            (``positions``: the item's tokens' positions in the full sequence).
     """
 
     name: str
     pixels: str
     token: str
     encode: Callable[[nn.Module, Dict[str, Any]], Any]
-    grid: Callable[[nn.Module, Dict[str, Any], int, int], Optional[Tuple[int, int, int]]]
+    grid: Callable[[nn.Module, Dict[str, Any], int, int, torch.Tensor], Optional[Tuple[int, int, int]]]
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ class _Layout:
     full_length: int  # L: the prefill's length before
     index: torch.Tensor  # (B, L') long: the full-sequence column of each shortened slot (0 for padding)
     valid: torch.Tensor  # (B, L') bool: False for the left padding the shortening added
-    dropped: torch.Tensor  # (B,) long: tokens removed from each sample
+    dropped: torch.Tensor  # (B,) long: visual tokens removed from each sample
     renumber: bool  # 1-D positions renumbered consecutively (else the full sequence's kept)
     one_d: bool  # 1-D positions the core computes at decoding (else the model's own M-RoPE code)
 
@@ -374,7 +375,9 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
     batch, length = reference.shape[:2]
     device = reference.device
-    keep = torch.ones(batch, length, dtype=torch.bool, device=device)
+    mask = call.get("attention_mask")
+    real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+    keep = real.clone()  # the tokens passed on (the original padding is dropped and made anew)
     text = _TextContext(inner, call, [_placeholders(inner, call, getattr(inner.config, m.token)) for m in adapter.modalities])
     full = adapter.positions(inner, call, batch, length)  # (D, B, L)
     positions = full.clone()
@@ -395,7 +398,8 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
             columns = item_slots - sample * length
             num = feats.shape[0]
             budget = vt.resolve_budget(settings.visual_tokens, num)
-            context = vt.VisualContext(grid=modality.grid(inner, call, index, num), text=text(sample),
+            item_positions = full[:, sample, columns].t()
+            context = vt.VisualContext(grid=modality.grid(inner, call, index, num, item_positions), text=text(sample),
                                        generator=generator)
             reduction = _in_order(vt.reduce_tokens(settings.method, feats, budget, context))
             reduced[modality.name].append(reduction)
@@ -403,7 +407,7 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
             keep[sample, columns] = False
             keep[sample, columns[first]] = True
             if not settings.positions == "renumber":
-                mean = reduction.positions(full[:, sample, columns].t().to(torch.float32)).t()
+                mean = reduction.positions(item_positions.to(torch.float32)).t()
                 if reduction.index is None or positions.is_floating_point():
                     positions = positions.to(torch.float32)
                 positions[:, sample, columns[first]] = mean.to(positions.dtype)
@@ -417,9 +421,9 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
         info.update(items=items, source=sources if settings.trace_source else None, length=(length, length))
         call = dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual})
         return run(**call)
-    mask = call.get("attention_mask")
+    dropped = real & ~keep
     if settings.positions == "renumber":
-        positions = positions - (~keep).cumsum(1).unsqueeze(0).to(positions.dtype)
+        positions = positions - dropped.cumsum(1).unsqueeze(0).to(positions.dtype)
     lengths = keep.sum(1)
     short = int(lengths.max())
     index = torch.zeros(batch, short, dtype=torch.long, device=device)
@@ -453,11 +457,10 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     short_positions = torch.where(valid.unsqueeze(0), short_positions, torch.ones_like(short_positions))
     new["position_ids"] = short_positions if adapter.mrope else short_positions[0]
     out = run(**new)
-    real = mask.bool() if mask is not None else torch.ones_like(keep)
     if adapter.finish is not None:
         top = torch.where(real.unsqueeze(0), full, torch.zeros_like(full)).amax(dim=(0, 2))
         adapter.finish(inner, (top + 1 - (keep & real).sum(1)).unsqueeze(1))
-    layout = _Layout(length, index, valid, (~keep).sum(1), settings.positions == "renumber", not adapter.mrope)
+    layout = _Layout(length, index, valid, dropped.sum(1), settings.positions == "renumber", not adapter.mrope)
     returned = getattr(out, "past_key_values", None)
     for holder in (returned, cache):
         if holder is not None:

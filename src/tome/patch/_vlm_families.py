@@ -35,14 +35,30 @@ def _qwen_video(inner: nn.Module, call: Dict[str, Any]) -> Any:
 
 
 def _merged_grid(key: str):
-    """The grid of item ``index`` after the patch merger: ``(t, h / m, w / m)`` of ``call[key]``."""
+    """The grid of item ``index`` after the patch merger: ``(t, h / m, w / m)`` of ``call[key]``;
+    without it (``generate`` encodes the pixels first and drops the grids), read from the
+    item's M-RoPE positions."""
 
-    def grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int) -> Optional[Tuple[int, int, int]]:
+    def grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int,
+             positions: torch.Tensor) -> Optional[Tuple[int, int, int]]:
+        if call.get(key) is None:
+            return _grid_from_positions(positions, num)
         merge = inner.config.vision_config.spatial_merge_size
         t, h, w = (int(v) for v in call[key][index])
         return (t, h // merge, w // merge) if t * (h // merge) * (w // merge) == num else None
 
     return grid
+
+
+def _grid_from_positions(positions: torch.Tensor, num: int) -> Optional[Tuple[int, int, int]]:
+    """``(t, h, w)`` of ``num`` tokens at M-RoPE positions ``(num, 3)``: the first frame (the
+    tokens sharing the first temporal position) spans ``h`` rows and ``w`` columns."""
+    frame = positions[positions[:, 0] == positions[0, 0]]
+    height = int(frame[:, 1].max() - frame[:, 1].min()) + 1
+    width = int(frame[:, 2].max() - frame[:, 2].min()) + 1
+    if frame.shape[0] != height * width or num % (height * width):
+        return None
+    return (num // (height * width), height, width)
 
 
 def _mrope_positions(inner: nn.Module, call: Dict[str, Any], batch: int, length: int) -> torch.Tensor:
@@ -98,7 +114,8 @@ def _llava_image(inner: nn.Module, call: Dict[str, Any]) -> Any:
         image_sizes=call.get("image_sizes"), return_dict=True)
 
 
-def _clip_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int) -> Optional[Tuple[int, int, int]]:
+def _clip_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int,
+               positions: torch.Tensor) -> Optional[Tuple[int, int, int]]:
     """The square patch grid of the CLIP tower (the class token dropped by the ``"default"``
     feature strategy), or None when the tokens are not that grid (``"full"`` keeps it)."""
     vision = inner.config.vision_config
