@@ -14,9 +14,10 @@ with (MME, POPE, GQA, TextVQA, ...). This module plugs the library into it witho
 
   ``visual_tokens`` is an int (tokens per image or video), a fraction in ``(0, 1]`` or
   ``none`` (no reduction: the unpatched model's answers); ``method`` names a method of
-  :mod:`tome.visual_tokens`. Every other ``--model_args`` key is the ``huggingface`` model's
-  (``device``, ``attn_implementation``, ``max_num_frames``, ...), except that ``device_map``
-  defaults to ``device`` (not ``"auto"``), so ``device=cpu`` runs on the CPU.
+  :mod:`tome.visual_tokens`; ``positions`` and ``seed`` are passed on to ``apply_patch`` too.
+  Every other ``--model_args`` key is the ``huggingface`` model's (``device``,
+  ``attn_implementation``, ``max_num_frames``, ...), except that ``device_map`` defaults to
+  ``device`` (not ``"auto"``), so ``device=cpu`` runs on the CPU.
 - **The task**: :func:`export_task` (``tome vlm-export-task``) writes questions of the
   generated task (:mod:`tome.data.vqa`) as a local lmms-eval task folder (images, a jsonl,
   the task YAML and its ``utils.py``) for ``--include_path``; the metric is exact match of
@@ -36,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..data import vqa
 
-__all__ = ["MODEL_NAME", "manifests", "parse_visual_tokens", "parse_method", "export_task", "add_parser", "main"]
+__all__ = ["MODEL_NAME", "TASK_NAME", "manifests", "parse_visual_tokens", "export_task", "add_parser", "main"]
 
 MODEL_NAME = "tome_vlm"
 """The name lmms-eval knows the wrapper by (``--model tome_vlm``)."""
@@ -90,19 +91,6 @@ def parse_visual_tokens(value: Any) -> Optional[Union[int, float]]:
     return value
 
 
-def parse_method(value: Any) -> str:
-    """``method`` from a ``--model_args`` value: the name of a visual-token method.
-
-    Raises:
-        ValueError: if ``value`` is not the name of a method of :data:`tome.visual_tokens.METHODS`.
-    """
-    from ..visual_tokens import METHODS
-
-    if not isinstance(value, str) or value.strip() not in METHODS:
-        raise ValueError(f"method={value!r} is not a visual-token method; expected one of {sorted(METHODS)}")
-    return value.strip()
-
-
 class _ProcessorCall:
     """A processor as lmms-eval 0.7.3's ``huggingface`` model calls it, made right for transformers 5.
 
@@ -136,6 +124,7 @@ def _wrapper_class() -> type:
     from transformers import AutoModelForImageTextToText
 
     import tome
+    from tome.patch import VisualTokenSettings
 
     class TomeVLM(Huggingface):
         """lmms-eval's Hugging Face chat model with ``tome.apply_patch`` on the loaded model.
@@ -144,7 +133,10 @@ def _wrapper_class() -> type:
             pretrained: A hub id or a ``save_pretrained`` folder of a supported VLM (with its processor).
             visual_tokens: Visual tokens each image or video passes on: an int, a float in
                 ``(0, 1]`` or ``"none"`` (:func:`parse_visual_tokens`).
-            method: A visual-token method (:func:`parse_method`); the library's default when None.
+            method: A method of :data:`tome.visual_tokens.METHODS`; the library's default when None.
+            positions: Where merged or kept tokens sit in 1-D models (``"keep"`` or
+                ``"renumber"``); the library's default when None.
+            seed: Seed of ``method=random`` (drawn afresh every forward when None).
             device: Where the model runs (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
             device_map: Passed to ``from_pretrained``; ``device`` when None (``"auto"`` shards
                 a model over the visible GPUs, as lmms-eval's default does).
@@ -152,16 +144,20 @@ def _wrapper_class() -> type:
                 ``attn_implementation``, ``max_num_frames``, ``system_prompt``, ...).
 
         Raises:
-            ValueError: for a bad ``visual_tokens`` or ``method``, before the model is loaded.
+            ValueError: for a bad ``visual_tokens``, ``method``, ``positions`` or ``seed``, before
+                the model is loaded.
             TypeError: from ``tome.apply_patch`` if the model is not a supported VLM.
         """
 
         is_simple = False
 
         def __init__(self, pretrained: str, visual_tokens: Any = None, method: Optional[str] = None,
-                     device: Optional[str] = "cuda", device_map: Optional[str] = None, **kwargs: Any) -> None:
+                     positions: Optional[str] = None, seed: Optional[int] = None, device: Optional[str] = "cuda",
+                     device_map: Optional[str] = None, **kwargs: Any) -> None:
             budget = parse_visual_tokens(visual_tokens)
-            options = {} if method is None else {"method": parse_method(method)}
+            given = {"method": method, "positions": positions, "seed": seed}
+            options = {name: value for name, value in given.items() if value is not None}
+            VisualTokenSettings(visual_tokens=budget, **options).validate()  # fail before a long load
             # lmms-eval 0.7.3 picks the model class by testing ``config.model_type`` against the
             # keys of the auto classes' mappings, which are config classes: the test never passes
             # and every model loads with ``AutoModel``, the VLM's base model without its language
