@@ -38,7 +38,17 @@ import torch
 from torch import nn
 
 from .. import visual_tokens as vt
-from ._lifecycle import Example, FamilySpec, ToMeInfo, check_choice, check_flag, register, setting, swap_class
+from ._lifecycle import (
+    Example,
+    FamilySpec,
+    ToMeInfo,
+    check_choice,
+    check_flag,
+    register,
+    setting,
+    swap_class,
+    with_parent_signature,
+)
 
 __all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS"]
 
@@ -69,7 +79,7 @@ class VisualTokenSettings:
         seed: Seed of ``"random"``, drawn afresh every forward (None: torch's global generator).
     """
 
-    visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 4})
+    visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 0.5})
     method: str = field(default="pool", metadata={"example": "random"})
     trace_source: bool = False
     positions: str = field(default="keep", metadata={"choices": POSITIONS})
@@ -235,6 +245,14 @@ class ToMeVLMMixin:
 
     _tome_keep_name = True  # transformers looks classes up by name (pipelines, from_pretrained)
 
+    @with_parent_signature  # generate and Trainer read what the forward takes from its signature
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("labels") is not None and self.__dict__["_tome_settings"].visual_tokens is not None:
+            raise ValueError("labels cannot be used while visual tokens are reduced: the logits follow the "
+                             "shortened sequence and the labels are not shortened (not supported yet); "
+                             "set model.visual_tokens = None to compute a loss")
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
 
 for _option in fields(VisualTokenSettings):
     setattr(ToMeVLMMixin, "tome_method" if _option.name == "method" else _option.name,
@@ -264,6 +282,9 @@ class ToMeVLMInnerMixin:
 
     _tome_keep_name = True
 
+    # The bookkeeping is data-dependent (which tokens, how many per sample): torch.compile of the
+    # whole model runs it eagerly; the language model and the vision tower compile on their own.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parent = type(self).__dict__["_tome_parent"]
         call = _bind(parent, args, kwargs)
