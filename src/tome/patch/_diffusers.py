@@ -93,7 +93,31 @@ def is_diffusers(obj: Any) -> bool:
 @dataclasses.dataclass
 class DiffusionSettings:
     """The options of :func:`diffusers`, kept on a patched denoiser and readable and
-    settable as its attributes (``unet.ratio = 0.3``). See :func:`diffusers` for their meaning."""
+    settable as its attributes (``unet.ratio = 0.3``).
+
+    Attributes:
+        ratio: Fraction of a level's tokens merged away, in ``[0, 1)``; ``r = int(tokens * ratio)``,
+            capped at the non-destination tokens (``1 - 1/(st*sx*sy)`` of them). 0 is the unpatched model.
+        max_downsample: Merge in levels at most this far below the latent (1, 2, 4, 8, as
+            tomesd). ``None`` takes the highest-resolution level that has attention
+            (1 on SD 1.x/2.x and DiTs, 2 on SDXL).
+        sx, sy: Cell width and height, in tokens, of the stride partition (one destination per cell).
+        st: Cell depth in frames, for video transformers whose sequence holds every frame
+            (Wan): one destination per ``st x sy x sx`` cell. Capped at the number of frames
+            (images: 1).
+        use_rand: Random destination in each cell, the same for the whole batch (off for
+            odd batches); drawn as a hash of ``seed``, the timestep and the block, so runs repeat.
+        merge_attn, merge_crossattn, merge_mlp: With ``mode="tokens"``, run self-attention,
+            cross-attention, the feed-forward on merged tokens.
+        mode: ``"tokens"`` (tomesd's method; UNets, PixArt) or ``"kv"`` (merge keys and values
+            only; every model). ``None`` picks ``"tokens"`` where every block is a
+            ``BasicTransformerBlock`` and ``"kv"`` elsewhere (SD3, Flux, Wan).
+        seed: Seed of the random destinations.
+        match_channels: With ``mode="tokens"``, match on the block input projected onto this
+            many channels by a fixed random sign matrix (cosine similarities are kept
+            approximately) instead of on all of them; the similarity matrix then costs
+            ``match_channels / channels`` as much. ``None`` matches on every channel (tomesd).
+    """
 
     ratio: float = dataclasses.field(default=0.5, metadata={"example": 0.3})
     max_downsample: Optional[int] = dataclasses.field(default=None, metadata={"example": 2})
@@ -206,6 +230,25 @@ class _RotaryCall:
     angle_step: torch.Tensor  # (head_dim // 2,): its angle per position step
 
 
+def _match_grid(metric: torch.Tensor, grid: _rows.Grid, step: "_Step", r: int,
+                choice: Optional[torch.Tensor]) -> Optional[TokenAssignment]:
+    """Match ``metric`` ``(batch, frames * height * width, channels)`` over the stride partition."""
+    frames, height, width = grid
+    st, sy, sx = step.strides()
+    if frames == 1:  # images: tomesd's 2-D partition, exactly as before video support
+        return match_stride_2d(metric, height, width, sx, sy, r, choice)
+    return _merge.match_stride_3d(metric.float(), grid, (st, sy, sx), r, choice)
+
+
+def _merged_angles(rotary: _RotaryCall, grid: _rows.Grid, assignment: TokenAssignment, batch: int,
+                   device: torch.device) -> torch.Tensor:
+    """``(batch, merged tokens, head_dim // 2)`` rotary angles (float64) at the mean grid position
+    of each merged token: RoPE is defined for any real position, and its angle is linear in it."""
+    positions = _rows.grid_positions(grid, device).double()
+    positions = assignment.merge(positions.expand(batch, -1, -1), mode="mean")
+    return positions[..., rotary.axis.to(device)] * rotary.angle_step.to(device)
+
+
 class _MergedKeysAttention(TorchFunctionMode):
     """While active, ``scaled_dot_product_attention`` attends to merged keys and values.
 
@@ -234,11 +277,7 @@ class _MergedKeysAttention(TorchFunctionMode):
         return self._attend(func, *args, **kwargs)
 
     def _match(self, metric: torch.Tensor, r: int) -> Optional[TokenAssignment]:
-        frames, height, width = self.grid
-        st, sy, sx = self.step.strides()
-        if frames == 1:  # images: tomesd's 2-D partition, exactly as before video support
-            return match_stride_2d(metric, height, width, sx, sy, r, self.choice)
-        return _merge.match_stride_3d(metric.float(), self.grid, (st, sy, sx), r, self.choice)
+        return _match_grid(metric, self.grid, self.step, r, self.choice)
 
     def _unrotated(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         rotary = self.rotary
@@ -250,13 +289,8 @@ class _MergedKeysAttention(TorchFunctionMode):
     def _rotated(self, keys: torch.Tensor, assignment: TokenAssignment) -> torch.Tensor:
         """Rotate merged unrotated keys ``(batch, heads, merged, head_dim)`` at the mean grid
         position of each group (RoPE is linear in the position, see docs/diffusion.md)."""
-        rotary = self.rotary
-        positions = _rows.grid_positions(self.grid, keys.device).double()
-        positions = assignment.merge(positions.expand(keys.shape[0], -1, -1), mode="mean")
-        step = rotary.angle_step.to(keys.device)
-        angles = positions[..., rotary.axis.to(keys.device)] * step  # (batch, merged, pairs)
-        out = _rows.rotate_interleaved(keys, angles.cos().float()[:, None], angles.sin().float()[:, None])
-        return out
+        angles = _merged_angles(self.rotary, self.grid, assignment, keys.shape[0], keys.device)
+        return _rows.rotate_interleaved(keys, angles.cos().float()[:, None], angles.sin().float()[:, None])
 
     def _attend(self, func: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -410,7 +444,7 @@ class ToMeDiffusersAttentionMixin:
     _tome_image_at: str = "start"  # where the image tokens sit among the keys ("start" or "end")
     _tome_block_key: int = 0
     _tome_owner: Optional[_Owner] = None
-    _tome_rotary: Optional[_rows.Rotary] = None  # set where the row merges keys before the rotation
+    _tome_rotary: Optional[_rows.Rotary] = None  # the rotary embedding its processor applies, from the row
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = kwargs.pop(_KEY, None)
@@ -421,6 +455,8 @@ class ToMeDiffusersAttentionMixin:
         elif not isinstance(plan, _Plan):  # no plan, or a _Step its block's patched forward never saw
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         s = plan.step.settings
+        if self._tome_role == "direct" and s.mode == "tokens":
+            return self._tome_on_merged_tokens(plan, hidden_states, args, kwargs)
         if plan.assignment is not None:  # mode "tokens"
             if not (s.merge_attn if self._tome_role == "self" else s.merge_crossattn):
                 return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
@@ -464,9 +500,36 @@ class ToMeDiffusersAttentionMixin:
         choice = step.choice(hidden_states.shape[0], cells, self._tome_block_key)
         return _Plan(None, ((step.frames, step.height, step.width), choice), step)
 
-    def _tome_rotary_call(self, args: tuple, kwargs: Dict[str, Any]) -> Optional[_RotaryCall]:
+    def _tome_on_merged_tokens(self, plan: _Plan, hidden_states: torch.Tensor, args: tuple,
+                               kwargs: Dict[str, Any]) -> Any:
+        """Mode ``tokens`` in a module that takes the state directly (Wan's self-attention):
+        attention runs on merged tokens, each at its group's mean position, and its output is
+        unmerged (ToMe for SD, section 3, with the block's own attention input as the metric)."""
+        grid, choice = plan.kv  # type: ignore[misc]
+        step = plan.step
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != math.prod(grid):
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        with torch.no_grad():
+            metric = hidden_states.float()
+            assignment = _match_grid(metric, grid, step, int(hidden_states.shape[1] * step.settings.ratio), choice)
+        if assignment is None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        rotary, call = self._tome_rotary, self._tome_rotary_call(args, kwargs, always=True)
+        if rotary is not None and call is not None:
+            angles = _merged_angles(call, grid, assignment, hidden_states.shape[0], hidden_states.device)
+            angles = angles.repeat_interleave(2, dim=-1)[:, :, None]  # (batch, merged, 1, head_dim), pairs interleaved
+            table = (angles.cos().to(call.cos.dtype), angles.sin().to(call.sin.dtype))
+            if rotary.argument in kwargs:
+                kwargs = {**kwargs, rotary.argument: table}
+            else:
+                args = args[: rotary.position - 1] + (table,) + args[rotary.position :]
+        out = super().forward(assignment.merge(hidden_states), *args, **kwargs)  # type: ignore[misc]
+        return assignment.unmerge(out)
+
+    def _tome_rotary_call(self, args: tuple, kwargs: Dict[str, Any], always: bool = False) -> Optional[_RotaryCall]:
+        """The rotary table of this call, where keys merge before the rotation (or ``always``)."""
         rotary, owner = self._tome_rotary, self._tome_owner
-        if rotary is None or owner is None or owner.rotary_pairs is None:
+        if rotary is None or owner is None or owner.rotary_pairs is None or not (always or rotary.merge_before):
             return None
         table = kwargs.get(rotary.argument, args[rotary.position - 1] if len(args) >= rotary.position else None)
         if not isinstance(table, (tuple, list)) or len(table) != 2:
@@ -656,8 +719,8 @@ def _levels(denoiser: nn.Module) -> Dict[str, int]:
 
 
 # The model that holds a block: the module above its ``transformer_blocks`` (UNets, PixArt,
-# SD3, Flux), ``single_transformer_blocks`` (Flux) or ``blocks`` (Wan) list.
-_OWNER = re.compile(r"^(?:(.*)\.)?(?:single_transformer_blocks|transformer_blocks|blocks)\.\d+$")
+# SD3, Flux), ``single_transformer_blocks`` (Flux), ``blocks`` or ``vace_blocks`` (Wan) list.
+_OWNER = re.compile(r"^(?:(.*)\.)?(?:single_transformer_blocks|transformer_blocks|vace_blocks|blocks)\.\d+$")
 
 
 def _blocks(denoiser: nn.Module) -> Iterator[Tuple[str, nn.Module, bool, int]]:
@@ -759,8 +822,16 @@ def _default_mode(denoiser: nn.Module) -> str:
     return "tokens" if all(row.merges_in_block for row in _merging_rows(denoiser)) else "kv"
 
 
-def _check_mode(denoiser: nn.Module, mode: str) -> None:
-    refusing = [row for row in _merging_rows(denoiser) if mode not in row.modes]
+def _check_mode(denoiser: nn.Module, settings: DiffusionSettings) -> None:
+    mode, rows = settings.mode, _merging_rows(denoiser)
+    direct = [row.name for row in rows if not row.merges_in_block]
+    if mode == "tokens" and direct and (settings.merge_crossattn or settings.merge_mlp or not settings.merge_attn):
+        raise ValueError(
+            f"with mode='tokens', {', '.join(direct)} merge in self-attention only: use merge_attn=True, "
+            f"merge_crossattn=False and merge_mlp=False for {type(denoiser).__name__} (got merge_attn="
+            f"{settings.merge_attn}, merge_crossattn={settings.merge_crossattn}, merge_mlp={settings.merge_mlp})"
+        )
+    refusing = [row for row in rows if mode not in row.modes]
     if not refusing:
         return
     detail = "has blocks whose attention merges keys and values only (joint attention of SD3 and Flux, Wan's video attention)"
@@ -815,14 +886,14 @@ def _prepare(denoiser: nn.Module, settings: DiffusionSettings) -> _Prepared:
         _refuse(denoiser)
     if settings.mode is None:
         settings = dataclasses.replace(settings, mode=_default_mode(denoiser))
-    _check_mode(denoiser, settings.mode)
+    _check_mode(denoiser, settings)
     _check_merges(denoiser, settings, spatial_levels[0])
     row = _rows.model_row(denoiser)
     grid = row.grid if row is not None and row.grid is not None else _rows.image_grid
     via_context = type(denoiser).__name__ in _VIA_CONTEXT or not (
         {"cross_attention_kwargs", "joint_attention_kwargs"} & set(_parameters(denoiser))
     )
-    rotary = [r.rotary for r in _merging_rows(denoiser) if r.rotary is not None and r.rotary.merge_before]
+    rotary = [r.rotary for r in _merging_rows(denoiser) if r.rotary is not None]
     pairs = rotary[0].frequencies(denoiser) if rotary else None
     return _Prepared(denoiser, settings, blocks, spatial_levels[0], via_context, grid, pairs)
 
@@ -865,11 +936,10 @@ def _patch_denoiser(prepared: _Prepared) -> nn.Module:
         if row.merges_in_block:  # type: ignore[union-attr]
             _patch_block(block, key, spatial, owner)
             continue
-        rotary = row.rotary if row.rotary is not None and row.rotary.merge_before else None  # type: ignore[union-attr]
         for slot in row.slots if spatial else ():  # type: ignore[union-attr]
             attn = getattr(block, slot.attr, None)
             if attn is not None:  # the attention modules take the per-forward state directly
-                _swap_attention(attn, slot, key, owner, rotary)
+                _swap_attention(attn, slot, key, owner, row.rotary)  # type: ignore[union-attr]
     denoiser.__dict__["_tome_settings"] = settings
     denoiser.__dict__["_tome_info"] = _summary(denoiser, settings, prepared.lowest_level)
     return denoiser
@@ -898,6 +968,7 @@ def diffusers(
     max_downsample: Optional[int] = KEEP,
     sx: int = KEEP,
     sy: int = KEEP,
+    st: int = KEEP,
     use_rand: bool = KEEP,
     merge_attn: bool = KEEP,
     merge_crossattn: bool = KEEP,
@@ -919,37 +990,24 @@ def diffusers(
     :class:`DiffusionSettings`' defaults for the others); ``tome.remove_patch`` undoes it exactly.
 
     Args:
-        model: A ``DiffusionPipeline`` or a diffusers model (``UNet2DConditionModel``,
-            ``ControlNetModel``, ``UNetMotionModel``, ``UNetSpatioTemporalConditionModel``,
-            ``PixArtTransformer2DModel``, ``Transformer2DModel``, ``SD3Transformer2DModel``,
-            ``SD3ControlNetModel``, ``FluxTransformer2DModel``, ``FluxControlNetModel``).
-        ratio: Fraction of a level's tokens merged away, in ``[0, 1)``; ``r = int(tokens * ratio)``,
-            capped at the non-destination tokens (``1 - 1/(sx*sy)`` of them). 0 is the unpatched model.
-        max_downsample: Merge in levels at most this far below the latent (1, 2, 4, 8, as
-            tomesd). ``None`` takes the highest-resolution level that has attention
-            (1 on SD 1.x/2.x and DiTs, 2 on SDXL).
-        sx, sy: Cell width and height, in tokens, of the stride partition (one destination per cell).
-        use_rand: Random destination in each cell, the same for the whole batch (off for
-            odd batches); drawn as a hash of ``seed``, the timestep and the block, so runs repeat.
-        merge_attn, merge_crossattn, merge_mlp: With ``mode="tokens"``, run self-attention,
-            cross-attention, the feed-forward on merged tokens.
-        mode: ``"tokens"`` (tomesd's method; UNets, PixArt) or ``"kv"`` (merge keys and values
-            only; every model). ``None`` picks ``"tokens"`` where every block is a
-            ``BasicTransformerBlock`` and ``"kv"`` for joint attention (SD3, Flux).
-        seed: Seed of the random destinations.
-        match_channels: With ``mode="tokens"``, match on the block input projected onto this
-            many channels by a fixed random sign matrix (cosine similarities are kept
-            approximately) instead of on all of them; the similarity matrix then costs
-            ``match_channels / channels`` as much. ``None`` matches on every channel (tomesd).
+        model: A ``DiffusionPipeline`` or a diffusers model: UNets and ControlNets
+            (``UNet2DConditionModel``, ``ControlNetModel``, ``UNetMotionModel``,
+            ``UNetSpatioTemporalConditionModel``) and the transformers with a row in
+            ``tome.patch._diffusion_blocks`` (``PixArtTransformer2DModel``, ``Transformer2DModel``,
+            ``SD3Transformer2DModel``, ``SD3ControlNetModel``, ``FluxTransformer2DModel``,
+            ``FluxControlNetModel``, ``WanTransformer3DModel``).
+        ratio, max_downsample, sx, sy, st, use_rand, merge_attn, merge_crossattn, merge_mlp, mode,
+            seed, match_channels: The options, described on :class:`DiffusionSettings`.
 
     Returns:
         ``model``, patched.
 
     Raises:
         TypeError: if ``model`` (or a denoiser of the pipeline) is not a diffusers model with
-            transformer blocks over image tokens.
-        ValueError: for an invalid option, or when no block of some denoiser would merge (for
-            example ``max_downsample=1`` on SDXL, whose highest-resolution level has no attention).
+            transformer blocks over image tokens that have a row (the error names the supported ones).
+        ValueError: for an invalid option, a mode a block does not allow, or when no block of
+            some denoiser would merge (for example ``max_downsample=1`` on SDXL, whose
+            highest-resolution level has no attention).
     """
     options = {name: value for name, value in locals().items() if name != "model"}
     return configure(model, family="diffusers", caller="tome.patch.diffusers", **options)

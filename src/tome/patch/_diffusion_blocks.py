@@ -71,7 +71,7 @@ class Rotary:
     argument: str
     position: int
     frequencies: Callable[[nn.Module], Tuple[torch.Tensor, torch.Tensor]]
-    merge_before: bool = True
+    merge_before: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,9 +284,12 @@ _BASIC = register_block(BlockRow(
 register_block(BlockRow("JointTransformerBlock", (Slot("attn"), Slot("attn2"))))  # SD3: [image, text]; SD3.5: attn2 image only
 register_block(BlockRow("FluxTransformerBlock", (Slot("attn", image_at="end"),)))  # Flux: [text, image]
 register_block(BlockRow("FluxSingleTransformerBlock", (Slot("attn", image_at="end"),)))
+# attn1: video tokens only, 3-D rotary; attn2 is cross-attention to text (and image) tokens. Keys merge
+# after the rotation: measured on a tiny trained-scale Wan at ratio 0.5, merging before it (rotate
+# back, average, rotate at the mean position) moved the output 2-3x more (docs/diffusion.md).
 register_block(BlockRow(
-    "WanTransformerBlock", (Slot("attn1"),), rotary=Rotary("rotary_emb", 3, wan_frequencies),
-))  # attn1: video tokens only, 3-D rotary; attn2 is cross-attention to text (and image) tokens
+    "WanTransformerBlock", (Slot("attn1"),), modes=("kv", "tokens"), rotary=Rotary("rotary_emb", 3, wan_frequencies),
+))
 
 for _name in ("Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel"):
     register_model(ModelRow(_name, ("BasicTransformerBlock",), image_grid))
@@ -297,4 +300,9 @@ for _name in ("SD3Transformer2DModel", "SD3ControlNetModel"):
 for _name in ("FluxTransformer2DModel", "FluxControlNetModel"):
     register_model(ModelRow(_name, ("FluxTransformerBlock", "FluxSingleTransformerBlock"), packed_grid))
 register_model(ModelRow("WanTransformer3DModel", ("WanTransformerBlock",), video_grid, video=True))
+# Wan VACE: its control blocks attend over control tokens laid out on the same video grid
+register_block(dataclasses.replace(_BLOCKS["WanTransformerBlock"], name="WanVACETransformerBlock"))
+register_model(ModelRow(
+    "WanVACETransformer3DModel", ("WanTransformerBlock", "WanVACETransformerBlock"), video_grid, video=True,
+))
 
