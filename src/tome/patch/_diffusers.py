@@ -1,7 +1,14 @@
-"""Token merging for diffusers denoisers: Stable Diffusion UNets, ControlNets and DiTs.
+"""Token merging for diffusers denoisers: Stable Diffusion UNets, ControlNets, DiTs and
+video transformers.
 
-Two ways of merging, both of ToMe's bipartite soft matching over a 2-D stride
-partition of the image tokens (one destination per ``sy x sx`` cell):
+Which models and blocks merge, which attention modules are wrapped, where the image
+tokens sit among their keys and how the token grid is read is the registry of
+:mod:`tome.patch._diffusion_blocks` (one row per model and block class); this module
+is the family's entry and its shared machinery.
+
+Two ways of merging, both of ToMe's bipartite soft matching over a stride partition
+of the image tokens (one destination per ``sy x sx`` cell, or per ``st x sy x sx``
+cell of a video sequence):
 
 - ``mode="tokens"``: ToMe for Stable Diffusion (Bolya & Hoffman, "Token Merging
   for Fast Stable Diffusion", CVPRW 2023, sections 3-4). In every
@@ -995,7 +1002,8 @@ def diffusers(
             ``UNetSpatioTemporalConditionModel``) and the transformers with a row in
             ``tome.patch._diffusion_blocks`` (``PixArtTransformer2DModel``, ``Transformer2DModel``,
             ``SD3Transformer2DModel``, ``SD3ControlNetModel``, ``FluxTransformer2DModel``,
-            ``FluxControlNetModel``, ``WanTransformer3DModel``).
+            ``FluxControlNetModel``, ``WanTransformer3DModel``, ``WanVACETransformer3DModel``,
+            ``CogVideoXTransformer3DModel``).
         ratio, max_downsample, sx, sy, st, use_rand, merge_attn, merge_crossattn, merge_mlp, mode,
             seed, match_channels: The options, described on :class:`DiffusionSettings`.
 

@@ -202,6 +202,16 @@ def video_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     return (sample.shape[2] // pt, sample.shape[3] // ph, sample.shape[4] // pw)
 
 
+def frames_first_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
+    """Video ``(batch, frames, channels, height, width)`` patchified into one sequence
+    (CogVideoX: ``patch_size_t`` frames per token where the config sets it, else one)."""
+    if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+        return None
+    pt = int(getattr(getattr(model, "config", None), "patch_size_t", None) or 1)
+    _, ph, pw = model._tome_patch
+    return (sample.shape[1] // pt, sample.shape[3] // ph, sample.shape[4] // pw)
+
+
 def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     """Packed tokens ``(batch, tokens, channels)`` with image ids ``(tokens, 3)`` (Flux):
     the grid is the ids' extent, read with one host sync per call. Latents given as
@@ -300,6 +310,9 @@ for _name in ("SD3Transformer2DModel", "SD3ControlNetModel"):
 for _name in ("FluxTransformer2DModel", "FluxControlNetModel"):
     register_model(ModelRow(_name, ("FluxTransformerBlock", "FluxSingleTransformerBlock"), packed_grid))
 register_model(ModelRow("WanTransformer3DModel", ("WanTransformerBlock",), video_grid, video=True))
+# CogVideoX (and 1.5): joint attention over [text, video]; its 3-D rotary (optional) rotates the video part
+register_block(BlockRow("CogVideoXBlock", (Slot("attn1", image_at="end"),)))
+register_model(ModelRow("CogVideoXTransformer3DModel", ("CogVideoXBlock",), frames_first_grid, video=True))
 # Wan VACE: its control blocks attend over control tokens laid out on the same video grid
 register_block(dataclasses.replace(_BLOCKS["WanTransformerBlock"], name="WanVACETransformerBlock"))
 register_model(ModelRow(
