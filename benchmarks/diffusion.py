@@ -294,10 +294,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             preset[key] = getattr(args, key)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
+    # Random weights can drive activations (of Wan's blocks, measured) into denormal floats, which
+    # slow CPU kernels several-fold and only in some variants; flush them so they distort no timing.
+    flushed = device.type == "cpu" and torch.set_flush_denormal(True)
     kernel = "sdpa (torch.nn.functional.scaled_dot_product_attention)"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
     regime = (f"one denoiser step (forward, no grad), batch {preset['batch']}, {args.dtype}, {kernel}, {where}; "
-              f"torch {torch.__version__}; median of {preset['rounds']} interleaved rounds")
+              f"torch {torch.__version__}; median of {preset['rounds']} interleaved rounds"
+              f"{'; denormals flushed to zero' if flushed else ''}")
     print(regime, flush=True)
     rows: List[dict] = []
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
