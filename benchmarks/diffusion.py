@@ -72,6 +72,17 @@ CONFIGS: Dict[str, dict] = {
             norm_type="ada_norm_single", use_additional_conditions=False,
         ),
     ),
+    # Wan 2.1 T2V 1.3B's widths (12 heads x 128, ffn 8960, umT5 text 512 x 4096) at reduced depth
+    # (2 of 30 blocks); a size is the video height in px at 480p's aspect (480 -> 832 px wide) and
+    # 17 frames (5 latent frames): 480 gives 5 x 30 x 52 = 7800 tokens per sample.
+    "wan": dict(
+        cls="WanTransformer3DModel", latent_scale=8, text=(512, 4096), video=dict(frames=5, aspect=832 / 480),
+        config=dict(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        ),
+    ),
 }
 
 PRESETS = {
@@ -101,6 +112,12 @@ def make_inputs(name: str, size: int, batch: int, dtype: torch.dtype, device: to
     sample = torch.randn(batch, spec.get("channels", 4), latent, latent, device=device, dtype=dtype)
     context = torch.randn(batch, *spec["text"], device=device, dtype=dtype)
     t = torch.full((batch,), 500, device=device)
+    video = spec.get("video")
+    if video:  # (batch, channels, frames, height, width), the width rounded to whole 2 x 2 patches
+        width = int(round(latent * video["aspect"] / 2)) * 2
+        sample = torch.randn(batch, spec["config"]["in_channels"], video["frames"], latent, width, device=device,
+                             dtype=dtype)
+        return (sample,), dict(encoder_hidden_states=context, timestep=t)
     if spec.get("sdxl"):
         extra = {"added_cond_kwargs": {
             "text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
@@ -143,19 +160,25 @@ class MatchTimer:
 
     @contextlib.contextmanager
     def active(self) -> Iterator["MatchTimer"]:
-        original = _diffusers.match_stride_2d
+        # the 2-D matching of images and the 3-D matching of video tokens
+        targets = [(_diffusers, "match_stride_2d"), (_diffusers._merge, "match_stride_3d")]
+        originals = [getattr(module, attr) for module, attr in targets]
 
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = original(*args, **kwargs)
-            self.seconds += time.perf_counter() - start
-            return out
+        def timer(original):
+            def timed(*args, **kwargs):
+                start = time.perf_counter()
+                out = original(*args, **kwargs)
+                self.seconds += time.perf_counter() - start
+                return out
+            return timed
 
-        _diffusers.match_stride_2d = timed
+        for (module, attr), original in zip(targets, originals):
+            setattr(module, attr, timer(original))
         try:
             yield self
         finally:
-            _diffusers.match_stride_2d = original
+            for (module, attr), original in zip(targets, originals):
+                setattr(module, attr, original)
 
 
 def variants_for(name: str, ratios: List[float], modes: List[str], with_tomesd: bool,
@@ -271,10 +294,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             preset[key] = getattr(args, key)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
+    # Random weights can drive activations (of Wan's blocks, measured) into denormal floats, which
+    # slow CPU kernels several-fold and only in some variants; flush them so they distort no timing.
+    flushed = device.type == "cpu" and torch.set_flush_denormal(True)
     kernel = "sdpa (torch.nn.functional.scaled_dot_product_attention)"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
     regime = (f"one denoiser step (forward, no grad), batch {preset['batch']}, {args.dtype}, {kernel}, {where}; "
-              f"torch {torch.__version__}; median of {preset['rounds']} interleaved rounds")
+              f"torch {torch.__version__}; median of {preset['rounds']} interleaved rounds"
+              f"{'; denormals flushed to zero' if flushed else ''}")
     print(regime, flush=True)
     rows: List[dict] = []
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -575,9 +575,15 @@ def test_hf_refuses_attention_features_but_takes_block_inputs():
     model = _hf_vit()
     x = _images()
     tome.apply_patch(model, r=3)
-    with pytest.raises(ValueError, match=r"report 'q'.*reports only the keys averaged over heads.*timm"):
+    with pytest.raises(ValueError, match=r"report 'q'.*reports only the keys averaged over heads.*timm") as error:
         model.tome_method = MergeMethod("ablation", metric="q")
     assert model.tome_method.name == "tome"
+    # The families named are those whose FamilySpec declares attention_features, from the registry.
+    supported = str(error.value).split("Supported: ")[1]
+    for name in ("timm (timm Attention)", "mae (timm Attention)", "torchvision (nn.MultiheadAttention)",
+                 "swag (nn.MultiheadAttention)"):
+        assert name in supported
+    assert "hf (" not in supported
     with torch.no_grad():
         tome_out = model(x).logits
         model.tome_method = MergeMethod("ablation", metric="x")

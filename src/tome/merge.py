@@ -32,6 +32,8 @@ __all__ = [
     "hashed_stride_choice",
     "sign_projection",
     "match_stride_2d",
+    "stride_destinations_3d",
+    "match_stride_3d",
     "match_pitome",
     "pitome_energy",
     "merge_mlerp",
@@ -261,6 +263,77 @@ def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
     return torch.cat((out, even[:, paired:]), dim=1) if even.shape[1] > paired else out
 
 
+def _bipartite_sources(
+    metric: torch.Tensor, r: int, protected_tokens: int, valid: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The edges of :func:`match_bipartite`: every A token's best B token, and the ``r`` A
+    tokens that merge away.
+
+    Returns:
+        ``node_idx`` ``(batch, num_a)`` long, the B token each A token would merge into;
+        ``is_src`` ``(batch, num_a)`` bool, True for the ``r`` A tokens that merge; ``num_b``.
+    """
+    batch, num_tokens, _ = metric.shape
+    if valid is not None:
+        metric = _padded_metric(metric, valid, torch.arange(num_tokens, device=metric.device) % 2 == 1)
+    metric = _normalize(metric)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    num_a = a.shape[1]
+    protected_a = (protected_tokens + 1) // 2  # prefix tokens at even positions
+    protected_b = protected_tokens // 2  # prefix tokens at odd positions
+    device = metric.device
+    # Masks and torch.where rather than assignments into slices: the same values, and an
+    # exported graph without a Transpose/ScatterND/Transpose chain per assignment.
+    # Protected B tokens are never destinations: leave their columns out (a view).
+    node_max, node_idx = scores[:, :, protected_b:].max(dim=-1)
+    if protected_b:
+        node_idx = node_idx + protected_b
+    if protected_a:  # protected A tokens are never sources
+        node_max = node_max.masked_fill(torch.arange(num_a, device=device) < protected_a, -math.inf)
+    src_idx = node_max.topk(r, dim=-1).indices  # (batch, r) A tokens that merge away
+
+    # A tensor source (not a Python bool) keeps this traceable by torch.jit.trace and ONNX export.
+    is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device).scatter(
+        1, src_idx, torch.ones_like(src_idx, dtype=torch.bool)
+    )
+    return node_idx, is_src, b.shape[1]
+
+
+def _bipartite_layout(
+    is_src: torch.Tensor, node_idx: torch.Tensor, num_b: int, protected_tokens: int, r: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The output slot of every token of :func:`match_bipartite`, and which tokens stay.
+
+    Output layout: [prefix | kept non-prefix A | non-prefix B], in original order.
+
+    Returns:
+        ``dest`` ``(batch, tokens)`` long and ``kept`` ``(batch, tokens)`` bool, in input order.
+    """
+    batch, num_a = is_src.shape
+    device = is_src.device
+    protected_a, protected_b = (protected_tokens + 1) // 2, protected_tokens // 2
+    unmerged_a = ~is_src
+    first_b = protected_tokens + num_a - protected_a - r  # slot of the first non-prefix B token
+    if protected_tokens <= 1:
+        # No prefix, or the class token alone (A[0], slot 0): an unmerged A token's slot is its
+        # rank among the unmerged A tokens, and B tokens follow them. The same slots as below,
+        # in a third of the operations (what a merge step costs at small batch is mostly their count).
+        slot_a = unmerged_a.cumsum(dim=1) - 1
+        slot_b = torch.arange(first_b, first_b + num_b, device=device)
+    else:
+        a_pos = torch.arange(num_a, device=device)
+        b_pos = torch.arange(num_b, device=device)
+        rank_a = (unmerged_a & (a_pos >= protected_a)).cumsum(dim=1) - 1
+        slot_b = torch.where(b_pos < protected_b, 2 * b_pos + 1, first_b + b_pos - protected_b)
+        slot_a = torch.where(a_pos < protected_a, 2 * a_pos, protected_tokens + rank_a)
+    slot_b = slot_b.expand(batch, -1)
+    slot_a = torch.where(is_src, slot_b.gather(1, node_idx), slot_a)
+    dest = _interleave(slot_a, slot_b)
+    kept = _interleave(unmerged_a, torch.ones_like(slot_b, dtype=torch.bool))
+    return dest, kept
+
+
 def match_bipartite(
     metric: torch.Tensor, r: int, protected_tokens: int = 0, valid: Optional[torch.Tensor] = None
 ) -> Optional[TokenAssignment]:
@@ -296,50 +369,8 @@ def match_bipartite(
         return None
 
     with torch.no_grad():
-        if valid is not None:
-            metric = _padded_metric(metric, valid, torch.arange(num_tokens, device=metric.device) % 2 == 1)
-        metric = _normalize(metric)
-        a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)
-        num_a, num_b = a.shape[1], b.shape[1]
-        protected_a = (protected_tokens + 1) // 2  # prefix tokens at even positions
-        protected_b = protected_tokens // 2  # prefix tokens at odd positions
-        device = metric.device
-        # Masks and torch.where rather than assignments into slices: the same values, and an
-        # exported graph without a Transpose/ScatterND/Transpose chain per assignment.
-        # Protected B tokens are never destinations: leave their columns out (a view).
-        node_max, node_idx = scores[:, :, protected_b:].max(dim=-1)
-        if protected_b:
-            node_idx = node_idx + protected_b
-        if protected_a:  # protected A tokens are never sources
-            node_max = node_max.masked_fill(torch.arange(num_a, device=device) < protected_a, -math.inf)
-        src_idx = node_max.topk(r, dim=-1).indices  # (batch, r) A tokens that merge away
-
-        # A tensor source (not a Python bool) keeps this traceable by torch.jit.trace and ONNX export.
-        is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device).scatter(
-            1, src_idx, torch.ones_like(src_idx, dtype=torch.bool)
-        )
-        unmerged_a = ~is_src
-
-        # Output layout: [prefix | kept non-prefix A | non-prefix B], in original order.
-        first_b = protected_tokens + num_a - protected_a - r  # slot of the first non-prefix B token
-        if protected_tokens <= 1:
-            # No prefix, or the class token alone (A[0], slot 0): an unmerged A token's slot is its
-            # rank among the unmerged A tokens, and B tokens follow them. The same slots as below,
-            # in a third of the operations (what a merge step costs at small batch is mostly their count).
-            slot_a = unmerged_a.cumsum(dim=1) - 1
-            slot_b = torch.arange(first_b, first_b + num_b, device=device)
-        else:
-            a_pos = torch.arange(num_a, device=device)
-            b_pos = torch.arange(num_b, device=device)
-            rank_a = (unmerged_a & (a_pos >= protected_a)).cumsum(dim=1) - 1
-            slot_b = torch.where(b_pos < protected_b, 2 * b_pos + 1, first_b + b_pos - protected_b)
-            slot_a = torch.where(a_pos < protected_a, 2 * a_pos, protected_tokens + rank_a)
-        slot_b = slot_b.expand(batch, -1)
-        slot_a = torch.where(is_src, slot_b.gather(1, node_idx), slot_a)
-
-        dest = _interleave(slot_a, slot_b)
-        kept = _interleave(unmerged_a, torch.ones_like(slot_b, dtype=torch.bool))
+        node_idx, is_src, num_b = _bipartite_sources(metric, r, protected_tokens, valid)
+        dest, kept = _bipartite_layout(is_src, node_idx, num_b, protected_tokens, r)
     return TokenAssignment(dest, num_tokens - r, kept)
 
 
@@ -399,6 +430,35 @@ def pitome_energy(
     return energy
 
 
+def _pitome_pairs(
+    metric: torch.Tensor,
+    r: int,
+    protected_tokens: int,
+    margin: float,
+    alpha: float,
+    valid: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-4 of :func:`match_pitome`: the ``r`` A tokens that merge and the B token each merges into.
+
+    Returns:
+        ``(batch, r)`` long positions of the A tokens and ``(batch, r)`` of their B tokens.
+    """
+    energy = pitome_energy(metric, margin, alpha, protected_tokens, valid)
+    # Rank the non-protected tokens only: protected and padding energies are both -inf.
+    order = energy[:, protected_tokens:].argsort(dim=1, descending=True, stable=True) + protected_tokens
+    candidates = order[:, : 2 * r]
+    a_pos, b_pos = candidates[:, ::2], candidates[:, 1::2]  # (batch, r) each
+    normed = _normalize_valid(metric, valid)
+    a = normed.gather(1, a_pos.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
+    b = normed.gather(1, b_pos.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
+    scores = a @ b.transpose(-1, -2)
+    if valid is not None:  # a real A token never picks a padding B token while a real one is there
+        real_a, real_b = valid.gather(1, a_pos), valid.gather(1, b_pos)
+        scores = scores.masked_fill(real_a.unsqueeze(-1) & ~real_b.unsqueeze(1), -math.inf)
+    best = scores.argmax(dim=-1)  # (batch, r) index into B
+    return a_pos, b_pos.gather(1, best)
+
+
 def match_pitome(
     metric: torch.Tensor,
     r: int,
@@ -447,27 +507,12 @@ def match_pitome(
     if r <= 0:
         return None
     with torch.no_grad():
-        device = metric.device
-        energy = pitome_energy(metric, margin, alpha, protected_tokens, valid)
-        # Rank the non-protected tokens only: protected and padding energies are both -inf.
-        order = energy[:, protected_tokens:].argsort(dim=1, descending=True, stable=True) + protected_tokens
-        candidates = order[:, : 2 * r]
-        a_pos, b_pos = candidates[:, ::2], candidates[:, 1::2]  # (batch, r) each
-        normed = _normalize_valid(metric, valid)
-        a = normed.gather(1, a_pos.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
-        b = normed.gather(1, b_pos.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
-        scores = a @ b.transpose(-1, -2)
-        if valid is not None:  # a real A token never picks a padding B token while a real one is there
-            real_a, real_b = valid.gather(1, a_pos), valid.gather(1, b_pos)
-            scores = scores.masked_fill(real_a.unsqueeze(-1) & ~real_b.unsqueeze(1), -math.inf)
-        best = scores.argmax(dim=-1)  # (batch, r) index into B
-
-        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter(
+        a_pos, b_pos = _pitome_pairs(metric, r, protected_tokens, margin, alpha, valid)
+        is_src = torch.zeros(batch, num_tokens, dtype=torch.bool, device=metric.device).scatter(
             1, a_pos, torch.ones_like(a_pos, dtype=torch.bool)
         )
         slot = (~is_src).cumsum(dim=1) - 1  # protected prefix first, all kept tokens in order
-        src_slot = slot.gather(1, b_pos.gather(1, best))
-        dest = slot.scatter(1, a_pos, src_slot)
+        dest = slot.scatter(1, a_pos, slot.gather(1, b_pos))
     return TokenAssignment(dest, num_tokens - r, ~is_src)
 
 
@@ -829,6 +874,19 @@ def sign_projection(channels: int, dim: int, device: Any = None, dtype: torch.dt
     return signs.view(channels, dim) / math.sqrt(dim)
 
 
+def _stride_partition(
+    height: int, width: int, sx: int, sy: int, choice: Optional[torch.Tensor], device: Any
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The destinations of :func:`match_stride_2d` (one per cell, in cell order) and the
+    sources (every other token, in raster order), as ``(num_dst,)`` and ``(num_src,)`` positions."""
+    num_tokens = height * width
+    dst_pos = stride_destinations(height, width, sx, sy, choice, device=device)
+    is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    is_dst[dst_pos] = True
+    src_pos = torch.argsort(is_dst.to(torch.int8), stable=True)[: num_tokens - dst_pos.shape[0]]
+    return dst_pos, src_pos
+
+
 def match_stride_2d(
     metric: torch.Tensor,
     height: int,
@@ -869,17 +927,120 @@ def match_stride_2d(
         return None
     with torch.no_grad():
         device = metric.device
-        dst_pos = stride_destinations(height, width, sx, sy, choice, device=device)
-        is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-        is_dst[dst_pos] = True
-        src_pos = torch.argsort(is_dst.to(torch.int8), stable=True)[: num_tokens - num_dst]
-
+        dst_pos, src_pos = _stride_partition(height, width, sx, sy, choice, device)
         metric = _normalize(metric)
         a = metric.index_select(1, src_pos)
         b = metric.index_select(1, dst_pos)
         node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
         merged = node_max.topk(r, dim=-1).indices  # (batch, r) sources that merge away
 
+        num_src = num_tokens - num_dst
+        is_merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device).scatter(
+            1, merged, torch.ones_like(merged, dtype=torch.bool)
+        )
+        kept_slot = (~is_merged).cumsum(dim=1) - 1
+        dst_slot = torch.arange(num_dst, device=device) + (num_src - r)
+        src_slot = torch.where(is_merged, dst_slot[node_idx], kept_slot)
+        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+        dest[:, src_pos] = src_slot
+        dest[:, dst_pos] = dst_slot.expand(batch, -1)
+    return TokenAssignment(dest, num_tokens - r)
+
+
+def stride_destinations_3d(
+    frames: int, height: int, width: int, st: int, sy: int, sx: int,
+    choice: Optional[torch.Tensor] = None, device: Any = None,
+) -> torch.Tensor:
+    """Positions of the destination tokens of the 3-D stride partition (video tokens).
+
+    The ``frames x height x width`` grid (frame-major, then row-major token order,
+    as video transformers flatten their latent) is cut into
+    ``(frames // st) x (height // sy) x (width // sx)`` full cells of
+    ``st x sy x sx`` tokens; cells cut off at an edge have no destination.
+    With ``frames == st == 1`` this is :func:`stride_destinations`.
+
+    Args:
+        frames, height, width: Token grid, in tokens.
+        st, sy, sx: Cell depth (frames), height and width, in tokens.
+        choice: ``(frames // st, height // sy, width // sx)`` long tensor; the offset
+            inside each cell, ``(dt * sy + dy) * sx + dx``, of its destination.
+            ``None`` takes the first token of every cell.
+        device: Device of the result when ``choice`` is None.
+
+    Returns:
+        ``(num_cells,)`` long tensor of token positions, one per cell, in cell order.
+    """
+    cells_t, cells_y, cells_x = frames // st, height // sy, width // sx
+    device = choice.device if choice is not None else device
+    ts = torch.arange(cells_t, device=device).view(-1, 1, 1) * st
+    rows = torch.arange(cells_y, device=device).view(1, -1, 1) * sy
+    cols = torch.arange(cells_x, device=device).view(1, 1, -1) * sx
+    if choice is not None:
+        ts = ts + torch.div(choice, sy * sx, rounding_mode="floor")
+        rows = rows + torch.div(choice % (sy * sx), sx, rounding_mode="floor")
+        cols = cols + choice % sx
+    return ((ts * height + rows) * width + cols).reshape(-1)
+
+
+def match_stride_3d(
+    metric: torch.Tensor,
+    grid: Tuple[int, int, int],
+    strides: Tuple[int, int, int],
+    r: int,
+    choice: Optional[torch.Tensor] = None,
+) -> Optional[TokenAssignment]:
+    """Bipartite soft matching over the 3-D stride partition of video tokens.
+
+    ToMe for SD's stride partition (Bolya & Hoffman, CVPRW 2023, section 4.2)
+    extended over time: one destination per full ``st x sy x sx`` cell
+    (:func:`stride_destinations_3d`), every other token a source; the ``r``
+    sources most similar (cosine) to their best destination merge into it. The
+    output holds the unmerged sources, then the destinations, in partition order;
+    with one frame it equals :func:`match_stride_2d`.
+
+    Args:
+        metric: ``(batch, tokens, channels)``, ``tokens == frames * height * width``.
+        grid: ``(frames, height, width)``, in tokens.
+        strides: ``(st, sy, sx)``, the cell size in tokens.
+        r: Tokens to remove; capped at the number of sources.
+        choice: Destination offset per cell (see :func:`stride_destinations_3d`).
+
+    Returns:
+        The assignment, or ``None`` when nothing merges (``r <= 0`` or no cells).
+
+    Raises:
+        ValueError: if the grid does not match the metric or a size is not positive.
+    """
+    if metric.dim() != 3:
+        raise ValueError(f"metric must have shape (batch, tokens, channels), got shape {tuple(metric.shape)}")
+    frames, height, width = grid
+    st, sy, sx = strides
+    for name, value in (("frames", frames), ("st", st)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_grid(metric.shape[1], frames * height, width, sx, sy)
+    num_dst = (frames // st) * (height // sy) * (width // sx)
+    r = min(int(r), metric.shape[1] - num_dst)
+    if r <= 0 or num_dst == 0:
+        return None
+    dst_pos = stride_destinations_3d(frames, height, width, st, sy, sx, choice, device=metric.device)
+    return _match_into(metric, dst_pos, r)
+
+
+def _match_into(metric: torch.Tensor, dst_pos: torch.Tensor, r: int) -> TokenAssignment:
+    """Merge the ``r`` sources most similar to their best destination among ``dst_pos``;
+    the output holds the unmerged sources, then the destinations, in partition order."""
+    batch, num_tokens, _ = metric.shape
+    num_dst = dst_pos.numel()
+    with torch.no_grad():
+        device = metric.device
+        is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        is_dst[dst_pos] = True
+        src_pos = torch.argsort(is_dst.to(torch.int8), stable=True)[: num_tokens - num_dst]
+        metric = _normalize(metric)
+        scores = metric.index_select(1, src_pos) @ metric.index_select(1, dst_pos).transpose(-1, -2)
+        node_max, node_idx = scores.max(dim=-1)
+        merged = node_max.topk(r, dim=-1).indices
         num_src = num_tokens - num_dst
         is_merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device).scatter(
             1, merged, torch.ones_like(merged, dtype=torch.bool)
@@ -975,6 +1136,22 @@ def match_kth(
     return _assignment_from_sources(is_src, src, dst, num_tokens, r)
 
 
+def _greedy_pair_scores(metric: torch.Tensor, protected_tokens: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ``(batch, tokens, tokens)`` scores :func:`match_greedy` ranks pairs by: cosine for a
+    pair ``i < j`` of non-protected tokens, ``-inf`` for every other entry."""
+    num_tokens = metric.shape[1]
+    normed = _normalize(metric)
+    scores = normed @ normed.transpose(-1, -2)
+    if valid is not None:  # cosines lie in [-1, 1]: real pairs first, then padding pairs, then mixed ones
+        real_pair = valid.unsqueeze(-1) & valid.unsqueeze(1)
+        padding_pair = ~valid.unsqueeze(-1) & ~valid.unsqueeze(1)
+        scores = torch.where(real_pair, scores, torch.where(padding_pair, -2.0, -3.0).to(scores.dtype))
+    positions = torch.arange(num_tokens, device=metric.device)
+    free = positions >= protected_tokens
+    allowed = (positions.view(-1, 1) < positions.view(1, -1)) & free.view(-1, 1) & free.view(1, -1)
+    return scores.masked_fill(~allowed, -math.inf)
+
+
 def match_greedy(
     metric: torch.Tensor, r: int, protected_tokens: int = 0, valid: Optional[torch.Tensor] = None
 ) -> Optional[TokenAssignment]:
@@ -1013,16 +1190,7 @@ def match_greedy(
         return None
     with torch.no_grad():
         device = metric.device
-        normed = _normalize(metric)
-        scores = normed @ normed.transpose(-1, -2)
-        if valid is not None:  # cosines lie in [-1, 1]: real pairs first, then padding pairs, then mixed ones
-            real_pair = valid.unsqueeze(-1) & valid.unsqueeze(1)
-            padding_pair = ~valid.unsqueeze(-1) & ~valid.unsqueeze(1)
-            scores = torch.where(real_pair, scores, torch.where(padding_pair, -2.0, -3.0).to(scores.dtype))
-        positions = torch.arange(num_tokens, device=device)
-        free = positions >= protected_tokens
-        allowed = (positions.view(-1, 1) < positions.view(1, -1)) & free.view(-1, 1) & free.view(1, -1)
-        scores = scores.masked_fill(~allowed, -math.inf)
+        scores = _greedy_pair_scores(metric, protected_tokens, valid)
         src = torch.empty(batch, r, dtype=torch.long, device=device)
         dst = torch.empty(batch, r, dtype=torch.long, device=device)
         for step in range(r):

@@ -37,7 +37,8 @@ def make_visualization(
             (e.g. 224 x 224 for a /16 model with 14 x 14 patches).
         source: ``(1, tokens, original tokens)`` or ``(tokens, original tokens)``
             0/1 map of which original tokens each token holds:
-            ``model._tome_info["source"]`` after a forward with ``trace_source=True``.
+            ``tome.last_forward(model).source`` (or ``model._tome_info["source"]``) after a
+            forward with ``trace_source=True``.
         patch_size: Patch side in pixels, or ``(height, width)``.
         class_token: Whether the first original token is a class token (not a patch).
         prefix_tokens: Number of leading non-patch tokens (class, distillation,

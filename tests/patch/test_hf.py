@@ -665,13 +665,13 @@ def test_concurrent_forwards_keep_their_own_sizes():
         assert torch.equal(results[index], logits)
 
 
-def test_transformers_is_imported_lazily():
+@pytest.mark.parametrize("module_name", ["tome.patch._hf", "tome.patch._hf_layers"])
+def test_transformers_is_imported_lazily(module_name):
     import ast
+    import importlib
     from pathlib import Path
 
-    import tome.patch._hf as hf_module
-
-    tree = ast.parse(Path(hf_module.__file__).read_text())
+    tree = ast.parse(Path(importlib.import_module(module_name).__file__).read_text())
     top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     names = [alias.name for node in top_level for alias in node.names] + [
         node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)

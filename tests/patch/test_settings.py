@@ -192,3 +192,18 @@ def test_the_core_names_no_family():
     family_attrs = {attr for spec in tome.patch.registered() for attr in spec.instance_attrs}
     assert family_attrs and not family_attrs & set(_INSTANCE_ATTRS)
     assert issubclass(tome.patch.family_spec("eva").settings, ToMeSettings)
+
+
+def test_a_family_declaring_attention_features_is_named_when_a_method_needs_them():
+    # The core names no family: the list in the error comes from the registered specs.
+    from tome.patch import _lifecycle
+
+    assert "newfamily" not in _lifecycle._families_with_features()
+    spec = _lifecycle.FamilySpec(name="newfamily", detector=lambda model: False, patch=lambda model, settings: model,
+                                 attention_features="its own attention")
+    _lifecycle.register(spec)
+    try:
+        assert "newfamily (its own attention)" in _lifecycle._families_with_features()
+    finally:
+        del _lifecycle._REGISTRY["newfamily"]
+    assert "newfamily" not in _lifecycle._families_with_features()

@@ -1,17 +1,14 @@
 """tome.patch.swag on a tiny model with SWAG's published module layout.
 
-SWAG (facebookresearch/SWAG, loaded with torch.hub) is not a package, so the
-module tree below reproduces its layout from the published description: the
-same class names, attribute names, parameter shapes and sequence-first forward,
-written for this test.
+SWAG (facebookresearch/SWAG, loaded with torch.hub) is not a package; the library's
+toy-size copy of its layout, ``tome.patch._swag_layout`` (the family's conformance
+example), stands in for it here.
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-from collections import OrderedDict
-from functools import partial
 from typing import Optional
 
 import pytest
@@ -21,127 +18,13 @@ from torch import nn
 import tome
 from tome.patch._shared import BlockCall
 from tome.patch._swag import ToMeSwagEncoderBlock
+from tome.patch._swag_layout import EncoderBlock, VisionTransformer  # SWAG's layout, toy size
 
 from conftest import trained_like_
 from mha_reference import reference_mha_encoder
 
 NUM_LAYERS = 3
 NUM_PATCHES = 16
-_LayerNorm = partial(nn.LayerNorm, eps=1e-6)
-
-
-# ---- SWAG's layout (models/vision_transformer.py of facebookresearch/SWAG) ----
-
-
-class MLPBlock(nn.Sequential):
-    def __init__(self, in_dim: int, mlp_dim: int, dropout_rate: float) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, mlp_dim)
-        self.act = nn.GELU()
-        self.dropout_1 = nn.Dropout(dropout_rate)
-        self.linear_2 = nn.Linear(mlp_dim, in_dim)
-        self.dropout_2 = nn.Dropout(dropout_rate)
-
-
-class EncoderBlock(nn.Module):
-    def __init__(
-        self, num_heads: int, hidden_dim: int, mlp_dim: int, dropout_rate: float, attention_dropout_rate: float
-    ) -> None:
-        super().__init__()
-        self.ln_1 = _LayerNorm(hidden_dim)
-        self.self_attention = nn.MultiheadAttention(hidden_dim, num_heads, dropout=attention_dropout_rate)
-        self.dropout = nn.Dropout(dropout_rate)
-        self.ln_2 = _LayerNorm(hidden_dim)
-        self.mlp = MLPBlock(hidden_dim, mlp_dim, dropout_rate)
-        self.num_heads = num_heads
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (tokens, batch, channels)
-        h = self.ln_1(input)
-        h, _ = self.self_attention(query=h, key=h, value=h, need_weights=False)
-        x = self.dropout(h) + input
-        return x + self.mlp(self.ln_2(x))
-
-
-class Encoder(nn.Module):
-    def __init__(
-        self,
-        seq_length: int,
-        num_layers: int,
-        num_heads: int,
-        hidden_dim: int,
-        mlp_dim: int,
-        dropout_rate: float,
-        attention_dropout_rate: float,
-    ) -> None:
-        super().__init__()
-        self.pos_embedding = nn.Parameter(torch.empty(seq_length, 1, hidden_dim).normal_(std=0.02))
-        self.dropout = nn.Dropout(dropout_rate)
-        blocks = [
-            (f"layer_{i}", EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout_rate, attention_dropout_rate))
-            for i in range(num_layers)
-        ]
-        self.layers = nn.Sequential(OrderedDict(blocks))
-        self.ln = _LayerNorm(hidden_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln(self.layers(self.dropout(x + self.pos_embedding)))
-
-
-class VisionTransformerHead(nn.Module):
-    def __init__(self, in_plane: int, num_classes: Optional[int] = None) -> None:
-        super().__init__()
-        layers = [] if num_classes is None else [("head", nn.Linear(in_plane, num_classes))]
-        self.layers = nn.Sequential(OrderedDict(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        image_size: int,
-        patch_size: int,
-        num_layers: int,
-        num_heads: int,
-        hidden_dim: int,
-        mlp_dim: int,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        classifier: str = "token",
-        num_classes: Optional[int] = None,
-    ) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.hidden_dim = hidden_dim
-        self.mlp_dim = mlp_dim
-        self.classifier = classifier
-        self.conv_proj = nn.Conv2d(3, hidden_dim, kernel_size=patch_size, stride=patch_size)
-        seq_length = (image_size // patch_size) ** 2
-        if classifier == "token":
-            self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
-            seq_length += 1
-        self.encoder = Encoder(
-            seq_length, num_layers, num_heads, hidden_dim, mlp_dim, dropout_rate, attention_dropout_rate
-        )
-        self.trunk_output = nn.Identity()
-        self.seq_length = seq_length
-        self.head = VisionTransformerHead(hidden_dim, num_classes) if num_classes else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        assert h == w == self.image_size
-        x = self.conv_proj(x).reshape(n, self.hidden_dim, -1)
-        x = x.permute(2, 0, 1)  # (tokens, batch, channels)
-        if self.classifier == "token":
-            x = torch.cat([self.class_token.expand(-1, n, -1), x], dim=0)
-        x = self.encoder(x)
-        x = x[0] if self.classifier == "token" else x.mean(dim=0)
-        x = self.trunk_output(x)
-        if self.head is not None:
-            x = self.head(x)
-        return x
 
 
 class ViTTiny(VisionTransformer):

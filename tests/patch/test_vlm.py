@@ -329,6 +329,20 @@ def test_renumbering_3d_positions_and_unwired_methods_are_refused(monkeypatch):
     assert not any(tome.patch.is_patched(m) for m in model.modules())
 
 
+def test_labels_with_reduction_are_refused_and_the_signature_is_the_models():
+    import inspect
+
+    model = model_of("llava")
+    signature = inspect.signature(model.forward)
+    tome.apply_patch(model, visual_tokens=4)
+    assert inspect.signature(model.forward) == signature
+    inputs = inputs_of("llava", model)
+    with pytest.raises(ValueError, match="labels cannot be used while visual tokens are reduced"):
+        model(**inputs, labels=inputs["input_ids"])
+    model.visual_tokens = None
+    assert model(**inputs, labels=inputs["input_ids"]).loss is not None
+
+
 def test_a_text_only_model_is_refused_naming_its_class_and_the_families():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -337,3 +351,39 @@ def test_a_text_only_model_is_refused_naming_its_class_and_the_families():
         tome.apply_patch(model, visual_tokens=4)
     with pytest.raises(TypeError, match=r"Qwen2ForCausalLM.*Qwen2_5_VLForConditionalGeneration"):
         tome.apply_patch(model, family="vlm", visual_tokens=4)
+
+
+def test_the_inner_model_patches_alone_and_a_compiled_language_model_runs_inside():
+    model = model_of("qwen2_5_vl")
+    inputs = inputs_of("qwen2_5_vl", model)
+    with torch.no_grad():
+        expected = tome.apply_patch(copy.deepcopy(model), visual_tokens=5).model(**inputs).last_hidden_state
+    inner = tome.apply_patch(model.model, visual_tokens=5)  # Qwen2_5_VLModel: no generation head
+    assert type(inner).__name__ == "Qwen2_5_VLModel" and inner.visual_tokens == 5
+    torch._dynamo.reset()
+    try:
+        inner.language_model.compile(backend="eager")
+        with torch.no_grad():
+            torch.testing.assert_close(inner(**inputs).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_inputs_embeds_instead_of_input_ids_reduce_alike():
+    model = tome.apply_patch(model_of("llava"), visual_tokens=5)
+    inputs = inputs_of("llava", model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        got = model(**{k: v for k, v in inputs.items() if k != "input_ids"}, inputs_embeds=embeds).logits
+    assert got.shape == expected.shape
+    # the new left padding differs (zeros, not the pad token's embedding) and is masked: the last
+    # tokens, which both samples have, agree
+    torch.testing.assert_close(got[:, -10:], expected[:, -10:], atol=1e-5, rtol=1e-5)
+
+
+def test_tome_patch_vlm_is_the_family_function():
+    model = tome.patch.vlm(model_of("llava"), visual_tokens=3, positions="renumber")
+    assert (model.visual_tokens, model.positions, model.tome_method) == (3, "renumber", "pool")
+    tome.patch.vlm(model, method="random")  # only what is given changes
+    assert (model.visual_tokens, model.positions, model.tome_method) == (3, "renumber", "random")

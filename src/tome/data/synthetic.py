@@ -370,6 +370,66 @@ def _earlier_export(root: Path) -> Dict[str, Any]:
     return info
 
 
+def _check_export_arguments(train: int, val: int, image_size: int) -> None:
+    """The counts and image size of :func:`export_image_folder`; ``ValueError`` naming a bad one."""
+    for name, count in (("train", train), ("val", val)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {count!r}")
+    if train + val == 0:
+        raise ValueError("nothing to export: train and val are both 0")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
+
+
+def _replace_earlier_export(root: Path, train: int, val: int, seed: int, image_size: int) -> Dict[str, int]:
+    """Make way for an export into ``root``, which holds an earlier one (``overwrite``).
+
+    A split of count 0 stays when it can go on being described by the new ``dataset.json``
+    (same seed and image size, a complete earlier export); every split of count > 0 is deleted.
+
+    Returns:
+        The image count of each split after the export: the new counts, the earlier ones for kept splits.
+
+    Raises:
+        ValueError: when ``root`` is not an earlier export, or a kept split cannot be kept.
+    """
+    import shutil
+
+    earlier = _earlier_export(root)
+    counts = {"train": train, "val": val}
+    for split, count in counts.items():
+        if count == 0 and (root / split).exists():  # kept: dataset.json goes on describing it
+            if earlier.get("complete") is False:
+                raise ValueError(f"{split}=0 would keep {str(root / split)!r} of an earlier export that was "
+                                 f"interrupted; pass a {split} count to write that split again too")
+            if (earlier.get("seed"), earlier.get("image_size")) != (seed, image_size):
+                raise ValueError(
+                    f"{split}=0 keeps {str(root / split)!r} of the earlier export (seed={earlier.get('seed')!r}, "
+                    f"image_size={earlier.get('image_size')!r}), but this export uses seed={seed!r}, "
+                    f"image_size={image_size!r}; pass the earlier seed and image size, or a {split} count "
+                    "to write that split again too")
+            counts[split] = int(earlier.get(split, 0))
+    for split, count in (("train", train), ("val", val)):
+        path = root / split
+        if count == 0:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    return counts
+
+
+def _write_split(directory: Path, split: str, count: int, seed: int, image_size: int, width: int, bar: Any) -> None:
+    """Render images ``0 .. count - 1`` of ``split`` as ``directory/<NN_class>/<index>.png``."""
+    for label in range(len(CLASSES)):
+        (directory / class_directory(label)).mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        array, label = render(index, split, seed, image_size)
+        Image.fromarray(array).save(directory / class_directory(label) / f"{index:0{width}d}.png")
+        bar.update()
+
+
 def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, image_size: int = 64,
                         progress: bool = True, overwrite: bool = False) -> Path:
     """Write the task to disk as an ImageFolder: ``root/{train,val}/<NN_class>/<index>.png``.
@@ -400,44 +460,16 @@ def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, i
             ``root`` without ``overwrite`` or that is not an earlier export, or a kept split
             made with another seed or image size (``dataset.json`` could not describe both).
     """
-    import shutil
-
     from tqdm import tqdm
 
-    for name, count in (("train", train), ("val", val)):
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {count!r}")
-    if train + val == 0:
-        raise ValueError("nothing to export: train and val are both 0")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
-        raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
+    _check_export_arguments(train, val, image_size)
     root = Path(root)
     counts = {"train": train, "val": val}
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
             raise ValueError(f"export directory {str(root)!r} is not empty; pick an empty one or pass "
                              "overwrite=True (--overwrite) to replace an earlier export there")
-        earlier = _earlier_export(root)
-        for split, count in counts.items():
-            if count == 0 and (root / split).exists():  # kept: dataset.json goes on describing it
-                if earlier.get("complete") is False:
-                    raise ValueError(f"{split}=0 would keep {str(root / split)!r} of an earlier export that was "
-                                     f"interrupted; pass a {split} count to write that split again too")
-                if (earlier.get("seed"), earlier.get("image_size")) != (seed, image_size):
-                    raise ValueError(
-                        f"{split}=0 keeps {str(root / split)!r} of the earlier export (seed={earlier.get('seed')!r}, "
-                        f"image_size={earlier.get('image_size')!r}), but this export uses seed={seed!r}, "
-                        f"image_size={image_size!r}; pass the earlier seed and image size, or a {split} count "
-                        "to write that split again too")
-                counts[split] = int(earlier.get(split, 0))
-        for split, count in (("train", train), ("val", val)):
-            path = root / split
-            if count == 0:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+        counts = _replace_earlier_export(root, train, val, seed, image_size)
     root.mkdir(parents=True, exist_ok=True)
     info = {"task": _EXPORT_TASK, "seed": seed, "image_size": image_size, **counts,
             "classes": list(CLASSES), "class_directories": [class_directory(i) for i in range(len(CLASSES))],
@@ -450,11 +482,6 @@ def export_image_folder(root: str | Path, train: int, val: int, seed: int = 0, i
         for split, count in (("train", train), ("val", val)):
             if count == 0:
                 continue
-            for label in range(len(CLASSES)):
-                (root / split / class_directory(label)).mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                array, label = render(index, split, seed, image_size)
-                Image.fromarray(array).save(root / split / class_directory(label) / f"{index:0{width}d}.png")
-                bar.update()
+            _write_split(root / split, split, count, seed, image_size, width, bar)
     (root / "dataset.json").write_text(json.dumps({**info, "complete": True}, indent=2) + "\n")
     return root

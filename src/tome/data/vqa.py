@@ -48,6 +48,7 @@ __all__ = [
     "make_sample",
     "answer_of",
     "prompt_text",
+    "chat_template",
     "build_tokenizer",
     "build_qwen2_5_vl_processor",
     "build_llava_processor",
@@ -310,6 +311,41 @@ def prompt_text(question: str, arch: str, answer: Optional[str] = None) -> str:
     return text if answer is None else f"{text} {answer} {EOS}"
 
 
+def chat_template(arch: str) -> str:
+    """The processor's chat template: renders chat messages as :func:`prompt_text` writes the prompt.
+
+    Harnesses that speak chat (lmms-eval's ``huggingface`` model calls
+    ``processor.apply_chat_template(messages, add_generation_prompt=True)``) then give the
+    models exactly the input they were trained on: each image or video item becomes the
+    architecture's placeholder, text items their words, all joined by single spaces; roles
+    add nothing (the task has no turns) and the generation prompt is empty (the answer word
+    follows the question directly).
+
+    Args:
+        arch: ``"qwen2_5_vl"`` or ``"llava"``.
+
+    Raises:
+        ValueError: for an unknown ``arch``.
+    """
+    if arch == "qwen2_5_vl":
+        image, video = f"{VISION_START}{IMAGE_TOKEN}{VISION_END}", f"{VISION_START}{VIDEO_TOKEN}{VISION_END}"
+    elif arch == "llava":
+        image, video = LLAVA_IMAGE_TOKEN, VIDEO_TOKEN
+    else:
+        raise ValueError(f"arch must be 'qwen2_5_vl' or 'llava', got {arch!r}")
+    return (
+        "{%- set ns = namespace(parts=[]) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set ns.parts = ns.parts + [message['content']] -%}"
+        "{%- else -%}{%- for item in message['content'] -%}"
+        f"{{%- if item['type'] == 'image' -%}}{{%- set ns.parts = ns.parts + ['{image}'] -%}}"
+        f"{{%- elif item['type'] == 'video' -%}}{{%- set ns.parts = ns.parts + ['{video}'] -%}}"
+        "{%- elif item['type'] == 'text' -%}{%- set ns.parts = ns.parts + [item['text']] -%}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
+        "{{- ns.parts | join(' ') -}}"
+    )
+
+
 def build_tokenizer(image_token: str = IMAGE_TOKEN) -> Any:
     """The task's word-level tokenizer as a ``transformers.PreTrainedTokenizerFast``.
 
@@ -373,7 +409,8 @@ def build_qwen2_5_vl_processor(image_size: int = 224, tokenizer: Any = None) -> 
         size={"shortest_edge": pixels, "longest_edge": pixels * 16}, patch_size=14, merge_size=2,
         temporal_patch_size=2, image_mean=list(_shapes.MEAN), image_std=list(_shapes.STD))
     return Qwen2_5_VLProcessor(image_processor=image_processor, video_processor=video_processor,
-                               tokenizer=tokenizer if tokenizer is not None else build_tokenizer())
+                               tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
+                               chat_template=chat_template("qwen2_5_vl"))
 
 
 def build_llava_processor(image_size: int = 224, patch_size: int = 28, tokenizer: Any = None) -> Any:
@@ -401,7 +438,8 @@ def build_llava_processor(image_size: int = 224, patch_size: int = 28, tokenizer
         image_mean=list(_shapes.MEAN), image_std=list(_shapes.STD))
     tok = tokenizer if tokenizer is not None else build_tokenizer(LLAVA_IMAGE_TOKEN)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=chat_template("llava"))
 
 
 def to_pil(sample: VQASample) -> Image.Image:

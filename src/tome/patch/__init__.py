@@ -18,7 +18,13 @@ from typing import Any, Callable, Iterator, Mapping, Tuple
 
 from torch import nn
 
-from . import _vlm_families  # noqa: F401  (registers the VLM adapters)
+from . import (  # noqa: F401  (register the VLM adapters)
+    _vlm_families,
+    _vlm_gemma3,
+    _vlm_idefics3,
+    _vlm_internvl,
+    _vlm_onevision,
+)
 
 # Importing the family modules registers them.
 from ._diffusers import DiffusionSettings, diffusers
@@ -50,7 +56,7 @@ from ._naflex import naflexvit
 from ._swag import swag
 from ._timm import timm
 from ._torchvision import torchvision
-from ._vlm import VisualTokenSettings
+from ._vlm import VisualTokenSettings, vlm
 
 __all__ = [
     "timm",
@@ -62,6 +68,7 @@ __all__ = [
     "eva",
     "hf_dinov3",
     "naflexvit",
+    "vlm",
     "FAMILIES",
     "KEEP",
     "DiffusionSettings",

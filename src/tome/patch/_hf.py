@@ -20,7 +20,8 @@ are the model's own code. Task heads that pool over patch tokens (DINOv2, CLIP
 and SigLIP classifiers, VideoMAE's mean pooling) weight the pool by token size;
 SigLIP's attention-pooling head adds ``log(size)`` to its key logits. Adding a
 model is one row in ``_RUNNERS`` (and ``SUPPORTED_MODELS``) plus whatever is
-really different about it (its layer's branches, its attention's attribute names).
+really different about it (its layer's branches, its attention's attribute names:
+:mod:`tome.patch._hf_layers`).
 
 What changes in the outputs with merging (``model.r`` > 0): ``last_hidden_state``
 and ``hidden_states`` have fewer tokens (``model._tome_info["size"]`` and, with
@@ -38,17 +39,23 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
-from ._attention_body import attend, fused_attention, split_heads
 from ._checks import check_class
+from ._hf_layers import (  # the layer and attention classes, also by their old names here (pickles)
+    ToMeCLIPAttention,
+    ToMeCLIPLayer,
+    ToMeDinov2Layer,
+    ToMeHFAttention,
+    ToMeHFLayer,  # noqa: F401  (used by _hf_dinov3 and the tests as _hf.ToMeHFLayer)
+    ToMeVideoMAELayer,
+    ToMeVideoMAESelfAttention,
+    ToMeViTLayer,
+)
 from ._lifecycle import (
     KEEP,
     Example,
     FamilySpec,
-    ToMeAttentionMixin,
-    ToMeBlockMixin,
     ToMeModelMixin,
     ToMeSettings,
-    call_attention,
     configure,
     example_images,
     is_patched,
@@ -60,7 +67,7 @@ from ._lifecycle import (
     with_parent_signature,
 )
 from ._rope import RotaryPositions
-from ._shared import AttentionCall, ToMeForward, padding_bias, weighted_mean
+from ._shared import ToMeForward, padding_bias, weighted_mean
 
 __all__ = ["hf", "is_hf_vision", "SUPPORTED_MODELS"]
 
@@ -70,97 +77,6 @@ LAYOUT = " (ToMe supports the layout of transformers 5.x)"
 # arguments (VideoMAE's encoder, SigLIP's pooling head). Only read where the forward's own
 # ledger is meant (checked against the model's _tome_info).
 _ACTIVE: contextvars.ContextVar[Optional[ToMeForward]] = contextvars.ContextVar("tome_hf_forward", default=None)
-
-
-# ----------------------------------------------------------------------------- attention modules and layers
-
-
-class ToMeHFAttention(ToMeAttentionMixin):
-    """A transformers self-attention module with separate q/k/v projections: with
-    ``tome=AttentionCall(bias)`` it adds the ``log(size)`` bias to its logits and
-    reports the mean key. Returns ``(output, None)`` like the module does.
-
-    Subclasses name the module's attributes: ``_tome_attrs`` = (q, k, v, output
-    projection or "", head_dim, scale, dropout probability).
-    """
-
-    _tome_keep_name = True  # transformers recognises classes by name and module
-
-    _tome_attrs: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "attention_dropout")
-
-    def _tome_attention(self, x: torch.Tensor, call: AttentionCall) -> Tuple[torch.Tensor, None]:
-        q_name, k_name, v_name, out_name, dim_name, scale_name, dropout_name = self._tome_attrs
-        head_dim = getattr(self, dim_name)
-        q, k, v = (split_heads(getattr(self, name)(x), head_dim=head_dim) for name in (q_name, k_name, v_name))
-        dropout_p = getattr(self, dropout_name) if self.training else 0.0
-        out = attend(call, q, k, v, dropout_p=dropout_p, scale=getattr(self, scale_name), fused=fused_attention(self))
-        return (getattr(self, out_name)(out) if out_name else out), None
-
-
-class ToMeCLIPAttention(ToMeHFAttention):
-    """``CLIPAttention`` and ``SiglipAttention``."""
-
-    _tome_attrs = ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale", "dropout")
-
-
-class ToMeVideoMAESelfAttention(ToMeHFAttention):
-    """``VideoMAESelfAttention`` (its output projection lives in a sibling module)."""
-
-    _tome_attrs = ("query", "key", "value", "", "attention_head_size", "scaling", "dropout_prob")
-
-
-class ToMeHFLayer(ToMeBlockMixin):
-    """Common part of patched transformers layers. They are called by the model's own
-    loop (through ``__call__``, so transformers' gradient checkpointing and hooks
-    apply) with ``tome=ToMeForward`` among the keyword arguments the model hands
-    every layer."""
-
-    _tome_keep_name = True  # transformers recognises classes by name and module
-
-
-class ToMeViTLayer(ToMeHFLayer):
-    """``ViTLayer``, ``DeiTLayer``, ``ASTLayer``: pre-norm, dropout on both branches."""
-
-    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        (out, _), metric = call_attention(self.attention, self.layernorm_before(x), bias)
-        return self.dropout(out), metric
-
-    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.mlp(self.layernorm_after(x)))
-
-
-class ToMeDinov2Layer(ToMeHFLayer):
-    """``Dinov2Layer`` and ``Dinov2WithRegistersLayer``: LayerScale and drop path on both branches."""
-
-    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        (out, _), metric = call_attention(self.attention, self.norm1(x), bias)
-        return self.drop_path(self.layer_scale1(out)), metric
-
-    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
-
-
-class ToMeCLIPLayer(ToMeHFLayer):
-    """``CLIPEncoderLayer`` and ``SiglipEncoderLayer``: pre-norm, no dropout on the residuals."""
-
-    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        (out, _), metric = call_attention(self.self_attn, self.layer_norm1(x), bias)
-        return out, metric
-
-    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.layer_norm2(x))
-
-
-class ToMeVideoMAELayer(ToMeHFLayer):
-    """``VideoMAELayer``: ``VideoMAEAttention`` passes ``tome`` on to its self-attention
-    and applies its own output module."""
-
-    def _tome_attn_branch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        return call_attention(self.attention, self.layernorm_before(x), bias)
-
-    def _tome_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        # VideoMAEOutput adds the residual itself; merge_block adds it here instead.
-        return self.output.dropout(self.output.dense(self.intermediate(self.layernorm_after(x))))
 
 
 # ----------------------------------------------------------------------------- the forward: one ledger each

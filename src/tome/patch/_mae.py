@@ -114,6 +114,7 @@ register(FamilySpec(
     prop_attn_reason="off by default for MAE weights",
     exports=True,
     traceable=True,
+    attention_features="timm Attention",
     examples=lambda: (
         Example("codebase", _tiny_codebase, example_images, requires=("timm",)),
         # timm's layout: the ".mae" tag (kept without weights) marks MAE weights; it exports as the timm family does.

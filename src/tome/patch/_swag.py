@@ -200,6 +200,7 @@ register(FamilySpec(
     priority=40,
     exports=True,
     traceable=True,
+    attention_features="nn.MultiheadAttention",
     # Batch-first inside the patched model, sequence-first in SWAG's: other reduction orders.
     examples=lambda: (Example("gap", _tiny_swag("gap"), example_images, idle_atol=1e-5, exports=False),  # as "token"
                       Example("token", _tiny_swag("token"), example_images, idle_atol=1e-5)),

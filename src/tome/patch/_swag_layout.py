@@ -3,8 +3,8 @@
 SWAG's models come through ``torch.hub`` (facebookresearch/SWAG), not a package, so
 the family's tiny example needs these classes: the names, attributes, parameter
 shapes and sequence-first forward of SWAG's ``models/vision_transformer.py``,
-written here from its published description. Nothing imports this module but
-the example's builder.
+written here from its published description. Only the example's builder and
+the family's tests (``tests/patch/test_swag.py``) import this module.
 """
 
 from __future__ import annotations

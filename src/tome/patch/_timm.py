@@ -524,6 +524,7 @@ register(FamilySpec(
     priority=20,
     exports=True,
     traceable=True,
+    attention_features="timm Attention",
     examples=lambda: (
         Example("registers", tiny_timm("vit_tiny_patch16_224", reg_tokens=2, init_values=0.1), example_images,
                 requires=("timm",)),

@@ -265,6 +265,7 @@ register(FamilySpec(
     priority=30,
     exports=True,
     traceable=True,
+    attention_features="nn.MultiheadAttention",
     # Gradients off, nn.MultiheadAttention takes its fused fast path, another kernel than the
     # patched model's scaled_dot_product_attention: equal to about 5e-7 (docs/families.md).
     examples=lambda: (Example("vit", _tiny_vit, example_images, requires=("torchvision",), idle_atol=1e-5),),

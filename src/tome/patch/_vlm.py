@@ -38,9 +38,21 @@ import torch
 from torch import nn
 
 from .. import visual_tokens as vt
-from ._lifecycle import Example, FamilySpec, ToMeInfo, check_choice, check_flag, register, setting, swap_class
+from ._lifecycle import (
+    KEEP,
+    Example,
+    FamilySpec,
+    ToMeInfo,
+    check_choice,
+    check_flag,
+    configure,
+    register,
+    setting,
+    swap_class,
+    with_parent_signature,
+)
 
-__all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS"]
+__all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS", "vlm"]
 
 POSITIONS = ("keep", "renumber")
 
@@ -69,7 +81,7 @@ class VisualTokenSettings:
         seed: Seed of ``"random"``, drawn afresh every forward (None: torch's global generator).
     """
 
-    visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 4})
+    visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 0.5})
     method: str = field(default="pool", metadata={"example": "random"})
     trace_source: bool = False
     positions: str = field(default="keep", metadata={"choices": POSITIONS})
@@ -103,6 +115,15 @@ class Modality:
             ``(N, C)`` tensor per image or video, through the model's own method.
         grid: ``(inner model, call, item index, N, positions (N, D)) -> (t, h, w)`` or None
             (``positions``: the item's tokens' positions in the full sequence).
+        split: ``(inner model, call, encoder output) -> [(N, C), ...]`` the items when they
+            are not the entries of ``pooler_output`` (SmolVLM: one tensor per sample, split
+            into crops; LLaVA-OneVision: an image, split into its views).
+        join: ``[(K, C), ...] -> pooler_output`` in the form the model's forward reads back
+            (default: a tuple of the items).
+        separators: ``(inner model, call, item index, features (N, C)) -> (indices (P,), grid)``:
+            an item's tokens that are structure, not image content (LLaVA-OneVision's
+            ``image_newline``), always passed on, never merged, not counted in the budget; and
+            the grid of its other ``N - P`` tokens (used instead of ``grid``). None: no such tokens.
     """
 
     name: str
@@ -110,6 +131,10 @@ class Modality:
     token: str
     encode: Callable[[nn.Module, Dict[str, Any]], Any]
     grid: Callable[[nn.Module, Dict[str, Any], int, int, torch.Tensor], Optional[Tuple[int, int, int]]]
+    split: Optional[Callable[[nn.Module, Dict[str, Any], Any], List[torch.Tensor]]] = None
+    join: Optional[Callable[[List[torch.Tensor]], Any]] = None
+    separators: Optional[Callable[[nn.Module, Dict[str, Any], int, torch.Tensor],
+                                  Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]] = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +155,8 @@ class VLMAdapter:
             of per-item tensors to reduce alike (Qwen3-VL's ``deepstack_features``).
         finish: ``(inner, rope_deltas (batch, 1)) -> None`` after a reduced prefill (Qwen:
             store ``rope_deltas`` so decoding without explicit positions continues right).
+        token_fields: Other ``(batch, tokens)`` forward arguments shortened with the sequence
+            (Gemma 3's ``token_type_ids``, which make each image attend to itself both ways).
     """
 
     name: str
@@ -140,6 +167,7 @@ class VLMAdapter:
     mrope: bool = False
     item_fields: Tuple[str, ...] = ()
     finish: Optional[Callable[[nn.Module, torch.Tensor], None]] = None
+    token_fields: Tuple[str, ...] = ()
 
 
 _ADAPTERS: Dict[str, VLMAdapter] = {}
@@ -235,6 +263,14 @@ class ToMeVLMMixin:
 
     _tome_keep_name = True  # transformers looks classes up by name (pipelines, from_pretrained)
 
+    @with_parent_signature  # generate and Trainer read what the forward takes from its signature
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("labels") is not None and self.__dict__["_tome_settings"].visual_tokens is not None:
+            raise ValueError("labels cannot be used while visual tokens are reduced: the logits follow the "
+                             "shortened sequence and the labels are not shortened (not supported yet); "
+                             "set model.visual_tokens = None to compute a loss")
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
 
 for _option in fields(VisualTokenSettings):
     setattr(ToMeVLMMixin, "tome_method" if _option.name == "method" else _option.name,
@@ -264,6 +300,9 @@ class ToMeVLMInnerMixin:
 
     _tome_keep_name = True
 
+    # The bookkeeping is data-dependent (which tokens, how many per sample): torch.compile of the
+    # whole model runs it eagerly; the language model and the vision tower compile on their own.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parent = type(self).__dict__["_tome_parent"]
         call = _bind(parent, args, kwargs)
@@ -329,10 +368,27 @@ def _in_order(reduction: vt.Reduction) -> vt.Reduction:
     return vt.Reduction(features=reduction.features[order], source=reduction.source[order], index=index)
 
 
-def _reduced_output(output: Any, reductions: List[vt.Reduction], item_fields: Sequence[str]) -> Any:
+def _with_protected(reduction: vt.Reduction, free: torch.Tensor, protected: torch.Tensor,
+                    features: torch.Tensor) -> vt.Reduction:
+    """An item's reduction from that of its free tokens (``free``: their indices) plus its
+    protected tokens passed on as they are, in the model's order."""
+    num = features.shape[0]
+    source = reduction.source.new_zeros(reduction.source.shape[0] + protected.numel(), num)
+    source[: reduction.source.shape[0], free.to(source.device)] = reduction.source
+    source[torch.arange(protected.numel(), device=source.device) + reduction.source.shape[0],
+           protected.to(source.device)] = 1
+    index = None if reduction.index is None else torch.cat([free.to(reduction.index.device)[reduction.index],
+                                                             protected.to(reduction.index.device)])
+    return _in_order(vt.Reduction(features=torch.cat([reduction.features, features[protected]]),
+                                  source=source, index=index))
+
+
+def _reduced_output(output: Any, reductions: List[vt.Reduction], item_fields: Sequence[str],
+                    join: Optional[Callable[[List[torch.Tensor]], Any]] = None) -> Any:
     """A copy of an encoder output with every per-item field reduced."""
     new = type(output)(**dict(output.items()))
-    new.pooler_output = tuple(r.features for r in reductions)
+    features = [r.features for r in reductions]
+    new.pooler_output = join(features) if join is not None else tuple(features)
     for name in item_fields:
         layers = getattr(output, name, None)
         if layers is not None:
@@ -359,85 +415,121 @@ def _pad_id(inner: nn.Module, taken: Sequence[int]) -> int:
     return next(i for i in range(len(taken) + 1) if i not in taken)
 
 
-def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
-             visual: List[Modality], run: Callable[..., Any]) -> Any:
-    cache = call.get("past_key_values")
+@dataclass
+class _Plan:
+    """What the reductions of one prefill decided, on the full ``(B, L)`` sequence."""
+
+    real: torch.Tensor  # (B, L) bool: not padding
+    keep: torch.Tensor  # (B, L) bool: passed on (each passed-on token at its first member's place)
+    full: torch.Tensor  # (D, B, L): the full sequence's positions
+    positions: torch.Tensor  # (D, B, L): the positions the passed-on tokens take
+    reduced: Dict[str, List[vt.Reduction]] = field(default_factory=dict)
+    items: List[Dict[str, Any]] = field(default_factory=list)
+    sources: List[torch.Tensor] = field(default_factory=list)
+
+
+def _check_prefill(call: Dict[str, Any]) -> None:
+    cache, mask = call.get("past_key_values"), call.get("attention_mask")
     if cache is not None and (getattr(cache, "_tome_vlm_layout", None) is not None or cache.get_seq_length() > 0):
         raise ValueError("visual-token reduction of a prefill that continues a KV cache is not supported; "
                          "start from an empty cache (or set model.visual_tokens = None)")
-    if isinstance(call.get("attention_mask"), dict) or (call.get("attention_mask") is not None
-                                                        and call["attention_mask"].dim() != 2):
+    if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
         raise ValueError("visual-token reduction needs a 2-D attention_mask (batch, tokens) or None; "
                          "a prepared 4-D mask or mask dict cannot be shortened")
-    given = call.get("mm_encoder_outputs") or {}
-    outputs = {m.name: given.get(m.name) if given.get(m.name) is not None else m.encode(inner, call) for m in visual}
-    generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+
+
+def _plan(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
+          outputs: Dict[str, Any]) -> _Plan:
+    """Reduce every image and video, in batch order, and mark what the sequence keeps."""
     reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
     batch, length = reference.shape[:2]
-    device = reference.device
     mask = call.get("attention_mask")
-    real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
-    keep = real.clone()  # the tokens passed on (the original padding is dropped and made anew)
-    text = _TextContext(inner, call, [_placeholders(inner, call, getattr(inner.config, m.token)) for m in adapter.modalities])
+    real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=reference.device)
     full = adapter.positions(inner, call, batch, length)  # (D, B, L)
-    positions = full.clone()
-    items: List[Dict[str, Any]] = []
-    sources: List[torch.Tensor] = []
-    reduced: Dict[str, List[vt.Reduction]] = {}
-    slots_of: List[Tuple[int, torch.Tensor, vt.Reduction]] = []
-    for modality in visual:
-        features = list(outputs[modality.name].pooler_output)
+    plan = _Plan(real=real, keep=real.clone(), full=full, positions=full.clone())
+    generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+    text = _TextContext(inner, call, [_placeholders(inner, call, getattr(inner.config, m.token)) for m in adapter.modalities])
+    for modality in (m for m in adapter.modalities if m.name in outputs):
+        output = outputs[modality.name]
+        features = modality.split(inner, call, output) if modality.split else list(output.pooler_output)
         slots = _placeholders(inner, call, getattr(inner.config, modality.token)).reshape(-1).nonzero()[:, 0]
         counts = [int(f.shape[0]) for f in features]
         if slots.numel() != sum(counts):
             raise ValueError(f"{modality.name} features and {modality.name} tokens do not match: "
                              f"{slots.numel()} placeholder tokens, {sum(counts)} features")
-        reduced[modality.name] = []
+        plan.reduced[modality.name] = []
         for index, (feats, item_slots) in enumerate(zip(features, slots.split(counts))):
             sample = int(item_slots[0]) // length
             columns = item_slots - sample * length
-            num = feats.shape[0]
-            budget = vt.resolve_budget(settings.visual_tokens, num)
             item_positions = full[:, sample, columns].t()
-            context = vt.VisualContext(grid=modality.grid(inner, call, index, num, item_positions), text=text(sample),
-                                       generator=generator)
-            reduction = _in_order(vt.reduce_tokens(settings.method, feats, budget, context))
-            reduced[modality.name].append(reduction)
-            first = reduction.source.argmax(-1).to(device)
-            keep[sample, columns] = False
-            keep[sample, columns[first]] = True
-            if not settings.positions == "renumber":
-                mean = reduction.positions(item_positions.to(torch.float32)).t()
-                if reduction.index is None or positions.is_floating_point():
-                    positions = positions.to(torch.float32)
-                positions[:, sample, columns[first]] = mean.to(positions.dtype)
-            slots_of.append((sample, columns, reduction))
-            items.append({"modality": modality.name, "sample": sample, "tokens": num, "budget": budget,
-                          "passed": int(reduction.features.shape[0]), "reduced": budget < num})
-            if settings.trace_source:
-                sources.append(reduction.source)
-    info = inner.__dict__["_tome_info"]
-    if not any(item["reduced"] for item in items):  # nothing reduced: the model's own forward, as unpatched
-        info.update(items=items, source=sources if settings.trace_source else None, length=(length, length))
-        call = dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual})
-        return run(**call)
-    dropped = real & ~keep
-    if settings.positions == "renumber":
-        positions = positions - dropped.cumsum(1).unsqueeze(0).to(positions.dtype)
-    lengths = keep.sum(1)
-    short = int(lengths.max())
-    index = torch.zeros(batch, short, dtype=torch.long, device=device)
-    valid = torch.zeros(batch, short, dtype=torch.bool, device=device)
-    for row in range(batch):
+            free, protected, grid = _free_tokens(inner, call, modality, index, feats, item_positions)
+            context = vt.VisualContext(grid=grid, text=text(sample), generator=generator)
+            _reduce_item(plan, settings, modality.name, feats, sample, columns, context, free, protected)
+    return plan
+
+
+def _free_tokens(inner: nn.Module, call: Dict[str, Any], modality: Modality, index: int, features: torch.Tensor,
+                 positions: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Any]:
+    """``(free, protected, grid)`` of one item: the indices of the tokens the budget applies to and
+    of its separators (None, None when it has none), and the grid of the free tokens."""
+    if modality.separators is None:
+        return None, None, modality.grid(inner, call, index, features.shape[0], positions)
+    protected, grid = modality.separators(inner, call, index, features)
+    protected = protected.to(features.device)
+    is_free = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    is_free[protected] = False
+    return is_free.nonzero()[:, 0], protected, grid
+
+
+def _reduce_item(plan: _Plan, settings: VisualTokenSettings, modality: str, features: torch.Tensor, sample: int,
+                 columns: torch.Tensor, context: vt.VisualContext, free: Optional[torch.Tensor] = None,
+                 protected: Optional[torch.Tensor] = None) -> None:
+    """Reduce one image's (or video's) ``features`` (only its ``free`` tokens when given; the
+    ``protected`` ones pass on as they are) and record it in ``plan``."""
+    num = features.shape[0]
+    count = num if free is None else free.numel()
+    budget = vt.resolve_budget(settings.visual_tokens, count)
+    if free is None:
+        reduction = _in_order(vt.reduce_tokens(settings.method, features, budget, context))
+    else:
+        reduction = _with_protected(vt.reduce_tokens(settings.method, features[free], budget, context),
+                                    free, protected, features)
+    plan.reduced[modality].append(reduction)
+    first = columns[reduction.source.argmax(-1).to(columns.device)]
+    plan.keep[sample, columns] = False
+    plan.keep[sample, first] = True
+    if settings.positions != "renumber":
+        mean = reduction.positions(plan.full[:, sample, columns].t().to(torch.float32)).t()
+        if reduction.index is None:  # merged tokens sit at their members' mean position
+            plan.positions = plan.positions.to(torch.float32)
+        plan.positions[:, sample, first] = mean.to(plan.positions.dtype)
+    plan.items.append({"modality": modality, "sample": sample, "tokens": num, "budget": budget,
+                       "passed": int(reduction.features.shape[0]), "reduced": budget < count})
+    if settings.trace_source:
+        plan.sources.append(reduction.source)
+
+
+def _left_padded(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(index, valid)`` ``(B, L')``: the kept columns of each row, left-padded to the longest."""
+    short = int(keep.sum(1).max())
+    index = torch.zeros(keep.shape[0], short, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(keep.shape[0], short, dtype=torch.bool, device=keep.device)
+    for row in range(keep.shape[0]):
         kept = keep[row].nonzero()[:, 0]
         index[row, short - kept.numel():] = kept
         valid[row, short - kept.numel():] = True
-    padded = not bool(valid.all())
+    return index, valid
+
+
+def _shortened(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
+               outputs: Dict[str, Any], plan: _Plan, index: torch.Tensor, valid: torch.Tensor) -> Dict[str, Any]:
+    """The call of the model's own forward on the shortened sequence."""
     new = dict(call)
-    for m in visual:
-        new[m.pixels] = None
-    new["mm_encoder_outputs"] = {name: _reduced_output(outputs[name], reduced[name], adapter.item_fields)
-                                 for name in outputs}
+    for modality in adapter.modalities:
+        if modality.name in outputs:
+            new[modality.pixels] = None
+    new["mm_encoder_outputs"] = {m.name: _reduced_output(outputs[m.name], plan.reduced[m.name], adapter.item_fields,
+                                                         m.join) for m in adapter.modalities if m.name in outputs}
     taken = [getattr(inner.config, m.token) for m in adapter.modalities]
     if call.get("input_ids") is not None:
         ids = call["input_ids"].gather(1, index)
@@ -445,27 +537,48 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     if call.get("inputs_embeds") is not None:
         embeds = call["inputs_embeds"].gather(1, index[..., None].expand(-1, -1, call["inputs_embeds"].shape[-1]))
         new["inputs_embeds"] = embeds * valid[..., None].to(embeds.dtype)
-    if call.get("mm_token_type_ids") is not None:
-        types = call["mm_token_type_ids"].gather(1, index)
-        new["mm_token_type_ids"] = torch.where(valid, types, torch.zeros_like(types))
-    gapped = not adapter.mrope and settings.positions == "keep"
+    for name in ("mm_token_type_ids",) + adapter.token_fields:
+        if call.get(name) is not None:
+            types = call[name].gather(1, index)
+            new[name] = torch.where(valid, types, torch.zeros_like(types))
+    mask = call.get("attention_mask")
     if mask is not None:
         new["attention_mask"] = torch.where(valid, mask.gather(1, index), torch.zeros_like(mask[:, :1]))
-    elif padded or gapped:  # 1-D positions with gaps must not read as packed sequences
-        new["attention_mask"] = valid.to(torch.long)
-    short_positions = positions.gather(2, index.unsqueeze(0).expand(positions.shape[0], -1, -1))
-    short_positions = torch.where(valid.unsqueeze(0), short_positions, torch.ones_like(short_positions))
-    new["position_ids"] = short_positions if adapter.mrope else short_positions[0]
-    out = run(**new)
-    if adapter.finish is not None:
-        top = torch.where(real.unsqueeze(0), full, torch.zeros_like(full)).amax(dim=(0, 2))
-        adapter.finish(inner, (top + 1 - (keep & real).sum(1)).unsqueeze(1))
-    layout = _Layout(length, index, valid, dropped.sum(1), settings.positions == "renumber", not adapter.mrope)
-    returned = getattr(out, "past_key_values", None)
-    for holder in (returned, cache):
+    elif not bool(valid.all()) or (not adapter.mrope and settings.positions == "keep"):
+        new["attention_mask"] = valid.to(torch.long)  # 1-D positions with gaps must not read as packed sequences
+    positions = plan.positions
+    if settings.positions == "renumber":
+        positions = positions - (plan.real & ~plan.keep).cumsum(1).unsqueeze(0).to(positions.dtype)
+    short = positions.gather(2, index.unsqueeze(0).expand(positions.shape[0], -1, -1))
+    short = torch.where(valid.unsqueeze(0), short, torch.ones_like(short))
+    new["position_ids"] = short if adapter.mrope else short[0]
+    return new
+
+
+def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
+             visual: List[Modality], run: Callable[..., Any]) -> Any:
+    _check_prefill(call)
+    given = call.get("mm_encoder_outputs") or {}
+    outputs = {m.name: given.get(m.name) if given.get(m.name) is not None else m.encode(inner, call) for m in visual}
+    plan = _plan(inner, adapter, settings, call, outputs)
+    info = inner.__dict__["_tome_info"]
+    source = plan.sources if settings.trace_source else None
+    length = plan.keep.shape[1]
+    if not any(item["reduced"] for item in plan.items):  # nothing reduced: the model's own forward, as unpatched
+        info.update(items=plan.items, source=source, length=(length, length))
+        return run(**dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual}))
+    index, valid = _left_padded(plan.keep)
+    out = run(**_shortened(inner, adapter, settings, call, outputs, plan, index, valid))
+    passed = (plan.keep & plan.real).sum(1)
+    if adapter.finish is not None:  # the largest position + 1 - the tokens kept: decoding continues as unreduced
+        top = torch.where(plan.real.unsqueeze(0), plan.full, torch.zeros_like(plan.full)).amax(dim=(0, 2))
+        adapter.finish(inner, (top + 1 - passed).unsqueeze(1))
+    layout = _Layout(length, index, valid, (plan.real & ~plan.keep).sum(1), settings.positions == "renumber",
+                     not adapter.mrope)
+    for holder in (getattr(out, "past_key_values", None), call.get("past_key_values")):
         if holder is not None:
             holder._tome_vlm_layout = layout
-    info.update(items=items, source=sources if settings.trace_source else None, length=(length, short))
+    info.update(items=plan.items, source=source, length=(length, index.shape[1]))
     return out
 
 
@@ -530,6 +643,29 @@ def _decode(inner: nn.Module, adapter: VLMAdapter, layout: _Layout, call: Dict[s
 
 
 # ----------------------------------------------------------------------------- patching
+
+
+def vlm(model: nn.Module, visual_tokens: Optional[Union[int, float]] = KEEP, method: str = KEEP,
+        trace_source: bool = KEEP, positions: str = KEEP, fastv_layer: int = KEEP, seed: Optional[int] = KEEP) -> nn.Module:
+    """Patch a transformers VLM in place so that each image and video passes at most
+    ``visual_tokens`` tokens to its language model (``tome.apply_patch`` detects it too).
+
+    Patching again changes only the options given; see :class:`VisualTokenSettings` for each
+    option and ``docs/vlm_reduction.md`` for positions and decoding.
+
+    Args:
+        model: ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+            ``LlavaForConditionalGeneration`` or their inner ``...Model``.
+
+    Returns:
+        ``model``, patched.
+
+    Raises:
+        TypeError: if ``model`` is not a supported VLM (its class and the supported ones named).
+        ValueError: for an invalid option (named, with what is valid).
+    """
+    options = {name: value for name, value in locals().items() if name != "model"}
+    return configure(model, family="vlm", caller="tome.patch.vlm", **options)
 
 
 def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:

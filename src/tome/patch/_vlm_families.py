@@ -27,11 +27,14 @@ __all__ = ["QWEN2_5_VL", "QWEN3_VL", "LLAVA", "examples"]
 
 
 def _qwen_image(inner: nn.Module, call: Dict[str, Any]) -> Any:
-    return inner.get_image_features(call["pixel_values"], call.get("image_grid_thw"), return_dict=True)
+    # By keyword, as the model's forward passes them (torch.compile guards on how a method is called).
+    return inner.get_image_features(pixel_values=call["pixel_values"], image_grid_thw=call.get("image_grid_thw"),
+                                    return_dict=True)
 
 
 def _qwen_video(inner: nn.Module, call: Dict[str, Any]) -> Any:
-    return inner.get_video_features(call["pixel_values_videos"], call.get("video_grid_thw"), return_dict=True)
+    return inner.get_video_features(pixel_values_videos=call["pixel_values_videos"],
+                                    video_grid_thw=call.get("video_grid_thw"), return_dict=True)
 
 
 def _merged_grid(key: str):
@@ -56,8 +59,8 @@ def _grid_from_positions(positions: torch.Tensor, num: int) -> Optional[Tuple[in
     frame = positions[positions[:, 0] == positions[0, 0]]
     height = int(frame[:, 1].max() - frame[:, 1].min()) + 1
     width = int(frame[:, 2].max() - frame[:, 2].min()) + 1
-    if frame.shape[0] != height * width or num % (height * width):
-        return None
+    if frame.shape[0] != height * width or num % (height * width) or (height * width == 1 and num > 1):
+        return None  # not a grid (1-D positions: Qwen without mm_token_type_ids falls back to them)
     return (num // (height * width), height, width)
 
 
@@ -142,6 +145,39 @@ LLAVA = register_adapter(VLMAdapter(
 # ----------------------------------------------------------------------------- conformance examples
 
 
+_TINY_IMAGE, _TINY_START, _TINY_END = 60, 62, 63
+
+
+def _tiny_qwen2_5_vl() -> nn.Module:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=_TINY_IMAGE, video_token_id=61,
+                              vision_start_token_id=_TINY_START, vision_end_token_id=_TINY_END,
+                              tie_word_embeddings=False)
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def _tiny_qwen_inputs(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+    """One 112 x 112 px image (an 8 x 8 patch grid: 16 visual tokens) per sample, text around it."""
+    generator = torch.Generator().manual_seed(seed)
+    row = [5, 7, _TINY_START] + [_TINY_IMAGE] * 16 + [_TINY_END, 9, 11, 13]
+    ids = torch.tensor([row] * batch)
+    ids[:, :2] = torch.randint(1, 60, (batch, 2), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == _TINY_IMAGE).long(),
+            "pixel_values": torch.randn(batch * 64, 3 * 2 * 14 * 14, generator=generator),
+            "image_grid_thw": torch.tensor([[1, 8, 8]] * batch)}
+
+
+def _last_logits(out: Any) -> torch.Tensor:
+    return out.logits[:, -1]  # the sequence shrinks with the visual tokens; the last token stays
+
+
 def examples() -> Sequence[Example]:
-    """Tiny models for the conformance suite (see ``tests/patch/vlm_cases.py`` for the builders)."""
-    return ()
+    """A tiny Qwen2.5-VL for the conformance suite (tests/patch/vlm_cases.py builds the others)."""
+    return (Example("qwen2_5_vl", _tiny_qwen2_5_vl, _tiny_qwen_inputs, merging={"visual_tokens": 4},
+                    output=_last_logits, requires=("transformers",), exports=False, fullgraph=False),)

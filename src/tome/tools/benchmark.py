@@ -193,13 +193,13 @@ def _flop_rows(model: nn.Module, schedules: Sequence[Schedule], methods: Sequenc
     for schedule, method in zip(schedules, methods):
         with tome.merging(model, schedule, method):
             flops = count_flops(model, single)
-        per_layer = model._tome_info["r"]
+        report = tome.last_forward(model)
         rows.append({
             "r": schedule_json(schedule),
             "label": schedule_label(schedule),
             "method": method,
-            "schedule": list(per_layer) if per_layer is not None else None,
-            "tokens_left": int(model._tome_info["size"].shape[1]),
+            "schedule": report.r,
+            "tokens_left": report.tokens,
             "gflops": flops / 1e9,
         })
     return rows

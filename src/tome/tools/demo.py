@@ -137,14 +137,15 @@ def run_demo(
     # One forward to learn the token geometry, then pick r values that suit it.
     with torch.inference_mode(), tome.merging(model, 0):
         model(torch.rand(1, *size))
-    info = model._tome_info
-    schedules: Sequence[Schedule] = demo_schedules(int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"]))
+    report = tome.last_forward(model)
+    depth = len(report.r)
+    schedules: Sequence[Schedule] = demo_schedules(report.tokens, int(model._tome_info["protected_tokens"]), depth)
 
     with _threads(threads) as used:
         print(f"ToMe demo on {loaded.description}")
         print(f"Input {size[1]}x{size[2]}, batch {batch_size}, {used} CPU thread{'s' if used != 1 else ''}"
               f"{' (--threads)' if threads else ''}, {rounds} interleaved rounds of at least {min_time:g} s per r; "
-              f"r = tokens merged away in each of {len(info['r'])} blocks", flush=True)
+              f"r = tokens merged away in each of {depth} blocks", flush=True)
         rows = measure_schedules(model, schedules, batch_size=batch_size, device=device, rounds=rounds, warmup=1,
                                  progress=True, min_time=min_time)
     print_rows(rows)

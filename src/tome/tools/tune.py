@@ -95,8 +95,8 @@ def _token_geometry(model: nn.Module, x: torch.Tensor) -> Tuple[int, int, int]:
     """``(tokens, protected tokens, depth)`` from one forward at r=0."""
     with tome.merging(model, 0), torch.inference_mode():
         model(x)
-    info = model._tome_info
-    return int(info["size"].shape[1]), int(info["protected_tokens"]), len(info["r"])
+    report = tome.last_forward(model)
+    return report.tokens, int(model._tome_info["protected_tokens"]), len(report.r)
 
 
 def max_useful_r(num_tokens: int, protected_tokens: int, depth: int, kind: str) -> int:
@@ -133,7 +133,7 @@ def _search(predicate: Callable[[int], bool], hi: int) -> int:
 def _flops_ratio(model: nn.Module, x: torch.Tensor, schedule: Schedule, base: int) -> Tuple[float, int]:
     with tome.merging(model, schedule):
         flops = count_flops(model, x)
-    return flops / base, int(model._tome_info["size"].shape[1])
+    return flops / base, tome.last_forward(model).tokens
 
 
 def tune_flops(

@@ -105,7 +105,7 @@ def merge_panels(
             for schedule in schedules:
                 with tome.merging(model, schedule):
                     model(x)
-                source = model._tome_info["source"]
+                source = tome.last_forward(model).source
                 drawn = make_visualization(shown, source, (patch_h * scale, patch_w * scale), prefix_tokens=protected)
                 panels.append((f"r={schedule_label(schedule)}: {source.shape[1]} tokens", drawn))
     finally:
