@@ -47,31 +47,55 @@ def test_slices_rotate_and_answers_are_balanced():
         assert (sample.slice, sample.answer) == vqa.answer_of(i, "val")
 
 
+def _assert_true_of_scene(s: vqa.VQASample, slice_name: str, question: str, answer: str) -> None:
+    by_shape = {shape: (colour, x, y) for shape, colour, x, y, _ in s.objects}
+    assert len(by_shape) == len(s.objects)  # shapes are distinct, "the circle" is unique
+    assert 1 <= len(s.objects) <= 4 and set(question.split()) <= set(vqa.VOCAB)
+    assert answer in vqa.ANSWERS[slice_name]
+    words = question.split()
+    if slice_name == "count":
+        assert answer == str(len(s.objects))
+    elif slice_name == "exist":
+        colour, shape = words[3], words[4]
+        present = by_shape.get(shape, (None,))[0] == colour
+        assert answer == ("yes" if present else "no")
+        if not present:  # adversarial: the shape or the colour is in the scene
+            assert shape in by_shape or colour in {c for c, _, _ in by_shape.values()}
+    elif slice_name == "colour":
+        assert by_shape[words[4]][0] == answer
+    elif slice_name == "spatial":
+        (_, x0, y0), (_, x1, y1) = by_shape[words[3]], by_shape[words[7]]
+        dx, dy = x0 - x1, y0 - y1
+        along = {"left": -dx, "right": dx, "above": -dy, "below": dy}[answer]
+        across = abs(dy) if answer in ("left", "right") else abs(dx)
+        assert along > 0 and 2 * across <= along
+    else:
+        assert slice_name == "read" and answer == s.number and answer in vqa.ANSWERS["read"]
+
+
 def test_every_answer_is_true_of_its_scene():
     for i in range(40):
         s = vqa.make_sample(i, "train", seed=1, image_size=112)
-        by_shape = {shape: (colour, x, y) for shape, colour, x, y, _ in s.objects}
-        assert len(by_shape) == len(s.objects)  # shapes are distinct, "the circle" is unique
-        assert 1 <= len(s.objects) <= 4 and set(s.question.split()) <= set(vqa.VOCAB)
-        words = s.question.split()
-        if s.slice == "count":
-            assert s.answer == str(len(s.objects))
-        elif s.slice == "exist":
-            colour, shape = words[3], words[4]
-            present = by_shape.get(shape, (None,))[0] == colour
-            assert s.answer == ("yes" if present else "no")
-            if not present:  # adversarial: the shape or the colour is in the scene
-                assert shape in by_shape or colour in {c for c, _, _ in by_shape.values()}
-        elif s.slice == "colour":
-            assert by_shape[words[4]][0] == s.answer
-        elif s.slice == "spatial":
-            (_, x0, y0), (_, x1, y1) = by_shape[words[3]], by_shape[words[7]]
-            dx, dy = x0 - x1, y0 - y1
-            along = {"left": -dx, "right": dx, "above": -dy, "below": dy}[s.answer]
-            across = abs(dy) if s.answer in ("left", "right") else abs(dx)
-            assert along > 0 and 2 * across <= along
-        else:
-            assert s.slice == "read" and s.answer == s.number and s.answer in vqa.ANSWERS["read"]
+        _assert_true_of_scene(s, s.slice, s.question, s.answer)
+
+
+def test_scene_questions_are_all_true_and_cover_every_slice():
+    seen = set()
+    for i in range(40):
+        s = vqa.make_sample(i, "train", seed=1, image_size=112)
+        questions = vqa.scene_questions(s, seed=i)
+        assert questions[0] == (s.slice, s.question, s.answer)
+        assert len({q for _, q, _ in questions}) == len(questions)  # no question twice
+        assert questions == vqa.scene_questions(s, seed=i)  # a pure function of sample and seed
+        for slice_name, question, answer in questions:
+            _assert_true_of_scene(s, slice_name, question, answer)
+        kinds = [(name, answer) for name, _, answer in questions]
+        assert {"count", "read", "colour"} <= {name for name, _ in kinds}
+        assert ("exist", "yes") in kinds and ("exist", "no") in kinds
+        assert sum(name == "colour" for name, _ in kinds) == len(s.objects)
+        assert sum(name == "spatial" for name, _ in kinds) <= 2
+        seen.update(name for name, _ in kinds)
+    assert seen == set(vqa.SLICES)
 
 
 def test_the_number_plate_is_drawn_with_the_bitmap_font():

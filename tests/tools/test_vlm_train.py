@@ -122,3 +122,30 @@ def test_tome_cli_runs_vlm_train_and_vlm_demo(tmp_path, capsys):
     assert (tmp_path / "final" / "val_accuracy.json").is_file()
     assert cli.main(["vlm-demo", "--model", "vqa-llava", "--count", "2"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("/2 correct")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_more_questions_per_image_are_all_supervised(arch):
+    from tome import vlm_models
+    from tome.data import vqa
+
+    processor = vlm_models.build_processor(arch, 112 if arch == "qwen2_5_vl" else 224)
+    samples = [vqa.make_sample(i, "train", image_size=112 if arch == "qwen2_5_vl" else 224) for i in range(3)]
+    extra = [vqa.scene_questions(s, i)[1:4] for i, s in enumerate(samples)]
+    batch = vlm_train._batch(processor, arch, samples, True, extra)
+    for row, (sample, more) in enumerate(zip(samples, extra)):
+        tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist())
+        labelled = [t for t, label in zip(tokens, batch["labels"][row].tolist()) if label != -100]
+        expected = [w for answer in [sample.answer] + [a for _, _, a in more] for w in (answer, vqa.EOS)]
+        assert labelled == expected
+    # One question per image: the answer word and <eos>, the last two tokens (left padding).
+    single = vlm_train._batch(processor, arch, samples, True)
+    assert torch.equal(single["labels"] != -100, torch.arange(single["labels"].shape[1]).expand(3, -1)
+                       >= single["labels"].shape[1] - 2)
+
+
+def test_a_run_with_several_questions_per_image_trains(tmp_path):
+    vlm_train.main(_argv(tmp_path / "run", "llava", "--questions-per-image", "4"))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["args"]["questions_per_image"] == 4
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -47,6 +47,7 @@ __all__ = [
     "VQASample",
     "make_sample",
     "answer_of",
+    "scene_questions",
     "prompt_text",
     "chat_template",
     "build_tokenizer",
@@ -287,6 +288,62 @@ def make_sample(index: int, split: str = "train", seed: int = 0, image_size: int
     # Shuffle the drawing order out of the record, so object 0 is not always the asked one.
     order = rng.permutation(len(drawn))
     return VQASample(pixels, question, answer, slice_name, tuple(drawn[i] for i in order), number)
+
+
+def _relation(a: Tuple[str, str, float, float, float], b: Tuple[str, str, float, float, float]) -> Optional[str]:
+    """Where object ``a`` is relative to ``b`` by the spatial slice's rule, or ``None`` if no word fits."""
+    dx, dy = a[2] - b[2], a[3] - b[3]
+    for word, along, across in (("left", -dx, dy), ("right", dx, dy), ("above", -dy, dx), ("below", dy, dx)):
+        if along > 0 and 2 * abs(across) <= along:
+            return word
+    return None
+
+
+def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2) -> List[Tuple[str, str, str]]:
+    """Every templated question the scene of ``sample`` answers, as ``(slice, question, answer)``.
+
+    Denser supervision for training: one image answers its own question (first in the list)
+    and, in shuffled order, the count, the number, the colour of every shape, one true and one
+    adversarial false existence question (as :func:`make_sample` builds them) and up to
+    ``max_spatial`` spatial questions about pairs that satisfy the spatial slice's rule (the
+    offset along the named axis at least twice the other). Each answer is read off
+    ``sample.objects`` and ``sample.number``, so it is true of the image.
+
+    Args:
+        sample: A sample of :func:`make_sample`.
+        seed: Seed of the choices and the order (a pure function of ``sample`` and ``seed``).
+        max_spatial: At most this many spatial questions.
+
+    Returns:
+        A list of ``(slice, question, answer)``; ``[0]`` is the sample's own question.
+    """
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 2000])
+    objects = sample.objects
+    present = {shape for shape, *_ in objects}
+    extra: List[Tuple[str, str, str]] = [("count", "how many shapes are there ?", str(len(objects))),
+                                         ("read", "what number is written ?", sample.number)]
+    extra += [("colour", f"what colour is the {shape} ?", colour) for shape, colour, *_ in objects]
+    shape, colour = objects[int(rng.integers(len(objects)))][:2]
+    extra.append(("exist", f"is there a {colour} {shape} ?", "yes"))
+    shape, colour = objects[int(rng.integers(len(objects)))][:2]
+    if rng.random() < 0.5:  # the shape is present in another colour
+        colour = str(rng.choice([c for c in COLOURS if c != colour]))
+    else:  # the colour is present on a shape that is absent
+        shape = str(rng.choice([s for s in SHAPES if s not in present]))
+    extra.append(("exist", f"is there a {colour} {shape} ?", "no"))
+    pairs = [(i, j) for i in range(len(objects)) for j in range(len(objects)) if i != j]
+    spatial = []
+    for k in rng.permutation(len(pairs)) if pairs else []:
+        i, j = pairs[int(k)]
+        word = _relation(objects[i], objects[j])
+        if word is not None and not any({i, j} == pair for pair in spatial):
+            spatial.append({i, j})
+            extra.append(("spatial", f"where is the {objects[i][0]} relative to the {objects[j][0]} ?", word))
+        if len(spatial) >= max_spatial:
+            break
+    own = (sample.slice, sample.question, sample.answer)
+    extra = [q for q in extra if q != own]
+    return [own] + [extra[int(k)] for k in rng.permutation(len(extra))]
 
 
 def prompt_text(question: str, arch: str, answer: Optional[str] = None) -> str:

@@ -37,15 +37,25 @@ __all__ = ["train", "evaluate", "add_parser", "main"]
 _CHECKPOINT = "checkpoint.pt"
 
 
-def _batch(processor: Any, arch: str, samples: Sequence[vqa.VQASample], with_answers: bool) -> Dict[str, torch.Tensor]:
-    """Processor inputs for ``samples``; with answers, ``labels`` are -100 except the answer word and ``<eos>``."""
+def _batch(processor: Any, arch: str, samples: Sequence[vqa.VQASample], with_answers: bool,
+           extra: Optional[Sequence[Sequence[Tuple[str, str, str]]]] = None) -> Dict[str, torch.Tensor]:
+    """Processor inputs for ``samples``; with answers, ``labels`` are -100 except each answer word and its ``<eos>``.
+
+    ``extra[i]`` (optional) holds more ``(slice, question, answer)`` about sample ``i``'s image,
+    appended after its own answer as ``question answer <eos>`` each (denser supervision).
+    """
     texts = [vqa.prompt_text(s.question, arch, s.answer if with_answers else None) for s in samples]
+    if extra is not None:
+        texts = [text + "".join(f" {q} {a} {vqa.EOS}" for _, q, a in more) for text, more in zip(texts, extra)]
     inputs = processor(text=texts, images=[vqa.to_pil(s) for s in samples], return_tensors="pt", padding=True)
     if with_answers:
-        labels = torch.full_like(inputs["input_ids"], -100)
-        # Left padding: the answer word and <eos> are the last two tokens of every row.
-        labels[:, -2:] = inputs["input_ids"][:, -2:]
-        inputs["labels"] = labels
+        ids = inputs["input_ids"]
+        vocab = processor.tokenizer.get_vocab()
+        # Every question ends with "?": the token after it is an answer, and every <eos> ends one.
+        answer = torch.zeros_like(ids, dtype=torch.bool)
+        answer[:, 1:] = ids[:, :-1] == vocab["?"]
+        answer |= ids == vocab[vqa.EOS]
+        inputs["labels"] = torch.where(answer, ids, torch.full_like(ids, -100))
     return dict(inputs)
 
 
@@ -265,7 +275,10 @@ class _Run:
         args = self.args
         first = step * args.batch_size
         samples = [vqa.make_sample(first + i, "train", args.seed, args.image_size) for i in range(args.batch_size)]
-        loss = self.model(**_batch(self.processor, args.arch, samples, with_answers=True)).loss
+        extra = None
+        if args.questions_per_image > 1:  # more questions about the same image, after its own one
+            extra = [vqa.scene_questions(s, first + i)[1:args.questions_per_image] for i, s in enumerate(samples)]
+        loss = self.model(**_batch(self.processor, args.arch, samples, with_answers=True, extra=extra)).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
@@ -330,6 +343,9 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="model widths (default: %(default)s; tiny is for tests)")
     parser.add_argument("--steps", type=_positive_int, default=3000, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive_int, default=16, help="questions per step (default: %(default)s)")
+    parser.add_argument("--questions-per-image", type=_positive_int, default=1,
+                        help="training questions per image: its own, then more of tome.data.vqa.scene_questions "
+                             "in one sequence (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
