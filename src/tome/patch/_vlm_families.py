@@ -19,6 +19,7 @@ from torch import nn
 
 from ._lifecycle import Example
 from ._vlm import Modality, VLMAdapter, register_adapter
+from ._vlm_attention import clip_tower, qwen_tower
 
 __all__ = ["QWEN2_5_VL", "QWEN3_VL", "LLAVA", "examples"]
 
@@ -91,8 +92,10 @@ def _store_rope_deltas(inner: nn.Module, deltas: torch.Tensor) -> None:
 
 
 _QWEN_MODALITIES = (
-    Modality("image", "pixel_values", "image_token_id", _qwen_image, _merged_grid("image_grid_thw")),
-    Modality("video", "pixel_values_videos", "video_token_id", _qwen_video, _merged_grid("video_grid_thw")),
+    Modality("image", "pixel_values", "image_token_id", _qwen_image, _merged_grid("image_grid_thw"),
+             tower=qwen_tower(_qwen_image, "image_grid_thw")),
+    Modality("video", "pixel_values_videos", "video_token_id", _qwen_video, _merged_grid("video_grid_thw"),
+             tower=qwen_tower(_qwen_video, "video_grid_thw")),
 )
 
 QWEN2_5_VL = register_adapter(VLMAdapter(
@@ -137,7 +140,8 @@ def _one_d_positions(inner: nn.Module, call: Dict[str, Any], batch: int, length:
 
 LLAVA = register_adapter(VLMAdapter(
     name="llava", models=("LlavaModel",), wrappers=("LlavaForConditionalGeneration",),
-    modalities=(Modality("image", "pixel_values", "image_token_id", _llava_image, _clip_grid),),
+    modalities=(Modality("image", "pixel_values", "image_token_id", _llava_image, _clip_grid,
+                         tower=clip_tower(_llava_image)),),
     positions=_one_d_positions,
 ))
 
