@@ -323,12 +323,10 @@ def test_bad_settings_are_refused_by_name(bad, match):
     assert not any(tome.patch.is_patched(m) for m in model.modules())
 
 
-def test_renumbering_3d_positions_and_unwired_methods_are_refused(monkeypatch):
+def test_renumbering_3d_positions_is_refused():  # unwired methods: test_vlm_methods_wiring.py
     model = model_of("qwen2_5_vl")
     with pytest.raises(ValueError, match="positions='renumber'.*M-RoPE"):
         tome.apply_patch(model, visual_tokens=4, positions="renumber")
-    with pytest.raises(ValueError, match="'fastv'.*not wired for the qwen2_5_vl family"):
-        tome.apply_patch(model, visual_tokens=4, method="fastv")
     assert not any(tome.patch.is_patched(m) for m in model.modules())
 
 

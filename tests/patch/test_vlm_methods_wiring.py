@@ -143,7 +143,7 @@ def test_visionzip_reducing_nothing_is_the_unpatched_model(family):
         assert not any(item["reduced"] for item in patched._tome_info["items"])
 
 
-def test_visionzip_refuses_precomputed_encoder_outputs_and_unwired_families():
+def test_visionzip_refuses_precomputed_encoder_outputs_and_unwired_families_refuse_both():
     model = tome.apply_patch(model_of("llava"), visual_tokens=8, method="visionzip")
     inputs = inputs_of("llava", model)
     with torch.no_grad():
@@ -151,5 +151,103 @@ def test_visionzip_refuses_precomputed_encoder_outputs_and_unwired_families():
     with pytest.raises(ValueError, match="'visionzip' needs the vision tower's attention.*pass the pixels"):
         model(**inputs, mm_encoder_outputs={"image": features})
     gemma = vlm_family_cases.gemma3().model
-    with pytest.raises(ValueError, match="'visionzip'.*not wired for the gemma3 family"):
-        tome.apply_patch(gemma, visual_tokens=8, method="visionzip")
+    for method in ("visionzip", "fastv"):
+        with pytest.raises(ValueError, match=f"'{method}'.*not wired for the gemma3 family.*'pool'"):
+            tome.apply_patch(gemma, visual_tokens=8, method=method)
+    assert not any(tome.patch.is_patched(m) for m in gemma.modules())
+
+
+# ----------------------------------------------------------------------------- FastV
+
+
+def _eager_row(model: torch.nn.Module, inputs: Dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """``(B, L)``: the last token's attention at ``layer``, mean over heads, from an eager copy
+    of the unpatched model asked for its attention weights."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True)
+    return out.attentions[layer][:, :, -1, :].float().mean(1)
+
+
+def _row_contexts(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tensor],
+                  row: torch.Tensor) -> Dict[int, List[Dict[str, Any]]]:
+    """Per placeholder id, per item (in batch order): the row's entries at that item's tokens."""
+    ids = inputs["input_ids"]
+    contexts = {}
+    for token, key in ((IMAGE, "image_grid_thw"), (VIDEO, "video_grid_thw")):
+        where = (ids == token).nonzero()
+        if where.numel() == 0:
+            continue
+        counts = [64] * (where.shape[0] // 64) if family == "llava" else (inputs[key].prod(-1) // 4).tolist()
+        contexts[token] = [{"attention": row[cols[0, 0], cols[:, 1]]} for cols in where.split(counts)]
+    return contexts
+
+
+def _patched_row(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    from tome.patch._vlm import _ADAPTERS, VisualTokenSettings, _fastv_row
+
+    inner, adapter = model.model, _ADAPTERS[family]
+    visual = [m for m in adapter.modalities if inputs.get(m.pixels) is not None]
+    with torch.no_grad():
+        outputs = {m.name: m.encode(inner, inputs) for m in visual}
+        settings = VisualTokenSettings(method="fastv", fastv_layer=layer)
+        return _fastv_row(inner, settings, dict(inputs), outputs, visual, inner.forward)
+
+
+@pytest.mark.parametrize("family,layer", [("qwen2_5_vl", 1), ("qwen2_5_vl", 0), ("qwen3_vl", 1), ("llava", 1)])
+def test_last_token_attention_from_queries_and_keys_equals_the_eager_weights(family, layer):
+    model = model_of(family)
+    inputs = inputs_of(family, model)
+    expected = _eager_row(model, inputs, layer)
+    got = _patched_row(model, family, inputs, layer)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-6)
+    assert torch.equal(got[~real], torch.zeros_like(got[~real]))
+
+
+@pytest.mark.parametrize("family,video", [("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", False),
+                                          ("llava", False)])
+def test_fastv_logits_equal_the_plain_reference_on_the_eager_attention(family, video, monkeypatch):
+    model = model_of(family)
+    inputs = inputs_of(family, model, video=video)
+    contexts = _row_contexts(model, family, inputs, _eager_row(model, inputs, 1))
+    expected = reference(model, family, inputs, "fastv", 5, contexts=contexts)
+    patched = tome.apply_patch(copy.deepcopy(model), visual_tokens=5, method="fastv", fastv_layer=1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the patched model ran eager attention")
+
+    for module in {type(_target(patched, family)).__module__, type(patched.model.language_model).__module__}:
+        monkeypatch.setattr(sys.modules[module], "eager_attention_forward", refuse)
+    with torch.no_grad():
+        logits = patched(**inputs).logits
+    for row, sample in enumerate(expected):
+        length = sample["logits"].shape[0]
+        torch.testing.assert_close(logits[row, -length:], sample["logits"], rtol=1e-4, atol=1e-4)
+    assert patched.config.text_config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", VISIONZIP_FAMILIES)
+def test_fastv_layer_beyond_the_depth_is_refused_naming_the_range(family):
+    model = model_of(family)
+    with pytest.raises(ValueError, match=r"fastv_layer=2 is beyond .* 2 layers; expected 0 <= fastv_layer <= 1"):
+        tome.apply_patch(model, visual_tokens=4, method="fastv")  # the default layer, 2
+    tome.apply_patch(model, visual_tokens=4, method="fastv", fastv_layer=1)
+    with pytest.raises(ValueError, match="fastv_layer=5"):
+        model.fastv_layer = 5
+    assert model.fastv_layer == 1
+
+
+@pytest.mark.parametrize("family", VISIONZIP_FAMILIES)
+def test_fastv_reducing_nothing_is_the_unpatched_model_and_generate_runs(family):
+    model = model_of(family)
+    inputs = inputs_of(family, model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        patched = tome.apply_patch(copy.deepcopy(model), visual_tokens=None, method="fastv", fastv_layer=1)
+        assert torch.equal(patched(**inputs).logits, plain)
+        patched.visual_tokens = 4
+        first = patched(**inputs).logits[:, -1].argmax(-1)
+        generated = patched.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1]], first)

@@ -79,7 +79,8 @@ class VisualTokenSettings:
             ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
         positions: 1-D models: ``"keep"`` (each kept token keeps its position in the full
             sequence) or ``"renumber"`` (consecutive). M-RoPE models keep theirs.
-        fastv_layer: The language-model layer at which ``"fastv"`` drops (not wired yet).
+        fastv_layer: The language-model layer (0-based, below its depth) whose attention from the
+            last token ``"fastv"`` ranks by (see ``_vlm_fastv``).
         seed: Seed of ``"random"``, drawn afresh every forward (None: torch's global generator).
     """
 
@@ -163,6 +164,9 @@ class VLMAdapter:
             store ``rope_deltas`` so decoding without explicit positions continues right).
         token_fields: Other ``(batch, tokens)`` forward arguments shortened with the sequence
             (Gemma 3's ``token_type_ids``, which make each image attend to itself both ways).
+        fastv: Whether ``"fastv"`` is wired: the language model's decoder layers are
+            ``inner.language_model.layers``, their ``self_attn`` has ``q_proj``/``k_proj`` and
+            its module an ``apply_rotary_pos_emb(q, k, cos, sin)`` (see ``_vlm_fastv``).
     """
 
     name: str
@@ -174,6 +178,7 @@ class VLMAdapter:
     item_fields: Tuple[str, ...] = ()
     finish: Optional[Callable[[nn.Module, torch.Tensor], None]] = None
     token_fields: Tuple[str, ...] = ()
+    fastv: bool = False
 
 
 _ADAPTERS: Dict[str, VLMAdapter] = {}
@@ -473,6 +478,8 @@ def _plan(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, 
             context = vt.VisualContext(grid=grid, text=text(sample), generator=generator)
             if modality.name in scores:
                 context.attention, context.metric = scores[modality.name][index]
+            if "row" in scores:  # FastV: the last token's attention to this item's tokens
+                context.attention = scores["row"][sample, columns]
             _reduce_item(plan, settings, modality.name, feats, sample, columns, context, free, protected)
     return plan
 
@@ -583,10 +590,28 @@ def _encode(inner: nn.Module, settings: VisualTokenSettings, call: Dict[str, Any
     return outputs, scores
 
 
+def _fastv_row(inner: nn.Module, settings: VisualTokenSettings, call: Dict[str, Any], outputs: Dict[str, Any],
+               visual: List[Modality], run: Callable[..., Any]) -> torch.Tensor:
+    """``(B, L)``: the last token's attention to every token at layer ``fastv_layer`` (FastV)."""
+    from ._vlm_fastv import last_token_attention
+
+    mask = call.get("attention_mask")
+    reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
+    real = mask.bool() if mask is not None else torch.ones(reference.shape[:2], dtype=torch.bool,
+                                                           device=reference.device)
+    if not bool(real[:, -1].all()):
+        raise ValueError("method='fastv' ranks by the last token's attention, so every sample's last token must be "
+                         "real: pad on the left (processor(..., padding_side='left'))")
+    probe = dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual})
+    return last_token_attention(inner, settings.fastv_layer, probe, real, run)
+
+
 def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
              visual: List[Modality], run: Callable[..., Any]) -> Any:
     _check_prefill(call)
     outputs, scores = _encode(inner, settings, call, visual)
+    if settings.method == "fastv":
+        scores["row"] = _fastv_row(inner, settings, call, outputs, visual, run)
     plan = _plan(inner, adapter, settings, call, outputs, scores)
     info = inner.__dict__["_tome_info"]
     source = plan.sources if settings.trace_source else None
@@ -705,6 +730,13 @@ def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:
         raise ValueError(f"method={settings.method!r} needs {_UNWIRED[settings.method]}, which is not wired for the "
                          f"{adapter.name} family yet; choose one of "
                          f"{sorted(m for m in vt.METHODS if m not in _UNWIRED or _wired(adapter, m))}")
+    if settings.method == "fastv":
+        from ._vlm_fastv import language_layers
+
+        depth = len(language_layers(inner))
+        if settings.fastv_layer >= depth:
+            raise ValueError(f"fastv_layer={settings.fastv_layer} is beyond the language model's {depth} layers; "
+                             f"expected 0 <= fastv_layer <= {depth - 1}")
     if adapter.mrope and settings.positions != "keep":
         raise ValueError(f"positions={settings.positions!r} applies to 1-D positions; {adapter.name} keeps each "
                          "token's 3-D M-RoPE position (use positions='keep')")
@@ -726,7 +758,7 @@ def _wired(adapter: VLMAdapter, method: str) -> bool:
     """Whether ``adapter`` provides what ``method`` needs, for every visual input it has."""
     if method in _TOWER_METHODS:
         return all(modality.tower is not None for modality in adapter.modalities)
-    return False
+    return method == "fastv" and adapter.fastv
 
 
 def _examples() -> Sequence[Example]:

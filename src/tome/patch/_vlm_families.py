@@ -100,13 +100,13 @@ _QWEN_MODALITIES = (
 
 QWEN2_5_VL = register_adapter(VLMAdapter(
     name="qwen2_5_vl", models=("Qwen2_5_VLModel",), wrappers=("Qwen2_5_VLForConditionalGeneration",),
-    modalities=_QWEN_MODALITIES, positions=_mrope_positions, mrope=True, finish=_store_rope_deltas,
+    modalities=_QWEN_MODALITIES, positions=_mrope_positions, mrope=True, finish=_store_rope_deltas, fastv=True,
 ))
 
 QWEN3_VL = register_adapter(VLMAdapter(
     name="qwen3_vl", models=("Qwen3VLModel",), wrappers=("Qwen3VLForConditionalGeneration",),
     modalities=_QWEN_MODALITIES, positions=_mrope_positions, mrope=True, finish=_store_rope_deltas,
-    item_fields=("deepstack_features",),  # added to the hidden states at the visual tokens of early layers
+    fastv=True, item_fields=("deepstack_features",),  # added to the hidden states at the visual tokens of early layers
 ))
 
 
@@ -142,7 +142,7 @@ LLAVA = register_adapter(VLMAdapter(
     name="llava", models=("LlavaModel",), wrappers=("LlavaForConditionalGeneration",),
     modalities=(Modality("image", "pixel_values", "image_token_id", _llava_image, _clip_grid,
                          tower=clip_tower(_llava_image)),),
-    positions=_one_d_positions,
+    positions=_one_d_positions, fastv=True,
 ))
 
 
