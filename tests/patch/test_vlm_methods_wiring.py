@@ -10,8 +10,9 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
+import vlm_cases
 import vlm_family_cases
-from test_vlm import inputs_of, model_of, reference
+from test_vlm import GENERATE, inputs_of, model_of, reference
 from vlm_cases import IMAGE, VIDEO
 
 import tome
@@ -251,3 +252,21 @@ def test_fastv_reducing_nothing_is_the_unpatched_model_and_generate_runs(family)
         first = patched(**inputs).logits[:, -1].argmax(-1)
         generated = patched.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(generated[:, inputs["input_ids"].shape[1]], first)
+
+
+@pytest.mark.parametrize("family,method", [("qwen2_5_vl", "visionzip"), ("qwen2_5_vl", "fastv"),
+                                           ("llava", "visionzip"), ("llava", "fastv")])
+def test_batched_left_padded_generate_equals_each_sample_alone(family, method):
+    """Each sample's attention (tower or last-token) and so its selection do not depend on the batch."""
+    model = tome.apply_patch(model_of(family), visual_tokens=5, method=method, fastv_layer=1)
+    inputs = inputs_of(family, model, video=family != "llava")
+    scored = dict(GENERATE, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        batched = model.generate(**inputs, **scored)
+        for index, (images, videos) in enumerate((([0, 1], []), ([2], [0] if family != "llava" else []))):
+            alone = vlm_cases.sample(inputs, index, images=images, videos=videos)
+            single = model.generate(**alone, **scored)
+            assert (batched.sequences[index, inputs["input_ids"].shape[1]:].tolist()
+                    == single.sequences[0, alone["input_ids"].shape[1]:].tolist()), index
+            for step_batched, step_single in zip(batched.scores, single.scores):
+                torch.testing.assert_close(step_batched[index], step_single[0], atol=1e-4, rtol=1e-4)

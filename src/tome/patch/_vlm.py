@@ -282,6 +282,15 @@ class ToMeVLMMixin:
                              "set model.visual_tokens = None to compute a loss")
         return super().forward(*args, **kwargs)  # type: ignore[misc]
 
+    def _supports_mm_encoder_outputs(self) -> bool:
+        """transformers' ``generate`` encodes the pixels before the prefill when the forward takes
+        ``mm_encoder_outputs``; the tower-attention methods need the pixels to reach the patched
+        forward (the attention is computed while the tower runs), so not for them."""
+        settings: VisualTokenSettings = self.__dict__["_tome_settings"]
+        if settings.visual_tokens is not None and settings.method in _TOWER_METHODS:
+            return False
+        return super()._supports_mm_encoder_outputs()  # type: ignore[misc]
+
 
 for _option in fields(VisualTokenSettings):
     setattr(ToMeVLMMixin, "tome_method" if _option.name == "method" else _option.name,

@@ -25,7 +25,7 @@ from torch import nn
 __all__ = ["qwen_tower", "clip_tower", "received_attention"]
 
 Scores = List[Tuple[torch.Tensor, torch.Tensor]]
-_QUERY_BLOCK = 1024  # queries per softmax block: memory heads x 1024 x tokens
+_BLOCK_WEIGHTS = 2 ** 25  # softmax weights computed at once (128 MiB in float32)
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ def _captured(hooks: List[Tuple[nn.Module, str, Callable[..., None]]]) -> Iterat
 def received_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """``(N,)``: the attention each of ``N`` tokens receives, averaged over all ``N`` queries
     and all heads: the column means of ``softmax(q k^T * scale)``, computed a block of
-    queries at a time (never more than ``heads x 1024 x N`` weights at once).
+    queries at a time (about ``2 ** 25`` weights at once, at least one query per block).
 
     Args:
         query, key: ``(heads, N, head_dim)``.
@@ -56,8 +56,9 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> 
     heads, num = query.shape[:2]
     total = torch.zeros(num, dtype=torch.float32, device=query.device)
     key = key.float()
-    for start in range(0, num, _QUERY_BLOCK):
-        block = query[:, start: start + _QUERY_BLOCK].float()
+    step = max(1, _BLOCK_WEIGHTS // (heads * num))
+    for start in range(0, num, step):
+        block = query[:, start: start + step].float()
         total += torch.softmax(block @ key.transpose(1, 2) * scale, dim=-1).sum(dim=(0, 1))
     return total / (heads * num)
 
