@@ -108,6 +108,20 @@ def test_tower_attention_from_queries_and_keys_equals_the_eager_weights(family, 
                                ref["attention"].argsort(descending=True, stable=True)[:4])
 
 
+def test_llava_visionzip_reads_the_feature_layer_the_penultimate_as_llava_1_5(monkeypatch):
+    model = model_of("llava")
+    model.config.vision_feature_layer = -2  # LLaVA-1.5's: the features come from the first of the two layers
+    inputs = inputs_of("llava", model)
+    expected = _eager_contexts(model, "llava", inputs, monkeypatch)[IMAGE]
+    got = _patched_scores(model, "llava", inputs)["image"]
+    for (attention, keys), ref in zip(got, expected):
+        torch.testing.assert_close(attention, ref["attention"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(keys, ref["metric"], rtol=1e-4, atol=1e-5)
+    model.config.vision_feature_layer = 0  # the embeddings: no attention layer to read
+    with pytest.raises(ValueError, match="vision_feature_layer=0"):
+        _patched_scores(model, "llava", inputs)
+
+
 @pytest.mark.parametrize("family,video", [("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", False),
                                           ("llava", False)])
 def test_visionzip_logits_equal_the_plain_reference_on_the_eager_attention(family, video, monkeypatch):

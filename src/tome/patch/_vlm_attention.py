@@ -128,6 +128,9 @@ def clip_tower(encode: Callable[[nn.Module, Dict[str, Any]], Any]) -> Callable[.
         chosen = call.get("vision_feature_layer")
         chosen = chosen if chosen is not None else inner.config.vision_feature_layer
         chosen = chosen[-1] if isinstance(chosen, (list, tuple)) else chosen
+        if chosen == 0 or not -len(layers) <= chosen <= len(layers):
+            raise ValueError(f"method='visionzip' reads the attention of the layer vision_feature_layer={chosen} "
+                             f"names; expected a layer's output: 1..{len(layers)} or -{len(layers)}..-1")
         attn = layers[chosen - 1 if chosen >= 0 else len(layers) + chosen].self_attn
         seen: Dict[str, Any] = {}
         hooks = [(attn.q_proj, "post", lambda module, args, out: seen.update(q=out)),
