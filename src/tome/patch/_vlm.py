@@ -56,11 +56,13 @@ __all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_a
 
 POSITIONS = ("keep", "renumber")
 
-# Methods that need more than the features and what they need; refused at patch time.
+# Methods that need more than the features and what they need; refused at patch time
+# where the family does not provide it.
 _UNWIRED = {
     "visionzip": "the attention each token receives in the vision tower",
     "fastv": "a drop inside the language model",
 }
+_TOWER_METHODS = ("visionzip",)  # ranked by the vision tower's attention (Modality.tower)
 
 
 @dataclass
@@ -77,7 +79,8 @@ class VisualTokenSettings:
             ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
         positions: 1-D models: ``"keep"`` (each kept token keeps its position in the full
             sequence) or ``"renumber"`` (consecutive). M-RoPE models keep theirs.
-        fastv_layer: The language-model layer at which ``"fastv"`` drops (not wired yet).
+        fastv_layer: The language-model layer (0-based, below its depth) whose attention from the
+            last token ``"fastv"`` ranks by (see ``_vlm_fastv``).
         seed: Seed of ``"random"``, drawn afresh every forward (None: torch's global generator).
     """
 
@@ -124,6 +127,9 @@ class Modality:
             an item's tokens that are structure, not image content (LLaVA-OneVision's
             ``image_newline``), always passed on, never merged, not counted in the budget; and
             the grid of its other ``N - P`` tokens (used instead of ``grid``). None: no such tokens.
+        tower: ``(inner model, call) -> (encoder output, [(attention (N,), keys (N, D)), ...])``:
+            ``encode`` run while the vision tower's attention each token receives is computed
+            from its queries and keys (``"visionzip"``; see ``_vlm_attention``). None: not wired.
     """
 
     name: str
@@ -135,6 +141,7 @@ class Modality:
     join: Optional[Callable[[List[torch.Tensor]], Any]] = None
     separators: Optional[Callable[[nn.Module, Dict[str, Any], int, torch.Tensor],
                                   Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]] = None
+    tower: Optional[Callable[[nn.Module, Dict[str, Any]], Tuple[Any, List[Tuple[torch.Tensor, torch.Tensor]]]]] = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,9 @@ class VLMAdapter:
             store ``rope_deltas`` so decoding without explicit positions continues right).
         token_fields: Other ``(batch, tokens)`` forward arguments shortened with the sequence
             (Gemma 3's ``token_type_ids``, which make each image attend to itself both ways).
+        fastv: Whether ``"fastv"`` is wired: the language model's decoder layers are
+            ``inner.language_model.layers``, their ``self_attn`` has ``q_proj``/``k_proj`` and
+            its module an ``apply_rotary_pos_emb(q, k, cos, sin)`` (see ``_vlm_fastv``).
     """
 
     name: str
@@ -168,6 +178,7 @@ class VLMAdapter:
     item_fields: Tuple[str, ...] = ()
     finish: Optional[Callable[[nn.Module, torch.Tensor], None]] = None
     token_fields: Tuple[str, ...] = ()
+    fastv: bool = False
 
 
 _ADAPTERS: Dict[str, VLMAdapter] = {}
@@ -270,6 +281,15 @@ class ToMeVLMMixin:
                              "shortened sequence and the labels are not shortened (not supported yet); "
                              "set model.visual_tokens = None to compute a loss")
         return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def _supports_mm_encoder_outputs(self) -> bool:
+        """transformers' ``generate`` encodes the pixels before the prefill when the forward takes
+        ``mm_encoder_outputs``; the tower-attention methods need the pixels to reach the patched
+        forward (the attention is computed while the tower runs), so not for them."""
+        settings: VisualTokenSettings = self.__dict__["_tome_settings"]
+        if settings.visual_tokens is not None and settings.method in _TOWER_METHODS:
+            return False
+        return super()._supports_mm_encoder_outputs()  # type: ignore[misc]
 
 
 for _option in fields(VisualTokenSettings):
@@ -439,8 +459,9 @@ def _check_prefill(call: Dict[str, Any]) -> None:
 
 
 def _plan(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
-          outputs: Dict[str, Any]) -> _Plan:
-    """Reduce every image and video, in batch order, and mark what the sequence keeps."""
+          outputs: Dict[str, Any], scores: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]) -> _Plan:
+    """Reduce every image and video, in batch order, and mark what the sequence keeps
+    (``scores``: each item's tower attention and keys, for the methods that rank by them)."""
     reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
     batch, length = reference.shape[:2]
     mask = call.get("attention_mask")
@@ -464,6 +485,10 @@ def _plan(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, 
             item_positions = full[:, sample, columns].t()
             free, protected, grid = _free_tokens(inner, call, modality, index, feats, item_positions)
             context = vt.VisualContext(grid=grid, text=text(sample), generator=generator)
+            if modality.name in scores:
+                context.attention, context.metric = scores[modality.name][index]
+            if "row" in scores:  # FastV: the last token's attention to this item's tokens
+                context.attention = scores["row"][sample, columns]
             _reduce_item(plan, settings, modality.name, feats, sample, columns, context, free, protected)
     return plan
 
@@ -555,12 +580,48 @@ def _shortened(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetti
     return new
 
 
+def _encode(inner: nn.Module, settings: VisualTokenSettings, call: Dict[str, Any], visual: List[Modality]
+            ) -> Tuple[Dict[str, Any], Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]]:
+    """Each modality's encoder output (the one given in ``mm_encoder_outputs``, else the
+    model's own) and, for the methods ranked by the vision tower's attention, the
+    ``(attention, keys)`` of each item, computed while the tower runs."""
+    given = call.get("mm_encoder_outputs") or {}
+    outputs, scores = {}, {}
+    for modality in visual:
+        if settings.method not in _TOWER_METHODS:
+            output = given.get(modality.name)
+            outputs[modality.name] = output if output is not None else modality.encode(inner, call)
+        elif given.get(modality.name) is not None:
+            raise ValueError(f"method={settings.method!r} needs the vision tower's attention, which precomputed "
+                             f"mm_encoder_outputs[{modality.name!r}] do not carry; pass the pixels instead")
+        else:
+            outputs[modality.name], scores[modality.name] = modality.tower(inner, call)
+    return outputs, scores
+
+
+def _fastv_row(inner: nn.Module, settings: VisualTokenSettings, call: Dict[str, Any], outputs: Dict[str, Any],
+               visual: List[Modality], run: Callable[..., Any]) -> torch.Tensor:
+    """``(B, L)``: the last token's attention to every token at layer ``fastv_layer`` (FastV)."""
+    from ._vlm_fastv import last_token_attention
+
+    mask = call.get("attention_mask")
+    reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
+    real = mask.bool() if mask is not None else torch.ones(reference.shape[:2], dtype=torch.bool,
+                                                           device=reference.device)
+    if not bool(real[:, -1].all()):
+        raise ValueError("method='fastv' ranks by the last token's attention, so every sample's last token must be "
+                         "real: pad on the left (processor(..., padding_side='left'))")
+    probe = dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual})
+    return last_token_attention(inner, settings.fastv_layer, probe, real, run)
+
+
 def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
              visual: List[Modality], run: Callable[..., Any]) -> Any:
     _check_prefill(call)
-    given = call.get("mm_encoder_outputs") or {}
-    outputs = {m.name: given.get(m.name) if given.get(m.name) is not None else m.encode(inner, call) for m in visual}
-    plan = _plan(inner, adapter, settings, call, outputs)
+    outputs, scores = _encode(inner, settings, call, visual)
+    if settings.method == "fastv":
+        scores["row"] = _fastv_row(inner, settings, call, outputs, visual, run)
+    plan = _plan(inner, adapter, settings, call, outputs, scores)
     info = inner.__dict__["_tome_info"]
     source = plan.sources if settings.trace_source else None
     length = plan.keep.shape[1]
@@ -674,10 +735,17 @@ def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:
         raise TypeError(f"{type(model).__name__} ({type(model).__module__}) is not a vision-language model the vlm "
                         f"family supports; supported: {supported_vlms()}")
     adapter, inner = found
-    if settings.method in _UNWIRED:
+    if settings.method in _UNWIRED and not _wired(adapter, settings.method):
         raise ValueError(f"method={settings.method!r} needs {_UNWIRED[settings.method]}, which is not wired for the "
                          f"{adapter.name} family yet; choose one of "
-                         f"{sorted(set(vt.METHODS) - set(_UNWIRED))}")
+                         f"{sorted(m for m in vt.METHODS if m not in _UNWIRED or _wired(adapter, m))}")
+    if settings.method == "fastv":
+        from ._vlm_fastv import language_layers
+
+        depth = len(language_layers(inner))
+        if settings.fastv_layer >= depth:
+            raise ValueError(f"fastv_layer={settings.fastv_layer} is beyond the language model's {depth} layers; "
+                             f"expected 0 <= fastv_layer <= {depth - 1}")
     if adapter.mrope and settings.positions != "keep":
         raise ValueError(f"positions={settings.positions!r} applies to 1-D positions; {adapter.name} keeps each "
                          "token's 3-D M-RoPE position (use positions='keep')")
@@ -693,6 +761,13 @@ def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:
         for name, value in (("_tome_settings", settings), ("_tome_info", info), ("_tome_adapter", adapter.name)):
             object.__setattr__(module, name, value)
     return model
+
+
+def _wired(adapter: VLMAdapter, method: str) -> bool:
+    """Whether ``adapter`` provides what ``method`` needs, for every visual input it has."""
+    if method in _TOWER_METHODS:
+        return all(modality.tower is not None for modality in adapter.modalities)
+    return method == "fastv" and adapter.fastv
 
 
 def _examples() -> Sequence[Example]:

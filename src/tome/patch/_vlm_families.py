@@ -19,6 +19,7 @@ from torch import nn
 
 from ._lifecycle import Example
 from ._vlm import Modality, VLMAdapter, register_adapter
+from ._vlm_attention import clip_tower, qwen_tower
 
 __all__ = ["QWEN2_5_VL", "QWEN3_VL", "LLAVA", "examples"]
 
@@ -91,19 +92,21 @@ def _store_rope_deltas(inner: nn.Module, deltas: torch.Tensor) -> None:
 
 
 _QWEN_MODALITIES = (
-    Modality("image", "pixel_values", "image_token_id", _qwen_image, _merged_grid("image_grid_thw")),
-    Modality("video", "pixel_values_videos", "video_token_id", _qwen_video, _merged_grid("video_grid_thw")),
+    Modality("image", "pixel_values", "image_token_id", _qwen_image, _merged_grid("image_grid_thw"),
+             tower=qwen_tower(_qwen_image, "image_grid_thw")),
+    Modality("video", "pixel_values_videos", "video_token_id", _qwen_video, _merged_grid("video_grid_thw"),
+             tower=qwen_tower(_qwen_video, "video_grid_thw")),
 )
 
 QWEN2_5_VL = register_adapter(VLMAdapter(
     name="qwen2_5_vl", models=("Qwen2_5_VLModel",), wrappers=("Qwen2_5_VLForConditionalGeneration",),
-    modalities=_QWEN_MODALITIES, positions=_mrope_positions, mrope=True, finish=_store_rope_deltas,
+    modalities=_QWEN_MODALITIES, positions=_mrope_positions, mrope=True, finish=_store_rope_deltas, fastv=True,
 ))
 
 QWEN3_VL = register_adapter(VLMAdapter(
     name="qwen3_vl", models=("Qwen3VLModel",), wrappers=("Qwen3VLForConditionalGeneration",),
     modalities=_QWEN_MODALITIES, positions=_mrope_positions, mrope=True, finish=_store_rope_deltas,
-    item_fields=("deepstack_features",),  # added to the hidden states at the visual tokens of early layers
+    fastv=True, item_fields=("deepstack_features",),  # added to the hidden states at the visual tokens of early layers
 ))
 
 
@@ -137,8 +140,9 @@ def _one_d_positions(inner: nn.Module, call: Dict[str, Any], batch: int, length:
 
 LLAVA = register_adapter(VLMAdapter(
     name="llava", models=("LlavaModel",), wrappers=("LlavaForConditionalGeneration",),
-    modalities=(Modality("image", "pixel_values", "image_token_id", _llava_image, _clip_grid),),
-    positions=_one_d_positions,
+    modalities=(Modality("image", "pixel_values", "image_token_id", _llava_image, _clip_grid,
+                         tower=clip_tower(_llava_image)),),
+    positions=_one_d_positions, fastv=True,
 ))
 
 
