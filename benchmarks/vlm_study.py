@@ -303,14 +303,15 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False, sharey=True)
     for ax, res in zip(axes[0], models):
         methods = sorted({r["method"] for r in res["rows"] if "skipped" not in r})
-        for method in methods:
+        for number, method in enumerate(methods):
             rows = sorted((r for r in res["rows"] if r["method"] == method and "skipped" not in r
                            and (r.get("positions") == "keep" or method == TOWER)), key=lambda r: r["budget"])
-            x = [100 * r["budget"] for r in rows]
+            x = [100 * r["budget"] * 1.03 ** (number - len(methods) / 2) for r in rows]  # spread the error bars
             ax.errorbar(x, [r["share"] for r in rows], yerr=[r["share_se"] for r in rows], marker="o",
                         capsize=2, label=method)
         ax.axhline(100, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks([100 * b for b in results["budgets"]], [f"{b:.0%}" for b in results["budgets"]])
         ax.set_xlabel("visual tokens kept")
         ax.set_title(f"{Path(res['model']).name} (unreduced {100 * res['full']['accuracy']:.1f} %)")
