@@ -365,7 +365,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.from_json:
         if args.json is None:
             parser.error("--from-json needs --json")
-        return _report(json.loads(args.json.read_text()), args, write_json=False)
+        return _report(_hits_codec(json.loads(args.json.read_text()), decode=True), args, write_json=False)
     if args.questions < 1:
         parser.error(f"--questions must be >= 1, got {args.questions}")
     methods = args.methods or (list(QUICK_METHODS) if args.quick else sorted(vt.METHODS) + [TOWER])
@@ -381,6 +381,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _report(results, args, write_json=True)
 
 
+def _hits_codec(results: Dict[str, Any], decode: bool) -> Dict[str, Any]:
+    """Per-question hits as a ``"0110..."`` string in the JSON file (a list of ints in memory)."""
+    def convert(row: Dict[str, Any]) -> Dict[str, Any]:
+        if "hits" not in row:
+            return row
+        hits = [int(c) for c in row["hits"]] if decode else "".join(str(h) for h in row["hits"])
+        return dict(row, hits=hits)
+
+    models = [dict(res, full=convert(res["full"]), rows=[convert(r) for r in res["rows"]]) for res in results["models"]]
+    return dict(results, models=models)
+
+
 def _report(results: Dict[str, Any], args: argparse.Namespace, write_json: bool) -> int:
     table = tables(results)
     print(table)
@@ -388,7 +400,7 @@ def _report(results: Dict[str, Any], args: argparse.Namespace, write_json: bool)
         write_markdown(args.out, table)
     if write_json and args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        args.json.write_text(json.dumps(_hits_codec(results, decode=False), indent=1) + "\n")
     if args.plot is not None:
         plot(results, args.plot)
     return 0
