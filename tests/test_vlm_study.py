@@ -77,6 +77,9 @@ def test_quick_study_writes_its_tables(study, tmp_path, capsys):
     for res in results["models"]:
         assert len(res["full"]["hits"]) == 10
         assert all(len(row["hits"]) == 10 for row in res["rows"] if "skipped" not in row)
+    # --from-json redraws the same tables from the file (hits stored as "0110..." strings).
+    assert study.main(["--from-json", "--json", str(json_path)]) == 0
+    assert capsys.readouterr().out == printed
 
 
 def test_unreduced_hits_match_the_training_validation(study):
