@@ -11,8 +11,13 @@ used for classifier-free guidance (Ho & Salimans, 2022). Because the transformer
 the published checkpoints.
 
 Training is rectified flow / flow matching (Lipman et al., 2023; Esser et al., 2024, SD3):
-``x_s = (1 - s) x_0 + s noise`` and the model predicts the velocity ``noise - x_0``;
-sampling uses diffusers' ``FlowMatchEulerDiscreteScheduler``.
+``x_s = (1 - s) x_0 + s noise`` and the model's output is the velocity ``noise - x_0``;
+sampling uses diffusers' ``FlowMatchEulerDiscreteScheduler``. The transformer itself
+predicts the clean clip ``x_0`` and the velocity is ``(x_s - x_0) / s``, as JiT does (Li & He,
+2025, "Back to Basics: Let Denoising Generative Models Denoise"): in pixel space a patch
+(6 x 6 x 3 = 108 values here) is nearly as wide as the model (128 channels), and a network
+that must output the noise of every pixel learns far more slowly than one that outputs the
+clean image, which lies near a low-dimensional manifold.
 """
 
 from __future__ import annotations
@@ -52,8 +57,12 @@ class ClassConditionedWan(nn.Module):
     Call ``model(videos, sigmas, labels)`` with ``videos`` ``(batch, 3, frames, height, width)``,
     ``sigmas`` ``(batch,)`` in ``[0, 1]`` (the noise level; the transformer receives
     ``1000 * sigma`` as its timestep, as diffusers' flow-matching scheduler counts) and
-    ``labels`` ``(batch,)`` int; it returns the predicted velocity, shaped as ``videos``.
+    ``labels`` ``(batch,)`` int; it returns the predicted velocity, shaped as ``videos``:
+    ``(videos - x_0) / max(sigma, MIN_SIGMA)`` from the transformer's clean-clip prediction ``x_0``.
     """
+
+    MIN_SIGMA = 0.05
+    """Least noise level the velocity divides by (JiT's clip of ``1 - t``), so it stays bounded near the data."""
 
     def __init__(self, transformer: nn.Module, text_tokens: int, num_classes: int = len(CLASSES)) -> None:
         super().__init__()
@@ -72,9 +81,14 @@ class ClassConditionedWan(nn.Module):
         """The ``encoder_hidden_states`` of ``labels``: ``(batch, text_tokens, text_dim)``."""
         return self.class_embedding(labels).view(labels.shape[0], self.text_tokens, -1)
 
-    def forward(self, videos: torch.Tensor, sigmas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def predict_clean(self, videos: torch.Tensor, sigmas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The transformer's estimate of the clean clip ``x_0``, shaped as ``videos``."""
         return self.transformer(hidden_states=videos, timestep=sigmas * 1000.0,
                                 encoder_hidden_states=self.condition(labels), return_dict=False)[0]
+
+    def forward(self, videos: torch.Tensor, sigmas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        clean = self.predict_clean(videos, sigmas, labels)
+        return (videos - clean) / sigmas.clamp_min(self.MIN_SIGMA).view(-1, 1, 1, 1, 1)
 
 
 def build_model(size: str = "small", seed: int = 0) -> ClassConditionedWan:

@@ -70,6 +70,7 @@ def test_final_folder_loads_and_samples_the_right_shape(tmp_path, capsys):
     assert "python -m tome.tools.video_train --size tiny" in card and "| 4 |" in card
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (folder / "samples.png").is_file() and (folder / "log.jsonl").is_file()
+    assert (folder / "training.png").is_file()
     model = video_models.load_model(folder)
     from diffusers import WanTransformer3DModel
 

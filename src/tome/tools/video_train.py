@@ -10,7 +10,7 @@ row per class, a column per frame) and logs how often the shipped shapes classif
 the requested class in the sampled frames. Checkpoints resume exactly (``--resume auto``);
 ``log.jsonl`` keeps the history. At the end (``--steps`` or ``--time-limit``) ``DIR/final``
 holds the model (:func:`tome.video_models.save_model`: safetensors and config), a model card
-``README.md`` with the command, the history and the last sample strip.
+``README.md`` with the command, the history, the last sample strip and the training curve.
 
 Training batch ``s`` holds clips ``s * batch_size ... (s + 1) * batch_size - 1`` of the train
 split, and its noise comes from a generator seeded with ``(seed, s)``, so a resumed run sees
@@ -37,7 +37,7 @@ from .. import video_models
 from ..data import clips
 from ..data.synthetic import CLASSES
 
-__all__ = ["train", "classifier_accuracy", "load_classifier", "sample_strip", "add_parser", "main"]
+__all__ = ["train", "classifier_accuracy", "load_classifier", "sample_strip", "plot_history", "add_parser", "main"]
 
 _CHECKPOINT = "checkpoint.pt"
 _NOT_SETTINGS = ("argv", "func", "command")
@@ -86,6 +86,32 @@ def sample_strip(videos: torch.Tensor, path: Path, scale: int = 2) -> Path:
     return path
 
 
+def plot_history(history: Sequence[Dict[str, Any]], path: Path) -> Path:
+    """Plot a run's ``log.jsonl`` entries: training and validation loss, and the classifier's
+    accuracy on the validation samples, against the step. Needs matplotlib (the ``plot`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_points = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    vals = [e for e in history if "val_loss" in e]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    if train_points:
+        left.plot(*zip(*train_points), label="train (window mean)", lw=1)
+    if vals:
+        left.plot([e["step"] for e in vals], [e["val_loss"] for e in vals], "o-", label="val (fixed noise)")
+        right.plot([e["step"] for e in vals], [100 * e["sample_accuracy"] for e in vals], "o-")
+    left.set(xlabel="step", ylabel="flow-matching loss", yscale="log")
+    left.legend()
+    right.set(xlabel="step", ylabel="%", ylim=(0, 100), title="classifier finds the class in samples")
+    right.axhline(10, color="grey", ls=":", lw=1)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def _noisy(videos: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The flow-matching input ``(1 - s) x + s noise`` and its velocity target ``noise - x``."""
     s = sigmas.view(-1, 1, 1, 1, 1)
@@ -93,8 +119,9 @@ def _noisy(videos: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor) -> T
 
 
 def _sigmas(generator: torch.Generator, count: int) -> torch.Tensor:
-    """Noise levels from the logit-normal(0, 1) of SD3 (Esser et al., 2024, section 3.1)."""
-    return torch.sigmoid(torch.randn(count, generator=generator))
+    """Noise levels from a logit-normal (SD3, Esser et al., 2024, section 3.1) with JiT's location and
+    scale (Li & He, 2025: mean 0.8, std 0.8 in this convention, where 1 is pure noise): mostly noisy inputs."""
+    return torch.sigmoid(0.8 + 0.8 * torch.randn(count, generator=generator))
 
 
 def _model_card(args: argparse.Namespace, history: List[Dict[str, Any]], step: int, command: str) -> str:
@@ -333,6 +360,10 @@ def _save_final(out: Path, args: argparse.Namespace, model: video_models.ClassCo
     strips = sorted((out / "samples").glob("step_*.png"))
     if strips:
         shutil.copy(strips[-1], folder / "samples.png")
+    try:
+        plot_history(history, folder / "training.png")
+    except ImportError:  # matplotlib is optional (the plot extra)
+        pass
 
 
 def _positive_int(text: str) -> int:
