@@ -32,6 +32,8 @@ __all__ = [
     "hashed_stride_choice",
     "sign_projection",
     "match_stride_2d",
+    "stride_destinations_3d",
+    "match_stride_3d",
     "match_pitome",
     "pitome_energy",
     "merge_mlerp",
@@ -880,6 +882,113 @@ def match_stride_2d(
         node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
         merged = node_max.topk(r, dim=-1).indices  # (batch, r) sources that merge away
 
+        num_src = num_tokens - num_dst
+        is_merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device).scatter(
+            1, merged, torch.ones_like(merged, dtype=torch.bool)
+        )
+        kept_slot = (~is_merged).cumsum(dim=1) - 1
+        dst_slot = torch.arange(num_dst, device=device) + (num_src - r)
+        src_slot = torch.where(is_merged, dst_slot[node_idx], kept_slot)
+        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+        dest[:, src_pos] = src_slot
+        dest[:, dst_pos] = dst_slot.expand(batch, -1)
+    return TokenAssignment(dest, num_tokens - r)
+
+
+def stride_destinations_3d(
+    frames: int, height: int, width: int, st: int, sy: int, sx: int,
+    choice: Optional[torch.Tensor] = None, device: Any = None,
+) -> torch.Tensor:
+    """Positions of the destination tokens of the 3-D stride partition (video tokens).
+
+    The ``frames x height x width`` grid (frame-major, then row-major token order,
+    as video transformers flatten their latent) is cut into
+    ``(frames // st) x (height // sy) x (width // sx)`` full cells of
+    ``st x sy x sx`` tokens; cells cut off at an edge have no destination.
+    With ``frames == st == 1`` this is :func:`stride_destinations`.
+
+    Args:
+        frames, height, width: Token grid, in tokens.
+        st, sy, sx: Cell depth (frames), height and width, in tokens.
+        choice: ``(frames // st, height // sy, width // sx)`` long tensor; the offset
+            inside each cell, ``(dt * sy + dy) * sx + dx``, of its destination.
+            ``None`` takes the first token of every cell.
+        device: Device of the result when ``choice`` is None.
+
+    Returns:
+        ``(num_cells,)`` long tensor of token positions, one per cell, in cell order.
+    """
+    cells_t, cells_y, cells_x = frames // st, height // sy, width // sx
+    device = choice.device if choice is not None else device
+    ts = torch.arange(cells_t, device=device).view(-1, 1, 1) * st
+    rows = torch.arange(cells_y, device=device).view(1, -1, 1) * sy
+    cols = torch.arange(cells_x, device=device).view(1, 1, -1) * sx
+    if choice is not None:
+        ts = ts + torch.div(choice, sy * sx, rounding_mode="floor")
+        rows = rows + torch.div(choice % (sy * sx), sx, rounding_mode="floor")
+        cols = cols + choice % sx
+    return ((ts * height + rows) * width + cols).reshape(-1)
+
+
+def match_stride_3d(
+    metric: torch.Tensor,
+    grid: Tuple[int, int, int],
+    strides: Tuple[int, int, int],
+    r: int,
+    choice: Optional[torch.Tensor] = None,
+) -> Optional[TokenAssignment]:
+    """Bipartite soft matching over the 3-D stride partition of video tokens.
+
+    ToMe for SD's stride partition (Bolya & Hoffman, CVPRW 2023, section 4.2)
+    extended over time: one destination per full ``st x sy x sx`` cell
+    (:func:`stride_destinations_3d`), every other token a source; the ``r``
+    sources most similar (cosine) to their best destination merge into it. The
+    output holds the unmerged sources, then the destinations, in partition order;
+    with one frame it equals :func:`match_stride_2d`.
+
+    Args:
+        metric: ``(batch, tokens, channels)``, ``tokens == frames * height * width``.
+        grid: ``(frames, height, width)``, in tokens.
+        strides: ``(st, sy, sx)``, the cell size in tokens.
+        r: Tokens to remove; capped at the number of sources.
+        choice: Destination offset per cell (see :func:`stride_destinations_3d`).
+
+    Returns:
+        The assignment, or ``None`` when nothing merges (``r <= 0`` or no cells).
+
+    Raises:
+        ValueError: if the grid does not match the metric or a size is not positive.
+    """
+    if metric.dim() != 3:
+        raise ValueError(f"metric must have shape (batch, tokens, channels), got shape {tuple(metric.shape)}")
+    frames, height, width = grid
+    st, sy, sx = strides
+    for name, value in (("frames", frames), ("st", st)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_grid(metric.shape[1], frames * height, width, sx, sy)
+    num_dst = (frames // st) * (height // sy) * (width // sx)
+    r = min(int(r), metric.shape[1] - num_dst)
+    if r <= 0 or num_dst == 0:
+        return None
+    dst_pos = stride_destinations_3d(frames, height, width, st, sy, sx, choice, device=metric.device)
+    return _match_into(metric, dst_pos, r)
+
+
+def _match_into(metric: torch.Tensor, dst_pos: torch.Tensor, r: int) -> TokenAssignment:
+    """Merge the ``r`` sources most similar to their best destination among ``dst_pos``;
+    the output holds the unmerged sources, then the destinations, in partition order."""
+    batch, num_tokens, _ = metric.shape
+    num_dst = dst_pos.numel()
+    with torch.no_grad():
+        device = metric.device
+        is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        is_dst[dst_pos] = True
+        src_pos = torch.argsort(is_dst.to(torch.int8), stable=True)[: num_tokens - num_dst]
+        metric = _normalize(metric)
+        scores = metric.index_select(1, src_pos) @ metric.index_select(1, dst_pos).transpose(-1, -2)
+        node_max, node_idx = scores.max(dim=-1)
+        merged = node_max.topk(r, dim=-1).indices
         num_src = num_tokens - num_dst
         is_merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device).scatter(
             1, merged, torch.ones_like(merged, dtype=torch.bool)

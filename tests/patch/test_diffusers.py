@@ -628,7 +628,7 @@ def test_sd3_and_flux_controlnets_merge_keys_and_values(make, inputs, patch_size
     model = make()
     before = _controlnet_samples(model, inputs)
     tome.patch.diffusers(model, ratio=0.5)
-    assert model._tome_patch_size == patch_size  # SD3's ControlNet patchifies 2x2 latent pixels, like SD3
+    assert model._tome_patch == (1, patch_size, patch_size)  # SD3's ControlNet patchifies 2x2 latent pixels, like SD3
     assert model.mode == "kv" and model._tome_info["merging_blocks"] == 2
     # A wrong patch size gives a grid that does not cover the image tokens: nothing would merge.
     assert (_controlnet_samples(model, inputs) - before).abs().max() > 1e-3

@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import merge as _merge
 from ..merge import TokenAssignment, hashed_stride_choice, sign_projection
+from . import _diffusion_blocks as _rows
 from ._checks import has_class
 from ._lifecycle import KEEP, Example, FamilySpec, configure, register, setting, swap_class, with_parent_signature
 from ._shared import attention, finite_key_bias
@@ -59,27 +60,15 @@ MODES = ("tokens", "kv")
 # The key under which the per-forward state travels in ``cross_attention_kwargs``.
 _KEY = "tome"
 
-# Transformers whose BasicTransformerBlocks mix image tokens of one frame (merging
-# is spatial). Blocks of any other owner (AnimateDiff motion modules, temporal
-# transformers of video UNets) attend over frames and are never merged; nor are
-# the TemporalBasicTransformerBlocks of Stable Video Diffusion.
-_SPATIAL_OWNERS = (
-    "Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
-    "FluxTransformer2DModel", "SD3ControlNetModel", "FluxControlNetModel", "TransformerSpatioTemporalModel",
-)
+# Which models' blocks merge, which attention modules they wrap, how the grid is read:
+# the rows of tome.patch._diffusion_blocks. Blocks of a model without a row (AnimateDiff
+# motion modules, temporal transformers of video UNets) attend over frames and are never
+# merged; nor are the TemporalBasicTransformerBlocks of Stable Video Diffusion.
 _TEMPORAL_BLOCKS = ("TemporalBasicTransformerBlock",)
 # Denoisers whose forward calls its transformer blocks without the attention kwargs it
 # takes (or takes none): the per-forward state reaches their blocks through a context
 # variable set for the duration of the denoiser's forward instead.
 _VIA_CONTEXT = ("UNetSpatioTemporalConditionModel", "SD3ControlNetModel", "FluxControlNetModel")
-# Block class -> where its joint attention puts the image tokens among the keys
-# ("" for BasicTransformerBlock, whose self-attention sees image tokens only).
-_BLOCKS = {
-    "BasicTransformerBlock": "",
-    "JointTransformerBlock": "start",  # SD3: [image, text]
-    "FluxTransformerBlock": "end",  # Flux: [text, image]
-    "FluxSingleTransformerBlock": "end",
-}
 _DENOISERS = ("unet", "transformer", "controlnet")
 
 
@@ -104,12 +93,37 @@ def is_diffusers(obj: Any) -> bool:
 @dataclasses.dataclass
 class DiffusionSettings:
     """The options of :func:`diffusers`, kept on a patched denoiser and readable and
-    settable as its attributes (``unet.ratio = 0.3``). See :func:`diffusers` for their meaning."""
+    settable as its attributes (``unet.ratio = 0.3``).
+
+    Attributes:
+        ratio: Fraction of a level's tokens merged away, in ``[0, 1)``; ``r = int(tokens * ratio)``,
+            capped at the non-destination tokens (``1 - 1/(st*sx*sy)`` of them). 0 is the unpatched model.
+        max_downsample: Merge in levels at most this far below the latent (1, 2, 4, 8, as
+            tomesd). ``None`` takes the highest-resolution level that has attention
+            (1 on SD 1.x/2.x and DiTs, 2 on SDXL).
+        sx, sy: Cell width and height, in tokens, of the stride partition (one destination per cell).
+        st: Cell depth in frames, for video transformers whose sequence holds every frame
+            (Wan): one destination per ``st x sy x sx`` cell. Capped at the number of frames
+            (images: 1).
+        use_rand: Random destination in each cell, the same for the whole batch (off for
+            odd batches); drawn as a hash of ``seed``, the timestep and the block, so runs repeat.
+        merge_attn, merge_crossattn, merge_mlp: With ``mode="tokens"``, run self-attention,
+            cross-attention, the feed-forward on merged tokens.
+        mode: ``"tokens"`` (tomesd's method; UNets, PixArt) or ``"kv"`` (merge keys and values
+            only; every model). ``None`` picks ``"tokens"`` where every block is a
+            ``BasicTransformerBlock`` and ``"kv"`` elsewhere (SD3, Flux, Wan).
+        seed: Seed of the random destinations.
+        match_channels: With ``mode="tokens"``, match on the block input projected onto this
+            many channels by a fixed random sign matrix (cosine similarities are kept
+            approximately) instead of on all of them; the similarity matrix then costs
+            ``match_channels / channels`` as much. ``None`` matches on every channel (tomesd).
+    """
 
     ratio: float = dataclasses.field(default=0.5, metadata={"example": 0.3})
     max_downsample: Optional[int] = dataclasses.field(default=None, metadata={"example": 2})
     sx: int = dataclasses.field(default=2, metadata={"example": 3})
     sy: int = dataclasses.field(default=2, metadata={"example": 1})
+    st: int = dataclasses.field(default=1, metadata={"example": 2})
     use_rand: bool = True
     merge_attn: bool = True
     merge_crossattn: bool = False
@@ -123,12 +137,14 @@ class DiffusionSettings:
         ratio = self.ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
             raise ValueError(f"ratio={ratio!r} must be a number in [0, 1): the fraction of tokens merged away")
-        for name in ("sx", "sy"):
+        for name in ("sx", "sy", "st"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int (the cell size of the stride partition)")
-        if self.sx * self.sy < 2:
-            raise ValueError("sx=1 and sy=1 make every token a destination, so nothing could merge; use sx*sy >= 2")
+        if self.sx * self.sy * self.st < 2:
+            raise ValueError(
+                "sx=1, sy=1 and st=1 make every token a destination, so nothing could merge; use st*sx*sy >= 2"
+            )
         md = self.max_downsample
         if md is not None and (isinstance(md, bool) or not isinstance(md, int) or md < 1):
             raise ValueError(
@@ -163,6 +179,7 @@ class _Step:
     height: int  # token grid of the highest-resolution level (downsample 1)
     width: int
     key: Optional[torch.Tensor]  # seed and timestep mixed; None when destinations are fixed
+    frames: int = 1  # frames of the grid in one token sequence (video transformers); 1 for images
     # One entry per merging module that received this state (filled outside torch.compile
     # only): a forward whose list stays empty ran none of them, see _Owner.
     received: List[str] = dataclasses.field(default_factory=list, compare=False, repr=False)
@@ -177,13 +194,21 @@ class _Step:
         h, w = -(-self.height // downsample), -(-self.width // downsample)
         return (h, w) if h * w == num_tokens else None
 
-    def choice(self, batch: int, cells: Tuple[int, int], block_key: int) -> Optional[torch.Tensor]:
+    def strides(self) -> Tuple[int, int, int]:
+        """``(st, sy, sx)``, with ``st`` at most the number of frames (1 for images)."""
         s = self.settings
+        return (min(s.st, self.frames), s.sy, s.sx)
+
+    def choice(self, batch: int, cells: Tuple[int, ...], block_key: int) -> Optional[torch.Tensor]:
+        """Random destination offsets, ``cells``-shaped (``(cells_y, cells_x)`` or
+        ``(cells_t, cells_y, cells_x)``), or None for the first token of every cell."""
         # An odd batch cannot hold both halves of a classifier-free-guidance batch, whose
         # halves must see the same partition; tomesd turns randomness off then as well.
-        if self.key is None or batch % 2 == 1 or cells[0] * cells[1] == 0:
+        if self.key is None or batch % 2 == 1 or math.prod(cells) == 0:
             return None
-        return hashed_stride_choice(cells[0], cells[1], s.sx * s.sy, self.key + block_key * 104729)
+        size = math.prod(self.strides()[-len(cells):])
+        key = self.key + block_key * 104729
+        return hashed_stride_choice(math.prod(cells[:-1]), cells[-1], size, key).view(cells)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,25 +216,57 @@ class _Plan:
     """What a block hands its attention modules (and feed-forward) for one call."""
 
     assignment: Optional[TokenAssignment]  # mode "tokens": the block's merge
-    kv: Optional[Tuple[int, int, Optional[torch.Tensor]]]  # mode "kv": (height, width, choice)
+    kv: Optional[Tuple[_rows.Grid, Optional[torch.Tensor]]]  # mode "kv": ((frames, height, width), choice)
     step: _Step
+
+
+@dataclasses.dataclass(frozen=True)
+class _RotaryCall:
+    """What merging keys before a rotary rotation needs from one attention call."""
+
+    cos: torch.Tensor  # (1, tokens, 1, head_dim): the table the processor rotates with, pairs interleaved
+    sin: torch.Tensor
+    axis: torch.Tensor  # (head_dim // 2,): grid axis of each channel pair
+    angle_step: torch.Tensor  # (head_dim // 2,): its angle per position step
+
+
+def _match_grid(metric: torch.Tensor, grid: _rows.Grid, step: "_Step", r: int,
+                choice: Optional[torch.Tensor]) -> Optional[TokenAssignment]:
+    """Match ``metric`` ``(batch, frames * height * width, channels)`` over the stride partition."""
+    frames, height, width = grid
+    st, sy, sx = step.strides()
+    if frames == 1:  # images: tomesd's 2-D partition, exactly as before video support
+        return match_stride_2d(metric, height, width, sx, sy, r, choice)
+    return _merge.match_stride_3d(metric.float(), grid, (st, sy, sx), r, choice)
+
+
+def _merged_angles(rotary: _RotaryCall, grid: _rows.Grid, assignment: TokenAssignment, batch: int,
+                   device: torch.device) -> torch.Tensor:
+    """``(batch, merged tokens, head_dim // 2)`` rotary angles (float64) at the mean grid position
+    of each merged token: RoPE is defined for any real position, and its angle is linear in it."""
+    positions = _rows.grid_positions(grid, device).double()
+    positions = assignment.merge(positions.expand(batch, -1, -1), mode="mean")
+    return positions[..., rotary.axis.to(device)] * rotary.angle_step.to(device)
 
 
 class _MergedKeysAttention(TorchFunctionMode):
     """While active, ``scaled_dot_product_attention`` attends to merged keys and values.
 
     The image tokens' keys (averaged over heads, after any normalisation and rotary
-    embedding the processor applied) are matched over the stride partition; keys and
-    values of each group are averaged and the logits of a merged key get ``log(size)``
-    (proportional attention, ToMe section 3). Text tokens of joint attention (SD3,
-    Flux) are kept as they are. Queries keep every token, so the output needs no unmerge.
+    embedding the processor applied) are matched over the stride partition (2-D, or
+    3-D over the frames of a video sequence); keys and values of each group are
+    averaged and the logits of a merged key get ``log(size)`` (proportional attention,
+    ToMe section 3). With ``rotary`` (a model whose row merges keys before the
+    rotation), keys are rotated back, matched and averaged unrotated, and rotated again
+    at their group's mean position. Text tokens of joint attention (SD3, Flux) are kept
+    as they are. Queries keep every token, so the output needs no unmerge.
     """
 
-    def __init__(self, height: int, width: int, choice: Optional[torch.Tensor], settings: "DiffusionSettings",
-                 image_at: str) -> None:
+    def __init__(self, grid: _rows.Grid, choice: Optional[torch.Tensor], step: "_Step", image_at: str,
+                 rotary: Optional[_RotaryCall] = None) -> None:
         super().__init__()
-        self.height, self.width, self.choice = height, width, choice
-        self.settings, self.image_at = settings, image_at
+        self.grid, self.choice, self.step = grid, choice, step
+        self.settings, self.image_at, self.rotary = step.settings, image_at, rotary
         self.calls = 0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
@@ -219,10 +276,26 @@ class _MergedKeysAttention(TorchFunctionMode):
         self.calls += 1
         return self._attend(func, *args, **kwargs)
 
+    def _match(self, metric: torch.Tensor, r: int) -> Optional[TokenAssignment]:
+        return _match_grid(metric, self.grid, self.step, r, self.choice)
+
+    def _unrotated(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        rotary = self.rotary
+        rows = slice(start, start + keys.shape[2]) if rotary.cos.shape[1] != keys.shape[2] else slice(None)
+        cos = rotary.cos[:, rows, :, 0::2].transpose(1, 2).float()
+        sin = rotary.sin[:, rows, :, 1::2].transpose(1, 2).float()
+        return _rows.unrotate_interleaved(keys, cos, sin)
+
+    def _rotated(self, keys: torch.Tensor, assignment: TokenAssignment) -> torch.Tensor:
+        """Rotate merged unrotated keys ``(batch, heads, merged, head_dim)`` at the mean grid
+        position of each group (RoPE is linear in the position, see docs/diffusion.md)."""
+        angles = _merged_angles(self.rotary, self.grid, assignment, keys.shape[0], keys.device)
+        return _rows.rotate_interleaved(keys, angles.cos().float()[:, None], angles.sin().float()[:, None])
+
     def _attend(self, func: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         s = self.settings
-        total, image = key.shape[-2], self.height * self.width
+        total, image = key.shape[-2], math.prod(self.grid)
         if attn_mask is not None or kwargs.get("is_causal") or args or image > total or key.dim() != 4:
             if attn_mask is not None:
                 raise ValueError(
@@ -233,18 +306,24 @@ class _MergedKeysAttention(TorchFunctionMode):
         start = 0 if self.image_at == "start" else total - image
         batch, heads, _, dim = key.shape
         keys = key[:, :, start : start + image]
+        plain = None if self.rotary is None else self._unrotated(keys, start)
         with torch.no_grad():
-            assignment = match_stride_2d(
-                keys.mean(dim=1), self.height, self.width, s.sx, s.sy, int(image * s.ratio), self.choice
-            )
+            assignment = self._match((keys if plain is None else plain).mean(dim=1), int(image * s.ratio))
         if assignment is None:
             return func(query, key, value, *args, **kwargs)
 
-        def merged(t: torch.Tensor) -> torch.Tensor:
-            part = t[:, :, start : start + image].transpose(1, 2).reshape(batch, image, -1)
-            part = assignment.merge(part, mode="mean").view(batch, assignment.num_out, heads, -1).transpose(1, 2)
-            return torch.cat([t[:, :, :start], part, t[:, :, start + image :]], dim=2)
+        def merged(t: torch.Tensor, part: Optional[torch.Tensor] = None) -> torch.Tensor:
+            if part is None:
+                part = t[:, :, start : start + image].transpose(1, 2).reshape(batch, image, -1)
+                part = assignment.merge(part, mode="mean").view(batch, assignment.num_out, heads, -1).transpose(1, 2)
+            return torch.cat([t[:, :, :start], part.to(t.dtype), t[:, :, start + image :]], dim=2)
 
+        if plain is None:
+            merged_key = merged(key)
+        else:
+            part = assignment.merge(plain.transpose(1, 2).reshape(batch, image, -1), mode="mean")
+            part = part.view(batch, assignment.num_out, heads, -1).transpose(1, 2)
+            merged_key = merged(key, self._rotated(part, assignment))
         bias = assignment.sizes().log()  # float32; cast (mask) or divided by the scale (channel) later
         text = total - image
         pad = bias.new_zeros(batch, text)
@@ -253,9 +332,9 @@ class _MergedKeysAttention(TorchFunctionMode):
             # Sizes are >= 1, so the bias is finite: attention() folds it into a query/key
             # channel where tome.set_prop_attn_kernel says so (CUDA by default), keeping every
             # SDPA backend eligible. This call runs inside the mode, so it does not come back here.
-            return attention(query, merged(key), merged(value), finite_key_bias(bias),
+            return attention(query, merged_key, merged(value), finite_key_bias(bias),
                              dropout_p=kwargs.get("dropout_p", 0.0), scale=kwargs.get("scale"))
-        return func(query, merged(key), merged(value), bias.to(query.dtype), **kwargs)
+        return func(query, merged_key, merged(value), bias.to(query.dtype), **kwargs)
 
 
 def _parameters(module: nn.Module) -> List[str]:
@@ -315,8 +394,10 @@ class _Owner:
     (and updated when an option changes): its class, settings, and how its per-forward
     state arrives. It lets a module that ran without that state say so."""
 
-    def __init__(self, denoiser: str, settings: DiffusionSettings, via_context: bool) -> None:
+    def __init__(self, denoiser: str, settings: DiffusionSettings, via_context: bool,
+                 rotary_pairs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         self.denoiser, self.settings, self.via_context = denoiser, settings, via_context
+        self.rotary_pairs = rotary_pairs  # (axis, angle step) per channel pair, for keys merged before rotation
 
     def context_step(self) -> Optional[_Step]:
         return _CONTEXT_STEP.get() if self.via_context else None
@@ -356,34 +437,26 @@ class ToMeDiffusersAttentionMixin:
     is the original module. Its own hooks see its usual input and output."""
 
     _tome_keep_name = True
-    # "self" for a block's attn1, "cross" for its attn2, "joint" for the attention modules of
-    # SD3/Flux blocks (which take the per-forward state directly: no block in between)
+    # "self" for a block's attn1, "cross" for its attn2, "direct" for the attention modules of
+    # blocks that do not compute the merge (SD3, Flux, Wan), which take the per-forward state
+    # directly (see the Slot rows of tome.patch._diffusion_blocks)
     _tome_role: str = "self"
     _tome_image_at: str = "start"  # where the image tokens sit among the keys ("start" or "end")
     _tome_block_key: int = 0
     _tome_owner: Optional[_Owner] = None
+    _tome_rotary: Optional[_rows.Rotary] = None  # the rotary embedding its processor applies, from the row
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = kwargs.pop(_KEY, None)
-        if self._tome_role != "joint":
-            if not isinstance(plan, _Plan):  # no plan, or a _Step its block's patched forward never saw
-                return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-        else:
-            owner = self._tome_owner
-            if plan is None and owner is not None:
-                plan = owner.context_step()
+        if self._tome_role == "direct":
+            plan = self._tome_direct_plan(hidden_states, plan)
             if plan is None:
-                if owner is not None:
-                    owner.missed(self)
                 return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-            if not _compiling():
-                plan.received.append(type(self).__name__)
-            if plan.height * plan.width == 0:  # the denoiser could not read the token grid
-                return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-            s = plan.settings
-            cells = (plan.height // s.sy, plan.width // s.sx)
-            plan = _Plan(None, (plan.height, plan.width, plan.choice(hidden_states.shape[0], cells, self._tome_block_key)), plan)
+        elif not isinstance(plan, _Plan):  # no plan, or a _Step its block's patched forward never saw
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         s = plan.step.settings
+        if self._tome_role == "direct" and s.mode == "tokens":
+            return self._tome_on_merged_tokens(plan, hidden_states, args, kwargs)
         if plan.assignment is not None:  # mode "tokens"
             if not (s.merge_attn if self._tome_role == "self" else s.merge_crossattn):
                 return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
@@ -393,8 +466,8 @@ class ToMeDiffusersAttentionMixin:
             self._tome_role == "self" and kwargs.get("encoder_hidden_states", args[0] if args else None) is not None
         ):
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
-        height, width, choice = plan.kv  # type: ignore[misc]
-        mode = _MergedKeysAttention(height, width, choice, s, self._tome_image_at)
+        grid, choice = plan.kv  # type: ignore[misc]
+        mode = _MergedKeysAttention(grid, choice, plan.step, self._tome_image_at, self._tome_rotary_call(args, kwargs))
         with mode:
             out = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         if mode.calls == 0:
@@ -405,6 +478,63 @@ class ToMeDiffusersAttentionMixin:
                 "processor (set_default_attn_processor() or AttnProcessor2_0) or the 'native' attention backend"
             )
         return out
+
+    def _tome_direct_plan(self, hidden_states: torch.Tensor, step: Optional[_Step]) -> Optional[_Plan]:
+        """The plan of a module that takes the denoiser's per-forward state directly."""
+        owner = self._tome_owner
+        if step is None and owner is not None:
+            step = owner.context_step()
+        if step is None:
+            if owner is not None:
+                owner.missed(self)
+            return None
+        if not _compiling():
+            step.received.append(type(self).__name__)
+        if step.height * step.width == 0:  # the denoiser could not read the token grid
+            return None
+        st, sy, sx = step.strides()
+        if step.frames == 1:
+            cells: Tuple[int, ...] = (step.height // sy, step.width // sx)
+        else:
+            cells = (step.frames // st, step.height // sy, step.width // sx)
+        choice = step.choice(hidden_states.shape[0], cells, self._tome_block_key)
+        return _Plan(None, ((step.frames, step.height, step.width), choice), step)
+
+    def _tome_on_merged_tokens(self, plan: _Plan, hidden_states: torch.Tensor, args: tuple,
+                               kwargs: Dict[str, Any]) -> Any:
+        """Mode ``tokens`` in a module that takes the state directly (Wan's self-attention):
+        attention runs on merged tokens, each at its group's mean position, and its output is
+        unmerged (ToMe for SD, section 3, with the block's own attention input as the metric)."""
+        grid, choice = plan.kv  # type: ignore[misc]
+        step = plan.step
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != math.prod(grid):
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        with torch.no_grad():
+            metric = hidden_states.float()
+            assignment = _match_grid(metric, grid, step, int(hidden_states.shape[1] * step.settings.ratio), choice)
+        if assignment is None:
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        rotary, call = self._tome_rotary, self._tome_rotary_call(args, kwargs, always=True)
+        if rotary is not None and call is not None:
+            angles = _merged_angles(call, grid, assignment, hidden_states.shape[0], hidden_states.device)
+            angles = angles.repeat_interleave(2, dim=-1)[:, :, None]  # (batch, merged, 1, head_dim), pairs interleaved
+            table = (angles.cos().to(call.cos.dtype), angles.sin().to(call.sin.dtype))
+            if rotary.argument in kwargs:
+                kwargs = {**kwargs, rotary.argument: table}
+            else:
+                args = args[: rotary.position - 1] + (table,) + args[rotary.position :]
+        out = super().forward(assignment.merge(hidden_states), *args, **kwargs)  # type: ignore[misc]
+        return assignment.unmerge(out)
+
+    def _tome_rotary_call(self, args: tuple, kwargs: Dict[str, Any], always: bool = False) -> Optional[_RotaryCall]:
+        """The rotary table of this call, where keys merge before the rotation (or ``always``)."""
+        rotary, owner = self._tome_rotary, self._tome_owner
+        if rotary is None or owner is None or owner.rotary_pairs is None or not (always or rotary.merge_before):
+            return None
+        table = kwargs.get(rotary.argument, args[rotary.position - 1] if len(args) >= rotary.position else None)
+        if not isinstance(table, (tuple, list)) or len(table) != 2:
+            return None
+        return _RotaryCall(table[0], table[1], *owner.rotary_pairs)
 
 
 class ToMeDiffusersFeedForwardMixin:
@@ -474,7 +604,7 @@ class ToMeDiffusersBlockMixin:
         height, width = grid
         choice = step.choice(x.shape[0], (height // s.sy, width // s.sx), self._tome_block_key)
         if s.mode == "kv":
-            return _Plan(None, (height, width, choice), step)
+            return _Plan(None, ((1, height, width), choice), step)
         metric = x.float()  # scored in float32, see match_stride_2d
         if s.match_channels is not None and s.match_channels < x.shape[-1]:
             metric = metric @ sign_projection(x.shape[-1], s.match_channels, x.device, torch.float32)
@@ -486,7 +616,7 @@ class ToMeDiffusersModelMixin:
     """A patched denoiser: makes the per-forward :class:`_Step` and passes it down."""
 
     _tome_keep_name = True
-    _tome_patch_size: int = 1
+    _tome_patch: Tuple[int, int, int] = (1, 1, 1)  # latent pixels per token: frames, height, width
     _tome_kwargs_name: str = "cross_attention_kwargs"
     _tome_input: str = "sample"
     _tome_owner: Optional[_Owner] = None
@@ -497,17 +627,19 @@ class ToMeDiffusersModelMixin:
         if settings.ratio == 0:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         sample, _ = _get_arg(self, args, kwargs, self._tome_input)
-        grid = self._tome_grid(sample, args, kwargs)
+        ids, _ = _get_arg(self, args, kwargs, "img_ids")
+        grid = self._tome_grid_reader(self, sample, ids)  # type: ignore[attr-defined]
         if grid is None:
             self._tome_no_grid(sample)
-            grid = (0, 0)  # the blocks still get the state (so they do not report a bypass) and merge nothing
+            grid = (1, 0, 0)  # the blocks still get the state (so they do not report a bypass) and merge nothing
         timestep, _ = _get_arg(self, args, kwargs, "timestep")
         step = _Step(
             settings=settings,
             max_downsample=_resolve_max_downsample(settings, self._tome_lowest_level),  # type: ignore[attr-defined]
-            height=grid[0],
-            width=grid[1],
-            key=_step_key(settings, timestep, sample.device) if settings.use_rand and grid[0] else None,
+            height=grid[1],
+            width=grid[2],
+            key=_step_key(settings, timestep, sample.device) if settings.use_rand and grid[1] else None,
+            frames=grid[0],
         )
         if self._tome_owner.via_context:  # type: ignore[union-attr]
             if torch.is_grad_enabled() and self.is_gradient_checkpointing:  # type: ignore[attr-defined]
@@ -543,21 +675,6 @@ class ToMeDiffusersModelMixin:
             RuntimeWarning,
             stacklevel=3,
         )
-
-    def _tome_grid(self, sample: Any, args: tuple, kwargs: Dict[str, Any]) -> Optional[Tuple[int, int]]:
-        """The token grid ``(height, width)`` at full resolution, from the input latent
-        (``(batch, channels, [frames,] height, width)``) or, for packed inputs (Flux),
-        from the image token ids (one host sync per call)."""
-        if not isinstance(sample, torch.Tensor):
-            return None
-        if sample.dim() in (4, 5):  # images, or video frames
-            return sample.shape[-2] // self._tome_patch_size, sample.shape[-1] // self._tome_patch_size
-        ids, _ = _get_arg(self, args, kwargs, "img_ids")
-        if sample.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape[-1] == 3:
-            ids = ids.reshape(-1, 3)
-            height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-            return (height, width) if height * width == sample.shape[1] else None
-        return None
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -601,25 +718,23 @@ def _levels(denoiser: nn.Module) -> Dict[str, int]:
     return levels
 
 
-_OWNER = re.compile(r"^(.*?)\.?(?:single_)?transformer_blocks\.\d+$")
-
-
-def _block_kind(module: nn.Module) -> Optional[str]:
-    for name in _class_names(module):
-        if name in _BLOCKS:
-            return name
-    return None
+# The model that holds a block: the module above its ``transformer_blocks`` (UNets, PixArt,
+# SD3, Flux), ``single_transformer_blocks`` (Flux), ``blocks`` or ``vace_blocks`` (Wan) list.
+_OWNER = re.compile(r"^(?:(.*)\.)?(?:single_transformer_blocks|transformer_blocks|vace_blocks|blocks)\.\d+$")
 
 
 def _blocks(denoiser: nn.Module) -> Iterator[Tuple[str, nn.Module, bool, int]]:
-    """``(name, block, spatial, downsample)`` for every transformer block of a denoiser."""
+    """``(name, block, spatial, downsample)`` for every transformer block of a denoiser that has a
+    block row; ``spatial``: its owner's model row lists its class (it attends over the latent grid)."""
     levels = _levels(denoiser)
     for name, module in denoiser.named_modules():
-        if _block_kind(module) is None:
+        row = _rows.block_row(module)
+        if row is None:
             continue
         match = _OWNER.match(name)
-        owner = denoiser.get_submodule(match.group(1)) if match else None
-        spatial = owner is not None and any(n in _SPATIAL_OWNERS for n in _class_names(owner))
+        owner = denoiser.get_submodule(match.group(1) or "") if match else None
+        owner_row = _rows.model_row(owner)
+        spatial = owner_row is not None and row.name in owner_row.blocks
         stage = "mid_block" if name.startswith("mid_block") else ".".join(name.split(".")[:2])
         yield name, module, spatial, levels.get(stage, 1)
 
@@ -685,18 +800,62 @@ def _resolve_max_downsample(settings: DiffusionSettings, lowest_level: int) -> i
     return lowest_level
 
 
-def _swap_attention(attn: nn.Module, role: str, image_at: str, key: int, owner: _Owner) -> None:
+def _swap_attention(attn: nn.Module, slot: _rows.Slot, key: int, owner: _Owner,
+                    rotary: Optional[_rows.Rotary] = None) -> None:
     swap_class(attn, ToMeDiffusersAttentionMixin)
-    object.__setattr__(attn, "_tome_role", role)
-    object.__setattr__(attn, "_tome_image_at", image_at)
+    object.__setattr__(attn, "_tome_role", slot.role)
+    object.__setattr__(attn, "_tome_image_at", slot.image_at)
     object.__setattr__(attn, "_tome_block_key", key)
     object.__setattr__(attn, "_tome_owner", owner)
+    object.__setattr__(attn, "_tome_rotary", rotary)
+
+
+def _merging_rows(denoiser: nn.Module) -> List[_rows.BlockRow]:
+    """The rows of the block classes that attend over ``denoiser``'s latent grid, in name order."""
+    found = {_rows.block_row(block) for _, block, spatial, _ in _blocks(denoiser) if spatial}
+    return sorted((row for row in found if row is not None), key=lambda row: row.name)
 
 
 def _default_mode(denoiser: nn.Module) -> str:
-    """``"tokens"`` where every block is a ``BasicTransformerBlock`` (UNets, PixArt), else ``"kv"``."""
-    kinds = {_block_kind(block) for _, block, spatial, _ in _blocks(denoiser) if spatial}
-    return "tokens" if kinds == {"BasicTransformerBlock"} else "kv"
+    """``"tokens"`` where every merging block computes its merge (``BasicTransformerBlock``:
+    UNets, PixArt), else ``"kv"`` (joint attention of SD3 and Flux, Wan's video attention)."""
+    return "tokens" if all(row.merges_in_block for row in _merging_rows(denoiser)) else "kv"
+
+
+def _check_mode(denoiser: nn.Module, settings: DiffusionSettings) -> None:
+    mode, rows = settings.mode, _merging_rows(denoiser)
+    direct = [row.name for row in rows if not row.merges_in_block]
+    if mode == "tokens" and direct and (settings.merge_crossattn or settings.merge_mlp or not settings.merge_attn):
+        raise ValueError(
+            f"with mode='tokens', {', '.join(direct)} merge in self-attention only: use merge_attn=True, "
+            f"merge_crossattn=False and merge_mlp=False for {type(denoiser).__name__} (got merge_attn="
+            f"{settings.merge_attn}, merge_crossattn={settings.merge_crossattn}, merge_mlp={settings.merge_mlp})"
+        )
+    refusing = [row for row in rows if mode not in row.modes]
+    if not refusing:
+        return
+    detail = "has blocks whose attention merges keys and values only (joint attention of SD3 and Flux, Wan's video attention)"
+    allowed = sorted(set.intersection(*(set(row.modes) for row in refusing)))
+    raise ValueError(
+        f"mode={mode!r} needs BasicTransformerBlocks; {type(denoiser).__name__} {detail} "
+        f"({', '.join(row.name for row in refusing)} allow mode {' or '.join(map(repr, allowed))}): "
+        f"use mode={allowed[0]!r} (or mode=None)"
+    )
+
+
+def _refuse(denoiser: nn.Module) -> None:
+    name = type(denoiser).__name__
+    if any(type(m).__name__ == "SD3SingleTransformerBlock" for m in denoiser.modules()):
+        raise TypeError(
+            f"{name} with SD3SingleTransformerBlocks (the SD 3.5 Large ControlNet) takes "
+            "tokens the transformer already embedded, so their grid cannot be read and they are not merged; "
+            "supported ControlNets: ControlNetModel, SD3ControlNetModel with its own pos_embed, FluxControlNetModel"
+        )
+    raise TypeError(
+        f"{name} has no transformer block over image tokens that token merging supports, so it is not patched "
+        f"(supported: UNets and ControlNets whose attention sits in {', '.join(_rows.supported_models())}, "
+        f"with blocks {', '.join(_rows.block_names())}; a model is added as a row of tome.patch._diffusion_blocks)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,8 +866,9 @@ class _Prepared:
     settings: DiffusionSettings
     blocks: List[Tuple[str, nn.Module, bool, int]]
     lowest_level: int
-    patch_size: int
     via_context: bool
+    grid: _rows.GridReader
+    rotary_pairs: Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _prepare(denoiser: nn.Module, settings: DiffusionSettings) -> _Prepared:
@@ -716,48 +876,53 @@ def _prepare(denoiser: nn.Module, settings: DiffusionSettings) -> _Prepared:
 
     Raises:
         TypeError: if it is not a diffusers model or has no transformer block over image tokens.
-        ValueError: if no block would merge under ``settings``.
+        ValueError: if no block would merge under ``settings``, or a block refuses its mode.
     """
     if not _is_diffusers_model(denoiser):
         raise TypeError(f"{type(denoiser).__name__} is not a diffusers model")
     blocks = list(_blocks(denoiser))
     spatial_levels = sorted({d for _, _, spatial, d in blocks if spatial})
     if not spatial_levels:
-        if any(type(m).__name__ == "SD3SingleTransformerBlock" for m in denoiser.modules()):
-            raise TypeError(
-                f"{type(denoiser).__name__} with SD3SingleTransformerBlocks (the SD 3.5 Large ControlNet) takes "
-                "tokens the transformer already embedded, so their grid cannot be read and they are not merged; "
-                "supported ControlNets: ControlNetModel, SD3ControlNetModel with its own pos_embed, FluxControlNetModel"
-            )
-        raise TypeError(
-            f"{type(denoiser).__name__} has no transformer block over image tokens "
-            f"(looked for {', '.join(_BLOCKS)} inside {', '.join(_SPATIAL_OWNERS)}); nothing to merge"
-        )
+        _refuse(denoiser)
     if settings.mode is None:
         settings = dataclasses.replace(settings, mode=_default_mode(denoiser))
-    if settings.mode == "tokens" and _default_mode(denoiser) == "kv":
-        raise ValueError(
-            f"mode='tokens' needs BasicTransformerBlocks; {type(denoiser).__name__} uses joint attention "
-            "(SD3, Flux): use mode='kv' (or mode=None)"
-        )
+    _check_mode(denoiser, settings)
     _check_merges(denoiser, settings, spatial_levels[0])
-    if hasattr(denoiser, "down_blocks"):  # UNets and their ControlNets: one token per latent pixel
-        patch_size = 1
-    else:  # DiTs and their ControlNets (SD3's patchifies 2 x 2 latent pixels into a token)
-        patch_size = int(getattr(getattr(denoiser, "config", None), "patch_size", None) or 1)
-    parameters = _parameters(denoiser)
+    row = _rows.model_row(denoiser)
+    grid = row.grid if row is not None and row.grid is not None else _rows.image_grid
     via_context = type(denoiser).__name__ in _VIA_CONTEXT or not (
-        {"cross_attention_kwargs", "joint_attention_kwargs"} & set(parameters)
+        {"cross_attention_kwargs", "joint_attention_kwargs"} & set(_parameters(denoiser))
     )
-    return _Prepared(denoiser, settings, blocks, spatial_levels[0], patch_size, via_context)
+    rotary = [r.rotary for r in _merging_rows(denoiser) if r.rotary is not None]
+    pairs = rotary[0].frequencies(denoiser) if rotary else None
+    return _Prepared(denoiser, settings, blocks, spatial_levels[0], via_context, grid, pairs)
+
+
+def _patch_block(block: nn.Module, key: int, spatial: bool, owner: _Owner) -> None:
+    """Swap a block that computes its merge (``BasicTransformerBlock``) and its sub-layers."""
+    swap_class(block, ToMeDiffusersBlockMixin)
+    _rows.register_with_diffusers(type(block))  # diffusers' caches look blocks up by exact class
+    object.__setattr__(block, "_tome_arg_index", _positions(block, "cross_attention_kwargs"))
+    object.__setattr__(block, "_tome_spatial", spatial)
+    object.__setattr__(block, "_tome_block_key", key)
+    object.__setattr__(block, "_tome_owner", owner)
+    if not spatial:
+        return
+    for slot in _rows.block_row(block).slots:  # type: ignore[union-attr]
+        attn = getattr(block, slot.attr, None)
+        if attn is not None:
+            _swap_attention(attn, slot, key, owner)
+    if getattr(block, "ff", None) is not None:
+        swap_class(block.ff, ToMeDiffusersFeedForwardMixin)
 
 
 def _patch_denoiser(prepared: _Prepared) -> nn.Module:
     denoiser, settings = prepared.denoiser, prepared.settings
-    owner = _Owner(type(denoiser).__name__, settings, prepared.via_context)
+    owner = _Owner(type(denoiser).__name__, settings, prepared.via_context, prepared.rotary_pairs)
     swap_class(denoiser, ToMeDiffusersModelMixin)
     denoiser.__dict__["_tome_lowest_level"] = prepared.lowest_level
-    object.__setattr__(denoiser, "_tome_patch_size", prepared.patch_size)
+    object.__setattr__(denoiser, "_tome_patch", _rows.patch_sizes(denoiser))
+    object.__setattr__(denoiser, "_tome_grid_reader", prepared.grid)
     object.__setattr__(denoiser, "_tome_owner", owner)
     parameters = _parameters(denoiser)
     object.__setattr__(denoiser, "_tome_input", parameters[0])
@@ -767,26 +932,14 @@ def _patch_denoiser(prepared: _Prepared) -> nn.Module:
         denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", "img_ids", kwargs_name)
     )
     for key, (_, block, spatial, _) in enumerate(prepared.blocks):
-        image_at = _BLOCKS[_block_kind(block)]  # type: ignore[index]
-        if image_at:  # joint attention: the attention modules take the per-forward state directly
-            for attr, where in (("attn", image_at), ("attn2", "start")):  # attn2: SD3.5's image self-attention
-                attn = getattr(block, attr, None)
-                if spatial and attn is not None:
-                    _swap_attention(attn, "joint", where, key, owner)
+        row = _rows.block_row(block)
+        if row.merges_in_block:  # type: ignore[union-attr]
+            _patch_block(block, key, spatial, owner)
             continue
-        swap_class(block, ToMeDiffusersBlockMixin)
-        object.__setattr__(block, "_tome_arg_index", _positions(block, "cross_attention_kwargs"))
-        object.__setattr__(block, "_tome_spatial", spatial)
-        object.__setattr__(block, "_tome_block_key", key)
-        object.__setattr__(block, "_tome_owner", owner)
-        if not spatial:
-            continue
-        for role, attr in (("self", "attn1"), ("cross", "attn2")):
-            attn = getattr(block, attr, None)
-            if attn is not None:
-                _swap_attention(attn, role, "start", key, owner)
-        if getattr(block, "ff", None) is not None:
-            swap_class(block.ff, ToMeDiffusersFeedForwardMixin)
+        for slot in row.slots if spatial else ():  # type: ignore[union-attr]
+            attn = getattr(block, slot.attr, None)
+            if attn is not None:  # the attention modules take the per-forward state directly
+                _swap_attention(attn, slot, key, owner, row.rotary)  # type: ignore[union-attr]
     denoiser.__dict__["_tome_settings"] = settings
     denoiser.__dict__["_tome_info"] = _summary(denoiser, settings, prepared.lowest_level)
     return denoiser
@@ -815,6 +968,7 @@ def diffusers(
     max_downsample: Optional[int] = KEEP,
     sx: int = KEEP,
     sy: int = KEEP,
+    st: int = KEEP,
     use_rand: bool = KEEP,
     merge_attn: bool = KEEP,
     merge_crossattn: bool = KEEP,
@@ -836,37 +990,24 @@ def diffusers(
     :class:`DiffusionSettings`' defaults for the others); ``tome.remove_patch`` undoes it exactly.
 
     Args:
-        model: A ``DiffusionPipeline`` or a diffusers model (``UNet2DConditionModel``,
-            ``ControlNetModel``, ``UNetMotionModel``, ``UNetSpatioTemporalConditionModel``,
-            ``PixArtTransformer2DModel``, ``Transformer2DModel``, ``SD3Transformer2DModel``,
-            ``SD3ControlNetModel``, ``FluxTransformer2DModel``, ``FluxControlNetModel``).
-        ratio: Fraction of a level's tokens merged away, in ``[0, 1)``; ``r = int(tokens * ratio)``,
-            capped at the non-destination tokens (``1 - 1/(sx*sy)`` of them). 0 is the unpatched model.
-        max_downsample: Merge in levels at most this far below the latent (1, 2, 4, 8, as
-            tomesd). ``None`` takes the highest-resolution level that has attention
-            (1 on SD 1.x/2.x and DiTs, 2 on SDXL).
-        sx, sy: Cell width and height, in tokens, of the stride partition (one destination per cell).
-        use_rand: Random destination in each cell, the same for the whole batch (off for
-            odd batches); drawn as a hash of ``seed``, the timestep and the block, so runs repeat.
-        merge_attn, merge_crossattn, merge_mlp: With ``mode="tokens"``, run self-attention,
-            cross-attention, the feed-forward on merged tokens.
-        mode: ``"tokens"`` (tomesd's method; UNets, PixArt) or ``"kv"`` (merge keys and values
-            only; every model). ``None`` picks ``"tokens"`` where every block is a
-            ``BasicTransformerBlock`` and ``"kv"`` for joint attention (SD3, Flux).
-        seed: Seed of the random destinations.
-        match_channels: With ``mode="tokens"``, match on the block input projected onto this
-            many channels by a fixed random sign matrix (cosine similarities are kept
-            approximately) instead of on all of them; the similarity matrix then costs
-            ``match_channels / channels`` as much. ``None`` matches on every channel (tomesd).
+        model: A ``DiffusionPipeline`` or a diffusers model: UNets and ControlNets
+            (``UNet2DConditionModel``, ``ControlNetModel``, ``UNetMotionModel``,
+            ``UNetSpatioTemporalConditionModel``) and the transformers with a row in
+            ``tome.patch._diffusion_blocks`` (``PixArtTransformer2DModel``, ``Transformer2DModel``,
+            ``SD3Transformer2DModel``, ``SD3ControlNetModel``, ``FluxTransformer2DModel``,
+            ``FluxControlNetModel``, ``WanTransformer3DModel``).
+        ratio, max_downsample, sx, sy, st, use_rand, merge_attn, merge_crossattn, merge_mlp, mode,
+            seed, match_channels: The options, described on :class:`DiffusionSettings`.
 
     Returns:
         ``model``, patched.
 
     Raises:
         TypeError: if ``model`` (or a denoiser of the pipeline) is not a diffusers model with
-            transformer blocks over image tokens.
-        ValueError: for an invalid option, or when no block of some denoiser would merge (for
-            example ``max_downsample=1`` on SDXL, whose highest-resolution level has no attention).
+            transformer blocks over image tokens that have a row (the error names the supported ones).
+        ValueError: for an invalid option, a mode a block does not allow, or when no block of
+            some denoiser would merge (for example ``max_downsample=1`` on SDXL, whose
+            highest-resolution level has no attention).
     """
     options = {name: value for name, value in locals().items() if name != "model"}
     return configure(model, family="diffusers", caller="tome.patch.diffusers", **options)
@@ -932,8 +1073,8 @@ register(FamilySpec(
     settings=DiffusionSettings,
     priority=5,
     instance_attrs=(
-        "_tome_settings", "_tome_lowest_level", "_tome_patch_size", "_tome_spatial", "_tome_block_key", "_tome_role",
-        "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at", "_tome_owner",
+        "_tome_settings", "_tome_lowest_level", "_tome_patch", "_tome_grid_reader", "_tome_rotary", "_tome_spatial",
+        "_tome_block_key", "_tome_role", "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at", "_tome_owner",
     ),
     no_merging={"ratio": 0.0},
     parts=_parts,

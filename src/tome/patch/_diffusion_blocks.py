@@ -1,0 +1,308 @@
+"""The registry of diffusion denoisers and transformer blocks that ToMe merges in.
+
+One row per class, in the manner of diffusers' own ``TransformerBlockRegistry``
+(``diffusers/hooks/_helpers.py``), which keeps what its caches must know about each
+block class. Here a :class:`ModelRow` names a model (a denoiser, or a container such as
+the ``Transformer2DModel`` inside a UNet) whose transformer blocks attend over the
+latent grid, which of its block classes do, and how its token grid
+``(frames, height, width)`` is read from its config and the input's shape; a
+:class:`BlockRow` says which attention modules of a block to wrap and where the image
+(or video) tokens sit among their keys. A block class found in a model that has no
+row (AnimateDiff's motion modules, temporal transformers) is left alone, and a
+denoiser with no merging block is refused with a ``TypeError``: nothing is patched and
+left merging nothing.
+
+Adding a model is one :func:`register_model` row, plus a :class:`BlockRow` when its
+blocks are new; what is truly specific (a rotary layout, a grid read another way) is a
+function passed in the row. Class names are matched over the MRO, so diffusers is never
+imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+# (frames, height, width) of the full-resolution token grid
+Grid = Tuple[int, int, int]
+# (model, input latent, image ids) -> the token grid, or None when it cannot be read
+GridReader = Callable[[nn.Module, Any, Any], Optional[Grid]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """An attention module of a block that merging wraps.
+
+    Attributes:
+        attr: Its attribute name on the block (``"attn1"``).
+        role: ``"self"`` or ``"cross"`` for the attention modules of a block that
+            computes the merge itself (``BasicTransformerBlock``); ``"direct"`` for one
+            that takes the per-forward state straight from the denoiser and merges its
+            keys and values (``mode="kv"``).
+        image_at: Where the image tokens sit among its keys: ``"start"`` (image first,
+            or image only) or ``"end"`` (text tokens first).
+    """
+
+    attr: str
+    role: str = "direct"
+    image_at: str = "start"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+    """A rotary position embedding applied by the attention processor, which lets keys be
+    merged before the rotation (see docs/diffusion.md, "Rotary positions").
+
+    Attributes:
+        argument: Name of the attention module's forward argument holding the
+            ``(cos, sin)`` table, each ``(1, tokens, 1, head_dim)``, pairs interleaved.
+        position: Position of that argument in the forward (not counting ``self``).
+        frequencies: ``model -> (axis, frequency)``, two ``(head_dim // 2,)`` tensors: the
+            grid axis (0 frames, 1 height, 2 width) each channel pair rotates with, and its
+            angle per position step.
+        merge_before: Whether keys are matched and averaged before the rotation (rotated
+            back, averaged, rotated at their group's mean position) rather than after it
+            (averaged as rotated); decided per model by measurement (docs/diffusion.md).
+    """
+
+    argument: str
+    position: int
+    frequencies: Callable[[nn.Module], Tuple[torch.Tensor, torch.Tensor]]
+    merge_before: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRow:
+    """A transformer block class whose attention can merge.
+
+    Attributes:
+        name: The block's class name.
+        slots: Its attention modules to wrap.
+        modes: The merging modes it allows (``"tokens"``: the block computes the merge
+            from its input and runs sub-layers on merged tokens; ``"kv"``: keys and
+            values merged inside self-attention).
+        rotary: The rotary embedding its self-attention applies, if any.
+    """
+
+    name: str
+    slots: Tuple[Slot, ...]
+    modes: Tuple[str, ...] = ("kv",)
+    rotary: Optional[Rotary] = None
+
+    @property
+    def merges_in_block(self) -> bool:
+        """Whether the block itself computes the merge (its slots have roles self/cross)."""
+        return any(slot.role != "direct" for slot in self.slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRow:
+    """A model whose blocks of the classes ``blocks`` attend over its latent grid.
+
+    Attributes:
+        name: The model's class name.
+        blocks: The block classes (:class:`BlockRow` names) of its that merge.
+        grid: How a denoiser of this class reads its token grid (unused for containers
+            such as ``Transformer2DModel`` inside a UNet, whose UNet reads it).
+        video: Whether one sequence holds the tokens of every frame (Wan), so merging
+            can cross frames; ``False`` where frames are batch entries to the blocks.
+    """
+
+    name: str
+    blocks: Tuple[str, ...]
+    grid: Optional[GridReader] = None
+    video: bool = False
+
+
+_BLOCKS: Dict[str, BlockRow] = {}
+_MODELS: Dict[str, ModelRow] = {}
+
+
+def register_block(row: BlockRow) -> BlockRow:
+    """Add (or replace) the row of a block class."""
+    _BLOCKS[row.name] = row
+    return row
+
+
+def register_model(row: ModelRow) -> ModelRow:
+    """Add (or replace) the row of a model class.
+
+    Raises:
+        ValueError: if it names a block class without a :class:`BlockRow`.
+    """
+    unknown = [name for name in row.blocks if name not in _BLOCKS]
+    if unknown:
+        raise ValueError(f"{row.name} names block classes {unknown} that have no BlockRow; register them first")
+    _MODELS[row.name] = row
+    return row
+
+
+def _class_names(obj: Any) -> Tuple[str, ...]:
+    return tuple(cls.__name__ for cls in type(obj).__mro__)
+
+
+def block_row(module: nn.Module) -> Optional[BlockRow]:
+    """The row of ``module``'s class (or of its nearest registered base class)."""
+    for name in _class_names(module):
+        if name in _BLOCKS:
+            return _BLOCKS[name]
+    return None
+
+
+def model_row(module: Optional[nn.Module]) -> Optional[ModelRow]:
+    """The row of ``module``'s class (or of its nearest registered base class)."""
+    if module is None:
+        return None
+    for name in _class_names(module):
+        if name in _MODELS:
+            return _MODELS[name]
+    return None
+
+
+def supported_models() -> Tuple[str, ...]:
+    """The registered model classes, for error messages."""
+    return tuple(_MODELS)
+
+
+def block_names() -> Tuple[str, ...]:
+    return tuple(_BLOCKS)
+
+
+# --- the token grid ---------------------------------------------------------------------
+
+
+def patch_sizes(model: nn.Module) -> Tuple[int, int, int]:
+    """``(frames, height, width)`` latent pixels per token, from the model's config
+    (UNets and their ControlNets: one token per latent pixel)."""
+    if hasattr(model, "down_blocks"):
+        return (1, 1, 1)
+    patch = getattr(getattr(model, "config", None), "patch_size", None) or 1
+    if isinstance(patch, (tuple, list)):
+        return (int(patch[0]), int(patch[1]), int(patch[2])) if len(patch) == 3 else (1, int(patch[0]), int(patch[1]))
+    return (1, int(patch), int(patch))
+
+
+def image_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
+    """Images ``(batch, channels, height, width)``, or video whose frames the blocks see as
+    batch entries (``(batch, [channels, frames | frames, channels], height, width)``)."""
+    if not isinstance(sample, torch.Tensor) or sample.dim() not in (4, 5):
+        return None
+    _, ph, pw = model._tome_patch
+    return (1, sample.shape[-2] // ph, sample.shape[-1] // pw)
+
+
+def video_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
+    """Video ``(batch, channels, frames, height, width)`` patchified into one sequence."""
+    if not isinstance(sample, torch.Tensor) or sample.dim() != 5:
+        return None
+    pt, ph, pw = model._tome_patch
+    return (sample.shape[2] // pt, sample.shape[3] // ph, sample.shape[4] // pw)
+
+
+def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
+    """Packed tokens ``(batch, tokens, channels)`` with image ids ``(tokens, 3)`` (Flux):
+    the grid is the ids' extent, read with one host sync per call. Latents given as
+    ``(batch, channels, height, width)`` are read from their shape."""
+    if isinstance(sample, torch.Tensor) and sample.dim() in (4, 5):
+        return image_grid(model, sample, ids)
+    if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(ids, torch.Tensor)
+            and ids.shape[-1] == 3):
+        return None
+    ids = ids.reshape(-1, 3)
+    height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    return (1, height, width) if height * width == sample.shape[1] else None
+
+
+# --- rotary embeddings ------------------------------------------------------------------
+
+
+def wan_frequencies(model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Axis and angle step of each channel pair of Wan's 3-D rotary embedding, read from
+    the model's own table (``WanRotaryPosEmbed``: frames, height, width channels in turn)."""
+    rope = model.rope
+    sizes = (rope.t_dim // 2, rope.h_dim // 2, rope.w_dim // 2)
+    axis = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+    cos, sin = rope.freqs_cos[1, 0::2].double(), rope.freqs_sin[1, 0::2].double()
+    return axis, torch.atan2(sin, cos)  # the angle of position 1 is the step (all below pi)
+
+
+def unrotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo a rotary rotation whose channel pairs are interleaved (``x[..., 0::2]``, ``x[..., 1::2]``).
+
+    Args:
+        x: ``(batch, heads, tokens, head_dim)``, rotated.
+        cos, sin: ``(..., tokens, head_dim // 2)`` broadcastable to ``x``'s pairs.
+    """
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    return torch.stack((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).flatten(-2)
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs interleaved as in :func:`unrotate_interleaved`."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def grid_positions(grid: Grid, device: Any) -> torch.Tensor:
+    """``(tokens, 3)`` float32 ``(frame, row, column)`` of every token, frame-major."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+# --- diffusers' own block registry ------------------------------------------------------
+
+
+def register_with_diffusers(runtime_class: type) -> None:
+    """Enter a swapped block class in diffusers' ``TransformerBlockRegistry`` under its
+    parent's metadata, so diffusers' hooks that look blocks up by exact class (First Block
+    Cache, layer skip, MagCache) accept patched blocks. A parent diffusers does not know
+    is left unknown, as it was."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:  # an older diffusers without the registry
+        return
+    parent = runtime_class.__dict__.get("_tome_parent")
+    if parent is None or runtime_class in TransformerBlockRegistry._registry:
+        return
+    try:
+        metadata = TransformerBlockRegistry.get(parent)
+    except ValueError:
+        return
+    TransformerBlockRegistry.register(runtime_class, dataclasses.replace(metadata, _cached_parameter_indices=None))
+    # Arguments are found by the parent's forward signature: the swapped forward takes *args.
+    TransformerBlockRegistry._registry[runtime_class]._cls = parent
+
+
+# --- the rows ---------------------------------------------------------------------------
+
+_BASIC = register_block(BlockRow(
+    "BasicTransformerBlock", (Slot("attn1", "self"), Slot("attn2", "cross")), modes=("tokens", "kv"),
+))
+register_block(BlockRow("JointTransformerBlock", (Slot("attn"), Slot("attn2"))))  # SD3: [image, text]; SD3.5: attn2 image only
+register_block(BlockRow("FluxTransformerBlock", (Slot("attn", image_at="end"),)))  # Flux: [text, image]
+register_block(BlockRow("FluxSingleTransformerBlock", (Slot("attn", image_at="end"),)))
+# attn1: video tokens only, 3-D rotary; attn2 is cross-attention to text (and image) tokens. Keys merge
+# after the rotation: measured on a tiny trained-scale Wan at ratio 0.5, merging before it (rotate
+# back, average, rotate at the mean position) moved the output 2-3x more (docs/diffusion.md).
+register_block(BlockRow(
+    "WanTransformerBlock", (Slot("attn1"),), modes=("kv", "tokens"), rotary=Rotary("rotary_emb", 3, wan_frequencies),
+))
+
+for _name in ("Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel"):
+    register_model(ModelRow(_name, ("BasicTransformerBlock",), image_grid))
+# Stable Video Diffusion's spatial transformer; its TemporalBasicTransformerBlocks have no row
+register_model(ModelRow("TransformerSpatioTemporalModel", ("BasicTransformerBlock",), image_grid))
+for _name in ("SD3Transformer2DModel", "SD3ControlNetModel"):
+    register_model(ModelRow(_name, ("JointTransformerBlock",), image_grid))
+for _name in ("FluxTransformer2DModel", "FluxControlNetModel"):
+    register_model(ModelRow(_name, ("FluxTransformerBlock", "FluxSingleTransformerBlock"), packed_grid))
+register_model(ModelRow("WanTransformer3DModel", ("WanTransformerBlock",), video_grid, video=True))
+# Wan VACE: its control blocks attend over control tokens laid out on the same video grid
+register_block(dataclasses.replace(_BLOCKS["WanTransformerBlock"], name="WanVACETransformerBlock"))
+register_model(ModelRow(
+    "WanVACETransformer3DModel", ("WanTransformerBlock", "WanVACETransformerBlock"), video_grid, video=True,
+))
+
