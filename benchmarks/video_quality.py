@@ -99,10 +99,29 @@ def table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _load(name: str) -> video_models.ClassConditionedWan:
+    """The model named by ``--model``: a ``final/`` folder, a run's ``checkpoint.pt`` (the run's
+    ``log.jsonl`` beside it says the size) or ``untrained-tiny``."""
+    if name == "untrained-tiny":
+        return video_models.build_model("tiny").eval()
+    path = Path(name)
+    if path.is_file():
+        size = "small"
+        log = path.parent / "log.jsonl"
+        if log.is_file():
+            starts = [json.loads(line) for line in log.read_text().splitlines() if '"start"' in line]
+            size = starts[-1]["args"]["size"] if starts else size
+        model = video_models.build_model(size)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        return model.eval()
+    return video_models.load_model(path)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmarks/video_quality.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
-                        help="a folder written by tome video-train (its final/), or 'untrained-tiny' (tests)")
+                        help="a folder written by tome video-train (its final/), a run's checkpoint.pt "
+                             "(mid-run), or 'untrained-tiny' (tests)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7], help="merge ratios")
     parser.add_argument("--modes", nargs="+", default=["kv", "tokens"], choices=["kv", "tokens"], help="merge modes")
     parser.add_argument("--classes", type=int, default=len(CLASSES),
@@ -130,10 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class!r}")
     torch.set_num_threads(args.threads)
-    if args.model == "untrained-tiny":
-        model = video_models.build_model("tiny").eval()
-    else:
-        model = video_models.load_model(args.model)
+    model = _load(args.model)
     result = measure(model, args, load_classifier())
     command = "uv run python benchmarks/video_quality.py " + " ".join(shlex.quote(a) for a in argv)
     regime = (f"{result['clips']} clips ({args.per_class} per class) of {args.frames} x {args.size_px} x "

@@ -60,3 +60,16 @@ def test_bad_arguments_are_refused():
         script.main(["--model", "untrained-tiny", "--ratios", "1.5"])
     with pytest.raises(ValueError, match="--classes must be in"):
         script.main(["--model", "untrained-tiny", "--classes", "0"])
+
+
+def test_a_run_checkpoint_loads_at_the_run_s_size(tmp_path):
+    from tome import video_models
+
+    script = _load()
+    model = video_models.build_model("tiny", seed=3)
+    torch.save({"model": model.state_dict(), "step": 7}, tmp_path / "checkpoint.pt")
+    (tmp_path / "log.jsonl").write_text(json.dumps({"event": "start", "args": {"size": "tiny"}}) + "\n")
+    loaded = script._load(str(tmp_path / "checkpoint.pt"))
+    assert not loaded.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
