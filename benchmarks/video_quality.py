@@ -156,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f"{args.size_px} px, {args.steps} Euler steps, guidance {args.guidance}, seed {args.seed}; "
               f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
               f"{result['seconds']:.0f} s in all")
-    text = f"```\n{command}\n```\n\n{regime}\n\n{table(result)}\n"
+    text = f"```bash\n{command}\n```\n\n{regime}\n\n{table(result)}\n"
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
