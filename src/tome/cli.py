@@ -18,7 +18,8 @@ import sys
 from typing import List, Optional
 
 # One module per command under tome.tools, each with add_parser(subparsers).
-_COMMAND_MODULES = ["demo", "benchmark", "visualize", "evaluate", "tune", "train", "data", "export", "vlm_train", "vlm_demo", "lmms_eval"]
+_COMMAND_MODULES = ["demo", "benchmark", "visualize", "evaluate", "tune", "train", "data", "export", "vlm_train", "vlm_demo",
+                    "lmms_eval", "video_train"]
 
 # Errors that mean "bad input or environment": reported in one line, exit status 2.
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ConnectionError, ImportError)

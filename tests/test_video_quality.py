@@ -1,0 +1,75 @@
+"""benchmarks/video_quality.py runs end to end on a tiny untrained model: a row per (mode, ratio), ratio 0 identical."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "video_quality.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("video_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_samples_give_the_full_table(tmp_path, capsys):
+    script = _load()
+    result = script.main(["--model", "untrained-tiny", "--classes", "2", "--per-class", "1", "--steps", "2",
+                          "--frames", "2", "--size-px", "16", "--threads", "1", "--ratios", "0", "0.5",
+                          "--out", str(tmp_path / "q.json")])
+    rows = result["rows"]
+    assert [(r["mode"], r["ratio"]) for r in rows] == [("-", "real clips (val)"), ("-", "unmerged"), ("kv", 0.0),
+                                                       ("kv", 0.5), ("tokens", 0.0), ("tokens", 0.5)]
+    assert result["clips"] == 2
+    for row in rows[2:]:
+        assert 0 <= row["accuracy"] <= 1
+        if row["ratio"] == 0:
+            assert math.isinf(row["psnr_mean"])  # ratio 0 is the unmerged model, bit for bit
+        else:
+            assert math.isfinite(row["psnr_mean"]) and row["psnr_min"] <= row["psnr_mean"]  # merging changed the clips
+    text = capsys.readouterr().out
+    assert "benchmarks/video_quality.py --model untrained-tiny" in text
+    assert text.count("\n| ") == 1 + len(rows)  # header row and one line per row (after the separator)
+    assert json.loads((tmp_path / "q.json").read_text())["rows"][1]["ratio"] == "unmerged"
+
+
+def test_psnr_per_clip():
+    script = _load()
+    a = torch.zeros(2, 3, 2, 4, 4)
+    b = a.clone()
+    b[1] += 0.2  # 0.1 in [0, 1] pixels: 20 dB
+    psnr = script.psnr_per_clip(b, a)
+    assert math.isinf(psnr[0]) and psnr[1].item() == pytest.approx(20.0)
+
+
+def test_bad_arguments_are_refused():
+    script = _load()
+    with pytest.raises(ValueError, match="every ratio must be in"):
+        script.main(["--model", "untrained-tiny", "--ratios", "1.5"])
+    with pytest.raises(ValueError, match="--classes must be in"):
+        script.main(["--model", "untrained-tiny", "--classes", "0"])
+
+
+def test_a_run_checkpoint_loads_at_the_run_s_size(tmp_path):
+    from tome import video_models
+
+    script = _load()
+    model = video_models.build_model("tiny", seed=3)
+    torch.save({"model": model.state_dict(), "step": 7}, tmp_path / "checkpoint.pt")
+    (tmp_path / "log.jsonl").write_text(json.dumps({"event": "start", "args": {"size": "tiny"}}) + "\n")
+    loaded = script._load(str(tmp_path / "checkpoint.pt"))
+    assert not loaded.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name

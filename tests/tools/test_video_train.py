@@ -1,0 +1,116 @@
+"""Training the tiny video diffusion transformer: loss finite and falling, resume is exact, the final folder loads and samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("timm")
+
+from tome import cli, video_models  # noqa: E402
+from tome.tools import video_train  # noqa: E402
+
+
+def _argv(out, *extra):
+    return ["--size", "tiny", "--output-dir", str(out), "--steps", "4", "--batch-size", "2", "--frames", "2",
+            "--size-px", "16", "--val-clips", "3", "--val-every", "2", "--sample-steps", "2", "--log-every", "1",
+            "--checkpoint-every", "1", "--warmup", "1", "--no-progress", *extra]
+
+
+def _history(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys):
+    video_train.main(_argv(tmp_path / "whole"))
+    video_train.main(_argv(tmp_path / "split", "--stop-at-step", "2"))
+    video_train.main(_argv(tmp_path / "split", "--resume", "auto"))
+    whole, split = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("whole", "split"))
+    assert whole["step"] == split["step"] == 4
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    losses = [{e["step"]: e["loss"] for e in _history(tmp_path / d) if "loss" in e} for d in ("whole", "split")]
+    assert losses[0] == losses[1] and all(map(torch.isfinite, map(torch.tensor, losses[0].values())))
+    start = video_models.build_model("tiny").state_dict()
+    assert any(not torch.equal(start[name], tensor) for name, tensor in whole["model"].items())  # it trained
+    # Each validation left a strip of samples: a row per class, a column per frame.
+    from PIL import Image
+
+    strip = Image.open(tmp_path / "whole" / "samples" / "step_000004.png")
+    assert strip.size == (2 * 16 * 2, 10 * 16 * 2)
+    vals = [e for e in _history(tmp_path / "whole") if "val_loss" in e]
+    assert [e["step"] for e in vals] == [2, 4] and all(0 <= e["sample_accuracy"] <= 1 for e in vals)
+
+
+def test_the_loss_falls_on_a_repeated_batch():
+    torch.manual_seed(0)
+    model = video_models.build_model("tiny")
+    from tome.data.clips import clip_batch
+
+    videos, labels = clip_batch(range(4), frames=2, size=16)
+    noise, sigmas = torch.randn_like(videos), torch.full((4,), 0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model((1 - 0.5) * videos + 0.5 * noise, sigmas, labels), noise - videos)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_final_folder_loads_and_samples_the_right_shape(tmp_path, capsys):
+    video_train.main(_argv(tmp_path))
+    folder = tmp_path / "final"
+    card = (folder / "README.md").read_text()
+    assert "python -m tome.tools.video_train --size tiny" in card and "| 4 |" in card
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "samples.png").is_file() and (folder / "log.jsonl").is_file()
+    assert (folder / "training.png").is_file()
+    model = video_models.load_model(folder)
+    from diffusers import WanTransformer3DModel
+
+    assert type(model.transformer) is WanTransformer3DModel
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    noise = torch.randn(3, 3, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 4, 9])
+    clips = video_models.sample(model, labels, noise, steps=3)
+    assert clips.shape == noise.shape and clips.abs().max() <= 1
+    assert torch.equal(clips, video_models.sample(model, labels, noise, steps=3))  # same noise, same clips
+    assert not torch.equal(clips, video_models.sample(model, torch.tensor([1, 4, 9]), noise, steps=3))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps must be >= 1, got 0"),
+    ({"guidance": 0.5}, "guidance must be >= 1, got 0.5"),
+    ({"labels": torch.tensor([0])}, r"labels must have shape \(2,\)"),
+])
+def test_bad_sampling_arguments_are_refused(kwargs, message):
+    model = video_models.build_model("tiny")
+    arguments = {"labels": torch.tensor([0, 1]), "noise": torch.randn(2, 3, 2, 16, 16), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        video_models.sample(model, **arguments)
+
+
+def test_bad_sizes_and_folders_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="size must be one of"):
+        video_models.build_model("huge")
+    with pytest.raises(FileNotFoundError, match="no class-conditioned Wan model"):
+        video_models.load_model(tmp_path)
+
+
+def test_a_run_is_never_overwritten_by_accident(tmp_path, capsys):
+    video_train.main(_argv(tmp_path, "--steps", "1", "--val-every", "1"))
+    with pytest.raises(ValueError, match="--resume auto.*--overwrite"):
+        video_train.main(_argv(tmp_path, "--steps", "1"))
+
+
+def test_registered_in_the_cli(tmp_path, capsys):
+    assert cli.main(["video-train", *_argv(tmp_path, "--steps", "1", "--val-every", "1")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
