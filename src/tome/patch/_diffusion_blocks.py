@@ -109,12 +109,15 @@ class ModelRow:
             such as ``Transformer2DModel`` inside a UNet, whose UNet reads it).
         video: Whether one sequence holds the tokens of every frame (Wan), so merging
             can cross frames; ``False`` where frames are batch entries to the blocks.
+        ids: The forward argument handed to ``grid`` beside the input latent
+            (``"img_ids"`` for Flux, ``"img_shapes"`` for Qwen-Image).
     """
 
     name: str
     blocks: Tuple[str, ...]
     grid: Optional[GridReader] = None
     video: bool = False
+    ids: str = "img_ids"
 
 
 _BLOCKS: Dict[str, BlockRow] = {}
@@ -226,6 +229,29 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     return (1, height, width) if height * width == sample.shape[1] else None
 
 
+def shapes_grid(model: nn.Module, sample: Any, shapes: Any) -> Optional[Grid]:
+    """Packed tokens ``(batch, tokens, channels)`` with ``img_shapes`` (Qwen-Image): a list
+    per batch entry of ``(frames, height, width)`` token grids, or one such triple, plain
+    Python ints, so no host sync. The sequence must be exactly that one grid.
+
+    Raises:
+        ValueError: if an entry lists more than one grid: reference images appended to the
+            latent sequence (Qwen-Image-Edit and Edit Plus) are not merged.
+    """
+    if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(shapes, (list, tuple)) and shapes):
+        return None
+    first = shapes[0] if isinstance(shapes, list) else shapes
+    grids = first if isinstance(first, list) else [first]
+    if len(grids) != 1:
+        raise ValueError(
+            f"{type(model).__name__} got {len(grids)} image grids per sample in img_shapes ({grids}): the pipeline "
+            "appends reference-image tokens to the latent sequence (Qwen-Image-Edit), which token merging does "
+            "not support; set ratio=0 (or tome.remove_patch) for this pipeline"
+        )
+    frames, height, width = (int(n) for n in grids[0])
+    return (frames, height, width) if frames * height * width == sample.shape[1] else None
+
+
 # --- rotary embeddings ------------------------------------------------------------------
 
 
@@ -319,3 +345,7 @@ register_model(ModelRow(
     "WanVACETransformer3DModel", ("WanTransformerBlock", "WanVACETransformerBlock"), video_grid, video=True,
 ))
 
+# Qwen-Image: joint attention over [text, image] (rotary applied to each stream before the
+# concatenation, so keys merge as rotated, as for Flux); the grid comes from img_shapes.
+register_block(BlockRow("QwenImageTransformerBlock", (Slot("attn", image_at="end"),)))
+register_model(ModelRow("QwenImageTransformer2DModel", ("QwenImageTransformerBlock",), shapes_grid, ids="img_shapes"))

@@ -1,0 +1,118 @@
+"""Token merging in today's image and video diffusion transformers beyond Flux and Wan:
+Qwen-Image (and more rows as they are added). Each: ratio 0 bit-identical, ``kv`` by
+default with self-attention really seeing fewer image keys at ratio 0.5 (text keys kept),
+and a small output change at a trained-like weight scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import tome
+
+diffusers = pytest.importorskip("diffusers")
+
+from conftest import trained_like_  # noqa: E402
+
+
+class _KeyLengths(TorchFunctionMode):
+    """Records the key length of every scaled_dot_product_attention call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            key = kwargs["key"] if "key" in kwargs else args[1]
+            self.lengths.append(key.shape[-2])
+        return func(*args, **kwargs)
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def _smooth(batch, channels, height, width, gen):
+    coarse = torch.randn(batch, channels, height // 4, width // 4, generator=gen)
+    latent = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return latent + 0.1 * torch.randn(latent.shape, generator=gen)
+
+
+def _check(model, inputs, video_keys, text_keys, blocks, tolerance=0.05):
+    """Ratio 0 bit-identical; ratio 0.5 in kv mode: every attention over
+    ``text_keys + video_keys // 2`` keys, output moved by a little; removed: identical again."""
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.0)
+    assert model.mode == "kv"
+    assert torch.equal(_run(model, inputs), want)
+    model.ratio = 0.5
+    assert model._tome_info["merging_blocks"] == blocks
+    spy = _KeyLengths()
+    with spy, torch.no_grad():
+        got = model(**inputs).sample
+    assert spy.lengths == [text_keys + video_keys - video_keys // 2] * blocks, spy.lengths
+    error = ((got - want).norm() / want.norm()).item()
+    assert not torch.equal(got, want) and error < tolerance, error
+    tome.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)
+
+
+# --- Qwen-Image -----------------------------------------------------------------------------
+
+
+def make_qwen(layers=2):
+    from diffusers import QwenImageTransformer2DModel
+
+    return trained_like_(QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(4, 6, 6),
+    )).eval()
+
+
+def qwen_inputs(batch=2, height=16, width=16, seed=0, mask=None, shapes=None):
+    """Latents (batch, 4, h, w) packed 2 x 2 as the pipeline does: (batch, h/2 * w/2, 16)."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = _smooth(batch, 4, height, width, gen)
+    packed = latent.view(batch, 4, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    packed = packed.reshape(batch, (height // 2) * (width // 2), 16)
+    return dict(hidden_states=packed, encoder_hidden_states=torch.randn(batch, 5, 12, generator=gen),
+                encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5] * batch),
+                img_shapes=shapes or [[(1, height // 2, width // 2)]] * batch)
+
+
+def test_qwen_image_merges_the_image_keys_of_its_joint_attention():
+    _check(make_qwen(), qwen_inputs(), video_keys=64, text_keys=5, blocks=2)
+
+
+def test_qwen_image_with_padded_text_keeps_the_text_mask():
+    """The pipeline passes a text mask when prompts differ in length: the merged keys keep
+    it, so padding text keys stay unseen (a padded key changed would change the output)."""
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    model = make_qwen()
+    inputs = qwen_inputs(mask=mask)
+    _check(model, inputs, video_keys=64, text_keys=5, blocks=2)
+    tome.patch.diffusers(model, ratio=0.5)
+    want = _run(model, inputs)
+    inputs["encoder_hidden_states"][1, 3:] = 100.0  # the padding: masked, so it changes nothing of sample 1
+    torch.testing.assert_close(_run(model, inputs)[1], want[1])
+
+
+def test_qwen_image_edit_reference_tokens_are_refused():
+    """Qwen-Image-Edit appends the reference image's tokens to the latent sequence
+    (two grids per sample in img_shapes): refused with a ValueError naming the shapes."""
+    model = make_qwen()
+    inputs = qwen_inputs()
+    shapes = [[(1, 8, 8), (1, 4, 4)]] * 2
+    gen = torch.Generator().manual_seed(1)
+    inputs.update(hidden_states=torch.cat([inputs["hidden_states"], torch.randn(2, 16, 16, generator=gen)], 1),
+                  img_shapes=shapes)
+    tome.patch.diffusers(model, ratio=0.0)
+    _run(model, inputs)  # ratio 0: the model as it was
+    model.ratio = 0.5
+    with pytest.raises(ValueError, match=r"2 image grids per sample .*Qwen-Image-Edit"):
+        _run(model, inputs)
