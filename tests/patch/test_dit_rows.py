@@ -43,11 +43,12 @@ def _smooth(batch, channels, height, width, gen):
     return latent + 0.1 * torch.randn(latent.shape, generator=gen)
 
 
-def _check(model, inputs, video_keys, text_keys, blocks, tolerance=0.05):
-    """Ratio 0 bit-identical; ratio 0.5 in kv mode: every attention over
-    ``text_keys + video_keys // 2`` keys, output moved by a little; removed: identical again."""
+def _check(model, inputs, video_keys, text_keys, blocks, before=(), tolerance=0.05, **options):
+    """Ratio 0 bit-identical; ratio 0.5 in kv mode: every merging attention over
+    ``text_keys + video_keys // 2`` keys (after the unmerged calls ``before``), output moved
+    by a little; removed: identical again."""
     want = _run(model, inputs)
-    tome.patch.diffusers(model, ratio=0.0)
+    tome.patch.diffusers(model, ratio=0.0, **options)
     assert model.mode == "kv"
     assert torch.equal(_run(model, inputs), want)
     model.ratio = 0.5
@@ -55,7 +56,7 @@ def _check(model, inputs, video_keys, text_keys, blocks, tolerance=0.05):
     spy = _KeyLengths()
     with spy, torch.no_grad():
         got = model(**inputs).sample
-    assert spy.lengths == [text_keys + video_keys - video_keys // 2] * blocks, spy.lengths
+    assert spy.lengths == list(before) + [text_keys + video_keys - video_keys // 2] * blocks, spy.lengths
     error = ((got - want).norm() / want.norm()).item()
     assert not torch.equal(got, want) and error < tolerance, error
     tome.remove_patch(model)
@@ -116,3 +117,32 @@ def test_qwen_image_edit_reference_tokens_are_refused():
     model.ratio = 0.5
     with pytest.raises(ValueError, match=r"2 image grids per sample .*Qwen-Image-Edit"):
         _run(model, inputs)
+
+
+# --- HunyuanVideo ---------------------------------------------------------------------------
+
+
+def _smooth_video(batch, channels, frames, height, width, gen):
+    coarse = torch.randn(batch, channels, max(frames // 2, 1), height // 4, width // 4, generator=gen)
+    latent = F.interpolate(coarse, size=(frames, height, width), mode="trilinear", align_corners=False)
+    return latent + 0.1 * torch.randn(latent.shape, generator=gen)
+
+
+@pytest.mark.parametrize("image_condition_type", [None, "token_replace"], ids=["t2v", "i2v_token_replace"])
+def test_hunyuan_video_merges_the_video_keys_of_its_dual_and_single_blocks(image_condition_type):
+    """[video, text] in every block, text padded by a key mask (the second prompt is shorter)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = trained_like_(HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=12,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=False,
+        image_condition_type=image_condition_type,
+    )).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
+                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+                  pooled_projections=torch.randn(2, 8, generator=gen))
+    # first the text refiner's self-attention over the 5 text tokens, left alone
+    _check(model, inputs, video_keys=4 * 8 * 8, text_keys=5, blocks=2, before=[5], st=2)

@@ -185,7 +185,8 @@ def patch_sizes(model: nn.Module) -> Tuple[int, int, int]:
     patch = getattr(getattr(model, "config", None), "patch_size", None) or 1
     if isinstance(patch, (tuple, list)):
         return (int(patch[0]), int(patch[1]), int(patch[2])) if len(patch) == 3 else (1, int(patch[0]), int(patch[1]))
-    return (1, int(patch), int(patch))
+    frames = getattr(model.config, "patch_size_t", None) or 1  # HunyuanVideo, CogVideoX 1.5
+    return (int(frames), int(patch), int(patch))
 
 
 def image_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
@@ -349,3 +350,12 @@ register_model(ModelRow(
 # concatenation, so keys merge as rotated, as for Flux); the grid comes from img_shapes.
 register_block(BlockRow("QwenImageTransformerBlock", (Slot("attn", image_at="end"),)))
 register_model(ModelRow("QwenImageTransformer2DModel", ("QwenImageTransformerBlock",), shapes_grid, ids="img_shapes"))
+# HunyuanVideo: [video, text] in both its dual- and single-stream blocks (the text keys padded
+# by a key mask, merged with the keys); 3-D rotary applied to the video part before the
+# attention call, so keys merge as rotated. The image-to-video variants keep the same
+# sequence (latent_concat adds channels; token_replace modulates the first frame differently).
+_HUNYUAN = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock",
+            "HunyuanVideoTokenReplaceTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock")
+for _name in _HUNYUAN:
+    register_block(BlockRow(_name, (Slot("attn"),)))
+register_model(ModelRow("HunyuanVideoTransformer3DModel", _HUNYUAN, video_grid, video=True))
