@@ -146,3 +146,49 @@ def test_hunyuan_video_merges_the_video_keys_of_its_dual_and_single_blocks(image
                   pooled_projections=torch.randn(2, 8, generator=gen))
     # first the text refiner's self-attention over the 5 text tokens, left alone
     _check(model, inputs, video_keys=4 * 8 * 8, text_keys=5, blocks=2, before=[5], st=2)
+
+
+# --- LTX-Video ------------------------------------------------------------------------------
+
+
+def make_ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    return trained_like_(LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=24, cross_attention_dim=48,
+        num_layers=2, caption_channels=12,
+    )).eval()
+
+
+def ltx_inputs(frames=4, height=8, width=8, seed=0):
+    """Latents packed as the pipeline does (patch size 1): (batch, frames * height * width, channels)."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = _smooth_video(2, 4, frames, height * 2, width * 2, gen)[..., ::2, ::2]
+    return dict(hidden_states=latent.flatten(2).transpose(1, 2), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
+                encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+                num_frames=frames, height=height, width=width)
+
+
+def test_ltx_video_merges_the_keys_of_its_video_self_attention():
+    # per block: self-attention merged, then cross-attention over the 5 text tokens (left alone)
+    model, inputs = make_ltx(), ltx_inputs()
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.5, st=2)
+    spy = _KeyLengths()
+    with spy, torch.no_grad():
+        got = model(**inputs).sample
+    assert spy.lengths == [4 * 8 * 8 // 2, 5] * 2
+    error = ((got - want).norm() / want.norm()).item()
+    assert 0 < error < 0.05, error
+    model.ratio = 0.0
+    assert torch.equal(_run(model, inputs), want)
+
+
+def test_ltx_video_condition_tokens_are_refused():
+    model, inputs = make_ltx(), ltx_inputs()
+    gen = torch.Generator().manual_seed(1)
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"], torch.randn(2, 16, 4, generator=gen)], 1)
+    tome.patch.diffusers(model, ratio=0.5)
+    with pytest.raises(ValueError, match=r"272 tokens for a 4 x 8 x 8 grid.*LTXConditionPipeline"):
+        _run(model, inputs)

@@ -46,7 +46,7 @@ import inspect
 import math
 import re
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -636,7 +636,7 @@ class ToMeDiffusersModelMixin:
     _tome_patch: Tuple[int, int, int] = (1, 1, 1)  # latent pixels per token: frames, height, width
     _tome_kwargs_name: str = "cross_attention_kwargs"
     _tome_input: str = "sample"
-    _tome_ids: str = "img_ids"  # the argument the grid reader gets beside the input (ModelRow.ids)
+    _tome_ids: Union[str, Tuple[str, ...]] = "img_ids"  # the argument(s) the grid reader gets (ModelRow.ids)
     _tome_owner: Optional[_Owner] = None
 
     @with_parent_signature
@@ -645,7 +645,11 @@ class ToMeDiffusersModelMixin:
         if settings.ratio == 0:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         sample, _ = _get_arg(self, args, kwargs, self._tome_input)
-        ids, _ = _get_arg(self, args, kwargs, self._tome_ids)
+        names = self._tome_ids
+        if isinstance(names, str):
+            ids, _ = _get_arg(self, args, kwargs, names)
+        else:  # several arguments (LTX-Video: num_frames, height, width)
+            ids = tuple(_get_arg(self, args, kwargs, name)[0] for name in names)
         grid = self._tome_grid_reader(self, sample, ids)  # type: ignore[attr-defined]
         if grid is None:
             self._tome_no_grid(sample)
@@ -949,7 +953,8 @@ def _patch_denoiser(prepared: _Prepared) -> nn.Module:
     row = _rows.model_row(denoiser)
     ids = row.ids if row is not None else "img_ids"
     object.__setattr__(denoiser, "_tome_ids", ids)
-    object.__setattr__(denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", ids, kwargs_name))
+    names = (ids,) if isinstance(ids, str) else ids
+    object.__setattr__(denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", *names, kwargs_name))
     for key, (_, block, spatial, _) in enumerate(prepared.blocks):
         row = _rows.block_row(block)
         if row.merges_in_block:  # type: ignore[union-attr]

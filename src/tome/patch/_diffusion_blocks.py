@@ -21,7 +21,7 @@ imported here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -110,14 +110,15 @@ class ModelRow:
         video: Whether one sequence holds the tokens of every frame (Wan), so merging
             can cross frames; ``False`` where frames are batch entries to the blocks.
         ids: The forward argument handed to ``grid`` beside the input latent
-            (``"img_ids"`` for Flux, ``"img_shapes"`` for Qwen-Image).
+            (``"img_ids"`` for Flux, ``"img_shapes"`` for Qwen-Image), or several, whose
+            values are handed as a tuple (LTX-Video's ``num_frames``, ``height``, ``width``).
     """
 
     name: str
     blocks: Tuple[str, ...]
     grid: Optional[GridReader] = None
     video: bool = False
-    ids: str = "img_ids"
+    ids: Union[str, Tuple[str, ...]] = "img_ids"
 
 
 _BLOCKS: Dict[str, BlockRow] = {}
@@ -253,6 +254,27 @@ def shapes_grid(model: nn.Module, sample: Any, shapes: Any) -> Optional[Grid]:
     return (frames, height, width) if frames * height * width == sample.shape[1] else None
 
 
+def sizes_grid(model: nn.Module, sample: Any, sizes: Any) -> Optional[Grid]:
+    """Packed tokens ``(batch, tokens, channels)`` with the token grid given as the forward's
+    ``(num_frames, height, width)`` ints (LTX-Video, whose rotary embedding reads them too).
+
+    Raises:
+        ValueError: if the sequence holds more tokens than the grid: condition tokens
+            appended to the latent sequence (LTX's condition pipeline) are not merged.
+    """
+    if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(sizes, tuple)
+            and all(isinstance(n, int) for n in sizes)):
+        return None
+    frames, height, width = sizes
+    if sample.shape[1] > frames * height * width:
+        raise ValueError(
+            f"{type(model).__name__} got {sample.shape[1]} tokens for a {frames} x {height} x {width} grid: the "
+            "pipeline appends condition tokens to the latent sequence (LTXConditionPipeline), which token merging "
+            "does not support; set ratio=0 (or tome.remove_patch) for this pipeline"
+        )
+    return (frames, height, width) if frames * height * width == sample.shape[1] else None
+
+
 # --- rotary embeddings ------------------------------------------------------------------
 
 
@@ -359,3 +381,8 @@ _HUNYUAN = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"
 for _name in _HUNYUAN:
     register_block(BlockRow(_name, (Slot("attn"),)))
 register_model(ModelRow("HunyuanVideoTransformer3DModel", _HUNYUAN, video_grid, video=True))
+# LTX-Video: attn1 attends over the video tokens only, rotary applied before the attention
+# call (keys merge as rotated); attn2 is cross-attention to text, left alone.
+register_block(BlockRow("LTXVideoTransformerBlock", (Slot("attn1"),)))
+register_model(ModelRow("LTXVideoTransformer3DModel", ("LTXVideoTransformerBlock",), sizes_grid, video=True,
+                        ids=("num_frames", "height", "width")))
