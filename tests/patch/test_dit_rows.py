@@ -192,3 +192,38 @@ def test_ltx_video_condition_tokens_are_refused():
     tome.patch.diffusers(model, ratio=0.5)
     with pytest.raises(ValueError, match=r"272 tokens for a 4 x 8 x 8 grid.*LTXConditionPipeline"):
         _run(model, inputs)
+
+
+# --- Sana -----------------------------------------------------------------------------------
+
+
+def test_sana_linear_attention_runs_on_merged_tokens():
+    """Sana's self-attention is linear (no softmax to merge keys in): mode tokens is its
+    default, and the attention's projections see half the image tokens."""
+    from diffusers import SanaTransformer2DModel
+
+    model = trained_like_(SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=12,
+        sample_size=16, patch_size=2,
+    )).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=_smooth(2, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 5, 12, generator=gen))
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.0)
+    assert model.mode == "tokens" and torch.equal(_run(model, inputs), want)
+    seen = []
+    hooks = [block.attn1.to_q.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+             for block in model.transformer_blocks]
+    model.ratio = 0.5
+    got = _run(model, inputs)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [8 * 8 // 2] * 2
+    error = ((got - want).norm() / want.norm()).item()
+    assert 0 < error < 0.2, error
+    with pytest.raises(ValueError, match="mode='kv'"):
+        tome.patch.diffusers(model, ratio=0.5, mode="kv")
+    tome.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)

@@ -840,8 +840,10 @@ def _merging_rows(denoiser: nn.Module) -> List[_rows.BlockRow]:
 
 def _default_mode(denoiser: nn.Module) -> str:
     """``"tokens"`` where every merging block computes its merge (``BasicTransformerBlock``:
-    UNets, PixArt), else ``"kv"`` (joint attention of SD3 and Flux, Wan's video attention)."""
-    return "tokens" if all(row.merges_in_block for row in _merging_rows(denoiser)) else "kv"
+    UNets, PixArt) or where a block cannot merge keys (Sana's linear attention), else ``"kv"``
+    (joint attention of SD3 and Flux, Wan's video attention)."""
+    rows = _merging_rows(denoiser)
+    return "tokens" if all(row.merges_in_block for row in rows) or any("kv" not in row.modes for row in rows) else "kv"
 
 
 def _check_mode(denoiser: nn.Module, settings: DiffusionSettings) -> None:

@@ -386,3 +386,8 @@ register_model(ModelRow("HunyuanVideoTransformer3DModel", _HUNYUAN, video_grid, 
 register_block(BlockRow("LTXVideoTransformerBlock", (Slot("attn1"),)))
 register_model(ModelRow("LTXVideoTransformer3DModel", ("LTXVideoTransformerBlock",), sizes_grid, video=True,
                         ids=("num_frames", "height", "width")))
+# Sana: attn1 is ReLU linear attention (no softmax, no scaled_dot_product_attention), so its
+# keys cannot merge inside the softmax: it runs on merged tokens (mode "tokens" only), which
+# shortens its O(tokens) cost; attn2 (text) is left alone. No rotary embedding.
+register_block(BlockRow("SanaTransformerBlock", (Slot("attn1"),), modes=("tokens",)))
+register_model(ModelRow("SanaTransformer2DModel", ("SanaTransformerBlock",), image_grid))
