@@ -227,3 +227,37 @@ def test_sana_linear_attention_runs_on_merged_tokens():
         tome.patch.diffusers(model, ratio=0.5, mode="kv")
     tome.remove_patch(model)
     assert torch.equal(_run(model, inputs), want)
+
+
+# --- Mochi ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_rand", [False, True])
+def test_mochi_merges_the_video_keys_of_its_per_sample_joint_attention(use_rand):
+    """Mochi attends over [video, valid text] one sample at a time: the second prompt has 3
+    valid tokens of 5, so its calls see 3 text keys."""
+    from diffusers import MochiTransformer3DModel
+
+    model = trained_like_(MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=24, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
+    )).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.0, use_rand=use_rand, st=2)
+    assert model.mode == "kv" and torch.equal(_run(model, inputs), want)
+    model.ratio = 0.5
+    spy = _KeyLengths()
+    with spy, torch.no_grad():
+        got = model(**inputs).sample
+    video = 4 * 8 * 8
+    assert spy.lengths == [6] + [video // 2 + 5, video // 2 + 3] * 2  # first: the caption's attention pooling
+    error = ((got - want).norm() / want.norm()).item()
+    # ~0.08-0.10 here (0.01-0.05 for Wan, LTX, HunyuanVideo at this size): Mochi's learned rotary
+    # frequencies, redrawn at a trained-like scale, differ between neighbouring keys more
+    assert 0 < error < 0.15, error
+    tome.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)

@@ -391,3 +391,7 @@ register_model(ModelRow("LTXVideoTransformer3DModel", ("LTXVideoTransformerBlock
 # shortens its O(tokens) cost; attn2 (text) is left alone. No rotary embedding.
 register_block(BlockRow("SanaTransformerBlock", (Slot("attn1"),), modes=("tokens",)))
 register_model(ModelRow("SanaTransformer2DModel", ("SanaTransformerBlock",), image_grid))
+# Mochi: joint attention over [video, text], run one sample at a time with that sample's
+# valid text tokens; 3-D rotary applied to the video keys before the call (keys merge as rotated).
+register_block(BlockRow("MochiTransformerBlock", (Slot("attn1"),)))
+register_model(ModelRow("MochiTransformer3DModel", ("MochiTransformerBlock",), video_grid, video=True))
