@@ -1,7 +1,8 @@
 """Token merging in today's image and video diffusion transformers beyond Flux and Wan:
-Qwen-Image (and more rows as they are added). Each: ratio 0 bit-identical, ``kv`` by
-default with self-attention really seeing fewer image keys at ratio 0.5 (text keys kept),
-and a small output change at a trained-like weight scale."""
+Qwen-Image, HunyuanVideo, LTX-Video, Sana and Mochi. Each: ratio 0 bit-identical, ``kv`` by
+default with self-attention really seeing fewer image keys at ratio 0.5 (text keys kept;
+Sana: its linear attention on fewer tokens), a small output change at a trained-like
+weight scale, and pipelines that append reference or condition tokens refused."""
 
 from __future__ import annotations
 
