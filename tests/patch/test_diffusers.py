@@ -265,13 +265,46 @@ def test_kv_mode_is_lossless_on_exact_duplicates():
         assert (model(noisy).sample - unmerged).abs().max() > 1e-3  # and it does merge
 
 
-def test_kv_mode_refuses_a_self_attention_mask():
+def test_kv_mode_refuses_a_self_attention_mask_over_queries_and_keys():
     model = _duplicated_transformer()
     tome.patch.diffusers(model, ratio=0.5, mode="kv")
     block = model.transformer_blocks[0]
-    with pytest.raises(ValueError, match="attention mask"):
-        block.attn1(torch.randn(1, 16, 16), attention_mask=torch.zeros(1, 1, 16),
+    with pytest.raises(ValueError, match="attention mask over queries and keys"):
+        block.attn1(torch.randn(1, 16, 16), attention_mask=torch.zeros(1, 16, 16),
                     tome=block._tome_plan(torch.randn(1, 16, 16), _step_for(model, 4, 4)))
+
+
+def test_kv_mode_carries_a_key_mask_onto_the_merged_keys():
+    """A mask over keys only (one row for every query) is merged with the keys: on tokens
+    repeated over 2 x 2 cells, whose merge changes nothing, a masked-out cell stays out."""
+    model = _duplicated_transformer()
+    block = model.transformer_blocks[0]
+    cells = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
+    x = cells.view(1, 2, 2, 16).repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(1, 16, 16)
+    mask = torch.zeros(1, 1, 16)
+    mask[..., x.new_tensor([0, 1, 4, 5]).long()] = -1e4  # the first 2 x 2 cell masked out
+    with torch.no_grad():
+        want = block.attn1(x, attention_mask=mask)
+        tome.patch.diffusers(model, ratio=0.75, mode="kv", use_rand=False)
+        with _KeySizes() as sizes:
+            got = block.attn1(x, attention_mask=mask, tome=block._tome_plan(x, _step_for(model, 4, 4)))
+    assert sizes == [4]  # one key per cell: it merged
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+class _KeySizes(torch.overrides.TorchFunctionMode):
+    """The key lengths of the scaled_dot_product_attention calls made inside it (a list)."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.sizes = []
+        return self.sizes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.sizes.append((kwargs["key"] if "key" in kwargs else args[1]).shape[-2])
+        return func(*args, **kwargs)
 
 
 def _step_for(model, height, width):

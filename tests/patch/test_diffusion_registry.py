@@ -55,7 +55,7 @@ def test_every_diffusers_transformer_is_registered_or_refused(name):
 def test_the_registered_transformers_are_the_supported_list():
     registered = {name for name in _TRANSFORMERS if name in rows.supported_models()}
     assert registered == {"CogVideoXTransformer3DModel", "DiTTransformer2DModel", "FluxTransformer2DModel", "PixArtTransformer2DModel",
-                          "SD3Transformer2DModel", "Transformer2DModel", "WanTransformer3DModel",
+                          "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "QwenImageTransformer2DModel", "MochiTransformer3DModel", "SD3Transformer2DModel", "SanaTransformer2DModel", "Transformer2DModel", "WanTransformer3DModel",
                           "WanVACETransformer3DModel"}
 
 

@@ -46,7 +46,7 @@ import inspect
 import math
 import re
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -303,11 +303,13 @@ class _MergedKeysAttention(TorchFunctionMode):
                 attn_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         s = self.settings
         total, image = key.shape[-2], math.prod(self.grid)
-        if attn_mask is not None or kwargs.get("is_causal") or args or image > total or key.dim() != 4:
+        key_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1 and (
+            attn_mask.shape[-1] == total)  # a mask over keys only (text padding: Qwen-Image)
+        if (attn_mask is not None and not key_mask) or kwargs.get("is_causal") or args or image > total or key.dim() != 4:
             if attn_mask is not None:
                 raise ValueError(
-                    "mode='kv' cannot merge the keys of an attention that is given an attention mask; "
-                    "use mode='tokens' (UNets, PixArt) or ratio=0 for this call"
+                    "mode='kv' cannot merge the keys of an attention that is given an attention mask over queries "
+                    f"and keys (shape {tuple(attn_mask.shape)}); use mode='tokens' (UNets, PixArt) or ratio=0 for this call"
                 )
             return func(query, key, value, attn_mask, *args, **kwargs)
         start = 0 if self.image_at == "start" else total - image
@@ -335,6 +337,14 @@ class _MergedKeysAttention(TorchFunctionMode):
         text = total - image
         pad = bias.new_zeros(batch, text)
         bias = torch.cat([pad[:, : start], bias, pad[:, start:]] if start else [bias, pad], dim=1)[:, None, None, :]
+        if attn_mask is not None:  # a key mask: merged keys keep the mask of their group
+            mask = attn_mask.expand(batch, attn_mask.shape[1], 1, total)  # per head or for all heads
+            part = mask[:, :, 0, start : start + image].transpose(1, 2).float()  # (batch, image, mask heads)
+            part = assignment.merge(part, mode="amax" if attn_mask.dtype == torch.bool else "mean")
+            full = torch.cat([mask[..., :start].float(), part.transpose(1, 2)[:, :, None],
+                              mask[..., start + image :].float()], dim=-1)
+            bias = bias.masked_fill(full == 0, float("-inf")) if attn_mask.dtype == torch.bool else bias + full
+            return func(query, merged_key, merged(value), bias.to(query.dtype), **kwargs)
         if set(kwargs) <= {"dropout_p", "scale", "is_causal", "enable_gqa"} and not kwargs.get("enable_gqa"):
             # Sizes are >= 1, so the bias is finite: attention() folds it into a query/key
             # channel where tome.set_prop_attn_kernel says so (CUDA by default), keeping every
@@ -626,6 +636,7 @@ class ToMeDiffusersModelMixin:
     _tome_patch: Tuple[int, int, int] = (1, 1, 1)  # latent pixels per token: frames, height, width
     _tome_kwargs_name: str = "cross_attention_kwargs"
     _tome_input: str = "sample"
+    _tome_ids: Union[str, Tuple[str, ...]] = "img_ids"  # the argument(s) the grid reader gets (ModelRow.ids)
     _tome_owner: Optional[_Owner] = None
 
     @with_parent_signature
@@ -634,7 +645,11 @@ class ToMeDiffusersModelMixin:
         if settings.ratio == 0:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         sample, _ = _get_arg(self, args, kwargs, self._tome_input)
-        ids, _ = _get_arg(self, args, kwargs, "img_ids")
+        names = self._tome_ids
+        if isinstance(names, str):
+            ids, _ = _get_arg(self, args, kwargs, names)
+        else:  # several arguments (LTX-Video: num_frames, height, width)
+            ids = tuple(_get_arg(self, args, kwargs, name)[0] for name in names)
         grid = self._tome_grid_reader(self, sample, ids)  # type: ignore[attr-defined]
         if grid is None:
             self._tome_no_grid(sample)
@@ -825,8 +840,10 @@ def _merging_rows(denoiser: nn.Module) -> List[_rows.BlockRow]:
 
 def _default_mode(denoiser: nn.Module) -> str:
     """``"tokens"`` where every merging block computes its merge (``BasicTransformerBlock``:
-    UNets, PixArt), else ``"kv"`` (joint attention of SD3 and Flux, Wan's video attention)."""
-    return "tokens" if all(row.merges_in_block for row in _merging_rows(denoiser)) else "kv"
+    UNets, PixArt) or where a block cannot merge keys (Sana's linear attention), else ``"kv"``
+    (joint attention of SD3 and Flux, Wan's video attention)."""
+    rows = _merging_rows(denoiser)
+    return "tokens" if all(row.merges_in_block for row in rows) or any("kv" not in row.modes for row in rows) else "kv"
 
 
 def _check_mode(denoiser: nn.Module, settings: DiffusionSettings) -> None:
@@ -935,9 +952,11 @@ def _patch_denoiser(prepared: _Prepared) -> nn.Module:
     object.__setattr__(denoiser, "_tome_input", parameters[0])
     kwargs_name = "joint_attention_kwargs" if "joint_attention_kwargs" in parameters else "cross_attention_kwargs"
     object.__setattr__(denoiser, "_tome_kwargs_name", kwargs_name)
-    object.__setattr__(
-        denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", "img_ids", kwargs_name)
-    )
+    row = _rows.model_row(denoiser)
+    ids = row.ids if row is not None else "img_ids"
+    object.__setattr__(denoiser, "_tome_ids", ids)
+    names = (ids,) if isinstance(ids, str) else ids
+    object.__setattr__(denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", *names, kwargs_name))
     for key, (_, block, spatial, _) in enumerate(prepared.blocks):
         row = _rows.block_row(block)
         if row.merges_in_block:  # type: ignore[union-attr]
@@ -1082,7 +1101,7 @@ register(FamilySpec(
     priority=5,
     instance_attrs=(
         "_tome_settings", "_tome_lowest_level", "_tome_patch", "_tome_grid_reader", "_tome_rotary", "_tome_spatial",
-        "_tome_block_key", "_tome_role", "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_kwargs_name", "_tome_image_at", "_tome_owner",
+        "_tome_block_key", "_tome_role", "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_ids", "_tome_kwargs_name", "_tome_image_at", "_tome_owner",
     ),
     no_merging={"ratio": 0.0},
     parts=_parts,

@@ -21,7 +21,7 @@ imported here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -109,12 +109,16 @@ class ModelRow:
             such as ``Transformer2DModel`` inside a UNet, whose UNet reads it).
         video: Whether one sequence holds the tokens of every frame (Wan), so merging
             can cross frames; ``False`` where frames are batch entries to the blocks.
+        ids: The forward argument handed to ``grid`` beside the input latent
+            (``"img_ids"`` for Flux, ``"img_shapes"`` for Qwen-Image), or several, whose
+            values are handed as a tuple (LTX-Video's ``num_frames``, ``height``, ``width``).
     """
 
     name: str
     blocks: Tuple[str, ...]
     grid: Optional[GridReader] = None
     video: bool = False
+    ids: Union[str, Tuple[str, ...]] = "img_ids"
 
 
 _BLOCKS: Dict[str, BlockRow] = {}
@@ -182,7 +186,8 @@ def patch_sizes(model: nn.Module) -> Tuple[int, int, int]:
     patch = getattr(getattr(model, "config", None), "patch_size", None) or 1
     if isinstance(patch, (tuple, list)):
         return (int(patch[0]), int(patch[1]), int(patch[2])) if len(patch) == 3 else (1, int(patch[0]), int(patch[1]))
-    return (1, int(patch), int(patch))
+    frames = getattr(model.config, "patch_size_t", None) or 1  # HunyuanVideo, CogVideoX 1.5
+    return (int(frames), int(patch), int(patch))
 
 
 def image_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
@@ -224,6 +229,50 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     ids = ids.reshape(-1, 3)
     height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
     return (1, height, width) if height * width == sample.shape[1] else None
+
+
+def shapes_grid(model: nn.Module, sample: Any, shapes: Any) -> Optional[Grid]:
+    """Packed tokens ``(batch, tokens, channels)`` with ``img_shapes`` (Qwen-Image): a list
+    per batch entry of ``(frames, height, width)`` token grids, or one such triple, plain
+    Python ints, so no host sync. The sequence must be exactly that one grid.
+
+    Raises:
+        ValueError: if an entry lists more than one grid: reference images appended to the
+            latent sequence (Qwen-Image-Edit and Edit Plus) are not merged.
+    """
+    if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(shapes, (list, tuple)) and shapes):
+        return None
+    first = shapes[0] if isinstance(shapes, list) else shapes
+    grids = first if isinstance(first, list) else [first]
+    if len(grids) != 1:
+        raise ValueError(
+            f"{type(model).__name__} got {len(grids)} image grids per sample in img_shapes ({grids}): the pipeline "
+            "appends reference-image tokens to the latent sequence (Qwen-Image-Edit), which token merging does "
+            "not support; set ratio=0 (or tome.remove_patch) for this pipeline"
+        )
+    frames, height, width = (int(n) for n in grids[0])
+    return (frames, height, width) if frames * height * width == sample.shape[1] else None
+
+
+def sizes_grid(model: nn.Module, sample: Any, sizes: Any) -> Optional[Grid]:
+    """Packed tokens ``(batch, tokens, channels)`` with the token grid given as the forward's
+    ``(num_frames, height, width)`` ints (LTX-Video, whose rotary embedding reads them too).
+
+    Raises:
+        ValueError: if the sequence holds more tokens than the grid: condition tokens
+            appended to the latent sequence (LTX's condition pipeline) are not merged.
+    """
+    if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(sizes, tuple)
+            and all(isinstance(n, int) for n in sizes)):
+        return None
+    frames, height, width = sizes
+    if sample.shape[1] > frames * height * width:
+        raise ValueError(
+            f"{type(model).__name__} got {sample.shape[1]} tokens for a {frames} x {height} x {width} grid: the "
+            "pipeline appends condition tokens to the latent sequence (LTXConditionPipeline), which token merging "
+            "does not support; set ratio=0 (or tome.remove_patch) for this pipeline"
+        )
+    return (frames, height, width) if frames * height * width == sample.shape[1] else None
 
 
 # --- rotary embeddings ------------------------------------------------------------------
@@ -319,3 +368,30 @@ register_model(ModelRow(
     "WanVACETransformer3DModel", ("WanTransformerBlock", "WanVACETransformerBlock"), video_grid, video=True,
 ))
 
+# Qwen-Image: joint attention over [text, image] (rotary applied to each stream before the
+# concatenation, so keys merge as rotated, as for Flux); the grid comes from img_shapes.
+register_block(BlockRow("QwenImageTransformerBlock", (Slot("attn", image_at="end"),)))
+register_model(ModelRow("QwenImageTransformer2DModel", ("QwenImageTransformerBlock",), shapes_grid, ids="img_shapes"))
+# HunyuanVideo: [video, text] in both its dual- and single-stream blocks (the text keys padded
+# by a key mask, merged with the keys); 3-D rotary applied to the video part before the
+# attention call, so keys merge as rotated. The image-to-video variants keep the same
+# sequence (latent_concat adds channels; token_replace modulates the first frame differently).
+_HUNYUAN = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock",
+            "HunyuanVideoTokenReplaceTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock")
+for _name in _HUNYUAN:
+    register_block(BlockRow(_name, (Slot("attn"),)))
+register_model(ModelRow("HunyuanVideoTransformer3DModel", _HUNYUAN, video_grid, video=True))
+# LTX-Video: attn1 attends over the video tokens only, rotary applied before the attention
+# call (keys merge as rotated); attn2 is cross-attention to text, left alone.
+register_block(BlockRow("LTXVideoTransformerBlock", (Slot("attn1"),)))
+register_model(ModelRow("LTXVideoTransformer3DModel", ("LTXVideoTransformerBlock",), sizes_grid, video=True,
+                        ids=("num_frames", "height", "width")))
+# Sana: attn1 is ReLU linear attention (no softmax, no scaled_dot_product_attention), so its
+# keys cannot merge inside the softmax: it runs on merged tokens (mode "tokens" only), which
+# shortens its O(tokens) cost; attn2 (text) is left alone. No rotary embedding.
+register_block(BlockRow("SanaTransformerBlock", (Slot("attn1"),), modes=("tokens",)))
+register_model(ModelRow("SanaTransformer2DModel", ("SanaTransformerBlock",), image_grid))
+# Mochi: joint attention over [video, text], run one sample at a time with that sample's
+# valid text tokens; 3-D rotary applied to the video keys before the call (keys merge as rotated).
+register_block(BlockRow("MochiTransformerBlock", (Slot("attn1"),)))
+register_model(ModelRow("MochiTransformer3DModel", ("MochiTransformerBlock",), video_grid, video=True))

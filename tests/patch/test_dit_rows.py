@@ -1,0 +1,264 @@
+"""Token merging in today's image and video diffusion transformers beyond Flux and Wan:
+Qwen-Image, HunyuanVideo, LTX-Video, Sana and Mochi. Each: ratio 0 bit-identical, ``kv`` by
+default with self-attention really seeing fewer image keys at ratio 0.5 (text keys kept;
+Sana: its linear attention on fewer tokens), a small output change at a trained-like
+weight scale, and pipelines that append reference or condition tokens refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import tome
+
+diffusers = pytest.importorskip("diffusers")
+
+from conftest import trained_like_  # noqa: E402
+
+
+class _KeyLengths(TorchFunctionMode):
+    """Records the key length of every scaled_dot_product_attention call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            key = kwargs["key"] if "key" in kwargs else args[1]
+            self.lengths.append(key.shape[-2])
+        return func(*args, **kwargs)
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def _smooth(batch, channels, height, width, gen):
+    coarse = torch.randn(batch, channels, height // 4, width // 4, generator=gen)
+    latent = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return latent + 0.1 * torch.randn(latent.shape, generator=gen)
+
+
+def _check(model, inputs, video_keys, text_keys, blocks, before=(), tolerance=0.05, **options):
+    """Ratio 0 bit-identical; ratio 0.5 in kv mode: every merging attention over
+    ``text_keys + video_keys // 2`` keys (after the unmerged calls ``before``), output moved
+    by a little; removed: identical again."""
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.0, **options)
+    assert model.mode == "kv"
+    assert torch.equal(_run(model, inputs), want)
+    model.ratio = 0.5
+    assert model._tome_info["merging_blocks"] == blocks
+    spy = _KeyLengths()
+    with spy, torch.no_grad():
+        got = model(**inputs).sample
+    assert spy.lengths == list(before) + [text_keys + video_keys - video_keys // 2] * blocks, spy.lengths
+    error = ((got - want).norm() / want.norm()).item()
+    assert not torch.equal(got, want) and error < tolerance, error
+    tome.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)
+
+
+# --- Qwen-Image -----------------------------------------------------------------------------
+
+
+def make_qwen(layers=2):
+    from diffusers import QwenImageTransformer2DModel
+
+    return trained_like_(QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(4, 6, 6),
+    )).eval()
+
+
+def qwen_inputs(batch=2, height=16, width=16, seed=0, mask=None, shapes=None):
+    """Latents (batch, 4, h, w) packed 2 x 2 as the pipeline does: (batch, h/2 * w/2, 16)."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = _smooth(batch, 4, height, width, gen)
+    packed = latent.view(batch, 4, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    packed = packed.reshape(batch, (height // 2) * (width // 2), 16)
+    return dict(hidden_states=packed, encoder_hidden_states=torch.randn(batch, 5, 12, generator=gen),
+                encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5] * batch),
+                img_shapes=shapes or [[(1, height // 2, width // 2)]] * batch)
+
+
+def test_qwen_image_merges_the_image_keys_of_its_joint_attention():
+    _check(make_qwen(), qwen_inputs(), video_keys=64, text_keys=5, blocks=2)
+
+
+def test_qwen_image_with_padded_text_keeps_the_text_mask():
+    """The pipeline passes a text mask when prompts differ in length: the merged keys keep
+    it, so padding text keys stay unseen (a padded key changed would change the output)."""
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    model = make_qwen()
+    inputs = qwen_inputs(mask=mask)
+    _check(model, inputs, video_keys=64, text_keys=5, blocks=2)
+    tome.patch.diffusers(model, ratio=0.5)
+    want = _run(model, inputs)
+    inputs["encoder_hidden_states"][1, 3:] = 100.0  # the padding: masked, so it changes nothing of sample 1
+    torch.testing.assert_close(_run(model, inputs)[1], want[1])
+
+
+def test_qwen_image_edit_reference_tokens_are_refused():
+    """Qwen-Image-Edit appends the reference image's tokens to the latent sequence
+    (two grids per sample in img_shapes): refused with a ValueError naming the shapes."""
+    model = make_qwen()
+    inputs = qwen_inputs()
+    shapes = [[(1, 8, 8), (1, 4, 4)]] * 2
+    gen = torch.Generator().manual_seed(1)
+    inputs.update(hidden_states=torch.cat([inputs["hidden_states"], torch.randn(2, 16, 16, generator=gen)], 1),
+                  img_shapes=shapes)
+    tome.patch.diffusers(model, ratio=0.0)
+    _run(model, inputs)  # ratio 0: the model as it was
+    model.ratio = 0.5
+    with pytest.raises(ValueError, match=r"2 image grids per sample .*Qwen-Image-Edit"):
+        _run(model, inputs)
+
+
+# --- HunyuanVideo ---------------------------------------------------------------------------
+
+
+def _smooth_video(batch, channels, frames, height, width, gen):
+    coarse = torch.randn(batch, channels, max(frames // 2, 1), height // 4, width // 4, generator=gen)
+    latent = F.interpolate(coarse, size=(frames, height, width), mode="trilinear", align_corners=False)
+    return latent + 0.1 * torch.randn(latent.shape, generator=gen)
+
+
+@pytest.mark.parametrize("image_condition_type", [None, "token_replace"], ids=["t2v", "i2v_token_replace"])
+def test_hunyuan_video_merges_the_video_keys_of_its_dual_and_single_blocks(image_condition_type):
+    """[video, text] in every block, text padded by a key mask (the second prompt is shorter)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = trained_like_(HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=12,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=False,
+        image_condition_type=image_condition_type,
+    )).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
+                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+                  pooled_projections=torch.randn(2, 8, generator=gen))
+    # first the text refiner's self-attention over the 5 text tokens, left alone
+    _check(model, inputs, video_keys=4 * 8 * 8, text_keys=5, blocks=2, before=[5], st=2)
+
+
+# --- LTX-Video ------------------------------------------------------------------------------
+
+
+def make_ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    return trained_like_(LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=24, cross_attention_dim=48,
+        num_layers=2, caption_channels=12,
+    )).eval()
+
+
+def ltx_inputs(frames=4, height=8, width=8, seed=0):
+    """Latents packed as the pipeline does (patch size 1): (batch, frames * height * width, channels)."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = _smooth_video(2, 4, frames, height * 2, width * 2, gen)[..., ::2, ::2]
+    return dict(hidden_states=latent.flatten(2).transpose(1, 2), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
+                encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+                num_frames=frames, height=height, width=width)
+
+
+def test_ltx_video_merges_the_keys_of_its_video_self_attention():
+    # per block: self-attention merged, then cross-attention over the 5 text tokens (left alone)
+    model, inputs = make_ltx(), ltx_inputs()
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.5, st=2)
+    spy = _KeyLengths()
+    with spy, torch.no_grad():
+        got = model(**inputs).sample
+    assert spy.lengths == [4 * 8 * 8 // 2, 5] * 2
+    error = ((got - want).norm() / want.norm()).item()
+    assert 0 < error < 0.05, error
+    model.ratio = 0.0
+    assert torch.equal(_run(model, inputs), want)
+
+
+def test_ltx_video_condition_tokens_are_refused():
+    model, inputs = make_ltx(), ltx_inputs()
+    gen = torch.Generator().manual_seed(1)
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"], torch.randn(2, 16, 4, generator=gen)], 1)
+    tome.patch.diffusers(model, ratio=0.5)
+    with pytest.raises(ValueError, match=r"272 tokens for a 4 x 8 x 8 grid.*LTXConditionPipeline"):
+        _run(model, inputs)
+
+
+# --- Sana -----------------------------------------------------------------------------------
+
+
+def test_sana_linear_attention_runs_on_merged_tokens():
+    """Sana's self-attention is linear (no softmax to merge keys in): mode tokens is its
+    default, and the attention's projections see half the image tokens."""
+    from diffusers import SanaTransformer2DModel
+
+    model = trained_like_(SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=12,
+        sample_size=16, patch_size=2,
+    )).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=_smooth(2, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 5, 12, generator=gen))
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.0)
+    assert model.mode == "tokens" and torch.equal(_run(model, inputs), want)
+    seen = []
+    hooks = [block.attn1.to_q.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+             for block in model.transformer_blocks]
+    model.ratio = 0.5
+    got = _run(model, inputs)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [8 * 8 // 2] * 2
+    error = ((got - want).norm() / want.norm()).item()
+    assert 0 < error < 0.2, error
+    with pytest.raises(ValueError, match="mode='kv'"):
+        tome.patch.diffusers(model, ratio=0.5, mode="kv")
+    tome.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)
+
+
+# --- Mochi ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_rand", [False, True])
+def test_mochi_merges_the_video_keys_of_its_per_sample_joint_attention(use_rand):
+    """Mochi attends over [video, valid text] one sample at a time: the second prompt has 3
+    valid tokens of 5, so its calls see 3 text keys."""
+    from diffusers import MochiTransformer3DModel
+
+    model = trained_like_(MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=24, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
+    )).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.0, use_rand=use_rand, st=2)
+    assert model.mode == "kv" and torch.equal(_run(model, inputs), want)
+    model.ratio = 0.5
+    spy = _KeyLengths()
+    with spy, torch.no_grad():
+        got = model(**inputs).sample
+    video = 4 * 8 * 8
+    assert spy.lengths == [6] + [video // 2 + 5, video // 2 + 3] * 2  # first: the caption's attention pooling
+    error = ((got - want).norm() / want.norm()).item()
+    # ~0.08-0.10 here (0.01-0.05 for Wan, LTX, HunyuanVideo at this size): Mochi's learned rotary
+    # frequencies, redrawn at a trained-like scale, differ between neighbouring keys more
+    assert 0 < error < 0.15, error
+    tome.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)
