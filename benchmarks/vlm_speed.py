@@ -54,6 +54,10 @@ from tome.patch._vlm import VisualTokenSettings  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("random", "pool", "tome", "divprune", "cdpruner", "visionzip", "fastv")
+# Methods that rank by the vision tower's attention: the language-model rows pass the tower's
+# features precomputed (``mm_encoder_outputs``), which carry no attention, so they cannot run there.
+TOWER_METHODS = {"visionzip": "needs the vision tower's attention, which the precomputed features of the "
+                              "language-model rows do not carry"}
 BUDGETS = (0.5, 0.25, 0.11, 0.05)  # besides 100 %, the unreduced model
 DEFAULT_METHOD = VisualTokenSettings().method
 IMAGE, VIDEO, START, END, PAD = 151655, 151656, 151652, 151653, 151643  # Qwen2.5-VL's token ids
@@ -313,7 +317,7 @@ def wired_methods(model: torch.nn.Module) -> Dict[str, Optional[str]]:
     for method in METHODS:
         try:
             with tome.merging(model, visual_tokens=0.5, method=method):
-                status[method] = None
+                status[method] = TOWER_METHODS.get(method)
         except ValueError as error:
             status[method] = str(error)
     return status
@@ -499,7 +503,7 @@ def markdown(report: Dict[str, Any]) -> str:
                 f"{_mib(row['kv_bytes'])} |")
         lines.append("")
     if report["not_wired"]:
-        lines.append("Not measured (the integration refuses them): " + "; ".join(
+        lines.append("Not measured (refused by the integration, or not runnable on precomputed features): " + "; ".join(
             f"`{m}`: {reason}" for m, reason in report["not_wired"].items()))
     return "\n".join(lines) + "\n"
 
