@@ -99,6 +99,24 @@ def _direct_answers(model, processor, arch: str) -> List[str]:
     return answers
 
 
+def _direct_answers_and_ties(model, processor, arch: str) -> Tuple[List[str], Dict[int, Tuple[str, ...]]]:
+    """:func:`_direct_answers`, and for each question whose first answer token is an exact tie
+    between the two highest logits, the tied words."""
+    answers, tied = [], {}
+    for index in range(QUESTIONS):
+        sample = vqa.make_sample(index, "val")
+        inputs = processor(text=vqa.prompt_text(sample.question, arch), images=vqa.to_pil(sample), return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        answers.append(processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:],
+                                              skip_special_tokens=True)[0])
+        top = out.scores[0][0].topk(2)
+        if top.values[0] == top.values[1]:
+            tied[index] = tuple(processor.tokenizer.decode([int(t)]).strip() for t in top.indices)
+    return answers, tied
+
+
 def test_entry_point_registers_the_wrapper():
     (entry,) = [e for e in entry_points(group="lmms_eval.models") if e.name == tle.MODEL_NAME]
     assert entry.value == "tome.tools.lmms_eval:manifests"
@@ -155,7 +173,11 @@ def test_shipped_model_unreduced_and_reduced(task_manager):
     import tome
 
     tome.apply_patch(model, visual_tokens=16, method="pool")
-    assert reduced == _direct_answers(model, processor, "qwen2_5_vl")
+    direct, tied = _direct_answers_and_ties(model, processor, "qwen2_5_vl")
+    # bf16 logits can tie exactly (seen: '2' and '8' both 4.5938 on one digit question), and two
+    # argmax implementations may break a tie differently; elsewhere the answers must be equal.
+    assert len(tied) <= 2, tied
+    assert all(r == d or r in tied.get(i, ()) for i, (r, d) in enumerate(zip(reduced, direct))), (reduced, direct)
 
 
 def test_tiny_llava_batched_with_a_fraction(task_manager, tmp_path: Path):
