@@ -75,6 +75,8 @@ class VisualTokenSettings:
         visual_tokens: Tokens each image or video passes on: an int ``K >= 1``, a float in
             ``(0, 1]`` (the fraction kept, rounded up), or None (all: the unpatched model).
         method: A method of :data:`tome.visual_tokens.METHODS` (``"pool"``, ``"random"``, ...).
+            The default, ``"pool"``, kept the most accuracy at every budget on the small
+            Qwen2.5-VL trained here (docs/vlm_study.md; 90.8 % at 11 % of the tokens).
         trace_source: After a forward, ``model._tome_info["source"]`` is a list with one
             ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
         positions: 1-D models: ``"keep"`` (each kept token keeps its position in the full
