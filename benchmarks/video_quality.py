@@ -1,6 +1,6 @@
 """Quality of token merging on a video diffusion transformer trained here.
 
-    uv run python benchmarks/video_quality.py --model /work/video-runs/wan-tiny/final
+    uv run python benchmarks/video_quality.py --model RUN_DIR/final   (a tome video-train run)
     uv run python benchmarks/video_quality.py --model DIR --per-class 2 --ratios 0 0.5 --modes kv
 
 The model is the class-conditional pixel-space ``WanTransformer3DModel`` of
