@@ -36,6 +36,8 @@ import torch
 from .. import video_models
 from ..data import clips
 from ..data.synthetic import CLASSES
+from ._common import positive_int
+from ._run_dir import add_session_arguments, append_log, prepare_run_dir
 
 __all__ = ["train", "classifier_accuracy", "load_classifier", "sample_strip", "plot_history", "add_parser", "main"]
 
@@ -154,34 +156,6 @@ Load with `tome.video_models.load_model(this folder)`; sample with
 """
 
 
-def _prepare_output(args: argparse.Namespace) -> Tuple[Path, Optional[Path]]:
-    """The output directory (created) and the checkpoint to resume from, if any.
-
-    Raises:
-        ValueError: for a directory that holds a run without ``--resume``/``--overwrite``,
-            or a ``--resume`` path that is not a file.
-    """
-    out = Path(args.output_dir)
-    checkpoint_path = out / _CHECKPOINT
-    resume: Optional[Path] = None
-    if args.resume == "auto":
-        resume = checkpoint_path if checkpoint_path.is_file() else None
-    elif args.resume:
-        resume = Path(args.resume)
-        if not resume.is_file():
-            raise ValueError(f"--resume {args.resume!r}: no checkpoint file there")
-    found = [name for name in _RUN_FILES if (out / name).exists()]
-    if resume is None and found:
-        if not args.overwrite:
-            raise ValueError(f"output directory {str(out)!r} already holds a run ({', '.join(found)}); pass "
-                             "--resume auto to continue it or --overwrite to start over")
-        for name in found:  # only the run's own files: anything else in the directory stays
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out, resume
-
-
 def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.optim.Optimizer, Any]:
     """AdamW (no weight decay on vectors and embeddings) and timm's cosine schedule with warmup."""
     from timm.scheduler import CosineLRScheduler
@@ -196,11 +170,6 @@ def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.
     scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
                                   warmup_lr_init=args.lr * 0.01, t_in_epochs=False)
     return optimizer, scheduler
-
-
-def _log(path: Path, entry: Dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(entry) + "\n")
 
 
 class _Run:
@@ -327,9 +296,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             ``--overwrite``; for ``--resume`` of a checkpoint that is not there.
     """
     torch.set_num_threads(args.threads)
-    out, resume = _prepare_output(args)
+    out, resume = prepare_run_dir(args, _CHECKPOINT, _RUN_FILES)
     model = video_models.build_model(args.size, seed=args.seed)
-    log = functools.partial(_log, out / "log.jsonl")
+    log = functools.partial(append_log, out / "log.jsonl")
     run = _Run(args, model, out, log)
     step = 0 if resume is None else run.restore(resume)
     # A resume with another --steps keeps the weights and the optimizer but stretches (or
@@ -372,13 +341,6 @@ def _save_final(out: Path, args: argparse.Namespace, model: video_models.ClassCo
         pass
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
-
-
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -390,10 +352,10 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="run directory (checkpoint, log.jsonl, samples/, final/)")
     parser.add_argument("--size", choices=tuple(video_models.SIZES), default="small",
                         help="model widths (default: %(default)s; tiny is for tests)")
-    parser.add_argument("--frames", type=_positive_int, default=8, help="frames per clip (default: %(default)s)")
-    parser.add_argument("--size-px", type=_positive_int, default=48, help="frame side in px (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="clips per step (default: %(default)s)")
+    parser.add_argument("--frames", type=positive_int, default=8, help="frames per clip (default: %(default)s)")
+    parser.add_argument("--size-px", type=positive_int, default=48, help="frame side in px (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
@@ -405,25 +367,17 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--noise-scale", type=float, default=1.0,
                         help="standard deviation of the logit of the training noise level (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clips, the noise and the initial weights")
-    parser.add_argument("--val-clips", type=_positive_int, default=32, help="validation clips (default: %(default)s)")
-    parser.add_argument("--val-every", type=_positive_int, default=200,
+    parser.add_argument("--val-clips", type=positive_int, default=32, help="validation clips (default: %(default)s)")
+    parser.add_argument("--val-every", type=positive_int, default=200,
                         help="steps between validations and sample strips (default: %(default)s)")
-    parser.add_argument("--sample-steps", type=_positive_int, default=20,
+    parser.add_argument("--sample-steps", type=positive_int, default=20,
                         help="Euler steps when sampling at validation (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=2.0,
                         help="classifier-free guidance scale at validation (default: %(default)s)")
-    parser.add_argument("--log-every", type=_positive_int, default=20, help="steps between log.jsonl entries (default: %(default)s)")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=50,
+    parser.add_argument("--log-every", type=positive_int, default=20, help="steps between log.jsonl entries (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50,
                         help="steps between checkpoints (default: %(default)s)")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default: %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=0.0,
-                        help="minutes after which training stops and the final folder is written (0: none)")
-    parser.add_argument("--stop-at-step", type=int, default=0,
-                        help="stop this session at this step, as --time-limit does (0: run to --steps)")
-    parser.add_argument("--resume", default=None, help="'auto' (DIR/checkpoint.pt if present) or a checkpoint path")
-    parser.add_argument("--overwrite", action="store_true", help="delete a run already in --output-dir")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar (default: a bar on a terminal)")
+    add_session_arguments(parser)
     return parser
 
 

@@ -31,6 +31,8 @@ import torch
 
 from .. import vlm_models
 from ..data import vqa
+from ._common import positive_int
+from ._run_dir import add_session_arguments, append_log, prepare_run_dir
 
 __all__ = ["train", "evaluate", "add_parser", "main"]
 
@@ -139,34 +141,6 @@ _RUN_FILES = (_CHECKPOINT, "log.jsonl", "final")
 """What a run writes into its output directory: all that ``--overwrite`` deletes."""
 
 
-def _prepare_output(args: argparse.Namespace) -> Tuple[Path, Optional[Path]]:
-    """The output directory (created) and the checkpoint to resume from, if any.
-
-    Raises:
-        ValueError: for a directory that holds a run without ``--resume``/``--overwrite``,
-            or a ``--resume`` path that is not a file.
-    """
-    out = Path(args.output_dir)
-    checkpoint_path = out / _CHECKPOINT
-    resume: Optional[Path] = None
-    if args.resume == "auto":
-        resume = checkpoint_path if checkpoint_path.is_file() else None
-    elif args.resume:
-        resume = Path(args.resume)
-        if not resume.is_file():
-            raise ValueError(f"--resume {args.resume!r}: no checkpoint file there")
-    found = [name for name in _RUN_FILES if (out / name).exists()]
-    if resume is None and found:
-        if not args.overwrite:
-            raise ValueError(f"output directory {str(out)!r} already holds a run ({', '.join(found)}); pass "
-                             "--resume auto to continue it or --overwrite to start over")
-        for name in found:  # only the run's own files: anything else in the directory stays
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out, resume
-
-
 def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.optim.Optimizer, Any]:
     """AdamW (no weight decay on vectors and embeddings) and timm's cosine schedule with warmup."""
     from timm.scheduler import CosineLRScheduler
@@ -216,7 +190,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             ``--overwrite``; for ``--resume`` of a checkpoint that is not there.
     """
     torch.set_num_threads(args.threads)
-    out, resume = _prepare_output(args)
+    out, resume = prepare_run_dir(args, _CHECKPOINT, _RUN_FILES)
     model = vlm_models.build_model(args.arch, args.size, seed=args.seed)
     processor = vlm_models.build_processor(args.arch, args.image_size)
     optimizer, scheduler = _optimizer(model, args)
@@ -230,7 +204,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     val = [vqa.make_sample(i, "val", args.seed, args.image_size) for i in range(args.val_samples)]
     command = "python -m tome.tools.vlm_train " + " ".join(shlex.quote(a) for a in args.argv)
-    log = functools.partial(_log, out / "log.jsonl")
+    log = functools.partial(append_log, out / "log.jsonl")
     if resume is None:
         log({"event": "start", "command": command, "args": {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS},
              "parameters": sum(p.numel() for p in model.parameters())})
@@ -244,11 +218,6 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
          "time": time.time()})
     _save_final(out, args, model, processor, final, step, command)
     return final
-
-
-def _log(path: Path, entry: Dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(entry) + "\n")
 
 
 @dataclasses.dataclass
@@ -329,45 +298,30 @@ class _Run:
                   + " ".join(f"{k} {100 * v:.0f}" for k, v in result["slices"].items()))
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
-
-
 def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--arch", choices=vlm_models.ARCHS, required=True, help="model architecture")
     parser.add_argument("--output-dir", required=True, help="run directory (checkpoint, log.jsonl, final/)")
     parser.add_argument("--size", choices=tuple(vlm_models.SIZES), default="small",
                         help="model widths (default: %(default)s; tiny is for tests)")
-    parser.add_argument("--steps", type=_positive_int, default=3000, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="questions per step (default: %(default)s)")
-    parser.add_argument("--questions-per-image", type=_positive_int, default=1,
+    parser.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="questions per step (default: %(default)s)")
+    parser.add_argument("--questions-per-image", type=positive_int, default=1,
                         help="training questions per image: its own, then more of tome.data.vqa.scene_questions "
                              "in one sequence (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
     parser.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (default: %(default)s)")
-    parser.add_argument("--image-size", type=_positive_int, default=224,
+    parser.add_argument("--image-size", type=positive_int, default=224,
                         help="image side in px; a multiple of 28 for qwen2_5_vl, 224 for llava (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the initial weights")
-    parser.add_argument("--val-samples", type=_positive_int, default=250,
+    parser.add_argument("--val-samples", type=positive_int, default=250,
                         help="validation questions (default: %(default)s)")
-    parser.add_argument("--val-every", type=_positive_int, default=250, help="steps between validations (default: %(default)s)")
-    parser.add_argument("--eval-batch-size", type=_positive_int, default=50, help="questions per validation forward (default: %(default)s)")
-    parser.add_argument("--log-every", type=_positive_int, default=25, help="steps between log.jsonl entries (default: %(default)s)")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints (default: %(default)s)")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default: %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=0.0,
-                        help="minutes after which training stops and the final folder is written (0: none)")
-    parser.add_argument("--stop-at-step", type=int, default=0,
-                        help="stop this session at this step, as --time-limit does (0: run to --steps)")
-    parser.add_argument("--resume", default=None, help="'auto' (DIR/checkpoint.pt if present) or a checkpoint path")
-    parser.add_argument("--overwrite", action="store_true", help="delete a run already in --output-dir")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar (default: a bar on a terminal)")
+    parser.add_argument("--val-every", type=positive_int, default=250, help="steps between validations (default: %(default)s)")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=50, help="questions per validation forward (default: %(default)s)")
+    parser.add_argument("--log-every", type=positive_int, default=25, help="steps between log.jsonl entries (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints (default: %(default)s)")
+    add_session_arguments(parser)
     return parser
 
 
