@@ -874,19 +874,6 @@ def sign_projection(channels: int, dim: int, device: Any = None, dtype: torch.dt
     return signs.view(channels, dim) / math.sqrt(dim)
 
 
-def _stride_partition(
-    height: int, width: int, sx: int, sy: int, choice: Optional[torch.Tensor], device: Any
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The destinations of :func:`match_stride_2d` (one per cell, in cell order) and the
-    sources (every other token, in raster order), as ``(num_dst,)`` and ``(num_src,)`` positions."""
-    num_tokens = height * width
-    dst_pos = stride_destinations(height, width, sx, sy, choice, device=device)
-    is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-    is_dst[dst_pos] = True
-    src_pos = torch.argsort(is_dst.to(torch.int8), stable=True)[: num_tokens - dst_pos.shape[0]]
-    return dst_pos, src_pos
-
-
 def match_stride_2d(
     metric: torch.Tensor,
     height: int,
@@ -919,32 +906,14 @@ def match_stride_2d(
     """
     if metric.dim() != 3:
         raise ValueError(f"metric must have shape (batch, tokens, channels), got shape {tuple(metric.shape)}")
-    batch, num_tokens, _ = metric.shape
+    num_tokens = metric.shape[1]
     _check_grid(num_tokens, height, width, sx, sy)
     num_dst = (height // sy) * (width // sx)
     r = min(int(r), num_tokens - num_dst)
     if r <= 0 or num_dst == 0:
         return None
-    with torch.no_grad():
-        device = metric.device
-        dst_pos, src_pos = _stride_partition(height, width, sx, sy, choice, device)
-        metric = _normalize(metric)
-        a = metric.index_select(1, src_pos)
-        b = metric.index_select(1, dst_pos)
-        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
-        merged = node_max.topk(r, dim=-1).indices  # (batch, r) sources that merge away
-
-        num_src = num_tokens - num_dst
-        is_merged = torch.zeros(batch, num_src, dtype=torch.bool, device=device).scatter(
-            1, merged, torch.ones_like(merged, dtype=torch.bool)
-        )
-        kept_slot = (~is_merged).cumsum(dim=1) - 1
-        dst_slot = torch.arange(num_dst, device=device) + (num_src - r)
-        src_slot = torch.where(is_merged, dst_slot[node_idx], kept_slot)
-        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-        dest[:, src_pos] = src_slot
-        dest[:, dst_pos] = dst_slot.expand(batch, -1)
-    return TokenAssignment(dest, num_tokens - r)
+    dst_pos = stride_destinations(height, width, sx, sy, choice, device=metric.device)
+    return _match_into(metric, dst_pos, r)
 
 
 def stride_destinations_3d(
