@@ -7,6 +7,22 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+class KeyLengths(TorchFunctionMode):
+    """Inside ``with KeyLengths() as spy:``, ``spy.lengths`` lists the key length of every
+    ``scaled_dot_product_attention`` call (how many keys attention really saw)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lengths = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.lengths.append((kwargs["key"] if "key" in kwargs else args[1]).shape[-2])
+        return func(*args, **kwargs)
 
 
 def trained_like_(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -28,6 +28,8 @@ from diffusers import (  # noqa: E402
     UNetMotionModel,
 )
 
+from conftest import KeyLengths  # noqa: E402
+
 CONTEXT = 32
 
 
@@ -286,25 +288,11 @@ def test_kv_mode_carries_a_key_mask_onto_the_merged_keys():
     with torch.no_grad():
         want = block.attn1(x, attention_mask=mask)
         tome.patch.diffusers(model, ratio=0.75, mode="kv", use_rand=False)
-        with _KeySizes() as sizes:
+        with KeyLengths() as spy:
             got = block.attn1(x, attention_mask=mask, tome=block._tome_plan(x, _step_for(model, 4, 4)))
-    assert sizes == [4]  # one key per cell: it merged
+    assert spy.lengths == [4]  # one key per cell: it merged
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
-
-class _KeySizes(torch.overrides.TorchFunctionMode):
-    """The key lengths of the scaled_dot_product_attention calls made inside it (a list)."""
-
-    def __enter__(self):
-        super().__enter__()
-        self.sizes = []
-        return self.sizes
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            self.sizes.append((kwargs["key"] if "key" in kwargs else args[1]).shape[-2])
-        return func(*args, **kwargs)
 
 
 def _step_for(model, height, width):

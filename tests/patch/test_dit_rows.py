@@ -9,28 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import tome
 
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import trained_like_  # noqa: E402
-
-
-class _KeyLengths(TorchFunctionMode):
-    """Records the key length of every scaled_dot_product_attention call."""
-
-    def __init__(self):
-        super().__init__()
-        self.lengths = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            key = kwargs["key"] if "key" in kwargs else args[1]
-            self.lengths.append(key.shape[-2])
-        return func(*args, **kwargs)
+from conftest import KeyLengths, trained_like_  # noqa: E402
 
 
 def _run(model, inputs):
@@ -54,7 +38,7 @@ def _check(model, inputs, video_keys, text_keys, blocks, before=(), tolerance=0.
     assert torch.equal(_run(model, inputs), want)
     model.ratio = 0.5
     assert model._tome_info["merging_blocks"] == blocks
-    spy = _KeyLengths()
+    spy = KeyLengths()
     with spy, torch.no_grad():
         got = model(**inputs).sample
     assert spy.lengths == list(before) + [text_keys + video_keys - video_keys // 2] * blocks, spy.lengths
@@ -176,7 +160,7 @@ def test_ltx_video_merges_the_keys_of_its_video_self_attention():
     model, inputs = make_ltx(), ltx_inputs()
     want = _run(model, inputs)
     tome.patch.diffusers(model, ratio=0.5, st=2)
-    spy = _KeyLengths()
+    spy = KeyLengths()
     with spy, torch.no_grad():
         got = model(**inputs).sample
     assert spy.lengths == [4 * 8 * 8 // 2, 5] * 2
@@ -251,7 +235,7 @@ def test_mochi_merges_the_video_keys_of_its_per_sample_joint_attention(use_rand)
     tome.patch.diffusers(model, ratio=0.0, use_rand=use_rand, st=2)
     assert model.mode == "kv" and torch.equal(_run(model, inputs), want)
     model.ratio = 0.5
-    spy = _KeyLengths()
+    spy = KeyLengths()
     with spy, torch.no_grad():
         got = model(**inputs).sample
     video = 4 * 8 * 8

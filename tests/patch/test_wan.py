@@ -9,7 +9,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import tome
 from tome.merge import match_stride_2d, match_stride_3d, stride_destinations_3d
@@ -18,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from tome.patch import _diffusion_blocks as rows  # noqa: E402
 
-from conftest import trained_like_  # noqa: E402
+from conftest import KeyLengths, trained_like_  # noqa: E402
 
 
 def make_wan(head_dim: int = 24, layers: int = 2, **overrides) -> torch.nn.Module:
@@ -55,20 +54,6 @@ def _relative_error(model, inputs, **options) -> float:
     tome.remove_patch(model)
     return ((got - want).norm() / want.norm()).item()
 
-
-class _KeyLengths(TorchFunctionMode):
-    """Records the key length of every scaled_dot_product_attention call."""
-
-    def __init__(self):
-        super().__init__()
-        self.lengths = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            key = kwargs["key"] if "key" in kwargs else args[1]
-            self.lengths.append(key.shape[-2])
-        return func(*args, **kwargs)
 
 
 # --- the 3-D stride partition ---------------------------------------------------------------
@@ -123,7 +108,7 @@ def test_kv_is_the_default_and_merges_keys_over_frames():
     model, inputs = make_wan(), wan_inputs(frames=4)
     tome.patch.diffusers(model, ratio=0.5, st=2)
     assert model.mode == "kv" and model._tome_info["merging_blocks"] == 2
-    spy = _KeyLengths()
+    spy = KeyLengths()
     with spy, torch.no_grad():
         model(**inputs)
     tokens = 4 * 8 * 8
@@ -135,7 +120,7 @@ def test_kv_is_the_default_and_merges_keys_over_frames():
 def test_tokens_mode_runs_self_attention_on_merged_tokens():
     model, inputs = make_wan(), wan_inputs()
     tome.patch.diffusers(model, ratio=0.5, mode="tokens")
-    spy = _KeyLengths()
+    spy = KeyLengths()
     with spy, torch.no_grad():
         model(**inputs)
     assert spy.lengths == [4 * 8 * 8 // 2, 5] * 2
@@ -219,7 +204,7 @@ def test_cogvideox_merges_the_video_keys_of_its_joint_attention(patch_size_t):
     tome.patch.diffusers(model, ratio=0.0)
     assert torch.equal(_run(model, inputs), want)
     model.ratio, model.st = 0.5, 2
-    spy = _KeyLengths()
+    spy = KeyLengths()
     with spy, torch.no_grad():
         got = model(**inputs).sample
     video = (4 // (patch_size_t or 1)) * 8 * 8
