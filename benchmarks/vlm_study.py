@@ -17,8 +17,16 @@ kept so that each row is compared with the unreduced model on the same questions
 Also measured, the choices the integration leaves to measurement: 1-D ``positions="keep"``
 against ``"renumber"`` on LLaVA (every method, every budget, paired). The merged-token
 position rule is the integration's only one (the size-weighted mean of the members'
-positions), so it is reported, not compared. A video row needs a clip generator for the
-question scene, which :mod:`tome.data` does not have yet: the table says so.
+positions), so it is reported, not compared.
+
+Video (models with a video input: Qwen2.5-VL): the same questions asked about clips of
+:func:`tome.data.vqa.make_clip` (the scene over ``--video-frames`` frames, its objects moving
+together), the budget per video, every method, plus ``tome-spatial``: ``"tome"`` without its
+temporal rule (the clip's grid withheld, so it matches over space only), the ablation of the
+rule that merges tokens at one place of consecutive frames first.
+
+``--parts images`` or ``--parts video`` runs one part; the other is then taken from the
+existing ``--json`` file, so a part can be rerun alone.
 
 Methods the integration refuses (``ValueError``, e.g. one whose inputs are not wired yet) are
 listed with the refusal instead of numbers.
@@ -60,7 +68,10 @@ TOWER = "tower-tome"
 QUICK_METHODS = ("pool", "tome")
 NO_TOWER = {"qwen2_5_vl": "no in-tower ToMe for Qwen2.5-VL's vision tower (windowed attention, 2x2 merger): "
                           "the hf family does not patch it"}
-VIDEO_SKIP = "no clip generator for the question scene in tome.data yet: no video row"
+VIDEO_FRAMES = 8
+NO_VIDEO = {"llava": "the LLaVA-style model takes images only (LLaVA-1.5 has no video input)"}
+SPATIAL_ONLY = "tome-spatial"
+PARTS = ("images", "video")
 POSITION_RULE = "size-weighted mean of the members' positions (the integration's only rule)"
 
 
@@ -191,6 +202,60 @@ def _tower_row(model: Any, processor: Any, arch: str, samples: Sequence[vqa.VQAS
                 schedule=schedule)
 
 
+def _tome_spatial(features: torch.Tensor, budget: int, context: vt.VisualContext) -> vt.Reduction:
+    """``"tome"`` with the clip's grid withheld: bipartite matching over all tokens, no temporal rule."""
+    return vt.METHODS["tome"](features, budget, vt.VisualContext(metric=context.metric))
+
+
+def clip_prompt(question: str) -> str:
+    """Qwen2.5-VL's input text for a question about a clip (the video placeholder, then the question)."""
+    return f"{vqa.VISION_START}{vqa.VIDEO_TOKEN}{vqa.VISION_END} {question}"
+
+
+@torch.no_grad()
+def clip_hits(model: Any, processor: Any, clips: Sequence[vqa.VQAClip], batch_size: int = 50) -> List[int]:
+    """1 where the greedy first answer token of one forward on the clip's question is the answer."""
+    out: List[int] = []
+    for start in range(0, len(clips), batch_size):
+        chunk = clips[start:start + batch_size]
+        inputs = processor(text=[clip_prompt(c.question) for c in chunk], videos=[list(c.frames) for c in chunk],
+                           return_tensors="pt", padding=True, do_sample_frames=False)
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        predicted = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        out += [int(p == c.answer) for p, c in zip(predicted, chunk)]
+    return out
+
+
+def study_video(path: Path, methods: Sequence[str], budgets: Sequence[float], clips: Sequence[vqa.VQAClip],
+                batch_size: int, log: Any = print) -> Dict[str, Any]:
+    """Every method (and ``tome-spatial``) at every budget per clip, on one model's video input."""
+    model, processor, arch = load(path)
+    if arch in NO_VIDEO:
+        return {"skipped": NO_VIDEO[arch]}
+    frames = clips[0].frames.shape[0]
+    tokens = -(-frames // 2) * (224 // 28) ** 2  # temporal patch 2, then the 2x2 merger
+    full = clip_hits(model, processor, clips, batch_size)
+    result: Dict[str, Any] = {"frames": frames, "visual_tokens": tokens,
+                              "full": _row(clips, full, full, method="none", budget=1.0, tokens=tokens), "rows": []}
+    video_methods = [m for m in methods if m != TOWER]
+    if "tome" in video_methods:
+        video_methods.append(SPATIAL_ONLY)
+    for method in video_methods:
+        for fraction in budgets:
+            start = time.perf_counter()
+            vt.register_method(SPATIAL_ONLY)(_tome_spatial)  # for this study only
+            tome.apply_patch(model, visual_tokens=fraction, method=method, seed=0)
+            try:
+                h = clip_hits(model, processor, clips, batch_size)
+            finally:
+                tome.remove_patch(model)
+                vt.METHODS.pop(SPATIAL_ONLY, None)
+            row = _row(clips, h, full, method=method, budget=fraction, tokens=vt.resolve_budget(fraction, tokens))
+            result["rows"].append(row)
+            log(f"{arch} video {method} {fraction}: {row['accuracy']} ({time.perf_counter() - start:.1f} s)")
+    return result
+
+
 def study_model(path: Path, methods: Sequence[str], budgets: Sequence[float], samples: Sequence[vqa.VQASample],
                 batch_size: int, log: Any = print) -> Dict[str, Any]:
     """Every method at every budget on one model (and, for 1-D models, both position rules)."""
@@ -284,12 +349,36 @@ def tables(results: Dict[str, Any]) -> str:
             d = paired(row["hits"], other["hits"])
             lines.append(f"| {_name(res)} | {row['method']} | {row['budget']:.0%} | {100 * other['accuracy']:.1f} | "
                          f"{100 * row['accuracy']:.1f} | {_pm(d['delta'], d['delta_se'])} |")
-    lines += ["", f"Merged-token positions: {POSITION_RULE}. Video: {VIDEO_SKIP}.", "",
+    lines += ["", f"Merged-token positions: {POSITION_RULE}.", ""] + _video_lines(results) + ["",
               "Not measured (the reason as the integration or the study gives it):", "",
               "| model | method | budgets | reason |", "|---|---|---|---|"]
     lines += [f"| {name} | {method} | {', '.join(f'{b:.0%}' for b in budgets)} | {reason} |"
               for (name, method, reason), budgets in skipped.items()]
     return "\n".join(lines)
+
+
+def _video_lines(results: Dict[str, Any]) -> List[str]:
+    videos = [(res, res.get("video")) for res in results["models"]]
+    if not any(v for _, v in videos):
+        return ["Video: not measured (run with `--parts video`)."]
+    lines = ["Video: the same questions about clips (`tome.data.vqa.make_clip`, objects moving), the budget per "
+             f"clip; `{SPATIAL_ONLY}` is `tome` without its temporal rule:", "",
+             "| model | method | budget | tokens | accuracy % | share kept % ± SE | delta points ± SE |",
+             "|---|---|---|---|---|---|---|"]
+    for res, video in videos:
+        if not video:
+            continue
+        if "skipped" in video:
+            lines.append(f"| {_name(res)} | – | – | – | – | {video['skipped']} | – |")
+            continue
+        full = video["full"]
+        lines.append(f"| {_name(res)} | none ({video['frames']} frames) | 100 % | {full['tokens']} | "
+                     f"{100 * full['accuracy']:.1f} | 100 | 0 |")
+        for row in video["rows"]:
+            lines.append(f"| {_name(res)} | {row['method']} | {row['budget']:.0%} | {row['tokens']} | "
+                         f"{100 * row['accuracy']:.1f} | {_pm(row['share'], row['share_se'])} | "
+                         f"{_pm(row['delta'], row['delta_se'])} |")
+    return lines
 
 
 def plot(results: Dict[str, Any], path: Path) -> None:
@@ -299,13 +388,15 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = results["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False, sharey=True)
-    for ax, res in zip(axes[0], models):
-        methods = sorted({r["method"] for r in res["rows"] if "skipped" not in r})
+    panels = [(f"{Path(res['model']).name}", res["rows"], res["full"]) for res in results["models"]]
+    panels += [(f"{Path(res['model']).name}, {res['video']['frames']}-frame clips", res["video"]["rows"],
+                res["video"]["full"]) for res in results["models"] if res.get("video") and "rows" in res["video"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, (title, all_rows, full) in zip(axes[0], panels):
+        methods = sorted({r["method"] for r in all_rows if "skipped" not in r})
         for number, method in enumerate(methods):
-            rows = sorted((r for r in res["rows"] if r["method"] == method and "skipped" not in r
-                           and (r.get("positions") == "keep" or method == TOWER)), key=lambda r: r["budget"])
+            rows = sorted((r for r in all_rows if r["method"] == method and "skipped" not in r
+                           and (r.get("positions", "keep") == "keep" or method == TOWER)), key=lambda r: r["budget"])
             x = [100 * r["budget"] * 1.03 ** (number - len(methods) / 2) for r in rows]  # spread the error bars
             ax.errorbar(x, [r["share"] for r in rows], yerr=[r["share_se"] for r in rows], marker="o",
                         capsize=2, label=method)
@@ -314,7 +405,7 @@ def plot(results: Dict[str, Any], path: Path) -> None:
         ax.minorticks_off()
         ax.set_xticks([100 * b for b in results["budgets"]], [f"{b:.0%}" for b in results["budgets"]])
         ax.set_xlabel("visual tokens kept")
-        ax.set_title(f"{Path(res['model']).name} (unreduced {100 * res['full']['accuracy']:.1f} %)")
+        ax.set_title(f"{title} (unreduced {100 * full['accuracy']:.1f} %)", fontsize=9)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("share of unreduced accuracy kept (%)")
     fig.tight_layout()
@@ -361,6 +452,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of share kept against budget")
     parser.add_argument("--from-json", action="store_true", help="only redraw the tables and plot from --json")
+    parser.add_argument("--parts", type=_parts, default=list(PARTS),
+                        help="images, video or both (default); a part not run is taken from --json")
+    parser.add_argument("--video-frames", type=int, default=VIDEO_FRAMES,
+                        help="frames per clip of the video part (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.from_json:
         if args.json is None:
@@ -368,17 +463,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _report(_hits_codec(json.loads(args.json.read_text()), decode=True), args, write_json=False)
     if args.questions < 1:
         parser.error(f"--questions must be >= 1, got {args.questions}")
+    if args.video_frames < 2:
+        parser.error(f"--video-frames must be >= 2, got {args.video_frames}")
     methods = args.methods or (list(QUICK_METHODS) if args.quick else sorted(vt.METHODS) + [TOWER])
     budgets = args.budgets or ([0.25] if args.quick else list(BUDGETS))
     questions = 10 if args.quick else args.questions
     paths = args.model or [SHIPPED_VLMS["vqa-qwen2_5_vl"], SHIPPED_VLMS["vqa-llava"]]
     torch.manual_seed(0)
     samples = [vqa.make_sample(i, "val", seed=args.seed, image_size=224) for i in range(questions)]
+    clips = [vqa.make_clip(i, "val", seed=args.seed, frames=args.video_frames) for i in range(questions)]
+    previous = None
+    if set(args.parts) != set(PARTS) and args.json is not None and args.json.exists():
+        previous = _hits_codec(json.loads(args.json.read_text()), decode=True)
+        if (previous["questions"], previous["seed"]) != (questions, args.seed):  # unpaired otherwise
+            parser.error(f"{args.json} holds {previous['questions']} questions of seed {previous['seed']}, not "
+                         f"{questions} of seed {args.seed}: rerun both parts")
+    if "images" not in args.parts and previous is None:
+        parser.error("--parts video takes the image part from --json, which is not given or does not exist")
     log = (lambda text: print(text, file=sys.stderr))
+    models = []
+    for path in paths:
+        old = next((m for m in (previous or {"models": []})["models"] if Path(m["model"]).name == Path(path).name), {})
+        if "images" in args.parts:
+            result = study_model(path, methods, budgets, samples, args.batch_size, log)
+        elif old:
+            result = {k: v for k, v in old.items() if k != "video"}
+        else:
+            parser.error(f"{args.json} has no image results for {path}: run --parts images first")
+        result["video"] = (study_video(path, methods, budgets, clips, args.batch_size, log)
+                           if "video" in args.parts else old.get("video"))
+        models.append(result)
     results = {"questions": questions, "seed": args.seed, "budgets": budgets, "methods": methods,
-               "position_rule": POSITION_RULE, "video": VIDEO_SKIP, "torch_threads": torch.get_num_threads(),
-               "models": [study_model(p, methods, budgets, samples, args.batch_size, log) for p in paths]}
+               "position_rule": POSITION_RULE, "torch_threads": torch.get_num_threads(), "models": models}
     return _report(results, args, write_json=True)
+
+
+def _parts(text: str) -> List[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names or any(p not in PARTS for p in names):
+        raise argparse.ArgumentTypeError(f"--parts {text!r}: choose from {list(PARTS)}, comma-separated")
+    return names
 
 
 def _hits_codec(results: Dict[str, Any], decode: bool) -> Dict[str, Any]:
@@ -389,7 +513,12 @@ def _hits_codec(results: Dict[str, Any], decode: bool) -> Dict[str, Any]:
         hits = [int(c) for c in row["hits"]] if decode else "".join(str(h) for h in row["hits"])
         return dict(row, hits=hits)
 
-    models = [dict(res, full=convert(res["full"]), rows=[convert(r) for r in res["rows"]]) for res in results["models"]]
+    def convert_part(part: Any) -> Any:
+        if not part or "full" not in part:
+            return part
+        return dict(part, full=convert(part["full"]), rows=[convert(r) for r in part["rows"]])
+
+    models = [dict(convert_part(res), video=convert_part(res.get("video"))) for res in results["models"]]
     return dict(results, models=models)
 
 

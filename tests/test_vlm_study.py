@@ -70,7 +70,11 @@ def test_quick_study_writes_its_tables(study, tmp_path, capsys):
         assert row in printed
     assert "| `vqa-qwen2_5_vl` | tower-tome | 25% | no in-tower ToMe for Qwen2.5-VL" in printed
     assert "renumber - keep |\n|---|---|---|---|---|---|\n| `vqa-llava` | pool | 25% |" in printed
-    assert "no video row" in printed
+    # The video part: Qwen2.5-VL on 8-frame clips (4 x 64 tokens), with tome's temporal-rule ablation.
+    video = printed[printed.index("Video: the same questions"):printed.index("Not measured")]
+    assert "| `vqa-qwen2_5_vl` | none (8 frames) | 100 % | 256 |" in video
+    assert "| `vqa-qwen2_5_vl` | pool | 25% | 64 |" in video and "tower-tome" not in video
+    assert "| `vqa-llava` | – | – | – | – | the LLaVA-style model takes images only" in video
     results = json.loads(json_path.read_text())
     assert results["questions"] == 10 and results["budgets"] == [0.25]
     # Every row of the JSON is one question's hit per question, paired with the unreduced ones.
@@ -80,6 +84,29 @@ def test_quick_study_writes_its_tables(study, tmp_path, capsys):
     # --from-json redraws the same tables from the file (hits stored as "0110..." strings).
     assert study.main(["--from-json", "--json", str(json_path)]) == 0
     assert capsys.readouterr().out == printed
+    assert "tome-spatial" not in __import__("tome").visual_tokens.METHODS  # registered for the study only
+
+
+def test_video_part_reruns_alone_and_keeps_the_image_part(study, tmp_path, capsys):
+    json_path = tmp_path / "study.json"
+    with pytest.raises(SystemExit):  # nothing to take the image part from
+        study.main(["--quick", "--parts", "video", "--json", str(json_path)])
+    capsys.readouterr()
+    assert study.main(["--quick", "--parts", "images", "--methods", "pool", "--json", str(json_path)]) == 0
+    first = json.loads(json_path.read_text())
+    assert all(res["video"] is None for res in first["models"])
+    assert "Video: not measured" in capsys.readouterr().out
+    assert study.main(["--quick", "--parts", "video", "--methods", "tome", "--video-frames", "4",
+                       "--json", str(json_path)]) == 0
+    printed = capsys.readouterr().out
+    second = json.loads(json_path.read_text())
+    for old, new in zip(first["models"], second["models"]):
+        assert {k: v for k, v in old.items() if k != "video"} == {k: v for k, v in new.items() if k != "video"}
+    qwen = second["models"][0]["video"]
+    assert qwen["frames"] == 4 and qwen["visual_tokens"] == 128
+    assert [(r["method"], r["tokens"]) for r in qwen["rows"]] == [("tome", 32), ("tome-spatial", 32)]
+    assert len(qwen["full"]["hits"]) == 10
+    assert "| `vqa-qwen2_5_vl` | tome-spatial | 25% | 32 |" in printed
 
 
 def test_unreduced_hits_match_the_training_validation(study):

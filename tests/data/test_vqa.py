@@ -26,6 +26,44 @@ def test_a_sample_is_a_pure_function_of_seed_split_and_index():
     assert _digest(vqa.make_sample(12, "train", seed=3, image_size=112)) != _digest(first)
 
 
+def test_samples_are_the_ones_the_shipped_models_were_validated_on():
+    # Digests of the generator as the shipped VLMs were trained and validated (before clips).
+    assert _digest(vqa.make_sample(7, "train", seed=3, image_size=112)) == "c3e80c914dc8000d5ed897dbb6da3948"
+    assert _digest(vqa.make_sample(3, "val", seed=0, image_size=224)) == "266138d336d1d10b5f88db3acbc37895"
+
+
+def test_a_clip_is_the_sample_with_its_objects_moving_together():
+    for i in range(15):
+        sample, clip = vqa.make_sample(i, "val", image_size=112), vqa.make_clip(i, "val", frames=5, image_size=112,
+                                                                                   speed=3.0)
+        assert clip.frames.shape == (5, 112, 112, 3) and clip.frames.dtype == np.uint8
+        assert np.array_equal(clip.frames[0], sample.image)
+        assert (clip.question, clip.answer, clip.slice, clip.objects, clip.number) == (
+            sample.question, sample.answer, sample.slice, sample.objects, sample.number)
+        velocity = np.array(clip.velocity)
+        assert np.linalg.norm(velocity) <= 3.0 + 1e-9
+        # Far from every object's path, every frame is the first (same background, plate, noise).
+        ys, xs = np.mgrid[0:112, 0:112]
+        near = np.zeros((112, 112), dtype=bool)
+        for _, _, x, y, r in clip.objects:
+            for t in range(5):
+                cx, cy = np.array([x, y]) + t * velocity
+                near |= np.hypot(xs - cx, ys - cy) <= r * 1.6 + 2
+        for t in range(1, 5):
+            assert np.array_equal(clip.frames[t][~near], clip.frames[0][~near])
+            assert (np.linalg.norm(velocity) > 0) == (not np.array_equal(clip.frames[t], clip.frames[0]))
+            for _, _, x, y, r in clip.objects:  # every object stays inside the frame
+                cx, cy = np.array([x, y]) + t * velocity
+                assert r <= cx <= 112 - r and r <= cy <= 112 - r
+    assert sum(np.linalg.norm(vqa.make_clip(i, "val", frames=5, image_size=112, speed=3.0).velocity) > 0
+               for i in range(15)) >= 10  # most clips move
+    still = vqa.make_clip(2, "val", frames=3, image_size=64, speed=0)
+    assert still.velocity == (0.0, 0.0) and all(np.array_equal(f, still.frames[0]) for f in still.frames)
+    for bad in ({"frames": 0}, {"frames": 2.5}, {"speed": -1.0}, {"speed": float("nan")}, {"image_size": 32}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            vqa.make_clip(0, **bad)
+
+
 def test_splits_never_share_a_sample():
     train = {_digest(vqa.make_sample(i, "train", image_size=64)) for i in range(15)}
     val = {_digest(vqa.make_sample(i, "val", image_size=64)) for i in range(15)}

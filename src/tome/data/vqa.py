@@ -46,6 +46,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "VQASample",
     "make_sample",
+    "VQAClip",
+    "make_clip",
     "answer_of",
     "scene_questions",
     "prompt_text",
@@ -251,17 +253,84 @@ def make_sample(index: int, split: str = "train", seed: int = 0, image_size: int
     Raises:
         ValueError: for a negative index, an unknown split or an image smaller than 64 px.
     """
+    _check(index, split, image_size)
+    frames, record, _ = _render(int(index), split, seed, int(image_size), frames=1, speed=0.0)
+    return VQASample(frames[0], *record)
+
+
+def _check(index: int, split: str, image_size: int) -> None:
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"index must be a non-negative int, got {index!r}")
     if split not in _shapes.SPLITS:
         raise ValueError(f"split must be one of {list(_shapes.SPLITS)}, got {split!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 64:
         raise ValueError(f"image_size must be an int >= 64, got {image_size!r}")
-    index, size = int(index), int(image_size)
+
+
+@dataclass(frozen=True)
+class VQAClip:
+    """One question about a short clip: the scene of :func:`make_sample` with its objects moving.
+
+    Attributes:
+        frames: uint8 array ``(frames, image_size, image_size, 3)``; frame 0 is the sample's image.
+        question, answer, slice, objects, number: As :class:`VQASample` (objects at frame 0);
+            every answer holds in every frame (the objects move together, so relations keep).
+        velocity: The objects' common motion ``(dx, dy)`` in pixels per frame.
+    """
+
+    frames: np.ndarray
+    question: str
+    answer: str
+    slice: str
+    objects: Tuple[Tuple[str, str, float, float, float], ...]
+    number: str
+    velocity: Tuple[float, float]
+
+
+def make_clip(index: int, split: str = "train", seed: int = 0, frames: int = 4, image_size: int = 224,
+              speed: float = 4.0) -> VQAClip:
+    """Sample ``index`` of the task as a clip: the same scene over ``frames`` frames, objects moving.
+
+    The background and number plate stay; every object moves by one common velocity (its
+    direction drawn per index from a stream of its own, its length ``speed`` or, where that
+    would take an object out of the image or over the plate, 3/4, 1/2, 1/4 of it or 0). So the
+    question and answer of :func:`make_sample` hold in every frame, and the tokens at one place
+    in consecutive frames are near-duplicates: the redundancy a temporal rule should merge first.
+
+    Args:
+        index: Sample number (non-negative int), as :func:`make_sample`.
+        split: ``"train"`` or ``"val"``.
+        seed: Seed of the whole task.
+        frames: Frames in the clip (int >= 1).
+        image_size: Frame side in pixels (at least 64).
+        speed: Object motion in pixels per frame (>= 0).
+
+    Returns:
+        A :class:`VQAClip`; ``make_clip(i).frames[0]`` equals ``make_sample(i).image``.
+
+    Raises:
+        ValueError: for what :func:`make_sample` refuses, ``frames`` below 1 or a negative ``speed``.
+    """
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
+        raise ValueError(f"frames must be an int >= 1, got {frames!r}")
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not speed >= 0:
+        raise ValueError(f"speed must be a number >= 0 (pixels per frame), got {speed!r}")
+    _check(index, split, image_size)
+    images, record, velocity = _render(int(index), split, seed, int(image_size), int(frames), float(speed))
+    return VQAClip(np.stack(images), *record, velocity=(float(velocity[0]), float(velocity[1])))
+
+
+def _render(index: int, split: str, seed: int, size: int, frames: int,
+            speed: float) -> Tuple[List[np.ndarray], Tuple[Any, ...], np.ndarray]:
+    """The scene of sample ``index`` drawn ``frames`` times, its objects moving together ``speed`` px a frame.
+
+    Frame 0 is :func:`make_sample`'s image. Returns the frames, the sample's other fields
+    (question, answer, slice, objects at frame 0, number) and the velocity (px per frame, ``(2,)``).
+    """
     slice_name, answer, rng = _draw_answer(index, split, seed)
     number = str(int(rng.integers(10))) if slice_name != "read" else answer
 
-    image, _, _ = _shapes._background(rng, size)
+    background, _, _ = _shapes._background(rng, size)
     # The number plate: dark, with a light digit, somewhere in the image.
     scale = max(1, round(size / 75))
     plate_w, plate_h = 5 * scale, 7 * scale
@@ -274,20 +343,53 @@ def make_sample(index: int, split: str = "train", seed: int = 0, image_size: int
         centres = _place(rng, size, radii, keep_out, constraint or None)
         if centres is not None:
             break
+    velocity = _velocity(index, split, seed, size, centres, radii, keep_out, frames, speed)
     labels = {name: _shapes.CLASSES.index(name) for name in SHAPES}
-    drawn = []
-    for (shape, colour), centre, radius in zip(objects, centres, radii):
-        rgb = _colour_rgb(rng, colour)
-        image = _shapes._paint_shape(image, labels[shape], centre, radius, rng.uniform(0, 2 * math.pi),
-                                     rng.uniform(0.9, 1.1), rgb, rng.uniform(0, 2 * math.pi))
-        drawn.append((shape, colour, float(centre[0]), float(centre[1]), radius))
-    plate = np.full(3, rng.uniform(0.0, 0.1), dtype=np.float32)
-    ink = np.full(3, rng.uniform(0.9, 1.0), dtype=np.float32)
-    _draw_number(image, number, px, py, scale, plate, ink)
-    pixels = _shapes._finish(rng, image)
+    state = rng.bit_generator.state
+    images, drawn = [], []
+    for t in range(frames):
+        rng.bit_generator.state = state  # every frame draws the same objects, noise and plate
+        image, drawn = background, []
+        for (shape, colour), centre, radius in zip(objects, centres, radii):
+            rgb = _colour_rgb(rng, colour)
+            image = _shapes._paint_shape(image, labels[shape], centre + t * velocity, radius,
+                                         rng.uniform(0, 2 * math.pi), rng.uniform(0.9, 1.1), rgb,
+                                         rng.uniform(0, 2 * math.pi))
+            drawn.append((shape, colour, float(centre[0]), float(centre[1]), radius))
+        image = image.copy()
+        plate = np.full(3, rng.uniform(0.0, 0.1), dtype=np.float32)
+        ink = np.full(3, rng.uniform(0.9, 1.0), dtype=np.float32)
+        _draw_number(image, number, px, py, scale, plate, ink)
+        images.append(_shapes._finish(rng, image))
     # Shuffle the drawing order out of the record, so object 0 is not always the asked one.
     order = rng.permutation(len(drawn))
-    return VQASample(pixels, question, answer, slice_name, tuple(drawn[i] for i in order), number)
+    return images, (question, answer, slice_name, tuple(drawn[i] for i in order), number), velocity
+
+
+def _velocity(index: int, split: str, seed: int, size: int, centres: np.ndarray, radii: Sequence[float],
+              keep_out: Tuple[float, float, float, float], frames: int, speed: float) -> np.ndarray:
+    """A common velocity (px per frame, ``(2,)``) that keeps every object inside the image and off the plate.
+
+    The direction is drawn from its own stream (the scene's is untouched); the speed is the
+    largest of ``speed``, 3/4, 1/2, 1/4 of it or 0 under which no object leaves the image or
+    touches the number plate in any frame.
+    """
+    if frames <= 1 or speed == 0:
+        return np.zeros(2)
+    angle = np.random.default_rng([int(seed) & 0xFFFFFFFF, 2000 + _shapes.SPLITS[split], index]).uniform(0, 2 * math.pi)
+    direction = np.array([math.cos(angle), math.sin(angle)])
+    x0, y0, x1, y1 = keep_out
+    for factor in (1.0, 0.75, 0.5, 0.25):
+        velocity = factor * speed * direction
+        ok = True
+        for t in range(1, frames):
+            for c, r in zip(centres + t * velocity, radii):
+                inside = r + 1 <= c[0] <= size - r - 1 and r + 1 <= c[1] <= size - r - 1
+                clear = math.hypot(c[0] - np.clip(c[0], x0, x1), c[1] - np.clip(c[1], y0, y1)) >= r + 2
+                ok = ok and inside and clear
+        if ok:
+            return velocity
+    return np.zeros(2)
 
 
 def _relation(a: Tuple[str, str, float, float, float], b: Tuple[str, str, float, float, float]) -> Optional[str]:
