@@ -518,7 +518,11 @@ def _reduce_item(plan: _Plan, settings: VisualTokenSettings, modality: str, feat
     budget = vt.resolve_budget(settings.visual_tokens, count)
     if free is None:
         reduction = _in_order(vt.reduce_tokens(settings.method, features, budget, context))
-    else:
+    else:  # the per-token context (attention, keys) is the item's: keep the free tokens' rows
+        for name in ("attention", "metric"):
+            value = getattr(context, name)
+            if value is not None and value.shape[0] == num:
+                setattr(context, name, value[free.to(value.device)])
         reduction = _with_protected(vt.reduce_tokens(settings.method, features[free], budget, context),
                                     free, protected, features)
     plan.reduced[modality].append(reduction)
