@@ -721,8 +721,12 @@ def vlm(model: nn.Module, visual_tokens: Optional[Union[int, float]] = KEEP, met
     option and ``docs/vlm_reduction.md`` for positions and decoding.
 
     Args:
-        model: ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
-            ``LlavaForConditionalGeneration`` or their inner ``...Model``.
+        model: A supported VLM (``Qwen2_5_VLForConditionalGeneration``,
+            ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
+            ``LlavaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+            ``SmolVLMForConditionalGeneration``, ``Idefics3ForConditionalGeneration``,
+            ``InternVLForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``)
+            or its inner ``...Model``.
 
     Returns:
         ``model``, patched.
