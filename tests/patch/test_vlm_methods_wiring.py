@@ -124,7 +124,7 @@ def _run_without_eager(patched: torch.nn.Module, family: str, inputs: Dict[str, 
 
 
 @pytest.mark.parametrize("family,video", [("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", False),
-                                          ("llava", False)])
+                                          ("qwen3_vl_moe", True), ("llava", False)])
 def test_visionzip_logits_equal_the_plain_reference_on_the_eager_attention(family, video, monkeypatch):
     model, inputs = _case(family, video)
     contexts = _eager_contexts(model, family, inputs, monkeypatch)
@@ -194,7 +194,8 @@ def _patched_row(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Te
         return _fastv_row(inner, settings, dict(inputs), outputs, visual, inner.forward)
 
 
-@pytest.mark.parametrize("family,layer", [("qwen2_5_vl", 1), ("qwen2_5_vl", 0), ("qwen3_vl", 1), ("llava", 1)])
+@pytest.mark.parametrize("family,layer", [("qwen2_5_vl", 1), ("qwen2_5_vl", 0), ("qwen3_vl", 1), ("qwen3_vl_moe", 1),
+                                         ("llava", 1)])
 def test_last_token_attention_from_queries_and_keys_equals_the_eager_weights(family, layer):
     model, inputs = _case(family)
     expected = last_token_row(model, inputs, layer)
