@@ -40,7 +40,7 @@ def inputs_of(family: str, model: torch.nn.Module, video: bool = False, seed: in
         return cases.llava_inputs(model, [2, 1], seed=seed)
     videos = [[], [(2, 4, 6)]] if video else None
     return cases.qwen_inputs(model, [[(8, 8), (6, 8)], [(8, 6)]], seed=seed, videos=videos,
-                             frames_apart=family == "qwen3_vl")
+                             frames_apart=family.startswith("qwen3_vl"))
 
 
 # ----------------------------------------------------------------------------- the plain reference
@@ -164,6 +164,7 @@ CASES = [
     pytest.param("qwen2_5_vl", "random", 3, "keep", False, id="qwen2_5_vl-random"),
     pytest.param("qwen3_vl", "pool", None, "keep", True, id="qwen3_vl-pool-video"),
     pytest.param("qwen3_vl", "random", 3, "keep", False, id="qwen3_vl-random"),
+    pytest.param("qwen3_vl_moe", "pool", None, "keep", True, id="qwen3_vl_moe-pool-video"),
     pytest.param("llava", "pool", None, "keep", False, id="llava-pool-keep"),
     pytest.param("llava", "random", 3, "renumber", False, id="llava-random-renumber"),
 ]
@@ -258,7 +259,7 @@ def test_nothing_reduced_is_the_unpatched_model_bit_for_bit(family):
     assert [tuple(s.shape) for s in model._tome_info["source"]] == [(i["tokens"],) * 2 for i in items]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe", "llava"])
 def test_remove_patch_restores_the_model_exactly(family):
     model = model_of(family)
     inputs = inputs_of(family, model)
@@ -350,8 +351,9 @@ def test_a_text_only_model_is_refused_naming_its_class_and_the_families():
     model = Qwen2ForCausalLM(Qwen2Config(**cases._text()))
     with pytest.raises(TypeError, match=r"Qwen2ForCausalLM.*Supported families:.*vlm"):
         tome.apply_patch(model, visual_tokens=4)
-    with pytest.raises(TypeError, match=r"Qwen2ForCausalLM.*Qwen2_5_VLForConditionalGeneration"):
+    with pytest.raises(TypeError, match=r"Qwen2ForCausalLM.*Qwen2_5_VLForConditionalGeneration") as error:
         tome.apply_patch(model, family="vlm", visual_tokens=4)
+    assert "Qwen3VLMoeForConditionalGeneration" in str(error.value)
 
 
 def test_the_inner_model_patches_alone_and_a_compiled_language_model_runs_inside():

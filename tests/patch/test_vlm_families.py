@@ -95,37 +95,6 @@ def test_onevision_units_mark_the_image_newlines():
 
 # --- the patched models ----------------------------------------------------------------------
 
-def _unit_sources(case: cases.FamilyCase, sources):
-    """Per unit, its ``(K, N)`` source: the core's items of one unit (SmolVLM: one per crop;
-    LLaVA-OneVision: an any-res image's base view and grid) are consecutive."""
-    out, items = [], iter(sources)
-    for unit in case.units:
-        blocks, columns = [], 0
-        while columns < unit.length:
-            blocks.append(next(items))
-            columns += blocks[-1].shape[1]
-        assert columns == unit.length
-        out.append(torch.block_diag(*blocks))
-    assert next(items, None) is None
-    return out
-
-
-def _reference_for(case, sources, positions="original"):
-    """The reference for what the patched model reports it passed on."""
-    per_unit = _unit_sources(case, sources)
-    kept = [s.argmax(-1) for s in per_unit]  # the slot of a token: its first member's
-    if all(bool((s.sum(-1) == 1).all()) for s in per_unit):
-        return cases.reference_logits(case, kept, positions=positions)
-    embeds = cases.full_embeds(case)
-    features, values = [], []
-    for s, (sample, pos) in zip(per_unit, cases.unit_positions(case)):
-        weights = s.to(torch.float32)
-        size = weights.sum(-1, keepdim=True)
-        features.append(weights @ embeds[sample, pos] / size)
-        values.append((weights @ pos.to(torch.float32)[:, None] / size)[:, 0])
-    return cases.reference_logits(case, kept, features=features, positions=positions, position_values=values)
-
-
 @pytest.mark.parametrize("method", ["random", "pool"])
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_patched_equals_the_reference(name, method):
@@ -134,7 +103,7 @@ def test_patched_equals_the_reference(name, method):
         full = case.model(**case.inputs).logits
         tome.apply_patch(case.model, visual_tokens=5, method=method, seed=0, trace_source=True)
         logits = case.model(**case.inputs).logits
-        expected, real = _reference_for(case, case.model._tome_info["source"])
+        expected, real = cases.reference_for_sources(case, case.model._tome_info["source"])
     assert logits.shape == expected.shape and logits.shape[1] < full.shape[1]
     if method == "random":
         assert torch.equal(logits[real], expected[real])
@@ -146,18 +115,8 @@ def test_patched_equals_the_reference(name, method):
 def _expected_items(case: cases.FamilyCase):
     """Per item of the core: its features, the grid the builder knows it has, and its separators."""
     embeds = cases.full_embeds(case)
-    for unit, (sample, pos) in zip(case.units, cases.unit_positions(case)):
-        features = embeds[sample, pos]
-        if case.name != "llava_onevision":
-            yield features, unit.grid, []
-        elif unit.token_id == cases.VIDEO:
-            yield features, ((unit.length - 1) // 16, 4, 4), [unit.length - 1]
-        elif unit.length == 65:  # an image of a multi-image prompt: base view and newline
-            yield features, (1, 8, 8), [64]
-        else:  # an any-res image: the base view, then the grid ended by newlines
-            yield features[:64], (1, 8, 8), []
-            rows = [i - 64 for i in unit.separators]
-            yield features[64:], (1, len(rows), rows[0]), rows
+    for sample, positions, grid, separators in cases.core_items(case):
+        yield embeds[sample, positions], grid, separators
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -186,8 +145,8 @@ def test_patched_renumbered_positions_equal_the_reference(name):
         tome.apply_patch(case.model, visual_tokens=5, method="random", seed=1, trace_source=True,
                          positions="renumber")
         logits = case.model(**case.inputs).logits
-        expected, real = _reference_for(case, case.model._tome_info["source"], positions="consecutive")
-        kept, _ = _reference_for(case, case.model._tome_info["source"], positions="original")
+        expected, real = cases.reference_for_sources(case, case.model._tome_info["source"], positions="consecutive")
+        kept, _ = cases.reference_for_sources(case, case.model._tome_info["source"], positions="original")
     assert torch.equal(logits[real], expected[real])
     assert (logits[real] - kept[real]).abs().max() > 1e-3
 
@@ -244,7 +203,7 @@ def test_decoding_continues_the_reference(name, method):
         sources = case.model._tome_info["source"]
         tome.remove_patch(case.model)
         generated = out.sequences[:, -steps:]
-        expected, real = _reference_for(cases.extended(case, generated[:, :-1]), sources)
+        expected, real = cases.reference_for_sources(cases.extended(case, generated[:, :-1]), sources)
     for step in range(steps):
         torch.testing.assert_close(out.logits[step], expected[:, step - steps], atol=1e-4, rtol=1e-4)
 
@@ -272,7 +231,7 @@ def test_onevision_multi_image_prompt_equals_the_reference(method):
         expected_full = case.model(**case.inputs).logits
         tome.apply_patch(case.model, visual_tokens=0.25, method=method, seed=0, trace_source=True)
         logits = case.model(**case.inputs).logits
-        expected, real = _reference_for(case, case.model._tome_info["source"])
+        expected, real = cases.reference_for_sources(case, case.model._tome_info["source"])
     # a quarter of 64 (+ the newline); the any-res image: its base view, its grid (+ 8 newlines)
     assert [item["passed"] for item in case.model._tome_info["items"]] == [17, 17, 16, 24]
     assert logits.shape[1] < expected_full.shape[1]
@@ -284,7 +243,7 @@ def test_onevision_newlines_are_passed_on_unmerged():
     tome.apply_patch(case.model, visual_tokens=4, method="pool", trace_source=True)
     with torch.no_grad():
         case.model(**case.inputs)
-    for unit, source in zip(case.units, _unit_sources(case, case.model._tome_info["source"])):
+    for unit, source in zip(case.units, cases.unit_sources(case, case.model._tome_info["source"])):
         rows = source[:, list(unit.separators)]
         assert (rows.sum(0) == 1).all()  # every newline passed on
         assert (source[rows.sum(-1) > 0].sum(-1) == 1).all()  # alone

@@ -5,6 +5,7 @@ layers in eager attention and read the weights the eager kernel returns (in the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from typing import Any, Dict, List, Tuple
 
@@ -14,6 +15,7 @@ import vlm_cases
 import vlm_family_cases
 from test_vlm import GENERATE, inputs_of, model_of, reference
 from vlm_cases import IMAGE, VIDEO
+from vlm_eager import assert_scores_close, eager_calls, forbid_eager, last_token_row
 
 import tome
 
@@ -29,35 +31,24 @@ def _target(model: torch.nn.Module, family: str) -> torch.nn.Module:
     return model.model.visual.blocks[-1].attn
 
 
-def _eager_weights(model: torch.nn.Module, family: str, monkeypatch, run) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``run()`` on an eager-attention copy of ``model``'s vision tower and return the
-    ``(weights, keys)`` the eager kernel computed at the target layer, one pair per call."""
-    target = _target(model, family)
-    module = sys.modules[type(target).__module__]
-    eager, seen = module.eager_attention_forward, []
+def _tower(model: torch.nn.Module, family: str) -> torch.nn.Module:
+    return model.model.vision_tower if family == "llava" else model.model.visual
 
-    def recording(attn, query, key, value, *args, **kwargs):
-        out, weights = eager(attn, query, key, value, *args, **kwargs)
-        if attn is target:
-            seen.append((weights.detach(), key.detach()))
-        return out, weights
 
-    monkeypatch.setattr(module, "eager_attention_forward", recording)
-    tower = model.model.vision_tower if family == "llava" else model.model.visual
-    tower.config._attn_implementation = "eager"
-    with torch.no_grad():
-        run()
-    tower.config._attn_implementation = "sdpa"
-    return seen
+def _case(family: str, video: bool = False) -> Tuple[torch.nn.Module, Dict[str, torch.Tensor]]:
+    """A fresh tiny model of ``family`` and its two-sample inputs."""
+    model = model_of(family)
+    return model, inputs_of(family, model, video=video)
 
 
 def _eager_contexts(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tensor],
                     monkeypatch) -> Dict[int, List[Dict[str, Any]]]:
     """Per placeholder id, per item: the eager reference's ``attention`` (N,) and ``metric`` keys."""
     if family == "llava":
-        seen = _eager_weights(model, family, monkeypatch,
-                              lambda: model.model.vision_tower(inputs["pixel_values"], output_attentions=True))
-        (weights, keys), = seen  # (images, heads, 1 + P, 1 + P), (images, heads, 1 + P, d)
+        out, seen = eager_calls(monkeypatch, _target(model, family), _tower(model, family).config,
+                                lambda: model.model.vision_tower(inputs["pixel_values"], output_attentions=True))
+        (_, keys), = seen
+        weights = out.attentions[model.config.vision_feature_layer]  # (images, heads, 1 + P, 1 + P), (images, heads, 1 + P, d)
         received, metric = weights[:, :, 0, 1:].mean(1), keys.mean(1)[:, 1:]
         return {IMAGE: [{"attention": received[i], "metric": metric[i]} for i in range(received.shape[0])]}
     visual = model.model.visual
@@ -65,7 +56,8 @@ def _eager_contexts(model: torch.nn.Module, family: str, inputs: Dict[str, torch
     for token, pixels, key in ((IMAGE, "pixel_values", "image_grid_thw"), (VIDEO, "pixel_values_videos", "video_grid_thw")):
         if pixels not in inputs:
             continue
-        seen = _eager_weights(model, family, monkeypatch, lambda: visual(inputs[pixels], grid_thw=inputs[key]))
+        _, seen = eager_calls(monkeypatch, _target(model, family), visual.config,
+                              lambda: visual(inputs[pixels], grid_thw=inputs[key]))
         # one (1, heads, n, n) weight matrix per span the block attends over: column means over queries and heads
         received = torch.cat([w[0].float().mean(dim=(0, 1)) for w, _ in seen])
         keys = torch.cat([k[0].float().mean(0) for _, k in seen])
@@ -78,6 +70,10 @@ def _eager_contexts(model: torch.nn.Module, family: str, inputs: Dict[str, torch
         counts = (inputs[key].prod(-1) // 4).tolist()
         contexts[token] = [{"attention": a, "metric": m} for a, m in zip(received.split(counts), keys.split(counts))]
     return contexts
+
+
+def _pairs(contexts: List[Dict[str, Any]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    return [(c["attention"], c["metric"]) for c in contexts]
 
 
 def _patched_scores(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -93,62 +89,53 @@ def _patched_scores(model: torch.nn.Module, family: str, inputs: Dict[str, torch
 @pytest.mark.parametrize("family,video", [("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", True),
                                           ("llava", False)])
 def test_tower_attention_from_queries_and_keys_equals_the_eager_weights(family, video, monkeypatch):
-    model = model_of(family)
-    inputs = inputs_of(family, model, video=video)
+    model, inputs = _case(family, video)
     expected = _eager_contexts(model, family, inputs, monkeypatch)
     got = _patched_scores(model, family, inputs)
+    assert set(got) == {"image", "video"} if video else {"image"}
     for token, name in ((IMAGE, "image"), (VIDEO, "video")):
-        if token not in expected:
-            continue
-        assert len(got[name]) == len(expected[token])
-        for (attention, keys), ref in zip(got[name], expected[token]):
-            torch.testing.assert_close(attention, ref["attention"], rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(keys, ref["metric"], rtol=1e-4, atol=1e-5)
-            assert torch.equal(attention.argsort(descending=True, stable=True)[:4],
-                               ref["attention"].argsort(descending=True, stable=True)[:4])
+        if token in expected:
+            assert_scores_close(got[name], _pairs(expected[token]))
 
 
 def test_llava_visionzip_reads_the_feature_layer_the_penultimate_as_llava_1_5(monkeypatch):
-    model = model_of("llava")
+    model, inputs = _case("llava")
     model.config.vision_feature_layer = -2  # LLaVA-1.5's: the features come from the first of the two layers
-    inputs = inputs_of("llava", model)
     expected = _eager_contexts(model, "llava", inputs, monkeypatch)[IMAGE]
-    got = _patched_scores(model, "llava", inputs)["image"]
-    for (attention, keys), ref in zip(got, expected):
-        torch.testing.assert_close(attention, ref["attention"], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(keys, ref["metric"], rtol=1e-4, atol=1e-5)
+    assert_scores_close(_patched_scores(model, "llava", inputs)["image"], _pairs(expected))
     model.config.vision_feature_layer = 0  # the embeddings: no attention layer to read
     with pytest.raises(ValueError, match="vision_feature_layer=0"):
         _patched_scores(model, "llava", inputs)
 
 
-@pytest.mark.parametrize("family,video", [("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", False),
-                                          ("llava", False)])
-def test_visionzip_logits_equal_the_plain_reference_on_the_eager_attention(family, video, monkeypatch):
-    model = model_of(family)
-    inputs = inputs_of(family, model, video=video)
-    contexts = _eager_contexts(model, family, inputs, monkeypatch)
-    expected = reference(model, family, inputs, "visionzip", 8, contexts=contexts)
-    patched = tome.apply_patch(copy.deepcopy(model), visual_tokens=8, method="visionzip")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the patched model ran eager attention")
-
-    for module in {type(_target(patched, family)).__module__, type(patched.model.language_model).__module__}:
-        monkeypatch.setattr(sys.modules[module], "eager_attention_forward", refuse)
+def _run_without_eager(patched: torch.nn.Module, family: str, inputs: Dict[str, torch.Tensor], monkeypatch,
+                       expected: List[Dict[str, Any]]) -> None:
+    """The patched model, its eager kernels made to fail, equals each sample of the reference;
+    its attention stays sdpa."""
+    forbid_eager(monkeypatch, [type(_target(patched, family)).__module__,
+                               type(patched.model.language_model).__module__])
     with torch.no_grad():
         logits = patched(**inputs).logits
     for row, sample in enumerate(expected):
         length = sample["logits"].shape[0]
         torch.testing.assert_close(logits[row, -length:], sample["logits"], rtol=1e-4, atol=1e-4)
-    assert patched.config._attn_implementation == "sdpa"
-    assert patched.config.vision_config._attn_implementation == "sdpa"
+    for config in (patched.config, patched.config.text_config, patched.config.vision_config):
+        assert config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family,video", [("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", False),
+                                          ("qwen3_vl_moe", True), ("llava", False)])
+def test_visionzip_logits_equal_the_plain_reference_on_the_eager_attention(family, video, monkeypatch):
+    model, inputs = _case(family, video)
+    contexts = _eager_contexts(model, family, inputs, monkeypatch)
+    expected = reference(model, family, inputs, "visionzip", 8, contexts=contexts)
+    patched = tome.apply_patch(copy.deepcopy(model), visual_tokens=8, method="visionzip")
+    _run_without_eager(patched, family, inputs, monkeypatch, expected)
 
 
 @pytest.mark.parametrize("family", VISIONZIP_FAMILIES)
 def test_visionzip_reducing_nothing_is_the_unpatched_model(family):
-    model = model_of(family)
-    inputs = inputs_of(family, model)
+    model, inputs = _case(family)
     with torch.no_grad():
         plain = model(**inputs).logits
         patched = tome.apply_patch(copy.deepcopy(model), visual_tokens=None, method="visionzip")
@@ -158,13 +145,20 @@ def test_visionzip_reducing_nothing_is_the_unpatched_model(family):
         assert not any(item["reduced"] for item in patched._tome_info["items"])
 
 
-def test_visionzip_refuses_precomputed_encoder_outputs_and_unwired_families_refuse_both():
+def test_visionzip_refuses_precomputed_encoder_outputs_and_unwired_families_refuse_both(monkeypatch):
     model = tome.apply_patch(model_of("llava"), visual_tokens=8, method="visionzip")
     inputs = inputs_of("llava", model)
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
     with pytest.raises(ValueError, match="'visionzip' needs the vision tower's attention.*pass the pixels"):
         model(**inputs, mm_encoder_outputs={"image": features})
+    # every family has both wired now; a family without them (an adapter with neither) refuses both
+    from tome.patch import _vlm
+
+    bare = _vlm._ADAPTERS["gemma3"]
+    bare = dataclasses.replace(bare, fastv=False, modalities=tuple(dataclasses.replace(m, tower=None)
+                                                                   for m in bare.modalities))
+    monkeypatch.setitem(_vlm._ADAPTERS, "gemma3", bare)
     gemma = vlm_family_cases.gemma3().model
     for method in ("visionzip", "fastv"):
         with pytest.raises(ValueError, match=f"'{method}'.*not wired for the gemma3 family.*'pool'"):
@@ -173,16 +167,6 @@ def test_visionzip_refuses_precomputed_encoder_outputs_and_unwired_families_refu
 
 
 # ----------------------------------------------------------------------------- FastV
-
-
-def _eager_row(model: torch.nn.Module, inputs: Dict[str, torch.Tensor], layer: int) -> torch.Tensor:
-    """``(B, L)``: the last token's attention at ``layer``, mean over heads, from an eager copy
-    of the unpatched model asked for its attention weights."""
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    with torch.no_grad():
-        out = eager(**inputs, output_attentions=True)
-    return out.attentions[layer][:, :, -1, :].float().mean(1)
 
 
 def _row_contexts(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tensor],
@@ -210,11 +194,11 @@ def _patched_row(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Te
         return _fastv_row(inner, settings, dict(inputs), outputs, visual, inner.forward)
 
 
-@pytest.mark.parametrize("family,layer", [("qwen2_5_vl", 1), ("qwen2_5_vl", 0), ("qwen3_vl", 1), ("llava", 1)])
+@pytest.mark.parametrize("family,layer", [("qwen2_5_vl", 1), ("qwen2_5_vl", 0), ("qwen3_vl", 1), ("qwen3_vl_moe", 1),
+                                         ("llava", 1)])
 def test_last_token_attention_from_queries_and_keys_equals_the_eager_weights(family, layer):
-    model = model_of(family)
-    inputs = inputs_of(family, model)
-    expected = _eager_row(model, inputs, layer)
+    model, inputs = _case(family)
+    expected = last_token_row(model, inputs, layer)
     got = _patched_row(model, family, inputs, layer)
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-6)
@@ -224,23 +208,11 @@ def test_last_token_attention_from_queries_and_keys_equals_the_eager_weights(fam
 @pytest.mark.parametrize("family,video", [("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", False),
                                           ("llava", False)])
 def test_fastv_logits_equal_the_plain_reference_on_the_eager_attention(family, video, monkeypatch):
-    model = model_of(family)
-    inputs = inputs_of(family, model, video=video)
-    contexts = _row_contexts(model, family, inputs, _eager_row(model, inputs, 1))
+    model, inputs = _case(family, video)
+    contexts = _row_contexts(model, family, inputs, last_token_row(model, inputs, 1))
     expected = reference(model, family, inputs, "fastv", 5, contexts=contexts)
     patched = tome.apply_patch(copy.deepcopy(model), visual_tokens=5, method="fastv", fastv_layer=1)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the patched model ran eager attention")
-
-    for module in {type(_target(patched, family)).__module__, type(patched.model.language_model).__module__}:
-        monkeypatch.setattr(sys.modules[module], "eager_attention_forward", refuse)
-    with torch.no_grad():
-        logits = patched(**inputs).logits
-    for row, sample in enumerate(expected):
-        length = sample["logits"].shape[0]
-        torch.testing.assert_close(logits[row, -length:], sample["logits"], rtol=1e-4, atol=1e-4)
-    assert patched.config.text_config._attn_implementation == "sdpa"
+    _run_without_eager(patched, family, inputs, monkeypatch, expected)
 
 
 @pytest.mark.parametrize("family", VISIONZIP_FAMILIES)
@@ -256,8 +228,7 @@ def test_fastv_layer_beyond_the_depth_is_refused_naming_the_range(family):
 
 @pytest.mark.parametrize("family", VISIONZIP_FAMILIES)
 def test_fastv_reducing_nothing_is_the_unpatched_model_and_generate_runs(family):
-    model = model_of(family)
-    inputs = inputs_of(family, model)
+    model, inputs = _case(family)
     with torch.no_grad():
         plain = model(**inputs).logits
         patched = tome.apply_patch(copy.deepcopy(model), visual_tokens=None, method="fastv", fastv_layer=1)

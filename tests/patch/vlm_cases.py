@@ -1,5 +1,5 @@
 """Tiny vision-language models built from configs (no download, no tokenizer) and their inputs,
-for tests/patch/test_vlm.py: Qwen2.5-VL, Qwen3-VL and LLaVA-1.5 with hidden size 64, two
+for tests/patch/test_vlm.py: Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and LLaVA-1.5 with hidden size 64, two
 layers, and ``input_ids`` holding the placeholder tokens written out by hand.
 
 Token ids: 0 pads, 1..59 are text, then the placeholders below.
@@ -51,6 +51,21 @@ def qwen3_vl() -> nn.Module:
     return _ready(Qwen3VLForConditionalGeneration._from_config(config, attn_implementation="sdpa"))
 
 
+def qwen3_vl_moe() -> nn.Module:
+    """Qwen3-VL with a mixture-of-experts language model: 4 experts, 2 per token."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    text = _text(head_dim=TEXT // HEADS, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=TEXT,
+                 decoder_sparse_step=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                              vision_start_token_id=START, vision_end_token_id=END, tie_word_embeddings=False)
+    return _ready(Qwen3VLMoeForConditionalGeneration._from_config(config, attn_implementation="sdpa"))
+
+
 LLAVA_SIDE = 8  # 56 px images, 7 px patches: an 8 x 8 grid of 64 visual tokens
 
 
@@ -66,7 +81,7 @@ def llava() -> nn.Module:
     return _ready(LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa"))
 
 
-BUILDERS = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava": llava}
+BUILDERS = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "qwen3_vl_moe": qwen3_vl_moe, "llava": llava}
 
 
 def _ready(model: nn.Module) -> nn.Module:

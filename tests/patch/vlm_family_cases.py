@@ -513,3 +513,55 @@ def extended(case: FamilyCase, tokens: torch.Tensor) -> FamilyCase:
         inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(tokens)], dim=1)
     return FamilyCase(case.name, case.model, inputs, case.units, case.visual_embeds, case.language_model,
                       dict(case.extra))
+
+
+# --- the core's items ------------------------------------------------------------------------
+
+def core_items(case: FamilyCase):
+    """Per item the core reduces, in its order: ``(sample, positions, grid, separators)``, the
+    positions of its tokens in the sequence, the grid of its content tokens and the indices
+    (into the item) of its separators. An item is a unit, except a LLaVA-OneVision any-res image:
+    its base view, then its grid ended by newlines."""
+    for unit, (sample, pos) in zip(case.units, unit_positions(case)):
+        if case.name != "llava_onevision":
+            yield sample, pos, unit.grid, []
+        elif unit.token_id == VIDEO:
+            yield sample, pos, ((unit.length - 1) // 16, 4, 4), [unit.length - 1]
+        elif unit.length == 65:  # an image of a multi-image prompt: base view and newline
+            yield sample, pos, (1, 8, 8), [64]
+        else:  # an any-res image: the base view, then the grid ended by newlines
+            yield sample, pos[:64], (1, 8, 8), []
+            rows = [i - 64 for i in unit.separators]
+            yield sample, pos[64:], (1, len(rows), rows[0]), rows
+
+
+def unit_sources(case: FamilyCase, sources):
+    """Per unit, its ``(K, N)`` source: the core's items of one unit (SmolVLM: one per crop;
+    LLaVA-OneVision: an any-res image's base view and grid) are consecutive."""
+    out, items = [], iter(sources)
+    for unit in case.units:
+        blocks, columns = [], 0
+        while columns < unit.length:
+            blocks.append(next(items))
+            columns += blocks[-1].shape[1]
+        assert columns == unit.length
+        out.append(torch.block_diag(*blocks))
+    assert next(items, None) is None
+    return out
+
+
+def reference_for_sources(case, sources, positions="original"):
+    """The reference for ``sources`` (per core item, ``(passed, tokens)``: what the patched
+    model reports it passed on, or what a reference reduction chose)."""
+    per_unit = unit_sources(case, sources)
+    kept = [s.argmax(-1) for s in per_unit]  # the slot of a token: its first member's
+    if all(bool((s.sum(-1) == 1).all()) for s in per_unit):
+        return reference_logits(case, kept, positions=positions)
+    embeds = full_embeds(case)
+    features, values = [], []
+    for s, (sample, pos) in zip(per_unit, unit_positions(case)):
+        weights = s.to(torch.float32)
+        size = weights.sum(-1, keepdim=True)
+        features.append(weights @ embeds[sample, pos] / size)
+        values.append((weights @ pos.to(torch.float32)[:, None] / size)[:, 0])
+    return reference_logits(case, kept, features=features, positions=positions, position_values=values)

@@ -31,7 +31,7 @@ the features come from, their grid, the placeholder token ids, and how positions
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -131,7 +131,9 @@ class Modality:
             the grid of its other ``N - P`` tokens (used instead of ``grid``). None: no such tokens.
         tower: ``(inner model, call) -> (encoder output, [(attention (N,), keys (N, D)), ...])``:
             ``encode`` run while the vision tower's attention each token receives is computed
-            from its queries and keys (``"visionzip"``; see ``_vlm_attention``). None: not wired.
+            from its queries and keys (``"visionzip"``; see ``_vlm_attention``), one pair per
+            item (per entry of ``split`` where the modality splits), mapped onto the tokens the
+            language model reads. None: not wired.
     """
 
     name: str
@@ -518,7 +520,13 @@ def _reduce_item(plan: _Plan, settings: VisualTokenSettings, modality: str, feat
     budget = vt.resolve_budget(settings.visual_tokens, count)
     if free is None:
         reduction = _in_order(vt.reduce_tokens(settings.method, features, budget, context))
-    else:
+    else:  # the per-token context (attention, keys) is the item's: the free tokens' rows
+        rows = {}
+        for name in ("attention", "metric"):
+            value = getattr(context, name)
+            if value is not None and value.shape[0] == num:
+                rows[name] = value[free.to(value.device)]
+        context = replace(context, **rows)
         reduction = _with_protected(vt.reduce_tokens(settings.method, features[free], budget, context),
                                     free, protected, features)
     plan.reduced[modality].append(reduction)
@@ -717,8 +725,12 @@ def vlm(model: nn.Module, visual_tokens: Optional[Union[int, float]] = KEEP, met
     option and ``docs/vlm_reduction.md`` for positions and decoding.
 
     Args:
-        model: ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
-            ``LlavaForConditionalGeneration`` or their inner ``...Model``.
+        model: A supported VLM (``Qwen2_5_VLForConditionalGeneration``,
+            ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
+            ``LlavaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+            ``SmolVLMForConditionalGeneration``, ``Idefics3ForConditionalGeneration``,
+            ``InternVLForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``)
+            or its inner ``...Model``.
 
     Returns:
         ``model``, patched.

@@ -10,19 +10,27 @@ attention weights (which would cost the speed the reduction is for).
 
 Each ``*_tower`` function runs one modality's encoder (the adapter's ``encode``) under its
 hooks and returns ``(encoder output, [(attention (N,), keys (N, D)), ...])``, one pair per
-image or video, in the order of ``pooler_output``.
+item the core reduces (an image, a video, a crop or tile, a view), in the core's order.
+
+Towers with a class token (CLIP, InternViT) rank by the class token's attention, as the paper
+does for CLIP; towers without one (the Qwen towers, SigLIP) by the attention each token
+receives from all queries, as the paper does for SigLIP (VisionZip sec. 3.2). Where the
+connector turns a group of tower tokens into one token (Qwen's 2x2 merger, Gemma 3's average
+pool, the pixel shuffle of Idefics3 and InternVL), the token's attention is the sum over its
+group (:func:`grouped`) and its keys the group's mean; the families' modules say which group.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["qwen_tower", "clip_tower", "received_attention"]
+__all__ = ["qwen_tower", "clip_tower", "received_attention", "feature_layer", "capture_attention",
+           "tower_attention", "grouped"]
 
 Scores = List[Tuple[torch.Tensor, torch.Tensor]]
 _BLOCK_WEIGHTS = 2 ** 25  # softmax weights computed at once (128 MiB in float32)
@@ -44,14 +52,27 @@ def _captured(hooks: List[Tuple[nn.Module, str, Callable[..., None]]]) -> Iterat
             handle.remove()
 
 
-def received_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+def _masked(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``scores`` with an attention mask as the model's kernels apply it: a bool mask keeps
+    ``True``, a float mask is added."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.float()
+
+
+def received_attention(query: torch.Tensor, key: torch.Tensor, scale: float,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(N,)``: the attention each of ``N`` tokens receives, averaged over all ``N`` queries
-    and all heads: the column means of ``softmax(q k^T * scale)``, computed a block of
+    and all heads: the column means of ``softmax(q k^T * scale + mask)``, computed a block of
     queries at a time (about ``2 ** 25`` weights at once, at least one query per block).
 
     Args:
         query, key: ``(heads, N, head_dim)``.
         scale: the attention's scaling (``head_dim ** -0.5``).
+        mask: None, or the mask the layer is given, broadcastable to ``(heads, N, N)``: bool
+            (True attends) or additive float (Idefics3's padded patches).
     """
     heads, num = query.shape[:2]
     total = torch.zeros(num, dtype=torch.float32, device=query.device)
@@ -59,8 +80,72 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> 
     step = max(1, _BLOCK_WEIGHTS // (heads * num))
     for start in range(0, num, step):
         block = query[:, start: start + step].float()
-        total += torch.softmax(block @ key.transpose(1, 2) * scale, dim=-1).sum(dim=(0, 1))
+        rows = mask if mask is None or mask.shape[-2] == 1 else mask[..., start: start + step, :]
+        total += torch.softmax(_masked(block @ key.transpose(1, 2) * scale, rows), dim=-1).sum(dim=(0, 1))
     return total / (heads * num)
+
+
+# ----------------------------------------------------------------------------- towers of q_proj / k_proj layers
+
+
+def feature_layer(layers: Sequence[nn.Module], chosen: Union[int, Sequence[int]]) -> nn.Module:
+    """The encoder layer whose output is ``hidden_states[chosen]`` (``hidden_states[0]`` being
+    the embeddings, as in transformers); of a list of layers, the last. ``ValueError`` for the
+    embeddings or an index out of range."""
+    chosen = chosen[-1] if isinstance(chosen, (list, tuple)) else chosen
+    if chosen == 0 or not -len(layers) <= chosen <= len(layers):
+        raise ValueError(f"method='visionzip' reads the attention of the layer vision_feature_layer={chosen} "
+                         f"names; expected a layer's output: 1..{len(layers)} or -{len(layers)}..-1")
+    return layers[chosen - 1 if chosen >= 0 else len(layers) + chosen]
+
+
+def capture_attention(attn: nn.Module, run: Callable[[], Any]) -> Tuple[Any, Dict[str, Any]]:
+    """``(run(), seen)``: ``seen`` holds the queries ``"q"`` and keys ``"k"`` ``(B, N, heads *
+    head_dim)`` of the attention module ``attn`` (after its ``q_norm`` / ``k_norm`` where it
+    has them, InternViT's) and the ``"mask"`` it was given (or None), from forward hooks."""
+    seen: Dict[str, Any] = {"mask": None}
+    hooks = [(attn, "pre", lambda module, args, kwargs: seen.update(mask=kwargs.get("attention_mask")))]
+    for name in ("q", "k"):
+        norm = getattr(attn, f"{name}_norm", None)
+        source = norm if isinstance(norm, nn.Module) else getattr(attn, f"{name}_proj")
+        hooks.append((source, "post", lambda module, args, out, name=name: seen.update({name: out})))
+    with _captured(hooks):
+        output = run()
+    return output, seen
+
+
+def tower_attention(attn: nn.Module, seen: Dict[str, Any], class_token: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(attention (B, N), keys (B, N, head_dim))`` float32 from :func:`capture_attention`:
+    the attention each token receives, averaged over heads, from the class token (token 0,
+    ``class_token``) or from every query; and the keys averaged over heads."""
+    batch, length = seen["q"].shape[:2]
+    heads = attn.num_heads
+    query = seen["q"].reshape(batch, length, heads, -1).transpose(1, 2).float()  # (B, heads, N, d)
+    key = seen["k"].reshape(batch, length, heads, -1).transpose(1, 2).float()
+    scale = getattr(attn, "scaling", None) or attn.scale
+    mask = seen["mask"]
+    if class_token:
+        scores = (query[:, :, :1] @ key.transpose(-1, -2)) * scale  # (B, heads, 1, N)
+        rows = None if mask is None else (mask if mask.shape[-2] == 1 else mask[..., :1, :])
+        received = torch.softmax(_masked(scores, rows), dim=-1)[:, :, 0].mean(1)
+    else:
+        received = torch.stack([received_attention(query[b], key[b], scale, None if mask is None else mask[b])
+                                for b in range(batch)])
+    return received, key.mean(1)
+
+
+def grouped(attention: torch.Tensor, keys: torch.Tensor, members: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the tokens a connector makes of groups of tower tokens.
+
+    Args:
+        attention: ``(B, N)``; keys: ``(B, N, D)``.
+        members: ``(N', g)`` long: the tower tokens each output token is made of.
+
+    Returns:
+        ``(attention (B, N'), keys (B, N', D))``: the group's total attention and mean key.
+    """
+    members = members.to(attention.device)
+    return attention[:, members].sum(-1), keys[:, members].mean(-2)
 
 
 # ----------------------------------------------------------------------------- Qwen2.5-VL / Qwen3-VL
@@ -127,27 +212,12 @@ def clip_tower(encode: Callable[[nn.Module, Dict[str, Any]], Any]) -> Callable[.
         layers = getattr(tower_model, "vision_model", tower_model).encoder.layers
         chosen = call.get("vision_feature_layer")
         chosen = chosen if chosen is not None else inner.config.vision_feature_layer
-        chosen = chosen[-1] if isinstance(chosen, (list, tuple)) else chosen
-        if chosen == 0 or not -len(layers) <= chosen <= len(layers):
-            raise ValueError(f"method='visionzip' reads the attention of the layer vision_feature_layer={chosen} "
-                             f"names; expected a layer's output: 1..{len(layers)} or -{len(layers)}..-1")
-        attn = layers[chosen - 1 if chosen >= 0 else len(layers) + chosen].self_attn
-        seen: Dict[str, Any] = {}
-        hooks = [(attn.q_proj, "post", lambda module, args, out: seen.update(q=out)),
-                 (attn.k_proj, "post", lambda module, args, out: seen.update(k=out))]
-        with _captured(hooks):
-            output = encode(inner, call)
+        attn = feature_layer(layers, chosen).self_attn
+        output, seen = capture_attention(attn, lambda: encode(inner, call))
+        received, keys = tower_attention(attn, seen, class_token=True)
         strategy = call.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
-        return output, _clip_scores(attn, seen, strategy == "default")
+        first = 1 if strategy == "default" else 0
+        return output, [(received[i, first:], keys[i, first:]) for i in range(received.shape[0])]
 
     return tower
 
-
-def _clip_scores(attn: nn.Module, seen: Dict[str, Any], drop_cls: bool) -> Scores:
-    images, length = seen["q"].shape[:2]
-    query = seen["q"].reshape(images, length, attn.num_heads, -1).float()
-    key = seen["k"].reshape(images, length, attn.num_heads, -1).float()
-    weights = torch.softmax(torch.einsum("bhd,bnhd->bhn", query[:, 0], key) * attn.scale, dim=-1)
-    received, keys = weights.mean(1), key.mean(2)  # (images, tokens), (images, tokens, head_dim)
-    first = 1 if drop_cls else 0
-    return [(received[i, first:], keys[i, first:]) for i in range(images)]

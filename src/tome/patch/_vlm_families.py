@@ -1,6 +1,6 @@
 """The VLM families of visual-token reduction, each a small declared adapter on the core
-(:mod:`tome.patch._vlm`): Qwen2.5-VL, Qwen3-VL (3-D M-RoPE positions, the 2x2 patch merger,
-images and video) and LLaVA-1.5 (CLIP tower, 1-D positions).
+(:mod:`tome.patch._vlm`): Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (3-D M-RoPE positions, the 2x2
+patch merger, images and video) and LLaVA-1.5 (CLIP tower, 1-D positions).
 
 An adapter says where each image's features come from (the model's own
 ``get_image_features`` / ``get_video_features``: one ``(N, C)`` tensor per image or video,
@@ -21,7 +21,7 @@ from ._lifecycle import Example
 from ._vlm import Modality, VLMAdapter, register_adapter
 from ._vlm_attention import clip_tower, qwen_tower
 
-__all__ = ["QWEN2_5_VL", "QWEN3_VL", "LLAVA", "examples"]
+__all__ = ["QWEN2_5_VL", "QWEN3_VL", "QWEN3_VL_MOE", "LLAVA", "examples"]
 
 
 # ----------------------------------------------------------------------------- Qwen (M-RoPE)
@@ -107,6 +107,14 @@ QWEN3_VL = register_adapter(VLMAdapter(
     name="qwen3_vl", models=("Qwen3VLModel",), wrappers=("Qwen3VLForConditionalGeneration",),
     modalities=_QWEN_MODALITIES, positions=_mrope_positions, mrope=True, finish=_store_rope_deltas,
     fastv=True, item_fields=("deepstack_features",),  # added to the hidden states at the visual tokens of early layers
+))
+
+# Qwen3-VL with a mixture-of-experts language model: the same vision tower, merger, deepstack and
+# M-RoPE code as Qwen3-VL (transformers generates it from Qwen3-VL's); only the decoder MLPs differ.
+QWEN3_VL_MOE = register_adapter(VLMAdapter(
+    name="qwen3_vl_moe", models=("Qwen3VLMoeModel",), wrappers=("Qwen3VLMoeForConditionalGeneration",),
+    modalities=_QWEN_MODALITIES, positions=_mrope_positions, mrope=True, finish=_store_rope_deltas,
+    fastv=True, item_fields=("deepstack_features",),
 ))
 
 

@@ -28,8 +28,10 @@ class _Stop(Exception):
 
 
 def language_layers(inner: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a VLM's language model (``inner.language_model.layers``)."""
-    return inner.language_model.layers
+    """The decoder layers of a VLM's language model (``inner.language_model.layers``; Idefics3
+    and SmolVLM call it ``text_model``)."""
+    language_model = getattr(inner, "language_model", None)
+    return (language_model if language_model is not None else inner.text_model).layers
 
 
 def _project(attn: nn.Module, hidden: torch.Tensor, name: str) -> torch.Tensor:
@@ -40,7 +42,8 @@ def _project(attn: nn.Module, hidden: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _row(attn: nn.Module, kwargs: Dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
-    """``(B, L)``: the last token's softmax attention over all tokens, the mean over heads."""
+    """``(B, L)``: the last token's softmax attention over the tokens it sees (the real ones,
+    within the layer's sliding window if it has one), the mean over heads."""
     hidden = kwargs["hidden_states"]
     query, key = _project(attn, hidden[:, -1:], "q"), _project(attn, hidden, "k")
     cos, sin = kwargs["position_embeddings"]
@@ -49,7 +52,12 @@ def _row(attn: nn.Module, kwargs: Dict[str, Any], mask: torch.Tensor) -> torch.T
     _, key = rotate(key, key, cos, sin)
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query attention
     scores = (query.float() @ key.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # (B, heads, L)
-    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    visible = mask
+    window = getattr(attn, "sliding_window", None)
+    if window is not None:  # a sliding-window layer (Gemma 3's local ones): the last W tokens, by index
+        length = visible.shape[1]
+        visible = visible & (torch.arange(length, device=visible.device) > length - 1 - window)
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1).mean(1)
 
 

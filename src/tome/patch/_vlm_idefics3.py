@@ -13,6 +13,12 @@ tokens that tell images apart are the processor's, not the config's), so ``visua
 passes at most ``K`` tokens per crop (an image split 2 x 2 passes at most ``5 K``); a float
 budget keeps that fraction of every crop and so of every image. The row/column and global
 tokens are text: always kept, at their positions. Positions are 1-D.
+
+``"visionzip"``: the SigLIP-like tower has no class token, so a patch's score is the
+attention it receives from every patch of its crop at the tower's last layer (the padded
+patches of a crop masked as the tower masks them), averaged over heads; a shuffled token's
+score is the sum over the ``scale_factor ** 2`` patches the connector's own pixel shuffle
+puts into it, its keys their mean. ``"fastv"``: the text model's layers.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from ._vlm import Modality, VLMAdapter, register_adapter
+from ._vlm_attention import Scores, capture_attention, grouped, tower_attention
 from ._vlm_families import _one_d_positions
 
 __all__ = ["IDEFICS3"]
@@ -44,9 +51,28 @@ def _crop_grid(inner: nn.Module, call: Dict[str, Any], index: int, num: int, *_:
     return (1, side, side) if side * side == num else None
 
 
+def shuffle_members(shuffle: Any, tokens: int) -> torch.Tensor:
+    """``(tokens / g, g)``: the tower tokens each output token of a pixel shuffle is made of,
+    read off the model's own ``shuffle`` applied to the token indices (one channel)."""
+    shuffled = shuffle(torch.arange(tokens).view(1, tokens, 1))
+    return shuffled.reshape(-1, shuffled.shape[-1])
+
+
+def _tower(inner: nn.Module, call: Dict[str, Any]) -> Tuple[Any, Scores]:
+    """``"visionzip"``: the encoder output and, per crop, each shuffled token's attention and keys."""
+    attn = inner.vision_model.encoder.layers[-1].self_attn
+    output, seen = capture_attention(attn, lambda: _image(inner, call))
+    received, keys = tower_attention(attn, seen, class_token=False)
+    connector = inner.connector
+    members = shuffle_members(lambda x: connector.pixel_shuffle(x, connector.scale_factor), received.shape[1])
+    received, keys = grouped(received, keys, members)
+    return output, list(zip(received, keys))
+
+
 IDEFICS3 = register_adapter(VLMAdapter(
     name="idefics3", models=("SmolVLMModel", "Idefics3Model"),
     wrappers=("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"),
-    modalities=(Modality("image", "pixel_values", "image_token_id", _image, _crop_grid, split=_crops),),
-    positions=_one_d_positions,
+    modalities=(Modality("image", "pixel_values", "image_token_id", _image, _crop_grid, split=_crops,
+                         tower=_tower),),
+    positions=_one_d_positions, fastv=True,
 ))
