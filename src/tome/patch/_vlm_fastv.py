@@ -82,7 +82,8 @@ def last_token_attention(inner: nn.Module, layer: int, call: Dict[str, Any], mas
 
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        run(**dict(call, past_key_values=None, use_cache=False))
+        with torch.no_grad():  # a ranking: no gradient flows through it, even while training
+            run(**dict(call, past_key_values=None, use_cache=False))
     except _Stop:
         pass
     finally:
@@ -152,7 +153,8 @@ def prefill_with_drop(inner: nn.Module, layer: int, real: torch.Tensor,
     state: Dict[str, Any] = {}
 
     def rank(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
-        state["row"] = _row(module, kwargs, real)
+        with torch.no_grad():  # a ranking: no gradient flows through it
+            state["row"] = _row(module, kwargs, real)
 
     def enter(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[tuple]:
         state["decision"] = decision = decide(state.pop("row"))
