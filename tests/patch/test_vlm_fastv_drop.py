@@ -290,3 +290,34 @@ def test_drop_trains_with_labels_and_the_loss_is_the_references(family):
     tower = model.model.visual if family != "llava" else model.model.vision_tower
     grads = [p.grad for p in tower.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_select_trains_with_labels_aligned_to_the_kept_tokens():
+    """FastV-select with labels: the loss is the cross-entropy of the logits the model gives
+    without labels against the labels of the tokens it reports kept (``trace_source``)."""
+    model = tome.apply_patch(model_of("qwen2_5_vl"), visual_tokens=BUDGET, method="fastv", fastv_layer=LAYER,
+                             trace_source=True)
+    inputs = inputs_of("qwen2_5_vl", model, video=True)
+    labels = cases.text_labels(inputs)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    keep = real & (ids != IMAGE) & (ids != VIDEO)
+    sources = iter(model._tome_info["source"])
+    for token in (IMAGE, VIDEO):  # items in batch order, images first, as the model meets them
+        where = (ids == token).nonzero()
+        sizes = [i["tokens"] for i in model._tome_info["items"] if i["modality"] == ("image" if token == IMAGE
+                                                                                         else "video")]
+        for columns in where.split(sizes):
+            chosen = columns[next(sources).argmax(-1)]
+            keep[chosen[:, 0], chosen[:, 1]] = True
+    total, count = torch.zeros(()), 0
+    for b in range(ids.shape[0]):
+        short = labels[b][keep[b]]
+        rows = logits[b, -short.shape[0]:]
+        total = total + torch.nn.functional.cross_entropy(rows[:-1], short[1:], reduction="sum")
+        count += int((short[1:] != -100).sum())
+    out = model(**inputs, labels=labels)
+    torch.testing.assert_close(out.loss, total / count, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.visual.parameters())
