@@ -284,7 +284,8 @@ class VisualTokenInfo(ToMeInfo):
 
 
 class ToMeVLMMixin:
-    """The patched model ``tome.apply_patch`` was given: its settings are properties."""
+    """The patched model ``tome.apply_patch`` was given: its settings are properties, and with
+    ``labels`` while reducing, its loss is computed on the labels shortened with the sequence."""
 
     _tome_keep_name = True  # transformers looks classes up by name (pipelines, from_pretrained)
 
@@ -296,7 +297,7 @@ class ToMeVLMMixin:
         call = _bind(parent, args, kwargs)
         labels = call.pop("labels", None)
         if labels is None:
-            return super().forward(**call)  # type: ignore[misc]
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
         # The logits follow the shortened sequence: the loss is the model's own, on the labels
         # shortened alike (a passed-on token takes its first member's label, -100 for visual ones).
         info = self.__dict__["_tome_info"]
