@@ -128,6 +128,53 @@ def _with_hidden(args: tuple, kwargs: Dict[str, Any], hidden: torch.Tensor) -> t
 Decision = Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+class _Drop:
+    """The hooks of one FastV-drop prefill (see :func:`prefill_with_drop`) and what they decided."""
+
+    def __init__(self, language_model: nn.Module, layer: int, real: torch.Tensor,
+                 decide: Callable[[torch.Tensor], Decision]) -> None:
+        self.language_model, self.layer, self.real, self.decide = language_model, layer, real, decide
+        self.row: Optional[torch.Tensor] = None
+        self.decision: Decision = None
+        self.short: Optional[Dict[str, Any]] = None  # the short sequence's layer arguments
+
+    def rank(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
+        """Pre-hook of layer K-1's attention: the last token's attention row there."""
+        with torch.no_grad():  # a ranking: no gradient flows through it
+            self.row = _row(module, kwargs, self.real)
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[tuple]:
+        """Pre-hook of layer K: decide, then hand it the kept rows and the short sequence's mask."""
+        self.decision = self.decide(self.row)
+        if self.decision is None:
+            return None
+        keep, index, valid = self.decision
+        hidden = _take(_hidden_of(args, kwargs), index, 1)
+        short: Dict[str, Any] = {"attention_mask": _short_mask(self.language_model, hidden, valid.to(torch.long),
+                                                               kwargs.get("past_key_values"), self.layer)}
+        if kwargs.get("position_embeddings") is not None:  # kept tokens keep their positions
+            short["position_embeddings"] = tuple(_take(x, index, -2) for x in kwargs["position_embeddings"])
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            short["position_ids"] = _take(kwargs["position_ids"], index, -1)
+        self.short = short
+        new_args, new_kwargs = _with_hidden(args, kwargs, hidden)
+        return new_args, dict(new_kwargs, **short)
+
+    def follow(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[tuple]:
+        """Pre-hook of the layers after K: the short sequence's arguments."""
+        return None if self.short is None else (args, dict(kwargs, **self.short))
+
+    def deepstack(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor) -> Any:
+        """Qwen3-VL's ``_deepstack_process`` after the drop: only the kept visual tokens' rows."""
+        if self.decision is not None and hidden.shape[1] != visual_pos_masks.shape[1]:
+            keep, index, valid = self.decision
+            visual_pos_masks = visual_pos_masks.to(keep.device)
+            visual_embeds = visual_embeds[keep[visual_pos_masks].to(visual_embeds.device)]
+            visual_pos_masks = visual_pos_masks.gather(1, index) & valid
+        return type(self.language_model)._deepstack_process(self.language_model, hidden, visual_pos_masks,
+                                                            visual_embeds)
+
+
 def prefill_with_drop(inner: nn.Module, layer: int, real: torch.Tensor,
                       decide: Callable[[torch.Tensor], Decision], run: Callable[..., Any],
                       call: Dict[str, Any]) -> Tuple[Any, Decision]:
@@ -150,57 +197,20 @@ def prefill_with_drop(inner: nn.Module, layer: int, real: torch.Tensor,
     """
     language_model = inner.language_model
     layers = language_model.layers
-    state: Dict[str, Any] = {}
-
-    def rank(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
-        with torch.no_grad():  # a ranking: no gradient flows through it
-            state["row"] = _row(module, kwargs, real)
-
-    def enter(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[tuple]:
-        state["decision"] = decision = decide(state.pop("row"))
-        if decision is None:
-            return None
-        keep, index, valid = decision
-        hidden = _take(_hidden_of(args, kwargs), index, 1)
-        short: Dict[str, Any] = {"attention_mask": _short_mask(language_model, hidden, valid.to(torch.long),
-                                                               kwargs.get("past_key_values"), layer)}
-        if kwargs.get("position_embeddings") is not None:
-            short["position_embeddings"] = tuple(_take(x, index, -2) for x in kwargs["position_embeddings"])
-        if isinstance(kwargs.get("position_ids"), torch.Tensor):
-            short["position_ids"] = _take(kwargs["position_ids"], index, -1)
-        state["short"] = short
-        new_args, new_kwargs = _with_hidden(args, kwargs, hidden)
-        return new_args, dict(new_kwargs, **short)
-
-    def follow(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[tuple]:
-        if "short" not in state:
-            return None
-        return args, dict(kwargs, **state["short"])
-
-    handles = [layers[layer - 1].self_attn.register_forward_pre_hook(rank, with_kwargs=True),
-               layers[layer].register_forward_pre_hook(enter, with_kwargs=True)]
-    handles += [later.register_forward_pre_hook(follow, with_kwargs=True) for later in layers[layer + 1:]]
-    own = getattr(type(language_model), "_deepstack_process", None)
-    if own is not None:  # Qwen3-VL: visual features added to the hidden states of the first layers
-
-        def deepstack(hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
-            decision = state.get("decision")
-            if decision is not None and hidden.shape[1] != visual_pos_masks.shape[1]:
-                keep, index, valid = decision
-                visual_pos_masks = visual_pos_masks.to(keep.device)
-                visual_embeds = visual_embeds[keep[visual_pos_masks].to(visual_embeds.device)]
-                visual_pos_masks = visual_pos_masks.gather(1, index) & valid
-            return own(language_model, hidden, visual_pos_masks, visual_embeds)
-
-        object.__setattr__(language_model, "_deepstack_process", deepstack)
+    drop = _Drop(language_model, layer, real, decide)
+    handles = [layers[layer - 1].self_attn.register_forward_pre_hook(drop.rank, with_kwargs=True),
+               layers[layer].register_forward_pre_hook(drop.enter, with_kwargs=True)]
+    handles += [later.register_forward_pre_hook(drop.follow, with_kwargs=True) for later in layers[layer + 1:]]
+    deepstack = hasattr(type(language_model), "_deepstack_process")  # Qwen3-VL: added after the first layers
+    if deepstack:
+        object.__setattr__(language_model, "_deepstack_process", drop.deepstack)
     try:
-        out = run(**call)
+        return run(**call), drop.decision
     finally:
         for handle in handles:
             handle.remove()
-        if own is not None:
+        if deepstack:
             object.__delattr__(language_model, "_deepstack_process")
-    return out, state.get("decision")
 
 
 def decode_with_drop(inner: nn.Module, layer: int, mask: torch.Tensor, run: Callable[..., Any],
