@@ -321,3 +321,22 @@ def test_select_trains_with_labels_aligned_to_the_kept_tokens():
     torch.testing.assert_close(out.loss, total / count, atol=1e-5, rtol=1e-5)
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.visual.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_drop_without_a_cache_ranks_every_step_anew(family):
+    """``generate(use_cache=False)``: each step is a new prefill of the whole sequence, ranked by
+    its own last token (the paper's code without a cache): the reference, step by step."""
+    model = model_of(family)
+    sample = alone(inputs_of(family, model), family, 0)
+    expected, grown = [], dict(sample)
+    for _ in range(3):
+        token = drop_reference(model, family, grown, LAYER, BUDGET, 1)["tokens"][0]
+        expected.append(token)
+        for key, value in (("input_ids", token), ("attention_mask", 1), ("mm_token_type_ids", 0)):
+            if key in grown:
+                grown[key] = torch.cat([grown[key], torch.tensor([[value]])], dim=1)
+    tome.apply_patch(model, visual_tokens=BUDGET, method="fastv", fastv_layer=LAYER, fastv_mode="drop")
+    with torch.no_grad():
+        generated = model.generate(**sample, **dict(GENERATE, max_new_tokens=3), use_cache=False)
+    assert generated[0, sample["input_ids"].shape[1]:].tolist() == expected
