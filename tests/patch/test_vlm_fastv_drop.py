@@ -6,7 +6,8 @@ model's layers ``0 .. K-1``; the last token's attention at layer ``K-1`` (from a
 asked for its weights) picks each image's kept tokens; their rows (and their rotary cos/sin)
 are taken from the hidden states, and layers ``K ..`` run on the shorter sequence, every
 layer filling one ``DynamicCache`` (full length below ``K``, short from ``K`` on). Greedy
-decoding continues from that cache at the full sequence's next position.
+decoding continues from that cache at the full sequence's next position. With labels, the loss
+is the reference's on the kept tokens' labels (and FastV-select's on the tokens it reports kept).
 """
 
 from __future__ import annotations
