@@ -662,7 +662,8 @@ def fastv(features: torch.Tensor, budget: int, context: VisualContext) -> Reduct
     them at layer K of the language model (K = 2 in the paper) and drops the rest for the
     layers after it. This function is that ranking: a top-k of ``context.attention``; the
     integration computes the attention row at its layer (the VLM families then shorten the
-    sequence for the whole language model: ``docs/vlm_reduction.md``, FastV-select).
+    sequence for the whole language model, FastV-select, or for the layers from K on, as
+    the paper: ``docs/vlm_reduction.md``, ``fastv_mode``).
     Ties go to the lower index.
 
     Source: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play

@@ -130,7 +130,7 @@ def reference(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tenso
         position_ids = positions[:, None, :] if family != "llava" else positions
         hidden = inner.language_model(inputs_embeds=embeds[None], position_ids=position_ids, use_cache=True, **extra)
         samples.append({"logits": model.lm_head(hidden.last_hidden_state)[0], "cache": hidden.past_key_values,
-                        "next": int(following)})
+                        "next": int(following), "visual": visual})
     return samples
 
 
@@ -331,18 +331,67 @@ def test_renumbering_3d_positions_is_refused():  # unwired methods: test_vlm_met
     assert not any(tome.patch.is_patched(m) for m in model.modules())
 
 
-def test_labels_with_reduction_are_refused_and_the_signature_is_the_models():
+def reference_loss(expected: List[Dict[str, Any]], inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of the plain reference's logits on the short sequences: each text token
+    labelled with itself, each passed-on visual token -100; the mean over the batch's labels."""
+    labels, ids = cases.text_labels(inputs), inputs["input_ids"]
+    text_tokens = (inputs["attention_mask"] == 1) & (ids != IMAGE) & (ids != VIDEO)
+    total, count = torch.zeros(()), 0
+    for b, sample in enumerate(expected):
+        text = iter(labels[b][text_tokens[b]].tolist())
+        short = torch.tensor([-100 if visual else next(text) for visual in sample["visual"]])
+        total = total + torch.nn.functional.cross_entropy(sample["logits"][:-1].float(), short[1:],
+                                                          ignore_index=-100, reduction="sum")
+        count += int((short[1:] != -100).sum())
+    return total / count
+
+
+LABEL_CASES = [
+    pytest.param("qwen2_5_vl", "pool", True, id="qwen2_5_vl-pool-video"),
+    pytest.param("qwen3_vl", "random", False, id="qwen3_vl-random"),
+    pytest.param("llava", "pool", False, id="llava-pool"),
+    pytest.param("llava", "tome", False, id="llava-tome"),
+]  # FastV (select and drop) with labels: test_vlm_fastv_drop.py
+
+
+@pytest.mark.parametrize("family, method, video", LABEL_CASES)
+def test_labels_shrink_with_the_sequence_and_the_loss_is_the_references(family, method, video):
+    model = model_of(family)
+    inputs = inputs_of(family, model, video=video)
+    if family == "llava":
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    expected = reference(model, family, inputs, method, 5, seed=3)
+    tome.apply_patch(model, visual_tokens=5, method=method, seed=3)
+    out = model(**inputs, labels=cases.text_labels(inputs))
+    torch.testing.assert_close(out.loss, reference_loss(expected, inputs), atol=1e-5, rtol=1e-5)
+    assert out.logits.shape[1] < inputs["input_ids"].shape[1] and list(out.keys())[0] == "loss"
+    out.loss.backward()  # gradients reach the language model, the projector and the vision tower
+    tower = model.model.visual if family != "llava" else model.model.vision_tower
+    for part in (model.lm_head, model.model.language_model.layers[0], tower):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_labels_keep_the_signature_the_tuple_output_and_refuse_labels_on_removed_tokens():
     import inspect
 
     model = model_of("llava")
     signature = inspect.signature(model.forward)
+    inputs = inputs_of("llava", model)
+    with torch.no_grad():
+        unpatched = model(**inputs, labels=inputs["input_ids"]).loss
     tome.apply_patch(model, visual_tokens=4)
     assert inspect.signature(model.forward) == signature
-    inputs = inputs_of("llava", model)
-    with pytest.raises(ValueError, match="labels cannot be used while visual tokens are reduced"):
+    with torch.no_grad():
+        out = model(**inputs, labels=cases.text_labels(inputs))
+        as_tuple = model(**inputs, labels=cases.text_labels(inputs), return_dict=False)
+    assert torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.logits)
+    with pytest.raises(ValueError, match=r"carry labels other than -100: set the labels of image and video "
+                                         r"placeholder tokens"):
         model(**inputs, labels=inputs["input_ids"])
-    model.visual_tokens = None
-    assert model(**inputs, labels=inputs["input_ids"]).loss is not None
+    model.visual_tokens = None  # nothing reduced: the model's own loss, bit for bit
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, labels=inputs["input_ids"]).loss, unpatched)
 
 
 def test_a_text_only_model_is_refused_naming_its_class_and_the_families():

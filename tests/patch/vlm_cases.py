@@ -181,3 +181,12 @@ def sample(inputs: Dict[str, torch.Tensor], index: int, images: Sequence[int], v
         elif pixels in inputs and grid not in inputs and chosen:  # LLaVA: one image per row
             out[pixels] = inputs[pixels][list(chosen)]
     return out
+
+
+def text_labels(inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Labels for training: the input ids, -100 at the image and video placeholders, the padding
+    and each sample's first token (with left padding, transformers' shifted loss would have the
+    last padding row predict it)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    first = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, mask.argmax(1, keepdim=True), True)
+    return ids.masked_fill((ids == IMAGE) | (ids == VIDEO) | (mask == 0) | first, -100)

@@ -52,9 +52,11 @@ from ._lifecycle import (
     with_parent_signature,
 )
 
-__all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS", "vlm"]
+__all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_adapter", "adapters", "POSITIONS",
+           "FASTV_MODES", "vlm"]
 
 POSITIONS = ("keep", "renumber")
+FASTV_MODES = ("select", "drop")
 
 # Methods that need more than the features and what they need; refused at patch time
 # where the family does not provide it.
@@ -69,7 +71,8 @@ _TOWER_METHODS = ("visionzip",)  # ranked by the vision tower's attention (Modal
 class VisualTokenSettings:
     """The options of the ``vlm`` family: arguments of ``tome.apply_patch`` and ``tome.merging``,
     and properties of the patched model (``model.visual_tokens``, ``model.tome_method`` for
-    ``method``, ``model.trace_source``, ``model.positions``, ``model.fastv_layer``, ``model.seed``).
+    ``method``, ``model.trace_source``, ``model.positions``, ``model.fastv_layer``,
+    ``model.fastv_mode``, ``model.seed``).
 
     Args:
         visual_tokens: Tokens each image or video passes on: an int ``K >= 1``, a float in
@@ -81,8 +84,15 @@ class VisualTokenSettings:
             ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
         positions: 1-D models: ``"keep"`` (each kept token keeps its position in the full
             sequence) or ``"renumber"`` (consecutive). M-RoPE models keep theirs.
-        fastv_layer: The language-model layer (0-based, below its depth) whose attention from the
-            last token ``"fastv"`` ranks by (see ``_vlm_fastv``).
+        fastv_layer: ``"fastv"``'s layer K (0-based, below the language model's depth). With
+            ``fastv_mode="select"``: the layer whose attention from the last token ranks the
+            tokens; with ``"drop"``: the first layer that runs on the shortened sequence (ranked
+            by the layer before it, as the paper's code does; K >= 1).
+        fastv_mode: ``"select"`` (a probe ranks at layer K, then the whole language model runs
+            on the shortened sequence) or ``"drop"`` (the paper's in-layer drop: layers
+            ``0 .. K-1`` run, and cache, the full sequence, layers ``K ..`` the shortened one).
+            Source: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2" (FastV), ECCV 2024,
+            sec. 4 (see ``docs/vlm_reduction.md``).
         seed: Seed of ``"random"``, drawn afresh every forward (None: torch's global generator).
     """
 
@@ -91,6 +101,7 @@ class VisualTokenSettings:
     trace_source: bool = False
     positions: str = field(default="keep", metadata={"choices": POSITIONS})
     fastv_layer: int = field(default=2, metadata={"example": 1})
+    fastv_mode: str = field(default="select", metadata={"choices": FASTV_MODES})
     seed: Optional[int] = field(default=None, metadata={"example": 0})
 
     def validate(self) -> None:
@@ -100,6 +111,7 @@ class VisualTokenSettings:
             raise ValueError(f"method={self.method!r} is not a visual-token method; expected one of {sorted(vt.METHODS)}")
         check_flag("trace_source", self.trace_source)
         check_choice("positions", self.positions, POSITIONS)
+        check_choice("fastv_mode", self.fastv_mode, FASTV_MODES)
         for name, low in (("fastv_layer", 0),):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -274,17 +286,35 @@ class VisualTokenInfo(ToMeInfo):
 
 
 class ToMeVLMMixin:
-    """The patched model ``tome.apply_patch`` was given: its settings are properties."""
+    """The patched model ``tome.apply_patch`` was given: its settings are properties, and with
+    ``labels`` while reducing, its loss is computed on the labels shortened with the sequence."""
 
     _tome_keep_name = True  # transformers looks classes up by name (pipelines, from_pretrained)
 
     @with_parent_signature  # generate and Trainer read what the forward takes from its signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("labels") is not None and self.__dict__["_tome_settings"].visual_tokens is not None:
-            raise ValueError("labels cannot be used while visual tokens are reduced: the logits follow the "
-                             "shortened sequence and the labels are not shortened (not supported yet); "
-                             "set model.visual_tokens = None to compute a loss")
-        return super().forward(*args, **kwargs)  # type: ignore[misc]
+        if self.__dict__["_tome_settings"].visual_tokens is None:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        parent = type(self).__dict__["_tome_parent"]
+        call = _bind(parent, args, kwargs)
+        labels = call.pop("labels", None)
+        if labels is None:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        # The logits follow the shortened sequence: the loss is the model's own, on the labels
+        # shortened alike (a passed-on token takes its first member's label, -100 for visual ones).
+        info = self.__dict__["_tome_info"]
+        info["_layout"] = None
+        out = super().forward(**call)  # type: ignore[misc]
+        layout = info.get("_layout")
+        if layout is not None:
+            labels = _shortened_labels(labels, layout)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        extra = {name: value for name, value in call.items() if name not in _SIGNATURES[parent][0].parameters}
+        loss = self.loss_function(logits=logits, labels=labels,  # type: ignore[attr-defined]
+                                  vocab_size=self.config.get_text_config().vocab_size, **extra)  # type: ignore[attr-defined]
+        if isinstance(out, tuple):
+            return (loss,) + out
+        return type(out)(**dict({"loss": loss}, **{k: v for k, v in out.items() if k != "loss"}))
 
     def _supports_mm_encoder_outputs(self) -> bool:
         """transformers' ``generate`` encodes the pixels before the prefill when the forward takes
@@ -317,6 +347,24 @@ def _bind(parent: type, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     if var_kw is not None:
         call.update(call.pop(var_kw, {}))
     return call
+
+
+def _shortened_labels(labels: torch.Tensor, layout: "_Layout") -> torch.Tensor:
+    """``(B, L')``: ``labels`` ``(B, L)`` of the full sequence at the shortened sequence's
+    columns (-100 at the padding the shortening added). ``ValueError`` when a visual token that
+    was dropped or merged carries a label: its loss has no row in the shortened sequence."""
+    if labels.dim() != 2 or labels.shape[1] != layout.full_length:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the sequence of {layout.full_length} "
+                         "tokens (labels (batch, tokens) aligned with input_ids)")
+    index, valid = layout.index.to(labels.device), layout.valid.to(labels.device)
+    kept = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    kept.scatter_(1, index, valid)
+    lost = (labels != -100) & ~kept
+    if bool(lost.any()):
+        raise ValueError(f"{int(lost.sum())} tokens the shortened sequence has no row for (visual tokens dropped or "
+                         "merged, padding) carry labels other than -100: set the labels of image and video "
+                         "placeholder tokens (and of padding) to -100 to train while reducing")
+    return torch.where(valid, labels.gather(1, index), torch.full_like(index, -100))
 
 
 class ToMeVLMInnerMixin:
@@ -359,6 +407,7 @@ class _Layout:
     dropped: torch.Tensor  # (B,) long: visual tokens removed from each sample
     renumber: bool  # 1-D positions renumbered consecutively (else the full sequence's kept)
     one_d: bool  # 1-D positions the core computes at decoding (else the model's own M-RoPE code)
+    drop_layer: Optional[int] = None  # FastV-drop: the first layer whose cache holds the short sequence
 
     def expanded(self, batch: int) -> "_Layout":
         """The layout for ``batch`` rows (beam search repeats each sample's rows)."""
@@ -369,7 +418,7 @@ class _Layout:
             raise ValueError(f"a decoding step of batch {batch} does not continue the reduced prefill of batch {rows}")
         k = batch // rows
         return _Layout(self.full_length, self.index.repeat_interleave(k, 0), self.valid.repeat_interleave(k, 0),
-                       self.dropped.repeat_interleave(k, 0), self.renumber, self.one_d)
+                       self.dropped.repeat_interleave(k, 0), self.renumber, self.one_d, self.drop_layer)
 
 
 def _apply(reduction: vt.Reduction, x: torch.Tensor) -> torch.Tensor:
@@ -609,11 +658,8 @@ def _encode(inner: nn.Module, settings: VisualTokenSettings, call: Dict[str, Any
     return outputs, scores
 
 
-def _fastv_row(inner: nn.Module, settings: VisualTokenSettings, call: Dict[str, Any], outputs: Dict[str, Any],
-               visual: List[Modality], run: Callable[..., Any]) -> torch.Tensor:
-    """``(B, L)``: the last token's attention to every token at layer ``fastv_layer`` (FastV)."""
-    from ._vlm_fastv import last_token_attention
-
+def _last_token_real(call: Dict[str, Any]) -> torch.Tensor:
+    """``(B, L)`` bool, the real tokens; ``ValueError`` unless every sample's last token is real."""
     mask = call.get("attention_mask")
     reference = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
     real = mask.bool() if mask is not None else torch.ones(reference.shape[:2], dtype=torch.bool,
@@ -621,13 +667,59 @@ def _fastv_row(inner: nn.Module, settings: VisualTokenSettings, call: Dict[str, 
     if not bool(real[:, -1].all()):
         raise ValueError("method='fastv' ranks by the last token's attention, so every sample's last token must be "
                          "real: pad on the left (processor(..., padding_side='left'))")
+    return real
+
+
+def _fastv_row(inner: nn.Module, settings: VisualTokenSettings, call: Dict[str, Any], outputs: Dict[str, Any],
+               visual: List[Modality], run: Callable[..., Any]) -> torch.Tensor:
+    """``(B, L)``: the last token's attention to every token at layer ``fastv_layer`` (FastV)."""
+    from ._vlm_fastv import last_token_attention
+
+    real = _last_token_real(call)
     probe = dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual})
     return last_token_attention(inner, settings.fastv_layer, probe, real, run)
+
+
+def _prefill_drop(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
+                  visual: List[Modality], run: Callable[..., Any]) -> Any:
+    """FastV's in-layer drop: the model's own forward on the full sequence, whose layers from
+    ``fastv_layer`` on run on the kept tokens (``_vlm_fastv.prefill_with_drop``)."""
+    from ._vlm_fastv import prefill_with_drop
+
+    if call.get("past_key_values") is not None and type(call["past_key_values"]).__name__ != "DynamicCache":
+        raise ValueError(f"fastv_mode='drop' keeps a full-length KV cache for the first layers and a short one for "
+                         f"the others, which needs a DynamicCache, not {type(call['past_key_values']).__name__}")
+    outputs, _ = _encode(inner, settings, call, visual)
+    real = _last_token_real(call)
+    plans: List[_Plan] = []
+
+    def decide(row: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        plans.append(_plan(inner, adapter, settings, call, outputs, {"row": row}))
+        if not any(item["reduced"] for item in plans[0].items):
+            return None
+        return (plans[0].keep,) + _left_padded(plans[0].keep)
+
+    full = dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual})
+    out, decision = prefill_with_drop(inner, settings.fastv_layer, real, decide, run, full)
+    plan, info, length = plans[0], inner.__dict__["_tome_info"], real.shape[1]
+    source = plan.sources if settings.trace_source else None
+    if decision is None:
+        info.update(items=plan.items, source=source, length=(length, length), _layout=None)
+        return out
+    keep, index, valid = decision
+    layout = _Layout(length, index, valid, (plan.real & ~keep).sum(1), False, False, settings.fastv_layer)
+    for holder in (getattr(out, "past_key_values", None), call.get("past_key_values")):
+        if holder is not None:
+            holder._tome_vlm_layout = layout
+    info.update(items=plan.items, source=source, length=(length, index.shape[1]), _layout=layout)
+    return out
 
 
 def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSettings, call: Dict[str, Any],
              visual: List[Modality], run: Callable[..., Any]) -> Any:
     _check_prefill(call)
+    if settings.method == "fastv" and settings.fastv_mode == "drop":
+        return _prefill_drop(inner, adapter, settings, call, visual, run)
     outputs, scores = _encode(inner, settings, call, visual)
     if settings.method == "fastv":
         scores["row"] = _fastv_row(inner, settings, call, outputs, visual, run)
@@ -636,7 +728,7 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     source = plan.sources if settings.trace_source else None
     length = plan.keep.shape[1]
     if not any(item["reduced"] for item in plan.items):  # nothing reduced: the model's own forward, as unpatched
-        info.update(items=plan.items, source=source, length=(length, length))
+        info.update(items=plan.items, source=source, length=(length, length), _layout=None)
         return run(**dict(call, mm_encoder_outputs=outputs, **{m.pixels: None for m in visual}))
     index, valid = _left_padded(plan.keep)
     out = run(**_shortened(inner, adapter, settings, call, outputs, plan, index, valid))
@@ -649,7 +741,7 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     for holder in (getattr(out, "past_key_values", None), call.get("past_key_values")):
         if holder is not None:
             holder._tome_vlm_layout = layout
-    info.update(items=plan.items, source=source, length=(length, index.shape[1]))
+    info.update(items=plan.items, source=source, length=(length, index.shape[1]), _layout=layout)
     return out
 
 
@@ -687,6 +779,8 @@ def _decode(inner: nn.Module, adapter: VLMAdapter, layout: _Layout, call: Dict[s
     layout = layout.expanded(batch)
     short = layout.index.shape[1]
     cached = cache.get_seq_length()
+    if layout.drop_layer is not None:
+        return _decode_drop(inner, layout, call, run, batch, steps, cached)
     new = dict(call)
     mask = call.get("attention_mask")
     if mask is not None:
@@ -713,11 +807,35 @@ def _decode(inner: nn.Module, adapter: VLMAdapter, layout: _Layout, call: Dict[s
     return run(**new)
 
 
+def _decode_drop(inner: nn.Module, layout: _Layout, call: Dict[str, Any], run: Callable[..., Any], batch: int,
+                 steps: int, cached: int) -> Any:
+    """A decoding step after a FastV-drop prefill: the model's own forward (its positions and
+    the first layers' mask are those of the full sequence, as unreduced); the layers from
+    ``drop_layer`` on get the mask of their short cache (the prefill's kept columns, then
+    every token decoded since)."""
+    from ._vlm_fastv import decode_with_drop
+
+    mask = call.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(batch, cached + steps, dtype=torch.long, device=layout.valid.device)
+    elif not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError("decoding after a reduced prefill needs a 2-D attention_mask (batch, tokens) or None "
+                         "(a static cache's prepared masks cannot be shortened)")
+    if mask.shape[1] != cached + steps:
+        raise ValueError(f"attention_mask of length {mask.shape[1]} does not continue the reduced prefill "
+                         f"({cached} tokens cached in the first layers, {steps} new)")
+    head = torch.where(layout.valid, mask[:, : layout.full_length].gather(1, layout.index),
+                       torch.zeros_like(mask[:, :1]))
+    short = torch.cat([head, mask[:, layout.full_length:]], dim=1)
+    return decode_with_drop(inner, layout.drop_layer, short, run, call)
+
+
 # ----------------------------------------------------------------------------- patching
 
 
 def vlm(model: nn.Module, visual_tokens: Optional[Union[int, float]] = KEEP, method: str = KEEP,
-        trace_source: bool = KEEP, positions: str = KEEP, fastv_layer: int = KEEP, seed: Optional[int] = KEEP) -> nn.Module:
+        trace_source: bool = KEEP, positions: str = KEEP, fastv_layer: int = KEEP, fastv_mode: str = KEEP,
+        seed: Optional[int] = KEEP) -> nn.Module:
     """Patch a transformers VLM in place so that each image and video passes at most
     ``visual_tokens`` tokens to its language model (``tome.apply_patch`` detects it too).
 
@@ -760,6 +878,8 @@ def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:
         if settings.fastv_layer >= depth:
             raise ValueError(f"fastv_layer={settings.fastv_layer} is beyond the language model's {depth} layers; "
                              f"expected 0 <= fastv_layer <= {depth - 1}")
+        if settings.fastv_mode == "drop":
+            _check_drop(adapter, inner, settings)
     if adapter.mrope and settings.positions != "keep":
         raise ValueError(f"positions={settings.positions!r} applies to 1-D positions; {adapter.name} keeps each "
                          "token's 3-D M-RoPE position (use positions='keep')")
@@ -775,6 +895,22 @@ def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:
         for name, value in (("_tome_settings", settings), ("_tome_info", info), ("_tome_adapter", adapter.name)):
             object.__setattr__(module, name, value)
     return model
+
+
+def _check_drop(adapter: VLMAdapter, inner: nn.Module, settings: VisualTokenSettings) -> None:
+    """``ValueError`` where FastV's in-layer drop cannot run as the paper's."""
+    if settings.fastv_layer < 1:
+        raise ValueError("fastv_layer=0 with fastv_mode='drop': the drop at layer K ranks by the attention of layer "
+                         "K - 1, so K >= 1 (fastv_mode='select' ranks at layer 0)")
+    if settings.positions != "keep":
+        raise ValueError(f"positions={settings.positions!r} with fastv_mode='drop': the first layers see the full "
+                         "sequence, so the kept tokens keep their positions (use positions='keep')")
+    config = inner.language_model.config
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    if any(kind != "full_attention" for kind in kinds[settings.fastv_layer:]):
+        raise ValueError(f"fastv_mode='drop' builds one causal mask for the layers after fastv_layer, but "
+                         f"{adapter.name}'s language model has layers of types {sorted(set(kinds))}; "
+                         "use fastv_mode='select'")
 
 
 def _wired(adapter: VLMAdapter, method: str) -> bool:
