@@ -246,3 +246,119 @@ def test_mochi_merges_the_video_keys_of_its_per_sample_joint_attention(use_rand)
     assert 0 < error < 0.15, error
     tome.remove_patch(model)
     assert torch.equal(_run(model, inputs), want)
+
+
+# --- Flux.2 ---------------------------------------------------------------------------------
+
+
+def make_flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    return trained_like_(Flux2Transformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=12, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )).eval()
+
+
+def _flux2_ids(t, height, width):
+    """(height * width, 4) ids (t, h, w, l) as Flux.2's pipelines build them: t = 0 for the
+    target latents, 10, 20, ... for reference images."""
+    return torch.cartesian_prod(torch.tensor([t]), torch.arange(height), torch.arange(width), torch.arange(1))
+
+
+def flux2_inputs(height=8, width=8, references=(), seed=0, references_first=False):
+    """Packed latents (batch, height * width, 8); ``references``: (height, width) of reference
+    images appended after the target (Flux.2 editing) or put before it (``references_first``)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [_smooth(2, 8, height, width, gen).flatten(2).transpose(1, 2)]
+    ids = [_flux2_ids(0, height, width)]
+    for i, (h, w) in enumerate(references):
+        parts.append(_smooth(2, 8, h, w, gen).flatten(2).transpose(1, 2))
+        ids.append(_flux2_ids(10 + 10 * i, h, w))
+    if references_first:
+        parts, ids = parts[1:] + parts[:1], ids[1:] + ids[:1]
+    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(5))
+    return dict(hidden_states=torch.cat(parts, 1), encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
+                timestep=torch.tensor([0.5, 0.5]), img_ids=torch.cat(ids)[None].expand(2, -1, -1),
+                txt_ids=text_ids[None].expand(2, -1, -1))
+
+
+def test_flux2_merges_the_image_keys_of_its_joint_attention():
+    """Text to image: [text, image] in the double- and single-stream blocks; the grid is read
+    from the values of img_ids."""
+    _check(make_flux2(), flux2_inputs(), video_keys=64, text_keys=5, blocks=2)
+
+
+@pytest.mark.parametrize("references_first", [False, True], ids=["edit", "references_first"])
+def test_flux2_reference_tokens_stay_unmerged(references_first):
+    """Flux.2 editing appends the reference images' tokens to the latent sequence (ids t = 10,
+    20): only the target grid's keys merge, the 16 + 36 reference keys are all kept."""
+    inputs = flux2_inputs(references=((4, 4), (6, 6)), references_first=references_first)
+    _check(make_flux2(), inputs, video_keys=64, text_keys=5 + 16 + 36, blocks=2)
+
+
+def test_flux2_merges_the_target_slice_only():
+    """One joint attention, target tokens repeated over 2 x 2 cells, random reference tokens
+    after them: merging the duplicates is lossless, for the target, reference and text outputs
+    alike (merging any other slice of the keys would not be)."""
+    from tome.patch._diffusers import _Step
+
+    model = make_flux2()
+    attn = model.transformer_blocks[0].attn
+    cells = torch.randn(2, 3, 2, 32)
+    image = cells.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(2, 24, 32)  # 6 x 4 grid
+    references, text = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    hidden = torch.cat([image, references], 1)
+    with torch.no_grad():
+        before = attn(hidden_states=hidden, encoder_hidden_states=text)
+        tome.patch.diffusers(model, ratio=0.75, use_rand=False)  # every cell's 3 sources merge
+        spy = KeyLengths()
+        with spy:
+            after = attn(hidden_states=hidden, encoder_hidden_states=text,
+                         tome=_Step(model._tome_settings, 1, 6, 4, None, after=7))
+    assert spy.lengths == [5 + 6 + 7]
+    for want, got in zip(before, after):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_flux2_klein_kv_cache_steps():
+    """Flux.2 Klein's KV-cache pipeline: the first step puts the reference tokens first and
+    lets them attend to themselves only (that call is left alone); later steps inject the cached
+    reference keys between text and image. Both merge the target's keys only."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
+
+    model = make_flux2()
+    model.transformer_blocks[0].attn.set_processor(Flux2KVAttnProcessor())
+    model.single_transformer_blocks[0].attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    first = flux2_inputs(references=((4, 4),), references_first=True)
+    later = flux2_inputs()
+
+    def steps():
+        with torch.no_grad():
+            sample, cache = model(**first, kv_cache_mode="extract", num_ref_tokens=16, return_dict=False)
+            return sample, model(**later, kv_cache=cache, kv_cache_mode="cached").sample
+
+    want = steps()
+    tome.patch.diffusers(model, ratio=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(steps(), want))
+    model.ratio = 0.5
+    spy = KeyLengths()
+    with spy:
+        got = steps()
+    # per block: [text, references, merged image] then the references alone; then cached
+    assert spy.lengths == [5 + 16 + 32, 16] * 2 + [5 + 16 + 32] * 2, spy.lengths
+    for a, b in zip(got, want):
+        error = ((a - b).norm() / b.norm()).item()
+        assert 0 < error < 0.05, error
+
+
+def test_flux2_ids_without_a_target_grid_merge_nothing_and_warn():
+    model = make_flux2()
+    inputs = flux2_inputs()
+    want = _run(model, inputs)
+    inputs["img_ids"] = inputs["img_ids"].flip(1)  # the target's ids not row-major
+    unordered = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.5)
+    with pytest.warns(RuntimeWarning, match="could not read the token grid"):
+        assert torch.equal(_run(model, inputs), unordered)
+    assert not torch.equal(unordered, want)

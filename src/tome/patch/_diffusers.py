@@ -187,6 +187,9 @@ class _Step:
     width: int
     key: Optional[torch.Tensor]  # seed and timestep mixed; None when destinations are fixed
     frames: int = 1  # frames of the grid in one token sequence (video transformers); 1 for images
+    # latent tokens before and after the grid in the sequence (reference images, Flux.2), never merged
+    before: int = 0
+    after: int = 0
     # One entry per merging module that received this state (filled outside torch.compile
     # only): a forward whose list stays empty ran none of them, see _Owner.
     received: List[str] = dataclasses.field(default_factory=list, compare=False, repr=False)
@@ -303,16 +306,19 @@ class _MergedKeysAttention(TorchFunctionMode):
                 attn_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         s = self.settings
         total, image = key.shape[-2], math.prod(self.grid)
+        # the grid and the other latent tokens of the sequence (reference images): a call that
+        # does not see them all (Flux.2's reference tokens attending to themselves) is not merged
+        latent, after = image + self.step.before + self.step.after, self.step.after
         key_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1 and (
             attn_mask.shape[-1] == total)  # a mask over keys only (text padding: Qwen-Image)
-        if (attn_mask is not None and not key_mask) or kwargs.get("is_causal") or args or image > total or key.dim() != 4:
+        if (attn_mask is not None and not key_mask) or kwargs.get("is_causal") or args or latent > total or key.dim() != 4:
             if attn_mask is not None:
                 raise ValueError(
                     "mode='kv' cannot merge the keys of an attention that is given an attention mask over queries "
                     f"and keys (shape {tuple(attn_mask.shape)}); use mode='tokens' (UNets, PixArt) or ratio=0 for this call"
                 )
             return func(query, key, value, attn_mask, *args, **kwargs)
-        start = 0 if self.image_at == "start" else total - image
+        start = 0 if self.image_at == "start" else total - image - after
         batch, heads, _, dim = key.shape
         keys = key[:, :, start : start + image]
         plain = None if self.rotary is None else self._unrotated(keys, start)
@@ -662,6 +668,8 @@ class ToMeDiffusersModelMixin:
             width=grid[2],
             key=_step_key(settings, timestep, sample.device) if settings.use_rand and grid[1] else None,
             frames=grid[0],
+            before=getattr(grid, "before", 0),
+            after=getattr(grid, "after", 0),
         )
         if self._tome_owner.via_context:  # type: ignore[union-attr]
             if torch.is_grad_enabled() and self.is_gradient_checkpointing:  # type: ignore[attr-defined]

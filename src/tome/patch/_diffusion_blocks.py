@@ -21,15 +21,29 @@ imported here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 # (frames, height, width) of the full-resolution token grid
 Grid = Tuple[int, int, int]
+
+
+class PlacedGrid(NamedTuple):
+    """A token grid that shares the latent sequence with other tokens (reference images
+    appended by editing pipelines): ``(frames, height, width)`` as a :data:`Grid`, and how
+    many latent tokens lie before and after it. Only the grid's tokens merge."""
+
+    frames: int
+    height: int
+    width: int
+    before: int = 0
+    after: int = 0
+
+
 # (model, input latent, image ids) -> the token grid, or None when it cannot be read
-GridReader = Callable[[nn.Module, Any, Any], Optional[Grid]]
+GridReader = Callable[[nn.Module, Any, Any], Optional[Union[Grid, PlacedGrid]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +245,37 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     return (1, height, width) if height * width == sample.shape[1] else None
 
 
+def flux2_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
+    """Packed tokens ``(batch, tokens, channels)`` with ``img_ids`` ``([batch,] tokens, 4)``
+    ``(t, h, w, l)`` (Flux.2): the grid is the block of tokens with the smallest ``t``, the
+    target latents (every Flux.2 pipeline gives them ``t = 0`` and reference images ``t = 10,
+    20, ...``), read with one host sync per call, as for Flux. Reference tokens may sit
+    before the grid (Flux.2 Klein's KV-cache extraction step) or after it (Flux.2 editing);
+    they are kept unmerged. The model reads the first sample's ids, and so does this.
+
+    Returns None (nothing merges, with a warning) if the target tokens are not one
+    contiguous row-major ``height x width`` block.
+    """
+    if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(ids, torch.Tensor)
+            and ids.dim() in (2, 3) and ids.shape[-1] >= 3 and ids.shape[-2] == sample.shape[1]):
+        return None
+    ids = ids[0] if ids.dim() == 3 else ids
+    t, h, w = ids[:, 0], ids[:, 1].long(), ids[:, 2].long()
+    target = t == t.min()
+    rank = target.long().cumsum(0) - 1  # place of each target token among them
+    first = target.long().argmax()
+    height = torch.where(target, h, -1).max() + 1
+    width = torch.where(target, w, -1).max() + 1
+    position = torch.arange(len(t), device=t.device)
+    # row-major and contiguous: the k-th target token sits at (k // width, k % width), at first + k
+    in_order = (~target | ((h * width + w == rank) & (position - first == rank))).all()
+    count, first, height, width, in_order = torch.stack(
+        [target.sum(), first, height, width, in_order.long()]).tolist()  # the one host sync
+    if not in_order or count != height * width:
+        return None
+    return PlacedGrid(1, height, width, first, len(t) - first - count)
+
+
 def shapes_grid(model: nn.Module, sample: Any, shapes: Any) -> Optional[Grid]:
     """Packed tokens ``(batch, tokens, channels)`` with ``img_shapes`` (Qwen-Image): a list
     per batch entry of ``(frames, height, width)`` token grids, or one such triple, plain
@@ -395,3 +440,11 @@ register_model(ModelRow("SanaTransformer2DModel", ("SanaTransformerBlock",), ima
 # valid text tokens; 3-D rotary applied to the video keys before the call (keys merge as rotated).
 register_block(BlockRow("MochiTransformerBlock", (Slot("attn1"),)))
 register_model(ModelRow("MochiTransformer3DModel", ("MochiTransformerBlock",), video_grid, video=True))
+# Flux.2: joint attention over [text, image] in both block kinds (rotary applied before the call,
+# so keys merge as rotated, as for Flux). The grid is the target latents' block of img_ids; the
+# reference-image tokens editing appends ([text, image, references], or [text, references, image]
+# when Klein's KV cache is extracted, or cached references injected between text and image) are
+# attended to unmerged.
+for _name in ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"):
+    register_block(BlockRow(_name, (Slot("attn", image_at="end"),)))
+register_model(ModelRow("Flux2Transformer2DModel", ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"), flux2_grid))
