@@ -362,3 +362,33 @@ def test_flux2_ids_without_a_target_grid_merge_nothing_and_warn():
     with pytest.warns(RuntimeWarning, match="could not read the token grid"):
         assert torch.equal(_run(model, inputs), unordered)
     assert not torch.equal(unordered, want)
+
+
+# --- SD 3.5 (MMDiT-X) -----------------------------------------------------------------------
+
+
+def test_sd35_merges_the_keys_of_its_joint_and_its_image_only_attention():
+    """SD 3.5: RMS qk-norm, and in the ``dual_attention_layers`` a second self-attention
+    (``attn2``) over the image tokens alone. Block 0 (dual): joint attention over 5 text and
+    64 image keys, then attn2 over the 64 image keys, both with half the image keys; block 1
+    (the last, context-pre-only): joint attention."""
+    from diffusers import SD3Transformer2DModel
+
+    model = trained_like_(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )).eval()
+    gen = torch.Generator().manual_seed(3)
+    inputs = dict(hidden_states=_smooth(2, 4, 16, 16, gen), encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+                  pooled_projections=torch.randn(2, 16, generator=gen), timestep=torch.tensor([10, 10]))
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.0)
+    assert torch.equal(_run(model, inputs), want)
+    model.ratio = 0.5
+    spy = KeyLengths()
+    with spy, torch.no_grad():
+        got = model(**inputs).sample
+    assert spy.lengths == [5 + 32, 32, 5 + 32]
+    error = ((got - want).norm() / want.norm()).item()
+    assert 0 < error < 0.05, error
