@@ -99,12 +99,14 @@ class BlockRow:
             from its input and runs sub-layers on merged tokens; ``"kv"``: keys and
             values merged inside self-attention).
         rotary: The rotary embedding its self-attention applies, if any.
+        why_modes: Why it allows only ``modes``, for the error that refuses another mode.
     """
 
     name: str
     slots: Tuple[Slot, ...]
     modes: Tuple[str, ...] = ("kv",)
     rotary: Optional[Rotary] = None
+    why_modes: str = ""
 
     @property
     def merges_in_block(self) -> bool:
@@ -126,6 +128,9 @@ class ModelRow:
         ids: The forward argument handed to ``grid`` beside the input latent
             (``"img_ids"`` for Flux, ``"img_shapes"`` for Qwen-Image), or several, whose
             values are handed as a tuple (LTX-Video's ``num_frames``, ``height``, ``width``).
+        lists: The attributes (``nn.ModuleList``) of the model whose blocks attend over the
+            grid; blocks of the listed classes in other lists are left alone (Z-Image's caption
+            refiner).
     """
 
     name: str
@@ -133,6 +138,7 @@ class ModelRow:
     grid: Optional[GridReader] = None
     video: bool = False
     ids: Union[str, Tuple[str, ...]] = "img_ids"
+    lists: Tuple[str, ...] = ("transformer_blocks", "single_transformer_blocks", "blocks", "vace_blocks")
 
 
 _BLOCKS: Dict[str, BlockRow] = {}
@@ -274,6 +280,33 @@ def flux2_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
     if not in_order or count != height * width:
         return None
     return PlacedGrid(1, height, width, first, len(t) - first - count)
+
+
+def list_grid(model: nn.Module, sample: Any, patches: Any) -> Optional[Grid]:
+    """Latents given as a list of ``(channels, frames, height, width)`` tensors, one per sample
+    (Z-Image), patchified by the forward's ``(patch_size, f_patch_size)`` (2 and 1 when not
+    given). Each sample's sequence starts with its grid's tokens.
+
+    Raises:
+        ValueError: for a nested list (Z-Image Omni: condition images and SigLIP tokens in the
+            same sequence, not merged), or samples of different sizes (one partition serves the
+            whole batch).
+    """
+    if not (isinstance(sample, (list, tuple)) and sample):
+        return None
+    name = type(model).__name__
+    if isinstance(sample[0], (list, tuple)):
+        raise ValueError(
+            f"{name} got a list of image lists (the omni mode: condition images and SigLIP features in the latent "
+            "sequence), which token merging does not support; set ratio=0 (or tome.remove_patch) for this pipeline"
+        )
+    shapes = {tuple(x.shape) for x in sample if isinstance(x, torch.Tensor)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        raise ValueError(f"{name} got latents of shapes {sorted(shapes)}: token merging needs one (channels, frames, "
+                         "height, width) shape for every sample of a batch")
+    spatial, temporal = (n if isinstance(n, int) else d for n, d in zip(patches, (2, 1)))
+    _, frames, height, width = next(iter(shapes))
+    return (frames // temporal, height // spatial, width // spatial)
 
 
 def shapes_grid(model: nn.Module, sample: Any, shapes: Any) -> Optional[Grid]:
@@ -434,7 +467,11 @@ register_model(ModelRow("LTXVideoTransformer3DModel", ("LTXVideoTransformerBlock
 # Sana: attn1 is ReLU linear attention (no softmax, no scaled_dot_product_attention), so its
 # keys cannot merge inside the softmax: it runs on merged tokens (mode "tokens" only), which
 # shortens its O(tokens) cost; attn2 (text) is left alone. No rotary embedding.
-register_block(BlockRow("SanaTransformerBlock", (Slot("attn1"),), modes=("tokens",)))
+register_block(BlockRow(
+    "SanaTransformerBlock", (Slot("attn1"),), modes=("tokens",),
+    why_modes="its self-attention is ReLU linear attention, with no softmax (scaled_dot_product_attention) in "
+              "which keys and values could merge, so it runs on merged tokens instead",
+))
 register_model(ModelRow("SanaTransformer2DModel", ("SanaTransformerBlock",), image_grid))
 # Mochi: joint attention over [video, text], run one sample at a time with that sample's
 # valid text tokens; 3-D rotary applied to the video keys before the call (keys merge as rotated).
@@ -448,3 +485,16 @@ register_model(ModelRow("MochiTransformer3DModel", ("MochiTransformerBlock",), v
 for _name in ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"):
     register_block(BlockRow(_name, (Slot("attn", image_at="end"),)))
 register_model(ModelRow("Flux2Transformer2DModel", ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"), flux2_grid))
+# Z-Image: single-stream attention over [image, caption] in its main layers and over the image
+# alone in its noise refiner (each sample's image tokens first, padded to a multiple of 32 by
+# tokens that stay unmerged); rotary applied before the call, so keys merge as rotated. The
+# caption refiner (same block class) is left alone.
+register_block(BlockRow("ZImageTransformerBlock", (Slot("attention"),)))
+register_model(ModelRow("ZImageTransformer2DModel", ("ZImageTransformerBlock",), list_grid,
+                        ids=("patch_size", "f_patch_size"), lists=("layers", "noise_refiner")))
+# HunyuanVideo 1.5: joint attention over [video, text] (3-D rotary applied to the video part
+# before the call, so keys merge as rotated), with a padding mask over queries and keys that the
+# processor builds; its key axis merges with the keys. Image-to-video adds channels and image
+# tokens to the text side, so the latent sequence stays one video grid.
+register_block(BlockRow("HunyuanVideo15TransformerBlock", (Slot("attn"),)))
+register_model(ModelRow("HunyuanVideo15Transformer3DModel", ("HunyuanVideo15TransformerBlock",), video_grid, video=True))
