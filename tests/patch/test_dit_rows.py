@@ -573,3 +573,70 @@ def test_stable_video_diffusion_merges_per_frame_keys_in_kv_mode():
     assert spy.lengths == [128, 1, 3, 1] + [64, 1, 3, 1] + [128, 1, 3, 1] * 2, spy.lengths
     error = ((got - want).norm() / want.norm()).item()
     assert 0 < error < 0.1, error  # 0.067 (mode tokens: 0.16)
+
+
+# --- Wan Animate ----------------------------------------------------------------------------
+
+
+def make_wan_animate():
+    from diffusers import WanAnimateTransformer3DModel
+
+    return trained_like_(WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, image_dim=16, rope_max_seq_len=32,
+        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=2,
+    )).eval()
+
+
+def wan_animate_inputs(frames=4, seed=0):
+    """The reference frame and 4 frames of 16 x 16 latents (8 x 8 tokens each), their pose
+    latents, and 13 face frames (4 motion frames after the face encoder, 5 with its padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth_video(2, 12, frames + 1, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+                encoder_hidden_states_image=torch.randn(2, 3, 16, generator=gen),
+                pose_hidden_states=_smooth_video(2, 4, frames, 16, 16, gen),
+                face_pixel_values=torch.randn(2, 3, 13, 16, 16, generator=gen))
+
+
+def test_wan_animate_merges_the_video_frames_but_not_the_reference_frame():
+    """Self-attention sees the 64 reference-frame keys and half of the 4 x 64 video keys;
+    cross-attention (3 image + 5 text keys) and block 0's face adapter (3 keys) are untouched."""
+    model, inputs = make_wan_animate(), wan_animate_inputs()
+    want = _run(model, inputs)
+    tome.patch.diffusers(model, ratio=0.0)
+    assert model.mode == "kv" and torch.equal(_run(model, inputs), want)
+    model.ratio = 0.5
+    spy = KeyLengths()
+    with spy, torch.no_grad():
+        got = model(**inputs).sample
+    assert spy.lengths == [64 + 128, 8, 3, 64 + 128, 8], spy.lengths
+    error = ((got - want).norm() / want.norm()).item()
+    assert 0 < error < 0.05, error
+    model.mode = "tokens"
+    with pytest.raises(ValueError, match="64 reference tokens .*use mode='kv'"):
+        _run(model, inputs)
+    tome.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)
+
+
+def test_wan_animate_merges_the_slice_after_the_reference_frame():
+    """One self-attention: 16 random reference tokens, then 2 frames of a 4 x 4 grid repeated
+    over 2 x 2 cells: merging the duplicates is lossless (merging the reference would not be)."""
+    from tome.patch._diffusers import _Step
+
+    model = make_wan_animate()
+    attn = model.blocks[0].attn1
+    cells = torch.randn(2, 2, 2, 2, 24)
+    video = cells.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3).reshape(2, 32, 24)
+    hidden = torch.cat([torch.randn(2, 16, 24), video], 1)
+    with torch.no_grad():
+        before = attn(hidden)
+        tome.patch.diffusers(model, ratio=0.75, use_rand=False)
+        spy = KeyLengths()
+        with spy:
+            after = attn(hidden, tome=_Step(model._tome_settings, 1, 4, 4, None, frames=2, before=16))
+    assert spy.lengths == [16 + 8]
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)

@@ -321,7 +321,7 @@ class _MergedKeysAttention(TorchFunctionMode):
                     f"and keys (shape {tuple(attn_mask.shape)}); use mode='tokens' (UNets, PixArt) or ratio=0 for this call"
                 )
             return func(query, key, value, attn_mask, *args, **kwargs)
-        start = 0 if self.image_at == "start" else total - image - after
+        start = self.step.before if self.image_at == "start" else total - image - after
         batch, heads, _, dim = key.shape
         keys = key[:, :, start : start + image]
         plain = None if self.rotary is None else self._unrotated(keys, start)
@@ -346,27 +346,8 @@ class _MergedKeysAttention(TorchFunctionMode):
         text = total - image
         pad = bias.new_zeros(batch, text)
         bias = torch.cat([pad[:, : start], bias, pad[:, start:]] if start else [bias, pad], dim=1)[:, None, None, :]
-        if attn_mask is not None:  # merged keys keep the mask of their group: visible if any member was
-            mask = attn_mask.expand(batch, *attn_mask.shape[1:])  # per head or for all; per query or for all
-            heads_rows = mask.shape[1:3]
-            part = mask[..., start : start + image]
-            if heads_rows[1] > 1:
-                # Per query: kept exactly where every query sees the same on all image keys (padding
-                # masks, HunyuanVideo 1.5's): then each merged key takes that value. One host sync.
-                if not bool((part == part[..., :1]).all()):
-                    raise ValueError(
-                        f"mode='kv' cannot merge the image keys of an attention whose attention mask over queries and "
-                        f"keys (shape {tuple(attn_mask.shape)}) differs between the image keys one query sees (a "
-                        "causal or local mask): merged keys could not keep it; use mode='tokens' or ratio=0"
-                    )
-                part = part[..., :1].expand(*part.shape[:-1], assignment.num_out)
-            elif attn_mask.dtype == torch.bool:  # one row for all queries: visible if any key of the group was
-                part = part.flatten(1, 2).transpose(1, 2)  # (batch, image, heads)
-                part = assignment.merge(part.to(torch.uint8), mode="amax").bool().transpose(1, 2).unflatten(1, heads_rows)
-            else:  # an additive mask: the group's mean
-                part = part.flatten(1, 2).transpose(1, 2)
-                part = assignment.merge(part, mode="mean").to(attn_mask.dtype).transpose(1, 2).unflatten(1, heads_rows)
-            full = torch.cat([mask[..., :start], part, mask[..., start + image :]], dim=-1)
+        if attn_mask is not None:
+            full = _merged_mask(attn_mask, assignment, start, image, batch)
             bias = bias.masked_fill(~full, float("-inf")) if attn_mask.dtype == torch.bool else bias + full
             return func(query, merged_key, merged(value), bias.to(query.dtype), **kwargs)
         if set(kwargs) <= {"dropout_p", "scale", "is_causal", "enable_gqa"} and not kwargs.get("enable_gqa"):
@@ -376,6 +357,39 @@ class _MergedKeysAttention(TorchFunctionMode):
             return attention(query, merged_key, merged(value), finite_key_bias(bias),
                              dropout_p=kwargs.get("dropout_p", 0.0), scale=kwargs.get("scale"))
         return func(query, merged_key, merged(value), bias.to(query.dtype), **kwargs)
+
+
+def _merged_mask(attn_mask: torch.Tensor, assignment: TokenAssignment, start: int, image: int,
+                 batch: int) -> torch.Tensor:
+    """An attention mask ``(batch | 1, heads | 1, queries | 1, keys)`` over the keys as merged:
+    the image keys ``start : start + image`` become ``assignment.num_out``, each keeping the mask
+    of its group (boolean: visible if any member was; additive: the group's mean).
+
+    Raises:
+        ValueError: for a mask per query that differs between the image keys one query sees (a
+            causal or local mask), which merged keys cannot keep.
+    """
+    mask = attn_mask.expand(batch, *attn_mask.shape[1:])  # per head or for all; per query or for all
+    heads_rows = mask.shape[1:3]
+    part = mask[..., start : start + image]
+    if heads_rows[1] > 1:
+        # Per query: kept exactly where every query sees the same on all image keys (padding
+        # masks, HunyuanVideo 1.5's): then each merged key takes that value. One host sync.
+        if not bool((part == part[..., :1]).all()):
+            raise ValueError(
+                f"mode='kv' cannot merge the image keys of an attention whose attention mask over queries and "
+                f"keys (shape {tuple(attn_mask.shape)}) differs between the image keys one query sees (a "
+                "causal or local mask): merged keys could not keep it; use mode='tokens' or ratio=0"
+            )
+        part = part[..., :1].expand(*part.shape[:-1], assignment.num_out)
+    else:
+        part = part.flatten(1, 2).transpose(1, 2)  # (batch, image, heads)
+        if attn_mask.dtype == torch.bool:
+            part = assignment.merge(part.to(torch.uint8), mode="amax").bool()
+        else:
+            part = assignment.merge(part, mode="mean").to(attn_mask.dtype)
+        part = part.transpose(1, 2).unflatten(1, heads_rows)
+    return torch.cat([mask[..., :start], part, mask[..., start + image :]], dim=-1)
 
 
 def _parameters(module: nn.Module) -> List[str]:
@@ -548,6 +562,12 @@ class ToMeDiffusersAttentionMixin:
         unmerged (ToMe for SD, section 3, with the block's own attention input as the metric)."""
         grid, choice = plan.kv  # type: ignore[misc]
         step = plan.step
+        if step.before or step.after:
+            raise ValueError(
+                f"mode='tokens' runs attention on merged tokens of one grid, but the {step.before + step.after} "
+                f"reference tokens of this {self._tome_owner.denoiser if self._tome_owner else 'model'}'s sequence "
+                "lie outside it; use mode='kv' (the default), which attends to them unmerged"
+            )
         if hidden_states.dim() != 3 or hidden_states.shape[1] != math.prod(grid):
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         with torch.no_grad():
@@ -917,8 +937,10 @@ def _refuse(denoiser: nn.Module) -> None:
             "tokens the transformer already embedded, so their grid cannot be read and they are not merged; "
             "supported ControlNets: ControlNetModel, SD3ControlNetModel with its own pos_embed, FluxControlNetModel"
         )
+    reason = _rows.REFUSED.get(name)
     raise TypeError(
-        f"{name} has no transformer block over image tokens that token merging supports, so it is not patched "
+        (f"{name} is not supported: {reason}; " if reason else "")
+        + f"{name} has no transformer block over image tokens that token merging supports, so it is not patched "
         f"(supported: UNets and ControlNets whose attention sits in {', '.join(_rows.supported_models())}, "
         f"with blocks {', '.join(_rows.block_names())}; a model is added as a row of tome.patch._diffusion_blocks)"
     )

@@ -164,6 +164,15 @@ def register_model(row: ModelRow) -> ModelRow:
     return row
 
 
+# Why models of today's pipelines that have no row are refused (added to their TypeError).
+REFUSED: Dict[str, str] = {
+    "HunyuanVideoFramepackTransformer3DModel": "it appends history latents at 1x, 2x and 4x downsampling to the "
+    "latent sequence, several grids in one sequence with no row to tell them apart",
+    "WanAnimate2Transformer3DModel": "its generation pass attends through a flex-attention block mask over "
+    "generation and cached reference frames, which kv mode does not merge",
+}
+
+
 def _class_names(obj: Any) -> Tuple[str, ...]:
     return tuple(cls.__name__ for cls in type(obj).__mro__)
 
@@ -225,6 +234,17 @@ def video_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
         return None
     pt, ph, pw = model._tome_patch
     return (sample.shape[2] // pt, sample.shape[3] // ph, sample.shape[4] // pw)
+
+
+def reference_frame_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
+    """Video ``(batch, channels, 1 + frames, height, width)`` whose first frame is a reference
+    image (Wan Animate's character): the grid is the other frames, the reference frame's tokens
+    lie before it in the sequence and stay unmerged."""
+    grid = video_grid(model, sample, ids)
+    if grid is None or grid[0] < 2:
+        return None
+    frames, height, width = grid
+    return PlacedGrid(frames - 1, height, width, before=height * width)
 
 
 def frames_first_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
@@ -498,3 +518,7 @@ register_model(ModelRow("ZImageTransformer2DModel", ("ZImageTransformerBlock",),
 # tokens to the text side, so the latent sequence stays one video grid.
 register_block(BlockRow("HunyuanVideo15TransformerBlock", (Slot("attn"),)))
 register_model(ModelRow("HunyuanVideo15Transformer3DModel", ("HunyuanVideo15TransformerBlock",), video_grid, video=True))
+# Wan Animate: Wan's blocks over a sequence whose first frame is the reference (character) image
+# (pose latents are added to the other frames); only the other frames merge. Its face adapters
+# attend from every token to motion features and are left alone.
+register_model(ModelRow("WanAnimateTransformer3DModel", ("WanTransformerBlock",), reference_frame_grid, video=True))
