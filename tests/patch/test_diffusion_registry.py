@@ -56,7 +56,17 @@ def test_the_registered_transformers_are_the_supported_list():
     registered = {name for name in _TRANSFORMERS if name in rows.supported_models()}
     assert registered == {"CogVideoXTransformer3DModel", "DiTTransformer2DModel", "FluxTransformer2DModel", "PixArtTransformer2DModel",
                           "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "QwenImageTransformer2DModel", "MochiTransformer3DModel", "SD3Transformer2DModel", "SanaTransformer2DModel", "Transformer2DModel", "WanTransformer3DModel",
-                          "WanVACETransformer3DModel"}
+                          "WanVACETransformer3DModel", "Flux2Transformer2DModel", "ZImageTransformer2DModel",
+                          "HunyuanVideo15Transformer3DModel", "WanAnimateTransformer3DModel"}
+
+
+@pytest.mark.parametrize("name", sorted(rows.REFUSED))
+def test_models_refused_for_a_stated_reason_say_it(name):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(diffusers, name)(**_CONFIG.get(name, {}))
+    with pytest.raises(TypeError, match=re.escape(f"{name} is not supported: {rows.REFUSED[name]}")):
+        tome.patch.diffusers(model)
 
 
 def test_a_model_row_must_name_registered_blocks():

@@ -75,7 +75,8 @@ _TEMPORAL_BLOCKS = ("TemporalBasicTransformerBlock",)
 # Denoisers whose forward calls its transformer blocks without the attention kwargs it
 # takes (or takes none): the per-forward state reaches their blocks through a context
 # variable set for the duration of the denoiser's forward instead.
-_VIA_CONTEXT = ("UNetSpatioTemporalConditionModel", "SD3ControlNetModel", "FluxControlNetModel")
+_VIA_CONTEXT = ("UNetSpatioTemporalConditionModel", "SD3ControlNetModel", "FluxControlNetModel",
+                "ZImageTransformer2DModel")  # Z-Image takes joint_attention_kwargs for LoRA's scale only
 _DENOISERS = ("unet", "transformer", "controlnet")
 
 
@@ -187,6 +188,9 @@ class _Step:
     width: int
     key: Optional[torch.Tensor]  # seed and timestep mixed; None when destinations are fixed
     frames: int = 1  # frames of the grid in one token sequence (video transformers); 1 for images
+    # latent tokens before and after the grid in the sequence (reference images, Flux.2), never merged
+    before: int = 0
+    after: int = 0
     # One entry per merging module that received this state (filled outside torch.compile
     # only): a forward whose list stays empty ran none of them, see _Owner.
     received: List[str] = dataclasses.field(default_factory=list, compare=False, repr=False)
@@ -303,16 +307,21 @@ class _MergedKeysAttention(TorchFunctionMode):
                 attn_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         s = self.settings
         total, image = key.shape[-2], math.prod(self.grid)
-        key_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] == 1 and (
-            attn_mask.shape[-1] == total)  # a mask over keys only (text padding: Qwen-Image)
-        if (attn_mask is not None and not key_mask) or kwargs.get("is_causal") or args or image > total or key.dim() != 4:
+        # the grid and the other latent tokens of the sequence (reference images): a call that
+        # does not see them all (Flux.2's reference tokens attending to themselves) is not merged
+        latent, after = image + self.step.before + self.step.after, self.step.after
+        # a mask over keys, for all queries (text padding: Qwen-Image) or per query (HunyuanVideo 1.5's
+        # padding mask of queries and keys): its key axis merges with the keys, its query axis stays
+        key_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] in (1, query.shape[-2]) and (
+            attn_mask.shape[-1] == total)
+        if (attn_mask is not None and not key_mask) or kwargs.get("is_causal") or args or latent > total or key.dim() != 4:
             if attn_mask is not None:
                 raise ValueError(
                     "mode='kv' cannot merge the keys of an attention that is given an attention mask over queries "
                     f"and keys (shape {tuple(attn_mask.shape)}); use mode='tokens' (UNets, PixArt) or ratio=0 for this call"
                 )
             return func(query, key, value, attn_mask, *args, **kwargs)
-        start = 0 if self.image_at == "start" else total - image
+        start = self.step.before if self.image_at == "start" else total - image - after
         batch, heads, _, dim = key.shape
         keys = key[:, :, start : start + image]
         plain = None if self.rotary is None else self._unrotated(keys, start)
@@ -337,13 +346,9 @@ class _MergedKeysAttention(TorchFunctionMode):
         text = total - image
         pad = bias.new_zeros(batch, text)
         bias = torch.cat([pad[:, : start], bias, pad[:, start:]] if start else [bias, pad], dim=1)[:, None, None, :]
-        if attn_mask is not None:  # a key mask: merged keys keep the mask of their group
-            mask = attn_mask.expand(batch, attn_mask.shape[1], 1, total)  # per head or for all heads
-            part = mask[:, :, 0, start : start + image].transpose(1, 2).float()  # (batch, image, mask heads)
-            part = assignment.merge(part, mode="amax" if attn_mask.dtype == torch.bool else "mean")
-            full = torch.cat([mask[..., :start].float(), part.transpose(1, 2)[:, :, None],
-                              mask[..., start + image :].float()], dim=-1)
-            bias = bias.masked_fill(full == 0, float("-inf")) if attn_mask.dtype == torch.bool else bias + full
+        if attn_mask is not None:
+            full = _merged_mask(attn_mask, assignment, start, image, batch)
+            bias = bias.masked_fill(~full, float("-inf")) if attn_mask.dtype == torch.bool else bias + full
             return func(query, merged_key, merged(value), bias.to(query.dtype), **kwargs)
         if set(kwargs) <= {"dropout_p", "scale", "is_causal", "enable_gqa"} and not kwargs.get("enable_gqa"):
             # Sizes are >= 1, so the bias is finite: attention() folds it into a query/key
@@ -352,6 +357,39 @@ class _MergedKeysAttention(TorchFunctionMode):
             return attention(query, merged_key, merged(value), finite_key_bias(bias),
                              dropout_p=kwargs.get("dropout_p", 0.0), scale=kwargs.get("scale"))
         return func(query, merged_key, merged(value), bias.to(query.dtype), **kwargs)
+
+
+def _merged_mask(attn_mask: torch.Tensor, assignment: TokenAssignment, start: int, image: int,
+                 batch: int) -> torch.Tensor:
+    """An attention mask ``(batch | 1, heads | 1, queries | 1, keys)`` over the keys as merged:
+    the image keys ``start : start + image`` become ``assignment.num_out``, each keeping the mask
+    of its group (boolean: visible if any member was; additive: the group's mean).
+
+    Raises:
+        ValueError: for a mask per query that differs between the image keys one query sees (a
+            causal or local mask), which merged keys cannot keep.
+    """
+    mask = attn_mask.expand(batch, *attn_mask.shape[1:])  # per head or for all; per query or for all
+    heads_rows = mask.shape[1:3]
+    part = mask[..., start : start + image]
+    if heads_rows[1] > 1:
+        # Per query: kept exactly where every query sees the same on all image keys (padding
+        # masks, HunyuanVideo 1.5's): then each merged key takes that value. One host sync.
+        if not bool((part == part[..., :1]).all()):
+            raise ValueError(
+                f"mode='kv' cannot merge the image keys of an attention whose attention mask over queries and "
+                f"keys (shape {tuple(attn_mask.shape)}) differs between the image keys one query sees (a "
+                "causal or local mask): merged keys could not keep it; use mode='tokens' or ratio=0"
+            )
+        part = part[..., :1].expand(*part.shape[:-1], assignment.num_out)
+    else:
+        part = part.flatten(1, 2).transpose(1, 2)  # (batch, image, heads)
+        if attn_mask.dtype == torch.bool:
+            part = assignment.merge(part.to(torch.uint8), mode="amax").bool()
+        else:
+            part = assignment.merge(part, mode="mean").to(attn_mask.dtype)
+        part = part.transpose(1, 2).unflatten(1, heads_rows)
+    return torch.cat([mask[..., :start], part, mask[..., start + image :]], dim=-1)
 
 
 def _parameters(module: nn.Module) -> List[str]:
@@ -524,6 +562,12 @@ class ToMeDiffusersAttentionMixin:
         unmerged (ToMe for SD, section 3, with the block's own attention input as the metric)."""
         grid, choice = plan.kv  # type: ignore[misc]
         step = plan.step
+        if step.before or step.after:
+            raise ValueError(
+                f"mode='tokens' runs attention on merged tokens of one grid, but the {step.before + step.after} "
+                f"reference tokens of this {self._tome_owner.denoiser if self._tome_owner else 'model'}'s sequence "
+                "lie outside it; use mode='kv' (the default), which attends to them unmerged"
+            )
         if hidden_states.dim() != 3 or hidden_states.shape[1] != math.prod(grid):
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         with torch.no_grad():
@@ -655,13 +699,17 @@ class ToMeDiffusersModelMixin:
             self._tome_no_grid(sample)
             grid = (1, 0, 0)  # the blocks still get the state (so they do not report a bypass) and merge nothing
         timestep, _ = _get_arg(self, args, kwargs, "timestep")
+        if timestep is None:  # Z-Image calls it t
+            timestep, _ = _get_arg(self, args, kwargs, "t")
         step = _Step(
             settings=settings,
             max_downsample=_resolve_max_downsample(settings, self._tome_lowest_level),  # type: ignore[attr-defined]
             height=grid[1],
             width=grid[2],
-            key=_step_key(settings, timestep, sample.device) if settings.use_rand and grid[1] else None,
+            key=_step_key(settings, timestep, _device(sample)) if settings.use_rand and grid[1] else None,
             frames=grid[0],
+            before=getattr(grid, "before", 0),
+            after=getattr(grid, "after", 0),
         )
         if self._tome_owner.via_context:  # type: ignore[union-attr]
             if torch.is_grad_enabled() and self.is_gradient_checkpointing:  # type: ignore[attr-defined]
@@ -710,6 +758,13 @@ for _name in (f.name for f in dataclasses.fields(DiffusionSettings)):
                                                              "setting it re-patches with only this option changed."))
 
 
+def _device(sample: Any) -> torch.device:
+    """The device of the input latent: a tensor, or a list of them (Z-Image)."""
+    while isinstance(sample, (list, tuple)) and sample:
+        sample = sample[0]
+    return sample.device if isinstance(sample, torch.Tensor) else torch.device("cpu")
+
+
 def _step_key(settings: DiffusionSettings, timestep: Any, device: torch.device) -> torch.Tensor:
     """Seed and timestep as one int64 tensor: random destinations differ between steps and
     blocks yet are the same every time a run is repeated with the same seed."""
@@ -740,9 +795,9 @@ def _levels(denoiser: nn.Module) -> Dict[str, int]:
     return levels
 
 
-# The model that holds a block: the module above its ``transformer_blocks`` (UNets, PixArt,
-# SD3, Flux), ``single_transformer_blocks`` (Flux), ``blocks`` or ``vace_blocks`` (Wan) list.
-_OWNER = re.compile(r"^(?:(.*)\.)?(?:single_transformer_blocks|transformer_blocks|vace_blocks|blocks)\.\d+$")
+# The model that holds a block: the module above the list that holds it (``transformer_blocks``
+# of UNets, PixArt, SD3, Flux; ``blocks`` of Wan; the lists a model row names, ModelRow.lists).
+_OWNER = re.compile(r"^(?:(.*)\.)?([A-Za-z_]\w*)\.\d+$")
 
 
 def _blocks(denoiser: nn.Module) -> Iterator[Tuple[str, nn.Module, bool, int]]:
@@ -756,7 +811,7 @@ def _blocks(denoiser: nn.Module) -> Iterator[Tuple[str, nn.Module, bool, int]]:
         match = _OWNER.match(name)
         owner = denoiser.get_submodule(match.group(1) or "") if match else None
         owner_row = _rows.model_row(owner)
-        spatial = owner_row is not None and row.name in owner_row.blocks
+        spatial = owner_row is not None and row.name in owner_row.blocks and match.group(2) in owner_row.lists
         stage = "mid_block" if name.startswith("mid_block") else ".".join(name.split(".")[:2])
         yield name, module, spatial, levels.get(stage, 1)
 
@@ -858,6 +913,13 @@ def _check_mode(denoiser: nn.Module, settings: DiffusionSettings) -> None:
     refusing = [row for row in rows if mode not in row.modes]
     if not refusing:
         return
+    reasons = [f"{row.name}: {row.why_modes}" for row in refusing if row.why_modes]
+    if reasons:
+        allowed = sorted(set.intersection(*(set(row.modes) for row in refusing)))
+        raise ValueError(
+            f"mode={mode!r} is not available for {type(denoiser).__name__} ({'; '.join(reasons)}): "
+            f"use mode={allowed[0]!r} (or mode=None)"
+        )
     detail = "has blocks whose attention merges keys and values only (joint attention of SD3 and Flux, Wan's video attention)"
     allowed = sorted(set.intersection(*(set(row.modes) for row in refusing)))
     raise ValueError(
@@ -875,8 +937,10 @@ def _refuse(denoiser: nn.Module) -> None:
             "tokens the transformer already embedded, so their grid cannot be read and they are not merged; "
             "supported ControlNets: ControlNetModel, SD3ControlNetModel with its own pos_embed, FluxControlNetModel"
         )
+    reason = _rows.REFUSED.get(name)
     raise TypeError(
-        f"{name} has no transformer block over image tokens that token merging supports, so it is not patched "
+        (f"{name} is not supported: {reason}; " if reason else "")
+        + f"{name} has no transformer block over image tokens that token merging supports, so it is not patched "
         f"(supported: UNets and ControlNets whose attention sits in {', '.join(_rows.supported_models())}, "
         f"with blocks {', '.join(_rows.block_names())}; a model is added as a row of tome.patch._diffusion_blocks)"
     )
@@ -956,7 +1020,7 @@ def _patch_denoiser(prepared: _Prepared) -> nn.Module:
     ids = row.ids if row is not None else "img_ids"
     object.__setattr__(denoiser, "_tome_ids", ids)
     names = (ids,) if isinstance(ids, str) else ids
-    object.__setattr__(denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", *names, kwargs_name))
+    object.__setattr__(denoiser, "_tome_arg_index", _positions(denoiser, parameters[0], "timestep", "t", *names, kwargs_name))
     for key, (_, block, spatial, _) in enumerate(prepared.blocks):
         row = _rows.block_row(block)
         if row.merges_in_block:  # type: ignore[union-attr]
@@ -1021,8 +1085,9 @@ def diffusers(
             ``UNetSpatioTemporalConditionModel``) and the transformers with a row in
             ``tome.patch._diffusion_blocks`` (``PixArtTransformer2DModel``, ``Transformer2DModel``,
             ``SD3Transformer2DModel``, ``SD3ControlNetModel``, ``FluxTransformer2DModel``,
-            ``FluxControlNetModel``, ``WanTransformer3DModel``, ``WanVACETransformer3DModel``,
-            ``CogVideoXTransformer3DModel``).
+            ``FluxControlNetModel``, ``Flux2Transformer2DModel``, ``ZImageTransformer2DModel``,
+            ``WanTransformer3DModel``, ``WanVACETransformer3DModel``, ``CogVideoXTransformer3DModel``,
+            ``HunyuanVideo15Transformer3DModel``, ...: ``tome.patch._diffusion_blocks.supported_models()``).
         ratio, max_downsample, sx, sy, st, use_rand, merge_attn, merge_crossattn, merge_mlp, mode,
             seed, match_channels: The options, described on :class:`DiffusionSettings`.
 

@@ -21,15 +21,29 @@ imported here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 # (frames, height, width) of the full-resolution token grid
 Grid = Tuple[int, int, int]
+
+
+class PlacedGrid(NamedTuple):
+    """A token grid that shares the latent sequence with other tokens (reference images
+    appended by editing pipelines): ``(frames, height, width)`` as a :data:`Grid`, and how
+    many latent tokens lie before and after it. Only the grid's tokens merge."""
+
+    frames: int
+    height: int
+    width: int
+    before: int = 0
+    after: int = 0
+
+
 # (model, input latent, image ids) -> the token grid, or None when it cannot be read
-GridReader = Callable[[nn.Module, Any, Any], Optional[Grid]]
+GridReader = Callable[[nn.Module, Any, Any], Optional[Union[Grid, PlacedGrid]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +99,14 @@ class BlockRow:
             from its input and runs sub-layers on merged tokens; ``"kv"``: keys and
             values merged inside self-attention).
         rotary: The rotary embedding its self-attention applies, if any.
+        why_modes: Why it allows only ``modes``, for the error that refuses another mode.
     """
 
     name: str
     slots: Tuple[Slot, ...]
     modes: Tuple[str, ...] = ("kv",)
     rotary: Optional[Rotary] = None
+    why_modes: str = ""
 
     @property
     def merges_in_block(self) -> bool:
@@ -112,6 +128,9 @@ class ModelRow:
         ids: The forward argument handed to ``grid`` beside the input latent
             (``"img_ids"`` for Flux, ``"img_shapes"`` for Qwen-Image), or several, whose
             values are handed as a tuple (LTX-Video's ``num_frames``, ``height``, ``width``).
+        lists: The attributes (``nn.ModuleList``) of the model whose blocks attend over the
+            grid; blocks of the listed classes in other lists are left alone (Z-Image's caption
+            refiner).
     """
 
     name: str
@@ -119,6 +138,7 @@ class ModelRow:
     grid: Optional[GridReader] = None
     video: bool = False
     ids: Union[str, Tuple[str, ...]] = "img_ids"
+    lists: Tuple[str, ...] = ("transformer_blocks", "single_transformer_blocks", "blocks", "vace_blocks")
 
 
 _BLOCKS: Dict[str, BlockRow] = {}
@@ -142,6 +162,15 @@ def register_model(row: ModelRow) -> ModelRow:
         raise ValueError(f"{row.name} names block classes {unknown} that have no BlockRow; register them first")
     _MODELS[row.name] = row
     return row
+
+
+# Why models of today's pipelines that have no row are refused (added to their TypeError).
+REFUSED: Dict[str, str] = {
+    "HunyuanVideoFramepackTransformer3DModel": "it appends history latents at 1x, 2x and 4x downsampling to the "
+    "latent sequence, several grids in one sequence with no row to tell them apart",
+    "WanAnimate2Transformer3DModel": "its generation pass attends through a flex-attention block mask over "
+    "generation and cached reference frames, which kv mode does not merge",
+}
 
 
 def _class_names(obj: Any) -> Tuple[str, ...]:
@@ -207,6 +236,17 @@ def video_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     return (sample.shape[2] // pt, sample.shape[3] // ph, sample.shape[4] // pw)
 
 
+def reference_frame_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
+    """Video ``(batch, channels, 1 + frames, height, width)`` whose first frame is a reference
+    image (Wan Animate's character): the grid is the other frames, the reference frame's tokens
+    lie before it in the sequence and stay unmerged."""
+    grid = video_grid(model, sample, ids)
+    if grid is None or grid[0] < 2:
+        return None
+    frames, height, width = grid
+    return PlacedGrid(frames - 1, height, width, before=height * width)
+
+
 def frames_first_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     """Video ``(batch, frames, channels, height, width)`` patchified into one sequence
     (CogVideoX: ``patch_size_t`` frames per token where the config sets it, else one)."""
@@ -229,6 +269,64 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     ids = ids.reshape(-1, 3)
     height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
     return (1, height, width) if height * width == sample.shape[1] else None
+
+
+def flux2_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
+    """Packed tokens ``(batch, tokens, channels)`` with ``img_ids`` ``([batch,] tokens, 4)``
+    ``(t, h, w, l)`` (Flux.2): the grid is the block of tokens with the smallest ``t``, the
+    target latents (every Flux.2 pipeline gives them ``t = 0`` and reference images ``t = 10,
+    20, ...``), read with one host sync per call, as for Flux. Reference tokens may sit
+    before the grid (Flux.2 Klein's KV-cache extraction step) or after it (Flux.2 editing);
+    they are kept unmerged. The model reads the first sample's ids, and so does this.
+
+    Returns None (nothing merges, with a warning) if the target tokens are not one
+    contiguous row-major ``height x width`` block.
+    """
+    if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(ids, torch.Tensor)
+            and ids.dim() in (2, 3) and ids.shape[-1] >= 3 and ids.shape[-2] == sample.shape[1]):
+        return None
+    ids = ids[0] if ids.dim() == 3 else ids
+    t, h, w = ids[:, 0], ids[:, 1].long(), ids[:, 2].long()
+    target = t == t.min()
+    rank = target.long().cumsum(0) - 1  # place of each target token among them
+    first = target.long().argmax()
+    height = torch.where(target, h, -1).max() + 1
+    width = torch.where(target, w, -1).max() + 1
+    position = torch.arange(len(t), device=t.device)
+    # row-major and contiguous: the k-th target token sits at (k // width, k % width), at first + k
+    in_order = (~target | ((h * width + w == rank) & (position - first == rank))).all()
+    count, first, height, width, in_order = torch.stack(
+        [target.sum(), first, height, width, in_order.long()]).tolist()  # the one host sync
+    if not in_order or count != height * width:
+        return None
+    return PlacedGrid(1, height, width, first, len(t) - first - count)
+
+
+def list_grid(model: nn.Module, sample: Any, patches: Any) -> Optional[Grid]:
+    """Latents given as a list of ``(channels, frames, height, width)`` tensors, one per sample
+    (Z-Image), patchified by the forward's ``(patch_size, f_patch_size)`` (2 and 1 when not
+    given). Each sample's sequence starts with its grid's tokens.
+
+    Raises:
+        ValueError: for a nested list (Z-Image Omni: condition images and SigLIP tokens in the
+            same sequence, not merged), or samples of different sizes (one partition serves the
+            whole batch).
+    """
+    if not (isinstance(sample, (list, tuple)) and sample):
+        return None
+    name = type(model).__name__
+    if isinstance(sample[0], (list, tuple)):
+        raise ValueError(
+            f"{name} got a list of image lists (the omni mode: condition images and SigLIP features in the latent "
+            "sequence), which token merging does not support; set ratio=0 (or tome.remove_patch) for this pipeline"
+        )
+    shapes = {tuple(x.shape) for x in sample if isinstance(x, torch.Tensor)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        raise ValueError(f"{name} got latents of shapes {sorted(shapes)}: token merging needs one (channels, frames, "
+                         "height, width) shape for every sample of a batch")
+    spatial, temporal = (n if isinstance(n, int) else d for n, d in zip(patches, (2, 1)))
+    _, frames, height, width = next(iter(shapes))
+    return (frames // temporal, height // spatial, width // spatial)
 
 
 def shapes_grid(model: nn.Module, sample: Any, shapes: Any) -> Optional[Grid]:
@@ -389,9 +487,38 @@ register_model(ModelRow("LTXVideoTransformer3DModel", ("LTXVideoTransformerBlock
 # Sana: attn1 is ReLU linear attention (no softmax, no scaled_dot_product_attention), so its
 # keys cannot merge inside the softmax: it runs on merged tokens (mode "tokens" only), which
 # shortens its O(tokens) cost; attn2 (text) is left alone. No rotary embedding.
-register_block(BlockRow("SanaTransformerBlock", (Slot("attn1"),), modes=("tokens",)))
+register_block(BlockRow(
+    "SanaTransformerBlock", (Slot("attn1"),), modes=("tokens",),
+    why_modes="its self-attention is ReLU linear attention, with no softmax (scaled_dot_product_attention) in "
+              "which keys and values could merge, so it runs on merged tokens instead",
+))
 register_model(ModelRow("SanaTransformer2DModel", ("SanaTransformerBlock",), image_grid))
 # Mochi: joint attention over [video, text], run one sample at a time with that sample's
 # valid text tokens; 3-D rotary applied to the video keys before the call (keys merge as rotated).
 register_block(BlockRow("MochiTransformerBlock", (Slot("attn1"),)))
 register_model(ModelRow("MochiTransformer3DModel", ("MochiTransformerBlock",), video_grid, video=True))
+# Flux.2: joint attention over [text, image] in both block kinds (rotary applied before the call,
+# so keys merge as rotated, as for Flux). The grid is the target latents' block of img_ids; the
+# reference-image tokens editing appends ([text, image, references], or [text, references, image]
+# when Klein's KV cache is extracted, or cached references injected between text and image) are
+# attended to unmerged.
+for _name in ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"):
+    register_block(BlockRow(_name, (Slot("attn", image_at="end"),)))
+register_model(ModelRow("Flux2Transformer2DModel", ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"), flux2_grid))
+# Z-Image: single-stream attention over [image, caption] in its main layers and over the image
+# alone in its noise refiner (each sample's image tokens first, padded to a multiple of 32 by
+# tokens that stay unmerged); rotary applied before the call, so keys merge as rotated. The
+# caption refiner (same block class) is left alone.
+register_block(BlockRow("ZImageTransformerBlock", (Slot("attention"),)))
+register_model(ModelRow("ZImageTransformer2DModel", ("ZImageTransformerBlock",), list_grid,
+                        ids=("patch_size", "f_patch_size"), lists=("layers", "noise_refiner")))
+# HunyuanVideo 1.5: joint attention over [video, text] (3-D rotary applied to the video part
+# before the call, so keys merge as rotated), with a padding mask over queries and keys that the
+# processor builds; its key axis merges with the keys. Image-to-video adds channels and image
+# tokens to the text side, so the latent sequence stays one video grid.
+register_block(BlockRow("HunyuanVideo15TransformerBlock", (Slot("attn"),)))
+register_model(ModelRow("HunyuanVideo15Transformer3DModel", ("HunyuanVideo15TransformerBlock",), video_grid, video=True))
+# Wan Animate: Wan's blocks over a sequence whose first frame is the reference (character) image
+# (pose latents are added to the other frames); only the other frames merge. Its face adapters
+# attend from every token to motion features and are left alone.
+register_model(ModelRow("WanAnimateTransformer3DModel", ("WanTransformerBlock",), reference_frame_grid, video=True))
