@@ -24,9 +24,9 @@ from diffusers import (  # noqa: E402
 )
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
+from test_diffusers import flux_inputs, make_flux, make_unet, unet_inputs  # noqa: E402
 
 from conftest import KeyLengths  # noqa: E402
-from test_diffusers import flux_inputs, make_flux, make_unet, unet_inputs  # noqa: E402
 
 
 def _vae() -> AutoencoderKL:
