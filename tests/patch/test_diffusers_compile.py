@@ -123,6 +123,27 @@ def test_flux_exports_with_a_declared_grid(strict):
         program.module()(*args, **_transposed(kwargs))
 
 
+@pytest.mark.parametrize("make, inputs", [(make_unet, lambda: (unet_inputs(), {})), (make_wan, lambda: ((), wan_inputs()))],
+                         ids=["unet", "wan"])
+def test_unet_and_wan_export_and_equal_eager(make, inputs):
+    model = make()
+    args, kwargs = inputs()
+    unpatched = _sample(model, args, kwargs)
+    tome.patch.diffusers(model, ratio=0.5)
+    with torch.no_grad():
+        got = torch.export.export(model, args, kwargs).module()(*args, **kwargs).sample
+    assert torch.equal(got, _sample(model, args, kwargs))
+    assert (got - unpatched).abs().max() > 1e-2
+
+
+def test_flux_compiled_without_fullgraph_reads_the_grid_in_an_eager_frame():
+    model = tome.patch.diffusers(make_flux(), ratio=0.5)
+    args, kwargs = flux_inputs()
+    got = _sample(torch.compile(model, backend="eager"), args, kwargs)  # first call: no grid known yet
+    assert model._tome_packed_grids == {24: (1, 6, 4)}
+    assert torch.equal(got, _sample(model, args, kwargs))
+
+
 def test_wan_compiles_fullgraph_and_equals_eager():
     # Wan's blocks take no attention kwargs: the state travels in a context variable, which
     # dynamo cannot set; while traced it rides on the denoiser's owner object instead.
