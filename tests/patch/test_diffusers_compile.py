@@ -18,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile") or sys.version_info >= (3, 14),
                                 reason="torch.compile (dynamo) is not available here")
 
-from test_diffusers import flux_inputs, make_flux, make_unet, unet_inputs  # noqa: E402
+from test_diffusers import flux_inputs, make_flux, make_flux_controlnet, make_unet, unet_inputs  # noqa: E402
 from test_wan import make_wan, wan_inputs  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
@@ -66,6 +66,20 @@ def test_flux_compiles_fullgraph_with_a_declared_grid_and_equals_eager():
         _sample(compiled, (args[0] + 1,), {**kwargs, "timestep": torch.tensor([0.2, 0.2])})  # same graph
     assert torch.equal(got, _sample(model, args, kwargs))
     assert (got - unpatched).abs().max() > 1e-2  # it merged
+
+
+def test_flux_controlnet_compiles_fullgraph_with_a_declared_grid():
+    # packed tokens like Flux, and its state travels in the context variable (see Wan below)
+    model = make_flux_controlnet()
+    args, kwargs = flux_inputs()
+    kwargs["controlnet_cond"] = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(6))
+    unpatched = model(*args, **kwargs).controlnet_block_samples[0].detach()
+    tome.patch.diffusers(model, ratio=0.5)
+    tome.patch.set_token_grid(model, 6, 4)
+    with torch.no_grad():
+        got = torch.compile(model, backend="eager", fullgraph=True)(*args, **kwargs).controlnet_block_samples[0]
+        assert torch.equal(got, model(*args, **kwargs).controlnet_block_samples[0])
+    assert (got - unpatched).abs().max() > 1e-2
 
 
 def test_flux_remembers_the_grid_of_an_eager_call_for_traced_ones():
