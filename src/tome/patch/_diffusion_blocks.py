@@ -244,7 +244,9 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
             raise ValueError(
                 f"{type(model).__name__} cannot read its token grid from the values of img_ids while torch.compile "
                 f"or torch.export traces it; call it once without compiling on inputs of {tokens} tokens, or declare "
-                f"the grid with tome.patch.set_token_grid(model, height, width) (in tokens, height * width = {tokens})"
+                f"the grid with tome.patch.set_token_grid(model, height, width) (in tokens, height * width = {tokens}); "
+                "ids that are not one grid covering every token (Flux Kontext's reference-image tokens) do not merge: "
+                "use ratio=0 for them"
             )
         _check_ids(ids, grids[tokens])
         return grids[tokens]
