@@ -241,3 +241,122 @@ def test_a_patched_model_in_normal_use_does_not_warn():
         _call_unet(unet)
         unet.ratio = 0.0
         _call_unet(unet)
+
+
+# --- diffusion transformer pipelines: offloading before or after patching ---------------------
+# A tiny Flux, Wan and PixArt pipeline, run for two steps to latents. The offload and execution
+# device are both the CPU here, so no weight moves between devices, but the hooks are the real
+# ones. enable_sequential_cpu_offload fails on this CPU-only setup for these three pipelines
+# before any patching (accelerate 1.15 with torch 2.15: "Cannot copy out of meta tensor" or a
+# TypeError in set_module_tensor_to_device), so its hooks are tested through accelerate's
+# cpu_offload on the one transformer where it runs unpatched here (Wan); the UNet above covers it too.
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
+
+
+def _flux_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    )
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=trained_like_(transformer).eval())
+
+
+def _flux_generate(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return pipe(prompt_embeds=torch.randn(1, 5, 16, generator=gen), pooled_prompt_embeds=torch.randn(1, 16, generator=gen),
+                height=12, width=8, num_inference_steps=2, output_type="latent", generator=gen).images
+
+
+def _wan_pipeline():
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+    )
+    scheduler = UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
+    return WanPipeline(tokenizer=None, text_encoder=None, transformer=trained_like_(transformer).eval(), vae=None,
+                       scheduler=scheduler)
+
+
+def _wan_generate(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 5, 16, generator=gen)
+    return pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), height=64, width=64,
+                num_frames=9, num_inference_steps=2, output_type="latent", generator=gen).frames
+
+
+def _pixart_pipeline():
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_tiny_vae(),
+                               transformer=trained_like_(transformer).eval(), scheduler=DDIMScheduler())
+
+
+def _pixart_generate(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    embeds, mask = torch.randn(1, 5, 16, generator=gen), torch.ones(1, 5)
+    return pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
+                negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask, height=16,
+                width=16, num_inference_steps=2, output_type="latent", generator=gen,
+                use_resolution_binning=False).images
+
+
+DIT_PIPELINES = {
+    "flux": (_flux_pipeline, _flux_generate),
+    "wan": (_wan_pipeline, _wan_generate),
+    "pixart": (_pixart_pipeline, _pixart_generate),
+}
+
+
+def _group_offload(pipe, offload_type: str) -> None:
+    options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_type=offload_type, **options)
+
+
+OFFLOADS = {
+    "model_cpu_offload": lambda pipe: pipe.enable_model_cpu_offload(device="cpu"),
+    "group_offload_block_level": lambda pipe: _group_offload(pipe, "block_level"),
+    "group_offload_leaf_level": lambda pipe: _group_offload(pipe, "leaf_level"),
+    "accelerate_cpu_offload": lambda pipe: cpu_offload(pipe.transformer, execution_device="cpu"),
+}
+DIT_CASES = [(family, offload) for family in DIT_PIPELINES for offload in OFFLOADS
+             if offload != "accelerate_cpu_offload" or family == "wan"]
+
+
+@pytest.mark.parametrize("order", ["offload_then_patch", "patch_then_offload"])
+@pytest.mark.parametrize("family,offload", DIT_CASES)
+def test_dit_pipeline_with_offloading_merges_in_both_orders(family, offload, order):
+    build, generate = DIT_PIPELINES[family]
+    reference = build()
+    reference.set_progress_bar_config(disable=True)
+    unpatched = generate(reference)
+    tome.apply_patch(reference, ratio=0.5)
+    merged = generate(reference)
+    assert (merged - unpatched).abs().max() > 1e-2  # merging changes the outputs
+
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    if order == "offload_then_patch":
+        OFFLOADS[offload](pipe)
+        tome.apply_patch(pipe, ratio=0.5)
+    else:
+        tome.apply_patch(pipe, ratio=0.5)
+        OFFLOADS[offload](pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a denoiser that merged nothing would say so
+        assert torch.equal(generate(pipe), merged)
+    tome.remove_patch(pipe)
+    assert torch.equal(generate(pipe), unpatched)

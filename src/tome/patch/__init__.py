@@ -27,7 +27,7 @@ from . import (  # noqa: F401  (register the VLM adapters)
 )
 
 # Importing the family modules registers them.
-from ._diffusers import DiffusionSettings, diffusers
+from ._diffusers import DiffusionSettings, diffusers, set_token_grid
 from ._eva import RopeSettings, eva
 from ._hf import hf
 from ._hf_dinov3 import hf_dinov3
@@ -65,6 +65,7 @@ __all__ = [
     "swag",
     "hf",
     "diffusers",
+    "set_token_grid",
     "eva",
     "hf_dinov3",
     "naflexvit",

@@ -60,7 +60,7 @@ from ._checks import has_class
 from ._lifecycle import KEEP, Example, FamilySpec, configure, register, setting, swap_class, with_parent_signature
 from ._shared import attention, finite_key_bias
 
-__all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES"]
+__all__ = ["diffusers", "DiffusionSettings", "is_diffusers", "MODES", "set_token_grid"]
 
 MODES = ("tokens", "kv")
 
@@ -210,7 +210,7 @@ class _Step:
         s = self.settings
         return (min(s.st, self.frames), s.sy, s.sx)
 
-    def choice(self, batch: int, cells: Tuple[int, ...], block_key: int) -> Optional[torch.Tensor]:
+    def choice(self, batch: int, cells: Tuple[int, ...], block_key: torch.Tensor) -> Optional[torch.Tensor]:
         """Random destination offsets, ``cells``-shaped (``(cells_y, cells_x)`` or
         ``(cells_t, cells_y, cells_x)``), or None for the first token of every cell."""
         # An odd batch cannot hold both halves of a classifier-free-guidance batch, whose
@@ -218,7 +218,7 @@ class _Step:
         if self.key is None or batch % 2 == 1 or math.prod(cells) == 0:
             return None
         size = math.prod(self.strides()[-len(cells):])
-        key = self.key + block_key * 104729
+        key = self.key + block_key * 104729  # a 0-d CPU tensor: used as a scalar on any device
         return hashed_stride_choice(math.prod(cells[:-1]), cells[-1], size, key).view(cells)
 
 
@@ -453,9 +453,17 @@ class _Owner:
                  rotary_pairs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         self.denoiser, self.settings, self.via_context = denoiser, settings, via_context
         self.rotary_pairs = rotary_pairs  # (axis, angle step) per channel pair, for keys merged before rotation
+        # The state of the forward torch.compile is tracing (dynamo cannot trace ContextVar.set):
+        # set and read only while tracing, and None again when the compiled forward returns.
+        self.traced_step: Optional[_Step] = None
 
     def context_step(self) -> Optional[_Step]:
-        return _CONTEXT_STEP.get() if self.via_context else None
+        if not self.via_context:
+            return None
+        # a denoiser traced whole hands the state over here; blocks compiled on their own
+        # (compile_repeated_blocks) under an eager denoiser read the context variable
+        traced = self.traced_step if _compiling() else None
+        return traced if traced is not None else _CONTEXT_STEP.get()
 
     def missed(self, module: nn.Module) -> None:
         """A merging module ran without the per-forward state of its denoiser: warn if the
@@ -475,6 +483,11 @@ class _Owner:
 
 def _unreached(denoiser: nn.Module) -> None:
     if _compiling():
+        return
+    # Blocks compiled on their own (diffusers' compile_repeated_blocks) cannot report that
+    # they received the state: the report is skipped in compiled code. Looked up only here,
+    # on the path of a forward that had no report.
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in denoiser.modules()):
         return
     warnings.warn(
         f"{type(denoiser).__name__} is patched to merge tokens ({denoiser._tome_info['merging_blocks']} merging "
@@ -497,7 +510,7 @@ class ToMeDiffusersAttentionMixin:
     # directly (see the Slot rows of tome.patch._diffusion_blocks)
     _tome_role: str = "self"
     _tome_image_at: str = "start"  # where the image tokens sit among the keys ("start" or "end")
-    _tome_block_key: int = 0
+    _tome_block_key: torch.Tensor = torch.tensor(0)  # see _block_key
     _tome_owner: Optional[_Owner] = None
     _tome_rotary: Optional[_rows.Rotary] = None  # the rotary embedding its processor applies, from the row
 
@@ -618,7 +631,7 @@ class ToMeDiffusersBlockMixin:
 
     _tome_keep_name = True
     _tome_spatial: bool = False
-    _tome_block_key: int = 0
+    _tome_block_key: torch.Tensor = torch.tensor(0)  # see _block_key
     _tome_owner: Optional[_Owner] = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -718,11 +731,19 @@ class ToMeDiffusersModelMixin:
                     "state reaches them only while its forward runs, not when gradient checkpointing recomputes "
                     "them in backward; disable gradient checkpointing or set ratio=0 for training"
                 )
-            token = _CONTEXT_STEP.set(step)
-            try:
-                out = super().forward(*args, **kwargs)  # type: ignore[misc]
-            finally:
-                _CONTEXT_STEP.reset(token)
+            if _compiling():
+                owner = self._tome_owner
+                owner.traced_step = step  # type: ignore[union-attr]
+                try:
+                    out = super().forward(*args, **kwargs)  # type: ignore[misc]
+                finally:
+                    owner.traced_step = None  # type: ignore[union-attr]
+            else:
+                token = _CONTEXT_STEP.set(step)
+                try:
+                    out = super().forward(*args, **kwargs)  # type: ignore[misc]
+                finally:
+                    _CONTEXT_STEP.reset(token)
         else:
             name = self._tome_kwargs_name
             extra, index = _get_arg(self, args, kwargs, name)
@@ -877,12 +898,20 @@ def _resolve_max_downsample(settings: DiffusionSettings, lowest_level: int) -> i
     return lowest_level
 
 
+def _block_key(key: int) -> torch.Tensor:
+    """A block's key as a 0-d int64 tensor: torch.compile treats int attributes of a module
+    as constants, so with a Python int every block of a regionally compiled model
+    (``compile_repeated_blocks``) would be a graph of its own and exceed dynamo's recompile
+    limit; a tensor is an input of one graph that all blocks share."""
+    return torch.tensor(key, dtype=torch.long)
+
+
 def _swap_attention(attn: nn.Module, slot: _rows.Slot, key: int, owner: _Owner,
                     rotary: Optional[_rows.Rotary] = None) -> None:
     swap_class(attn, ToMeDiffusersAttentionMixin)
     object.__setattr__(attn, "_tome_role", slot.role)
     object.__setattr__(attn, "_tome_image_at", slot.image_at)
-    object.__setattr__(attn, "_tome_block_key", key)
+    object.__setattr__(attn, "_tome_block_key", _block_key(key))
     object.__setattr__(attn, "_tome_owner", owner)
     object.__setattr__(attn, "_tome_rotary", rotary)
 
@@ -992,7 +1021,7 @@ def _patch_block(block: nn.Module, key: int, spatial: bool, owner: _Owner) -> No
     _rows.register_with_diffusers(type(block))  # diffusers' caches look blocks up by exact class
     object.__setattr__(block, "_tome_arg_index", _positions(block, "cross_attention_kwargs"))
     object.__setattr__(block, "_tome_spatial", spatial)
-    object.__setattr__(block, "_tome_block_key", key)
+    object.__setattr__(block, "_tome_block_key", _block_key(key))
     object.__setattr__(block, "_tome_owner", owner)
     if not spatial:
         return
@@ -1105,6 +1134,43 @@ def diffusers(
     return configure(model, family="diffusers", caller="tome.patch.diffusers", **options)
 
 
+def set_token_grid(model: Any, height: int, width: int) -> Any:
+    """Declare the token grid a patched packed-token denoiser (Flux) is called on.
+
+    Flux's latents are packed into ``(batch, tokens, channels)``; their grid is only in the
+    values of ``img_ids``. An eager call reads it there (one host sync) and remembers it
+    per token count; a call that ``torch.compile`` or ``torch.export`` traces cannot read
+    values, so it takes the remembered grid and checks inside the graph, without a host
+    sync, that ``img_ids`` lay it out row by row (a mismatch fails the call rather than
+    merging wrong neighbours). Declare the grid here to compile or export before any eager call.
+
+    Args:
+        model: A patched ``FluxTransformer2DModel`` or ``FluxControlNetModel``, or a pipeline
+            holding them.
+        height, width: The grid in tokens (Flux: the image's height and width in pixels / 16).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: if ``model`` holds no patched denoiser that reads its grid from ``img_ids``.
+        ValueError: if ``height`` or ``width`` is not a positive int.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int (the token grid, Flux: pixels / 16)")
+    found = [d for d in _parts(model) if getattr(d, "_tome_grid_reader", None) is _rows.packed_grid]
+    if not found:
+        raise TypeError(
+            f"{type(model).__name__} holds no patched denoiser that reads its token grid from img_ids "
+            "(FluxTransformer2DModel, FluxControlNetModel patched with tome.patch.diffusers); "
+            "the others read it from the shape of their input"
+        )
+    for denoiser in found:
+        denoiser.__dict__.setdefault(_rows.PACKED_GRIDS, {})[height * width] = (1, height, width)
+    return model
+
+
 def _patch(denoiser: nn.Module, settings: DiffusionSettings) -> nn.Module:
     return _patch_denoiser(_prepare(denoiser, settings))
 
@@ -1167,6 +1233,7 @@ register(FamilySpec(
     instance_attrs=(
         "_tome_settings", "_tome_lowest_level", "_tome_patch", "_tome_grid_reader", "_tome_rotary", "_tome_spatial",
         "_tome_block_key", "_tome_role", "_tome_pending", "_tome_arg_index", "_tome_input", "_tome_ids", "_tome_kwargs_name", "_tome_image_at", "_tome_owner",
+        _rows.PACKED_GRIDS,
     ),
     no_merging={"ratio": 0.0},
     parts=_parts,

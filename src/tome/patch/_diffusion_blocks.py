@@ -257,18 +257,55 @@ def frames_first_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]
     return (sample.shape[1] // pt, sample.shape[3] // ph, sample.shape[4] // pw)
 
 
+# Where a packed-token denoiser keeps the grids it has read, per token count (see packed_grid).
+PACKED_GRIDS = "_tome_packed_grids"
+
+
 def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     """Packed tokens ``(batch, tokens, channels)`` with image ids ``(tokens, 3)`` (Flux):
-    the grid is the ids' extent, read with one host sync per call. Latents given as
-    ``(batch, channels, height, width)`` are read from their shape."""
+    the grid is the ids' extent, read with one host sync per call and remembered per
+    token count. Latents given as ``(batch, channels, height, width)`` are read from their shape.
+
+    A traced call (``torch.compile``, ``torch.export``) cannot read values: it takes the grid
+    remembered for its token count (from an eager call, or ``tome.patch.set_token_grid``)
+    and checks inside the graph, without a host sync, that the ids are that grid.
+
+    Raises:
+        ValueError: in a traced call, when no grid is remembered for its token count.
+    """
     if isinstance(sample, torch.Tensor) and sample.dim() in (4, 5):
         return image_grid(model, sample, ids)
     if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(ids, torch.Tensor)
             and ids.shape[-1] == 3):
         return None
+    tokens, grids = sample.shape[1], getattr(model, PACKED_GRIDS, None) or {}
+    if torch.compiler.is_compiling():
+        if tokens not in grids:
+            raise ValueError(
+                f"{type(model).__name__} cannot read its token grid from the values of img_ids while torch.compile "
+                f"or torch.export traces it; call it once without compiling on inputs of {tokens} tokens, or declare "
+                f"the grid with tome.patch.set_token_grid(model, height, width) (in tokens, height * width = {tokens}); "
+                "ids that are not one grid covering every token (Flux Kontext's reference-image tokens) do not merge: "
+                "use ratio=0 for them"
+            )
+        _check_ids(ids, grids[tokens])
+        return grids[tokens]
     ids = ids.reshape(-1, 3)
     height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-    return (1, height, width) if height * width == sample.shape[1] else None
+    if height * width != tokens:
+        return None
+    model.__dict__.setdefault(PACKED_GRIDS, {})[tokens] = (1, height, width)
+    return (1, height, width)
+
+
+def _check_ids(ids: torch.Tensor, grid: Grid) -> None:
+    """Assert, inside the graph, that image ids ``(..., tokens, 3)`` are ``grid`` row by row."""
+    _, height, width = grid
+    rows = torch.arange(height, device=ids.device, dtype=ids.dtype).repeat_interleave(width)
+    cols = torch.arange(width, device=ids.device, dtype=ids.dtype).repeat(height)
+    same = (ids[..., 1] == rows).all() & (ids[..., 2] == cols).all()
+    torch._assert_async(same, f"img_ids are not the {height} x {width} token grid remembered for {height * width} "
+                              "tokens; call the model once without compiling on this grid, or tome.patch.set_token_grid")
 
 
 def flux2_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:

@@ -1,0 +1,223 @@
+"""torch.compile and torch.export of patched diffusers denoisers: whole-model capture with
+``fullgraph=True`` (UNet, Wan, Flux), ``torch.export`` of Flux, and diffusers' regional
+compilation (``compile_repeated_blocks``). Dynamo-only backend (``"eager"``), so no C
+compiler is needed; tiny random models built from configs, nothing is downloaded."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+
+import pytest
+import torch
+
+import tome
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.skipif(not hasattr(torch, "compile") or sys.version_info >= (3, 14),
+                                reason="torch.compile (dynamo) is not available here")
+
+from test_diffusers import flux_inputs, make_flux, make_flux_controlnet, make_unet, unet_inputs  # noqa: E402
+from test_wan import make_wan, wan_inputs  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def _no_warnings():
+    """RuntimeWarnings (a patched model reporting that nothing merged) raise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        yield
+
+
+def _sample(model, args=(), kwargs=None):
+    with torch.no_grad():
+        return model(*args, **(kwargs or {})).sample
+
+
+def _transposed(kwargs):
+    """Flux inputs whose img_ids lay the same number of tokens out as a width x height grid."""
+    ids = kwargs["img_ids"].clone()
+    ids[:, [1, 2]] = ids[:, [2, 1]]
+    return {**kwargs, "img_ids": ids}
+
+
+# --- whole-model capture ------------------------------------------------------------------------
+
+
+def test_flux_compiles_fullgraph_with_a_declared_grid_and_equals_eager():
+    model = make_flux()
+    args, kwargs = flux_inputs()  # a 6 x 4 grid
+    unpatched = _sample(model, args, kwargs)
+    tome.patch.diffusers(model, ratio=0.5)
+    tome.patch.set_token_grid(model, 6, 4)  # before any eager call: the first call is traced
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = _sample(compiled, args, kwargs)
+        _sample(compiled, (args[0] + 1,), {**kwargs, "timestep": torch.tensor([0.2, 0.2])})  # same graph
+    assert torch.equal(got, _sample(model, args, kwargs))
+    assert (got - unpatched).abs().max() > 1e-2  # it merged
+
+
+def test_flux_controlnet_compiles_fullgraph_with_a_declared_grid():
+    # packed tokens like Flux, and its state travels in the context variable (see Wan below)
+    model = make_flux_controlnet()
+    args, kwargs = flux_inputs()
+    kwargs["controlnet_cond"] = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(6))
+    unpatched = model(*args, **kwargs).controlnet_block_samples[0].detach()
+    tome.patch.diffusers(model, ratio=0.5)
+    tome.patch.set_token_grid(model, 6, 4)
+    with torch.no_grad():
+        got = torch.compile(model, backend="eager", fullgraph=True)(*args, **kwargs).controlnet_block_samples[0]
+        assert torch.equal(got, model(*args, **kwargs).controlnet_block_samples[0])
+    assert (got - unpatched).abs().max() > 1e-2
+
+
+def test_flux_remembers_the_grid_of_an_eager_call_for_traced_ones():
+    model = tome.patch.diffusers(make_flux(), ratio=0.5)
+    args, kwargs = flux_inputs()
+    eager = _sample(model, args, kwargs)  # reads the grid from img_ids, once
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert torch.equal(_sample(compiled, args, kwargs), eager)
+
+
+def test_a_traced_flux_call_without_a_known_grid_is_refused():
+    model = tome.patch.diffusers(make_flux(), ratio=0.5)
+    args, kwargs = flux_inputs()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"tome.patch.set_token_grid\(model, height, width\)"):
+        _sample(compiled, args, kwargs)
+
+
+def test_a_traced_flux_call_whose_ids_are_another_grid_fails_instead_of_merging_wrong_neighbours():
+    model = tome.patch.diffusers(make_flux(), ratio=0.5)
+    args, kwargs = flux_inputs()
+    tome.patch.set_token_grid(model, 6, 4)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    _sample(compiled, args, kwargs)
+    with pytest.raises(RuntimeError, match="img_ids are not the 6 x 4 token grid"):
+        _sample(compiled, args, _transposed(kwargs))  # 4 x 6, the same 24 tokens
+    # eager reads the values (a host sync) and merges on the grid they give
+    assert _sample(model, args, _transposed(kwargs)).isfinite().all()
+
+
+def test_set_token_grid_refuses_bad_values_and_other_denoisers():
+    model = tome.patch.diffusers(make_flux(), ratio=0.5)
+    with pytest.raises(ValueError, match="height=0 must be a positive int"):
+        tome.patch.set_token_grid(model, 0, 4)
+    with pytest.raises(TypeError, match="UNet2DConditionModel holds no patched denoiser that reads"):
+        tome.patch.set_token_grid(tome.patch.diffusers(make_unet(), ratio=0.5), 4, 4)
+    tome.patch.set_token_grid(model, 6, 4)
+    tome.remove_patch(model)
+    assert "_tome_packed_grids" not in model.__dict__  # removed with the patch
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_flux_exports_with_a_declared_grid(strict):
+    model = make_flux()
+    args, kwargs = flux_inputs()
+    unpatched = _sample(model, args, kwargs)
+    tome.patch.diffusers(model, ratio=0.5)
+    tome.patch.set_token_grid(model, 6, 4)
+    with torch.no_grad():
+        program = torch.export.export(model, args, kwargs, strict=strict)
+        got = program.module()(*args, **kwargs).sample
+    assert torch.equal(got, _sample(model, args, kwargs))
+    assert (got - unpatched).abs().max() > 1e-2
+    with pytest.raises(RuntimeError, match="img_ids are not the 6 x 4 token grid"):
+        program.module()(*args, **_transposed(kwargs))
+
+
+@pytest.mark.parametrize("make, inputs", [(make_unet, lambda: (unet_inputs(), {})), (make_wan, lambda: ((), wan_inputs()))],
+                         ids=["unet", "wan"])
+def test_unet_and_wan_export_and_equal_eager(make, inputs):
+    model = make()
+    args, kwargs = inputs()
+    unpatched = _sample(model, args, kwargs)
+    tome.patch.diffusers(model, ratio=0.5)
+    with torch.no_grad():
+        got = torch.export.export(model, args, kwargs).module()(*args, **kwargs).sample
+    assert torch.equal(got, _sample(model, args, kwargs))
+    assert (got - unpatched).abs().max() > 1e-2
+
+
+def test_flux_compiled_without_fullgraph_reads_the_grid_in_an_eager_frame():
+    model = tome.patch.diffusers(make_flux(), ratio=0.5)
+    args, kwargs = flux_inputs()
+    got = _sample(torch.compile(model, backend="eager"), args, kwargs)  # first call: no grid known yet
+    assert model._tome_packed_grids == {24: (1, 6, 4)}
+    assert torch.equal(got, _sample(model, args, kwargs))
+
+
+def test_wan_compiles_fullgraph_and_equals_eager():
+    # Wan's blocks take no attention kwargs: the state travels in a context variable, which
+    # dynamo cannot set; while traced it rides on the denoiser's owner object instead.
+    model = make_wan()
+    inputs = wan_inputs()
+    unpatched = _sample(model, kwargs=inputs)
+    tome.patch.diffusers(model, ratio=0.5)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = _sample(compiled, kwargs=inputs)
+        _sample(compiled, kwargs={**inputs, "timestep": torch.tensor([300, 300])})
+    assert torch.equal(got, _sample(model, kwargs=inputs))
+    assert (got - unpatched).abs().max() > 1e-2
+    assert model._tome_owner.traced_step is None  # nothing left behind
+
+
+def test_unet_compiles_fullgraph_and_equals_eager():
+    model = make_unet()
+    inputs = unet_inputs()
+    unpatched = _sample(model, inputs)
+    tome.patch.diffusers(model, ratio=0.5)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    got = _sample(compiled, inputs)
+    assert torch.equal(got, _sample(model, inputs))
+    assert (got - unpatched).abs().max() > 1e-2
+
+
+# --- regional compilation -----------------------------------------------------------------------
+
+
+def test_regional_compilation_of_a_unet_shares_one_graph_per_level():
+    # Each block's key used to reach the merge as a Python int, which dynamo specialises on:
+    # one graph per block, past the recompile limit on SD-sized UNets. As a tensor, all blocks
+    # of a level share one graph; levels differ in shape (16x16, 8x8, 4x4 tokens here).
+    model = make_unet(levels=("CrossAttnDownBlock2D",) * 3)
+    inputs = unet_inputs()
+    unpatched = _sample(model, inputs)
+    tome.patch.diffusers(model, ratio=0.5, max_downsample=2)  # two merging levels
+    eager = _sample(model, inputs)
+    model.compile_repeated_blocks(backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True), _no_warnings():
+        got = _sample(model, inputs)
+        again = _sample(model, (inputs[0] + 1, torch.tensor(300), inputs[2]))
+    assert counters["stats"]["unique_graphs"] == 3
+    assert torch.equal(got, eager)
+    assert (got - unpatched).abs().max() > 1e-2
+    assert not torch.equal(again, got)
+
+
+@pytest.mark.parametrize("make, inputs", [(make_wan, lambda: ((), wan_inputs())), (make_flux, flux_inputs)],
+                         ids=["wan", "flux"])
+def test_regional_compilation_of_dits_merges_as_eager(make, inputs):
+    model = make()
+    args, kwargs = inputs()
+    unpatched = _sample(model, args, kwargs)
+    tome.patch.diffusers(model, ratio=0.5)
+    eager = _sample(model, args, kwargs)
+    model.compile_repeated_blocks(backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True), _no_warnings():
+        got = _sample(model, args, kwargs)
+        _sample(model, args, kwargs)
+    assert torch.equal(got, eager)
+    assert (got - unpatched).abs().max() > 1e-2
