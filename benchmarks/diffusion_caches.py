@@ -8,7 +8,9 @@ steps from the same noise, the caches driven by the loop's timestep as a pipelin
 them. Variants: nothing, a cache alone (First Block Cache, Pyramid Attention Broadcast),
 merging alone (``kv`` and ``tokens`` at ``--ratio``) and each cache with each merging mode.
 Every variant is timed in the same rounds, interleaved; the speed-up is the median over
-rounds of the per-round ratio to the plain loop. Quality is the PSNR of the final latent
+rounds of the per-round ratio to the plain loop, in wall time and in the process's CPU time
+(all threads; on a shared machine it drifts far less than wall time, which also counts the
+time other jobs held the cores). Quality is the PSNR of the final latent
 against the plain loop's (the peak being the plain latent's range), the same noise and text
 for all. Writes JSON and a Markdown table to ``--out``. See docs/diffusion.md.
 """
@@ -22,7 +24,9 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
+import time
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -112,12 +116,14 @@ def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 def table(rows: List[dict], regime: str) -> str:
     lines = [f"Regime: {regime}", "",
-             "| variant | s/generation | speed-up (IQR) | self-attention calls | mean keys per call | PSNR vs plain (dB) |",
-             "|---|---|---|---|---|---|"]
+             "| variant | s/generation | speed-up (IQR) | CPU s/generation | CPU-time speed-up | self-attention calls "
+             "| mean keys per call | PSNR vs plain (dB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         value = "exact" if math.isinf(row["psnr"]) else f"{row['psnr']:.1f}"
         lines.append(f"| {row['variant']} | {row['median_s']:.3g} | {row['speedup']:.2f}x "
-                     f"({row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}) | {row['attention_calls']} | "
+                     f"({row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}) | {row['cpu_s']:.3g} | {row['cpu_speedup']:.2f}x | "
+                     f"{row['attention_calls']} | "
                      f"{row['mean_keys']:.0f} | {value} |")
     return "\n".join(lines)
 
@@ -157,11 +163,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     clock: Dict[str, float] = {"t": 1000.0}
     finals: Dict[str, torch.Tensor] = {}
     counts: Dict[str, AttentionCalls] = {}
+    cpu_seconds: Dict[str, List[float]] = {label: [] for label, _, _ in specs}
 
     def forward_for(label: str) -> Callable[[], None]:
         def forward() -> None:
             counts[label] = AttentionCalls(kwargs["encoder_hidden_states"].shape[1])
+            start = time.process_time()
             finals[label] = generate(model, noise, kwargs, args.steps, clock, counts[label])
+            cpu_seconds[label].append(time.process_time() - start)
         return forward
 
     with torch.no_grad():  # one untimed call: first-call allocations
@@ -174,7 +183,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows = []
     for label, cache, merge in specs:
         s = summary[label]
+        cpu = [plain / own for plain, own in zip(cpu_seconds["plain"], cpu_seconds[label])]
         rows.append(dict(variant=label, cache=cache, merge=merge, tokens=tokens, median_s=s["median_s"],
+                         cpu_s=statistics.median(cpu_seconds[label]), cpu_speedup=statistics.median(cpu),
                          speedup=s["speedup"], speedup_q1=s["speedup_q1"], speedup_q3=s["speedup_q3"],
                          times_s=s["times_s"], psnr=psnr(finals["plain"], finals[label]),
                          attention_calls=counts[label].calls, mean_keys=counts[label].keys / max(counts[label].calls, 1)))
