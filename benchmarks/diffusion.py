@@ -3,6 +3,7 @@
     uv run python benchmarks/diffusion.py                       # default grid (~20-30 min on 2 CPU cores)
     uv run python benchmarks/diffusion.py --quick               # SD 1.5 at 512 px, ratio 0.5 (~3 min)
     uv run python benchmarks/diffusion.py --models sd15 --sizes 512 768 --ratios 0.3 0.5 0.7 --batch 2
+    uv run python benchmarks/diffusion.py --models wan --sizes 480 --frames 5 --batch 1   # 7800 tokens
 
 Full-size denoisers are built from their published configs with random weights
 (nothing is downloaded): the SD 1.5 UNet, the SDXL UNet and PixArt-alpha's
@@ -92,21 +93,36 @@ PRESETS = {
 }
 
 
-def build(name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    import diffusers
-
-    spec = CONFIGS[name]
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = getattr(diffusers, spec["cls"])(**spec["config"])
+def build(name: str, dtype: torch.dtype, device: torch.device, layers: Optional[int] = None) -> torch.nn.Module:
+    """The denoiser from its config with random weights N(0, 0.02); ``layers`` overrides a
+    transformer's depth. Buffers (Wan's rotary tables) keep the values its constructor computed:
+    ``to_empty`` alone leaves them uninitialised memory, which made Wan's outputs NaN."""
+    model = _meta_model(name, layers, keep_buffers=True)
+    buffers = {key: value.clone() for key, value in model.named_buffers()}
     model = model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+        for key, value in model.named_buffers():
+            value.copy_(buffers[key])
     return model.to(dtype).eval()
 
 
-def make_inputs(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
+def _meta_model(name: str, layers: Optional[int] = None, keep_buffers: bool = False) -> torch.nn.Module:
+    """Parameters on the meta device (no memory); buffers too, unless ``keep_buffers``."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    spec = CONFIGS[name]
+    config = dict(spec["config"], **({"num_layers": layers} if layers and "num_layers" in spec["config"] else {}))
+    torch.manual_seed(0)
+    with init_empty_weights(include_buffers=not keep_buffers):
+        return getattr(diffusers, spec["cls"])(**config).eval()
+
+
+def make_inputs(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                frames: Optional[int] = None) -> tuple:
+    """``(args, kwargs)`` of one denoiser call; ``frames``: latent frames of a video model (its default if None)."""
     spec = CONFIGS[name]
     latent = size // spec["latent_scale"]
     sample = torch.randn(batch, spec.get("channels", 4), latent, latent, device=device, dtype=dtype)
@@ -115,7 +131,7 @@ def make_inputs(name: str, size: int, batch: int, dtype: torch.dtype, device: to
     video = spec.get("video")
     if video:  # (batch, channels, frames, height, width), the width rounded to whole 2 x 2 patches
         width = int(round(latent * video["aspect"] / 2)) * 2
-        sample = torch.randn(batch, spec["config"]["in_channels"], video["frames"], latent, width, device=device,
+        sample = torch.randn(batch, spec["config"]["in_channels"], frames or video["frames"], latent, width, device=device,
                              dtype=dtype)
         return (sample,), dict(encoder_hidden_states=context, timestep=t)
     if spec.get("sdxl"):
@@ -150,6 +166,35 @@ def patched(model: torch.nn.Module, kind: str, options: dict) -> Iterator[None]:
             tome.remove_patch(model)
     else:
         yield
+
+
+def flop_ceilings(name: str, size: int, batch: int, specs: List[tuple], frames: Optional[int] = None,
+                  layers: Optional[int] = None) -> Dict[str, float]:
+    """Per variant, the step's FLOPs unmerged over its FLOPs merged: the speed-up if time followed
+    FLOPs. Counted by ``torch.utils.flop_counter`` on a copy of the model on the meta device (no
+    memory, no arithmetic): every matmul and attention call of the step, matching included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _meta_model(name, layers)
+    args, kwargs = make_inputs(name, size, batch, torch.float32, torch.device("meta"), frames)
+    flops = {}
+    for label, kind, options in specs:
+        if kind == "tomesd":
+            continue
+        with patched(model, kind, options), FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(*args, **kwargs)
+        flops[label] = counter.get_total_flops()
+    return {label: flops[specs[0][0]] / count for label, count in flops.items()}
+
+
+def tokens_of(name: str, size: int, frames: Optional[int] = None) -> int:
+    """Latent tokens per sample of one denoiser call (after patchifying)."""
+    args, _ = make_inputs(name, size, 1, torch.float32, torch.device("meta"), frames)
+    shape = args[0].shape
+    patch = CONFIGS[name]["config"].get("patch_size", 1)
+    if isinstance(patch, (tuple, list)):  # (time, height, width)
+        return (shape[2] // patch[0]) * (shape[3] // patch[1]) * (shape[4] // patch[2])
+    return (shape[-2] // patch) * (shape[-1] // patch)
 
 
 class MatchTimer:
@@ -199,9 +244,12 @@ def variants_for(name: str, ratios: List[float], modes: List[str], with_tomesd: 
 
 
 def run_case(model, name: str, size: int, batch: int, ratios, modes, rounds: int, dtype, device, log,
-             match_channels: Optional[int] = None) -> List[dict]:
-    args, kwargs = make_inputs(name, size, batch, dtype, device)
+             match_channels: Optional[int] = None, frames: Optional[int] = None,
+             layers: Optional[int] = None) -> List[dict]:
+    args, kwargs = make_inputs(name, size, batch, dtype, device, frames)
     specs = variants_for(name, ratios, modes, with_tomesd=_has_tomesd(), match_channels=match_channels)
+    ceilings = flop_ceilings(name, size, batch, specs, frames, layers)
+    tokens = tokens_of(name, size, frames)
 
     def forward():
         with torch.no_grad():
@@ -221,8 +269,8 @@ def run_case(model, name: str, size: int, batch: int, ratios, modes, rounds: int
                 forward()
                 share = timer.seconds / (time.perf_counter() - start)
         s = summary[label]
-        rows.append(dict(model=name, size=size, batch=batch, variant=label, kind=kind, **{"mode": None, **options},
-                         median_s=s["median_s"], speedup=s["speedup"], speedup_q1=s["speedup_q1"],
+        rows.append(dict(model=name, size=size, tokens=tokens, batch=batch, variant=label, kind=kind,
+                         **{"mode": None, **options}, flop_ceiling=ceilings.get(label), median_s=s["median_s"], speedup=s["speedup"], speedup_q1=s["speedup_q1"],
                          speedup_q3=s["speedup_q3"], match_share=share, times_s=s["times_s"]))
         log(f"  {name} {size}px {label}: {s['median_s']:.3g}s/step, {s['speedup']:.2f}x")
     return rows
@@ -238,12 +286,14 @@ def _has_tomesd() -> bool:
 
 def table(rows: List[dict], regime: str) -> str:
     lines = [f"Regime: {regime}", "",
-             "| model | px | variant | s/step | speed-up (IQR) | matching share |",
-             "|---|---|---|---|---|---|"]
+             "| model | px | tokens | variant | s/step | speed-up (IQR) | FLOP ceiling | matching share |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         share = "" if row["match_share"] is None else f"{100 * row['match_share']:.1f}%"
-        lines.append(f"| {row['model']} | {row['size']} | {row['variant']} | {row['median_s']:.3g} | "
-                     f"{row['speedup']:.2f}x ({row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}) | {share} |")
+        ceiling = "" if row.get("flop_ceiling") is None else f"{row['flop_ceiling']:.2f}x"
+        lines.append(f"| {row['model']} | {row['size']} | {row.get('tokens', '')} | {row['variant']} | "
+                     f"{row['median_s']:.3g} | {row['speedup']:.2f}x ({row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}) | "
+                     f"{ceiling} | {share} |")
     return "\n".join(lines)
 
 
@@ -282,6 +332,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--modes", nargs="+", choices=list(_diffusers.MODES), help="default: tokens kv")
     parser.add_argument("--match-channels", type=int, default=None,
                         help="also time mode='tokens' matching on this many projected channels")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="latent frames of a video model (wan: default 5; 21 is an 81-frame video)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer depth (wan: default 2 of 30 blocks)")
     parser.add_argument("--batch", type=int, help="batch size (default 2: one prompt with classifier-free guidance)")
     parser.add_argument("--rounds", type=int, help="timed rounds (default 3)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="default: fp32")
@@ -315,10 +368,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         return text
 
     for name in preset["models"]:
-        model = build(name, dtype, device)
+        model = build(name, dtype, device, args.layers)
         for size in preset["sizes"]:
             rows += run_case(model, name, size, preset["batch"], preset["ratios"], preset["modes"], preset["rounds"],
-                             dtype, device, log=lambda m: print(m, flush=True), match_channels=args.match_channels)
+                             dtype, device, log=lambda m: print(m, flush=True), match_channels=args.match_channels,
+                             frames=args.frames, layers=args.layers)
             save()
         del model
     plot(rows, args.out + ".png", regime)

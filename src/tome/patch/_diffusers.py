@@ -481,8 +481,19 @@ class _Owner:
         )
 
 
+def _cache_hooked(denoiser: nn.Module) -> bool:
+    """Whether one of diffusers' caches (its stateful hooks: First Block Cache, Pyramid Attention
+    Broadcast, FasterCache, TaylorSeer, MagCache, ...) is on the denoiser or one of its modules.
+    Those may skip every merging block or attention call of a step, which is no bypass."""
+    for module in denoiser.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and any(getattr(hook, "_is_stateful", False) for hook in registry.hooks.values()):
+            return True
+    return False
+
+
 def _unreached(denoiser: nn.Module) -> None:
-    if _compiling():
+    if _compiling() or _cache_hooked(denoiser):
         return
     # Blocks compiled on their own (diffusers' compile_repeated_blocks) cannot report that
     # they received the state: the report is skipped in compiled code. Looked up only here,
