@@ -692,8 +692,8 @@ class ToMeDiffusersModelMixin:
         shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
         warnings.warn(
             f"{type(self).__name__} is patched to merge tokens (ratio={self._tome_settings.ratio}), but could not "
-            f"read the token grid of this call ({self._tome_input} {shape}; packed tokens need img_ids whose "
-            "height x width covers every one of them), so nothing merged in this call",
+            f"read the token grid of this call ({self._tome_input} {shape}; packed tokens need img_ids that lay "
+            "them out row by row as one height x width grid from (0, 0)), so nothing merged in this call",
             RuntimeWarning,
             stacklevel=3,
         )

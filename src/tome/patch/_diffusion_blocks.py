@@ -220,15 +220,24 @@ def frames_first_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]
 def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     """Packed tokens ``(batch, tokens, channels)`` with image ids ``(tokens, 3)`` (Flux):
     the grid is the ids' extent, read with one host sync per call. Latents given as
-    ``(batch, channels, height, width)`` are read from their shape."""
+    ``(batch, channels, height, width)`` are read from their shape.
+
+    Returns None (nothing merges, with a warning) unless the ids lay the tokens out row
+    by row from ``(0, 0)``, as every Flux pipeline does: ids of another layout (random
+    ids, a transposed or shuffled grid) would otherwise merge tokens that are not
+    neighbours while still covering a ``height x width`` extent.
+    """
     if isinstance(sample, torch.Tensor) and sample.dim() in (4, 5):
         return image_grid(model, sample, ids)
     if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(ids, torch.Tensor)
-            and ids.shape[-1] == 3):
+            and ids.dim() in (2, 3) and ids.shape[-1] == 3 and ids.shape[-2] == sample.shape[1]):
         return None
-    ids = ids.reshape(-1, 3)
-    height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-    return (1, height, width) if height * width == sample.shape[1] else None
+    ids = ids[0] if ids.dim() == 3 else ids  # the model reads the first sample's ids (deprecated 3-D form)
+    height, width = ids[:, 1].max().long() + 1, ids[:, 2].max().long() + 1
+    index = torch.arange(ids.shape[0], device=ids.device)
+    row_major = ((ids[:, 1] == index // width) & (ids[:, 2] == index % width)).all()
+    height, width, row_major = torch.stack([height, width, row_major.long()]).tolist()  # the one host sync
+    return (1, height, width) if row_major and height * width == sample.shape[1] else None
 
 
 def shapes_grid(model: nn.Module, sample: Any, shapes: Any) -> Optional[Grid]:
