@@ -435,8 +435,16 @@ class _Owner:
         )
 
 
+def _blocks_compiled(denoiser: nn.Module) -> bool:
+    """Whether a module inside ``denoiser`` is compiled on its own (``module.compile()``, as
+    diffusers' ``compile_repeated_blocks`` does, or a ``torch.compile`` wrapper put in its
+    place): its traced code runs without recording that it received the merge state."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
+               for m in denoiser.modules())
+
+
 def _unreached(denoiser: nn.Module) -> None:
-    if _compiling():
+    if _compiling() or _blocks_compiled(denoiser):
         return
     warnings.warn(
         f"{type(denoiser).__name__} is patched to merge tokens ({denoiser._tome_info['merging_blocks']} merging "
