@@ -91,24 +91,27 @@ def test_diffusers_plugin_lifts_accelerator_gates_and_records_what_merged(tmp_pa
     baseline = tmp_path / "0.log.jsonl"  # what ratio 0 records for the same test
     baseline.write_text(json.dumps({"test": flux, "attention": [[19, 19]] * 4}))
     report = _load_runner().attention_report(tmp_path / "0.5.log.jsonl", baseline)
-    assert report[flux] == {"ran": 1, "warned": 1, "same": 0}
+    assert report["test_peer::test_flux_with_random_ids"] == {"ran": 1, "warned": 1, "same": 0}  # as JUnit names it
+    assert report["test_peer.TestGated::test_runs_on_cpu"] == {"ran": 0, "warned": 0, "same": 0}
     baseline.write_text(json.dumps({"test": flux, "attention": calls}))  # had nothing merged, the report says so
-    assert _load_runner().attention_report(tmp_path / "0.5.log.jsonl", baseline)[flux]["same"] == 1
+    report = _load_runner().attention_report(tmp_path / "0.5.log.jsonl", baseline)
+    assert report["test_peer::test_flux_with_random_ids"]["same"] == 1
 
 
 def test_attention_report_flags_a_test_whose_attention_kept_every_length(tmp_path):
     run = _load_runner()
     base, now = tmp_path / "0.jsonl", tmp_path / "0.5.jsonl"
     base.write_text("\n".join(json.dumps(e) for e in [
-        {"test": "a", "attention": [[16, 16], [16, 19]]}, {"test": "b", "attention": [[16, 16]]},
-        {"test": "c", "attention": []}]))
+        {"test": "t/a.py::A::a", "attention": [[16, 16], [16, 19]]}, {"test": "t/a.py::A::b", "attention": [[16, 16]]},
+        {"test": "t/a.py::c", "attention": []}]))
     now.write_text("\n".join(json.dumps(e) for e in [
-        {"test": "a", "attention": [[16, 8], [16, 11]]}, {"test": "b", "attention": [[16, 16]]},
-        {"test": "b", "nothing_merged": 2}, {"test": "c", "attention": []}]))
+        {"test": "t/a.py::A::a", "attention": [[16, 8], [16, 11]]}, {"test": "t/a.py::A::b", "attention": [[16, 16]]},
+        {"test": "t/a.py::A::b", "nothing_merged": 1}, {"test": "t/a.py::A::b", "nothing_merged": 1},
+        {"test": "t/a.py::c", "attention": []}]))
     assert run.attention_report(now, base) == {
-        "a": {"ran": 1, "warned": 0, "same": 0},
-        "b": {"ran": 1, "warned": 2, "same": 1},
-        "c": {"ran": 0, "warned": 0, "same": 0},
+        "t.a.A::a": {"ran": 1, "warned": 0, "same": 0},
+        "t.a.A::b": {"ran": 1, "warned": 2, "same": 1},
+        "t.a::c": {"ran": 0, "warned": 0, "same": 0},
     }
     assert run._is_setting("0.5", ratio=True) and not run._is_setting("1.5", ratio=True)
     assert run._is_setting("4", ratio=False) and not run._is_setting("0.5", ratio=False)

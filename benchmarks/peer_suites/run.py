@@ -126,14 +126,17 @@ def fetch_diffusers(cache: Path, clone: Path | None) -> Tuple[Path, str]:
     stated = subprocess.run(git + ["show", f"{commit}:setup.py"], capture_output=True, text=True).stdout
     found = re.search(r'version="([^"]+)"', stated)
     origin = f"git {ref} {commit[:10]} (version {found.group(1) if found else '?'})"
+    note = "" if has_tag else f"; the clone has no tag {tag}"
     tests = root / "tests"
+    if (root / "TESTS_FROM").exists() and (root / "TESTS_FROM").read_text().strip() == origin:
+        return root, origin + note  # already there (and maybe in use by another run)
     shutil.rmtree(tests, ignore_errors=True)
     paths = DIFFUSERS_SUPPORT + [f"tests/models/{f}" for f in DIFFUSERS_FILES.values()]
     archive = subprocess.run(git + ["archive", commit, *paths], capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root, filter="data")
     (root / "TESTS_FROM").write_text(origin + "\n")
-    return root, origin + ("" if has_tag else f"; the clone has no tag {tag}")
+    return root, origin + note
 
 
 def prepare_transformers(root: Path) -> None:
@@ -183,7 +186,7 @@ def run_suite(root: Path, args: List[str], settings: List[str], logs: Path, suit
 
 
 def attention_report(jsonl: Path, baseline: Path) -> Dict[str, Dict[str, int]]:
-    """Per test id: ``ran`` (1 if the test called attention), ``same`` (1 if every
+    """Per test (JUnit id): ``ran`` (1 if the test called attention), ``same`` (1 if every
     attention call kept its length in the ``baseline`` run, ratio 0: nothing merged),
     ``warned`` (ToMe's "nothing merged" warnings), from the plugin's JSON lines."""
 
@@ -201,9 +204,17 @@ def attention_report(jsonl: Path, baseline: Path) -> Dict[str, Dict[str, int]]:
     report = {}
     for test, entry in now.items():
         calls = entry.get("attention") or []
-        report[test] = {"ran": int(bool(calls)), "warned": int(entry.get("nothing_merged", 0)),
+        report[_junit_id(test)] = {"ran": int(bool(calls)), "warned": int(entry.get("nothing_merged", 0)),
                         "same": int(bool(calls) and calls == base.get(test, {}).get("attention"))}
     return report
+
+
+def _junit_id(nodeid: str) -> str:
+    """A pytest node id (``dir/test_x.py::Class::test``) as the JUnit XML names it
+    (``dir.test_x.Class::test``), the key of the outcomes."""
+    path, *names = nodeid.split("::")
+    module = path[:-3] if path.endswith(".py") else path
+    return ".".join([module.replace("/", "."), *names[:-1]]) + "::" + names[-1]
 
 
 def _is_setting(setting: str, ratio: bool) -> bool:
@@ -238,12 +249,16 @@ def main(argv: List[str] | None = None) -> None:
                         help="run the settings at the same time (one pytest process each, one thread each)")
     parser.add_argument("--json", type=Path,
                         help="every outcome; settings already in this file and not rerun are kept")
+    parser.add_argument("--report", action="store_true", help="print the table of --json and run nothing")
     args = parser.parse_args(argv)
     suites = args.suite or ["timm", "transformers"]
     stored = json.loads(args.json.read_text()) if args.json is not None and args.json.exists() else {}
     results: Dict[str, Dict[str, Dict[str, str]]] = stored.get("results", {})
     merging: Dict[str, Dict[str, Dict[str, Dict[str, int]]]] = stored.get("merging", {})
     origins: Dict[str, str] = stored.get("origins", {})
+    if args.report:
+        print(table(results, merging))
+        return
     logs = args.cache / "runs"
     logs.mkdir(parents=True, exist_ok=True)
     for suite in suites:
@@ -290,6 +305,13 @@ def main(argv: List[str] | None = None) -> None:
                     stored_report.update(report)
             if args.json:
                 save(args.json, stored, suites, origins, results, merging)
+    print(table(results, merging))
+    if args.json:
+        save(args.json, stored, suites, origins, results, merging)
+
+
+def table(results: Dict, merging: Dict) -> str:
+    """The Markdown table of ``results`` (and, for diffusers, of ``merging``)."""
     rows = ["| suite | setting | passed | failed | skipped | fail patched, pass unpatched | ran, merged nothing |",
             "|---|---|---|---|---|---|---|"]
     for suite, by_setting in results.items():
@@ -316,9 +338,7 @@ def main(argv: List[str] | None = None) -> None:
                 name = f"{suite} {version(suite)}" + (f" {group}" if group else "")
                 rows.append(f"| {name} | {label} | {counts['passed']} | {counts['failed']} | "
                             f"{counts['skipped']} | {shown or '-'} | {nothing} |")
-    print("\n".join(rows))
-    if args.json:
-        save(args.json, stored, suites, origins, results, merging)
+    return "\n".join(rows)
 
 
 def save(path: Path, stored: Dict, suites: List[str], origins: Dict, results: Dict, merging: Dict) -> None:
