@@ -772,3 +772,32 @@ def test_an_unreadable_token_grid_warns_instead_of_merging_silently():
     kwargs["img_ids"] = kwargs["img_ids"] + torch.tensor([0.0, 1.0, 0.0])  # rows 1..6: no 6x4 grid from 0
     with pytest.warns(RuntimeWarning, match="could not read the token grid"), torch.no_grad():
         model(*args, **kwargs)
+
+
+def _column_major_ids(height=6, width=4):
+    index = torch.arange(height * width)
+    return torch.stack([torch.zeros(height * width), index % height, index // height], dim=-1)
+
+
+@pytest.mark.parametrize("ids", [
+    _column_major_ids,  # a 6 x 4 extent, laid out column by column
+    lambda: flux_inputs()[1]["img_ids"][torch.randperm(24, generator=torch.Generator().manual_seed(0))],  # shuffled
+    lambda: torch.randn(24, 3, generator=torch.Generator().manual_seed(0)),  # as diffusers' own model tests pass
+], ids=["transposed", "shuffled", "random"])
+def test_flux_ids_that_are_not_a_row_major_grid_warn_and_merge_nothing(ids):
+    # The ids' extent alone is no grid: transposed or shuffled ids cover 6 x 4 as well, and
+    # merging by sequence position would then pair tokens that are not neighbours, silently.
+    model = make_flux()
+    args, kwargs = flux_inputs()
+    kwargs["img_ids"] = ids()
+    with torch.no_grad():
+        before = model(*args, **kwargs).sample
+        tome.patch.diffusers(model, ratio=0.5)
+        with pytest.warns(RuntimeWarning, match="row by row"):
+            after = model(*args, **kwargs).sample
+    assert torch.equal(after, before)
+    args, kwargs = flux_inputs()  # the pipelines' row-major ids merge, in the deprecated 3-D form too
+    kwargs["img_ids"] = kwargs["img_ids"][None]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert model._tome_grid_reader(model, args[0], kwargs["img_ids"]) == (1, 6, 4)

@@ -210,3 +210,27 @@ def test_cogvideox_merges_the_video_keys_of_its_joint_attention(patch_size_t):
     video = (4 // (patch_size_t or 1)) * 8 * 8
     assert spy.lengths == [5 + video - video // 2] * 2
     assert not torch.equal(got, want) and ((got - want).norm() / want.norm()) < 0.05
+
+
+@pytest.mark.parametrize("how", ["in_place", "wrapped"])
+def test_blocks_compiled_on_their_own_merge_without_a_false_nothing_merged_warning(how):
+    # diffusers' compile_repeated_blocks compiles each block in place: the compiled blocks merge,
+    # but their traced code does not record receiving the state, and the denoiser used to warn
+    # "none of its patched transformer blocks received the merge state ... nothing merged".
+    import warnings
+
+    model = make_wan().eval()
+    inputs = wan_inputs()
+    with torch.no_grad():
+        unmerged = model(**inputs).sample
+        tome.apply_patch(model, ratio=0.5)
+        merged = model(**inputs).sample
+        for i, block in enumerate(model.blocks):
+            if how == "in_place":
+                block.compile(backend="eager", fullgraph=True)
+            else:
+                model.blocks[i] = torch.compile(block, backend="eager", fullgraph=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            compiled = model(**inputs).sample
+    assert torch.equal(compiled, merged) and not torch.equal(compiled, unmerged)

@@ -492,13 +492,17 @@ def _cache_hooked(denoiser: nn.Module) -> bool:
     return False
 
 
+def _blocks_compiled(denoiser: nn.Module) -> bool:
+    """Whether a module inside ``denoiser`` is compiled on its own (``module.compile()``, as
+    diffusers' ``compile_repeated_blocks`` does, or a ``torch.compile`` wrapper put in its
+    place): its traced code runs without recording that it received the merge state."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
+               for m in denoiser.modules())
+
+
 def _unreached(denoiser: nn.Module) -> None:
-    if _compiling() or _cache_hooked(denoiser):
-        return
-    # Blocks compiled on their own (diffusers' compile_repeated_blocks) cannot report that
-    # they received the state: the report is skipped in compiled code. Looked up only here,
-    # on the path of a forward that had no report.
-    if any(getattr(m, "_compiled_call_impl", None) is not None for m in denoiser.modules()):
+    # Looked up only here, on the path of a forward that had no report.
+    if _compiling() or _cache_hooked(denoiser) or _blocks_compiled(denoiser):
         return
     warnings.warn(
         f"{type(denoiser).__name__} is patched to merge tokens ({denoiser._tome_info['merging_blocks']} merging "
@@ -772,8 +776,8 @@ class ToMeDiffusersModelMixin:
         shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
         warnings.warn(
             f"{type(self).__name__} is patched to merge tokens (ratio={self._tome_settings.ratio}), but could not "
-            f"read the token grid of this call ({self._tome_input} {shape}; packed tokens need img_ids whose "
-            "height x width covers every one of them), so nothing merged in this call",
+            f"read the token grid of this call ({self._tome_input} {shape}; packed tokens need img_ids that lay "
+            "them out row by row as one height x width grid from (0, 0)), so nothing merged in this call",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -266,6 +266,11 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     the grid is the ids' extent, read with one host sync per call and remembered per
     token count. Latents given as ``(batch, channels, height, width)`` are read from their shape.
 
+    Returns None (nothing merges, with a warning) unless the ids lay the tokens out row
+    by row from ``(0, 0)``, as every Flux pipeline does: ids of another layout (random
+    ids, a transposed or shuffled grid) would otherwise merge tokens that are not
+    neighbours while still covering a ``height x width`` extent.
+
     A traced call (``torch.compile``, ``torch.export``) cannot read values: it takes the grid
     remembered for its token count (from an eager call, or ``tome.patch.set_token_grid``)
     and checks inside the graph, without a host sync, that the ids are that grid.
@@ -276,7 +281,7 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     if isinstance(sample, torch.Tensor) and sample.dim() in (4, 5):
         return image_grid(model, sample, ids)
     if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(ids, torch.Tensor)
-            and ids.shape[-1] == 3):
+            and ids.dim() in (2, 3) and ids.shape[-1] == 3 and ids.shape[-2] == sample.shape[1]):
         return None
     tokens, grids = sample.shape[1], getattr(model, PACKED_GRIDS, None) or {}
     if torch.compiler.is_compiling():
@@ -290,9 +295,12 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
             )
         _check_ids(ids, grids[tokens])
         return grids[tokens]
-    ids = ids.reshape(-1, 3)
-    height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-    if height * width != tokens:
+    ids = ids[0] if ids.dim() == 3 else ids  # the model reads the first sample's ids (deprecated 3-D form)
+    height, width = ids[:, 1].max().long() + 1, ids[:, 2].max().long() + 1
+    index = torch.arange(ids.shape[0], device=ids.device)
+    row_major = ((ids[:, 1] == index // width) & (ids[:, 2] == index % width)).all()
+    height, width, row_major = torch.stack([height, width, row_major.long()]).tolist()  # the one host sync
+    if not row_major or height * width != tokens:
         return None
     model.__dict__.setdefault(PACKED_GRIDS, {})[tokens] = (1, height, width)
     return (1, height, width)
