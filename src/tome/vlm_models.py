@@ -245,7 +245,7 @@ def init_llava_tower_from_vit(model: Any, vit: Any, calibration: Optional[Any] =
         emb.patch_embedding.weight.copy_(resample_patch_embed(vit.patch_embed.proj.weight,
                                                               [config.patch_size, config.patch_size]))
         emb.class_embedding.copy_(vit.cls_token[0, 0])
-        patches = resample_abs_pos_embed(vit.pos_embed, [grid, grid], num_prefix_tokens=1)[0]
+        patches = resample_abs_pos_embed(vit.pos_embed, [grid, grid], num_prefix_tokens=1)[0].clone()
         patches[1:] += vit.patch_embed.proj.bias
         emb.position_embedding.weight.copy_(patches)
         for layer, block in zip(tower.encoder.layers, vit.blocks):
