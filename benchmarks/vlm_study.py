@@ -260,7 +260,11 @@ def study_model(path: Path, methods: Sequence[str], budgets: Sequence[float], sa
                 batch_size: int, log: Any = print) -> Dict[str, Any]:
     """Every method at every budget on one model (and, for 1-D models, both position rules)."""
     model, processor, arch = load(path)
-    tokens = (224 // 28) ** 2
+    # Visual tokens of one 224-px image as the model's own processor expands it (64 for the
+    # Qwen model's 2 x 2 merger; (224 / patch) ** 2 for a LLaVA tower).
+    probe = processor(text=vqa.prompt_text(samples[0].question, arch), images=vqa.to_pil(samples[0]),
+                      return_tensors="pt")
+    tokens = int((probe["input_ids"] == model.config.image_token_id).sum())
     full = hits(model, processor, arch, samples, batch_size)
     result: Dict[str, Any] = {"model": str(path), "arch": arch, "visual_tokens": tokens,
                               "full": _row(samples, full, full, method="none", budget=1.0, tokens=tokens),

@@ -149,3 +149,57 @@ def test_a_run_with_several_questions_per_image_trains(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["args"]["questions_per_image"] == 4
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def _tower(path, prefix="model.vision_tower."):
+    return {k: v for k, v in _weights(path)["model"].items() if k.startswith(prefix)}
+
+
+def test_the_vision_tower_stays_frozen_for_the_first_steps_then_trains(tmp_path):
+    from tome import vlm_models
+
+    start = vlm_models.build_model("llava", "tiny", seed=0).state_dict()
+    vlm_train.main(_argv(tmp_path / "run", "llava", "--freeze-vision-steps", "2", "--stop-at-step", "2"))
+    init = {k: v for k, v in start.items() if k.startswith("model.vision_tower.")}
+    frozen = _tower(tmp_path / "run")
+    assert init.keys() == frozen.keys() and all(torch.equal(init[k], frozen[k]) for k in init)
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(_weights(tmp_path / "run")["model"][projector], start[projector])
+    vlm_train.main(_argv(tmp_path / "run", "llava", "--freeze-vision-steps", "2", "--resume", "auto"))
+    trained = _tower(tmp_path / "run")
+    assert not torch.equal(init["model.vision_tower.embeddings.patch_embedding.weight"],
+                           trained["model.vision_tower.embeddings.patch_embedding.weight"])
+
+
+def test_vision_lr_scale_sets_the_towers_rate(tmp_path):
+    vlm_train.main(_argv(tmp_path, "qwen2_5_vl", "--vision-lr-scale", "0.25", "--steps", "2", "--warmup", "0"))
+    groups = _weights(tmp_path)["optimizer"]["param_groups"]
+    assert len(groups) == 4 and groups[2]["initial_lr"] == pytest.approx(0.25 * groups[0]["initial_lr"])
+    # The tower's groups hold exactly the tower's parameters (Qwen2.5-VL's `visual`, merger included).
+    from tome import vlm_models
+
+    model = vlm_models.build_model("qwen2_5_vl", "tiny")
+    tower = sum(p.numel() > 0 for p in model.model.visual.parameters())
+    assert len(groups[2]["params"]) + len(groups[3]["params"]) == tower
+
+
+def test_llava_from_the_shipped_shapes_vit_at_patch_56(tmp_path):
+    from tome import vlm_models
+    from tome.tools.demo_model import load_demo_model
+
+    vlm_train.main(_argv(tmp_path, "llava", "--vision-init", "shapes-vit", "--patch-size", "56", "--steps", "1",
+                         "--freeze-vision-steps", "1", "--val-every", "1"))
+    vit = load_demo_model(vlm_models.VISION_INITS["shapes-vit"])[0]
+    tower = _tower(tmp_path)
+    q = vit.blocks[0].attn.qkv.weight.chunk(3)[0]
+    assert torch.equal(tower["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"], q)
+    assert tower["model.vision_tower.embeddings.patch_embedding.weight"].shape == (128, 3, 56, 56)
+    assert len({k.split(".")[4] for k in tower if ".layers." in k}) == len(vit.blocks) - 1
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["vision_config"]["patch_size"] == 56 and config["image_seq_length"] == 16
+    assert "taken from the shipped `shapes-long` ViT" in (tmp_path / "final" / "README.md").read_text()
+
+
+def test_tower_options_of_another_arch_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="llava tower"):
+        vlm_train.main(_argv(tmp_path, "qwen2_5_vl", "--vision-init", "shapes-vit"))

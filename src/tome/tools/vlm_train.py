@@ -111,9 +111,12 @@ def _model_card(args: argparse.Namespace, history: List[Dict[str, Any]], final: 
                      f"{final['count'][name]} |" for name in final["slices"])
     steps = max((entry["step"] for entry in history if "loss" in entry), default=0)
     arch_name = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
+    start = "random weights" if args.vision_init is None else (
+        f"random weights but the vision tower, taken from the shipped `{vlm_models.VISION_INITS[args.vision_init]}` "
+        "ViT (tome.vlm_models.init_llava_tower_from_vit)")
     return f"""# {args.arch} on the tome generated question task
 
-A `{arch_name[args.arch]}` of size `{args.size}` (tome.vlm_models.SIZES), trained from random weights
+A `{arch_name[args.arch]}` of size `{args.size}` (tome.vlm_models.SIZES), trained from {start}
 on CPU on `tome.data.vqa` (seed {args.seed}, {args.image_size} px images), by:
 
 ```
@@ -142,16 +145,30 @@ _RUN_FILES = (_CHECKPOINT, "log.jsonl", "final")
 
 
 def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.optim.Optimizer, Any]:
-    """AdamW (no weight decay on vectors and embeddings) and timm's cosine schedule with warmup."""
+    """AdamW (no weight decay on vectors and embeddings; the vision tower at ``--vision-lr-scale``
+    times the learning rate) and timm's cosine schedule with warmup."""
     from timm.scheduler import CosineLRScheduler
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    # Two groups (decay, no decay); four (the same for the tower apart) when the tower's rate
+    # differs, so checkpoints of runs without --vision-lr-scale keep resuming.
+    tower = {id(p) for p in _vision_tower(model).parameters()} if args.vision_lr_scale != 1.0 else set()
+    groups = []
+    for in_tower, lr in ((False, args.lr), (True, args.lr * args.vision_lr_scale))[:1 + bool(tower)]:
+        params = [(n, p) for n, p in model.named_parameters() if (id(p) in tower) == in_tower]
+        decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
+        groups += [{"params": decay, "weight_decay": args.weight_decay, "lr": lr},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
                                   warmup_lr_init=args.lr * 0.01, t_in_epochs=False)
     return optimizer, scheduler
+
+
+def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's vision tower: LLaVA's CLIP ``vision_tower`` or Qwen2.5-VL's ``visual`` (with its merger)."""
+    inner = model.model
+    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
 
 
 def _restore(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
@@ -191,8 +208,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     """
     torch.set_num_threads(args.threads)
     out, resume = prepare_run_dir(args, _CHECKPOINT, _RUN_FILES)
-    model = vlm_models.build_model(args.arch, args.size, seed=args.seed)
-    processor = vlm_models.build_processor(args.arch, args.image_size)
+    model = vlm_models.build_model(args.arch, args.size, seed=args.seed, patch_size=args.patch_size,
+                                   vision_init=args.vision_init)
+    processor = vlm_models.build_processor(args.arch, args.image_size, args.patch_size)
     optimizer, scheduler = _optimizer(model, args)
     step = 0 if resume is None else _restore(resume, model, optimizer, scheduler)
     # A resume with another --steps keeps the weights and the optimizer but stretches (or
@@ -247,6 +265,10 @@ class _Run:
         extra = None
         if args.questions_per_image > 1:  # more questions about the same image, after its own one
             extra = [vqa.scene_questions(s, first + i)[1:args.questions_per_image] for i, s in enumerate(samples)]
+        # The tower stays frozen for the first --freeze-vision-steps (LLaVA's projector stage):
+        # without gradients AdamW leaves its weights and moments alone.
+        for p in _vision_tower(self.model).parameters():
+            p.requires_grad_(step >= args.freeze_vision_steps)
         loss = self.model(**_batch(self.processor, args.arch, samples, with_answers=True, extra=extra)).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -314,6 +336,17 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (default: %(default)s)")
     parser.add_argument("--image-size", type=positive_int, default=224,
                         help="image side in px; a multiple of 28 for qwen2_5_vl, 224 for llava (default: %(default)s)")
+    parser.add_argument("--patch-size", type=positive_int, default=None,
+                        help="llava only: the CLIP tower's patch size at 224 px (default: "
+                             f"{vlm_models.LLAVA_PATCH}, 64 visual tokens; 14 gives 256)")
+    parser.add_argument("--vision-init", choices=tuple(vlm_models.VISION_INITS), default=None,
+                        help="llava only: start the tower from this shipped ViT (its shape and weights, the patch "
+                             "embedding resampled to --patch-size) instead of random weights")
+    parser.add_argument("--freeze-vision-steps", type=int, default=0,
+                        help="keep the vision tower frozen for the first N steps, training projector and language "
+                             "model only (default: %(default)s)")
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
+                        help="the vision tower's learning rate as a multiple of --lr (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the initial weights")
     parser.add_argument("--val-samples", type=positive_int, default=250,
                         help="validation questions (default: %(default)s)")
