@@ -153,10 +153,10 @@ def test_llava_tower_options_are_checked():
         vlm_models.build_config("qwen2_5_vl", "tiny", patch_size=14)
     with pytest.raises(ValueError, match="divisor of 224"):
         vlm_models.build_config("llava", "tiny", patch_size=15)
-    with pytest.raises(ValueError, match="vision_init must be None or one of"):
-        vlm_models.build_model("llava", "tiny", vision_init="clip")
+    from tome.tools.demo_model import load_demo_model
+
     with pytest.raises(ValueError, match="option of the llava tower"):
-        vlm_models.build_model("qwen2_5_vl", "tiny", vision_init="shapes-vit")
+        vlm_models.build_model("qwen2_5_vl", "tiny", vision_tower=load_demo_model("shapes")[0])
     with pytest.raises(TypeError, match="VisionTransformer"):
         vlm_models.vit_tower_shape(torch.nn.Linear(2, 2))
     config = vlm_models.build_config("llava", "tiny", patch_size=14)

@@ -59,6 +59,28 @@ def _check(arch: str, size: str) -> Dict[str, int]:
     return SIZES[size]
 
 
+def _qwen2_5_vl_config(text: Dict[str, Any], widths: Dict[str, int], head_dim: int,
+                       tokenizer_ids: Dict[str, int]) -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    half = head_dim // 2  # rotary frequencies per head, split over (time, height, width)
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    vision = {
+        "depth": widths["vision_layers"], "hidden_size": widths["vision_hidden"],
+        "intermediate_size": 2 * widths["vision_hidden"], "num_heads": widths["vision_heads"],
+        "out_hidden_size": widths["hidden"], "patch_size": 14, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "window_size": 112,
+        # Windowed attention in all blocks but these, as Qwen2.5-VL's (7, 15, 23, 31) of 32.
+        "fullatt_block_indexes": list(range(1, widths["vision_layers"], 2)), "initializer_range": _INIT_STD,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=tokenizer_ids[vqa.IMAGE_TOKEN],
+        video_token_id=tokenizer_ids[vqa.VIDEO_TOKEN], vision_start_token_id=tokenizer_ids[vqa.VISION_START],
+        vision_end_token_id=tokenizer_ids[vqa.VISION_END], tie_word_embeddings=True,
+        initializer_range=_INIT_STD)
+
+
 def build_config(arch: str, size: str = "small", patch_size: Optional[int] = None,
                  tower: Optional[Dict[str, Any]] = None) -> Any:
     """The transformers config of one architecture at one size, for the task's vocabulary.
@@ -95,24 +117,7 @@ def build_config(arch: str, size: str = "small", patch_size: Optional[int] = Non
         "bos_token_id": tokenizer_ids[vqa.EOS], "tie_word_embeddings": True, "initializer_range": _INIT_STD,
     }
     if arch == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        half = head_dim // 2  # rotary frequencies per head, split over (time, height, width)
-        section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
-        vision = {
-            "depth": widths["vision_layers"], "hidden_size": widths["vision_hidden"],
-            "intermediate_size": 2 * widths["vision_hidden"], "num_heads": widths["vision_heads"],
-            "out_hidden_size": widths["hidden"], "patch_size": 14, "spatial_merge_size": 2,
-            "temporal_patch_size": 2, "window_size": 112,
-            # Windowed attention in all blocks but these, as Qwen2.5-VL's (7, 15, 23, 31) of 32.
-            "fullatt_block_indexes": list(range(1, widths["vision_layers"], 2)), "initializer_range": _INIT_STD,
-        }
-        return Qwen2_5_VLConfig(
-            text_config=text, vision_config=vision, image_token_id=tokenizer_ids[vqa.IMAGE_TOKEN],
-            video_token_id=tokenizer_ids[vqa.VIDEO_TOKEN], vision_start_token_id=tokenizer_ids[vqa.VISION_START],
-            vision_end_token_id=tokenizer_ids[vqa.VISION_END], tie_word_embeddings=True,
-            initializer_range=_INIT_STD)
+        return _qwen2_5_vl_config(text, widths, head_dim, tokenizer_ids)
     from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
 
     shape = tower if tower is not None else {
@@ -130,7 +135,7 @@ def build_config(arch: str, size: str = "small", patch_size: Optional[int] = Non
 
 
 def build_model(arch: str, size: str = "small", seed: int = 0, patch_size: Optional[int] = None,
-                vision_init: Optional[str] = None) -> Any:
+                vision_tower: Optional[Any] = None) -> Any:
     """A freshly initialised model of :func:`build_config` (float32, ``sdpa`` attention).
 
     Args:
@@ -138,26 +143,21 @@ def build_model(arch: str, size: str = "small", seed: int = 0, patch_size: Optio
         size: One of :data:`SIZES`.
         seed: Seed of the initial weights.
         patch_size: LLaVA only: the tower's patch size (:func:`build_config`).
-        vision_init: LLaVA only: ``None`` (random tower) or a key of :data:`VISION_INITS`:
-            the tower takes that shipped ViT's shape and weights
+        vision_tower: LLaVA only: ``None`` (random tower) or a timm ViT (e.g. the shipped one a
+            key of :data:`VISION_INITS` names): the tower takes its shape and weights
             (:func:`init_llava_tower_from_vit`), the rest stays random.
 
     Raises:
-        ValueError: for an unknown ``arch``, ``size`` or ``vision_init``, or options of the
-            LLaVA tower given for ``qwen2_5_vl``.
+        ValueError: for an unknown ``arch`` or ``size``, or options of the LLaVA tower given
+            for ``qwen2_5_vl``.
+        TypeError: for a ``vision_tower`` that is not a ViT CLIP's blocks can express.
     """
     import torch
     from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
-    vit = None
-    if vision_init is not None:
-        if vision_init not in VISION_INITS:
-            raise ValueError(f"vision_init must be None or one of {list(VISION_INITS)}, got {vision_init!r}")
-        if arch != "llava":
-            raise ValueError(f"vision_init is an option of the llava tower, not of {arch!r}")
-        from .tools.demo_model import load_demo_model
-
-        vit = load_demo_model(VISION_INITS[vision_init])[0]
+    vit = vision_tower
+    if vit is not None and arch != "llava":
+        raise ValueError(f"vision_tower is an option of the llava tower, not of {arch!r}")
     config = build_config(arch, size, patch_size, None if vit is None else vit_tower_shape(vit))
     cls = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else LlavaForConditionalGeneration
     with torch.random.fork_rng(devices=[]):
@@ -170,7 +170,7 @@ def build_model(arch: str, size: str = "small", seed: int = 0, patch_size: Optio
 
 VISION_INITS: Dict[str, str] = {"shapes-vit": "shapes-long"}
 """Pretrained towers :func:`build_model` can start the LLaVA model from: the shipped shapes
-classifier (``tome.tools.demo_model``, timm ViT, width 128, 6 blocks, patch 8 at 64 px, 95.85 %
+classifier (``tome.tools.demo_model.load_demo_model(VISION_INITS[name])``, timm ViT, width 128, 6 blocks, patch 8 at 64 px, 95.85 %
 on the shapes task), the analogue here of LLaVA's pretrained CLIP tower."""
 
 
@@ -226,7 +226,6 @@ def init_llava_tower_from_vit(model: Any, vit: Any, calibration: Optional[Any] =
     Raises:
         ValueError: if the tower's widths are not the ViT's, or it has more blocks.
     """
-    import numpy as np
     import torch
     from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
@@ -249,25 +248,41 @@ def init_llava_tower_from_vit(model: Any, vit: Any, calibration: Optional[Any] =
         patches[1:] += vit.patch_embed.proj.bias
         emb.position_embedding.weight.copy_(patches)
         for layer, block in zip(tower.encoder.layers, vit.blocks):
-            q, k, v = block.attn.qkv.weight.chunk(3)
-            qb, kb, vb = block.attn.qkv.bias.chunk(3)
-            for proj, w, b in ((layer.self_attn.q_proj, q, qb), (layer.self_attn.k_proj, k, kb),
-                               (layer.self_attn.v_proj, v, vb), (layer.self_attn.out_proj, block.attn.proj.weight,
-                                                                 block.attn.proj.bias),
-                               (layer.mlp.fc1, block.mlp.fc1.weight, block.mlp.fc1.bias),
-                               (layer.mlp.fc2, block.mlp.fc2.weight, block.mlp.fc2.bias),
-                               (layer.layer_norm1, block.norm1.weight, block.norm1.bias),
-                               (layer.layer_norm2, block.norm2.weight, block.norm2.bias)):
-                proj.weight.copy_(w)
-                proj.bias.copy_(b)
+            _copy_block(layer, block)
         tower.post_layernorm.weight.copy_(vit.norm.weight)
         tower.post_layernorm.bias.copy_(vit.norm.bias)
+        _calibrate_pre_layrnorm(tower, config.image_size, calibration)
+
+
+def _copy_block(layer: Any, block: Any) -> None:
+    """A timm ViT block's weights into a CLIP encoder layer (``qkv`` split into q, k, v)."""
+    q, k, v = block.attn.qkv.weight.chunk(3)
+    qb, kb, vb = block.attn.qkv.bias.chunk(3)
+    for proj, w, b in ((layer.self_attn.q_proj, q, qb), (layer.self_attn.k_proj, k, kb),
+                       (layer.self_attn.v_proj, v, vb),
+                       (layer.self_attn.out_proj, block.attn.proj.weight, block.attn.proj.bias),
+                       (layer.mlp.fc1, block.mlp.fc1.weight, block.mlp.fc1.bias),
+                       (layer.mlp.fc2, block.mlp.fc2.weight, block.mlp.fc2.bias),
+                       (layer.layer_norm1, block.norm1.weight, block.norm1.bias),
+                       (layer.layer_norm2, block.norm2.weight, block.norm2.bias)):
+        proj.weight.copy_(w)
+        proj.bias.copy_(b)
+
+
+def _calibrate_pre_layrnorm(tower: Any, image_size: int, calibration: Optional[Any]) -> None:
+    """Set CLIP's ``pre_layrnorm`` to the scale and offset of the embedded tokens (see
+    :func:`init_llava_tower_from_vit`)."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        emb = tower.embeddings
         if calibration is None:
             from .data import synthetic
 
             mean = torch.tensor(synthetic.MEAN).view(1, 3, 1, 1)
             std = torch.tensor(synthetic.STD).view(1, 3, 1, 1)
-            images = [vqa.make_sample(i, "train", 0, config.image_size).image for i in range(4)]
+            images = [vqa.make_sample(i, "train", 0, image_size).image for i in range(4)]
             calibration = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 255 - mean) / std
         pre_layrnorm = tower.pre_layrnorm
         tower.pre_layrnorm = torch.nn.Identity()

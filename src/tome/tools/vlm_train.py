@@ -144,6 +144,15 @@ _RUN_FILES = (_CHECKPOINT, "log.jsonl", "final")
 """What a run writes into its output directory: all that ``--overwrite`` deletes."""
 
 
+def _pretrained_tower(name: Optional[str]) -> Optional[torch.nn.Module]:
+    """The shipped ViT ``--vision-init`` names (a key of ``vlm_models.VISION_INITS``), or None."""
+    if name is None:
+        return None
+    from .demo_model import load_demo_model
+
+    return load_demo_model(vlm_models.VISION_INITS[name])[0]
+
+
 def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.optim.Optimizer, Any]:
     """AdamW (no weight decay on vectors and embeddings; the vision tower at ``--vision-lr-scale``
     times the learning rate) and timm's cosine schedule with warmup."""
@@ -209,7 +218,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     out, resume = prepare_run_dir(args, _CHECKPOINT, _RUN_FILES)
     model = vlm_models.build_model(args.arch, args.size, seed=args.seed, patch_size=args.patch_size,
-                                   vision_init=args.vision_init)
+                                   vision_tower=_pretrained_tower(args.vision_init))
     processor = vlm_models.build_processor(args.arch, args.image_size, args.patch_size)
     optimizer, scheduler = _optimizer(model, args)
     step = 0 if resume is None else _restore(resume, model, optimizer, scheduler)
