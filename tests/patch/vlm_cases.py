@@ -38,15 +38,19 @@ def qwen2_5_vl() -> nn.Module:
     return _ready(Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa"))
 
 
+_QWEN3_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+
+
+def _qwen3_vision() -> dict:
+    return dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+
+
 def qwen3_vl() -> nn.Module:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    text = _text(head_dim=TEXT // HEADS, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                          "mrope_section": [2, 3, 3], "mrope_interleaved": True})
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                  deepstack_visual_indexes=[0])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+    text = _text(head_dim=TEXT // HEADS, rope_parameters=dict(_QWEN3_ROPE))
+    config = Qwen3VLConfig(text_config=text, vision_config=_qwen3_vision(), image_token_id=IMAGE, video_token_id=VIDEO,
                            vision_start_token_id=START, vision_end_token_id=END, tie_word_embeddings=False)
     return _ready(Qwen3VLForConditionalGeneration._from_config(config, attn_implementation="sdpa"))
 
@@ -56,12 +60,9 @@ def qwen3_vl_moe() -> nn.Module:
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
     text = _text(head_dim=TEXT // HEADS, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=TEXT,
-                 decoder_sparse_step=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                         "mrope_section": [2, 3, 3], "mrope_interleaved": True})
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                  deepstack_visual_indexes=[0])
-    config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                 decoder_sparse_step=1, rope_parameters=dict(_QWEN3_ROPE))
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=_qwen3_vision(), image_token_id=IMAGE,
+                              video_token_id=VIDEO,
                               vision_start_token_id=START, vision_end_token_id=END, tie_word_embeddings=False)
     return _ready(Qwen3VLMoeForConditionalGeneration._from_config(config, attn_implementation="sdpa"))
 
