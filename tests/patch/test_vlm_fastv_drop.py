@@ -262,6 +262,16 @@ def test_bad_drop_settings_are_refused_by_name(bad, match):
     assert not any(tome.patch.is_patched(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("family", ["gemma3", "smolvlm", "internvl", "llava_onevision"])
+def test_drop_on_a_family_it_is_not_built_for_is_refused_by_name(family):
+    import vlm_family_cases
+
+    model = getattr(vlm_family_cases, family)().model
+    with pytest.raises(ValueError, match=r"fastv_mode='drop' is built and tested for qwen2_5_vl, qwen3_vl, llava"):
+        tome.apply_patch(model, visual_tokens=BUDGET, method="fastv", fastv_layer=LAYER, fastv_mode="drop")
+    assert not any(tome.patch.is_patched(m) for m in model.modules())
+
+
 def test_drop_refuses_right_padding_naming_the_fix():
     model = tome.apply_patch(model_of("qwen2_5_vl"), visual_tokens=BUDGET, method="fastv", fastv_layer=LAYER,
                              fastv_mode="drop")

@@ -57,6 +57,7 @@ __all__ = ["VLMAdapter", "VisualTokenSettings", "VisualTokenReport", "register_a
 
 POSITIONS = ("keep", "renumber")
 FASTV_MODES = ("select", "drop")
+_DROP_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")  # where FastV's in-layer drop is tested against a reference
 
 # Methods that need more than the features and what they need; refused at patch time
 # where the family does not provide it.
@@ -899,6 +900,9 @@ def _patch(model: nn.Module, settings: VisualTokenSettings) -> nn.Module:
 
 def _check_drop(adapter: VLMAdapter, inner: nn.Module, settings: VisualTokenSettings) -> None:
     """``ValueError`` where FastV's in-layer drop cannot run as the paper's."""
+    if adapter.name not in _DROP_FAMILIES:
+        raise ValueError(f"fastv_mode='drop' is built and tested for {', '.join(_DROP_FAMILIES)}, not yet for "
+                         f"{adapter.name}; use fastv_mode='select' (the default)")
     if settings.fastv_layer < 1:
         raise ValueError("fastv_layer=0 with fastv_mode='drop': the drop at layer K ranks by the attention of layer "
                          "K - 1, so K >= 1 (fastv_mode='select' ranks at layer 0)")
