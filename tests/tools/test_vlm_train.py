@@ -84,7 +84,7 @@ def test_add_parser_registers_vlm_train():
     parser = argparse.ArgumentParser()
     vlm_train.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["vlm-train", "--arch", "llava", "--output-dir", "x"])
-    assert args.func is vlm_train._run and args.steps > 0
+    assert args.func == vlm_train._run and args.steps > 0  # the command's run (a bound method)
 
 
 def test_resume_with_other_steps_stretches_the_schedule(tmp_path):

@@ -1,13 +1,18 @@
 """What the small-model trainers (``tome vlm-train``, ``tome video-train``) share: the run
-directory with its resume / overwrite rules, the ``log.jsonl`` history and the session options."""
+directory with its resume / overwrite rules, the ``log.jsonl`` history, the session options
+and the two command-line entry points."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ._common import positive_int
 
@@ -62,3 +67,80 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete a run already in --output-dir")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (default: a bar on a terminal)")
+
+
+@dataclass(frozen=True)
+class TrainerCommand:
+    """A trainer's entry points: ``tome NAME ...`` (:meth:`add_parser`) and ``python -m MODULE ...``
+    (:meth:`main`). Both parse with ``build`` (which adds the options to a parser and returns it),
+    record the arguments that followed the command in ``args.argv`` (the run's ``log.jsonl`` keeps
+    the command line), call ``train(args)`` and print the final record it returns as JSON."""
+
+    name: str
+    module: str
+    help: str
+    description: str
+    build: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+    train: Callable[[argparse.Namespace], Dict[str, Any]]
+
+    def run(self, args: argparse.Namespace) -> int:
+        if not hasattr(args, "argv"):  # called as `tome NAME ...`: record what followed the command
+            args.argv = sys.argv[sys.argv.index(self.name) + 1:] if self.name in sys.argv else []
+        print(json.dumps(self.train(args)))
+        return 0
+
+    def add_parser(self, subparsers: argparse._SubParsersAction) -> None:
+        """Register ``tome NAME``."""
+        parser = subparsers.add_parser(self.name, help=self.help, description=self.description)
+        self.build(parser)
+        parser.set_defaults(func=self.run)
+
+    def main(self, argv: Optional[Sequence[str]] = None) -> int:
+        """``python -m MODULE ...``."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        parser = self.build(argparse.ArgumentParser(prog=f"python -m {self.module}", description=self.description))
+        args = parser.parse_args(argv)
+        args.argv = argv
+        return self.run(args)
+
+
+def train_loop(run: Any, step: int, desc: str, rate: str,
+               validate: Callable[[int, Any], None]) -> Tuple[int, bool]:
+    """Train from ``step`` to ``run.args.steps`` (or the time limit / ``--stop-at-step``), logging
+    every ``--log-every`` steps (mean loss, learning rate and ``rate``: items per second of
+    training), validating every ``--val-every`` (``validate(step, progress_bar)``) and
+    checkpointing every ``--checkpoint-every`` steps and at the end, behind a tqdm bar.
+
+    ``run`` has ``args``, ``model``, ``optimizer``, ``step(step) -> loss``, ``log(entry)`` and
+    ``save(step)``. Returns the step reached and whether it stopped before ``--steps``.
+    """
+    from tqdm import tqdm
+
+    args = run.args
+    run.model.train()
+    deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
+    window_loss, window_count, window_start = 0.0, 0, time.time()
+    bar = tqdm(total=args.steps, initial=step, desc=desc, disable=None if args.progress else True, unit="step")
+    stopped_early = False
+    while step < args.steps:
+        if time.time() > deadline or (args.stop_at_step and step >= args.stop_at_step):
+            stopped_early = True
+            break
+        window_loss += run.step(step)
+        step += 1
+        window_count += 1
+        bar.update()
+        if step % args.log_every == 0 or step == args.steps:
+            entry = {"step": step, "loss": window_loss / window_count, "lr": run.optimizer.param_groups[0]["lr"],
+                     rate: window_count * args.batch_size / (time.time() - window_start), "time": time.time()}
+            run.log(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", per_s=f"{entry[rate]:.1f}")
+            window_loss, window_count, window_start = 0.0, 0, time.time()
+        if step % args.val_every == 0 or step == args.steps:
+            validate(step, bar)
+            window_start = time.time()  # validation time is not training throughput
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            run.save(step)
+    bar.close()
+    run.save(step)
+    return step, stopped_early

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,7 +35,7 @@ from .. import video_models
 from ..data import clips
 from ..data.synthetic import CLASSES
 from ._common import positive_int
-from ._run_dir import add_session_arguments, append_log, prepare_run_dir
+from ._run_dir import TrainerCommand, add_session_arguments, append_log, prepare_run_dir, train_loop
 
 __all__ = ["train", "classifier_accuracy", "load_classifier", "sample_strip", "plot_history", "add_parser", "main"]
 
@@ -246,43 +244,14 @@ class _Run:
         self.log(entry)
         return entry
 
-    def loop(self, step: int) -> Tuple[int, bool]:
-        """Train from ``step`` to ``--steps`` (or the time limit / ``--stop-at-step``); returns the
-        step reached and whether it stopped early."""
-        from tqdm import tqdm
+    def _validate_and_report(self, step: int, bar: Any) -> None:
+        result = self.validate(step)
+        bar.write(f"step {step}: val loss {result['val_loss']:.4f}, "
+                  f"classifier on samples {100 * result['sample_accuracy']:.1f}%")
 
-        args = self.args
-        self.model.train()
-        deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
-        window_loss, window_count, window_start = 0.0, 0, time.time()
-        bar = tqdm(total=args.steps, initial=step, desc="train video", disable=None if args.progress else True,
-                   unit="step")
-        stopped_early = False
-        while step < args.steps:
-            if time.time() > deadline or (args.stop_at_step and step >= args.stop_at_step):
-                stopped_early = True
-                break
-            window_loss += self.step(step)
-            step += 1
-            window_count += 1
-            bar.update()
-            if step % args.log_every == 0 or step == args.steps:
-                elapsed = time.time() - window_start
-                entry = {"step": step, "loss": window_loss / window_count, "lr": self.optimizer.param_groups[0]["lr"],
-                         "clips_per_s": window_count * args.batch_size / elapsed, "time": time.time()}
-                self.log(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", cps=f"{entry['clips_per_s']:.1f}")
-                window_loss, window_count, window_start = 0.0, 0, time.time()
-            if step % args.val_every == 0 or step == args.steps:
-                result = self.validate(step)
-                bar.write(f"step {step}: val loss {result['val_loss']:.4f}, "
-                          f"classifier on samples {100 * result['sample_accuracy']:.1f}%")
-                window_start = time.time()  # validation time is not training throughput
-            if step % args.checkpoint_every == 0 or step == args.steps:
-                self.save(step)
-        bar.close()
-        self.save(step)
-        return step, stopped_early
+    def loop(self, step: int) -> Tuple[int, bool]:
+        """Train from ``step`` on (:func:`tome.tools._run_dir.train_loop`)."""
+        return train_loop(self, step, "train video", "clips_per_s", self._validate_and_report)
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
@@ -381,30 +350,11 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    if not hasattr(args, "argv"):  # called as `tome video-train ...`: record what followed the command
-        args.argv = sys.argv[sys.argv.index("video-train") + 1:] if "video-train" in sys.argv else []
-    final = train(args)
-    print(json.dumps(final))
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``tome video-train``."""
-    parser = subparsers.add_parser("video-train", help="train a small class-conditional video diffusion transformer",
-                                   description=__doc__.split("\n\n")[0])
-    _build_parser(parser)
-    parser.set_defaults(func=_run)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m tome.tools.video_train ...``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _build_parser(argparse.ArgumentParser(prog="python -m tome.tools.video_train",
-                                                   description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    args.argv = argv
-    return _run(args)
+_COMMAND = TrainerCommand(name="video-train", module="tome.tools.video_train", help="train a small class-conditional video diffusion transformer",
+                          description=__doc__.split("\n\n")[0], build=_build_parser, train=lambda args: train(args))
+_run = _COMMAND.run
+add_parser = _COMMAND.add_parser
+main = _COMMAND.main
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -32,7 +30,7 @@ import torch
 from .. import vlm_models
 from ..data import vqa
 from ._common import positive_int
-from ._run_dir import add_session_arguments, append_log, prepare_run_dir
+from ._run_dir import TrainerCommand, add_session_arguments, append_log, prepare_run_dir, train_loop
 
 __all__ = ["train", "evaluate", "add_parser", "main"]
 
@@ -287,40 +285,8 @@ class _Run:
         return loss.item()
 
     def loop(self, step: int) -> Tuple[int, bool]:
-        """Train from ``step`` to ``--steps`` (or the time limit / ``--stop-at-step``), logging,
-        validating and checkpointing on the way; returns the step reached and whether it stopped early."""
-        from tqdm import tqdm
-
-        args = self.args
-        self.model.train()
-        deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
-        window_loss, window_count, window_start = 0.0, 0, time.time()
-        bar = tqdm(total=args.steps, initial=step, desc=f"train {args.arch}", disable=None if args.progress else True,
-                   unit="step")
-        stopped_early = False
-        while step < args.steps:
-            if time.time() > deadline or (args.stop_at_step and step >= args.stop_at_step):
-                stopped_early = True
-                break
-            window_loss += self.step(step)
-            step += 1
-            window_count += 1
-            bar.update()
-            if step % args.log_every == 0 or step == args.steps:
-                elapsed = time.time() - window_start
-                entry = {"step": step, "loss": window_loss / window_count, "lr": self.optimizer.param_groups[0]["lr"],
-                         "samples_per_s": window_count * args.batch_size / elapsed, "time": time.time()}
-                self.log(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}", sps=f"{entry['samples_per_s']:.1f}")
-                window_loss, window_count, window_start = 0.0, 0, time.time()
-            if step % args.val_every == 0 or step == args.steps:
-                self.validate(step, bar)
-                window_start = time.time()  # validation time is not training throughput
-            if step % args.checkpoint_every == 0 or step == args.steps:
-                self.save(step)
-        bar.close()
-        self.save(step)
-        return step, stopped_early
+        """Train from ``step`` on (:func:`tome.tools._run_dir.train_loop`)."""
+        return train_loop(self, step, f"train {self.args.arch}", "samples_per_s", self.validate)
 
     def validate(self, step: int, bar: Any) -> None:
         result = evaluate(self.model, self.processor, self.args.arch, self.val, self.args.eval_batch_size)
@@ -367,30 +333,11 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    if not hasattr(args, "argv"):  # called as `tome vlm-train ...`: record what followed the command
-        args.argv = sys.argv[sys.argv.index("vlm-train") + 1:] if "vlm-train" in sys.argv else []
-    final = train(args)
-    print(json.dumps(final))
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``tome vlm-train`` (the lead wires it into ``tome.cli``)."""
-    parser = subparsers.add_parser("vlm-train", help="train a small VLM on the generated question task",
-                                   description=__doc__.split("\n\n")[0])
-    _build_parser(parser)
-    parser.set_defaults(func=_run)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m tome.tools.vlm_train ...``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _build_parser(argparse.ArgumentParser(prog="python -m tome.tools.vlm_train",
-                                                   description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    args.argv = argv
-    return _run(args)
+_COMMAND = TrainerCommand(name="vlm-train", module="tome.tools.vlm_train", help="train a small VLM on the generated question task",
+                          description=__doc__.split("\n\n")[0], build=_build_parser, train=lambda args: train(args))
+_run = _COMMAND.run
+add_parser = _COMMAND.add_parser
+main = _COMMAND.main
 
 
 if __name__ == "__main__":
