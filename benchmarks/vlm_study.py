@@ -474,8 +474,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     questions = 10 if args.quick else args.questions
     paths = args.model or [SHIPPED_VLMS["vqa-qwen2_5_vl"], SHIPPED_VLMS["vqa-llava"]]
     torch.manual_seed(0)
-    samples = [vqa.make_sample(i, "val", seed=args.seed, image_size=224) for i in range(questions)]
-    clips = [vqa.make_clip(i, "val", seed=args.seed, frames=args.video_frames) for i in range(questions)]
+    # Drawn only for the parts that run (a clip renders its scene once per frame).
+    samples = [vqa.make_sample(i, "val", seed=args.seed, image_size=224) for i in range(questions)
+               ] if "images" in args.parts else []
+    clips = [vqa.make_clip(i, "val", seed=args.seed, frames=args.video_frames) for i in range(questions)
+             ] if "video" in args.parts else []
     previous = None
     if set(args.parts) != set(PARTS) and args.json is not None and args.json.exists():
         previous = _hits_codec(json.loads(args.json.read_text()), decode=True)
