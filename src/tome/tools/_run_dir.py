@@ -104,6 +104,17 @@ class TrainerCommand:
         return self.run(args)
 
 
+def add_loop_arguments(parser: argparse.ArgumentParser, *, log_every: int, val_every: int, checkpoint_every: int,
+                       val_help: str = "steps between validations") -> None:
+    """The cadence options :func:`train_loop` reads: ``--log-every``, ``--val-every``,
+    ``--checkpoint-every`` (steps), with each trainer's defaults."""
+    parser.add_argument("--val-every", type=positive_int, default=val_every, help=f"{val_help} (default: %(default)s)")
+    parser.add_argument("--log-every", type=positive_int, default=log_every,
+                        help="steps between log.jsonl entries (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=checkpoint_every,
+                        help="steps between checkpoints (default: %(default)s)")
+
+
 def train_loop(run: Any, step: int, desc: str, rate: str,
                validate: Callable[[int, Any], None]) -> Tuple[int, bool]:
     """Train from ``step`` to ``run.args.steps`` (or the time limit / ``--stop-at-step``), logging

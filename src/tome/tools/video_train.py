@@ -35,7 +35,7 @@ from .. import video_models
 from ..data import clips
 from ..data.synthetic import CLASSES
 from ._common import positive_int
-from ._run_dir import TrainerCommand, add_session_arguments, append_log, prepare_run_dir, train_loop
+from ._run_dir import TrainerCommand, add_loop_arguments, add_session_arguments, append_log, prepare_run_dir, train_loop
 
 __all__ = ["train", "classifier_accuracy", "load_classifier", "sample_strip", "plot_history", "add_parser", "main"]
 
@@ -337,15 +337,12 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="standard deviation of the logit of the training noise level (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clips, the noise and the initial weights")
     parser.add_argument("--val-clips", type=positive_int, default=32, help="validation clips (default: %(default)s)")
-    parser.add_argument("--val-every", type=positive_int, default=200,
-                        help="steps between validations and sample strips (default: %(default)s)")
     parser.add_argument("--sample-steps", type=positive_int, default=20,
                         help="Euler steps when sampling at validation (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=2.0,
                         help="classifier-free guidance scale at validation (default: %(default)s)")
-    parser.add_argument("--log-every", type=positive_int, default=20, help="steps between log.jsonl entries (default: %(default)s)")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=50,
-                        help="steps between checkpoints (default: %(default)s)")
+    add_loop_arguments(parser, log_every=20, val_every=200, checkpoint_every=50,
+                       val_help="steps between validations and sample strips")
     add_session_arguments(parser)
     return parser
 

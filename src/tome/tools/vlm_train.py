@@ -30,7 +30,7 @@ import torch
 from .. import vlm_models
 from ..data import vqa
 from ._common import positive_int
-from ._run_dir import TrainerCommand, add_session_arguments, append_log, prepare_run_dir, train_loop
+from ._run_dir import TrainerCommand, add_loop_arguments, add_session_arguments, append_log, prepare_run_dir, train_loop
 
 __all__ = ["train", "evaluate", "add_parser", "main"]
 
@@ -325,10 +325,8 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the initial weights")
     parser.add_argument("--val-samples", type=positive_int, default=250,
                         help="validation questions (default: %(default)s)")
-    parser.add_argument("--val-every", type=positive_int, default=250, help="steps between validations (default: %(default)s)")
     parser.add_argument("--eval-batch-size", type=positive_int, default=50, help="questions per validation forward (default: %(default)s)")
-    parser.add_argument("--log-every", type=positive_int, default=25, help="steps between log.jsonl entries (default: %(default)s)")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints (default: %(default)s)")
+    add_loop_arguments(parser, log_every=25, val_every=250, checkpoint_every=100)
     add_session_arguments(parser)
     return parser
 
