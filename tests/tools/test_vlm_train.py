@@ -203,3 +203,49 @@ def test_llava_from_the_shipped_shapes_vit_at_patch_56(tmp_path):
 def test_tower_options_of_another_arch_are_refused(tmp_path):
     with pytest.raises(ValueError, match="llava tower"):
         vlm_train.main(_argv(tmp_path, "qwen2_5_vl", "--vision-init", "shapes-vit"))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_isolated_questions_are_computed_as_if_each_were_alone(arch):
+    import dataclasses
+
+    from tome import vlm_models
+    from tome.data import vqa
+
+    size = 112 if arch == "qwen2_5_vl" else 224
+    model = vlm_models.build_model(arch, "tiny", seed=0).eval()
+    processor = vlm_models.build_processor(arch, size)
+    samples = [vqa.make_sample(i, "train", image_size=size) for i in range(3)]
+    extra = [vqa.scene_questions(s, i)[1:2 + i] for i, s in enumerate(samples)]  # rows of 2, 3 and 4 questions
+    packed = vlm_train.isolate_questions(model, processor, arch, vlm_train._batch(processor, arch, samples, True, extra))
+    assert packed["attention_mask"].shape[:2] == (3, 1)
+    with torch.no_grad():
+        logits = model(**packed).logits
+        shared = model(**vlm_train._batch(processor, arch, samples, True, extra)).logits
+    checked = 0
+    for row, (sample, more) in enumerate(zip(samples, extra)):
+        answered = (packed["labels"][row] != -100).nonzero().flatten()
+        questions = [(sample.slice, sample.question, sample.answer)] + list(more)
+        assert len(answered) == 2 * len(questions)
+        for j, (name, question, answer) in enumerate(questions):
+            alone = dataclasses.replace(sample, slice=name, question=question, answer=answer)
+            single = vlm_train._batch(processor, arch, [alone], True)
+            with torch.no_grad():
+                expected = model(**single).logits[0]
+            wanted = (single["labels"][0] != -100).nonzero().flatten()
+            # The logits that predict answer j and its <eos> are those of the question alone.
+            torch.testing.assert_close(logits[row, answered[2 * j:2 * j + 2] - 1], expected[wanted - 1],
+                                       rtol=1e-4, atol=1e-4)
+            if j > 0:  # without isolation the earlier questions change them
+                assert not torch.allclose(shared[row, answered[2 * j:2 * j + 2] - 1], expected[wanted - 1],
+                                          rtol=1e-4, atol=1e-4)
+            checked += 1
+    assert checked == 9
+
+
+def test_isolate_questions_trains_and_is_recorded(tmp_path):
+    vlm_train.main(_argv(tmp_path / "run", "qwen2_5_vl", "--questions-per-image", "3", "--isolate-questions"))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["args"]["isolate_questions"] is True
+    assert all(e["loss"] == e["loss"] for e in log if "loss" in e)  # no NaN from fully masked padding rows
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

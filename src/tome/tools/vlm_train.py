@@ -32,7 +32,7 @@ from ..data import vqa
 from ._common import positive_int
 from ._run_dir import TrainerCommand, add_loop_arguments, add_session_arguments, append_log, prepare_run_dir, train_loop
 
-__all__ = ["train", "evaluate", "add_parser", "main"]
+__all__ = ["train", "evaluate", "isolate_questions", "add_parser", "main"]
 
 _CHECKPOINT = "checkpoint.pt"
 
@@ -57,6 +57,64 @@ def _batch(processor: Any, arch: str, samples: Sequence[vqa.VQASample], with_ans
         answer |= ids == vocab[vqa.EOS]
         inputs["labels"] = torch.where(answer, ids, torch.full_like(ids, -100))
     return dict(inputs)
+
+
+def isolate_questions(model: Any, processor: Any, arch: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Make every question of a multi-question training sequence see the image and itself only.
+
+    :func:`_batch` with ``extra`` packs ``image q1 a1 <eos> q2 a2 <eos> ...`` into one sequence,
+    so a later answer can follow from earlier text (the colour question of the shape an
+    existence question asks about gives its answer away) instead of the image. This returns
+    the inputs with a 4-D additive attention mask, ``(batch, 1, tokens, tokens)``, in which each
+    question's tokens attend causally to the image prefix (everything up to the last image
+    token) and to their own question only, and with position ids in which every question
+    starts where the first one does, so each question is computed exactly as if it were the
+    only one after the image (the inference layout) while the tower runs once per image.
+    Qwen2.5-VL's 3-D rotary positions come from its own ``get_rope_index``; LLaVA's count the
+    row's tokens from its first one after the (left) padding, as ``get_rope_index`` does.
+
+    Args:
+        model: The :mod:`tome.vlm_models` model the inputs are for.
+        processor: Its processor (for the token ids).
+        arch: ``"qwen2_5_vl"`` or ``"llava"``.
+        inputs: :func:`_batch` output; ``attention_mask`` is the processor's 2-D padding mask.
+
+    Returns:
+        A new dict: ``attention_mask`` 4-D (0 where attended, the dtype's minimum elsewhere),
+        ``position_ids`` ``(3, batch, tokens)`` for Qwen2.5-VL or ``(batch, tokens)`` for LLaVA.
+
+    Raises:
+        ValueError: for a row without an image token.
+    """
+    vocab = processor.tokenizer.get_vocab()
+    ids, keep = inputs["input_ids"], inputs["attention_mask"].bool()
+    batch, length = ids.shape
+    image_end = vocab[vqa.VISION_END] if arch == "qwen2_5_vl" else vocab[vqa.LLAVA_IMAGE_TOKEN]
+    index = torch.arange(length).expand(batch, length)
+    is_image_end = ids == image_end
+    if not bool(is_image_end.any(1).all()):
+        raise ValueError("every row must hold an image for isolate_questions")
+    prefix = index <= torch.where(is_image_end, index, -1).amax(1, keepdim=True)
+    eos = (ids == vocab[vqa.EOS]).long()
+    # Question j of a row: its tokens after the prefix with j <eos> before them.
+    question = torch.where(prefix, -1, eos.cumsum(1) - eos)
+    causal = index[:, None, :] <= index[:, :, None]
+    same = (question[:, :, None] == question[:, None, :]) | prefix[:, None, :]
+    allowed = causal & same & keep[:, None, :]
+    dtype = model.dtype
+    mask = torch.zeros(batch, 1, length, length, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    # Shift question j back by the distance from question 0's first token to its own first token.
+    first = torch.full((batch, int(question.max()) + 2), length, dtype=torch.long)
+    first.scatter_reduce_(1, question + 1, index, reduce="amin")
+    offset = torch.where(prefix, 0, first.gather(1, question + 1) - first[:, 1:2])
+    if arch == "qwen2_5_vl":
+        positions, _ = model.model.get_rope_index(
+            ids, mm_token_type_ids=inputs.get("mm_token_type_ids"), image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=inputs["attention_mask"])
+        positions = positions - offset[None]
+    else:
+        positions = (keep.long().cumsum(1) - 1).clamp(min=0) - offset
+    return {**inputs, "attention_mask": mask, "position_ids": positions}
 
 
 @torch.no_grad()
@@ -276,7 +334,10 @@ class _Run:
         # without gradients AdamW leaves its weights and moments alone.
         for p in _vision_tower(self.model).parameters():
             p.requires_grad_(step >= args.freeze_vision_steps)
-        loss = self.model(**_batch(self.processor, args.arch, samples, with_answers=True, extra=extra)).loss
+        inputs = _batch(self.processor, args.arch, samples, with_answers=True, extra=extra)
+        if args.isolate_questions:
+            inputs = isolate_questions(self.model, self.processor, args.arch, inputs)
+        loss = self.model(**inputs).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
@@ -305,6 +366,10 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--questions-per-image", type=positive_int, default=1,
                         help="training questions per image: its own, then more of tome.data.vqa.scene_questions "
                              "in one sequence (default: %(default)s)")
+    parser.add_argument("--isolate-questions", action="store_true",
+                        help="with --questions-per-image > 1: each question attends to the image and itself only, "
+                             "at the first question's positions, so no answer follows from the text of another "
+                             "(tome.tools.vlm_train.isolate_questions)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
