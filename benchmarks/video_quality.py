@@ -61,7 +61,7 @@ def measure(model: video_models.ClassConditionedWan, args: Any, classifier: torc
     noise = torch.randn((len(labels), 3, frames, size, size), generator=torch.Generator().manual_seed(args.seed))
     # Real clips of the same classes: clip i of the val split has label i % 10.
     real_indices = [label + len(CLASSES) * k for label in range(args.classes) for k in range(args.per_class)]
-    real, real_labels = clips.clip_batch(real_indices, "val", args.seed, frames, size)
+    real, real_labels = clips.clip_batch(real_indices, "val", args.seed, frames, size, args.background)
     started = time.time()
     reference = _sample(model, labels, noise, args)
     rows: List[Dict[str, Any]] = [{"mode": "-", "ratio": "real clips (val)", "psnr_mean": None, "psnr_min": None,
@@ -99,6 +99,17 @@ def table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _run_settings(name: str) -> Dict[str, Any]:
+    """The training settings of the run ``--model`` names (the ``start`` entry of the
+    ``log.jsonl`` in a ``final/`` folder or beside a ``checkpoint.pt``); ``{}`` if none."""
+    path = Path(name)
+    log = (path.parent if path.is_file() else path) / "log.jsonl"
+    if not log.is_file():
+        return {}
+    starts = [json.loads(line) for line in log.read_text().splitlines() if '"start"' in line]
+    return starts[-1].get("args", {}) if starts else {}
+
+
 def _load(name: str) -> video_models.ClassConditionedWan:
     """The model named by ``--model``: a ``final/`` folder, a run's ``checkpoint.pt`` (the run's
     ``log.jsonl`` beside it says the size) or ``untrained-tiny``."""
@@ -106,12 +117,7 @@ def _load(name: str) -> video_models.ClassConditionedWan:
         return video_models.build_model("tiny").eval()
     path = Path(name)
     if path.is_file():
-        size = "small"
-        log = path.parent / "log.jsonl"
-        if log.is_file():
-            starts = [json.loads(line) for line in log.read_text().splitlines() if '"start"' in line]
-            size = starts[-1]["args"]["size"] if starts else size
-        model = video_models.build_model(size)
+        model = video_models.build_model(_run_settings(name).get("size", "small"))
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
         return model.eval()
     return video_models.load_model(path)
@@ -131,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip, as trained (default: %(default)s)")
     parser.add_argument("--size-px", type=int, default=48, help="frame side, as trained (default: %(default)s)")
+    parser.add_argument("--background", choices=clips.BACKGROUNDS, default=None,
+                        help="background of the real clips (the classifier's ceiling row); default: the one the "
+                             "run trained on, from its log.jsonl (cluttered if the log does not say)")
     parser.add_argument("--chunk", type=int, default=20, help="clips sampled at once (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the real clips")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
@@ -149,11 +158,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class!r}")
     torch.set_num_threads(args.threads)
+    if args.background is None:
+        args.background = _run_settings(args.model).get("background", "cluttered")
     model = _load(args.model)
     result = measure(model, args, load_classifier())
     command = "uv run python benchmarks/video_quality.py " + " ".join(shlex.quote(a) for a in argv)
     regime = (f"{result['clips']} clips ({args.per_class} per class) of {args.frames} x {args.size_px} x "
-              f"{args.size_px} px, {args.steps} Euler steps, guidance {args.guidance}, seed {args.seed}; "
+              f"{args.size_px} px ({args.background} background for the real clips), {args.steps} Euler steps, guidance {args.guidance}, seed {args.seed}; "
               f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
               f"{result['seconds']:.0f} s in all")
     text = f"```bash\n{command}\n```\n\n{regime}\n\n{table(result)}\n"

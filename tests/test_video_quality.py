@@ -73,3 +73,14 @@ def test_a_run_checkpoint_loads_at_the_run_s_size(tmp_path):
     assert not loaded.training
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_the_real_clips_take_the_background_the_run_trained_on(tmp_path):
+    from tome import video_models
+
+    script = _load()
+    video_models.save_model(video_models.build_model("tiny"), tmp_path / "final")
+    assert script._run_settings(str(tmp_path / "final")) == {}
+    (tmp_path / "final" / "log.jsonl").write_text(json.dumps({"event": "start", "args": {"background": "plain"}}) + "\n")
+    assert script._run_settings(str(tmp_path / "final"))["background"] == "plain"
+    assert script._run_settings(str(tmp_path / "final" / "checkpoint.pt")) == {}

@@ -73,6 +73,7 @@ def test_consecutive_frames_change_little_but_steadily():
     ({"index": 0, "frames": 1}, "frames must be an int >= 2, got 1"),
     ({"index": 0, "size": 8}, "size must be an int >= 16, got 8"),
     ({"index": 0, "size": True}, "size must be"),
+    ({"index": 0, "background": "noise"}, "background must be one of \\('cluttered', 'plain'\\), got 'noise'"),
 ])
 def test_bad_arguments_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -82,3 +83,26 @@ def test_bad_arguments_are_refused_by_name(kwargs, message):
 def test_an_empty_batch_is_refused():
     with pytest.raises(ValueError, match="at least one clip"):
         clip_batch([])
+
+
+def test_a_plain_clip_is_the_cluttered_one_over_its_base_colour():
+    cluttered, label = render_clip(4, "val", frames=4, size=48)
+    plain, plain_label = render_clip(4, "val", frames=4, size=48, background="plain")
+    assert label == plain_label
+    np.testing.assert_array_equal(plain, render_clip(4, "val", frames=4, size=48, background="plain")[0])
+    # The same object on the same path: where the cluttered clip's frames differ (the object
+    # moving), the plain clip's do too.
+    moved = np.abs(cluttered[0].astype(np.int16) - cluttered[-1]).max(-1) > 60
+    moved_plain = np.abs(plain[0].astype(np.int16) - plain[-1]).max(-1) > 60
+    assert (moved == moved_plain).mean() > 0.97
+    # Away from the object the plain background is one colour plus sensor noise (sigma 5 levels),
+    # where the cluttered one is textured: the share of pixels near the frame's median colour.
+    def flat(frame):
+        return (np.abs(frame.astype(np.int16) - np.median(frame.reshape(-1, 3), 0)).max(-1) < 15).mean()
+
+    shares = np.array([[flat(render_clip(i, "val", frames=2, size=48, background=b)[0][0]) for b in ("plain", "cluttered")]
+                       for i in range(6)])
+    assert (shares[:, 0] > shares[:, 1]).all() and shares[:, 0].mean() > 0.8 > 0.65 > shares[:, 1].mean()
+    videos, _ = clip_batch([4], "val", frames=4, size=48, background="plain")
+    expected = (torch.from_numpy(plain).permute(3, 0, 1, 2).float() / 255 - torch.tensor(synthetic.MEAN).view(3, 1, 1, 1))
+    torch.testing.assert_close(videos[0], expected / torch.tensor(synthetic.STD).view(3, 1, 1, 1))

@@ -114,3 +114,15 @@ def test_a_run_is_never_overwritten_by_accident(tmp_path, capsys):
 def test_registered_in_the_cli(tmp_path, capsys):
     assert cli.main(["video-train", *_argv(tmp_path, "--steps", "1", "--val-every", "1")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
+
+
+def test_plain_background_is_trained_on_and_recorded(tmp_path, monkeypatch):
+    from tome.data import clips
+
+    seen = []
+    real = clips.clip_batch
+    monkeypatch.setattr(clips, "clip_batch", lambda *a, **k: seen.append(a[5:] + tuple(k.values())) or real(*a, **k))
+    video_train.main(_argv(tmp_path / "run", "--background", "plain", "--steps", "2"))
+    assert seen and all(called == ("plain",) for called in seen)
+    assert _history(tmp_path / "run")[0]["args"]["background"] == "plain"
+    assert "plain background" in (tmp_path / "run" / "final" / "README.md").read_text()

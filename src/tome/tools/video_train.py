@@ -136,7 +136,8 @@ def _model_card(args: argparse.Namespace, history: List[Dict[str, Any]], step: i
 A diffusers `WanTransformer3DModel` of size `{args.size}` ({settings}), pixel space (3 channels,
 no VAE), conditioned on the class through a learned table of text tokens
 (`tome.video_models.ClassConditionedWan`), trained from random weights by flow matching on
-`tome.data.clips` ({args.frames} frames of {args.size_px} px, seed {args.seed}) on CPU, by:
+`tome.data.clips` ({args.frames} frames of {args.size_px} px, {args.background} background, seed {args.seed})
+on CPU, by:
 
 ```
 {command}
@@ -181,7 +182,7 @@ class _Run:
         # Fixed validation material: clips, their noise and noise levels, and the sampling noise.
         generator = torch.Generator().manual_seed(args.seed + 1)
         self.val_videos, self.val_labels = clips.clip_batch(range(args.val_clips), "val", args.seed, args.frames,
-                                                            args.size_px)
+                                                            args.size_px, args.background)
         self.val_noise = torch.randn(self.val_videos.shape, generator=generator)
         # Fixed noise levels, drawn once from logit-normal(0.8, 0.8) whatever the training's:
         # a validation loss comparable across runs and resumes (the first shipped run changed
@@ -209,7 +210,7 @@ class _Run:
         args = self.args
         first = step * args.batch_size
         videos, labels = clips.clip_batch(range(first, first + args.batch_size), "train", args.seed, args.frames,
-                                          args.size_px)
+                                          args.size_px, args.background)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         noise = torch.randn(videos.shape, generator=generator)
         sigmas = _sigmas(generator, args.batch_size, args.noise_location, args.noise_scale)
@@ -323,6 +324,8 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="model widths (default: %(default)s; tiny is for tests)")
     parser.add_argument("--frames", type=positive_int, default=8, help="frames per clip (default: %(default)s)")
     parser.add_argument("--size-px", type=positive_int, default=48, help="frame side in px (default: %(default)s)")
+    parser.add_argument("--background", choices=clips.BACKGROUNDS, default="cluttered",
+                        help="what the clips' object moves over (tome.data.clips.BACKGROUNDS; default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
