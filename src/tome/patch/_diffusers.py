@@ -1150,19 +1150,24 @@ def diffusers(
 
 
 def set_token_grid(model: Any, height: int, width: int) -> Any:
-    """Declare the token grid a patched packed-token denoiser (Flux) is called on.
+    """Declare the token grid a patched packed-token denoiser (Flux, Flux.2) is called on.
 
-    Flux's latents are packed into ``(batch, tokens, channels)``; their grid is only in the
-    values of ``img_ids``. An eager call reads it there (one host sync) and remembers it
-    per token count; a call that ``torch.compile`` or ``torch.export`` traces cannot read
-    values, so it takes the remembered grid and checks inside the graph, without a host
-    sync, that ``img_ids`` lay it out row by row (a mismatch fails the call rather than
-    merging wrong neighbours). Declare the grid here to compile or export before any eager call.
+    Flux's and Flux.2's latents are packed into ``(batch, tokens, channels)``; their grid is
+    only in the values of ``img_ids``. An eager call reads it there (one host sync) and
+    remembers it per token count; a call that ``torch.compile`` or ``torch.export`` traces
+    cannot read values, so it takes the remembered grid and checks inside the graph, without
+    a host sync, that ``img_ids`` lay it out row by row (a mismatch fails the call with a
+    ``RuntimeError`` rather than merging wrong neighbours). Declare the grid here to compile
+    or export before any eager call.
+
+    The declared sequence is the grid alone (text to image). Flux.2 editing pipelines add
+    reference-image tokens to it: one eager call on such inputs remembers where the grid
+    lies among them, for traced calls on the same number of tokens.
 
     Args:
-        model: A patched ``FluxTransformer2DModel`` or ``FluxControlNetModel``, or a pipeline
-            holding them.
-        height, width: The grid in tokens (Flux: the image's height and width in pixels / 16).
+        model: A patched ``FluxTransformer2DModel``, ``FluxControlNetModel`` or
+            ``Flux2Transformer2DModel``, or a pipeline holding them.
+        height, width: The grid in tokens (the image's height and width in pixels / 16).
 
     Returns:
         ``model``.
@@ -1173,13 +1178,13 @@ def set_token_grid(model: Any, height: int, width: int) -> Any:
     """
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int (the token grid, Flux: pixels / 16)")
-    found = [d for d in _parts(model) if getattr(d, "_tome_grid_reader", None) is _rows.packed_grid]
+            raise ValueError(f"{name}={value!r} must be a positive int (the token grid: pixels / 16)")
+    found = [d for d in _parts(model) if getattr(d, "_tome_grid_reader", None) in _rows.IDS_GRIDS]
     if not found:
         raise TypeError(
             f"{type(model).__name__} holds no patched denoiser that reads its token grid from img_ids "
-            "(FluxTransformer2DModel, FluxControlNetModel patched with tome.patch.diffusers); "
-            "the others read it from the shape of their input"
+            "(FluxTransformer2DModel, FluxControlNetModel, Flux2Transformer2DModel patched with "
+            "tome.patch.diffusers); the others read it from the shape of their input"
         )
     for denoiser in found:
         denoiser.__dict__.setdefault(_rows.PACKED_GRIDS, {})[height * width] = (1, height, width)

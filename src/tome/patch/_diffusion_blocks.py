@@ -257,7 +257,8 @@ def frames_first_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]
     return (sample.shape[1] // pt, sample.shape[3] // ph, sample.shape[4] // pw)
 
 
-# Where a packed-token denoiser keeps the grids it has read, per token count (see packed_grid).
+# Where a denoiser whose grid is in the values of img_ids (Flux, Flux.2) keeps the grids it has
+# read, per token count of its latent sequence (see packed_grid and flux2_grid).
 PACKED_GRIDS = "_tome_packed_grids"
 
 
@@ -283,54 +284,47 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(ids, torch.Tensor)
             and ids.dim() in (2, 3) and ids.shape[-1] == 3 and ids.shape[-2] == sample.shape[1]):
         return None
-    tokens, grids = sample.shape[1], getattr(model, PACKED_GRIDS, None) or {}
     if torch.compiler.is_compiling():
-        if tokens not in grids:
-            raise ValueError(
-                f"{type(model).__name__} cannot read its token grid from the values of img_ids while torch.compile "
-                f"or torch.export traces it; call it once without compiling on inputs of {tokens} tokens, or declare "
-                f"the grid with tome.patch.set_token_grid(model, height, width) (in tokens, height * width = {tokens}); "
-                "ids that are not one grid covering every token (Flux Kontext's reference-image tokens) do not merge: "
-                "use ratio=0 for them"
-            )
-        _check_ids(ids, grids[tokens])
-        return grids[tokens]
+        return _traced_grid(model, ids, target=False,
+                            unknown="ids that are not one grid covering every token (Flux Kontext's reference-image "
+                                    "tokens) do not merge: use ratio=0 for them")
     ids = ids[0] if ids.dim() == 3 else ids  # the model reads the first sample's ids (deprecated 3-D form)
     height, width = ids[:, 1].max().long() + 1, ids[:, 2].max().long() + 1
     index = torch.arange(ids.shape[0], device=ids.device)
     row_major = ((ids[:, 1] == index // width) & (ids[:, 2] == index % width)).all()
     height, width, row_major = torch.stack([height, width, row_major.long()]).tolist()  # the one host sync
-    if not row_major or height * width != tokens:
+    if not row_major or height * width != ids.shape[0]:
         return None
-    model.__dict__.setdefault(PACKED_GRIDS, {})[tokens] = (1, height, width)
-    return (1, height, width)
-
-
-def _check_ids(ids: torch.Tensor, grid: Grid) -> None:
-    """Assert, inside the graph, that image ids ``(..., tokens, 3)`` are ``grid`` row by row."""
-    _, height, width = grid
-    rows = torch.arange(height, device=ids.device, dtype=ids.dtype).repeat_interleave(width)
-    cols = torch.arange(width, device=ids.device, dtype=ids.dtype).repeat(height)
-    same = (ids[..., 1] == rows).all() & (ids[..., 2] == cols).all()
-    torch._assert_async(same, f"img_ids are not the {height} x {width} token grid remembered for {height * width} "
-                              "tokens; call the model once without compiling on this grid, or tome.patch.set_token_grid")
+    return _remember(model, ids.shape[0], (1, height, width))
 
 
 def flux2_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
     """Packed tokens ``(batch, tokens, channels)`` with ``img_ids`` ``([batch,] tokens, 4)``
     ``(t, h, w, l)`` (Flux.2): the grid is the block of tokens with the smallest ``t``, the
     target latents (every Flux.2 pipeline gives them ``t = 0`` and reference images ``t = 10,
-    20, ...``), read with one host sync per call, as for Flux. Reference tokens may sit
-    before the grid (Flux.2 Klein's KV-cache extraction step) or after it (Flux.2 editing);
-    they are kept unmerged. The model reads the first sample's ids, and so does this.
+    20, ...``), read with one host sync per call and remembered per token count, as for Flux.
+    Reference tokens may sit before the grid (Flux.2 Klein's KV-cache extraction step) or
+    after it (Flux.2 editing); they are kept unmerged. The model reads the first sample's ids,
+    and so does this.
 
     Returns None (nothing merges, with a warning) if the target tokens are not one
     contiguous row-major ``height x width`` block.
+
+    A traced call (``torch.compile``, ``torch.export``) takes the layout remembered for its
+    token count (from an eager call, or ``tome.patch.set_token_grid`` for a sequence that is
+    the grid alone) and checks inside the graph, without a host sync, that the ids are that layout.
+
+    Raises:
+        ValueError: in a traced call, when no layout is remembered for its token count.
     """
     if not (isinstance(sample, torch.Tensor) and sample.dim() == 3 and isinstance(ids, torch.Tensor)
             and ids.dim() in (2, 3) and ids.shape[-1] >= 3 and ids.shape[-2] == sample.shape[1]):
         return None
     ids = ids[0] if ids.dim() == 3 else ids
+    if torch.compiler.is_compiling():
+        return _traced_grid(model, ids, target=True,
+                            unknown="with reference-image tokens in the sequence (editing), call it once without "
+                                    "compiling on those inputs: set_token_grid declares a grid without them")
     t, h, w = ids[:, 0], ids[:, 1].long(), ids[:, 2].long()
     target = t == t.min()
     rank = target.long().cumsum(0) - 1  # place of each target token among them
@@ -344,7 +338,57 @@ def flux2_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
         [target.sum(), first, height, width, in_order.long()]).tolist()  # the one host sync
     if not in_order or count != height * width:
         return None
-    return PlacedGrid(1, height, width, first, len(t) - first - count)
+    return _remember(model, len(t), PlacedGrid(1, height, width, first, len(t) - first - count))
+
+
+def _remember(model: nn.Module, tokens: int, grid: Union[Grid, PlacedGrid]) -> Union[Grid, PlacedGrid]:
+    """Keep ``grid``, read from the ids of an eager call, for traced calls on ``tokens`` tokens."""
+    model.__dict__.setdefault(PACKED_GRIDS, {})[tokens] = grid
+    return grid
+
+
+def _traced_grid(model: nn.Module, ids: torch.Tensor, target: bool, unknown: str) -> Union[Grid, PlacedGrid]:
+    """The grid remembered for the token count of ``ids`` (``([batch,] tokens, axes)``), checked
+    against them inside the graph (see :func:`_check_ids`).
+
+    Raises:
+        ValueError: if no grid is remembered for that token count; ``unknown`` ends its message.
+    """
+    tokens, grids = ids.shape[-2], getattr(model, PACKED_GRIDS, None) or {}
+    if tokens not in grids:
+        raise ValueError(
+            f"{type(model).__name__} cannot read its token grid from the values of img_ids while torch.compile "
+            f"or torch.export traces it; call it once without compiling on inputs of {tokens} tokens, or declare "
+            f"the grid with tome.patch.set_token_grid(model, height, width) (in tokens, height * width = {tokens}); "
+            + unknown
+        )
+    _check_ids(ids, grids[tokens], target)
+    return grids[tokens]
+
+
+def _check_ids(ids: torch.Tensor, grid: Union[Grid, PlacedGrid], target: bool) -> None:
+    """Assert, inside the graph, that image ids ``(..., tokens, axes)`` lay ``grid`` out row by
+    row (axes 1 and 2) after its ``before`` tokens; with ``target`` (Flux.2), also that exactly
+    the grid's tokens have the smallest ``t`` (axis 0)."""
+    _, height, width = grid[:3]
+    before, after = getattr(grid, "before", 0), getattr(grid, "after", 0)
+    tokens = ids.shape[-2]
+    block = ids[..., before:tokens - after, :]
+    rows = torch.arange(height, device=ids.device, dtype=ids.dtype).repeat_interleave(width)
+    cols = torch.arange(width, device=ids.device, dtype=ids.dtype).repeat(height)
+    same = (block[..., 1] == rows).all() & (block[..., 2] == cols).all()
+    if target:
+        t = ids[..., 0]
+        position = torch.arange(tokens, device=ids.device)
+        inside = (position >= before) & (position < tokens - after)
+        same = same & ((t == t.min(dim=-1, keepdim=True).values) == inside).all()
+    where = f" between {before} and {after} other tokens" if before or after else ""
+    torch._assert_async(same, f"img_ids are not the {height} x {width} token grid{where} remembered for {tokens} "
+                              "tokens; call the model once without compiling on this grid, or tome.patch.set_token_grid")
+
+
+# The grid readers that read img_ids' values and remember what they read (tome.patch.set_token_grid).
+IDS_GRIDS = (packed_grid, flux2_grid)
 
 
 def list_grid(model: nn.Module, sample: Any, patches: Any) -> Optional[Grid]:
