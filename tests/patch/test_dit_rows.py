@@ -113,24 +113,32 @@ def _smooth_video(batch, channels, frames, height, width, gen):
     return latent + 0.1 * torch.randn(latent.shape, generator=gen)
 
 
-@pytest.mark.parametrize("image_condition_type", [None, "token_replace"], ids=["t2v", "i2v_token_replace"])
-def test_hunyuan_video_merges_the_video_keys_of_its_dual_and_single_blocks(image_condition_type):
-    """[video, text] in every block, text padded by a key mask (the second prompt is shorter)."""
+def make_hunyuan(image_condition_type=None):
     from diffusers import HunyuanVideoTransformer3DModel
 
-    model = trained_like_(HunyuanVideoTransformer3DModel(
+    return trained_like_(HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
         num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=12,
         pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=False,
         image_condition_type=image_condition_type,
     )).eval()
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
-                  encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
-                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-                  pooled_projections=torch.randn(2, 8, generator=gen))
+
+
+def hunyuan_inputs(seed=0):
+    """4 frames of 16 x 16 latents (4 x 8 x 8 tokens), two prompts, the second padded."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
+                encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+                pooled_projections=torch.randn(2, 8, generator=gen))
+
+
+@pytest.mark.parametrize("image_condition_type", [None, "token_replace"], ids=["t2v", "i2v_token_replace"])
+def test_hunyuan_video_merges_the_video_keys_of_its_dual_and_single_blocks(image_condition_type):
+    """[video, text] in every block, text padded by a key mask (the second prompt is shorter)."""
     # first the text refiner's self-attention over the 5 text tokens, left alone
-    _check(model, inputs, video_keys=4 * 8 * 8, text_keys=5, blocks=2, before=[5], st=2)
+    _check(make_hunyuan(image_condition_type), hunyuan_inputs(), video_keys=4 * 8 * 8, text_keys=5, blocks=2,
+           before=[5], st=2)
 
 
 # --- LTX-Video ------------------------------------------------------------------------------
@@ -182,19 +190,26 @@ def test_ltx_video_condition_tokens_are_refused():
 # --- Sana -----------------------------------------------------------------------------------
 
 
-def test_sana_linear_attention_runs_on_merged_tokens():
-    """Sana's self-attention is linear (no softmax to merge keys in): mode tokens is its
-    default, and the attention's projections see half the image tokens."""
+def make_sana():
     from diffusers import SanaTransformer2DModel
 
-    model = trained_like_(SanaTransformer2DModel(
+    return trained_like_(SanaTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=12,
         sample_size=16, patch_size=2,
     )).eval()
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=_smooth(2, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
-                  encoder_hidden_states=torch.randn(2, 5, 12, generator=gen))
+
+
+def sana_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth(2, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 12, generator=gen))
+
+
+def test_sana_linear_attention_runs_on_merged_tokens():
+    """Sana's self-attention is linear (no softmax to merge keys in): mode tokens is its
+    default, and the attention's projections see half the image tokens."""
+    model, inputs = make_sana(), sana_inputs()
     want = _run(model, inputs)
     tome.patch.diffusers(model, ratio=0.0)
     assert model.mode == "tokens" and torch.equal(_run(model, inputs), want)
@@ -221,20 +236,28 @@ def test_sana_linear_attention_runs_on_merged_tokens():
 # --- Mochi ----------------------------------------------------------------------------------
 
 
+def make_mochi():
+    from diffusers import MochiTransformer3DModel
+
+    return trained_like_(MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=24, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
+    )).eval()
+
+
+def mochi_inputs(seed=0):
+    """4 frames of 16 x 16 latents (4 x 8 x 8 tokens), two prompts, the second padded."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+                encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+
+
 @pytest.mark.parametrize("use_rand", [False, True])
 def test_mochi_merges_the_video_keys_of_its_per_sample_joint_attention(use_rand):
     """Mochi attends over [video, valid text] one sample at a time: the second prompt has 3
     valid tokens of 5, so its calls see 3 text keys."""
-    from diffusers import MochiTransformer3DModel
-
-    model = trained_like_(MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=2, attention_head_dim=24, num_layers=2, pooled_projection_dim=16,
-        in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
-    )).eval()
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
-                  encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
-                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    model, inputs = make_mochi(), mochi_inputs()
     want = _run(model, inputs)
     tome.patch.diffusers(model, ratio=0.0, use_rand=use_rand, st=2)
     assert model.mode == "kv" and torch.equal(_run(model, inputs), want)
@@ -260,20 +283,11 @@ def test_mochi_moves_more_only_through_its_rotary_spread_on_a_tiny_grid():
     the frequencies at zero (no rotation, all else unchanged) merging moves the output as little
     as it moves the other rows'. (The token layout, frame-major rows of patches, is the one
     Mochi's patch embedding and its RoPE positions use; this test does not tell layouts apart.)"""
-    from diffusers import MochiTransformer3DModel
-
     errors = []
     for frequency_scale in (1.0, 0.0):
-        model = trained_like_(MochiTransformer3DModel(
-            patch_size=2, num_attention_heads=2, attention_head_dim=24, num_layers=2, pooled_projection_dim=16,
-            in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
-        )).eval()
+        model, inputs = make_mochi(), mochi_inputs()
         with torch.no_grad():
             model.pos_frequencies.mul_(frequency_scale)
-        gen = torch.Generator().manual_seed(0)
-        inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
-                      encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
-                      encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
         want = _run(model, inputs)
         tome.patch.diffusers(model, ratio=0.5, st=2)
         errors.append(((_run(model, inputs) - want).norm() / want.norm()).item())
@@ -400,21 +414,28 @@ def test_flux2_ids_without_a_target_grid_merge_nothing_and_warn():
 # --- SD 3.5 (MMDiT-X) -----------------------------------------------------------------------
 
 
+def make_sd35():
+    from diffusers import SD3Transformer2DModel
+
+    return trained_like_(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )).eval()
+
+
+def sd35_inputs(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth(2, 4, 16, 16, gen), encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+                pooled_projections=torch.randn(2, 16, generator=gen), timestep=torch.tensor([10, 10]))
+
+
 def test_sd35_merges_the_keys_of_its_joint_and_its_image_only_attention():
     """SD 3.5: RMS qk-norm, and in the ``dual_attention_layers`` a second self-attention
     (``attn2``) over the image tokens alone. Block 0 (dual): joint attention over 5 text and
     64 image keys, then attn2 over the 64 image keys, both with half the image keys; block 1
     (the last, context-pre-only): joint attention."""
-    from diffusers import SD3Transformer2DModel
-
-    model = trained_like_(SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
-    )).eval()
-    gen = torch.Generator().manual_seed(3)
-    inputs = dict(hidden_states=_smooth(2, 4, 16, 16, gen), encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
-                  pooled_projections=torch.randn(2, 16, generator=gen), timestep=torch.tensor([10, 10]))
+    model, inputs = make_sd35(), sd35_inputs()
     want = _run(model, inputs)
     tome.patch.diffusers(model, ratio=0.0)
     assert torch.equal(_run(model, inputs), want)
