@@ -661,3 +661,40 @@ def test_wan_animate_merges_the_slice_after_the_reference_frame():
             after = attn(hidden, tome=_Step(model._tome_settings, 1, 4, 4, None, frames=2, before=16))
     assert spy.lengths == [16 + 8]
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+
+
+# --- the rows above, for the compile, export and offloading tests --------------------------------
+
+
+def sample(out):
+    """The denoiser output as one tensor (Z-Image returns a list, one per sample)."""
+    sample = out.sample if hasattr(out, "sample") else out[0]
+    return torch.stack(sample) if isinstance(sample, (list, tuple)) else sample
+
+
+def later(inputs):
+    """Another step's inputs: the same shapes, new latents and a new timestep."""
+    def moved(value):
+        return [moved(v) for v in value] if isinstance(value, list) else (value * 0.6 + 0.1).to(value.dtype)
+    return {name: moved(value) if name in ("hidden_states", "x", "timestep", "t") else value
+            for name, value in inputs.items()}
+
+
+def _cogvideox():
+    from test_wan import cogvideox_inputs, make_cogvideox
+
+    return make_cogvideox(), cogvideox_inputs()
+
+
+# name: () -> (tiny model, inputs); Flux.2 is left out (its grid is read with a host sync per call)
+NEWER_ROWS = {
+    "qwen-image": lambda: (make_qwen(), qwen_inputs()),
+    "hunyuan-video": lambda: (make_hunyuan(), hunyuan_inputs()),
+    "hunyuan-video-1.5": lambda: (make_hunyuan15(), hunyuan15_inputs()),
+    "ltx-video": lambda: (make_ltx(), ltx_inputs()),
+    "cogvideox": _cogvideox,
+    "mochi": lambda: (make_mochi(), mochi_inputs()),
+    "z-image": lambda: (make_zimage(), zimage_inputs()),
+    "sana": lambda: (make_sana(), sana_inputs()),
+    "sd3.5": lambda: (make_sd35(), sd35_inputs()),
+}
