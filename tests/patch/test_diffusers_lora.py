@@ -1,5 +1,5 @@
 """LoRA on patched pipelines: ``load_lora_weights``, ``fuse_lora``, ``unfuse_lora`` and
-``unload_lora_weights`` on a tiny Stable Diffusion and a tiny Flux pipeline, patched before
+``unload_lora_weights`` on a tiny Stable Diffusion, Flux and Qwen-Image pipeline, patched before
 or after the LoRA is loaded. The LoRA is made with peft on a copy of the denoiser, saved
 with the pipeline's ``save_lora_weights`` (safetensors) and loaded from ``tmp_path``."""
 
@@ -25,6 +25,7 @@ from diffusers import (  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from test_diffusers import flux_inputs, make_flux, make_unet, unet_inputs  # noqa: E402
+from test_dit_rows import make_qwen, qwen_inputs  # noqa: E402
 
 from conftest import KeyLengths  # noqa: E402
 
@@ -48,6 +49,13 @@ def _flux_pipeline() -> FluxPipeline:
                         text_encoder_2=None, tokenizer_2=None, transformer=make_flux())
 
 
+def _qwen_pipeline():
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                             tokenizer=None, transformer=make_qwen())
+
+
 def _unet_call(pipe):
     with torch.no_grad():
         return pipe.unet(*unet_inputs()).sample
@@ -59,10 +67,16 @@ def _flux_call(pipe):
         return pipe.transformer(*args, **kwargs).sample
 
 
+def _qwen_call(pipe):
+    with torch.no_grad():
+        return pipe.transformer(**qwen_inputs()).sample
+
+
 # (pipeline, denoiser attribute, save_lora_weights argument, a denoiser call)
 CASES = {
     "sd": (_sd_pipeline, "unet", "unet_lora_layers", _unet_call),
     "flux": (_flux_pipeline, "transformer", "transformer_lora_layers", _flux_call),
+    "qwen-image": (_qwen_pipeline, "transformer", "transformer_lora_layers", _qwen_call),
 }
 
 
