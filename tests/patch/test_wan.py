@@ -196,10 +196,11 @@ def make_cogvideox(patch_size_t=None):
     )).eval()
 
 
-def cogvideox_inputs(seed=0):
-    """Latents (batch, frames, channels, height, width) as CogVideoX takes them."""
+def cogvideox_inputs(seed=0, frames=4):
+    """Latents (batch, frames, channels, height, width) as CogVideoX takes them (its config's
+    sample_frames=17 are 5 latent frames: 4 make it recompute its sin-cos position table)."""
     gen = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(2, 4, 4, 16, 16, generator=gen),
+    return dict(hidden_states=torch.randn(2, frames, 4, 16, 16, generator=gen),
                 encoder_hidden_states=torch.randn(2, 5, 16, generator=gen), timestep=torch.tensor([500, 500]))
 
 
