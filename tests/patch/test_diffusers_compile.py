@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not hasattr(torch, "compile") or sys.version_inf
                                 reason="torch.compile (dynamo) is not available here")
 
 from test_diffusers import flux_inputs, make_flux, make_flux_controlnet, make_unet, unet_inputs  # noqa: E402
-from test_dit_rows import NEWER_ROWS, later, sample  # noqa: E402
+from test_dit_rows import NEWER_ROWS, later, newer_row, sample  # noqa: E402
 from test_wan import cogvideox_inputs, make_wan, wan_inputs  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
@@ -241,7 +241,7 @@ def _merged_differs(got, unpatched):
 
 @pytest.mark.parametrize("row", list(NEWER_ROWS))
 def test_newer_rows_compile_fullgraph_without_recompiling_and_equal_eager(row):
-    model, inputs = NEWER_ROWS[row]()
+    model, inputs = newer_row(row)
     unpatched = sample(model(**inputs))
     tome.patch.diffusers(model, ratio=0.5)
     compiled = torch.compile(model, backend="eager", fullgraph=row not in NO_FULLGRAPH)
@@ -255,7 +255,7 @@ def test_newer_rows_compile_fullgraph_without_recompiling_and_equal_eager(row):
 
 @pytest.mark.parametrize("row", [row for row in NEWER_ROWS if row not in NO_EXPORT])
 def test_newer_rows_export_and_equal_eager(row):
-    model, inputs = NEWER_ROWS[row]()
+    model, inputs = newer_row(row)
     unpatched = sample(model(**inputs))
     tome.patch.diffusers(model, ratio=0.5)
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_newer_rows_export_and_equal_eager(row):
 def test_what_the_newer_rows_cannot_capture_fails_unpatched_too(row):
     """The limits above are diffusers' own: the unpatched model fails the same way (when a
     diffusers release lifts one, this fails, and the row joins the tests above)."""
-    model, inputs = NEWER_ROWS[row]()
+    model, inputs = newer_row(row)
     if row == "cogvideox":
         inputs = cogvideox_inputs(frames=4)
     with torch.no_grad():
@@ -290,7 +290,7 @@ def test_regional_compilation_of_the_newer_rows_makes_the_unpatched_graphs(row):
     for ratio in (None, 0.5):
         torch._dynamo.reset()
         counters.clear()
-        model, inputs = NEWER_ROWS[row]()
+        model, inputs = newer_row(row)
         if not model._repeated_blocks:
             pytest.skip(f"diffusers lists no repeated blocks for {type(model).__name__}")
         if ratio is not None:

@@ -6,6 +6,8 @@ weight scale, and pipelines that append reference or condition tokens refused.""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -680,21 +682,93 @@ def later(inputs):
             for name, value in inputs.items()}
 
 
-def _cogvideox():
-    from test_wan import cogvideox_inputs, make_cogvideox
+def _cogvideox_inputs():
+    from test_wan import cogvideox_inputs
 
-    return make_cogvideox(), cogvideox_inputs(frames=5)  # its config's frame count (see NO_EXPORT in the compile tests)
+    return cogvideox_inputs(frames=5)  # its config's frame count (see NO_EXPORT in the compile tests)
 
 
-# name: () -> (tiny model, inputs); Flux.2 is left out (its grid is read with a host sync per call)
+def _make_cogvideox():
+    from test_wan import make_cogvideox
+
+    return make_cogvideox()
+
+
+# name: (tiny model, its inputs); Flux.2 is left out (its grid is read with a host sync per call)
 NEWER_ROWS = {
-    "qwen-image": lambda: (make_qwen(), qwen_inputs()),
-    "hunyuan-video": lambda: (make_hunyuan(), hunyuan_inputs()),
-    "hunyuan-video-1.5": lambda: (make_hunyuan15(), hunyuan15_inputs()),
-    "ltx-video": lambda: (make_ltx(), ltx_inputs()),
-    "cogvideox": _cogvideox,
-    "mochi": lambda: (make_mochi(), mochi_inputs()),
-    "z-image": lambda: (make_zimage(), zimage_inputs()),
-    "sana": lambda: (make_sana(), sana_inputs()),
-    "sd3.5": lambda: (make_sd35(), sd35_inputs()),
+    "qwen-image": (make_qwen, qwen_inputs),
+    "hunyuan-video": (make_hunyuan, hunyuan_inputs),
+    "hunyuan-video-1.5": (make_hunyuan15, hunyuan15_inputs),
+    "ltx-video": (make_ltx, ltx_inputs),
+    "cogvideox": (_make_cogvideox, _cogvideox_inputs),
+    "mochi": (make_mochi, mochi_inputs),
+    "z-image": (make_zimage, zimage_inputs),
+    "sana": (make_sana, sana_inputs),
+    "sd3.5": (make_sd35, sd35_inputs),
+}
+
+
+def newer_row(name):
+    """The row's tiny model and its inputs."""
+    make, inputs = NEWER_ROWS[name]
+    return make(), inputs()
+
+
+def _pipeline(name, transformer, **components):
+    """A newer row's pipeline without VAE and text encoders (prompt embeddings are given, latents returned)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = components.pop("scheduler", None) or FlowMatchEulerDiscreteScheduler()
+    parameters = inspect.signature(getattr(diffusers, name)).parameters
+    encoders = {part: None for part in parameters if part.startswith(("text_encoder", "tokenizer", "vae"))}
+    return getattr(diffusers, name)(transformer=transformer, scheduler=scheduler, **encoders, **components)
+
+
+def _prompt(channels, mask=False, negative=True, **more):
+    """Prompt embeddings (1, 5, channels), their mask and a zero negative prompt, as pipeline arguments."""
+    embeds = torch.randn(1, 5, channels, generator=torch.Generator().manual_seed(0))
+    out = {"prompt_embeds": embeds, **more}
+    if negative:
+        out["negative_prompt_embeds"] = torch.zeros_like(embeds)
+    if mask:
+        out["prompt_attention_mask"] = torch.ones(1, 5)
+        if negative:
+            out["negative_prompt_attention_mask"] = torch.ones(1, 5)
+    return out
+
+
+def _latents(pipe, **arguments):
+    out = pipe(num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **arguments)
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+def _cogvideox_pipeline():
+    from diffusers import CogVideoXDDIMScheduler
+
+    return _pipeline("CogVideoXPipeline", _make_cogvideox(), scheduler=CogVideoXDDIMScheduler())
+
+
+# name: (a tiny pipeline of the row's model, its two steps to latents); every latent grid is 8 x 8
+# tokens per frame. HunyuanVideo 1.5's pipeline reads its VAE's config when built: not here.
+NEWER_PIPELINES = {
+    "qwen-image": (lambda: _pipeline("QwenImagePipeline", make_qwen()), lambda pipe: _latents(
+        pipe, prompt_embeds=torch.randn(1, 5, 12, generator=torch.Generator().manual_seed(0)),
+        prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long), height=128, width=128)),
+    "hunyuan-video": (lambda: _pipeline("HunyuanVideoPipeline", make_hunyuan()), lambda pipe: _latents(
+        pipe, **_prompt(12, mask=True, negative=False, pooled_prompt_embeds=torch.ones(1, 8)), height=128, width=128,
+        num_frames=9)),
+    "ltx-video": (lambda: _pipeline("LTXPipeline", make_ltx()), lambda pipe: _latents(
+        pipe, **_prompt(12, mask=True), height=256, width=256, num_frames=9)),
+    "cogvideox": (_cogvideox_pipeline, lambda pipe: _latents(pipe, **_prompt(16), height=128, width=128, num_frames=13)),
+    "mochi": (lambda: _pipeline("MochiPipeline", make_mochi()), lambda pipe: _latents(
+        pipe, **_prompt(16, mask=True), height=128, width=128, num_frames=7)),
+    "z-image": (lambda: _pipeline("ZImagePipeline", make_zimage()), lambda pipe: _latents(
+        pipe, prompt_embeds=[torch.randn(5, 12, generator=torch.Generator().manual_seed(0))],
+        negative_prompt_embeds=[torch.zeros(5, 12)], height=128, width=128)),
+    "sana": (lambda: _pipeline("SanaPipeline", make_sana()), lambda pipe: _latents(
+        pipe, **_prompt(12, mask=True), negative_prompt=None, height=512, width=512, use_resolution_binning=False)),
+    "sd3.5": (lambda: _pipeline("StableDiffusion3Pipeline", make_sd35()), lambda pipe: _latents(
+        pipe, **_prompt(16, pooled_prompt_embeds=torch.ones(1, 16), negative_pooled_prompt_embeds=torch.zeros(1, 16)),
+        height=128, width=128)),
 }

@@ -6,7 +6,6 @@ All on CPU: accelerate's hooks accept it as the execution device. Tiny random mo
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import pytest
@@ -24,17 +23,7 @@ from accelerate.hooks import ModelHook, add_hook_to_module  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.hooks import HookRegistry, apply_group_offloading  # noqa: E402
 from diffusers.hooks import ModelHook as DiffusersHook  # noqa: E402
-from test_dit_rows import (  # noqa: E402
-    NEWER_ROWS,
-    make_hunyuan,
-    make_ltx,
-    make_mochi,
-    make_qwen,
-    make_sana,
-    make_sd35,
-    make_zimage,
-    sample,
-)
+from test_dit_rows import NEWER_PIPELINES, NEWER_ROWS, newer_row, sample  # noqa: E402
 
 from conftest import trained_like_  # noqa: E402
 
@@ -326,96 +315,10 @@ def _pixart_generate(pipe) -> torch.Tensor:
                 use_resolution_binning=False).images
 
 
-def _ltx_pipeline():
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
-
-    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                       transformer=make_ltx())
-
-
-def _ltx_generate(pipe) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    embeds, mask = torch.randn(1, 5, 12, generator=gen), torch.ones(1, 5)
-    # 9 frames of 256 x 256 pixels: 2 x 8 x 8 latent tokens
-    return pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=torch.zeros_like(embeds),
-                negative_prompt_attention_mask=mask, height=256, width=256, num_frames=9, num_inference_steps=2,
-                output_type="latent", generator=gen).frames
-
-
-def _qwen_pipeline():
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-
-    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-                             tokenizer=None, transformer=make_qwen())
-
-
-def _qwen_generate(pipe) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    embeds, mask = torch.randn(1, 5, 12, generator=gen), torch.ones(1, 5, dtype=torch.long)
-    return pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, height=128, width=128, num_inference_steps=2,
-                output_type="latent", generator=gen).images  # 8 x 8 packed tokens
-
-
-def _newer_pipeline(name, transformer, **components):
-    """A newer row's pipeline without VAE and text encoders (prompt embeddings are given, latents returned)."""
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = components.pop("scheduler", None) or FlowMatchEulerDiscreteScheduler()
-    parameters = inspect.signature(getattr(diffusers, name)).parameters
-    encoders = {part: None for part in parameters if part.startswith(("text_encoder", "tokenizer", "vae"))}
-    return getattr(diffusers, name)(transformer=transformer, scheduler=scheduler, **encoders, **components)
-
-
-def _prompt(channels, mask=False, negative=True, **more):
-    """Prompt embeddings (1, 5, channels), their mask and a zero negative prompt, as pipeline arguments."""
-    embeds = torch.randn(1, 5, channels, generator=torch.Generator().manual_seed(0))
-    out = {"prompt_embeds": embeds, **more}
-    if negative:
-        out["negative_prompt_embeds"] = torch.zeros_like(embeds)
-    if mask:
-        out["prompt_attention_mask"] = torch.ones(1, 5)
-        if negative:
-            out["negative_prompt_attention_mask"] = torch.ones(1, 5)
-    return out
-
-
-def _latents(pipe, **arguments):
-    out = pipe(num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **arguments)
-    return out.frames if hasattr(out, "frames") else out.images
-
-
-def _cogvideox_pipeline():
-    from diffusers import CogVideoXDDIMScheduler
-    from test_wan import make_cogvideox
-
-    return _newer_pipeline("CogVideoXPipeline", make_cogvideox(), scheduler=CogVideoXDDIMScheduler())
-
-
-# name: (pipeline, its two steps to latents); every latent grid is 8 x 8 tokens per frame
-NEWER_PIPELINES = {
-    "hunyuan-video": (lambda: _newer_pipeline("HunyuanVideoPipeline", make_hunyuan()), lambda pipe: _latents(
-        pipe, **_prompt(12, mask=True, negative=False, pooled_prompt_embeds=torch.ones(1, 8)), height=128, width=128,
-        num_frames=9)),
-    "cogvideox": (_cogvideox_pipeline, lambda pipe: _latents(pipe, **_prompt(16), height=128, width=128, num_frames=13)),
-    "mochi": (lambda: _newer_pipeline("MochiPipeline", make_mochi()), lambda pipe: _latents(
-        pipe, **_prompt(16, mask=True), height=128, width=128, num_frames=7)),
-    "sana": (lambda: _newer_pipeline("SanaPipeline", make_sana()), lambda pipe: _latents(
-        pipe, **_prompt(12, mask=True), negative_prompt=None, height=512, width=512, use_resolution_binning=False)),
-    "z-image": (lambda: _newer_pipeline("ZImagePipeline", make_zimage()), lambda pipe: _latents(
-        pipe, prompt_embeds=[torch.randn(5, 12, generator=torch.Generator().manual_seed(0))],
-        negative_prompt_embeds=[torch.zeros(5, 12)], height=128, width=128)),
-    "sd3.5": (lambda: _newer_pipeline("StableDiffusion3Pipeline", make_sd35()), lambda pipe: _latents(
-        pipe, **_prompt(16, pooled_prompt_embeds=torch.ones(1, 16), negative_pooled_prompt_embeds=torch.zeros(1, 16)),
-        height=128, width=128)),
-}
-
 DIT_PIPELINES = {
     "flux": (_flux_pipeline, _flux_generate),
     "wan": (_wan_pipeline, _wan_generate),
     "pixart": (_pixart_pipeline, _pixart_generate),
-    "ltx-video": (_ltx_pipeline, _ltx_generate),
-    "qwen-image": (_qwen_pipeline, _qwen_generate),
     **NEWER_PIPELINES,
 }
 
@@ -479,7 +382,7 @@ TRANSFORMER_OFFLOADS = {
 
 @pytest.mark.parametrize("row", list(NEWER_ROWS))
 def test_newer_rows_with_offloading_hooks_merge_in_both_orders(row):
-    model, inputs = NEWER_ROWS[row]()
+    model, inputs = newer_row(row)
     with torch.no_grad():
         unpatched = sample(model(**inputs))
         tome.patch.diffusers(model, ratio=0.5)
@@ -487,7 +390,7 @@ def test_newer_rows_with_offloading_hooks_merge_in_both_orders(row):
     assert ((merged - unpatched).norm() / unpatched.norm()).item() > 1e-3  # merging changes the outputs
     for name, offload in TRANSFORMER_OFFLOADS.items():
         for order in ("offload_then_patch", "patch_then_offload"):
-            model, _ = NEWER_ROWS[row]()
+            model, _ = newer_row(row)
             if order == "offload_then_patch":
                 offload(model)
                 tome.patch.diffusers(model, ratio=0.5)
