@@ -267,17 +267,21 @@ def test_kv_mode_is_lossless_on_exact_duplicates():
         assert (model(noisy).sample - unmerged).abs().max() > 1e-3  # and it does merge
 
 
-def test_kv_mode_refuses_a_self_attention_mask_that_differs_between_the_keys_of_a_query():
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "compiled"])
+def test_kv_mode_refuses_a_self_attention_mask_that_differs_between_the_keys_of_a_query(traced):
     """A mask over queries and keys that differs between the image keys one query sees (here
     causal) cannot be kept by merged keys: refused. (One equal on every image key of a query,
-    a padding mask, is kept: tests/patch/test_dit_rows.py, HunyuanVideo 1.5.)"""
+    a padding mask, is kept: tests/patch/test_dit_rows.py, HunyuanVideo 1.5.) Compiled with
+    fullgraph=True, the check runs inside the graph (no branch on a value to break it) and fails there."""
     model = _duplicated_transformer()
     tome.patch.diffusers(model, ratio=0.5, mode="kv")
     block = model.transformer_blocks[0]
     causal = torch.full((16, 16), -1e4).triu(1)[None]
-    with pytest.raises(ValueError, match="attention mask over queries and keys .*differs between the image keys"):
-        block.attn1(torch.randn(1, 16, 16), attention_mask=causal,
-                    tome=block._tome_plan(torch.randn(1, 16, 16), _step_for(model, 4, 4)))
+    attn = torch.compile(block.attn1, backend="eager", fullgraph=True) if traced else block.attn1
+    with pytest.raises(RuntimeError if traced else ValueError,
+                       match="attention mask over queries and keys .*differs between the image keys"):
+        attn(torch.randn(1, 16, 16), attention_mask=causal,
+             tome=block._tome_plan(torch.randn(1, 16, 16), _step_for(model, 4, 4)))
 
 
 def test_kv_mode_carries_a_key_mask_onto_the_merged_keys():

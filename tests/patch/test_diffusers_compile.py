@@ -1,5 +1,5 @@
 """torch.compile and torch.export of patched diffusers denoisers: whole-model capture with
-``fullgraph=True`` (UNet, Wan, Flux, Flux.2), ``torch.export`` of Flux and Flux.2, and diffusers' regional
+``fullgraph=True`` (UNet, Wan, Flux, Flux.2 and the newer rows), ``torch.export``, and diffusers' regional
 compilation (``compile_repeated_blocks``). Dynamo-only backend (``"eager"``), so no C
 compiler is needed; tiny random models built from configs, nothing is downloaded."""
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(not hasattr(torch, "compile") or sys.version_inf
                                 reason="torch.compile (dynamo) is not available here")
 
 from test_diffusers import flux_inputs, make_flux, make_flux_controlnet, make_unet, unet_inputs  # noqa: E402
-from test_dit_rows import flux2_inputs, make_flux2  # noqa: E402
-from test_wan import make_wan, wan_inputs  # noqa: E402
+from test_dit_rows import NEWER_ROWS, flux2_inputs, later, make_flux2, newer_row, sample  # noqa: E402
+from test_wan import cogvideox_inputs, make_wan, wan_inputs  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 
@@ -298,3 +298,87 @@ def test_regional_compilation_of_dits_merges_as_eager(make, inputs):
         _sample(model, args, kwargs)
     assert torch.equal(got, eager)
     assert (got - unpatched).abs().max() > (1e-3 if make is make_flux2 else 1e-2)  # the tiny Flux.2 moves ~0.009
+
+
+# --- the newer rows ------------------------------------------------------------------------------
+# What diffusers itself cannot capture, unpatched, at these versions: HunyuanVideo 1.5 branches on
+# the value of its image embeddings (`if torch.all(image_embeds == 0)`, a graph break, and a
+# data-dependent guard that torch.export refuses); CogVideoX with its sin-cos position table
+# recomputes the table for a frame count other than its config's, which torch.export refuses
+# ("We found a fake tensor in the exported program constant's list"): its row here runs at the
+# config's frame count, and the limit is checked at another.
+NO_FULLGRAPH = {"hunyuan-video-1.5"}
+NO_EXPORT = {"hunyuan-video-1.5"}
+
+
+def _merged_differs(got, unpatched):
+    assert ((got - unpatched).norm() / unpatched.norm()).item() > 1e-3  # it merged
+
+
+@pytest.mark.parametrize("row", list(NEWER_ROWS))
+def test_newer_rows_compile_fullgraph_without_recompiling_and_equal_eager(row):
+    model, inputs = newer_row(row)
+    unpatched = sample(model(**inputs))
+    tome.patch.diffusers(model, ratio=0.5)
+    compiled = torch.compile(model, backend="eager", fullgraph=row not in NO_FULLGRAPH)
+    with torch.no_grad(), _no_warnings(), torch._dynamo.config.patch(error_on_recompile=True):
+        got = sample(compiled(**inputs))
+        step = sample(compiled(**later(inputs)))  # new latents and timestep: the same graph
+        assert torch.equal(got, sample(model(**inputs)))
+        assert torch.equal(step, sample(model(**later(inputs))))
+    _merged_differs(got, unpatched)
+
+
+@pytest.mark.parametrize("row", [row for row in NEWER_ROWS if row not in NO_EXPORT])
+def test_newer_rows_export_and_equal_eager(row):
+    model, inputs = newer_row(row)
+    unpatched = sample(model(**inputs))
+    tome.patch.diffusers(model, ratio=0.5)
+    with torch.no_grad():
+        program = torch.export.export(model, (), inputs)
+        got = sample(program.module()(**inputs))
+        assert torch.equal(got, sample(model(**inputs)))
+        assert torch.equal(sample(program.module()(**later(inputs))), sample(model(**later(inputs))))
+    _merged_differs(got, unpatched)
+
+
+@pytest.mark.parametrize("row", sorted(NO_FULLGRAPH | NO_EXPORT | {"cogvideox"}))
+def test_what_the_newer_rows_cannot_capture_fails_unpatched_too(row):
+    """The limits above are diffusers' own: the unpatched model fails the same way (when a
+    diffusers release lifts one, this fails, and the row joins the tests above)."""
+    model, inputs = newer_row(row)
+    if row == "cogvideox":
+        inputs = cogvideox_inputs(frames=4)
+    with torch.no_grad():
+        if row in NO_FULLGRAPH:
+            with pytest.raises(torch._dynamo.exc.Unsupported, match="Data-dependent branching"):
+                torch.compile(model, backend="eager", fullgraph=True)(**inputs)
+        with pytest.raises(Exception, match="fake tensor in the exported program|data-dependent"):
+            torch.export.export(model, (), inputs)
+
+
+@pytest.mark.parametrize("row", list(NEWER_ROWS))
+def test_regional_compilation_of_the_newer_rows_makes_the_unpatched_graphs(row):
+    """diffusers' compile_repeated_blocks, where the model lists repeated blocks: as many graphs
+    as the unpatched model (one per block class and sequence shape, not one per block), no
+    recompile on the next step, equal to eager."""
+    graphs = []
+    for ratio in (None, 0.5):
+        torch._dynamo.reset()
+        counters.clear()
+        model, inputs = newer_row(row)
+        if not model._repeated_blocks:
+            pytest.skip(f"diffusers lists no repeated blocks for {type(model).__name__}")
+        if ratio is not None:
+            unpatched = sample(model(**inputs))
+            tome.patch.diffusers(model, ratio=ratio)
+            eager = sample(model(**inputs))
+        model.compile_repeated_blocks(backend="eager", fullgraph=True)
+        with torch.no_grad(), _no_warnings():
+            got = sample(model(**inputs))
+            graphs.append(counters["stats"]["unique_graphs"])
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                sample(model(**later(inputs)))
+    assert graphs[1] == graphs[0], graphs
+    assert torch.equal(got, eager)
+    _merged_differs(got, unpatched)

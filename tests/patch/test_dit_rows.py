@@ -6,6 +6,8 @@ weight scale, and pipelines that append reference or condition tokens refused.""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,24 +115,32 @@ def _smooth_video(batch, channels, frames, height, width, gen):
     return latent + 0.1 * torch.randn(latent.shape, generator=gen)
 
 
-@pytest.mark.parametrize("image_condition_type", [None, "token_replace"], ids=["t2v", "i2v_token_replace"])
-def test_hunyuan_video_merges_the_video_keys_of_its_dual_and_single_blocks(image_condition_type):
-    """[video, text] in every block, text padded by a key mask (the second prompt is shorter)."""
+def make_hunyuan(image_condition_type=None):
     from diffusers import HunyuanVideoTransformer3DModel
 
-    model = trained_like_(HunyuanVideoTransformer3DModel(
+    return trained_like_(HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
         num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=12,
         pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=False,
         image_condition_type=image_condition_type,
     )).eval()
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
-                  encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
-                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-                  pooled_projections=torch.randn(2, 8, generator=gen))
+
+
+def hunyuan_inputs(seed=0):
+    """4 frames of 16 x 16 latents (4 x 8 x 8 tokens), two prompts, the second padded."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 12, generator=gen),
+                encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+                pooled_projections=torch.randn(2, 8, generator=gen))
+
+
+@pytest.mark.parametrize("image_condition_type", [None, "token_replace"], ids=["t2v", "i2v_token_replace"])
+def test_hunyuan_video_merges_the_video_keys_of_its_dual_and_single_blocks(image_condition_type):
+    """[video, text] in every block, text padded by a key mask (the second prompt is shorter)."""
     # first the text refiner's self-attention over the 5 text tokens, left alone
-    _check(model, inputs, video_keys=4 * 8 * 8, text_keys=5, blocks=2, before=[5], st=2)
+    _check(make_hunyuan(image_condition_type), hunyuan_inputs(), video_keys=4 * 8 * 8, text_keys=5, blocks=2,
+           before=[5], st=2)
 
 
 # --- LTX-Video ------------------------------------------------------------------------------
@@ -182,19 +192,26 @@ def test_ltx_video_condition_tokens_are_refused():
 # --- Sana -----------------------------------------------------------------------------------
 
 
-def test_sana_linear_attention_runs_on_merged_tokens():
-    """Sana's self-attention is linear (no softmax to merge keys in): mode tokens is its
-    default, and the attention's projections see half the image tokens."""
+def make_sana():
     from diffusers import SanaTransformer2DModel
 
-    model = trained_like_(SanaTransformer2DModel(
+    return trained_like_(SanaTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=12,
         sample_size=16, patch_size=2,
     )).eval()
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=_smooth(2, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
-                  encoder_hidden_states=torch.randn(2, 5, 12, generator=gen))
+
+
+def sana_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth(2, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 12, generator=gen))
+
+
+def test_sana_linear_attention_runs_on_merged_tokens():
+    """Sana's self-attention is linear (no softmax to merge keys in): mode tokens is its
+    default, and the attention's projections see half the image tokens."""
+    model, inputs = make_sana(), sana_inputs()
     want = _run(model, inputs)
     tome.patch.diffusers(model, ratio=0.0)
     assert model.mode == "tokens" and torch.equal(_run(model, inputs), want)
@@ -221,20 +238,28 @@ def test_sana_linear_attention_runs_on_merged_tokens():
 # --- Mochi ----------------------------------------------------------------------------------
 
 
+def make_mochi():
+    from diffusers import MochiTransformer3DModel
+
+    return trained_like_(MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=24, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
+    )).eval()
+
+
+def mochi_inputs(seed=0):
+    """4 frames of 16 x 16 latents (4 x 8 x 8 tokens), two prompts, the second padded."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+                encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+
+
 @pytest.mark.parametrize("use_rand", [False, True])
 def test_mochi_merges_the_video_keys_of_its_per_sample_joint_attention(use_rand):
     """Mochi attends over [video, valid text] one sample at a time: the second prompt has 3
     valid tokens of 5, so its calls see 3 text keys."""
-    from diffusers import MochiTransformer3DModel
-
-    model = trained_like_(MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=2, attention_head_dim=24, num_layers=2, pooled_projection_dim=16,
-        in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
-    )).eval()
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
-                  encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
-                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    model, inputs = make_mochi(), mochi_inputs()
     want = _run(model, inputs)
     tome.patch.diffusers(model, ratio=0.0, use_rand=use_rand, st=2)
     assert model.mode == "kv" and torch.equal(_run(model, inputs), want)
@@ -260,20 +285,11 @@ def test_mochi_moves_more_only_through_its_rotary_spread_on_a_tiny_grid():
     the frequencies at zero (no rotation, all else unchanged) merging moves the output as little
     as it moves the other rows'. (The token layout, frame-major rows of patches, is the one
     Mochi's patch embedding and its RoPE positions use; this test does not tell layouts apart.)"""
-    from diffusers import MochiTransformer3DModel
-
     errors = []
     for frequency_scale in (1.0, 0.0):
-        model = trained_like_(MochiTransformer3DModel(
-            patch_size=2, num_attention_heads=2, attention_head_dim=24, num_layers=2, pooled_projection_dim=16,
-            in_channels=4, out_channels=4, text_embed_dim=16, time_embed_dim=8,
-        )).eval()
+        model, inputs = make_mochi(), mochi_inputs()
         with torch.no_grad():
             model.pos_frequencies.mul_(frequency_scale)
-        gen = torch.Generator().manual_seed(0)
-        inputs = dict(hidden_states=_smooth_video(2, 4, 4, 16, 16, gen), timestep=torch.tensor([500, 500]),
-                      encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
-                      encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
         want = _run(model, inputs)
         tome.patch.diffusers(model, ratio=0.5, st=2)
         errors.append(((_run(model, inputs) - want).norm() / want.norm()).item())
@@ -400,21 +416,28 @@ def test_flux2_ids_without_a_target_grid_merge_nothing_and_warn():
 # --- SD 3.5 (MMDiT-X) -----------------------------------------------------------------------
 
 
+def make_sd35():
+    from diffusers import SD3Transformer2DModel
+
+    return trained_like_(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )).eval()
+
+
+def sd35_inputs(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_smooth(2, 4, 16, 16, gen), encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
+                pooled_projections=torch.randn(2, 16, generator=gen), timestep=torch.tensor([10, 10]))
+
+
 def test_sd35_merges_the_keys_of_its_joint_and_its_image_only_attention():
     """SD 3.5: RMS qk-norm, and in the ``dual_attention_layers`` a second self-attention
     (``attn2``) over the image tokens alone. Block 0 (dual): joint attention over 5 text and
     64 image keys, then attn2 over the 64 image keys, both with half the image keys; block 1
     (the last, context-pre-only): joint attention."""
-    from diffusers import SD3Transformer2DModel
-
-    model = trained_like_(SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
-    )).eval()
-    gen = torch.Generator().manual_seed(3)
-    inputs = dict(hidden_states=_smooth(2, 4, 16, 16, gen), encoder_hidden_states=torch.randn(2, 5, 16, generator=gen),
-                  pooled_projections=torch.randn(2, 16, generator=gen), timestep=torch.tensor([10, 10]))
+    model, inputs = make_sd35(), sd35_inputs()
     want = _run(model, inputs)
     tome.patch.diffusers(model, ratio=0.0)
     assert torch.equal(_run(model, inputs), want)
@@ -640,3 +663,112 @@ def test_wan_animate_merges_the_slice_after_the_reference_frame():
             after = attn(hidden, tome=_Step(model._tome_settings, 1, 4, 4, None, frames=2, before=16))
     assert spy.lengths == [16 + 8]
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+
+
+# --- the rows above, for the compile, export and offloading tests --------------------------------
+
+
+def sample(out):
+    """The denoiser output as one tensor (Z-Image returns a list, one per sample)."""
+    sample = out.sample if hasattr(out, "sample") else out[0]
+    return torch.stack(sample) if isinstance(sample, (list, tuple)) else sample
+
+
+def later(inputs):
+    """Another step's inputs: the same shapes, new latents and a new timestep."""
+    def moved(value):
+        return [moved(v) for v in value] if isinstance(value, list) else (value * 0.6 + 0.1).to(value.dtype)
+    return {name: moved(value) if name in ("hidden_states", "x", "timestep", "t") else value
+            for name, value in inputs.items()}
+
+
+def _cogvideox_inputs():
+    from test_wan import cogvideox_inputs
+
+    return cogvideox_inputs(frames=5)  # its config's frame count (see NO_EXPORT in the compile tests)
+
+
+def _make_cogvideox():
+    from test_wan import make_cogvideox
+
+    return make_cogvideox()
+
+
+# name: (tiny model, its inputs); Flux.2 is left out (its grid is read with a host sync per call)
+NEWER_ROWS = {
+    "qwen-image": (make_qwen, qwen_inputs),
+    "hunyuan-video": (make_hunyuan, hunyuan_inputs),
+    "hunyuan-video-1.5": (make_hunyuan15, hunyuan15_inputs),
+    "ltx-video": (make_ltx, ltx_inputs),
+    "cogvideox": (_make_cogvideox, _cogvideox_inputs),
+    "mochi": (make_mochi, mochi_inputs),
+    "z-image": (make_zimage, zimage_inputs),
+    "sana": (make_sana, sana_inputs),
+    "sd3.5": (make_sd35, sd35_inputs),
+}
+
+
+def newer_row(name):
+    """The row's tiny model and its inputs."""
+    make, inputs = NEWER_ROWS[name]
+    return make(), inputs()
+
+
+def _pipeline(name, transformer, **components):
+    """A newer row's pipeline without VAE and text encoders (prompt embeddings are given, latents returned)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = components.pop("scheduler", None) or FlowMatchEulerDiscreteScheduler()
+    parameters = inspect.signature(getattr(diffusers, name)).parameters
+    encoders = {part: None for part in parameters if part.startswith(("text_encoder", "tokenizer", "vae"))}
+    return getattr(diffusers, name)(transformer=transformer, scheduler=scheduler, **encoders, **components)
+
+
+def _prompt(channels, mask=False, negative=True, **more):
+    """Prompt embeddings (1, 5, channels), their mask and a zero negative prompt, as pipeline arguments."""
+    embeds = torch.randn(1, 5, channels, generator=torch.Generator().manual_seed(0))
+    out = {"prompt_embeds": embeds, **more}
+    if negative:
+        out["negative_prompt_embeds"] = torch.zeros_like(embeds)
+    if mask:
+        out["prompt_attention_mask"] = torch.ones(1, 5)
+        if negative:
+            out["negative_prompt_attention_mask"] = torch.ones(1, 5)
+    return out
+
+
+def _latents(pipe, **arguments):
+    out = pipe(num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0), **arguments)
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+def _cogvideox_pipeline():
+    from diffusers import CogVideoXDDIMScheduler
+
+    return _pipeline("CogVideoXPipeline", _make_cogvideox(), scheduler=CogVideoXDDIMScheduler())
+
+
+# name: (a tiny pipeline of the row's model, its two steps to latents); every latent grid is 8 x 8
+# tokens per frame. HunyuanVideo 1.5's pipeline reads its VAE's config when built: not here.
+NEWER_PIPELINES = {
+    "qwen-image": (lambda: _pipeline("QwenImagePipeline", make_qwen()), lambda pipe: _latents(
+        pipe, prompt_embeds=torch.randn(1, 5, 12, generator=torch.Generator().manual_seed(0)),
+        prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long), height=128, width=128)),
+    "hunyuan-video": (lambda: _pipeline("HunyuanVideoPipeline", make_hunyuan()), lambda pipe: _latents(
+        pipe, **_prompt(12, mask=True, negative=False, pooled_prompt_embeds=torch.ones(1, 8)), height=128, width=128,
+        num_frames=9)),
+    "ltx-video": (lambda: _pipeline("LTXPipeline", make_ltx()), lambda pipe: _latents(
+        pipe, **_prompt(12, mask=True), height=256, width=256, num_frames=9)),
+    "cogvideox": (_cogvideox_pipeline, lambda pipe: _latents(pipe, **_prompt(16), height=128, width=128, num_frames=13)),
+    "mochi": (lambda: _pipeline("MochiPipeline", make_mochi()), lambda pipe: _latents(
+        pipe, **_prompt(16, mask=True), height=128, width=128, num_frames=7)),
+    "z-image": (lambda: _pipeline("ZImagePipeline", make_zimage()), lambda pipe: _latents(
+        pipe, prompt_embeds=[torch.randn(5, 12, generator=torch.Generator().manual_seed(0))],
+        negative_prompt_embeds=[torch.zeros(5, 12)], height=128, width=128)),
+    "sana": (lambda: _pipeline("SanaPipeline", make_sana()), lambda pipe: _latents(
+        pipe, **_prompt(12, mask=True), negative_prompt=None, height=512, width=512, use_resolution_binning=False)),
+    "sd3.5": (lambda: _pipeline("StableDiffusion3Pipeline", make_sd35()), lambda pipe: _latents(
+        pipe, **_prompt(16, pooled_prompt_embeds=torch.ones(1, 16), negative_pooled_prompt_embeds=torch.zeros(1, 16)),
+        height=128, width=128)),
+}

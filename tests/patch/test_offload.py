@@ -23,6 +23,7 @@ from accelerate.hooks import ModelHook, add_hook_to_module  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.hooks import HookRegistry, apply_group_offloading  # noqa: E402
 from diffusers.hooks import ModelHook as DiffusersHook  # noqa: E402
+from test_dit_rows import NEWER_PIPELINES, NEWER_ROWS, newer_row, sample  # noqa: E402
 
 from conftest import trained_like_  # noqa: E402
 
@@ -244,11 +245,11 @@ def test_a_patched_model_in_normal_use_does_not_warn():
 
 
 # --- diffusion transformer pipelines: offloading before or after patching ---------------------
-# A tiny Flux, Wan and PixArt pipeline, run for two steps to latents. The offload and execution
-# device are both the CPU here, so no weight moves between devices, but the hooks are the real
-# ones. enable_sequential_cpu_offload fails on this CPU-only setup for these three pipelines
-# before any patching (accelerate 1.15 with torch 2.15: "Cannot copy out of meta tensor" or a
-# TypeError in set_module_tensor_to_device), so its hooks are tested through accelerate's
+# A tiny Flux, Wan, PixArt, LTX-Video and Qwen-Image pipeline, run for two steps to latents. The
+# offload and execution device are both the CPU here, so no weight moves between devices, but the
+# hooks are the real ones. enable_sequential_cpu_offload fails on this CPU-only setup for the Flux,
+# Wan and PixArt pipelines before any patching (accelerate 1.15 with torch 2.15: "Cannot copy out
+# of meta tensor" or a TypeError in set_module_tensor_to_device), so its hooks are tested through accelerate's
 # cpu_offload on the one transformer where it runs unpatched here (Wan); the UNet above covers it too.
 
 
@@ -318,6 +319,7 @@ DIT_PIPELINES = {
     "flux": (_flux_pipeline, _flux_generate),
     "wan": (_wan_pipeline, _wan_generate),
     "pixart": (_pixart_pipeline, _pixart_generate),
+    **NEWER_PIPELINES,
 }
 
 
@@ -360,3 +362,45 @@ def test_dit_pipeline_with_offloading_merges_in_both_orders(family, offload, ord
         assert torch.equal(generate(pipe), merged)
     tome.remove_patch(pipe)
     assert torch.equal(generate(pipe), unpatched)
+
+
+# --- the newer rows: offloading hooks on the transformer itself, before or after patching --------
+# What enable_model_cpu_offload and enable_sequential_cpu_offload install on each component
+# (accelerate's cpu_offload_with_hook and cpu_offload), and diffusers' group offloading at block
+# and leaf level, on each newer row's tiny transformer.
+
+TRANSFORMER_OFFLOADS = {
+    "model_cpu_offload_hook": lambda m: cpu_offload_with_hook(m, execution_device="cpu"),
+    # what enable_sequential_cpu_offload installs: weights on the meta device, loaded per module
+    "sequential_cpu_offload_hooks": lambda m: cpu_offload(m, execution_device="cpu"),
+    "group_offload_block_level": lambda m: m.enable_group_offload(
+        onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1),
+    "group_offload_leaf_level": lambda m: m.enable_group_offload(onload_device=torch.device("cpu"),
+                                                                 offload_type="leaf_level"),
+}
+
+
+@pytest.mark.parametrize("row", list(NEWER_ROWS))
+def test_newer_rows_with_offloading_hooks_merge_in_both_orders(row):
+    model, inputs = newer_row(row)
+    with torch.no_grad():
+        unpatched = sample(model(**inputs))
+        tome.patch.diffusers(model, ratio=0.5)
+        merged = sample(model(**inputs))
+    assert ((merged - unpatched).norm() / unpatched.norm()).item() > 1e-3  # merging changes the outputs
+    for name, offload in TRANSFORMER_OFFLOADS.items():
+        for order in ("offload_then_patch", "patch_then_offload"):
+            model, _ = newer_row(row)
+            if order == "offload_then_patch":
+                offload(model)
+                tome.patch.diffusers(model, ratio=0.5)
+            else:
+                tome.patch.diffusers(model, ratio=0.5)
+                offload(model)
+            assert any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in model.modules()), name
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # a denoiser that merged nothing would say so
+                warnings.filterwarnings("ignore", message="Some parameters are on the meta device")
+                assert torch.equal(sample(model(**inputs)), merged), (name, order)
+                tome.remove_patch(model)
+                assert torch.equal(sample(model(**inputs)), unpatched), (name, order)

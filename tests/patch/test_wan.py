@@ -185,21 +185,30 @@ def test_wan_vace_merges_in_its_main_and_control_blocks():
 # --- other video transformers: CogVideoX ----------------------------------------------------
 
 
-@pytest.mark.parametrize("patch_size_t", [None, 2], ids=["cogvideox", "cogvideox1.5"])
-def test_cogvideox_merges_the_video_keys_of_its_joint_attention(patch_size_t):
-    """CogVideoX attends over [text, video]: only the video keys merge, over 3-D cells
-    (CogVideoX 1.5 patchifies 2 latent frames into a token)."""
+def make_cogvideox(patch_size_t=None):
     from diffusers import CogVideoXTransformer3DModel
 
-    model = trained_like_(CogVideoXTransformer3DModel(
+    return trained_like_(CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=16, num_layers=2, sample_width=16, sample_height=16, sample_frames=17, patch_size=2,
         patch_size_t=patch_size_t, max_text_seq_length=5,
         use_rotary_positional_embeddings=patch_size_t is not None,  # 1.5: no sin-cos table (its pipeline passes RoPE)
     )).eval()
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(2, 4, 4, 16, 16, generator=gen),  # (batch, frames, channels, h, w)
-                  encoder_hidden_states=torch.randn(2, 5, 16, generator=gen), timestep=torch.tensor([500, 500]))
+
+
+def cogvideox_inputs(seed=0, frames=4):
+    """Latents (batch, frames, channels, height, width) as CogVideoX takes them (its config's
+    sample_frames=17 are 5 latent frames: 4 make it recompute its sin-cos position table)."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(2, frames, 4, 16, 16, generator=gen),
+                encoder_hidden_states=torch.randn(2, 5, 16, generator=gen), timestep=torch.tensor([500, 500]))
+
+
+@pytest.mark.parametrize("patch_size_t", [None, 2], ids=["cogvideox", "cogvideox1.5"])
+def test_cogvideox_merges_the_video_keys_of_its_joint_attention(patch_size_t):
+    """CogVideoX attends over [text, video]: only the video keys merge, over 3-D cells
+    (CogVideoX 1.5 patchifies 2 latent frames into a token)."""
+    model, inputs = make_cogvideox(patch_size_t), cogvideox_inputs()
     want = _run(model, inputs)
     tome.patch.diffusers(model, ratio=0.0)
     assert torch.equal(_run(model, inputs), want)

@@ -374,13 +374,17 @@ def _merged_mask(attn_mask: torch.Tensor, assignment: TokenAssignment, start: in
     part = mask[..., start : start + image]
     if heads_rows[1] > 1:
         # Per query: kept exactly where every query sees the same on all image keys (padding
-        # masks, HunyuanVideo 1.5's): then each merged key takes that value. One host sync.
-        if not bool((part == part[..., :1]).all()):
-            raise ValueError(
-                f"mode='kv' cannot merge the image keys of an attention whose attention mask over queries and "
-                f"keys (shape {tuple(attn_mask.shape)}) differs between the image keys one query sees (a "
-                "causal or local mask): merged keys could not keep it; use mode='tokens' or ratio=0"
-            )
+        # masks, HunyuanVideo 1.5's): then each merged key takes that value. Checked with one
+        # host sync; while traced (torch.compile, export) inside the graph instead, since a
+        # branch on the value would break the graph (regional compilation with fullgraph=True).
+        uniform = (part == part[..., :1]).all()
+        message = (f"mode='kv' cannot merge the image keys of an attention whose attention mask over queries and "
+                   f"keys (shape {tuple(attn_mask.shape)}) differs between the image keys one query sees (a "
+                   "causal or local mask): merged keys could not keep it; use mode='tokens' or ratio=0")
+        if _compiling():
+            torch._assert_async(uniform, message)
+        elif not bool(uniform):
+            raise ValueError(message)
         part = part[..., :1].expand(*part.shape[:-1], assignment.num_out)
     else:
         part = part.flatten(1, 2).transpose(1, 2)  # (batch, image, heads)
