@@ -65,8 +65,10 @@ def test_quick_study_writes_its_tables(study, tmp_path, capsys):
     assert text.startswith("# page\n") and text.endswith("tail\n")
     assert "| model | method | budget | tokens | accuracy % | share kept % ± SE | delta points ± SE |" in printed
     assert "| model | method | budget | count | exist | colour | spatial | read |" in printed
+    # Qwen2.5-VL: 64 merged tokens at 224 px; the LLaVA model: 256 (patch 14 at 224 px).
     for row in ("| `vqa-qwen2_5_vl` | none | 100 % | 64 |", "| `vqa-qwen2_5_vl` | pool | 25% | 16 |",
-                "| `vqa-llava` | pool | 25% | 16 |", "| `vqa-llava` | tower-tome | 25% | 16 |"):
+                "| `vqa-llava` | none | 100 % | 256 |", "| `vqa-llava` | pool | 25% | 64 |",
+                "| `vqa-llava` | tower-tome | 25% | 64 |"):
         assert row in printed
     assert "| `vqa-qwen2_5_vl` | tower-tome | 25% | no in-tower ToMe for Qwen2.5-VL" in printed
     assert "renumber - keep |\n|---|---|---|---|---|---|\n| `vqa-llava` | pool | 25% |" in printed
