@@ -961,15 +961,14 @@ def _check_mode(denoiser: nn.Module, settings: DiffusionSettings) -> None:
     refusing = [row for row in rows if mode not in row.modes]
     if not refusing:
         return
+    allowed = sorted(set.intersection(*(set(row.modes) for row in refusing)))
     reasons = [f"{row.name}: {row.why_modes}" for row in refusing if row.why_modes]
     if reasons:
-        allowed = sorted(set.intersection(*(set(row.modes) for row in refusing)))
         raise ValueError(
             f"mode={mode!r} is not available for {type(denoiser).__name__} ({'; '.join(reasons)}): "
             f"use mode={allowed[0]!r} (or mode=None)"
         )
     detail = "has blocks whose attention merges keys and values only (joint attention of SD3 and Flux, Wan's video attention)"
-    allowed = sorted(set.intersection(*(set(row.modes) for row in refusing)))
     raise ValueError(
         f"mode={mode!r} needs BasicTransformerBlocks; {type(denoiser).__name__} {detail} "
         f"({', '.join(row.name for row in refusing)} allow mode {' or '.join(map(repr, allowed))}): "
@@ -1191,7 +1190,7 @@ def set_token_grid(model: Any, height: int, width: int) -> Any:
             "tome.patch.diffusers); the others read it from the shape of their input"
         )
     for denoiser in found:
-        denoiser.__dict__.setdefault(_rows.PACKED_GRIDS, {})[height * width] = (1, height, width)
+        _rows.remember_grid(denoiser, height * width, (1, height, width))
     return model
 
 

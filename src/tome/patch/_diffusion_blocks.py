@@ -295,7 +295,7 @@ def packed_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[Grid]:
     height, width, row_major = torch.stack([height, width, row_major.long()]).tolist()  # the one host sync
     if not row_major or height * width != ids.shape[0]:
         return None
-    return _remember(model, ids.shape[0], (1, height, width))
+    return remember_grid(model, ids.shape[0], (1, height, width))
 
 
 def flux2_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
@@ -338,11 +338,12 @@ def flux2_grid(model: nn.Module, sample: Any, ids: Any) -> Optional[PlacedGrid]:
         [target.sum(), first, height, width, in_order.long()]).tolist()  # the one host sync
     if not in_order or count != height * width:
         return None
-    return _remember(model, len(t), PlacedGrid(1, height, width, first, len(t) - first - count))
+    return remember_grid(model, len(t), PlacedGrid(1, height, width, first, len(t) - first - count))
 
 
-def _remember(model: nn.Module, tokens: int, grid: Union[Grid, PlacedGrid]) -> Union[Grid, PlacedGrid]:
-    """Keep ``grid``, read from the ids of an eager call, for traced calls on ``tokens`` tokens."""
+def remember_grid(model: nn.Module, tokens: int, grid: Union[Grid, PlacedGrid]) -> Union[Grid, PlacedGrid]:
+    """Keep ``grid`` (read from the ids of an eager call, or declared by ``tome.patch.set_token_grid``)
+    for traced calls on ``tokens`` tokens."""
     model.__dict__.setdefault(PACKED_GRIDS, {})[tokens] = grid
     return grid
 
