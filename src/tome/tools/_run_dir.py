@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ._common import positive_int
 
@@ -155,3 +155,23 @@ def train_loop(run: Any, step: int, desc: str, rate: str,
     bar.close()
     run.save(step)
     return step, stopped_early
+
+
+def decay_groups(named: Iterable[Tuple[str, Any]], decays: Callable[[str, Any], bool], weight_decay: float,
+                 lr: Optional[float] = None) -> List[Dict[str, Any]]:
+    """Two AdamW parameter groups of ``named`` (``(name, parameter)`` pairs), in this order: those
+    ``decays(name, parameter)`` picks, with ``weight_decay``, then the others, with none; both at
+    ``lr`` when given (else the optimizer's). The order is part of a checkpoint's optimizer state."""
+    named = list(named)
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    return groups if lr is None else [dict(group, lr=lr) for group in groups]
+
+
+def warmup_cosine(optimizer: Any, args: argparse.Namespace) -> Any:
+    """timm's cosine schedule over ``args.steps`` optimizer steps, after ``args.warmup`` linear
+    warm-up steps from 1 % of ``args.lr``, down to 2 % of it (``step_update`` per step)."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
+                             warmup_lr_init=args.lr * 0.01, t_in_epochs=False)

@@ -35,7 +35,16 @@ from .. import video_models
 from ..data import clips
 from ..data.synthetic import CLASSES
 from ._common import positive_int
-from ._run_dir import TrainerCommand, add_loop_arguments, add_session_arguments, append_log, prepare_run_dir, train_loop
+from ._run_dir import (
+    TrainerCommand,
+    add_loop_arguments,
+    add_session_arguments,
+    append_log,
+    decay_groups,
+    prepare_run_dir,
+    train_loop,
+    warmup_cosine,
+)
 
 __all__ = ["train", "classifier_accuracy", "load_classifier", "sample_strip", "plot_history", "add_parser", "main"]
 
@@ -157,18 +166,13 @@ Load with `tome.video_models.load_model(this folder)`; sample with
 
 def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.optim.Optimizer, Any]:
     """AdamW (no weight decay on vectors and embeddings) and timm's cosine schedule with warmup."""
-    from timm.scheduler import CosineLRScheduler
 
     def decays(name: str, parameter: torch.Tensor) -> bool:
         return parameter.ndim >= 2 and "embed" not in name and "scale_shift_table" not in name
 
-    named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if decays(n, p)], "weight_decay": args.weight_decay},
-                                   {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.99))
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
-                                  warmup_lr_init=args.lr * 0.01, t_in_epochs=False)
-    return optimizer, scheduler
+    optimizer = torch.optim.AdamW(decay_groups(model.named_parameters(), decays, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.99))
+    return optimizer, warmup_cosine(optimizer, args)
 
 
 class _Run:

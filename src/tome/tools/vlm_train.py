@@ -30,7 +30,16 @@ import torch
 from .. import vlm_models
 from ..data import vqa
 from ._common import positive_int
-from ._run_dir import TrainerCommand, add_loop_arguments, add_session_arguments, append_log, prepare_run_dir, train_loop
+from ._run_dir import (
+    TrainerCommand,
+    add_loop_arguments,
+    add_session_arguments,
+    append_log,
+    decay_groups,
+    prepare_run_dir,
+    train_loop,
+    warmup_cosine,
+)
 
 __all__ = ["train", "evaluate", "isolate_questions", "add_parser", "main"]
 
@@ -212,22 +221,15 @@ def _pretrained_tower(name: Optional[str]) -> Optional[torch.nn.Module]:
 def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Tuple[torch.optim.Optimizer, Any]:
     """AdamW (no weight decay on vectors and embeddings; the vision tower at ``--vision-lr-scale``
     times the learning rate) and timm's cosine schedule with warmup."""
-    from timm.scheduler import CosineLRScheduler
-
     # Two groups (decay, no decay); four (the same for the tower apart) when the tower's rate
     # differs, so checkpoints of runs without --vision-lr-scale keep resuming.
     tower = {id(p) for p in _vision_tower(model).parameters()} if args.vision_lr_scale != 1.0 else set()
     groups = []
     for in_tower, lr in ((False, args.lr), (True, args.lr * args.vision_lr_scale))[:1 + bool(tower)]:
         params = [(n, p) for n, p in model.named_parameters() if (id(p) in tower) == in_tower]
-        decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
-        no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
-        groups += [{"params": decay, "weight_decay": args.weight_decay, "lr": lr},
-                   {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+        groups += decay_groups(params, lambda n, p: p.ndim >= 2 and "embed" not in n, args.weight_decay, lr)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
-    scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
-                                  warmup_lr_init=args.lr * 0.01, t_in_epochs=False)
-    return optimizer, scheduler
+    return optimizer, warmup_cosine(optimizer, args)
 
 
 def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
