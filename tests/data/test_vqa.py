@@ -38,8 +38,8 @@ def test_a_clip_is_the_sample_with_its_objects_moving_together():
                                                                                    speed=3.0)
         assert clip.frames.shape == (5, 112, 112, 3) and clip.frames.dtype == np.uint8
         assert np.array_equal(clip.frames[0], sample.image)
-        assert (clip.question, clip.answer, clip.slice, clip.objects, clip.number) == (
-            sample.question, sample.answer, sample.slice, sample.objects, sample.number)
+        assert (clip.question, clip.answer, clip.slice, clip.objects, clip.number, clip.plate) == (
+            sample.question, sample.answer, sample.slice, sample.objects, sample.number, sample.plate)
         velocity = np.array(clip.velocity)
         assert np.linalg.norm(velocity) <= 3.0 + 1e-9
         # Far from every object's path, every frame is the first (same background, plate, noise).
@@ -145,6 +145,31 @@ def test_the_number_plate_is_drawn_with_the_bitmap_font():
     ys, xs = np.nonzero(bright)
     # The ink is a 3x5 glyph at 3 px per font pixel: at most 9 x 15 px of near-white pixels.
     assert len(ys) > 0 and ys.max() - ys.min() < 15 + 1 and xs.max() - xs.min() < 9 + 1
+    # The record's plate box holds the glyph, inside a 3 px margin of plate colour.
+    x, y, w, h = sample.plate
+    assert (w, h) == (15, 21)
+    assert x + 3 <= xs.min() and xs.max() < x + w - 3 and y + 3 <= ys.min() and ys.max() < y + h - 3
+
+
+def test_scene_labels_mark_the_objects_and_the_plate_in_row_major_cells():
+    for i in range(10):
+        sample = vqa.make_sample(i, "val", image_size=224)
+        labels = vqa.scene_labels(sample, 16)
+        assert {k: v.shape for k, v in labels.items()} == {"shape": (256,), "colour": (256,), "digit": (256,)}
+        for shape, colour, x, y, _ in sample.objects:  # the cell under each centre (row y // 14, column x // 14)
+            cell = int(y // 14) * 16 + int(x // 14)
+            assert labels["shape"][cell] == vqa.SHAPES.index(shape) + 1
+            assert labels["colour"][cell] == vqa.COLOURS.index(colour) + 1
+        assert ((labels["shape"] > 0) == (labels["colour"] > 0)).all()
+        on_plate = np.flatnonzero(labels["digit"] >= 0)
+        assert 1 <= len(on_plate) <= 4 and (labels["digit"][on_plate] == int(sample.number)).all()
+        assert set(labels["digit"][labels["digit"] < 0]) <= {-100}
+        x, y, w, h = sample.plate  # the plate's centre cell is a plate cell
+        assert int((y + h / 2) // 14) * 16 + int((x + w / 2) // 14) in on_plate
+        assert vqa.scene_labels(sample, 1)["shape"].shape == (1,)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="grid"):
+            vqa.scene_labels(sample, bad)
 
 
 def test_bad_arguments_are_refused():

@@ -249,3 +249,76 @@ def test_isolate_questions_trains_and_is_recorded(tmp_path):
     assert log[0]["args"]["isolate_questions"] is True
     assert all(e["loss"] == e["loss"] for e in log if "loss" in e)  # no NaN from fully masked padding rows
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_scene_heads_read_the_visual_tokens_the_language_model_reads(arch):
+    from tome import vlm_models
+    from tome.data import vqa
+
+    size = 112 if arch == "qwen2_5_vl" else 224
+    model = vlm_models.build_model(arch, "tiny", seed=0)
+    processor = vlm_models.build_processor(arch, size)
+    heads = vlm_train.SceneHeads(model)
+    samples = [vqa.make_sample(i, "train", image_size=size) for i in range(2)]
+    inputs = vlm_train._batch(processor, arch, samples, with_answers=True)
+    captured = {}
+    if arch == "llava":
+        model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.update(tokens=o))
+    else:
+        model.model.visual.register_forward_hook(lambda m, i, o: captured.update(tokens=o.pooler_output))
+    model(**inputs)
+    loss, accuracy = heads.loss(samples)
+    # The heads saw exactly the image tokens the language model was given, one grid per image.
+    tokens = captured["tokens"].reshape(2, -1, model.config.text_config.hidden_size)
+    assert tokens.shape[1] == int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
+        vqa.IMAGE_TOKEN if arch == "qwen2_5_vl" else vqa.LLAVA_IMAGE_TOKEN)).sum()) // 2
+    assert loss.ndim == 0 and torch.isfinite(loss) and set(accuracy) <= {"shape", "colour", "digit"}
+    loss.backward()
+    projector = model.model.visual.merger if arch == "qwen2_5_vl" else model.model.multi_modal_projector
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
+    with pytest.raises(RuntimeError, match="forward with images first"):
+        heads.loss(samples)  # the tokens of one forward serve one loss
+    heads.remove()
+    model(**inputs)
+    assert heads._tokens is None
+
+
+def test_scene_loss_resumes_exactly_and_leaves_the_model_alone(tmp_path):
+    extra = ("--scene-loss", "0.5", "--questions-per-image", "2")
+    vlm_train.main(_argv(tmp_path / "whole", "llava", *extra))
+    vlm_train.main(_argv(tmp_path / "split", "llava", *extra, "--stop-at-step", "2"))
+    vlm_train.main(_argv(tmp_path / "split", "llava", *extra, "--resume", "auto"))
+    whole, split = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    for name, tensor in whole["scene"]["heads"].items():
+        assert torch.equal(tensor, split["scene"]["heads"][name]), name
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    # The heads are not part of the model: the state dict and the final folder hold the model only.
+    plain = tmp_path / "plain"
+    vlm_train.main(_argv(plain, "llava", "--questions-per-image", "2"))
+    assert set(whole["model"]) == set(_weights(plain)["model"])
+    assert not any("heads" in name for name in whole["model"])
+    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    scene = [e["scene_train"] for e in log if "scene_train" in e]
+    assert scene and all(e["loss"] > 0 and 0 <= e["shape"] <= 1 for e in scene)
+    # The answer loss alone is logged: the plain run's first step has the same data and weights.
+    first = {d: next(e["loss"] for e in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())
+                     if "loss" in e) for d in ("whole", "plain")}
+    assert first["whole"] == first["plain"]
+    assert "scene loss at weight 0.5" in (tmp_path / "whole" / "final" / "README.md").read_text()
+
+
+def test_scene_loss_can_join_a_run_on_resume(tmp_path):
+    run = tmp_path / "run"
+    vlm_train.main(_argv(run, "llava", "--stop-at-step", "2"))
+    vlm_train.main(_argv(run, "llava", "--scene-loss", "1", "--resume", "auto"))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    resume = next(e for e in log if e.get("event") == "resume")
+    assert resume["scene_heads"] == "new" and "scene" in _weights(run)
+
+
+def test_scene_loss_must_not_be_negative(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        vlm_train.main(_argv(tmp_path, "llava", "--scene-loss", "-1"))
+    assert "-1" in capsys.readouterr().err

@@ -56,6 +56,7 @@ __all__ = [
     "build_qwen2_5_vl_processor",
     "build_llava_processor",
     "to_pil",
+    "scene_labels",
 ]
 
 SLICES: Tuple[str, ...] = ("count", "exist", "colour", "spatial", "read")
@@ -117,6 +118,8 @@ class VQASample:
         slice: The question's slice (in :data:`SLICES`).
         objects: The scene: one ``(shape, colour, x, y, radius)`` per object, in pixels.
         number: The digit on the number plate.
+        plate: The number plate's box ``(x, y, width, height)`` in pixels (the digit fills
+            its middle three fifths across and five sevenths down).
     """
 
     image: np.ndarray
@@ -125,6 +128,7 @@ class VQASample:
     slice: str
     objects: Tuple[Tuple[str, str, float, float, float], ...]
     number: str
+    plate: Tuple[int, int, int, int]
 
 
 def _colour_rgb(rng: np.random.Generator, name: str) -> np.ndarray:
@@ -273,8 +277,9 @@ class VQAClip:
 
     Attributes:
         frames: uint8 array ``(frames, image_size, image_size, 3)``; frame 0 is the sample's image.
-        question, answer, slice, objects, number: As :class:`VQASample` (objects at frame 0);
-            every answer holds in every frame (the objects move together, so relations keep).
+        question, answer, slice, objects, number, plate: As :class:`VQASample` (objects at
+            frame 0); every answer holds in every frame (the objects move together, so
+            relations keep, and the plate stays).
         velocity: The objects' common motion ``(dx, dy)`` in pixels per frame.
     """
 
@@ -284,6 +289,7 @@ class VQAClip:
     slice: str
     objects: Tuple[Tuple[str, str, float, float, float], ...]
     number: str
+    plate: Tuple[int, int, int, int]
     velocity: Tuple[float, float]
 
 
@@ -325,7 +331,7 @@ def _render(index: int, split: str, seed: int, size: int, frames: int,
     """The scene of sample ``index`` drawn ``frames`` times, its objects moving together ``speed`` px a frame.
 
     Frame 0 is :func:`make_sample`'s image. Returns the frames, the sample's other fields
-    (question, answer, slice, objects at frame 0, number) and the velocity (px per frame, ``(2,)``).
+    (question, answer, slice, objects at frame 0, number, plate box) and the velocity (px per frame, ``(2,)``).
     """
     slice_name, answer, rng = _draw_answer(index, split, seed)
     number = str(int(rng.integers(10))) if slice_name != "read" else answer
@@ -363,7 +369,8 @@ def _render(index: int, split: str, seed: int, size: int, frames: int,
         images.append(_shapes._finish(rng, image))
     # Shuffle the drawing order out of the record, so object 0 is not always the asked one.
     order = rng.permutation(len(drawn))
-    return images, (question, answer, slice_name, tuple(drawn[i] for i in order), number), velocity
+    record = (question, answer, slice_name, tuple(drawn[i] for i in order), number, (px, py, plate_w, plate_h))
+    return images, record, velocity
 
 
 def _velocity(index: int, split: str, seed: int, size: int, centres: np.ndarray, radii: Sequence[float],
@@ -604,3 +611,43 @@ def build_llava_processor(image_size: int = 224, patch_size: int = 28, tokenizer
 def to_pil(sample: VQASample) -> Image.Image:
     """The sample's image as a PIL RGB image."""
     return Image.fromarray(sample.image)
+
+
+def scene_labels(sample: VQASample, grid: int) -> Dict[str, np.ndarray]:
+    """What lies under each cell of a ``grid x grid`` split of the sample's image, for dense supervision.
+
+    Cells are in row-major order, as a ViT's patch tokens (or Qwen2.5-VL's merged tokens) of
+    that grid are. An object covers a cell when the cell's centre is within 0.8 of its radius
+    of the object's centre (inside the drawn shape for all six shapes at any rotation, or
+    nearly); the plate covers a cell that holds at least 15 % of the plate's area.
+
+    Args:
+        sample: A :class:`VQASample`.
+        grid: Cells per side (a positive int; the image side need not be a multiple).
+
+    Returns:
+        int64 arrays of shape ``(grid * grid,)``: ``"shape"`` (1 + index in :data:`SHAPES`, 0 for
+        no object), ``"colour"`` (1 + index in :data:`COLOURS`, 0 for none) and ``"digit"``
+        (the plate's digit 0-9 on plate cells, -100 elsewhere: cross-entropy's ignore index).
+
+    Raises:
+        ValueError: for a ``grid`` that is not a positive int.
+    """
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid <= 0:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    cell = sample.image.shape[0] / grid
+    edges = np.arange(grid + 1) * cell
+    centres = (edges[:-1] + edges[1:]) / 2
+    cy, cx = (a.reshape(-1) for a in np.meshgrid(centres, centres, indexing="ij"))
+    shape = np.zeros(grid * grid, dtype=np.int64)
+    colour = np.zeros(grid * grid, dtype=np.int64)
+    for name, colour_name, x, y, radius in sample.objects:
+        inside = (cx - x) ** 2 + (cy - y) ** 2 < (0.8 * radius) ** 2
+        shape[inside] = SHAPES.index(name) + 1
+        colour[inside] = COLOURS.index(colour_name) + 1
+    px, py, width, height = sample.plate
+    overlap_x = np.clip(np.minimum(edges[1:], px + width) - np.maximum(edges[:-1], px), 0, None)
+    overlap_y = np.clip(np.minimum(edges[1:], py + height) - np.maximum(edges[:-1], py), 0, None)
+    on_plate = (overlap_y[:, None] * overlap_x[None, :]).reshape(-1) >= 0.15 * width * height
+    digit = np.where(on_plate, int(sample.number), -100).astype(np.int64)
+    return {"shape": shape, "colour": colour, "digit": digit}

@@ -8,6 +8,12 @@ and a ``log.jsonl`` history. At the end ``DIR/final`` is a ``save_pretrained`` f
 (safetensors, config, tokenizer and processor files, and a model card ``README.md`` with the
 command and the accuracy per slice) that ``from_pretrained`` loads offline.
 
+``--scene-loss W`` adds a dense auxiliary loss on the visual tokens the language model reads
+(:class:`SceneHeads`): per token, the shape and colour of the object under it and the digit of
+the number plate it covers, from the scene record (:func:`tome.data.vqa.scene_labels`). It
+stands in for what a real VLM's tower brings from pretraining (CLIP knows shapes and glyphs; a
+tower trained by one answer word per question learns "bright blob" long before either).
+
 Training batch ``s`` holds samples ``s * batch_size ... (s + 1) * batch_size - 1`` of the
 train split, so the data order is a function of the step alone and a resumed run sees the
 samples the uninterrupted run would.
@@ -25,11 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .. import vlm_models
 from ..data import vqa
-from ._common import positive_int
+from ._common import non_negative_float, positive_int
 from ._run_dir import (
     TrainerCommand,
     add_loop_arguments,
@@ -41,7 +48,7 @@ from ._run_dir import (
     warmup_cosine,
 )
 
-__all__ = ["train", "evaluate", "isolate_questions", "add_parser", "main"]
+__all__ = ["train", "evaluate", "isolate_questions", "SceneHeads", "add_parser", "main"]
 
 _CHECKPOINT = "checkpoint.pt"
 
@@ -126,6 +133,75 @@ def isolate_questions(model: Any, processor: Any, arch: str, inputs: Dict[str, t
     return {**inputs, "attention_mask": mask, "position_ids": positions}
 
 
+class SceneHeads(torch.nn.Module):
+    """Linear read-outs of the scene from the visual tokens a VLM's language model reads (the ``--scene-loss``).
+
+    A LayerNorm, then one linear head per label of :func:`tome.data.vqa.scene_labels` (shape:
+    7 classes with "none", colour: 7, digit: 10), applied to every visual token: LLaVA's
+    projector outputs, Qwen2.5-VL's merged tokens (``visual(...).pooler_output``). A forward
+    hook on that module keeps its output of the current forward, so the one model forward of a
+    training step serves both losses. The heads are dropped when training ends; what they
+    leave is visual tokens from which shape, colour and digit are linearly decodable.
+
+    Args:
+        model: A :mod:`tome.vlm_models` model (LLaVA or Qwen2.5-VL).
+    """
+
+    KINDS: Tuple[Tuple[str, int], ...] = (("shape", len(vqa.SHAPES) + 1), ("colour", len(vqa.COLOURS) + 1),
+                                            ("digit", 10))
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        width = model.config.text_config.hidden_size
+        self.norm = torch.nn.LayerNorm(width)
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in self.KINDS})
+        inner = model.model
+        self._qwen = not hasattr(inner, "multi_modal_projector")
+        source = inner.visual if self._qwen else inner.multi_modal_projector
+        self._tokens: Optional[torch.Tensor] = None
+        # Not a submodule: the hook is the only link, so the heads' state dict is their own.
+        self._handle = source.register_forward_hook(self._keep)
+
+    def _keep(self, module: Any, inputs: Any, output: Any) -> None:
+        self._tokens = output.pooler_output if self._qwen else output
+
+    def remove(self) -> None:
+        """Detach the hook from the model."""
+        self._handle.remove()
+
+    def loss(self, samples: Sequence[vqa.VQASample]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The mean cross-entropy of the three heads on the visual tokens of the last forward.
+
+        Args:
+            samples: The forward's images' samples, one per image, in batch order.
+
+        Returns:
+            ``(loss, accuracy)``: the summed cross-entropies (a scalar tensor) and each head's
+            accuracy where it is supervised (objects' cells for shape and colour, plate cells
+            for the digit), as floats.
+
+        Raises:
+            RuntimeError: if no forward reached the visual tokens since the last call.
+        """
+        if self._tokens is None:
+            raise RuntimeError("SceneHeads.loss needs a model forward with images first")
+        tokens = self._tokens.reshape(len(samples), -1, self._tokens.shape[-1])
+        self._tokens = None
+        grid = int(round(tokens.shape[1] ** 0.5))
+        labels = [vqa.scene_labels(sample, grid) for sample in samples]
+        hidden = self.norm(tokens)
+        total = hidden.new_zeros(())
+        accuracy = {}
+        for name, _ in self.KINDS:
+            target = torch.as_tensor(np.stack([label[name] for label in labels])).reshape(-1)
+            logits = self.heads[name](hidden).reshape(target.shape[0], -1)
+            total = total + torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+            scored = target > 0 if name != "digit" else target >= 0
+            if bool(scored.any()):
+                accuracy[name] = float((logits.argmax(-1)[scored] == target[scored]).float().mean())
+        return total, accuracy
+
+
 @torch.no_grad()
 def evaluate(model: Any, processor: Any, arch: str, samples: Sequence[vqa.VQASample], batch_size: int = 32,
              generate: bool = False) -> Dict[str, Any]:
@@ -179,6 +255,9 @@ def _model_card(args: argparse.Namespace, history: List[Dict[str, Any]], final: 
     start = "random weights" if args.vision_init is None else (
         f"random weights but the vision tower, taken from the shipped `{vlm_models.VISION_INITS[args.vision_init]}` "
         "ViT (tome.vlm_models.init_llava_tower_from_vit)")
+    scene = "" if not args.scene_loss else (
+        f", with the dense scene loss at weight {args.scene_loss} (tome.tools.vlm_train.SceneHeads; its heads are "
+        "not part of this model)")
     return f"""# {args.arch} on the tome generated question task
 
 A `{arch_name[args.arch]}` of size `{args.size}` (tome.vlm_models.SIZES), trained from {start}
@@ -188,7 +267,7 @@ on CPU on `tome.data.vqa` (seed {args.seed}, {args.image_size} px images), by:
 {command}
 ```
 
-{steps} optimizer steps of {args.batch_size} questions (the run's history is `log.jsonl`).
+{steps} optimizer steps of {args.batch_size} questions (the run's history is `log.jsonl`){scene}.
 Validation: {sum(final['count'].values())} questions of the val split, greedy answer through `model.generate`.
 
 Overall accuracy: **{100 * final['overall']:.1f} %**
@@ -238,14 +317,19 @@ def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
 
 
-def _restore(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-    """Load a checkpoint (weights only) into the run; returns its step."""
+def _restore(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scene: Optional["_Scene"]) -> Tuple[int, bool]:
+    """Load a checkpoint (weights only) into the run; returns its step and whether it had scene heads
+    (a run may add ``--scene-loss`` on resume: its heads then start fresh)."""
     state = torch.load(resume, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
-    return int(state["step"])
+    had_scene = "scene" in state
+    if scene is not None and had_scene:
+        scene.load_state_dict(state["scene"])
+    return int(state["step"]), had_scene
 
 
 def _save_final(out: Path, args: argparse.Namespace, model: Any, processor: Any, final: Dict[str, Any],
@@ -279,7 +363,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                                    vision_tower=_pretrained_tower(args.vision_init))
     processor = vlm_models.build_processor(args.arch, args.image_size, args.patch_size)
     optimizer, scheduler = _optimizer(model, args)
-    step = 0 if resume is None else _restore(resume, model, optimizer, scheduler)
+    scene = _Scene(model, args) if args.scene_loss else None
+    step, had_scene = (0, False) if resume is None else _restore(resume, model, optimizer, scheduler, scene)
     # A resume with another --steps keeps the weights and the optimizer but stretches (or
     # shortens) the cosine to the new length; the same --steps continues the run exactly.
     rescheduled = resume is not None and scheduler.t_initial != args.steps
@@ -295,14 +380,47 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
              "parameters": sum(p.numel() for p in model.parameters())})
     else:
         log({"event": "resume", "step": step, "command": command,
-             **({"schedule_steps": [old_steps, args.steps]} if rescheduled else {})})
-    run = _Run(args, model, processor, optimizer, scheduler, out / _CHECKPOINT, val, log)
+             **({"schedule_steps": [old_steps, args.steps]} if rescheduled else {}),
+             **({"scene_heads": "new"} if scene is not None and not had_scene else {})})
+    if scene is not None:
+        scene.scheduler.step_update(step)
+    run = _Run(args, model, processor, optimizer, scheduler, out / _CHECKPOINT, val, log, scene)
     step, stopped_early = run.loop(step)
     final = evaluate(model, processor, args.arch, val, args.eval_batch_size, generate=True)
+    if scene is not None:
+        scene.heads.remove()
     log({"event": "final", "step": step, "val_generate": final, "stopped_early": stopped_early,
          "time": time.time()})
     _save_final(out, args, model, processor, final, step, command)
     return final
+
+
+class _Scene:
+    """The ``--scene-loss`` heads with an AdamW and schedule of their own (so the model's optimizer
+    state, and checkpoints of runs without the loss, stay as they are)."""
+
+    def __init__(self, model: Any, args: argparse.Namespace) -> None:
+        with torch.random.fork_rng(devices=[]):  # the heads start from --seed alone
+            torch.manual_seed(args.seed)
+            self.heads = SceneHeads(model)
+        self.weight = args.scene_loss
+        self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=args.lr, betas=(0.9, 0.98),
+                                           weight_decay=args.weight_decay)
+        self.scheduler = warmup_cosine(self.optimizer, args)
+        self.window: List[Dict[str, float]] = []
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def summary(self) -> Dict[str, float]:
+        """Mean loss and head accuracies on the training batches since the last call."""
+        window, self.window = self.window, []
+        keys = sorted({key for entry in window for key in entry})
+        return {key: sum(e[key] for e in window if key in e) / sum(key in e for e in window) for key in keys}
 
 
 @dataclasses.dataclass
@@ -317,10 +435,13 @@ class _Run:
     checkpoint_path: Path
     val: List[Any]
     log: Callable[[Dict[str, Any]], None]
+    scene: Optional[_Scene] = None
 
     def save(self, step: int) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": step}
+        if self.scene is not None:
+            state["scene"] = self.scene.state_dict()
         torch.save(state, self.checkpoint_path.with_suffix(".tmp"))
         self.checkpoint_path.with_suffix(".tmp").replace(self.checkpoint_path)
 
@@ -340,12 +461,22 @@ class _Run:
         if args.isolate_questions:
             inputs = isolate_questions(self.model, self.processor, args.arch, inputs)
         loss = self.model(**inputs).loss
+        total = loss
+        if self.scene is not None:
+            scene_loss, accuracy = self.scene.heads.loss(samples)
+            total = loss + self.scene.weight * scene_loss
+            self.scene.window.append({"loss": scene_loss.item(), **accuracy})
+            self.scene.optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
         self.optimizer.step()
         self.scheduler.step_update(step + 1)
-        return loss.item()
+        if self.scene is not None:
+            torch.nn.utils.clip_grad_norm_(self.scene.heads.parameters(), args.clip_grad)
+            self.scene.optimizer.step()
+            self.scene.scheduler.step_update(step + 1)
+        return loss.item()  # the answer loss alone, comparable across runs with and without --scene-loss
 
     def loop(self, step: int) -> Tuple[int, bool]:
         """Train from ``step`` on (:func:`tome.tools._run_dir.train_loop`)."""
@@ -353,7 +484,8 @@ class _Run:
 
     def validate(self, step: int, bar: Any) -> None:
         result = evaluate(self.model, self.processor, self.args.arch, self.val, self.args.eval_batch_size)
-        self.log({"step": step, "val": result, "time": time.time()})
+        scene = {"scene_train": self.scene.summary()} if self.scene is not None else {}
+        self.log({"step": step, "val": result, **scene, "time": time.time()})
         bar.write(f"step {step}: val {100 * result['overall']:.1f}% "
                   + " ".join(f"{k} {100 * v:.0f}" for k, v in result["slices"].items()))
 
@@ -389,6 +521,9 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "model only (default: %(default)s)")
     parser.add_argument("--vision-lr-scale", type=float, default=1.0,
                         help="the vision tower's learning rate as a multiple of --lr (default: %(default)s)")
+    parser.add_argument("--scene-loss", type=non_negative_float, default=0.0,
+                        help="weight of the dense auxiliary loss that teaches every visual token the shape, colour "
+                             "and digit under it (tome.tools.vlm_train.SceneHeads; 0: none, the default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the initial weights")
     parser.add_argument("--val-samples", type=positive_int, default=250,
                         help="validation questions (default: %(default)s)")
