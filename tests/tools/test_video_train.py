@@ -126,3 +126,65 @@ def test_plain_background_is_trained_on_and_recorded(tmp_path, monkeypatch):
     assert seen and all(called == ("plain",) for called in seen)
     assert _history(tmp_path / "run")[0]["args"]["background"] == "plain"
     assert "plain background" in (tmp_path / "run" / "final" / "README.md").read_text()
+
+
+def _repa_argv(out, *extra):
+    # 32 px frames at the tiny size's patch 4: the 8 x 8 grid per frame of the 64 px classifier.
+    argv = _argv(out, "--size-px", "32", "--repa", "0.5", "--repa-block", "0", *extra)
+    return argv
+
+
+def test_repa_targets_are_the_classifiers_patch_tokens_in_the_denoisers_order():
+    from tome.data.clips import clip_batch
+
+    model = video_models.build_model("tiny")
+    classifier = video_train.load_classifier()
+    repa = video_train.RepresentationAlignment(model, classifier, 0)
+    videos, labels = clip_batch(range(2), frames=3, size=32)
+    targets = repa.targets(videos)
+    assert targets.shape == (2, 3 * 64, classifier.embed_dim)
+    # Frame 1 of clip 1, by hand: the 64 px frame through all blocks but the last, patch tokens only.
+    frame = torch.nn.functional.interpolate(videos[1:2, :, 1], size=(64, 64), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        x = classifier._pos_embed(classifier.patch_embed(frame))
+        for block in classifier.blocks[:-1]:
+            x = block(x)
+    torch.testing.assert_close(targets[1, 64:128], x[0, 1:])
+    sigmas = torch.full((2,), 0.5)
+    model(videos, sigmas, labels)
+    loss = repa.loss(videos)
+    assert -1 <= loss.item() <= 1
+    loss.backward()
+    first = model.transformer.blocks[0].attn1.to_q.weight.grad
+    assert first is not None and first.abs().sum() > 0  # the alignment reaches the denoiser
+    assert not any(p.grad is not None for p in classifier.parameters())  # the classifier stays frozen
+    with pytest.raises(RuntimeError, match="forward first"):
+        repa.loss(videos)
+    small = clip_batch(range(1), frames=2, size=16)[0]  # 4 x 4 patches per frame, not the classifier's 8 x 8
+    with pytest.raises(ValueError, match="64 patches per frame are not the denoiser's 16"):
+        repa.targets(small)
+    repa.remove()
+    with pytest.raises(ValueError, match=r"repa block must be in \[0, 0\], got 1"):
+        video_train.RepresentationAlignment(model, classifier, 1)
+
+
+def test_repa_resumes_exactly_and_is_recorded(tmp_path, capsys):
+    video_train.main(_repa_argv(tmp_path / "whole"))
+    video_train.main(_repa_argv(tmp_path / "split", "--stop-at-step", "2"))
+    video_train.main(_repa_argv(tmp_path / "split", "--resume", "auto"))
+    whole, split = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("whole", "split"))
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    for name, tensor in whole["repa"]["projector"].items():
+        assert torch.equal(tensor, split["repa"]["projector"][name]), name
+    vals = [e for e in _history(tmp_path / "whole") if "val_loss" in e]
+    assert all(-1 <= e["repa_train"] <= 1 for e in vals)
+    # The projector is not part of the model: the final folder loads as a plain model.
+    assert set(whole["model"]) == set(video_models.build_model("tiny").state_dict())
+    assert "representation alignment (REPA) of block 0" in (tmp_path / "whole" / "final" / "README.md").read_text()
+    video_models.load_model(tmp_path / "whole" / "final")
+    # A run may take REPA up on resume: its projector starts fresh, and the log says so.
+    video_train.main(_argv(tmp_path / "late", "--size-px", "32", "--stop-at-step", "2"))
+    video_train.main(_repa_argv(tmp_path / "late", "--resume", "auto"))
+    resume = next(e for e in _history(tmp_path / "late") if e.get("event") == "resume")
+    assert resume["repa_projector"] == "new"

@@ -12,6 +12,14 @@ the requested class in the sampled frames. Checkpoints resume exactly (``--resum
 holds the model (:func:`tome.video_models.save_model`: safetensors and config), a model card
 ``README.md`` with the command, the history, the last sample strip and the training curve.
 
+``--repa W`` adds representation alignment (REPA: Yu et al., ICLR 2025, "Representation
+Alignment for Generation: Training Diffusion Transformers Is Easier Than You Think", Sec. 3):
+an MLP maps the transformer's tokens after block ``--repa-block`` (noisy input) to the shipped
+shapes classifier's patch features of the clean frames, and ``W`` times their negative cosine
+similarity joins the loss (:class:`RepresentationAlignment`). The paper reports generation
+quality reached 17.5x sooner on ImageNet; here it hands the small denoiser what the classifier
+knows about shape, which the flow-matching loss alone teaches slowly (docs/video.md).
+
 Training batch ``s`` holds clips ``s * batch_size ... (s + 1) * batch_size - 1`` of the train
 split, and its noise comes from a generator seeded with ``(seed, s)``, so a resumed run sees
 the batches the uninterrupted run would.
@@ -34,7 +42,7 @@ import torch
 from .. import video_models
 from ..data import clips
 from ..data.synthetic import CLASSES
-from ._common import positive_int
+from ._common import non_negative_float, positive_int
 from ._run_dir import (
     TrainerCommand,
     add_loop_arguments,
@@ -46,7 +54,7 @@ from ._run_dir import (
     warmup_cosine,
 )
 
-__all__ = ["train", "classifier_accuracy", "load_classifier", "sample_strip", "plot_history", "add_parser", "main"]
+__all__ = ["train", "RepresentationAlignment", "classifier_accuracy", "load_classifier", "sample_strip", "plot_history", "add_parser", "main"]
 
 _CHECKPOINT = "checkpoint.pt"
 _NOT_SETTINGS = ("argv", "func", "command")
@@ -121,6 +129,78 @@ def plot_history(history: Sequence[Dict[str, Any]], path: Path) -> Path:
     return path
 
 
+class RepresentationAlignment(torch.nn.Module):
+    """REPA for :class:`tome.video_models.ClassConditionedWan` (Yu et al., ICLR 2025, Sec. 3).
+
+    A forward hook keeps the output of transformer block ``block`` (``(batch, tokens, width)``,
+    tokens in ``frames x height x width`` order); a three-layer MLP (SiLU) maps each token to the
+    classifier's width, and :meth:`loss` is minus its mean cosine similarity with the frozen
+    classifier's patch tokens (the output of its second-to-last block, as a class-token
+    classifier's last block trains only its class token) of the clean frames, resized to the
+    classifier's input size. The denoiser's patch grid per frame must be the classifier's
+    (48 px frames at patch 6 and the 64 px classifier at patch 8: both 8 x 8).
+
+    Args:
+        model: The denoiser.
+        classifier: A timm ``VisionTransformer`` (the shipped one: :func:`load_classifier`), frozen.
+        block: Index of the transformer block whose output is aligned.
+
+    Raises:
+        ValueError: for a ``block`` the transformer lacks.
+    """
+
+    def __init__(self, model: video_models.ClassConditionedWan, classifier: torch.nn.Module, block: int) -> None:
+        super().__init__()
+        blocks = model.transformer.blocks
+        if not 0 <= block < len(blocks):
+            raise ValueError(f"repa block must be in [0, {len(blocks) - 1}], got {block}")
+        width = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
+        target = classifier.embed_dim
+        self.projector = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.SiLU(),
+                                             torch.nn.Linear(2 * width, 2 * width), torch.nn.SiLU(),
+                                             torch.nn.Linear(2 * width, target))
+        self._classifier = [classifier.eval().requires_grad_(False)]  # a list: not a submodule, not saved
+        self._patch = model.transformer.config.patch_size
+        self._tokens: Optional[torch.Tensor] = None
+        self._handle = blocks[block].register_forward_hook(self._keep)
+
+    def _keep(self, module: Any, inputs: Any, output: Any) -> None:
+        self._tokens = output
+
+    def remove(self) -> None:
+        """Detach the hook from the transformer."""
+        self._handle.remove()
+
+    @torch.no_grad()
+    def targets(self, videos: torch.Tensor) -> torch.Tensor:
+        """The classifier's patch tokens of clean clips ``(batch, 3, frames, H, W)`` normalised as
+        :func:`tome.data.clips.clip_batch` gives them (the classifier's own normalisation):
+        ``(batch, frames * grid * grid, width)``, in the transformer's token order."""
+        classifier = self._classifier[0]
+        batch, _, frames, height, width = videos.shape
+        side = classifier.patch_embed.img_size
+        images = videos.permute(0, 2, 1, 3, 4).reshape(batch * frames, 3, height, width)
+        images = torch.nn.functional.interpolate(images, size=tuple(side), mode="bilinear", align_corners=False)
+        tokens = classifier.forward_intermediates(images, indices=[len(classifier.blocks) - 2], output_fmt="NLC",
+                                                  intermediates_only=True)[0]
+        grid = (height // self._patch[1]) * (width // self._patch[2])
+        if tokens.shape[1] != grid:
+            raise ValueError(f"the classifier's {tokens.shape[1]} patches per frame are not the denoiser's {grid}")
+        return tokens.reshape(batch, frames * grid, -1)
+
+    def loss(self, videos: torch.Tensor) -> torch.Tensor:
+        """Minus the mean cosine similarity of the projected tokens of the last forward with :meth:`targets`.
+
+        Raises:
+            RuntimeError: if no forward ran since the last call.
+        """
+        if self._tokens is None:
+            raise RuntimeError("RepresentationAlignment.loss needs a model forward first")
+        tokens, self._tokens = self._tokens, None
+        target = self.targets(videos)
+        return -torch.nn.functional.cosine_similarity(self.projector(tokens), target, dim=-1).mean()
+
+
 def _noisy(videos: torch.Tensor, sigmas: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The flow-matching input ``(1 - s) x + s noise`` and its velocity target ``noise - x``."""
     s = sigmas.view(-1, 1, 1, 1, 1)
@@ -140,6 +220,9 @@ def _model_card(args: argparse.Namespace, history: List[Dict[str, Any]], step: i
     vals = [entry for entry in history if "val_loss" in entry]
     rows = "\n".join(f"| {e['step']} | {e['val_loss']:.4f} | {100 * e['sample_accuracy']:.1f} |" for e in vals)
     settings = json.dumps(video_models.SIZES[args.size])
+    repa = "" if not args.repa else (
+        f", with representation alignment (REPA) of block {args.repa_block} to the shapes classifier at weight "
+        f"{args.repa} (its projector is not part of this model)")
     return f"""# A class-conditional Wan video diffusion transformer on the tome generated clips
 
 A diffusers `WanTransformer3DModel` of size `{args.size}` ({settings}), pixel space (3 channels,
@@ -152,7 +235,7 @@ on CPU, by:
 {command}
 ```
 
-{step} optimizer steps of {args.batch_size} clips (the history is `log.jsonl`; `samples.png`
+{step} optimizer steps of {args.batch_size} clips{repa} (the history is `log.jsonl`; `samples.png`
 is the last validation's samples, a row per class, a column per frame).
 
 | step | val loss | classifier accuracy on samples % |
@@ -194,20 +277,46 @@ class _Run:
         self.val_sigmas = _sigmas(generator, args.val_clips, 0.8, 0.8)
         self.sample_labels = torch.arange(len(CLASSES))
         self.sample_noise = torch.randn((len(CLASSES), 3, args.frames, args.size_px, args.size_px), generator=generator)
+        self.repa: Optional[RepresentationAlignment] = None
+        if args.repa:
+            self.classifier = load_classifier()
+            # The projector starts from --seed alone, with an AdamW of its own, so runs without
+            # REPA and their checkpoints stay as they were.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                self.repa = RepresentationAlignment(model, self.classifier, args.repa_block)
+            self.repa_optimizer = torch.optim.AdamW(self.repa.parameters(), lr=args.lr, betas=(0.9, 0.99),
+                                                    weight_decay=args.weight_decay)
+            self.repa_scheduler = warmup_cosine(self.repa_optimizer, args)
+            self.repa_window: List[float] = []
 
     def save(self, step: int) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": step}
+        if self.repa is not None:
+            state["repa"] = {"projector": self.repa.state_dict(), "optimizer": self.repa_optimizer.state_dict()}
         path = self.out / _CHECKPOINT
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
 
-    def restore(self, path: Path) -> int:
+    def restore(self, path: Path) -> Tuple[int, bool]:
+        """Load a checkpoint; returns its step and whether it held a REPA projector (a run may add
+        ``--repa`` on resume: the projector then starts fresh)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        return int(state["step"])
+        if self.repa is not None and "repa" in state:
+            self.repa.load_state_dict(state["repa"]["projector"])
+            self.repa_optimizer.load_state_dict(state["repa"]["optimizer"])
+        return int(state["step"]), "repa" in state
+
+    def set_schedule_step(self, step: int) -> None:
+        """Put the learning-rate schedules at ``step``."""
+        self.scheduler.step_update(step)
+        if self.repa is not None:
+            self.repa_scheduler.t_initial = self.args.steps
+            self.repa_scheduler.step_update(step)
 
     def step(self, step: int) -> float:
         """One optimizer step on training batch ``step``; returns its loss."""
@@ -222,12 +331,22 @@ class _Run:
         labels = torch.where(dropped, torch.full_like(labels, self.model.null_class), labels)
         inputs, target = _noisy(videos, sigmas, noise)
         loss = torch.nn.functional.mse_loss(self.model(inputs, sigmas, labels), target)
+        total = loss
+        if self.repa is not None:
+            alignment = self.repa.loss(videos)
+            total = loss + args.repa * alignment
+            self.repa_window.append(alignment.item())
+            self.repa_optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
         self.optimizer.step()
         self.scheduler.step_update(step + 1)
-        return loss.item()
+        if self.repa is not None:
+            torch.nn.utils.clip_grad_norm_(self.repa.parameters(), args.clip_grad)
+            self.repa_optimizer.step()
+            self.repa_scheduler.step_update(step + 1)
+        return loss.item()  # the flow-matching loss alone, comparable with runs without --repa
 
     @torch.no_grad()
     def validate(self, step: int) -> Dict[str, Any]:
@@ -235,6 +354,10 @@ class _Run:
         args = self.args
         self.model.eval()
         inputs, target = _noisy(self.val_videos, self.val_sigmas, self.val_noise)
+        repa = {}
+        if self.repa is not None:  # the mean alignment of the training steps since the last validation
+            window, self.repa_window = self.repa_window, []
+            repa = {"repa_train": sum(window) / len(window)} if window else {}
         losses = [torch.nn.functional.mse_loss(self.model(i, s, y), t).item() * len(y) for i, s, y, t in
                   zip(inputs.split(16), self.val_sigmas.split(16), self.val_labels.split(16), target.split(16))]
         val_loss = sum(losses) / len(self.val_labels)
@@ -244,8 +367,10 @@ class _Run:
             self.classifier = load_classifier()
         accuracy = classifier_accuracy(self.classifier, samples, self.sample_labels)
         sample_strip(samples, self.out / "samples" / f"step_{step:06d}.png")
+        if self.repa is not None:
+            self.repa._tokens = None  # validation forwards are not aligned
         self.model.train()
-        entry = {"step": step, "val_loss": val_loss, "sample_accuracy": accuracy, "time": time.time()}
+        entry = {"step": step, "val_loss": val_loss, "sample_accuracy": accuracy, **repa, "time": time.time()}
         self.log(entry)
         return entry
 
@@ -274,23 +399,26 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     model = video_models.build_model(args.size, seed=args.seed)
     log = functools.partial(append_log, out / "log.jsonl")
     run = _Run(args, model, out, log)
-    step = 0 if resume is None else run.restore(resume)
+    step, had_repa = (0, False) if resume is None else run.restore(resume)
     # A resume with another --steps keeps the weights and the optimizer but stretches (or
     # shortens) the cosine to the new length; the same --steps continues the run exactly.
     old_steps = run.scheduler.t_initial
     run.scheduler.t_initial = args.steps
-    run.scheduler.step_update(step)
+    run.set_schedule_step(step)
     command = "python -m tome.tools.video_train " + " ".join(shlex.quote(a) for a in args.argv)
     if resume is None:
         log({"event": "start", "command": command, "args": {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS},
              "parameters": sum(p.numel() for p in model.parameters()), "time": time.time()})
     else:
         log({"event": "resume", "step": step, "command": command, "time": time.time(),
-             **({"schedule_steps": [old_steps, args.steps]} if old_steps != args.steps else {})})
+             **({"schedule_steps": [old_steps, args.steps]} if old_steps != args.steps else {}),
+             **({"repa_projector": "new"} if run.repa is not None and not had_repa else {})})
     step, stopped_early = run.loop(step)
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     last = [entry for entry in history if "val_loss" in entry]
     final = last[-1] if last and last[-1]["step"] == step else run.validate(step)
+    if run.repa is not None:
+        run.repa.remove()
     log({"event": "final", "step": step, "stopped_early": stopped_early, "time": time.time()})
     _save_final(out, args, model, step, command)
     return final
@@ -342,6 +470,13 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="mean of the logit of the training noise level (default: %(default)s)")
     parser.add_argument("--noise-scale", type=float, default=1.0,
                         help="standard deviation of the logit of the training noise level (default: %(default)s)")
+    parser.add_argument("--repa", type=non_negative_float, default=0.0,
+                        help="weight of the representation-alignment loss to the shapes classifier's patch features "
+                             "(REPA, Yu et al. 2025; tome.tools.video_train.RepresentationAlignment; 0: none, the "
+                             "default; the paper's is 0.5)")
+    parser.add_argument("--repa-block", type=int, default=1,
+                        help="transformer block whose output --repa aligns (default: %(default)s, the second of "
+                             "four: REPA aligns an early block)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clips, the noise and the initial weights")
     parser.add_argument("--val-clips", type=positive_int, default=32, help="validation clips (default: %(default)s)")
     parser.add_argument("--sample-steps", type=positive_int, default=20,
