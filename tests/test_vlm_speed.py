@@ -57,7 +57,7 @@ def test_quick_run_writes_every_group(tmp_path):
     decode = {row["budget"]: row for row in saved["generate"]["rows"]}
     assert set(decode) == {1.0, *setup.budgets}
     for budget, row in decode.items():
-        image = {r["budget"]: r for r in saved["prefill"][0]["rows"] if r["method"] in ("-", "pool")}
+        image = {r["budget"]: r for r in saved["prefill"][0]["rows"] if r["method"] in ("-", bench.DEFAULT_METHOD)}
         assert row["cache_tokens"] == image[budget]["sequence"]  # the same reduction, through generate
         assert row["kv_bytes"] == kv_per_token * row["cache_tokens"] and row["decode_tokens_per_s"] > 0
     assert report["machine"]["load_average"] and "load average" in table

@@ -198,7 +198,7 @@ def test_greedy_generate_continues_at_the_reference_positions(family, positions)
     inputs = cases.sample(inputs_of(family, model), 0, images=[0, 1])
     expected = reference(model, family, inputs if family != "llava" else dict(
         inputs, position_ids=torch.arange(inputs["input_ids"].shape[1])[None]), "pool", 5, positions_mode=positions)
-    tome.apply_patch(model, visual_tokens=5, positions=positions)
+    tome.apply_patch(model, visual_tokens=5, method="pool", positions=positions)
     with torch.no_grad():
         generated = model.generate(**inputs, **GENERATE)[0, inputs["input_ids"].shape[1]:].tolist()
     assert generated == reference_greedy(model, family, expected[0], GENERATE["max_new_tokens"])
@@ -208,7 +208,7 @@ def test_a_decoding_step_without_positions_uses_the_recomputed_rope_deltas():
     model = model_of("qwen2_5_vl")
     inputs = cases.sample(inputs_of("qwen2_5_vl", model), 0, images=[0, 1])
     expected = reference(model, "qwen2_5_vl", inputs, "pool", 5)[0]
-    tome.apply_patch(model, visual_tokens=5)
+    tome.apply_patch(model, visual_tokens=5, method="pool")
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
         short = out.logits.shape[1]
@@ -301,7 +301,7 @@ def test_trace_source_lists_each_image_and_video_in_batch_order_and_says_what_wa
 
 def test_settings_are_properties_and_merging_restores_them():
     model = tome.apply_patch(model_of("llava"), visual_tokens=4)
-    assert (model.visual_tokens, model.tome_method, model.positions) == (4, "pool", "keep")
+    assert (model.visual_tokens, model.tome_method, model.positions) == (4, "tome", "keep")
     model.tome_method = "random"
     model.visual_tokens = 0.25
     assert (model.visual_tokens, model.tome_method) == (0.25, "random")
@@ -436,6 +436,6 @@ def test_inputs_embeds_instead_of_input_ids_reduce_alike():
 
 def test_tome_patch_vlm_is_the_family_function():
     model = tome.patch.vlm(model_of("llava"), visual_tokens=3, positions="renumber")
-    assert (model.visual_tokens, model.positions, model.tome_method) == (3, "renumber", "pool")
+    assert (model.visual_tokens, model.positions, model.tome_method) == (3, "renumber", "tome")
     tome.patch.vlm(model, method="random")  # only what is given changes
     assert (model.visual_tokens, model.positions, model.tome_method) == (3, "renumber", "random")

@@ -10,9 +10,9 @@ projector maps them. One image is ``<img> <IMG_CONTEXT> * (tiles * image_seq_len
 The unit of reduction is the tile, as SmolVLM's crop: ``visual_tokens=K`` passes at most
 ``K`` tokens per tile (an image of 6 tiles and its thumbnail at most ``7 K``); a float
 budget keeps that fraction of every tile and so of every image. Per image, the tiles would
-be a ``(tiles, s, s)`` grid whose first axis is not time: ``"pool"`` (the default method)
-would average the same cell of different tiles, which are different parts of the image
-(and the thumbnail). Positions are 1-D.
+be a ``(tiles, s, s)`` grid whose first axis is not time: ``"pool"`` would average the same
+cell of different tiles, and ``"tome"``'s temporal rule would merge them first, though they
+are different parts of the image (and the thumbnail). Positions are 1-D.
 
 ``"visionzip"``: InternViT has a class token, so, as the paper does for CLIP, a patch's
 score is the attention the class token pays it at the layer whose output is the feature
