@@ -83,7 +83,7 @@ class VisualTokenSettings:
             after the projector, size-weighted), kept the most accuracy averaged over the two
             small VLMs trained here at 11 % of the tokens (docs/vlm_study.md, session 6: 90.0 %;
             103.1 % on the Qwen2.5-VL, level with ``"pool"``, and 76.9 % on the LLaVA, where
-            ``"pool"`` keeps 61.2 % and the best, ``"divprune"``, 79.6 %). Until session 6 the
+            ``"pool"`` keeps 61.2 % and ``"divprune"`` 79.6 %). Until session 6 the
             default was ``"pool"``, which loses most on fine patch tokens.
         trace_source: After a forward, ``model._tome_info["source"]`` is a list with one
             ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
