@@ -103,6 +103,8 @@ def _run_settings(name: str) -> Dict[str, Any]:
     """The training settings of the run ``--model`` names (the ``start`` entry of the
     ``log.jsonl`` in a ``final/`` folder or beside a ``checkpoint.pt``); ``{}`` if none."""
     path = Path(name)
+    if not path.exists() and name in video_models.SHIPPED_VIDEO_MODELS:
+        path = video_models.SHIPPED_VIDEO_MODELS[name]
     log = (path.parent if path.is_file() else path) / "log.jsonl"
     if not log.is_file():
         return {}
@@ -127,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmarks/video_quality.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="a folder written by tome video-train (its final/), a run's checkpoint.pt "
-                             "(mid-run), or 'untrained-tiny' (tests)")
+                             "(mid-run), a shipped model's name (tome.video_models.SHIPPED_VIDEO_MODELS: "
+                             "'clips-wan') or 'untrained-tiny' (tests)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7], help="merge ratios")
     parser.add_argument("--modes", nargs="+", default=["kv", "tokens"], choices=["kv", "tokens"], help="merge modes")
     parser.add_argument("--classes", type=int, default=len(CLASSES),

@@ -84,3 +84,33 @@ def test_the_real_clips_take_the_background_the_run_trained_on(tmp_path):
     (tmp_path / "final" / "log.jsonl").write_text(json.dumps({"event": "start", "args": {"background": "plain"}}) + "\n")
     assert script._run_settings(str(tmp_path / "final"))["background"] == "plain"
     assert script._run_settings(str(tmp_path / "final" / "checkpoint.pt")) == {}
+
+
+def test_the_shipped_model_loads_by_name_and_is_what_its_card_says(tmp_path, monkeypatch):
+    import tome
+    from tome import video_models
+
+    script = _load()
+    folder = video_models.SHIPPED_VIDEO_MODELS["clips-wan"]
+    model = script._load("clips-wan")
+    assert not model.training and tuple(model.transformer.config.patch_size) == (1, 6, 6)
+    assert sum(p.numel() for p in model.parameters()) == json.loads(
+        (folder / "log.jsonl").read_text().splitlines()[0])["parameters"]
+    settings = script._run_settings("clips-wan")  # the real clips take the background it trained on
+    assert (settings["background"], settings["repa"], settings["size_px"], settings["frames"]) == ("plain", 0.5, 48, 8)
+    assert "representation alignment (REPA)" in (folder / "README.md").read_text()
+    # Two Euler steps of one clip per class from fixed noise: finite, and ratio 0 is the model bit for bit.
+    labels = torch.arange(2)
+    noise = torch.randn(2, 3, 8, 48, 48, generator=torch.Generator().manual_seed(0))
+    plain = video_models.sample(model, labels, noise, steps=2)
+    assert plain.shape == noise.shape and torch.isfinite(plain).all()
+    tome.apply_patch(model.transformer, ratio=0.0, mode="kv")
+    try:
+        assert torch.equal(video_models.sample(model, labels, noise, steps=2), plain)
+    finally:
+        tome.remove_patch(model.transformer)
+    # A local folder of that name wins over the shipped one; an unknown name lists the shipped ones.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clips-wan").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no class_conditioned_wan.json\); the shipped ones are \['clips-wan'\]"):
+        video_models.load_model("clips-wan")
