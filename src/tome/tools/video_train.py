@@ -314,8 +314,7 @@ class _Run:
     def set_schedule_step(self, step: int) -> None:
         """Put the learning-rate schedules at ``step``."""
         self.scheduler.step_update(step)
-        if self.repa is not None:
-            self.repa_scheduler.t_initial = self.args.steps
+        if self.repa is not None:  # built for --steps already: a stretched run needs no change here
             self.repa_scheduler.step_update(step)
 
     def step(self, step: int) -> float:

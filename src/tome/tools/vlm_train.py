@@ -170,7 +170,8 @@ class SceneHeads(torch.nn.Module):
         self._handle.remove()
 
     def loss(self, samples: Sequence[vqa.VQASample]) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """The mean cross-entropy of the three heads on the visual tokens of the last forward.
+        """The three heads' cross-entropies (each a mean over its supervised tokens), summed, on
+        the visual tokens of the last forward.
 
         Args:
             samples: The forward's images' samples, one per image, in batch order.
