@@ -1,6 +1,6 @@
 """What the small-model trainers (``tome vlm-train``, ``tome video-train``) share: the run
 directory with its resume / overwrite rules, the ``log.jsonl`` history, the session options
-and the two command-line entry points."""
+and the two command-line entry points, and the auxiliary-loss modules trained beside a model."""
 
 from __future__ import annotations
 
@@ -175,3 +175,56 @@ def warmup_cosine(optimizer: Any, args: argparse.Namespace) -> Any:
 
     return CosineLRScheduler(optimizer, t_initial=args.steps, lr_min=args.lr * 0.02, warmup_t=args.warmup,
                              warmup_lr_init=args.lr * 0.01, t_in_epochs=False)
+
+
+class AuxiliaryLoss:
+    """A module trained beside a trainer's model by an extra loss term (``vlm-train --scene-loss``,
+    ``video-train --repa``), with an AdamW and :func:`warmup_cosine` of its own, so the model's
+    optimizer state, and checkpoints of runs without the term, stay as they are.
+
+    Args:
+        build: Makes the module; called under ``torch.manual_seed(args.seed)`` in a forked RNG,
+            so the module starts from ``--seed`` alone.
+        args: The trainer's options (``seed``, ``lr``, ``weight_decay``, ``steps``, ``warmup``).
+        weight: The term's weight in the loss.
+        betas: AdamW's betas (the trainer's own).
+        key: The module's entry in :meth:`state_dict` (beside ``"optimizer"``).
+    """
+
+    def __init__(self, build: Callable[[], Any], args: argparse.Namespace, weight: float,
+                 betas: Tuple[float, float], key: str) -> None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            self.module = build()
+        self.weight, self.key = weight, key
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=args.lr, betas=betas,
+                                           weight_decay=args.weight_decay)
+        self.scheduler = warmup_cosine(self.optimizer, args)
+        self._window: List[Dict[str, float]] = []
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {self.key: self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.module.load_state_dict(state[self.key])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def step(self, step: int, clip_grad: float) -> None:
+        """After the backward of training step ``step``: clip, update, and schedule step ``step + 1``."""
+        import torch
+
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip_grad)
+        self.optimizer.step()
+        self.scheduler.step_update(step + 1)
+
+    def record(self, values: Dict[str, float]) -> None:
+        """Keep one training step's values (the term, accuracies) for :meth:`summary`."""
+        self._window.append(values)
+
+    def summary(self) -> Dict[str, float]:
+        """The mean of each recorded value since the last call (over the steps that recorded it)."""
+        window, self._window = self._window, []
+        keys = sorted({key for entry in window for key in entry})
+        return {key: sum(e[key] for e in window if key in e) / sum(key in e for e in window) for key in keys}

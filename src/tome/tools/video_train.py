@@ -44,6 +44,7 @@ from ..data import clips
 from ..data.synthetic import CLASSES
 from ._common import non_negative_float, positive_int
 from ._run_dir import (
+    AuxiliaryLoss,
     TrainerCommand,
     add_loop_arguments,
     add_session_arguments,
@@ -277,24 +278,19 @@ class _Run:
         self.val_sigmas = _sigmas(generator, args.val_clips, 0.8, 0.8)
         self.sample_labels = torch.arange(len(CLASSES))
         self.sample_noise = torch.randn((len(CLASSES), 3, args.frames, args.size_px, args.size_px), generator=generator)
-        self.repa: Optional[RepresentationAlignment] = None
+        self.repa: Optional[AuxiliaryLoss] = None
         if args.repa:
-            self.classifier = load_classifier()
-            # The projector starts from --seed alone, with an AdamW of its own, so runs without
-            # REPA and their checkpoints stay as they were.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.seed)
-                self.repa = RepresentationAlignment(model, self.classifier, args.repa_block)
-            self.repa_optimizer = torch.optim.AdamW(self.repa.parameters(), lr=args.lr, betas=(0.9, 0.99),
-                                                    weight_decay=args.weight_decay)
-            self.repa_scheduler = warmup_cosine(self.repa_optimizer, args)
-            self.repa_window: List[float] = []
+            # The projector has an optimizer of its own (_run_dir.AuxiliaryLoss), so runs without
+            # REPA and their checkpoints stay as they were; "projector" is its checkpoint entry.
+            classifier = self.classifier = load_classifier()
+            self.repa = AuxiliaryLoss(lambda: RepresentationAlignment(model, classifier, args.repa_block), args,
+                                      args.repa, (0.9, 0.99), "projector")
 
     def save(self, step: int) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": step}
         if self.repa is not None:
-            state["repa"] = {"projector": self.repa.state_dict(), "optimizer": self.repa_optimizer.state_dict()}
+            state["repa"] = self.repa.state_dict()
         path = self.out / _CHECKPOINT
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
@@ -307,15 +303,14 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.repa is not None and "repa" in state:
-            self.repa.load_state_dict(state["repa"]["projector"])
-            self.repa_optimizer.load_state_dict(state["repa"]["optimizer"])
+            self.repa.load_state_dict(state["repa"])
         return int(state["step"]), "repa" in state
 
     def set_schedule_step(self, step: int) -> None:
         """Put the learning-rate schedules at ``step``."""
         self.scheduler.step_update(step)
         if self.repa is not None:  # built for --steps already: a stretched run needs no change here
-            self.repa_scheduler.step_update(step)
+            self.repa.scheduler.step_update(step)
 
     def step(self, step: int) -> float:
         """One optimizer step on training batch ``step``; returns its loss."""
@@ -332,19 +327,17 @@ class _Run:
         loss = torch.nn.functional.mse_loss(self.model(inputs, sigmas, labels), target)
         total = loss
         if self.repa is not None:
-            alignment = self.repa.loss(videos)
-            total = loss + args.repa * alignment
-            self.repa_window.append(alignment.item())
-            self.repa_optimizer.zero_grad(set_to_none=True)
+            alignment = self.repa.module.loss(videos)
+            total = loss + self.repa.weight * alignment
+            self.repa.record({"alignment": alignment.item()})
+            self.repa.optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
         self.optimizer.step()
         self.scheduler.step_update(step + 1)
         if self.repa is not None:
-            torch.nn.utils.clip_grad_norm_(self.repa.parameters(), args.clip_grad)
-            self.repa_optimizer.step()
-            self.repa_scheduler.step_update(step + 1)
+            self.repa.step(step, args.clip_grad)
         return loss.item()  # the flow-matching loss alone, comparable with runs without --repa
 
     @torch.no_grad()
@@ -355,8 +348,8 @@ class _Run:
         inputs, target = _noisy(self.val_videos, self.val_sigmas, self.val_noise)
         repa = {}
         if self.repa is not None:  # the mean alignment of the training steps since the last validation
-            window, self.repa_window = self.repa_window, []
-            repa = {"repa_train": sum(window) / len(window)} if window else {}
+            window = self.repa.summary()
+            repa = {"repa_train": window["alignment"]} if window else {}
         losses = [torch.nn.functional.mse_loss(self.model(i, s, y), t).item() * len(y) for i, s, y, t in
                   zip(inputs.split(16), self.val_sigmas.split(16), self.val_labels.split(16), target.split(16))]
         val_loss = sum(losses) / len(self.val_labels)
@@ -367,7 +360,7 @@ class _Run:
         accuracy = classifier_accuracy(self.classifier, samples, self.sample_labels)
         sample_strip(samples, self.out / "samples" / f"step_{step:06d}.png")
         if self.repa is not None:
-            self.repa._tokens = None  # validation forwards are not aligned
+            self.repa.module._tokens = None  # validation forwards are not aligned
         self.model.train()
         entry = {"step": step, "val_loss": val_loss, "sample_accuracy": accuracy, **repa, "time": time.time()}
         self.log(entry)
@@ -417,7 +410,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     last = [entry for entry in history if "val_loss" in entry]
     final = last[-1] if last and last[-1]["step"] == step else run.validate(step)
     if run.repa is not None:
-        run.repa.remove()
+        run.repa.module.remove()
     log({"event": "final", "step": step, "stopped_early": stopped_early, "time": time.time()})
     _save_final(out, args, model, step, command)
     return final

@@ -38,6 +38,7 @@ from .. import vlm_models
 from ..data import vqa
 from ._common import non_negative_float, positive_int
 from ._run_dir import (
+    AuxiliaryLoss,
     TrainerCommand,
     add_loop_arguments,
     add_session_arguments,
@@ -319,7 +320,7 @@ def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _restore(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             scene: Optional["_Scene"]) -> Tuple[int, bool]:
+             scene: Optional[AuxiliaryLoss]) -> Tuple[int, bool]:
     """Load a checkpoint (weights only) into the run; returns its step and whether it had scene heads
     (a run may add ``--scene-loss`` on resume: its heads then start fresh)."""
     state = torch.load(resume, map_location="cpu", weights_only=True)
@@ -364,7 +365,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                                    vision_tower=_pretrained_tower(args.vision_init))
     processor = vlm_models.build_processor(args.arch, args.image_size, args.patch_size)
     optimizer, scheduler = _optimizer(model, args)
-    scene = _Scene(model, args) if args.scene_loss else None
+    # The heads have an optimizer of their own (_run_dir.AuxiliaryLoss); "heads" is their checkpoint entry.
+    scene = AuxiliaryLoss(lambda: SceneHeads(model), args, args.scene_loss, (0.9, 0.98), "heads") if args.scene_loss else None
     step, had_scene = (0, False) if resume is None else _restore(resume, model, optimizer, scheduler, scene)
     # A resume with another --steps keeps the weights and the optimizer but stretches (or
     # shortens) the cosine to the new length; the same --steps continues the run exactly.
@@ -389,39 +391,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     step, stopped_early = run.loop(step)
     final = evaluate(model, processor, args.arch, val, args.eval_batch_size, generate=True)
     if scene is not None:
-        scene.heads.remove()
+        scene.module.remove()
     log({"event": "final", "step": step, "val_generate": final, "stopped_early": stopped_early,
          "time": time.time()})
     _save_final(out, args, model, processor, final, step, command)
     return final
-
-
-class _Scene:
-    """The ``--scene-loss`` heads with an AdamW and schedule of their own (so the model's optimizer
-    state, and checkpoints of runs without the loss, stay as they are)."""
-
-    def __init__(self, model: Any, args: argparse.Namespace) -> None:
-        with torch.random.fork_rng(devices=[]):  # the heads start from --seed alone
-            torch.manual_seed(args.seed)
-            self.heads = SceneHeads(model)
-        self.weight = args.scene_loss
-        self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=args.lr, betas=(0.9, 0.98),
-                                           weight_decay=args.weight_decay)
-        self.scheduler = warmup_cosine(self.optimizer, args)
-        self.window: List[Dict[str, float]] = []
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.heads.load_state_dict(state["heads"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def summary(self) -> Dict[str, float]:
-        """Mean loss and head accuracies on the training batches since the last call."""
-        window, self.window = self.window, []
-        keys = sorted({key for entry in window for key in entry})
-        return {key: sum(e[key] for e in window if key in e) / sum(key in e for e in window) for key in keys}
 
 
 @dataclasses.dataclass
@@ -436,7 +410,7 @@ class _Run:
     checkpoint_path: Path
     val: List[Any]
     log: Callable[[Dict[str, Any]], None]
-    scene: Optional[_Scene] = None
+    scene: Optional[AuxiliaryLoss] = None
 
     def save(self, step: int) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -464,9 +438,9 @@ class _Run:
         loss = self.model(**inputs).loss
         total = loss
         if self.scene is not None:
-            scene_loss, accuracy = self.scene.heads.loss(samples)
+            scene_loss, accuracy = self.scene.module.loss(samples)
             total = loss + self.scene.weight * scene_loss
-            self.scene.window.append({"loss": scene_loss.item(), **accuracy})
+            self.scene.record({"loss": scene_loss.item(), **accuracy})
             self.scene.optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -474,9 +448,7 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step_update(step + 1)
         if self.scene is not None:
-            torch.nn.utils.clip_grad_norm_(self.scene.heads.parameters(), args.clip_grad)
-            self.scene.optimizer.step()
-            self.scene.scheduler.step_update(step + 1)
+            self.scene.step(step, args.clip_grad)
         return loss.item()  # the answer loss alone, comparable across runs with and without --scene-loss
 
     def loop(self, step: int) -> Tuple[int, bool]:
