@@ -102,9 +102,7 @@ def table(result: Dict[str, Any]) -> str:
 def _run_settings(name: str) -> Dict[str, Any]:
     """The training settings of the run ``--model`` names (the ``start`` entry of the
     ``log.jsonl`` in a ``final/`` folder or beside a ``checkpoint.pt``); ``{}`` if none."""
-    path = Path(name)
-    if not path.exists() and name in video_models.SHIPPED_VIDEO_MODELS:
-        path = video_models.SHIPPED_VIDEO_MODELS[name]
+    path = video_models.model_folder(name)
     log = (path.parent if path.is_file() else path) / "log.jsonl"
     if not log.is_file():
         return {}

@@ -31,7 +31,7 @@ from torch import nn
 
 from .data.synthetic import CLASSES
 
-__all__ = ["SIZES", "SHIPPED_VIDEO_MODELS", "ClassConditionedWan", "build_model", "sample", "save_model", "load_model"]
+__all__ = ["SIZES", "SHIPPED_VIDEO_MODELS", "ClassConditionedWan", "build_model", "sample", "save_model", "model_folder", "load_model"]
 
 # Widths per size: "tiny" is for tests (well under a second a step), "small" is the trained model.
 SIZES: Dict[str, Dict[str, Any]] = {
@@ -185,6 +185,14 @@ def save_model(model: ClassConditionedWan, folder: Union[str, Path]) -> Path:
     return folder
 
 
+def model_folder(name: Union[str, Path]) -> Path:
+    """The folder ``name`` means: itself, or the shipped model of that name (a key of
+    :data:`SHIPPED_VIDEO_MODELS`) when no file or folder of that name exists here."""
+    if not Path(name).exists() and str(name) in SHIPPED_VIDEO_MODELS:
+        return SHIPPED_VIDEO_MODELS[str(name)]
+    return Path(name)
+
+
 def load_model(folder: Union[str, Path]) -> ClassConditionedWan:
     """Load a model written by :func:`save_model` (offline), in eval mode.
 
@@ -198,9 +206,7 @@ def load_model(folder: Union[str, Path]) -> ClassConditionedWan:
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
-    if not Path(folder).exists() and str(folder) in SHIPPED_VIDEO_MODELS:  # a local folder of that name wins
-        folder = SHIPPED_VIDEO_MODELS[str(folder)]
-    folder = Path(folder)
+    folder = model_folder(folder)
     if not (folder / _CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{str(folder)!r} holds no class-conditioned Wan model (no {_CONFIG_FILE}); "
                                 f"the shipped ones are {sorted(SHIPPED_VIDEO_MODELS)}")
