@@ -20,7 +20,10 @@ medians over rounds; a speed-up is the median of the per-round ratios ``t_unredu
   model and every method at every budget (the method's selection and the sequence
   bookkeeping included). Beside it the arithmetic ceiling (``lm_layer_flops``) and the
   method's own selection time (``vt.reduce_tokens`` timed inside the same forwards) as a share
-  of the prefill it belongs to (tower + LM part).
+  of the prefill it belongs to (tower + LM part). The decoder layers' own span (from the first
+  layer's input to the last layer's output, ``LayerTimer``) is timed in the same forwards: the
+  part of the LM time the ceiling counts, without the embedding, the selection, the final norm
+  and the one-token LM head, which do not shrink with the tokens.
 - ``generate`` (image): ``model.generate(**inputs, max_new_tokens=1 + D)`` with the default
   method at every budget: time to first token end to end (pixels in), decode tokens/s over
   the next ``D`` greedy tokens (stamped by a logits processor), and the KV-cache bytes after
@@ -255,6 +258,50 @@ class SelectionTimer:
             vt.reduce_tokens = original
 
 
+class LayerTimer:
+    """Wall time from the first decoder layer's input to the last one's output, per forward.
+
+    Forward hooks on ``layers[0]`` (pre) and ``layers[-1]`` (post), synchronizing CUDA, while
+    active; ``seconds`` sums the spans of every forward in that time (one per prefill).
+
+    Args:
+        layers: The language model's decoder layers (a ``torch.nn.ModuleList``), or None (then
+            ``seconds`` stays 0).
+    """
+
+    def __init__(self, layers: Optional[Sequence[torch.nn.Module]], device: torch.device) -> None:
+        self.layers, self.device, self.seconds = layers, device, 0.0
+        self._start: Optional[float] = None
+
+    def _enter(self, *_: Any) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _leave(self, *_: Any) -> None:
+        synchronize(self.device)
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["LayerTimer"]:
+        if not self.layers:
+            yield self
+            return
+        handles = [self.layers[0].register_forward_pre_hook(self._enter),
+                   self.layers[-1].register_forward_hook(self._leave)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The language model's decoder layers of a transformers VLM (``model.model.language_model.layers``)."""
+    return model.model.language_model.layers
+
+
 @dataclass
 class Variant:
     """One row: a label, one call, a context entered around it (untimed), what else to record."""
@@ -265,18 +312,20 @@ class Variant:
     info: Dict[str, Any] = field(default_factory=dict)
     times: List[float] = field(default_factory=list)
     selection: List[float] = field(default_factory=list)
+    layers: List[float] = field(default_factory=list)  # s in the decoder layers (``LayerTimer``)
     extra: List[Any] = field(default_factory=list)  # what ``call`` returned (generate: its stamps)
 
 
 def interleave(variants: Sequence[Variant], device: torch.device, rounds: int, warmup: int,
-               progress: Callable[[str], None] = print) -> None:
+               progress: Callable[[str], None] = print, layers: Optional[Sequence[torch.nn.Module]] = None) -> None:
     """``warmup`` untimed then ``rounds`` timed rounds, every variant once per round, the order
-    rotating; fills ``times`` (s), ``selection`` (s inside ``reduce_tokens``) and ``extra``."""
+    rotating; fills ``times`` (s), ``selection`` (s inside ``reduce_tokens``), ``layers`` (s in
+    the decoder ``layers``, when given) and ``extra``."""
     for index in range(warmup + rounds):
         offset = index % len(variants)
         for variant in list(variants[offset:]) + list(variants[:offset]):
-            timer = SelectionTimer(device)
-            with variant.context(), timer.active(), torch.inference_mode():
+            timer, layer_timer = SelectionTimer(device), LayerTimer(layers, device)
+            with variant.context(), timer.active(), layer_timer.active(), torch.inference_mode():
                 synchronize(device)
                 start = time.perf_counter()
                 out = variant.call()
@@ -285,6 +334,7 @@ def interleave(variants: Sequence[Variant], device: torch.device, rounds: int, w
             if index >= warmup:
                 variant.times.append(elapsed)
                 variant.selection.append(timer.seconds)
+                variant.layers.append(layer_timer.seconds)
                 variant.extra.append(out)
         if index >= warmup:
             progress(f"    round {index - warmup + 1}/{rounds}: "
@@ -348,7 +398,7 @@ def prefill_group(model: torch.nn.Module, setup: Setup, kind: str, methods: Sequ
             variants.append(Variant(f"{method} {budget:.0%}", prefill, reduction_context(model, method, budget),
                                     info={"method": method, "budget": budget}))
     progress(f"  {kind}: {num} visual tokens, sequence {length}; {len(variants)} variants")
-    interleave(variants, device, setup.rounds, setup.warmup, progress)
+    interleave(variants, device, setup.rounds, setup.warmup, progress, layers=decoder_layers(model))
     tower_s = statistics.median(tower.times)
     base = variants[1]
     full = lm_layer_flops(length, setup.text)
@@ -362,8 +412,11 @@ def prefill_group(model: torch.nn.Module, setup: Setup, kind: str, methods: Sequ
                "lm_s": lm_s, **speedups(base.times, variant.times), "ceiling": full / lm_layer_flops(sequence, setup.text),
                "selection_s": selection_s, "selection_share": selection_s / (tower_s + lm_s),
                "times_s": variant.times, "selection_times_s": variant.selection,
-               "kv_bytes": kv_bytes(variant.extra[-1])}
+               "kv_bytes": kv_bytes(variant.extra[-1]), "layers_s": statistics.median(variant.layers),
+               "layers_times_s": variant.layers,
+               **{f"layers_{k}": v for k, v in speedups(base.layers, variant.layers).items()}}
         row["of_ceiling"] = row["speedup"] / row["ceiling"]
+        row["layers_of_ceiling"] = row["layers_speedup"] / row["ceiling"]
         rows.append(row)
     return {"kind": kind, "tokens": num, "sequence": length, "tower_s": tower_s, "tower_times_s": tower.times,
             "tower_share_unreduced": tower_s / (tower_s + statistics.median(base.times)), "rows": rows}
@@ -479,13 +532,15 @@ def markdown(report: Dict[str, Any]) -> str:
                   f"Vision tower alone: {group['tower_s'] * 1e3:.0f} ms (fixed). LM part: `model(..., "
                   "mm_encoder_outputs=...)` with the tower's features given.", "",
                   "| method | budget | visual tokens | sequence | LM prefill ms | LM speed-up [IQR] | LM FLOP ceiling | "
-                  "of ceiling | selection ms | selection share of prefill | KV cache MiB | e2e ceiling (this depth / 3B depth) |",
-                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+                  "of ceiling | layers ms | layers speed-up (of ceiling) | selection ms | selection share of prefill | "
+                  "KV cache MiB | e2e ceiling (this depth / 3B depth) |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|"]
         for row in group["rows"]:
             lines.append(
                 f"| {row['method']} | {row['budget']:.0%} | {row['visual_tokens']} | {row['sequence']} | "
                 f"{row['lm_s'] * 1e3:.0f} | {row['speedup']:.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}] | "
-                f"{row['ceiling']:.2f}x | {row['of_ceiling']:.2f} | {row['selection_s'] * 1e3:.1f} | "
+                f"{row['ceiling']:.2f}x | {row['of_ceiling']:.2f} | {row['layers_s'] * 1e3:.0f} | "
+                f"{row['layers_speedup']:.2f}x ({row['layers_of_ceiling']:.2f}) | {row['selection_s'] * 1e3:.1f} | "
                 f"{100 * row['selection_share']:.1f}% | {_mib(row['kv_bytes'])} | "
                 f"{row['ceiling_here']:.2f}x / {row['ceiling_3b_depth']:.2f}x |")
         lines.append("")

@@ -45,6 +45,9 @@ def test_quick_run_writes_every_group(tmp_path):
         for (method, budget), row in rows.items():
             assert row["kv_bytes"] == kv_per_token * row["sequence"]  # read from the cache after prefill
             assert len(row["times_s"]) == setup.rounds
+            # the decoder layers' span is inside each prefill it was timed in, and not empty
+            assert len(row["layers_times_s"]) == setup.rounds
+            assert all(0 < inner < outer for inner, outer in zip(row["layers_times_s"], row["times_s"]))
             if method != "-":
                 assert row["visual_tokens"] <= bench.vt.resolve_budget(budget, tokens)
                 if method in ("random", "divprune", "cdpruner"):  # selections pass exactly the budget on
@@ -62,7 +65,7 @@ def test_quick_run_writes_every_group(tmp_path):
         assert row["kv_bytes"] == kv_per_token * row["cache_tokens"] and row["decode_tokens_per_s"] > 0
     assert report["machine"]["load_average"] and "load average" in table
     assert "### Prefill, one image" in table and "### Prefill, one video" in table and "decode tokens/s" in table
-    assert "| tome | 11% |" in table
+    assert "| tome | 11% |" in table and "layers speed-up (of ceiling)" in table
 
 
 def test_ceiling_formula_counts_what_the_layer_computes():
