@@ -15,7 +15,9 @@ kept so that each row is compared with the unreduced model on the same questions
 - ``delta``: the paired difference in points, with ``std(c_r - c_f) / sqrt(n)``.
 
 Also measured, the choices the integration leaves to measurement: 1-D ``positions="keep"``
-against ``"renumber"`` on LLaVA (every method, every budget, paired). The merged-token
+against ``"renumber"`` on LLaVA (every method, every budget, paired), and ``prop_attn=True``
+(``log(size)`` on the merged tokens' keys in the language model) against without, for the
+merging methods (``PROP_METHODS``) on both models (paired). The merged-token
 position rule is the integration's only one (the size-weighted mean of the members'
 positions), so it is reported, not compared.
 
@@ -65,6 +67,7 @@ from tome.vlm_models import SHIPPED_VLMS  # noqa: E402
 
 BUDGETS = (0.5, 0.25, 0.11, 0.05)
 TOWER = "tower-tome"
+PROP_METHODS = ("pool", "tome")  # the methods whose passed-on tokens stand for several: prop_attn changes them
 QUICK_METHODS = ("pool", "tome")
 NO_TOWER = {"qwen2_5_vl": "no in-tower ToMe for Qwen2.5-VL's vision tower (windowed attention, 2x2 merger): "
                           "the hf family does not patch it"}
@@ -292,6 +295,16 @@ def study_model(path: Path, methods: Sequence[str], budgets: Sequence[float], sa
                 result["rows"].append(row)
                 log(f"{arch} {method} {fraction} {rule}: {row.get('accuracy', row.get('skipped'))}"
                     f" ({time.perf_counter() - start:.1f} s)")
+            if method in PROP_METHODS:
+                tome.apply_patch(model, visual_tokens=fraction, method=method, prop_attn=True, seed=0)
+                try:
+                    h = hits(model, processor, arch, samples, batch_size)
+                finally:
+                    tome.remove_patch(model)
+                row = _row(samples, h, full, method=method, budget=fraction,
+                           tokens=vt.resolve_budget(fraction, tokens), positions="keep", prop_attn=True)
+                result["rows"].append(row)
+                log(f"{arch} {method} {fraction} prop_attn: {row['accuracy']}")
     return result
 
 
@@ -323,7 +336,7 @@ def tables(results: Dict[str, Any]) -> str:
                 if row.get("positions", "keep") == "keep":
                     skipped.setdefault((_name(res), row["method"], row["skipped"]), []).append(row["budget"])
                 continue
-            if row.get("positions") == "renumber" and row["method"] != TOWER:
+            if (row.get("positions") == "renumber" and row["method"] != TOWER) or row.get("prop_attn"):
                 continue
             lines.append(f"| {_name(res)} | {row['method']} | {row['budget']:.0%} | {row['tokens']} | "
                          f"{100 * row['accuracy']:.1f} | {_pm(row['share'], row['share_se'])} | "
@@ -336,7 +349,7 @@ def tables(results: Dict[str, Any]) -> str:
         lines.append(f"| {_name(res)} | none (accuracy %) | 100 % | "
                      + " | ".join(f"{100 * fs[s]['accuracy']:.1f}" for s in vqa.SLICES if s in fs) + " |")
         for row in res["rows"]:
-            if "skipped" in row or (row.get("positions") == "renumber" and row["method"] != TOWER):
+            if "skipped" in row or (row.get("positions") == "renumber" and row["method"] != TOWER) or row.get("prop_attn"):
                 continue
             cells = ("n/a" if math.isnan(row["slices"][s]["share"]) else f"{row['slices'][s]['share']:.0f}"
                      for s in vqa.SLICES if s in row["slices"])
@@ -344,8 +357,7 @@ def tables(results: Dict[str, Any]) -> str:
     lines += ["", "1-D positions on LLaVA: `renumber` against `keep`, paired difference in points ± SE:", "",
               "| model | method | budget | keep % | renumber % | renumber - keep |", "|---|---|---|---|---|---|"]
     for res in results["models"]:
-        keep = {(r["method"], r["budget"]): r for r in res["rows"]
-                if r.get("positions") == "keep" and "skipped" not in r}
+        keep = _plain_rows(res)
         for row in res["rows"]:
             other = keep.get((row["method"], row["budget"]))
             if row.get("positions") != "renumber" or "skipped" in row or other is None:
@@ -353,12 +365,32 @@ def tables(results: Dict[str, Any]) -> str:
             d = paired(row["hits"], other["hits"])
             lines.append(f"| {_name(res)} | {row['method']} | {row['budget']:.0%} | {100 * other['accuracy']:.1f} | "
                          f"{100 * row['accuracy']:.1f} | {_pm(d['delta'], d['delta_se'])} |")
+    lines += ["", "Proportional attention in the language model (`prop_attn=True`: log(size) on each merged token's "
+              "key) against without, positions kept, paired difference in points ± SE:", "",
+              "| model | method | budget | without % | prop_attn % | prop_attn - without | share kept with prop_attn % |",
+              "|---|---|---|---|---|---|---|"]
+    for res in results["models"]:
+        keep = _plain_rows(res)
+        for row in res["rows"]:
+            other = keep.get((row["method"], row["budget"]))
+            if not row.get("prop_attn") or other is None:
+                continue
+            d = paired(row["hits"], other["hits"])
+            lines.append(f"| {_name(res)} | {row['method']} | {row['budget']:.0%} | {100 * other['accuracy']:.1f} | "
+                         f"{100 * row['accuracy']:.1f} | {_pm(d['delta'], d['delta_se'])} | "
+                         f"{_pm(row['share'], row['share_se'])} |")
     lines += ["", f"Merged-token positions: {POSITION_RULE}.", ""] + _video_lines(results) + ["",
               "Not measured (the reason as the integration or the study gives it):", "",
               "| model | method | budgets | reason |", "|---|---|---|---|"]
     lines += [f"| {name} | {method} | {', '.join(f'{b:.0%}' for b in budgets)} | {reason} |"
               for (name, method, reason), budgets in skipped.items()]
     return "\n".join(lines)
+
+
+def _plain_rows(result: Dict[str, Any]) -> Dict[Tuple[str, float], Dict[str, Any]]:
+    """``{(method, budget): row}`` of one model's main rows: positions kept, no ``prop_attn``."""
+    return {(r["method"], r["budget"]): r for r in result["rows"]
+            if r.get("positions") == "keep" and "skipped" not in r and not r.get("prop_attn")}
 
 
 def _video_lines(results: Dict[str, Any]) -> List[str]:
@@ -399,7 +431,7 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     for ax, (title, all_rows, full) in zip(axes[0], panels):
         methods = sorted({r["method"] for r in all_rows if "skipped" not in r})
         for number, method in enumerate(methods):
-            rows = sorted((r for r in all_rows if r["method"] == method and "skipped" not in r
+            rows = sorted((r for r in all_rows if r["method"] == method and "skipped" not in r and not r.get("prop_attn")
                            and (r.get("positions", "keep") == "keep" or method == TOWER)), key=lambda r: r["budget"])
             x = [100 * r["budget"] * 1.03 ** (number - len(methods) / 2) for r in rows]  # spread the error bars
             ax.errorbar(x, [r["share"] for r in rows], yerr=[r["share_se"] for r in rows], marker="o",

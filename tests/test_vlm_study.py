@@ -72,6 +72,11 @@ def test_quick_study_writes_its_tables(study, tmp_path, capsys):
         assert row in printed
     assert "| `vqa-qwen2_5_vl` | tower-tome | 25% | no in-tower ToMe for Qwen2.5-VL" in printed
     assert "renumber - keep |\n|---|---|---|---|---|---|\n| `vqa-llava` | pool | 25% |" in printed
+    # prop_attn: each model's merging method paired against its own row without, not in the main table
+    prop = printed[printed.index("Proportional attention"):printed.index("Merged-token positions")]
+    assert "| `vqa-qwen2_5_vl` | pool | 25% |" in prop and "| `vqa-llava` | pool | 25% |" in prop
+    assert "tower-tome" not in prop
+    assert printed.count("| `vqa-llava` | pool | 25% | 64 |") == 1
     # The video part: Qwen2.5-VL on 8-frame clips (4 x 64 tokens), with tome's temporal-rule ablation.
     video = printed[printed.index("Video: the same questions"):printed.index("Not measured")]
     assert "| `vqa-qwen2_5_vl` | none (8 frames) | 100 % | 256 |" in video
@@ -83,6 +88,7 @@ def test_quick_study_writes_its_tables(study, tmp_path, capsys):
     for res in results["models"]:
         assert len(res["full"]["hits"]) == 10
         assert all(len(row["hits"]) == 10 for row in res["rows"] if "skipped" not in row)
+        assert [row["method"] for row in res["rows"] if row.get("prop_attn")] == ["pool"]
     # --from-json redraws the same tables from the file (hits stored as "0110..." strings).
     assert study.main(["--from-json", "--json", str(json_path)]) == 0
     assert capsys.readouterr().out == printed

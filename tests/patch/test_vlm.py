@@ -55,11 +55,14 @@ def _reduce_like(reduction: vt.Reduction, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tensor], method: str,
               visual_tokens: Any, seed: Optional[int] = None, positions_mode: str = "keep",
-              contexts: Optional[Dict[int, List[Dict[str, Any]]]] = None) -> List[Dict[str, Any]]:
+              contexts: Optional[Dict[int, List[Dict[str, Any]]]] = None,
+              prop_attn: bool = False) -> List[Dict[str, Any]]:
     """Per sample: the language model's ``logits`` (L', V) on the short sequence, its KV
     ``cache`` and the ``next`` position to decode at, built from the model's own modules
     without the patch (``contexts``: per placeholder token id, per item, more
-    ``VisualContext`` fields, e.g. an eager reference's attention)."""
+    ``VisualContext`` fields, e.g. an eager reference's attention; ``prop_attn``: the language
+    model gets a custom 4-D mask, causal plus ``log(size)`` of every key, and the sample keeps
+    that ``key_bias`` for decoding)."""
     inner = model.model
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -100,7 +103,7 @@ def reference(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tenso
     samples = []
     embed = inner.get_input_embeddings()
     for b in range(ids.shape[0]):
-        rows, where, deep_rows, visual = [], [], [], []
+        rows, where, deep_rows, visual, sizes = [], [], [], [], []
         for j in range(ids.shape[1]):
             if not mask[b, j]:
                 continue
@@ -108,6 +111,7 @@ def reference(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tenso
                 rows.append(embed(ids[b, j]))
                 where.append(full[:, b, j].float())
                 visual.append(False)
+                sizes.append(1.0)
                 continue
             token, item, s = slot[(b, j)]
             reduction, item_positions = reductions[token][item]
@@ -115,6 +119,7 @@ def reference(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tenso
                 rows.append(reduction.features[r])
                 where.append(_reduce_like(reduction, item_positions)[r])
                 visual.append(True)
+                sizes.append(float(reduction.source[r].sum()))
                 per_item = kinds[token][2]
                 if per_item is not None:
                     deep_rows.append([_reduce_like(reduction, layer)[r] for layer in per_item[item]])
@@ -128,9 +133,14 @@ def reference(model: torch.nn.Module, family: str, inputs: Dict[str, torch.Tenso
             extra = {"visual_pos_masks": torch.tensor(visual)[None],
                      "deepstack_visual_embeds": [torch.stack(layer) for layer in zip(*deep_rows)]}
         position_ids = positions[:, None, :] if family != "llava" else positions
+        key_bias = torch.tensor(sizes).log() if prop_attn else None
+        if prop_attn:  # transformers takes a prepared 4-D float mask as it is
+            n = embeds.shape[0]
+            causal = torch.full((n, n), torch.finfo(embeds.dtype).min).triu(1)
+            extra["attention_mask"] = (causal + key_bias)[None, None]
         hidden = inner.language_model(inputs_embeds=embeds[None], position_ids=position_ids, use_cache=True, **extra)
         samples.append({"logits": model.lm_head(hidden.last_hidden_state)[0], "cache": hidden.past_key_values,
-                        "next": int(following), "visual": visual})
+                        "next": int(following), "visual": visual, "key_bias": key_bias})
     return samples
 
 
@@ -144,8 +154,11 @@ def reference_greedy(model: torch.nn.Module, family: str, sample: Dict[str, Any]
         position = torch.tensor([[sample["next"] + step - 1]])
         position_ids = position.expand(3, 1, 1) if family != "llava" else position
         embeds = inner.get_input_embeddings()(torch.tensor([[token]]))
+        extra = {}
+        if sample.get("key_bias") is not None:  # the new tokens have size 1
+            extra["attention_mask"] = torch.cat([sample["key_bias"], torch.zeros(step)])[None, None, None]
         hidden = inner.language_model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache,
-                                      use_cache=True)
+                                      use_cache=True, **extra)
         token = int(model.lm_head(hidden.last_hidden_state)[0, -1].argmax())
         tokens.append(token)
     return tokens
@@ -315,13 +328,65 @@ def test_settings_are_properties_and_merging_restores_them():
     ({"visual_tokens": 0}, "visual_tokens=0"), ({"visual_tokens": -3}, "visual_tokens=-3"),
     ({"visual_tokens": 1.5}, "visual_tokens=1.5"), ({"visual_tokens": "all"}, "visual_tokens='all'"),
     ({"method": "nope"}, r"method='nope'.*'pool'.*'random'"), ({"positions": "middle"}, "positions='middle'"),
-    ({"fastv_layer": -1}, "fastv_layer=-1"),
+    ({"fastv_layer": -1}, "fastv_layer=-1"), ({"prop_attn": "yes"}, "prop_attn='yes'"),
 ])
 def test_bad_settings_are_refused_by_name(bad, match):
     model = model_of("llava")
     with pytest.raises(ValueError, match=match):
         tome.apply_patch(model, **bad)
     assert not any(tome.patch.is_patched(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("family, method", [("llava", "tome"), ("qwen2_5_vl", "pool")])
+def test_prop_attn_equals_the_reference_with_log_size_on_every_key(family, method):
+    """``prop_attn=True``: logits of a batched, left-padded prefill equal each sample's language
+    model run with a hand-made mask (causal + log(size) of every key), and greedy decoding
+    continues with that bias on the cached keys."""
+    model = model_of(family)
+    inputs = inputs_of(family, model)
+    if family == "llava":
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    expected = reference(model, family, inputs, method, 5, prop_attn=True)
+    plain = reference(model, family, inputs, method, 5)
+    assert all(bool((e["key_bias"] > 0).any()) for e in expected)  # tokens of several members are passed on
+    tome.apply_patch(model, visual_tokens=5, method=method, prop_attn=True)
+    assert model.prop_attn is True
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    lengths = [e["logits"].shape[0] for e in expected]
+    for got, want, other in zip(_rows(logits, lengths), expected, plain):
+        torch.testing.assert_close(got, want["logits"], atol=2e-5, rtol=1e-5)
+        assert (got[-1] - other["logits"][-1]).abs().max() > 1e-3  # the bias is visible
+    one = cases.sample(inputs_of(family, model), 0, images=[0, 1])
+    first = reference(model, family, one if family != "llava" else dict(
+        one, position_ids=torch.arange(one["input_ids"].shape[1])[None]), method, 5, prop_attn=True)[0]
+    with torch.no_grad():
+        generated = model.generate(**one, **GENERATE)[0, one["input_ids"].shape[1]:].tolist()
+    assert generated == reference_greedy(model, family, first, GENERATE["max_new_tokens"])
+
+
+def test_prop_attn_leaves_a_selection_bit_for_bit_and_batches_like_single_samples():
+    model = model_of("llava")
+    inputs = inputs_of("llava", model)
+    with torch.no_grad():
+        tome.apply_patch(model, visual_tokens=5, method="random", seed=3)
+        selected = model(**inputs).logits
+        model.prop_attn = True  # every passed-on token has size 1: no bias, no hooks
+        assert torch.equal(model(**inputs).logits, selected)
+        model.tome_method = "tome"
+        scored = dict(GENERATE, output_scores=True, return_dict_in_generate=True)
+        batched = model.generate(**inputs, **scored)
+        for index, images in enumerate(([0, 1], [2])):
+            alone = model.generate(**cases.sample(inputs, index, images=images), **scored)
+            for step_batched, step_single in zip(batched.scores, alone.scores):
+                torch.testing.assert_close(step_batched[index], step_single[0], atol=1e-4, rtol=1e-4)
+
+
+def test_prop_attn_refuses_an_attention_that_takes_no_mask():
+    model = model_of("llava")
+    model.config.get_text_config()._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="prop_attn=True.*'flash_attention_2'.*'sdpa' or 'eager'"):
+        tome.apply_patch(model, visual_tokens=4, prop_attn=True)
 
 
 def test_renumbering_3d_positions_is_refused():  # unwired methods: test_vlm_methods_wiring.py

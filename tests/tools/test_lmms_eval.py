@@ -185,9 +185,11 @@ def test_tiny_llava_batched_with_a_fraction(task_manager, tmp_path: Path):
     folder = tmp_path / "llava"
     vlm_models.build_model("llava", "tiny").save_pretrained(folder)
     vlm_models.build_processor("llava").save_pretrained(folder)
-    lm = _model(f"pretrained={folder},visual_tokens=0.25,method=random,seed=3,positions=renumber", batch_size=4)
+    lm = _model(f"pretrained={folder},visual_tokens=0.25,method=random,seed=3,positions=renumber,prop_attn=True",
+                batch_size=4)
     patched = lm.model
     assert (patched.visual_tokens, patched.tome_method, patched.seed, patched.positions) == (0.25, "random", 3, "renumber")
+    assert patched.prop_attn is True
     lengths = _prefill_lengths(lm)
     metrics = _evaluate(lm, task_manager)["results"][tle.TASK_NAME]  # lmms-eval frees lm's model at the end
     assert 0.0 <= metrics["accuracy,none"] <= 1.0
@@ -216,6 +218,8 @@ def test_bad_model_args_fail_before_loading(offline):
         _model("pretrained=/nonexistent,visual_tokens=16,method=nope", batch_size=1)
     with pytest.raises(ValueError, match=r"positions"):
         _model("pretrained=/nonexistent,visual_tokens=16,positions=sideways", batch_size=1)
+    with pytest.raises(ValueError, match=r"prop_attn='maybe'"):
+        _model("pretrained=/nonexistent,visual_tokens=16,prop_attn=maybe", batch_size=1)
 
 
 def test_export_task_cli_and_errors(tmp_path: Path, capsys):

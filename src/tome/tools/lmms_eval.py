@@ -14,7 +14,8 @@ with (MME, POPE, GQA, TextVQA, ...). This module plugs the library into it witho
 
   ``visual_tokens`` is an int (tokens per image or video), a fraction in ``(0, 1]`` or
   ``none`` (no reduction: the unpatched model's answers); ``method`` names a method of
-  :mod:`tome.visual_tokens`; ``positions`` and ``seed`` are passed on to ``apply_patch`` too.
+  :mod:`tome.visual_tokens`; ``positions``, ``seed`` and ``prop_attn`` are passed on to
+  ``apply_patch`` too.
   Every other ``--model_args`` key is the ``huggingface`` model's (``device``,
   ``attn_implementation``, ``max_num_frames``, ...), except that ``device_map`` defaults to
   ``device`` (not ``"auto"``), so ``device=cpu`` runs on the CPU.
@@ -137,6 +138,8 @@ def _wrapper_class() -> type:
             positions: Where merged or kept tokens sit in 1-D models (``"keep"`` or
                 ``"renumber"``); the library's default when None.
             seed: Seed of ``method=random`` (drawn afresh every forward when None).
+            prop_attn: Proportional attention over merged tokens in the language model
+                (``VisualTokenSettings.prop_attn``); the library's default when None.
             device: Where the model runs (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
             device_map: Passed to ``from_pretrained``; ``device`` when None (``"auto"`` shards
                 a model over the visible GPUs, as lmms-eval's default does).
@@ -144,7 +147,7 @@ def _wrapper_class() -> type:
                 ``attn_implementation``, ``max_num_frames``, ``system_prompt``, ...).
 
         Raises:
-            ValueError: for a bad ``visual_tokens``, ``method``, ``positions`` or ``seed``, before
+            ValueError: for a bad ``visual_tokens``, ``method``, ``positions``, ``seed`` or ``prop_attn``, before
                 the model is loaded.
             TypeError: from ``tome.apply_patch`` if the model is not a supported VLM.
         """
@@ -152,10 +155,10 @@ def _wrapper_class() -> type:
         is_simple = False
 
         def __init__(self, pretrained: str, visual_tokens: Any = None, method: Optional[str] = None,
-                     positions: Optional[str] = None, seed: Optional[int] = None, device: Optional[str] = "cuda",
-                     device_map: Optional[str] = None, **kwargs: Any) -> None:
+                     positions: Optional[str] = None, seed: Optional[int] = None, prop_attn: Optional[bool] = None,
+                     device: Optional[str] = "cuda", device_map: Optional[str] = None, **kwargs: Any) -> None:
             budget = parse_visual_tokens(visual_tokens)
-            given = {"method": method, "positions": positions, "seed": seed}
+            given = {"method": method, "positions": positions, "seed": seed, "prop_attn": prop_attn}
             options = {name: value for name, value in given.items() if value is not None}
             VisualTokenSettings(visual_tokens=budget, **options).validate()  # fail before a long load
             # lmms-eval 0.7.3 picks the model class by testing ``config.model_type`` against the
