@@ -758,7 +758,7 @@ def _prefill(inner: nn.Module, adapter: VLMAdapter, settings: VisualTokenSetting
     bias = None
     if settings.prop_attn and bool((plan.size > 1).any()):
         bias = torch.where(valid, plan.size.gather(1, index), torch.ones_like(index, dtype=plan.size.dtype)).log()
-    with _key_bias(inner, bias):
+    with _KeyBias(inner, bias):
         out = run(**_shortened(inner, adapter, settings, call, outputs, plan, index, valid))
     passed = (plan.keep & plan.real).sum(1)
     if adapter.finish is not None:  # the largest position + 1 - the tokens kept: decoding continues as unreduced
@@ -835,11 +835,11 @@ def _decode(inner: nn.Module, adapter: VLMAdapter, layout: _Layout, call: Dict[s
     bias = None
     if layout.key_bias is not None:  # the prefill's merged tokens keep their weight; new tokens have size 1
         bias = torch.cat([layout.key_bias, layout.key_bias.new_zeros(batch, cached - short + steps)], dim=1)
-    with _key_bias(inner, bias):
+    with _KeyBias(inner, bias):
         return run(**new)
 
 
-class _key_bias:
+class _KeyBias:
     """While active, every decoder layer of ``inner``'s language model gets ``bias`` ``(B, keys)``
     added to its attention mask, for all queries and heads (``prop_attn``); None: nothing.
 
@@ -851,7 +851,7 @@ class _key_bias:
         self.inner, self.bias, self.handles = inner, bias, []
         self._made: List[Tuple[Any, torch.Tensor]] = []  # (mask given, mask made): layers share their masks
 
-    def __enter__(self) -> "_key_bias":
+    def __enter__(self) -> "_KeyBias":
         if self.bias is not None:
             from ._vlm_fastv import language_layers
 
