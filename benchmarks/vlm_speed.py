@@ -24,6 +24,9 @@ medians over rounds; a speed-up is the median of the per-round ratios ``t_unredu
   layer's input to the last layer's output, ``LayerTimer``) is timed in the same forwards: the
   part of the LM time the ceiling counts, without the embedding, the selection, the final norm
   and the one-token LM head, which do not shrink with the tokens.
+- with ``--prop-attn``, the merging methods (``PROP_METHODS``) once more with ``prop_attn=True``
+  (proportional attention in the language model: an additive mask on every layer), rows
+  ``"<method>+prop_attn"``: what the mask costs.
 - ``generate`` (image): ``model.generate(**inputs, max_new_tokens=1 + D)`` with the default
   method at every budget: time to first token end to end (pixels in), decode tokens/s over
   the next ``D`` greedy tokens (stamped by a logits processor), and the KV-cache bytes after
@@ -59,6 +62,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("random", "pool", "tome", "divprune", "cdpruner", "visionzip", "fastv")
 # Methods that rank by the vision tower's attention: the language-model rows pass the tower's
 # features precomputed (``mm_encoder_outputs``), which carry no attention, so they cannot run there.
+PROP_METHODS = ("pool", "tome")  # the methods whose tokens stand for several, so prop_attn applies
 TOWER_METHODS = {"visionzip": "needs the vision tower's attention, which the precomputed features of the "
                               "language-model rows do not carry"}
 BUDGETS = (0.5, 0.25, 0.11, 0.05)  # besides 100 %, the unreduced model
@@ -354,11 +358,11 @@ def speedups(reference: Sequence[float], times: Sequence[float]) -> Dict[str, fl
     return {"speedup": statistics.median(ratios), "speedup_q1": q1, "speedup_q3": q3}
 
 
-def reduction_context(model: torch.nn.Module, method: Optional[str], budget: Optional[float]
-                      ) -> Callable[[], ContextManager]:
+def reduction_context(model: torch.nn.Module, method: Optional[str], budget: Optional[float],
+                      prop_attn: bool = False) -> Callable[[], ContextManager]:
     if budget is None:
         return contextlib.nullcontext
-    return lambda: tome.merging(model, visual_tokens=budget, method=method)
+    return lambda: tome.merging(model, visual_tokens=budget, method=method, prop_attn=prop_attn)
 
 
 def wired_methods(model: torch.nn.Module) -> Dict[str, Optional[str]]:
@@ -377,9 +381,10 @@ def wired_methods(model: torch.nn.Module) -> Dict[str, Optional[str]]:
 
 
 def prefill_group(model: torch.nn.Module, setup: Setup, kind: str, methods: Sequence[str], device: torch.device,
-                  progress: Callable[[str], None]) -> Dict[str, Any]:
+                  progress: Callable[[str], None], prop_attn: bool = False) -> Dict[str, Any]:
     """The tower alone, and the language-model part of prefill unreduced and for every method
-    at every budget, interleaved; rows with ceiling and selection share."""
+    at every budget (and, with ``prop_attn``, each of ``PROP_METHODS`` with ``prop_attn=True``),
+    interleaved; rows with ceiling and selection share."""
     inputs = make_inputs(model, setup, kind, device)
     with torch.inference_mode():
         features = encode(model, inputs, kind)
@@ -397,6 +402,10 @@ def prefill_group(model: torch.nn.Module, setup: Setup, kind: str, methods: Sequ
         for budget in setup.budgets:
             variants.append(Variant(f"{method} {budget:.0%}", prefill, reduction_context(model, method, budget),
                                     info={"method": method, "budget": budget}))
+            if prop_attn and method in PROP_METHODS:
+                variants.append(Variant(f"{method}+prop_attn {budget:.0%}", prefill,
+                                        reduction_context(model, method, budget, prop_attn=True),
+                                        info={"method": f"{method}+prop_attn", "budget": budget}))
     progress(f"  {kind}: {num} visual tokens, sequence {length}; {len(variants)} variants")
     interleave(variants, device, setup.rounds, setup.warmup, progress, layers=decoder_layers(model))
     tower_s = statistics.median(tower.times)
@@ -486,7 +495,7 @@ def end_to_end_ceilings(setup: Setup, patches: int, tokens: int, length: int, pa
 
 def measure(setup: Setup, device: torch.device, methods: Optional[Sequence[str]] = None, kinds: Sequence[str] = ("image", "video"),
             decode: bool = True, progress: Callable[[str], None] = print,
-            save: Callable[[Dict[str, Any]], None] = lambda report: None) -> Dict[str, Any]:
+            save: Callable[[Dict[str, Any]], None] = lambda report: None, prop_attn: bool = False) -> Dict[str, Any]:
     """Every group on one model; returns the report (see ``markdown``), passing it to ``save``
     after each group (a run cut short keeps what it measured)."""
     model = build_model(setup, device)
@@ -496,7 +505,7 @@ def measure(setup: Setup, device: torch.device, methods: Optional[Sequence[str]]
                               "methods": chosen, "not_wired": {m: status[m] for m in METHODS if status[m]},
                               "prefill": [], "generate": None}
     for kind in kinds:
-        group = prefill_group(model, setup, kind, chosen, device, progress)
+        group = prefill_group(model, setup, kind, chosen, device, progress, prop_attn=prop_attn)
         vision = model.config.vision_config
         side = (setup.image_px if kind == "image" else setup.video_px) // vision.patch_size
         patches = side * side * (1 if kind == "image" else setup.video_frames // vision.temporal_patch_size)
@@ -594,6 +603,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: every one the integration runs)")
     parser.add_argument("--kinds", default="image,video", help="comma list of image, video")
     parser.add_argument("--no-generate", action="store_true", help="skip the generate / decode / KV group")
+    parser.add_argument("--prop-attn", action="store_true",
+                        help=f"also time {', '.join(PROP_METHODS)} with prop_attn=True (rows '<method>+prop_attn')")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     parser.add_argument("--name", help="file stem (default: vlm-speed, vlm-speed-quick with --quick)")
     args = parser.parse_args(argv)
@@ -636,7 +647,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return text
 
     report = measure(setup, device, methods, kinds, not args.no_generate,
-                     progress=lambda line: print(line, flush=True), save=save)
+                     progress=lambda line: print(line, flush=True), save=save, prop_attn=args.prop_attn)
     print(save(report))
     print(f"wrote {os.path.join(args.out, name)}.json/.md")
     return report

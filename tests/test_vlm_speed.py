@@ -26,7 +26,7 @@ def _load():
 
 def test_quick_run_writes_every_group(tmp_path):
     bench = _load()
-    report = bench.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--name", "quick"])
+    report = bench.main(["--quick", "--threads", "1", "--prop-attn", "--out", str(tmp_path), "--name", "quick"])
     saved = json.loads((tmp_path / "quick.json").read_text())
     table = (tmp_path / "quick.md").read_text()
     setup = bench.PRESETS["quick"]
@@ -39,7 +39,8 @@ def test_quick_run_writes_every_group(tmp_path):
     for group, tokens in zip(saved["prefill"], (64, 32)):  # 224 px image: 8 x 8 merged; 4 frames of 112 px: 2 x 4 x 4
         assert group["tokens"] == tokens and group["tower_s"] > 0
         rows = {(row["method"], row["budget"]): row for row in group["rows"]}
-        assert set(rows) == {("-", 1.0)} | {(m, b) for m in saved["methods"] for b in setup.budgets}
+        prop = {(f"{m}+prop_attn", b) for m in bench.PROP_METHODS for b in setup.budgets}
+        assert set(rows) == {("-", 1.0)} | {(m, b) for m in saved["methods"] for b in setup.budgets} | prop
         full = rows["-", 1.0]
         assert full["sequence"] == group["sequence"] and full["ceiling"] == 1.0
         for (method, budget), row in rows.items():
@@ -50,6 +51,8 @@ def test_quick_run_writes_every_group(tmp_path):
             assert all(0 < inner < outer for inner, outer in zip(row["layers_times_s"], row["times_s"]))
             if method != "-":
                 assert row["visual_tokens"] <= bench.vt.resolve_budget(budget, tokens)
+                if method.endswith("+prop_attn"):  # the same tokens as without, through the additive mask
+                    assert row["sequence"] == rows[method.split("+")[0], budget]["sequence"]
                 if method in ("random", "divprune", "cdpruner"):  # selections pass exactly the budget on
                     assert row["visual_tokens"] == bench.vt.resolve_budget(budget, tokens)
                 assert row["sequence"] == group["sequence"] - tokens + row["visual_tokens"]
