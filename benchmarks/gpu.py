@@ -570,7 +570,8 @@ def run_compile(preset: Preset, device: torch.device, args: argparse.Namespace, 
 
 def run_vlm(preset: Preset, device: torch.device, args: argparse.Namespace) -> Dict[str, Any]:
     """``benchmarks/vlm_speed.py``'s groups in bf16: Qwen2.5-VL-3B widths at 4 + 4 layers
-    (its quick preset with ``--quick``), ``--rounds`` / ``--warmup`` as for the other sections."""
+    (its quick preset with ``--quick``), ``--rounds`` / ``--warmup`` as for the other sections,
+    with the ``prop_attn`` rows (``vlm_speed.py --prop-attn``)."""
     import dataclasses
 
     import vlm_speed
@@ -581,7 +582,9 @@ def run_vlm(preset: Preset, device: torch.device, args: argparse.Namespace) -> D
         setup = dataclasses.replace(vlm_speed.PRESETS["full"], lm_layers=4, tower_layers=4, decode_tokens=16)
     setup = dataclasses.replace(setup, dtype="bf16", rounds=args.rounds or preset.rounds,
                                 warmup=args.warmup if args.warmup is not None else preset.warmup)
-    return vlm_speed.measure(setup, device, progress=lambda line: print(line, flush=True))
+    # prop_attn rows too: on CUDA its additive mask rules out SDPA's FlashAttention backend,
+    # the cost that decides whether it can be the default (docs/vlm_reduction.md).
+    return vlm_speed.measure(setup, device, progress=lambda line: print(line, flush=True), prop_attn=True)
 
 
 # --- report -------------------------------------------------------------------------------

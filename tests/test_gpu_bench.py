@@ -72,6 +72,7 @@ def test_quick_cpu_run_covers_every_section(tmp_path):
     assert vlm["setup"]["dtype"] == "bf16" and [group["kind"] for group in vlm["prefill"]] == ["image", "video"]
     for group in vlm["prefill"]:
         assert {(row["method"], row["budget"]) for row in group["rows"]} == {("-", 1.0)} | {
-            (m, b) for m in vlm["methods"] for b in vlm["setup"]["budgets"]}
+            (m, b) for m in vlm["methods"] + [f"{p}+prop_attn" for p in ("pool", "tome")]
+            for b in vlm["setup"]["budgets"]}
     assert len(vlm["generate"]["rows"]) == 1 + len(vlm["setup"]["budgets"])
     assert "### Prefill, one image" in table and "decode tokens/s" in table
