@@ -60,9 +60,9 @@ from tome.patch._vlm import VisualTokenSettings  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("random", "pool", "tome", "divprune", "cdpruner", "visionzip", "fastv")
+PROP_METHODS = ("pool", "tome")  # the methods whose tokens stand for several, so prop_attn applies
 # Methods that rank by the vision tower's attention: the language-model rows pass the tower's
 # features precomputed (``mm_encoder_outputs``), which carry no attention, so they cannot run there.
-PROP_METHODS = ("pool", "tome")  # the methods whose tokens stand for several, so prop_attn applies
 TOWER_METHODS = {"visionzip": "needs the vision tower's attention, which the precomputed features of the "
                               "language-model rows do not carry"}
 BUDGETS = (0.5, 0.25, 0.11, 0.05)  # besides 100 %, the unreduced model
