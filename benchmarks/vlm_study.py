@@ -282,29 +282,23 @@ def study_model(path: Path, methods: Sequence[str], budgets: Sequence[float], sa
                 log(f"{arch} {method} {fraction}: {row.get('accuracy', row.get('skipped'))}"
                     f" ({time.perf_counter() - start:.1f} s)")
                 continue
-            for rule in position_rules:
+            # Each position rule, and prop_attn (positions kept) for the methods whose tokens merge.
+            arms = [(rule, False) for rule in position_rules] + ([("keep", True)] if method in PROP_METHODS else [])
+            for rule, prop in arms:
+                extra = {"prop_attn": True} if prop else {}
                 try:
-                    tome.apply_patch(model, visual_tokens=fraction, method=method, positions=rule, seed=0)
+                    tome.apply_patch(model, visual_tokens=fraction, method=method, positions=rule, prop_attn=prop,
+                                     seed=0)
                     h = hits(model, processor, arch, samples, batch_size)
                     row = _row(samples, h, full, method=method, budget=fraction,
-                               tokens=vt.resolve_budget(fraction, tokens), positions=rule)
+                               tokens=vt.resolve_budget(fraction, tokens), positions=rule, **extra)
                 except ValueError as error:  # a method the integration refuses (not wired yet)
-                    row = {"method": method, "budget": fraction, "positions": rule, "skipped": str(error)}
+                    row = {"method": method, "budget": fraction, "positions": rule, **extra, "skipped": str(error)}
                 finally:
                     tome.remove_patch(model)
                 result["rows"].append(row)
-                log(f"{arch} {method} {fraction} {rule}: {row.get('accuracy', row.get('skipped'))}"
-                    f" ({time.perf_counter() - start:.1f} s)")
-            if method in PROP_METHODS:
-                tome.apply_patch(model, visual_tokens=fraction, method=method, prop_attn=True, seed=0)
-                try:
-                    h = hits(model, processor, arch, samples, batch_size)
-                finally:
-                    tome.remove_patch(model)
-                row = _row(samples, h, full, method=method, budget=fraction,
-                           tokens=vt.resolve_budget(fraction, tokens), positions="keep", prop_attn=True)
-                result["rows"].append(row)
-                log(f"{arch} {method} {fraction} prop_attn: {row['accuracy']}")
+                log(f"{arch} {method} {fraction} {rule}{' prop_attn' if prop else ''}: "
+                    f"{row.get('accuracy', row.get('skipped'))} ({time.perf_counter() - start:.1f} s)")
     return result
 
 
@@ -333,7 +327,7 @@ def tables(results: Dict[str, Any]) -> str:
         lines.append(f"| {_name(res)} | none | 100 % | {full['tokens']} | {100 * full['accuracy']:.1f} | 100 | 0 |")
         for row in res["rows"]:
             if "skipped" in row:
-                if row.get("positions", "keep") == "keep":
+                if row.get("positions", "keep") == "keep" and not row.get("prop_attn"):
                     skipped.setdefault((_name(res), row["method"], row["skipped"]), []).append(row["budget"])
                 continue
             if (row.get("positions") == "renumber" and row["method"] != TOWER) or row.get("prop_attn"):
