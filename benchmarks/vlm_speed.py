@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import tome  # noqa: E402
 from tome import visual_tokens as vt  # noqa: E402
 from tome.patch._vlm import VisualTokenSettings  # noqa: E402
+from tome.patch._vlm_fastv import language_layers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("random", "pool", "tome", "divprune", "cdpruner", "visionzip", "fastv")
@@ -301,11 +302,6 @@ class LayerTimer:
                 handle.remove()
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The language model's decoder layers of a transformers VLM (``model.model.language_model.layers``)."""
-    return model.model.language_model.layers
-
-
 @dataclass
 class Variant:
     """One row: a label, one call, a context entered around it (untimed), what else to record."""
@@ -407,7 +403,7 @@ def prefill_group(model: torch.nn.Module, setup: Setup, kind: str, methods: Sequ
                                         reduction_context(model, method, budget, prop_attn=True),
                                         info={"method": f"{method}+prop_attn", "budget": budget}))
     progress(f"  {kind}: {num} visual tokens, sequence {length}; {len(variants)} variants")
-    interleave(variants, device, setup.rounds, setup.warmup, progress, layers=decoder_layers(model))
+    interleave(variants, device, setup.rounds, setup.warmup, progress, layers=language_layers(model.model))
     tower_s = statistics.median(tower.times)
     base = variants[1]
     full = lm_layer_flops(length, setup.text)
