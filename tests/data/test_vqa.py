@@ -155,7 +155,7 @@ def test_scene_labels_mark_the_objects_and_the_plate_in_row_major_cells():
     for i in range(10):
         sample = vqa.make_sample(i, "val", image_size=224)
         labels = vqa.scene_labels(sample, 16)
-        assert {k: v.shape for k, v in labels.items()} == {"shape": (256,), "colour": (256,), "digit": (256,)}
+        assert {k: v.shape for k, v in labels.items()} == {k: (256,) for k in ("shape", "colour", "digit", "row", "col")}
         for shape, colour, x, y, _ in sample.objects:  # the cell under each centre (row y // 14, column x // 14)
             cell = int(y // 14) * 16 + int(x // 14)
             assert labels["shape"][cell] == vqa.SHAPES.index(shape) + 1
@@ -166,7 +166,13 @@ def test_scene_labels_mark_the_objects_and_the_plate_in_row_major_cells():
         assert set(labels["digit"][labels["digit"] < 0]) <= {-100}
         x, y, w, h = sample.plate  # the plate's centre cell is a plate cell
         assert int((y + h / 2) // 14) * 16 + int((x + w / 2) // 14) in on_plate
+        # Each 14 px cell's row and column, in 8 bins of 28 px: cells 2k and 2k + 1 share bin k.
+        cells = np.arange(256)
+        assert (labels["row"] == cells // 16 // 2).all() and (labels["col"] == cells % 16 // 2).all()
         assert vqa.scene_labels(sample, 1)["shape"].shape == (1,)
+    # A grid that does not divide the side: bins of the cells' centres, all of 0..7 used, ordered.
+    odd = vqa.scene_labels(vqa.make_sample(0, "val", image_size=224), 11)["col"].reshape(11, 11)
+    assert (odd == odd[0]).all() and set(odd[0]) == set(range(vqa.POSITION_BINS)) and (np.diff(odd[0]) >= 0).all()
     for bad in (0, -2, 2.0, True):
         with pytest.raises(ValueError, match="grid"):
             vqa.scene_labels(sample, bad)

@@ -273,7 +273,8 @@ def test_scene_heads_read_the_visual_tokens_the_language_model_reads(arch):
     tokens = captured["tokens"].reshape(2, -1, model.config.text_config.hidden_size)
     assert tokens.shape[1] == int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(
         vqa.IMAGE_TOKEN if arch == "qwen2_5_vl" else vqa.LLAVA_IMAGE_TOKEN)).sum()) // 2
-    assert loss.ndim == 0 and torch.isfinite(loss) and set(accuracy) <= {"shape", "colour", "digit"}
+    assert loss.ndim == 0 and torch.isfinite(loss) and set(accuracy) <= {"shape", "colour", "digit", "row", "col"}
+    assert {"row", "col"} <= set(accuracy)  # every cell has a place
     loss.backward()
     projector = model.model.visual.merger if arch == "qwen2_5_vl" else model.model.multi_modal_projector
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
@@ -316,6 +317,21 @@ def test_scene_loss_can_join_a_run_on_resume(tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     resume = next(e for e in log if e.get("event") == "resume")
     assert resume["scene_heads"] == "new" and "scene" in _weights(run)
+    assert {"heads.row.weight", "heads.col.weight"} <= set(_weights(run)["scene"]["heads"])
+
+
+def test_scene_heads_of_older_targets_start_fresh_on_resume(tmp_path):
+    # A checkpoint whose heads read fewer labels (before row / col) resumes with new heads, the model kept.
+    run = tmp_path / "run"
+    vlm_train.main(_argv(run, "llava", "--scene-loss", "1", "--stop-at-step", "2"))
+    state = _weights(run)
+    state["scene"]["heads"] = {k: v for k, v in state["scene"]["heads"].items() if not k.startswith(("heads.row", "heads.col"))}
+    torch.save(state, run / "checkpoint.pt")
+    vlm_train.main(_argv(run, "llava", "--scene-loss", "1", "--resume", "auto"))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    resume = next(e for e in log if e.get("event") == "resume")
+    assert resume["step"] == 2 and resume["scene_heads"] == "new"
+    assert set(_weights(run)["scene"]["heads"]) > set(state["scene"]["heads"])
 
 
 def test_scene_loss_must_not_be_negative(tmp_path, capsys):

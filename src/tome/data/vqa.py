@@ -40,6 +40,7 @@ from . import synthetic as _shapes
 __all__ = [
     "SLICES",
     "SHAPES",
+    "POSITION_BINS",
     "COLOURS",
     "ANSWERS",
     "VOCAB",
@@ -58,6 +59,9 @@ __all__ = [
     "to_pil",
     "scene_labels",
 ]
+
+POSITION_BINS = 8
+"""Bins per image side of the ``row`` / ``col`` labels of :func:`scene_labels`."""
 
 SLICES: Tuple[str, ...] = ("count", "exist", "colour", "spatial", "read")
 """Question slices; sample ``index`` belongs to ``SLICES[index % len(SLICES)]``."""
@@ -619,7 +623,11 @@ def scene_labels(sample: VQASample, grid: int) -> Dict[str, np.ndarray]:
     Cells are in row-major order, as a ViT's patch tokens (or Qwen2.5-VL's merged tokens) of
     that grid are. An object covers a cell when the cell's centre is within 0.8 of its radius
     of the object's centre (inside the drawn shape for all six shapes at any rotation, or
-    nearly); the plate covers a cell that holds at least 15 % of the plate's area.
+    nearly); the plate covers a cell that holds at least 15 % of the plate's area. Every cell
+    also gets its own place: the row and the column, in :data:`POSITION_BINS` equal bins of the
+    image side, that its centre falls in (what a CLIP tower's absolute position embeddings keep
+    in its patch tokens, and a tower with rotary positions only, as Qwen2.5-VL's, has no input
+    for: the spatial slice needs it in the tokens the language model reads).
 
     Args:
         sample: A :class:`VQASample`.
@@ -628,7 +636,8 @@ def scene_labels(sample: VQASample, grid: int) -> Dict[str, np.ndarray]:
     Returns:
         int64 arrays of shape ``(grid * grid,)``: ``"shape"`` (1 + index in :data:`SHAPES`, 0 for
         no object), ``"colour"`` (1 + index in :data:`COLOURS`, 0 for none) and ``"digit"``
-        (the plate's digit 0-9 on plate cells, -100 elsewhere: cross-entropy's ignore index).
+        (the plate's digit 0-9 on plate cells, -100 elsewhere: cross-entropy's ignore index),
+        ``"row"`` and ``"col"`` (0 to ``POSITION_BINS - 1``, every cell).
 
     Raises:
         ValueError: for a ``grid`` that is not a positive int.
@@ -650,4 +659,6 @@ def scene_labels(sample: VQASample, grid: int) -> Dict[str, np.ndarray]:
     overlap_y = np.clip(np.minimum(edges[1:], py + height) - np.maximum(edges[:-1], py), 0, None)
     on_plate = (overlap_y[:, None] * overlap_x[None, :]).reshape(-1) >= 0.15 * width * height
     digit = np.where(on_plate, int(sample.number), -100).astype(np.int64)
-    return {"shape": shape, "colour": colour, "digit": digit}
+    bins = np.minimum((centres / sample.image.shape[0] * POSITION_BINS).astype(np.int64), POSITION_BINS - 1)
+    row, col = (a.reshape(-1) for a in np.meshgrid(bins, bins, indexing="ij"))
+    return {"shape": shape, "colour": colour, "digit": digit, "row": row, "col": col}

@@ -9,10 +9,11 @@ and a ``log.jsonl`` history. At the end ``DIR/final`` is a ``save_pretrained`` f
 command and the accuracy per slice) that ``from_pretrained`` loads offline.
 
 ``--scene-loss W`` adds a dense auxiliary loss on the visual tokens the language model reads
-(:class:`SceneHeads`): per token, the shape and colour of the object under it and the digit of
-the number plate it covers, from the scene record (:func:`tome.data.vqa.scene_labels`). It
-stands in for what a real VLM's tower brings from pretraining (CLIP knows shapes and glyphs; a
-tower trained by one answer word per question learns "bright blob" long before either).
+(:class:`SceneHeads`): per token, the shape and colour of the object under it, the digit of
+the number plate it covers and its own row and column in the image, from the scene record
+(:func:`tome.data.vqa.scene_labels`). It stands in for what a real VLM's tower brings from
+pretraining (CLIP knows shapes, glyphs and where its patches are; a tower trained by one answer
+word per question learns "bright blob" long before any of them).
 
 Training batch ``s`` holds samples ``s * batch_size ... (s + 1) * batch_size - 1`` of the
 train split, so the data order is a function of the step alone and a resumed run sees the
@@ -138,18 +139,19 @@ class SceneHeads(torch.nn.Module):
     """Linear read-outs of the scene from the visual tokens a VLM's language model reads (the ``--scene-loss``).
 
     A LayerNorm, then one linear head per label of :func:`tome.data.vqa.scene_labels` (shape:
-    7 classes with "none", colour: 7, digit: 10), applied to every visual token: LLaVA's
+    7 classes with "none", colour: 7, digit: 10, row and column: 8 bins each), applied to every visual token: LLaVA's
     projector outputs, Qwen2.5-VL's merged tokens (``visual(...).pooler_output``). A forward
     hook on that module keeps its output of the current forward, so the one model forward of a
     training step serves both losses. The heads are dropped when training ends; what they
-    leave is visual tokens from which shape, colour and digit are linearly decodable.
+    leave is visual tokens from which shape, colour, digit and place are linearly decodable.
 
     Args:
         model: A :mod:`tome.vlm_models` model (LLaVA or Qwen2.5-VL).
     """
 
     KINDS: Tuple[Tuple[str, int], ...] = (("shape", len(vqa.SHAPES) + 1), ("colour", len(vqa.COLOURS) + 1),
-                                            ("digit", 10))
+                                            ("digit", 10), ("row", vqa.POSITION_BINS),
+                                            ("col", vqa.POSITION_BINS))
 
     def __init__(self, model: Any) -> None:
         super().__init__()
@@ -198,7 +200,7 @@ class SceneHeads(torch.nn.Module):
             target = torch.as_tensor(np.stack([label[name] for label in labels])).reshape(-1)
             logits = self.heads[name](hidden).reshape(target.shape[0], -1)
             total = total + torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
-            scored = target > 0 if name != "digit" else target >= 0
+            scored = target >= 0 if name in ("digit", "row", "col") else target > 0
             if bool(scored.any()):
                 accuracy[name] = float((logits.argmax(-1)[scored] == target[scored]).float().mean())
         return total, accuracy
@@ -321,17 +323,19 @@ def _vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 def _restore(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              scene: Optional[AuxiliaryLoss]) -> Tuple[int, bool]:
-    """Load a checkpoint (weights only) into the run; returns its step and whether it had scene heads
-    (a run may add ``--scene-loss`` on resume: its heads then start fresh)."""
+    """Load a checkpoint (weights only) into the run; returns its step and whether it restored scene
+    heads. A run may add ``--scene-loss`` on resume, or resume one whose heads read fewer labels
+    (before ``row`` / ``col``): its heads then start fresh."""
     state = torch.load(resume, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
-    had_scene = "scene" in state
-    if scene is not None and had_scene:
+    same_heads = scene is not None and "scene" in state and (
+        set(state["scene"]["heads"]) == set(scene.module.state_dict()))
+    if same_heads:
         scene.load_state_dict(state["scene"])
-    return int(state["step"]), had_scene
+    return int(state["step"]), same_heads
 
 
 def _save_final(out: Path, args: argparse.Namespace, model: Any, processor: Any, final: Dict[str, Any],
@@ -496,7 +500,7 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the vision tower's learning rate as a multiple of --lr (default: %(default)s)")
     parser.add_argument("--scene-loss", type=non_negative_float, default=0.0,
                         help="weight of the dense auxiliary loss that teaches every visual token the shape, colour "
-                             "and digit under it (tome.tools.vlm_train.SceneHeads; 0: none, the default)")
+                             "and digit under it and its place (tome.tools.vlm_train.SceneHeads; 0: none, the default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task and the initial weights")
     parser.add_argument("--val-samples", type=positive_int, default=250,
                         help="validation questions (default: %(default)s)")
