@@ -139,11 +139,12 @@ class SceneHeads(torch.nn.Module):
     """Linear read-outs of the scene from the visual tokens a VLM's language model reads (the ``--scene-loss``).
 
     A LayerNorm, then one linear head per label of :func:`tome.data.vqa.scene_labels` (shape:
-    7 classes with "none", colour: 7, digit: 10, row and column: 8 bins each), applied to every visual token: LLaVA's
-    projector outputs, Qwen2.5-VL's merged tokens (``visual(...).pooler_output``). A forward
-    hook on that module keeps its output of the current forward, so the one model forward of a
-    training step serves both losses. The heads are dropped when training ends; what they
-    leave is visual tokens from which shape, colour, digit and place are linearly decodable.
+    7 classes with "none", colour: 7, digit: 10, row and column: 8 bins each), applied to every
+    visual token: LLaVA's projector outputs, Qwen2.5-VL's merged tokens
+    (``visual(...).pooler_output``). A forward hook on that module keeps its output of the
+    current forward, so the one model forward of a training step serves both losses. The heads
+    are dropped when training ends; what they leave is visual tokens from which shape, colour,
+    digit and place are linearly decodable.
 
     Args:
         model: A :mod:`tome.vlm_models` model (LLaVA or Qwen2.5-VL).
