@@ -84,12 +84,12 @@ class VisualTokenSettings:
         method: A method of :data:`tome.visual_tokens.METHODS` (``"tome"``, ``"pool"``,
             ``"random"``, ...). The default, ``"tome"`` (bipartite merging of the visual tokens
             after the projector, size-weighted), beats ``"pool"`` and ``"random"`` at every budget
-            on the two small VLMs trained here (docs/vlm_study.md, session 7, 500 questions: at
-            11 % of the tokens 95.6 % of the Qwen2.5-VL's accuracy kept, ``"pool"`` 95.0 %,
-            ``"random"`` 90.7 %; 70.9 % of the LLaVA's, where ``"pool"`` keeps 60.6 % and
-            ``"cdpruner"`` 79.2 %; averaged over both the most at 50 and 25 % and, with
-            ``prop_attn=True``, at 11 and 5 %). Until session 6 the
-            default was ``"pool"``, which loses most on fine patch tokens.
+            on the two small VLMs trained here (docs/vlm_study.md, session 8, 500 questions: at
+            11 % of the tokens 68.3 % of the Qwen2.5-VL's accuracy kept, ``"pool"`` 67.0 %,
+            ``"random"`` 60.2 %; 67.2 % of the LLaVA's, ``"pool"`` 57.0 %, ``"random"`` 55.0 %;
+            averaged over both the most at 50 %; at 25 % and below ``"visionzip"`` and
+            ``"fastv"``, which need attention weights, keep more). Until session 6 the default
+            was ``"pool"``, which loses most on fine patch tokens.
         trace_source: After a forward, ``model._tome_info["source"]`` is a list with one
             ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
         positions: 1-D models: ``"keep"`` (each kept token keeps its position in the full
@@ -111,9 +111,10 @@ class VisualTokenSettings:
             Your ViT but Faster", ICLR 2023, Sec. 3). It enters as an additive 4-D float mask
             of each decoder layer (needs the language model's ``"sdpa"`` or ``"eager"``
             attention; on CUDA a float mask rules out SDPA's FlashAttention backend). Measured
-            on the two small VLMs trained here (docs/vlm_study.md, session 7, 500 questions):
-            +1.8 to +4.0 points of accuracy at 11 % of the tokens, +3.8 to +5.8 at 5 %, -1.8
-            to +1.4 at 50 %; off by default (not yet timed on a GPU).
+            on the two small VLMs trained here (docs/vlm_study.md, 500 questions): on session
+            7's models +1.8 to +4.0 points of accuracy at 11 % of the tokens, +3.8 to +5.8 at
+            5 %; on session 8's, better-trained ones -1.6 to +2.4 at 11 %, -3.0 to +1.6 at 5 %,
+            +0.4 to +1.6 at 50 %; off by default (not yet timed on a GPU).
     """
 
     visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 0.5})
