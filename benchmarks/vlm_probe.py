@@ -120,7 +120,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 5:
         parser.error(f"--images {args.images} must be at least 5 (4 fitted, 1 scored)")
-    torch.manual_seed(0)
     print(table([study(name, args.images) for name in args.models]))
     return 0
 

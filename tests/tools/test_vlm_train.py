@@ -321,7 +321,7 @@ def test_scene_loss_can_join_a_run_on_resume(tmp_path):
 
 
 def test_scene_heads_of_older_targets_start_fresh_on_resume(tmp_path):
-    # A checkpoint whose heads read fewer labels (before row / col) resumes with new heads, the model kept.
+    # A checkpoint whose heads read fewer labels (before row / col) resumes at its step with new heads.
     run = tmp_path / "run"
     vlm_train.main(_argv(run, "llava", "--scene-loss", "1", "--stop-at-step", "2"))
     state = _weights(run)
