@@ -136,6 +136,32 @@ def test_scene_questions_are_all_true_and_cover_every_slice():
     assert seen == set(vqa.SLICES)
 
 
+def test_locate_questions_name_each_objects_side_of_the_centre():
+    located = Counter()
+    for i in range(40):
+        s = vqa.make_sample(i, "train", seed=1, image_size=112)
+        plain = vqa.scene_questions(s, seed=i)
+        assert vqa.scene_questions(s, seed=i, max_spatial=2, locate=False) == plain  # the default is unchanged
+        questions = vqa.scene_questions(s, seed=i, max_spatial=4, locate=True)
+        assert questions[0] == plain[0] and sum(name == "spatial" for name, _, _ in questions) <= 4
+        by_shape = {shape: (x, y) for shape, _, x, y, _ in s.objects}
+        for name, question, answer in questions:
+            if name != "locate":
+                _assert_true_of_scene(s, name, question, answer)
+                continue
+            words = question.split()
+            assert words[:3] == ["where", "is", "the"] and words[4] == "?" and set(words) <= set(vqa.VOCAB)
+            dx, dy = by_shape[words[3]][0] - 56, by_shape[words[3]][1] - 56
+            along = {"left": -dx, "right": dx, "above": -dy, "below": dy}[answer]
+            assert along > 0 and 2 * (abs(dy) if answer in ("left", "right") else abs(dx)) <= along
+            located[answer] += 1
+        assert not any(name == "spatial" for name, _, _ in vqa.scene_questions(s, seed=i, max_spatial=0)[1:])
+    assert set(located) == {"left", "right", "above", "below"}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_spatial"):
+            vqa.scene_questions(vqa.make_sample(0, image_size=64), max_spatial=bad)
+
+
 def test_the_number_plate_is_drawn_with_the_bitmap_font():
     # The same scene with another digit differs only inside the small plate.
     sample = vqa.make_sample(4, "val", image_size=224)  # a read question

@@ -151,6 +151,30 @@ def test_a_run_with_several_questions_per_image_trains(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+def test_spatial_and_locate_options_reach_the_training_questions(tmp_path, monkeypatch):
+    asked = []
+    original = vlm_train.vqa.scene_questions
+
+    def recording(sample, seed, max_spatial, locate):
+        questions = original(sample, seed, max_spatial, locate)
+        asked.append((max_spatial, locate, questions))
+        return questions
+
+    monkeypatch.setattr(vlm_train.vqa, "scene_questions", recording)
+    vlm_train.main(_argv(tmp_path / "run", "llava", "--questions-per-image", "16", "--max-spatial", "3",
+                         "--locate-questions"))
+    assert asked and all(m == 3 and locate for m, locate, _ in asked)
+    assert any(name == "locate" for *_, questions in asked for name, _, _ in questions)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["args"]["max_spatial"] == 3 and log[0]["args"]["locate_questions"] is True
+
+
+def test_max_spatial_must_not_be_negative(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        vlm_train.main(_argv(tmp_path, "llava", "--questions-per-image", "2", "--max-spatial", "-1"))
+    assert "-1" in capsys.readouterr().err
+
+
 def _tower(path, prefix="model.vision_tower."):
     return {k: v for k, v in _weights(path)["model"].items() if k.startswith(prefix)}
 

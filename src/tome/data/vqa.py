@@ -412,7 +412,8 @@ def _relation(a: Tuple[str, str, float, float, float], b: Tuple[str, str, float,
     return None
 
 
-def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2) -> List[Tuple[str, str, str]]:
+def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2,
+                    locate: bool = False) -> List[Tuple[str, str, str]]:
     """Every templated question the scene of ``sample`` answers, as ``(slice, question, answer)``.
 
     Denser supervision for training: one image answers its own question (first in the list)
@@ -422,14 +423,26 @@ def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2) -> L
     offset along the named axis at least twice the other). Each answer is read off
     ``sample.objects`` and ``sample.number``, so it is true of the image.
 
+    With ``locate``, every object whose place fits the spatial rule against the image centre
+    also gets "where is the star ?" -> ``left`` / ``right`` / ``above`` / ``below`` (slice name
+    ``"locate"``, for training only: not one of :data:`SLICES`). It asks for one named object's
+    place, half of what a spatial question asks, as a step towards it.
+
     Args:
         sample: A sample of :func:`make_sample`.
         seed: Seed of the choices and the order (a pure function of ``sample`` and ``seed``).
-        max_spatial: At most this many spatial questions.
+        max_spatial: At most this many spatial questions (a non-negative int).
+        locate: Add the ``"locate"`` questions. Without it the list is what it was before the
+            option existed (same questions, same order).
+
+    Raises:
+        ValueError: for a negative ``max_spatial``.
 
     Returns:
         A list of ``(slice, question, answer)``; ``[0]`` is the sample's own question.
     """
+    if isinstance(max_spatial, bool) or not isinstance(max_spatial, (int, np.integer)) or max_spatial < 0:
+        raise ValueError(f"max_spatial must be a non-negative int, got {max_spatial!r}")
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 2000])
     objects = sample.objects
     present = {shape for shape, *_ in objects}
@@ -446,7 +459,7 @@ def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2) -> L
     extra.append(("exist", f"is there a {colour} {shape} ?", "no"))
     pairs = [(i, j) for i in range(len(objects)) for j in range(len(objects)) if i != j]
     spatial = []
-    for k in rng.permutation(len(pairs)) if pairs else []:
+    for k in rng.permutation(len(pairs)) if pairs and max_spatial else []:
         i, j = pairs[int(k)]
         word = _relation(objects[i], objects[j])
         if word is not None and not any({i, j} == pair for pair in spatial):
@@ -454,6 +467,12 @@ def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2) -> L
             extra.append(("spatial", f"where is the {objects[i][0]} relative to the {objects[j][0]} ?", word))
         if len(spatial) >= max_spatial:
             break
+    if locate:
+        centre = ("", "", sample.image.shape[1] / 2, sample.image.shape[0] / 2, 0.0)
+        for obj in objects:
+            word = _relation(obj, centre)
+            if word is not None:
+                extra.append(("locate", f"where is the {obj[0]} ?", word))
     own = (sample.slice, sample.question, sample.answer)
     extra = [q for q in extra if q != own]
     return [own] + [extra[int(k)] for k in rng.permutation(len(extra))]

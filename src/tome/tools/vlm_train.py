@@ -37,7 +37,7 @@ import torch
 
 from .. import vlm_models
 from ..data import vqa
-from ._common import non_negative_float, positive_int
+from ._common import non_negative_float, non_negative_int, positive_int
 from ._run_dir import (
     AuxiliaryLoss,
     TrainerCommand,
@@ -432,7 +432,8 @@ class _Run:
         samples = [vqa.make_sample(first + i, "train", args.seed, args.image_size) for i in range(args.batch_size)]
         extra = None
         if args.questions_per_image > 1:  # more questions about the same image, after its own one
-            extra = [vqa.scene_questions(s, first + i)[1:args.questions_per_image] for i, s in enumerate(samples)]
+            extra = [vqa.scene_questions(s, first + i, args.max_spatial, args.locate_questions)[1:args.questions_per_image]
+                     for i, s in enumerate(samples)]
         # The tower stays frozen for the first --freeze-vision-steps (LLaVA's projector stage):
         # without gradients AdamW leaves its weights and moments alone.
         for p in _vision_tower(self.model).parameters():
@@ -482,6 +483,12 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="with --questions-per-image > 1: each question attends to the image and itself only, "
                              "at the first question's positions, so no answer follows from the text of another "
                              "(tome.tools.vlm_train.isolate_questions)")
+    parser.add_argument("--max-spatial", type=non_negative_int, default=2,
+                        help="with --questions-per-image > 1: at most this many spatial questions among an image's "
+                             "extra questions (default: %(default)s)")
+    parser.add_argument("--locate-questions", action="store_true",
+                        help="with --questions-per-image > 1: add 'where is the star ?' (the object's side of the "
+                             "image centre) for every object, a step towards the spatial slice (training only)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
