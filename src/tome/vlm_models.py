@@ -82,7 +82,7 @@ def _qwen2_5_vl_config(text: Dict[str, Any], widths: Dict[str, int], head_dim: i
 
 
 def build_config(arch: str, size: str = "small", patch_size: Optional[int] = None,
-                 tower: Optional[Dict[str, Any]] = None) -> Any:
+                 tower: Optional[Dict[str, Any]] = None, lm_layers: Optional[int] = None) -> Any:
     """The transformers config of one architecture at one size, for the task's vocabulary.
 
     Args:
@@ -93,15 +93,21 @@ def build_config(arch: str, size: str = "small", patch_size: Optional[int] = Non
         tower: LLaVA only: the CLIP tower's shape as :func:`vit_tower_shape` gives it
             (``hidden``, ``layers``, ``heads``, ``intermediate``, ``act``, ``eps``), to take a
             pretrained ViT's weights; by default the size's own.
+        lm_layers: Decoder layers of the language model (a positive int); by default the size's.
 
     Returns:
         A ``Qwen2_5_VLConfig`` or a ``LlavaConfig``.
 
     Raises:
         ValueError: for an unknown ``arch`` or ``size``; for ``patch_size`` or ``tower`` with
-            ``qwen2_5_vl``, or a ``patch_size`` that does not divide 224.
+            ``qwen2_5_vl``, or a ``patch_size`` that does not divide 224; for ``lm_layers`` that
+            is not a positive int.
     """
-    widths = _check(arch, size)
+    widths = dict(_check(arch, size))
+    if lm_layers is not None:
+        if isinstance(lm_layers, bool) or not isinstance(lm_layers, int) or lm_layers <= 0:
+            raise ValueError(f"lm_layers must be a positive int, got {lm_layers!r}")
+        widths["layers"] = lm_layers
     if arch != "llava" and (patch_size is not None or tower is not None):
         raise ValueError(f"patch_size and tower are options of the llava tower, not of {arch!r}")
     patch = LLAVA_PATCH if patch_size is None else patch_size
@@ -135,7 +141,7 @@ def build_config(arch: str, size: str = "small", patch_size: Optional[int] = Non
 
 
 def build_model(arch: str, size: str = "small", seed: int = 0, patch_size: Optional[int] = None,
-                vision_tower: Optional[Any] = None) -> Any:
+                vision_tower: Optional[Any] = None, lm_layers: Optional[int] = None) -> Any:
     """A freshly initialised model of :func:`build_config` (float32, ``sdpa`` attention).
 
     Args:
@@ -146,10 +152,11 @@ def build_model(arch: str, size: str = "small", seed: int = 0, patch_size: Optio
         vision_tower: LLaVA only: ``None`` (random tower) or a timm ViT (e.g. the shipped one a
             key of :data:`VISION_INITS` names): the tower takes its shape and weights
             (:func:`init_llava_tower_from_vit`), the rest stays random.
+        lm_layers: Decoder layers of the language model (:func:`build_config`).
 
     Raises:
-        ValueError: for an unknown ``arch`` or ``size``, or options of the LLaVA tower given
-            for ``qwen2_5_vl``.
+        ValueError: for an unknown ``arch`` or ``size``, options of the LLaVA tower given
+            for ``qwen2_5_vl``, or a bad ``lm_layers``.
         TypeError: for a ``vision_tower`` that is not a ViT CLIP's blocks can express.
     """
     import torch
@@ -158,7 +165,7 @@ def build_model(arch: str, size: str = "small", seed: int = 0, patch_size: Optio
     vit = vision_tower
     if vit is not None and arch != "llava":
         raise ValueError(f"vision_tower is an option of the llava tower, not of {arch!r}")
-    config = build_config(arch, size, patch_size, None if vit is None else vit_tower_shape(vit))
+    config = build_config(arch, size, patch_size, None if vit is None else vit_tower_shape(vit), lm_layers)
     cls = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else LlavaForConditionalGeneration
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

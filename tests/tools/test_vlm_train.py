@@ -169,6 +169,50 @@ def test_spatial_and_locate_options_reach_the_training_questions(tmp_path, monke
     assert log[0]["args"]["max_spatial"] == 3 and log[0]["args"]["locate_questions"] is True
 
 
+def test_init_from_a_shallower_checkpoint_computes_the_same_then_trains(tmp_path):
+    from tome import vlm_models
+    from tome.data import vqa
+
+    vlm_train.main(_argv(tmp_path / "old", "llava", "--steps", "2", "--scene-loss", "0.5"))
+    old = vlm_models.build_model("llava", "tiny")
+    old.load_state_dict(_weights(tmp_path / "old")["model"])
+    deep = vlm_models.build_model("llava", "tiny", lm_layers=3)
+    args = argparse.Namespace(seed=0, lr=1e-3, weight_decay=0.05, steps=4, warmup=1, scene_loss=0.5)
+    scene = vlm_train.AuxiliaryLoss(lambda: vlm_train.SceneHeads(deep), args, 0.5, (0.9, 0.98), "heads")
+    assert vlm_train._init_from(tmp_path / "old" / "checkpoint.pt", deep, scene) == [1, 2]
+    heads = _weights(tmp_path / "old")["scene"]["heads"]
+    assert all(torch.equal(v, scene.module.state_dict()[k]) for k, v in heads.items())
+    processor = vlm_models.build_processor("llava", 224)
+    inputs = vlm_train._batch(processor, "llava", [vqa.make_sample(i, "val") for i in range(2)], with_answers=False)
+    old.eval(), deep.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(deep(**inputs).logits, old(**inputs).logits, rtol=1e-5, atol=1e-5)
+    # Through the command line: the run records the new layers, trains them, and its final config has three.
+    vlm_train.main(_argv(tmp_path / "deep", "llava", "--lm-layers", "3", "--init-from",
+                         str(tmp_path / "old" / "checkpoint.pt")))
+    log = [json.loads(line) for line in (tmp_path / "deep" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["new_layers"] == [1, 2]
+    trained = _weights(tmp_path / "deep")["model"]
+    assert trained["model.language_model.layers.2.mlp.down_proj.weight"].abs().sum() > 0
+    config = json.loads((tmp_path / "deep" / "final" / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 3
+
+
+def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    from tome import vlm_models
+
+    vlm_train.main(_argv(tmp_path / "qwen", "qwen2_5_vl", "--steps", "1"))
+    with pytest.raises(ValueError, match="does not fit"):
+        vlm_train._init_from(tmp_path / "qwen" / "checkpoint.pt", vlm_models.build_model("llava", "tiny"), None)
+    vlm_train.main(_argv(tmp_path / "deep", "llava", "--steps", "1", "--lm-layers", "2"))
+    with pytest.raises(ValueError, match="does not fit"):  # fewer layers than the checkpoint: not a trailing gap
+        vlm_train._init_from(tmp_path / "deep" / "checkpoint.pt", vlm_models.build_model("llava", "tiny"), None)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        vlm_train._init_from(tmp_path / "absent.pt", vlm_models.build_model("llava", "tiny"), None)
+    with pytest.raises(ValueError, match="lm_layers"):
+        vlm_models.build_config("llava", "tiny", lm_layers=0)
+
+
 def test_max_spatial_must_not_be_negative(tmp_path, capsys):
     with pytest.raises(SystemExit):
         vlm_train.main(_argv(tmp_path, "llava", "--questions-per-image", "2", "--max-spatial", "-1"))

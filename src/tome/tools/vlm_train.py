@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import re
 import shlex
 import shutil
 import time
@@ -339,6 +340,52 @@ def _restore(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     return int(state["step"]), same_heads
 
 
+def _init_from(path: Path, model: torch.nn.Module, scene: Optional[AuxiliaryLoss]) -> List[int]:
+    """Start a new run from the weights of a vlm-train checkpoint (``--init-from``); returns the
+    language-model layers it adds.
+
+    The model may have more language-model layers than the checkpoint's (``--lm-layers``): the
+    new ones, after the old, start with their attention output and MLP down projections at zero,
+    so each adds nothing to the residual stream and the model computes what the checkpoint
+    computed (a zero-initialised residual branch). Scene heads come along when their labels
+    match. The optimizer and the schedule start fresh.
+
+    Raises:
+        ValueError: for a checkpoint that is not there, or whose weights fit the model in any
+            other way than missing whole trailing layers.
+    """
+    if not path.is_file():
+        raise ValueError(f"--init-from: no checkpoint at {str(path)!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weights, own = state["model"], model.state_dict()
+    layer = re.compile(r"language_model\.layers\.(\d+)\.")
+    old = {int(m.group(1)) for k in weights if (m := layer.search(k))}
+    missing = sorted(set(own) - set(weights))
+    new = sorted({int(m.group(1)) for k in missing if (m := layer.search(k))})
+    bad = [k for k in missing if not ((m := layer.search(k)) and int(m.group(1)) > max(old, default=-1))]
+    bad += sorted(set(weights) - set(own))
+    bad += [k for k in set(weights) & set(own) if weights[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"--init-from: {str(path)!r} does not fit this model (only trailing language-model layers "
+                         f"may be new): {bad[:5]}")
+    model.load_state_dict(weights, strict=False)
+    with torch.no_grad():
+        for i in new:
+            block = _language_layers(model)[i]
+            for linear in (block.self_attn.o_proj, block.mlp.down_proj):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
+    if scene is not None and "scene" in state and set(state["scene"]["heads"]) == set(scene.module.state_dict()):
+        scene.module.load_state_dict(state["scene"]["heads"])
+    return new
+
+
+def _language_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of the model's language model (both architectures)."""
+    return model.model.language_model.layers
+
+
 def _save_final(out: Path, args: argparse.Namespace, model: Any, processor: Any, final: Dict[str, Any],
                 step: int, command: str) -> None:
     """The ``final/`` folder: save_pretrained weights and processor, model card, history, accuracy."""
@@ -367,12 +414,13 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     out, resume = prepare_run_dir(args, _CHECKPOINT, _RUN_FILES)
     model = vlm_models.build_model(args.arch, args.size, seed=args.seed, patch_size=args.patch_size,
-                                   vision_tower=_pretrained_tower(args.vision_init))
+                                   vision_tower=_pretrained_tower(args.vision_init), lm_layers=args.lm_layers)
     processor = vlm_models.build_processor(args.arch, args.image_size, args.patch_size)
     optimizer, scheduler = _optimizer(model, args)
     # The heads have an optimizer of their own (_run_dir.AuxiliaryLoss); "heads" is their checkpoint entry.
     scene = AuxiliaryLoss(lambda: SceneHeads(model), args, args.scene_loss, (0.9, 0.98), "heads") if args.scene_loss else None
     step, had_scene = (0, False) if resume is None else _restore(resume, model, optimizer, scheduler, scene)
+    new_layers = _init_from(Path(args.init_from), model, scene) if resume is None and args.init_from else None
     # A resume with another --steps keeps the weights and the optimizer but stretches (or
     # shortens) the cosine to the new length; the same --steps continues the run exactly.
     rescheduled = resume is not None and scheduler.t_initial != args.steps
@@ -385,7 +433,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     log = functools.partial(append_log, out / "log.jsonl")
     if resume is None:
         log({"event": "start", "command": command, "args": {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS},
-             "parameters": sum(p.numel() for p in model.parameters())})
+             "parameters": sum(p.numel() for p in model.parameters()),
+             **({"new_layers": new_layers} if new_layers is not None else {})})
     else:
         log({"event": "resume", "step": step, "command": command,
              **({"schedule_steps": [old_steps, args.steps]} if rescheduled else {}),
@@ -483,6 +532,11 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="with --questions-per-image > 1: each question attends to the image and itself only, "
                              "at the first question's positions, so no answer follows from the text of another "
                              "(tome.tools.vlm_train.isolate_questions)")
+    parser.add_argument("--lm-layers", type=positive_int, default=None,
+                        help="decoder layers of the language model (default: the --size's)")
+    parser.add_argument("--init-from", default=None,
+                        help="start a new run from this vlm-train checkpoint's weights (fresh optimizer and "
+                             "schedule); with more --lm-layers the new trailing layers start as identities")
     parser.add_argument("--max-spatial", type=non_negative_int, default=2,
                         help="with --questions-per-image > 1: at most this many spatial questions among an image's "
                              "extra questions (default: %(default)s)")
