@@ -196,6 +196,8 @@ def test_init_from_a_shallower_checkpoint_computes_the_same_then_trains(tmp_path
     assert trained["model.language_model.layers.2.mlp.down_proj.weight"].abs().sum() > 0
     config = json.loads((tmp_path / "deep" / "final" / "config.json").read_text())
     assert config["text_config"]["num_hidden_layers"] == 3
+    card = (tmp_path / "deep" / "final" / "README.md").read_text()
+    assert "--init-from" in card and "random weights" not in card
 
 
 def test_init_from_refuses_a_checkpoint_that_does_not_fit(tmp_path):

@@ -261,6 +261,9 @@ def _model_card(args: argparse.Namespace, history: List[Dict[str, Any]], final: 
     start = "random weights" if args.vision_init is None else (
         f"random weights but the vision tower, taken from the shipped `{vlm_models.VISION_INITS[args.vision_init]}` "
         "ViT (tome.vlm_models.init_llava_tower_from_vit)")
+    if args.init_from:
+        start = (f"the weights of the vlm-train checkpoint `{args.init_from}` (`--init-from`: a new run, its steps "
+                 "counted from 0, with a fresh optimizer and schedule)")
     scene = "" if not args.scene_loss else (
         f", with the dense scene loss at weight {args.scene_loss} (tome.tools.vlm_train.SceneHeads; its heads are "
         "not part of this model)")
