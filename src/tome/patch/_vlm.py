@@ -84,11 +84,11 @@ class VisualTokenSettings:
         method: A method of :data:`tome.visual_tokens.METHODS` (``"tome"``, ``"pool"``,
             ``"random"``, ...). The default, ``"tome"`` (bipartite merging of the visual tokens
             after the projector, size-weighted), beats ``"pool"`` and ``"random"`` at every budget
-            on the two small VLMs trained here (docs/vlm_study.md, session 8, 500 questions: at
-            11 % of the tokens 68.3 % of the Qwen2.5-VL's accuracy kept, ``"pool"`` 67.0 %,
-            ``"random"`` 60.2 %; 67.2 % of the LLaVA's, ``"pool"`` 57.0 %, ``"random"`` 55.0 %;
-            averaged over both the most at 50 %; at 25 % and below ``"visionzip"`` and
-            ``"fastv"``, which need attention weights, keep more). Until session 6 the default
+            on the two small VLMs trained here (docs/vlm_study.md, session 9, 500 questions: at
+            11 % of the tokens 65.8 % of the Qwen2.5-VL's accuracy kept, ``"pool"`` 58.3 %,
+            ``"random"`` 53.4 %; 67.7 % of the LLaVA's, ``"pool"`` 43.5 %, ``"random"`` 51.7 %;
+            averaged over both the most at 50 %; at 25 % and below ``"visionzip"``, ``"divprune"`` and
+            ``"fastv"`` keep more). Until session 6 the default
             was ``"pool"``, which loses most on fine patch tokens.
         trace_source: After a forward, ``model._tome_info["source"]`` is a list with one
             ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
@@ -113,8 +113,8 @@ class VisualTokenSettings:
             attention; on CUDA a float mask rules out SDPA's FlashAttention backend). Measured
             on the two small VLMs trained here (docs/vlm_study.md, 500 questions): on session
             7's models +1.8 to +4.0 points of accuracy at 11 % of the tokens, +3.8 to +5.8 at
-            5 %; on session 8's, better-trained ones -1.6 to +2.4 at 11 %, -3.0 to +1.6 at 5 %,
-            +0.4 to +1.6 at 50 %; off by default (not yet timed on a GPU).
+            5 %; on session 9's, +2.2 to +4.2 on Qwen2.5-VL at 25-11 %, -1.6 to +1.0 for ``"tome"``
+            on LLaVA; off by default (not yet timed on a GPU).
     """
 
     visual_tokens: Optional[Union[int, float]] = field(default=None, metadata={"example": 0.5})
