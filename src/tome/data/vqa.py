@@ -435,11 +435,11 @@ def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2,
         locate: Add the ``"locate"`` questions. Without it the list is what it was before the
             option existed (same questions, same order).
 
-    Raises:
-        ValueError: for a negative ``max_spatial``.
-
     Returns:
         A list of ``(slice, question, answer)``; ``[0]`` is the sample's own question.
+
+    Raises:
+        ValueError: for a ``max_spatial`` that is not a non-negative int.
     """
     if isinstance(max_spatial, bool) or not isinstance(max_spatial, (int, np.integer)) or max_spatial < 0:
         raise ValueError(f"max_spatial must be a non-negative int, got {max_spatial!r}")

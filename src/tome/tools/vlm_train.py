@@ -539,7 +539,8 @@ def _build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="decoder layers of the language model (default: the --size's)")
     parser.add_argument("--init-from", default=None,
                         help="start a new run from this vlm-train checkpoint's weights (fresh optimizer and "
-                             "schedule); with more --lm-layers the new trailing layers start as identities")
+                             "schedule); with more --lm-layers the new trailing layers start as identities (a run that "
+                             "--resume continues from its own checkpoint does not use it)")
     parser.add_argument("--max-spatial", type=non_negative_int, default=2,
                         help="with --questions-per-image > 1: at most this many spatial questions among an image's "
                              "extra questions (default: %(default)s)")
