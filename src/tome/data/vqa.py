@@ -412,6 +412,22 @@ def _relation(a: Tuple[str, str, float, float, float], b: Tuple[str, str, float,
     return None
 
 
+def _spatial_questions(objects: Sequence[Tuple[str, str, float, float, float]], rng: np.random.Generator,
+                       max_spatial: int) -> List[Tuple[str, str, str]]:
+    """Up to ``max_spatial`` spatial questions about distinct pairs of ``objects`` that fit the rule."""
+    pairs = [(i, j) for i in range(len(objects)) for j in range(len(objects)) if i != j]
+    spatial, questions = [], []
+    for k in rng.permutation(len(pairs)) if pairs and max_spatial else []:
+        i, j = pairs[int(k)]
+        word = _relation(objects[i], objects[j])
+        if word is not None and not any({i, j} == pair for pair in spatial):
+            spatial.append({i, j})
+            questions.append(("spatial", f"where is the {objects[i][0]} relative to the {objects[j][0]} ?", word))
+        if len(spatial) >= max_spatial:
+            break
+    return questions
+
+
 def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2,
                     locate: bool = False) -> List[Tuple[str, str, str]]:
     """Every templated question the scene of ``sample`` answers, as ``(slice, question, answer)``.
@@ -457,22 +473,11 @@ def scene_questions(sample: VQASample, seed: int = 0, max_spatial: int = 2,
     else:  # the colour is present on a shape that is absent
         shape = str(rng.choice([s for s in SHAPES if s not in present]))
     extra.append(("exist", f"is there a {colour} {shape} ?", "no"))
-    pairs = [(i, j) for i in range(len(objects)) for j in range(len(objects)) if i != j]
-    spatial = []
-    for k in rng.permutation(len(pairs)) if pairs and max_spatial else []:
-        i, j = pairs[int(k)]
-        word = _relation(objects[i], objects[j])
-        if word is not None and not any({i, j} == pair for pair in spatial):
-            spatial.append({i, j})
-            extra.append(("spatial", f"where is the {objects[i][0]} relative to the {objects[j][0]} ?", word))
-        if len(spatial) >= max_spatial:
-            break
+    extra += _spatial_questions(objects, rng, max_spatial)
     if locate:
         centre = ("", "", sample.image.shape[1] / 2, sample.image.shape[0] / 2, 0.0)
-        for obj in objects:
-            word = _relation(obj, centre)
-            if word is not None:
-                extra.append(("locate", f"where is the {obj[0]} ?", word))
+        extra += [("locate", f"where is the {obj[0]} ?", word) for obj in objects
+                  if (word := _relation(obj, centre)) is not None]
     own = (sample.slice, sample.question, sample.answer)
     extra = [q for q in extra if q != own]
     return [own] + [extra[int(k)] for k in rng.permutation(len(extra))]
