@@ -336,8 +336,7 @@ def _restore(resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
-    same_heads = scene is not None and "scene" in state and (
-        set(state["scene"]["heads"]) == set(scene.module.state_dict()))
+    same_heads = _heads_fit(state, scene)
     if same_heads:
         scene.load_state_dict(state["scene"])
     return int(state["step"]), same_heads
@@ -379,9 +378,14 @@ def _init_from(path: Path, model: torch.nn.Module, scene: Optional[AuxiliaryLoss
                 linear.weight.zero_()
                 if linear.bias is not None:
                     linear.bias.zero_()
-    if scene is not None and "scene" in state and set(state["scene"]["heads"]) == set(scene.module.state_dict()):
+    if _heads_fit(state, scene):
         scene.module.load_state_dict(state["scene"]["heads"])
     return new
+
+
+def _heads_fit(state: Dict[str, Any], scene: Optional[AuxiliaryLoss]) -> bool:
+    """Whether checkpoint ``state`` holds scene heads that read the labels ``scene``'s heads read."""
+    return scene is not None and "scene" in state and set(state["scene"]["heads"]) == set(scene.module.state_dict())
 
 
 def _language_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
