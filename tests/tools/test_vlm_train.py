@@ -52,6 +52,7 @@ def test_final_folder_loads_offline_and_generates(tmp_path):
     folder = tmp_path / "final"
     card = (folder / "README.md").read_text()
     assert "python -m tome.tools.vlm_train --arch qwen2_5_vl" in card
+    assert "4 optimizer steps of 2 images, one question each" in card
     for name in vqa.SLICES:
         assert f"| {name} |" in card
     assert (folder / "model.safetensors").is_file() and (folder / "log.jsonl").is_file()
@@ -149,6 +150,8 @@ def test_a_run_with_several_questions_per_image_trains(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["args"]["questions_per_image"] == 4
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    # The card counts a step in images (a batch is images, each with its questions).
+    assert "4 optimizer steps of 2 images, up to 4 questions each" in (tmp_path / "run" / "final" / "README.md").read_text()
 
 
 def test_spatial_and_locate_options_reach_the_training_questions(tmp_path, monkeypatch):

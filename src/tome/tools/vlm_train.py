@@ -264,6 +264,7 @@ def _model_card(args: argparse.Namespace, history: List[Dict[str, Any]], final: 
     if args.init_from:
         start = (f"the weights of the vlm-train checkpoint `{args.init_from}` (`--init-from`: a new run, its steps "
                  "counted from 0, with a fresh optimizer and schedule)")
+    questions = "one question each" if args.questions_per_image == 1 else f"up to {args.questions_per_image} questions each"
     scene = "" if not args.scene_loss else (
         f", with the dense scene loss at weight {args.scene_loss} (tome.tools.vlm_train.SceneHeads; its heads are "
         "not part of this model)")
@@ -276,7 +277,7 @@ on CPU on `tome.data.vqa` (seed {args.seed}, {args.image_size} px images), by:
 {command}
 ```
 
-{steps} optimizer steps of {args.batch_size} questions (the run's history is `log.jsonl`){scene}.
+{steps} optimizer steps of {args.batch_size} images, {questions} (the run's history is `log.jsonl`){scene}.
 Validation: {sum(final['count'].values())} questions of the val split, greedy answer through `model.generate`.
 
 Overall accuracy: **{100 * final['overall']:.1f} %**
