@@ -84,12 +84,14 @@ class VisualTokenSettings:
         method: A method of :data:`tome.visual_tokens.METHODS` (``"tome"``, ``"pool"``,
             ``"random"``, ...). The default, ``"tome"`` (bipartite merging of the visual tokens
             after the projector, size-weighted), beats ``"pool"`` and ``"random"`` at every budget
-            on the two small VLMs trained here (docs/vlm_study.md, session 9, 500 questions: at
-            11 % of the tokens 65.8 % of the Qwen2.5-VL's accuracy kept, ``"pool"`` 58.3 %,
-            ``"random"`` 53.4 %; 67.7 % of the LLaVA's, ``"pool"`` 43.5 %, ``"random"`` 51.7 %;
-            averaged over both the most at 50 %; at 25 % and below ``"visionzip"``, ``"divprune"`` and
-            ``"fastv"`` keep more). Until session 6 the default
-            was ``"pool"``, which loses most on fine patch tokens.
+            on the two small VLMs trained here (docs/vlm_study.md, session 10, 500 questions: at
+            11 % of the tokens 62.6 % of the Qwen2.5-VL's accuracy kept, ``"pool"`` 53.5 %,
+            ``"random"`` 50.9 %; 67.7 % of the LLaVA's, ``"pool"`` 43.5 %, ``"random"`` 51.7 %;
+            97.0 % of the Qwen2.5-VL's on 8-frame clips, where no other method passes 83.1 %).
+            On images at 25 % of the tokens and below ``"visionzip"`` and ``"divprune"`` keep
+            more on both (at 11 %: 75.0-80.6 % of the Qwen2.5-VL's, 76.2-80.0 % of the LLaVA's),
+            ``"fastv"`` on the Qwen2.5-VL (81.3 %). Until session 6 the default was ``"pool"``,
+            which loses most on fine patch tokens.
         trace_source: After a forward, ``model._tome_info["source"]`` is a list with one
             ``(tokens passed on, tokens before)`` 0/1 tensor per image or video, in batch order.
         positions: 1-D models: ``"keep"`` (each kept token keeps its position in the full
