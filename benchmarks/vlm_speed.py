@@ -19,11 +19,18 @@ medians over rounds; a speed-up is the median of the per-round ratios ``t_unredu
   logits_to_keep=1, use_cache=True)`` with the tower's features given, for the unreduced
   model and every method at every budget (the method's selection and the sequence
   bookkeeping included). Beside it the arithmetic ceiling (``lm_layer_flops``) and the
-  method's own selection time (``vt.reduce_tokens`` timed inside the same forwards) as a share
-  of the prefill it belongs to (tower + LM part). The decoder layers' own span (from the first
+  method's own selection time (``SelectionTimer``: ``vt.reduce_tokens`` and the scores a method
+  ranks by, FastV's probe of the first ``K`` layers or VisionZip's attention from the tower's
+  queries and keys, timed inside the same forwards) as a share of the prefill it belongs to
+  (tower + LM part). ``"fastv"`` runs at ``fastv_layer = min(2, LM layers - 1)`` (the paper's
+  K = 2 where the depth allows). The decoder layers' own span (from the first
   layer's input to the last layer's output, ``LayerTimer``) is timed in the same forwards: the
   part of the LM time the ceiling counts, without the embedding, the selection, the final norm
   and the one-token LM head, which do not shrink with the tokens.
+- ``pixels``: methods that rank by the vision tower's attention (``TOWER_METHODS``:
+  ``"visionzip"``), which the ``lm`` rows' precomputed features do not carry: the whole
+  prefill with the pixels in (``model(**inputs, logits_to_keep=1, use_cache=True)``), unreduced,
+  for them and, beside them, the default method, at every budget; selection as in ``lm``.
 - with ``--prop-attn``, the merging methods (``PROP_METHODS``) once more with ``prop_attn=True``
   (proportional attention in the language model: an additive mask on every layer), rows
   ``"<method>+prop_attn"``: what the mask costs.
@@ -56,6 +63,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import tome  # noqa: E402
 from tome import visual_tokens as vt  # noqa: E402
+from tome.patch import _vlm, _vlm_attention  # noqa: E402
 from tome.patch._vlm import VisualTokenSettings  # noqa: E402
 from tome.patch._vlm_fastv import language_layers  # noqa: E402
 
@@ -64,8 +72,14 @@ METHODS = ("random", "pool", "tome", "divprune", "cdpruner", "visionzip", "fastv
 PROP_METHODS = ("pool", "tome")  # the methods whose tokens stand for several, so prop_attn applies
 # Methods that rank by the vision tower's attention: the language-model rows pass the tower's
 # features precomputed (``mm_encoder_outputs``), which carry no attention, so they cannot run there.
+# They are timed in the ``pixels`` group instead (the whole prefill, pixels in).
 TOWER_METHODS = {"visionzip": "needs the vision tower's attention, which the precomputed features of the "
                               "language-model rows do not carry"}
+# What a method computes to rank the tokens, outside ``vt.reduce_tokens``: FastV's probe (the
+# language model's first K layers on the full sequence) and VisionZip's attention recomputed
+# from the Qwen tower's captured queries and keys. Module attributes, looked up at call time.
+SCORE_FUNCTIONS = ((_vlm, "_fastv_row"), (_vlm_attention, "_qwen_scores"))
+FASTV_LAYER = 2  # FastV's K in the paper (Chen et al., ECCV 2024); lowered to the depth when it has fewer layers
 BUDGETS = (0.5, 0.25, 0.11, 0.05)  # besides 100 %, the unreduced model
 DEFAULT_METHOD = VisualTokenSettings().method
 IMAGE, VIDEO, START, END, PAD = 151655, 151656, 151652, 151653, 151643  # Qwen2.5-VL's token ids
@@ -237,17 +251,15 @@ def synchronize(device: torch.device) -> None:
 
 
 class SelectionTimer:
-    """Wall time inside ``tome.visual_tokens.reduce_tokens`` (the method's own selection) while
-    active: the integration calls it through the module, so wrapping the attribute catches
-    every call. Synchronizes CUDA around each call."""
+    """Wall time of the method's own selection while active: inside
+    ``tome.visual_tokens.reduce_tokens`` and the score functions of ``SCORE_FUNCTIONS`` (FastV's
+    probe, VisionZip's tower attention). The integration calls each through its module, so
+    wrapping the attributes catches every call. Synchronizes CUDA around each call."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.seconds = device, 0.0
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator["SelectionTimer"]:
-        original = vt.reduce_tokens
-
+    def _timed(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             synchronize(self.device)
             start = time.perf_counter()
@@ -256,11 +268,19 @@ class SelectionTimer:
             self.seconds += time.perf_counter() - start
             return out
 
-        vt.reduce_tokens = timed
+        return timed
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["SelectionTimer"]:
+        targets = ((vt, "reduce_tokens"),) + SCORE_FUNCTIONS
+        originals = [getattr(module, name) for module, name in targets]
+        for (module, name), original in zip(targets, originals):
+            setattr(module, name, self._timed(original))
         try:
             yield self
         finally:
-            vt.reduce_tokens = original
+            for (module, name), original in zip(targets, originals):
+                setattr(module, name, original)
 
 
 class LayerTimer:
@@ -354,11 +374,20 @@ def speedups(reference: Sequence[float], times: Sequence[float]) -> Dict[str, fl
     return {"speedup": statistics.median(ratios), "speedup_q1": q1, "speedup_q3": q3}
 
 
+def method_settings(model: torch.nn.Module, method: Optional[str]) -> Dict[str, Any]:
+    """Settings beside the method: ``fastv_layer`` for ``"fastv"`` (``FASTV_LAYER``, or the
+    language model's last layer but one when it has fewer layers)."""
+    if method != "fastv":
+        return {}
+    return {"fastv_layer": min(FASTV_LAYER, len(language_layers(model.model)) - 1)}
+
+
 def reduction_context(model: torch.nn.Module, method: Optional[str], budget: Optional[float],
                       prop_attn: bool = False) -> Callable[[], ContextManager]:
     if budget is None:
         return contextlib.nullcontext
-    return lambda: tome.merging(model, visual_tokens=budget, method=method, prop_attn=prop_attn)
+    return lambda: tome.merging(model, visual_tokens=budget, method=method, prop_attn=prop_attn,
+                                **method_settings(model, method))
 
 
 def wired_methods(model: torch.nn.Module) -> Dict[str, Optional[str]]:
@@ -366,8 +395,8 @@ def wired_methods(model: torch.nn.Module) -> Dict[str, Optional[str]]:
     status: Dict[str, Optional[str]] = {}
     for method in METHODS:
         try:
-            with tome.merging(model, visual_tokens=0.5, method=method):
-                status[method] = TOWER_METHODS.get(method)
+            with tome.merging(model, visual_tokens=0.5, method=method, **method_settings(model, method)):
+                status[method] = None
         except ValueError as error:
             status[method] = str(error)
     return status
@@ -425,6 +454,36 @@ def prefill_group(model: torch.nn.Module, setup: Setup, kind: str, methods: Sequ
         rows.append(row)
     return {"kind": kind, "tokens": num, "sequence": length, "tower_s": tower_s, "tower_times_s": tower.times,
             "tower_share_unreduced": tower_s / (tower_s + statistics.median(base.times)), "rows": rows}
+
+
+def pixels_group(model: torch.nn.Module, setup: Setup, kind: str, methods: Sequence[str], device: torch.device,
+                 progress: Callable[[str], None]) -> Dict[str, Any]:
+    """The whole prefill with the pixels in (tower and language model), unreduced and for
+    ``methods`` at every budget, interleaved: the rows of the methods that rank by the tower's
+    attention, with their selection (``SelectionTimer``) as a share of that prefill."""
+    inputs = make_inputs(model, setup, kind, device)
+    length = inputs["input_ids"].shape[1]
+    num = int((inputs["input_ids"] == (IMAGE if kind == "image" else VIDEO)).sum())  # visual tokens unreduced
+
+    def prefill() -> Any:
+        return model(**inputs, logits_to_keep=1, use_cache=True).past_key_values
+
+    variants = [Variant("unreduced", prefill, info={"method": "-", "budget": 1.0})]
+    for method in methods:
+        for budget in setup.budgets:
+            variants.append(Variant(f"{method} {budget:.0%}", prefill, reduction_context(model, method, budget),
+                                    info={"method": method, "budget": budget}))
+    progress(f"  {kind} with pixels: sequence {length}; {len(variants)} variants")
+    interleave(variants, device, setup.rounds, setup.warmup, progress)
+    rows = []
+    for variant in variants:
+        sequence = variant.extra[-1].get_seq_length()
+        prefill_s, selection_s = statistics.median(variant.times), statistics.median(variant.selection)
+        rows.append({"kind": kind, "label": variant.label, **variant.info, "sequence": sequence,
+                     "visual_tokens": sequence - (length - num), "prefill_s": prefill_s, "times_s": variant.times,
+                     **speedups(variants[0].times, variant.times), "selection_s": selection_s,
+                     "selection_times_s": variant.selection, "selection_share": selection_s / prefill_s})
+    return {"kind": kind, "tokens": num, "sequence": length, "rows": rows}
 
 
 class Stamps:
@@ -496,11 +555,16 @@ def measure(setup: Setup, device: torch.device, methods: Optional[Sequence[str]]
     after each group (a run cut short keeps what it measured)."""
     model = build_model(setup, device)
     status = wired_methods(model)
-    chosen = [m for m in (methods or METHODS) if status.get(m) is None and m in status]
+    runs = [m for m in (methods or METHODS) if status.get(m) is None and m in status]
+    chosen = [m for m in runs if m not in TOWER_METHODS]
+    tower = [m for m in runs if m in TOWER_METHODS]
     report: Dict[str, Any] = {"setup": asdict(setup), "describe": setup.describe(), "device": str(device),
-                              "methods": chosen, "not_wired": {m: status[m] for m in METHODS if status[m]},
-                              "prefill": [], "generate": None}
+                              "methods": chosen, "tower_methods": tower,
+                              "not_wired": {m: status[m] for m in METHODS if status[m]},
+                              "prefill": [], "pixels": [], "generate": None}
     for kind in kinds:
+        if tower:
+            report["pixels"].append(pixels_group(model, setup, kind, [DEFAULT_METHOD] + tower, device, progress))
         group = prefill_group(model, setup, kind, chosen, device, progress, prop_attn=prop_attn)
         vision = model.config.vision_config
         side = (setup.image_px if kind == "image" else setup.video_px) // vision.patch_size
@@ -549,6 +613,19 @@ def markdown(report: Dict[str, Any]) -> str:
                 f"{100 * row['selection_share']:.1f}% | {_mib(row['kv_bytes'])} | "
                 f"{row['ceiling_here']:.2f}x / {row['ceiling_3b_depth']:.2f}x |")
         lines.append("")
+    for group in report.get("pixels", []):
+        lines += [f"### Prefill with the pixels in, one {group['kind']}: the methods that rank by the tower's "
+                  f"attention, beside `{DEFAULT_METHOD}`", "",
+                  "`model(**inputs, logits_to_keep=1, use_cache=True)`: vision tower and language model; the "
+                  "selection includes the method's scores (VisionZip's attention from the tower's queries and keys).", "",
+                  "| method | budget | visual tokens | sequence | prefill ms | speed-up [IQR] | selection ms | "
+                  "selection share of prefill |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+        for row in group["rows"]:
+            lines.append(
+                f"| {row['method']} | {row['budget']:.0%} | {row['visual_tokens']} | {row['sequence']} | "
+                f"{row['prefill_s'] * 1e3:.0f} | {row['speedup']:.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}] | "
+                f"{row['selection_s'] * 1e3:.1f} | {100 * row['selection_share']:.1f}% |")
+        lines.append("")
     if report["generate"]:
         decode = report["generate"]["decode_tokens"]
         lines += [f"### generate (one image, default method `{DEFAULT_METHOD}`): time to first token, then {decode} "
@@ -563,7 +640,7 @@ def markdown(report: Dict[str, Any]) -> str:
                 f"{_mib(row['kv_bytes'])} |")
         lines.append("")
     if report["not_wired"]:
-        lines.append("Not measured (refused by the integration, or not runnable on precomputed features): " + "; ".join(
+        lines.append("Not measured (refused by the integration): " + "; ".join(
             f"`{m}`: {reason}" for m, reason in report["not_wired"].items()))
     return "\n".join(lines) + "\n"
 
