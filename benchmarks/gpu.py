@@ -28,8 +28,9 @@ Sections, in the order they run (the most wanted numbers first, so a run cut sho
   Qwen2.5-VL-3B's widths at 4 + 4 layers (2 + 2 with ``--quick``), random weights, bf16, one
   896 px image (1024 visual tokens) and one 8-frame 448 px video: the vision tower alone,
   the language model's prefill unreduced and for every wired method at 50 / 25 / 11 / 5 %
-  of the visual tokens beside its FLOP ceiling, each method's selection as a share of
-  prefill, and ``generate``'s time to first token, decode tokens/s and KV-cache bytes.
+  of the visual tokens beside its FLOP ceiling, the whole prefill with the pixels in for
+  ``visionzip`` beside the default, each method's selection (its scores included) as a share
+  of prefill, and ``generate``'s time to first token, decode tokens/s and KV-cache bytes.
 
 Every group times its variants in interleaved rounds (the order rotating), each
 timing repeating the forward for at least ``--min-time`` seconds; a speed-up is the
