@@ -38,6 +38,7 @@ import torch
 
 from .. import vlm_models
 from ..data import vqa
+from ..patch._vlm_fastv import language_layers
 from ._common import non_negative_float, non_negative_int, positive_int
 from ._run_dir import (
     AuxiliaryLoss,
@@ -374,7 +375,7 @@ def _init_from(path: Path, model: torch.nn.Module, scene: Optional[AuxiliaryLoss
     model.load_state_dict(weights, strict=False)
     with torch.no_grad():
         for i in new:
-            block = _language_layers(model)[i]
+            block = language_layers(model.model)[i]
             for linear in (block.self_attn.o_proj, block.mlp.down_proj):
                 linear.weight.zero_()
                 if linear.bias is not None:
@@ -387,11 +388,6 @@ def _init_from(path: Path, model: torch.nn.Module, scene: Optional[AuxiliaryLoss
 def _heads_fit(state: Dict[str, Any], scene: Optional[AuxiliaryLoss]) -> bool:
     """Whether checkpoint ``state`` holds scene heads that read the labels ``scene``'s heads read."""
     return scene is not None and "scene" in state and set(state["scene"]["heads"]) == set(scene.module.state_dict())
-
-
-def _language_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of the model's language model (both architectures)."""
-    return model.model.language_model.layers
 
 
 def _save_final(out: Path, args: argparse.Namespace, model: Any, processor: Any, final: Dict[str, Any],
