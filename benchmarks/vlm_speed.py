@@ -70,11 +70,10 @@ from tome.patch._vlm_fastv import language_layers  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("random", "pool", "tome", "divprune", "cdpruner", "visionzip", "fastv")
 PROP_METHODS = ("pool", "tome")  # the methods whose tokens stand for several, so prop_attn applies
-# Methods that rank by the vision tower's attention: the language-model rows pass the tower's
-# features precomputed (``mm_encoder_outputs``), which carry no attention, so they cannot run there.
-# They are timed in the ``pixels`` group instead (the whole prefill, pixels in).
-TOWER_METHODS = {"visionzip": "needs the vision tower's attention, which the precomputed features of the "
-                              "language-model rows do not carry"}
+# Methods that rank by the vision tower's attention (the integration's own list): the language-model
+# rows pass the tower's features precomputed (``mm_encoder_outputs``), which carry no attention, so
+# they cannot run there. They are timed in the ``pixels`` group instead (the whole prefill, pixels in).
+TOWER_METHODS = _vlm._TOWER_METHODS
 # What a method computes to rank the tokens, outside ``vt.reduce_tokens``: FastV's probe (the
 # language model's first K layers on the full sequence) and VisionZip's attention recomputed
 # from the Qwen tower's captured queries and keys. Module attributes, looked up at call time.
